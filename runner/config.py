@@ -155,14 +155,8 @@ class RunConfig:
 
 
 def register() -> None:
-    """Register the schema so `conf/config.yaml` can name it in its defaults list."""
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    for group, node in (("model", ModelConfig), ("export", ExportConfig), ("precision", PrecisionConfig),
-                        ("shape", ShapeConfig), ("profile", ProfileConfig), ("backend", BackendConfig),
-                        ("data", DataConfig), ("validate", ValidateConfig), ("bench", BenchConfig),
-                        ("tracking", TrackingConfig)):
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    """Register the schema so `conf/config.yaml` can name it first in its defaults list."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
 def _check_dims(key: str, dims: List[int]) -> None:

@@ -1,0 +1,46 @@
+"""Provenance of a run: interpreter, package versions, CPU, GPU, driver and TensorRT."""
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+
+from runner import trt_compat
+
+PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "ultralytics", "tensorrt", "cuda-python",
+            "mlflow", "numpy", "opencv-python")
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=None)
+def gpu() -> dict:
+    """GPU name and driver version, or the reason there is none."""
+    ok, reason = trt_compat.cuda_gpu_available()
+    if not ok:
+        return {"gpu": "none", "gpu_reason": reason}
+    rt = trt_compat.cudart()
+    driver = trt_compat.cuda_call(rt.cudaDriverGetVersion)
+    return {"gpu": trt_compat.gpu_name(), "cuda_driver_api": f"{driver // 1000}.{driver % 1000 // 10}"}
+
+
+def environment(opset: int) -> dict:
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu(), "opset": opset}
+    for name in PACKAGES:
+        try:
+            env[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    ok, reason = trt_compat.trt_available()
+    env["tensorrt"] = trt_compat.trt_version() if ok else f"absent: {reason}"
+    env.update(gpu())
+    return env
