@@ -133,6 +133,7 @@ class BenchConfig:
 
 @dataclass
 class TrackingConfig:
+    enabled: bool = True  # false: results only in the sweep folder (results.json, summary.csv)
     uri: str = "sqlite:///outputs/mlflow.db"
     experiment: str = "runner"
     artifact_root: str = "outputs/mlartifacts"

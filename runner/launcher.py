@@ -25,10 +25,21 @@ from runner import config
 from runner.config import BackendName, ConfigError, RunConfig
 from runner.isolate import run_isolated
 from runner.pipeline import labels, run_variant
-from runner.track import Tracker, flatten
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SESSION: dict = {}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested config -> {"a.b.c": value}, the shape of MLflow params."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -163,6 +174,7 @@ def summary_table(results: list[dict]) -> pd.DataFrame:
                      "stage": r.get("failed_stage") or "", "rel_l2": val.get("rel_l2"), "det_f1": val.get("det_f1"),
                      "map50_95": val.get("map50_95"), "infer_p50_ms": bench.get("infer", {}).get("p50"),
                      "e2e_p50_ms": bench.get("e2e", {}).get("p50"),
+                     "cuda_graph": bench.get("settings", {}).get("cuda_graph"),
                      "error": (r.get("error") or "").splitlines()[0][:70] if r.get("error") else ""})
     return pd.DataFrame(rows)
 
@@ -171,8 +183,13 @@ class SweepCallback(Callback):
     """Opens the sweep's parent run, collects variant results, closes with a summary."""
 
     def _start(self, config: DictConfig) -> None:
-        SESSION.update(results=[], done=0)
+        SESSION.update(results=[], done=0, tracker=None, sweep_id=None)
         t = config.tracking
+        if not t.enabled:
+            print("runner: tracking disabled (tracking.enabled=false): results stay in the sweep folder", flush=True)
+            return
+        from runner.track import Tracker
+
         SESSION["tracker"] = tracker = Tracker(t.uri, t.experiment, t.artifact_root)
         overrides = " ".join(config.hydra.overrides.task) if "hydra" in config else ""
         SESSION["sweep_id"] = tracker.start_sweep(
@@ -200,11 +217,12 @@ class SweepCallback(Callback):
             files = [folder / "summary.csv", folder / "results.json"]
             table.to_csv(files[0], index=False)
             files[1].write_text(json.dumps(results, indent=1, default=str))
-        SESSION["tracker"].end_sweep(SESSION["sweep_id"], results, files)
+        if SESSION["tracker"]:
+            SESSION["tracker"].end_sweep(SESSION["sweep_id"], results, files)
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
             print("\n" + table.to_string(index=False) if len(table) else "no variant ran", flush=True)
         ok = sum(r["status"] == "ok" for r in results)
-        print(f"\nrunner: {ok}/{len(results)} variants ok; sweep run {SESSION['sweep_id']}"
+        print(f"\nrunner: {ok}/{len(results)} variants ok; sweep run {SESSION.get('sweep_id', '-')}"
               + (f"; summary in {folder}" if folder else ""), flush=True)
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:

@@ -18,17 +18,6 @@ SWEEP_TAG = "runner.sweep_id"
 MAX_TAG = 5000
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def variant_metrics(result: dict) -> dict[str, float]:
     """The numeric outcome of a variant, as MLflow metrics."""
     stages, metrics = result.get("stages", {}), {}

@@ -1,0 +1,176 @@
+"""CPU tests of the TensorRT glue. TensorRT cannot run here, so the capability gates are fed
+SimpleNamespace stand-ins that expose or lack the attributes TensorRT 8.6 / 10.x / 11.x differ in."""
+import json
+import struct
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+
+from runner import trt_compat
+from runner.build import BuildSpec, build_engine, cache_key, timing_cache_path
+from runner.trt_runtime import load_plan
+
+# Stand-ins for the parts of the tensorrt module the gates look at.
+TRT86 = NS(
+    __version__="8.6.0",
+    BuilderFlag=NS(FP16="FP16"),
+    NetworkDefinitionCreationFlag=NS(EXPLICIT_BATCH=0),
+    DataType=NS(FLOAT="f", HALF="h", INT8="i8", INT32="i32", BOOL="b", UINT8="u8", FP8="fp8"),
+)
+TRT10 = NS(
+    __version__="10.9.0",
+    BuilderFlag=NS(FP16="FP16"),
+    NetworkDefinitionCreationFlag=NS(EXPLICIT_BATCH=0, STRONGLY_TYPED=5),
+    DataType=NS(FLOAT="f", HALF="h", INT64="i64", BF16="bf16"),
+)
+TRT11 = NS(
+    __version__="11.0.0",
+    BuilderFlag=NS(),
+    NetworkDefinitionCreationFlag=NS(STRONGLY_TYPED=5),
+    DataType=NS(FLOAT="f", HALF="h"),
+)
+
+
+def test_network_flags_per_version():
+    assert trt_compat.network_flags(TRT86, strongly_typed=False) == 1  # EXPLICIT_BATCH needed
+    assert trt_compat.network_flags(TRT10, strongly_typed=True) == 1 | 1 << 5
+    assert trt_compat.network_flags(TRT11, strongly_typed=True) == 1 << 5  # EXPLICIT_BATCH removed
+    assert trt_compat.network_flags(TRT11, strongly_typed=False) == 0
+
+
+def test_strongly_typed_unsupported_on_86_names_the_fix():
+    with pytest.raises(trt_compat.Unsupported, match="no strongly typed networks.*fp16_mode=builder_flag"):
+        trt_compat.network_flags(TRT86, strongly_typed=True)
+
+
+def test_fp16_gates_and_auto_resolution():
+    assert [trt_compat.has_builder_fp16_flag(t) for t in (TRT86, TRT10, TRT11)] == [True, True, False]
+    assert [trt_compat.has_strongly_typed(t) for t in (TRT86, TRT10, TRT11)] == [False, True, True]
+    assert trt_compat.resolve_fp16_mode(TRT86, "auto") == "builder_flag"
+    assert trt_compat.resolve_fp16_mode(TRT10, "auto") == "builder_flag"
+    assert trt_compat.resolve_fp16_mode(TRT11, "auto") == "strongly_typed"
+    assert trt_compat.resolve_fp16_mode(TRT11, "builder_flag") == "builder_flag"  # explicit wins
+    with pytest.raises(ValueError):
+        trt_compat.resolve_fp16_mode(TRT10, "fp16")
+
+
+def test_enable_fp16_flag():
+    flags = []
+    config = NS(set_flag=flags.append)
+    trt_compat.enable_fp16_flag(TRT86, config)
+    assert flags == ["FP16"]
+    with pytest.raises(trt_compat.Unsupported, match="no BuilderFlag.FP16.*strongly_typed"):
+        trt_compat.enable_fp16_flag(TRT11, config)
+
+
+def test_set_optimization_level():
+    config = NS(builder_optimization_level=3)
+    assert trt_compat.set_optimization_level(config, None) == 3
+    assert trt_compat.set_optimization_level(config, 0) == 0
+    assert config.builder_optimization_level == 0
+    with pytest.raises(trt_compat.Unsupported):
+        trt_compat.set_optimization_level(NS(), 2)
+
+
+def test_dtype_to_numpy():
+    assert trt_compat.dtype_to_numpy(TRT86, "f") == np.float32
+    assert trt_compat.dtype_to_numpy(TRT86, "h") == np.float16
+    assert trt_compat.dtype_to_numpy(TRT10, "i64") == np.int64
+    with pytest.raises(TypeError):
+        trt_compat.dtype_to_numpy(TRT10, TRT10.DataType.BF16)
+    with pytest.raises(TypeError):
+        trt_compat.dtype_to_numpy(TRT86, TRT86.DataType.FP8)
+
+
+def test_cuda_call_unpacks_and_raises_with_error_name():
+    class Err(int):
+        name = "cudaErrorMemoryAllocation"
+
+    def cudaMalloc(n):  # noqa: N802 - mirrors the cuda-python name in the message
+        return (Err(2), None) if n > 10 else (0, 1234)
+
+    assert trt_compat.cuda_call(cudaMalloc, 4) == 1234
+    assert trt_compat.cuda_call(lambda: (0,)) is None
+    assert trt_compat.cuda_call(lambda: (0, 5, 6)) == (5, 6)
+    with pytest.raises(RuntimeError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
+        trt_compat.cuda_call(cudaMalloc, 11)
+
+
+def test_load_plan_with_ultralytics_header(tmp_path):
+    meta = {"imgsz": [640, 640], "names": {"0": "circle"}, "batch": 1}
+    header = json.dumps(meta).encode()
+    path = tmp_path / "model.engine"
+    path.write_bytes(struct.pack("<i", len(header)) + header + b"\x00PLAN\xff")
+    assert load_plan(str(path)) == (b"\x00PLAN\xff", meta)
+
+
+def test_load_plan_plain(tmp_path):
+    plain = bytes(range(256)) * 4
+    (tmp_path / "a.plan").write_bytes(plain)
+    assert load_plan(str(tmp_path / "a.plan")) == (plain, None)
+    # plausible length prefix but not JSON: still a plain plan
+    fake = struct.pack("<i", 6) + b"ftrt\x01\x02" + b"rest"
+    (tmp_path / "b.plan").write_bytes(fake)
+    assert load_plan(str(tmp_path / "b.plan")) == (fake, None)
+
+
+def _spec(tmp_path, **kw):
+    onnx = tmp_path / "m.onnx"
+    if not onnx.exists():
+        onnx.write_bytes(b"onnx-bytes")
+    base = dict(
+        onnx_path=str(onnx), precision="fp16", fp16_mode="builder_flag", min_shape=[1, 3, 320, 320],
+        opt_shape=[1, 3, 640, 640], max_shape=[4, 3, 640, 640], optimization_level=3, workspace_gib=4.0,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    return BuildSpec(**{**base, **kw})
+
+
+def test_cache_key_stable_and_sensitive(tmp_path):
+    key = cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H100")
+    assert len(key) == 64
+    assert cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H100") == key
+    # not build-relevant: where caches live, whether they are used
+    assert cache_key(_spec(tmp_path, cache_dir="/elsewhere", use_engine_cache=False), "8.6.0", "NVIDIA H100") == key
+    changed = [
+        cache_key(_spec(tmp_path, optimization_level=0), "8.6.0", "NVIDIA H100"),
+        cache_key(_spec(tmp_path, max_shape=[8, 3, 640, 640]), "8.6.0", "NVIDIA H100"),
+        cache_key(_spec(tmp_path, fp16_mode="strongly_typed"), "8.6.0", "NVIDIA H100"),
+        cache_key(_spec(tmp_path, precision="fp32"), "8.6.0", "NVIDIA H100"),
+        cache_key(_spec(tmp_path), "10.9.0", "NVIDIA H100"),
+        cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H200"),
+    ]
+    assert len({key, *changed}) == 1 + len(changed)
+    (tmp_path / "m.onnx").write_bytes(b"other-onnx-bytes")
+    assert cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H100") != key
+
+
+def test_cache_key_ignores_fp16_mode_for_fp32(tmp_path):
+    a = cache_key(_spec(tmp_path, precision="fp32", fp16_mode="builder_flag"), "8.6.0", "g")
+    b = cache_key(_spec(tmp_path, precision="fp32", fp16_mode="strongly_typed"), "8.6.0", "g")
+    assert a == b
+
+
+def test_timing_cache_path_slug(tmp_path):
+    path = timing_cache_path(str(tmp_path), "NVIDIA H100 80GB HBM3", "8.6.0")
+    assert path == tmp_path / "timing" / "nvidia-h100-80gb-hbm3_trt8.6.0.cache"
+
+
+def test_build_spec_validation(tmp_path):
+    with pytest.raises(ValueError, match="precision"):
+        build_engine(_spec(tmp_path, precision="int8"), progress=lambda m: None)
+    with pytest.raises(ValueError, match="fp16_mode"):
+        build_engine(_spec(tmp_path, fp16_mode="auto"), progress=lambda m: None)
+
+
+@pytest.mark.skipif(trt_compat.trt_available()[0], reason="tensorrt is installed here")
+def test_build_without_tensorrt_returns_reason(tmp_path):
+    res = build_engine(_spec(tmp_path), progress=lambda m: None)
+    assert not res.ok and "tensorrt" in res.error
+    assert res.to_dict()["fp16_mechanism"] == "builder_flag"
+
+
+@pytest.mark.skipif(trt_compat.trt_available()[0], reason="tensorrt is installed here")
+def test_trt_available_reason_without_tensorrt():
+    assert trt_compat.trt_available() == (False, "tensorrt is not installed (pip install 'runner[gpu]')")

@@ -1,0 +1,237 @@
+"""TensorRT build + runtime on a real GPU, checked against onnxruntime on CPU.
+
+The model is a tiny Conv-Relu-Conv net made with onnx.helper (nothing downloaded, no torch)."""
+import json
+import struct
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from runner import trt_compat
+from runner.build import BuildSpec, build_engine
+from runner.trt_runtime import ShapeError, TrtRunner
+
+pytestmark = pytest.mark.gpu
+for _ok, _why in (trt_compat.trt_available(), trt_compat.cuda_gpu_available()):
+    if not _ok:
+        pytestmark = [pytest.mark.gpu, pytest.mark.skip(reason=_why)]
+        break
+
+STATIC = [1, 3, 64, 64]
+DYN_MIN, DYN_OPT, DYN_MAX = [1, 3, 32, 32], [2, 3, 64, 64], [4, 3, 96, 96]
+
+
+def make_onnx(path, shape, fp16=False):
+    """Conv(3->8, 3x3) -> Relu -> Conv(8->4, 1x1) named images -> output0; -1 dims become symbolic."""
+    rng = np.random.default_rng(0)
+    dtype, elem = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
+    w1 = (rng.standard_normal((8, 3, 3, 3)) * 0.2).astype(dtype)
+    b1 = (rng.standard_normal(8) * 0.1).astype(dtype)
+    w2 = (rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(dtype)
+    dims = [d if d > 0 else name for d, name in zip(shape, ("batch", "c", "height", "width"))]
+    out_dims = [dims[0], 4, dims[2], dims[3]]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c1"], ["r1"]),
+            helper.make_node("Conv", ["r1", "w2"], ["output0"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("images", elem, dims)],
+        [helper.make_tensor_value_info("output0", elem, out_dims)],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # readable by the ONNX parser of TensorRT 8.6
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def ort_run(path, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return sess.run(["output0"], {"images": x})[0]
+
+
+def spec(onnx_path, cache_dir, lo, opt=None, hi=None, precision="fp32", fp16_mode="builder_flag"):
+    return BuildSpec(
+        onnx_path=onnx_path, precision=precision, fp16_mode=fp16_mode, min_shape=lo,
+        opt_shape=opt or lo, max_shape=hi or lo, optimization_level=0, workspace_gib=1.0,
+        cache_dir=str(cache_dir),
+    )
+
+
+def build_ok(s):
+    res = build_engine(s, progress=lambda m: None)
+    assert res.ok, res.error
+    return res
+
+
+def rand(shape):
+    return np.random.default_rng(1).random(shape, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx")
+    return {
+        "static": make_onnx(d / "static.onnx", STATIC),
+        "dynamic": make_onnx(d / "dynamic.onnx", [-1, 3, -1, -1]),
+        "static_fp16": make_onnx(d / "static_fp16.onnx", STATIC, fp16=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def static_engine(models, tmp_path_factory):
+    return build_ok(spec(models["static"], tmp_path_factory.mktemp("cache"), STATIC))
+
+
+def test_static_fp32_matches_onnxruntime(models, static_engine):
+    assert static_engine.fp16_mechanism == "none" and static_engine.optimization_level == 0
+    assert static_engine.engine_bytes > 0 and static_engine.trt_version and static_engine.gpu_name
+    log = open(static_engine.log_path).read()
+    assert "[INFO]" in log or "[WARNING]" in log
+    if static_engine.layers_path:
+        layers = json.load(open(static_engine.layers_path))
+        assert len(layers["Layers"]) == static_engine.num_layers > 0
+    x = rand(STATIC)
+    with TrtRunner(static_engine.engine_path) as runner:
+        assert runner.input_name == "images" and runner.input_dtype == np.float32
+        assert runner.profile == (tuple(STATIC),) * 3
+        out = runner.infer(x)["output0"]
+    np.testing.assert_allclose(out, ort_run(models["static"], x), atol=1e-3)
+
+
+def test_dynamic_profile_shapes(models, tmp_path):
+    res = build_ok(spec(models["dynamic"], tmp_path, DYN_MIN, DYN_OPT, DYN_MAX))
+    with TrtRunner(res.engine_path) as runner:
+        assert runner.profile == (tuple(DYN_MIN), tuple(DYN_OPT), tuple(DYN_MAX))
+        for shape in (DYN_MIN, DYN_OPT, DYN_MAX, [3, 3, 48, 80]):
+            x = rand(shape)
+            out = runner.infer(x)["output0"]
+            assert out.shape == (shape[0], 4, shape[2], shape[3])
+            np.testing.assert_allclose(out, ort_run(models["dynamic"], x), atol=1e-3)
+
+
+def test_fp16_builder_flag(models, tmp_path):
+    import tensorrt as trt
+
+    if not trt_compat.has_builder_fp16_flag(trt):
+        pytest.skip(f"TensorRT {trt.__version__} has no BuilderFlag.FP16")
+    res = build_ok(spec(models["static"], tmp_path, STATIC, precision="fp16", fp16_mode="builder_flag"))
+    assert res.fp16_mechanism == "builder_flag"
+    x = rand(STATIC)
+    with TrtRunner(res.engine_path) as runner:
+        assert runner.input_dtype == np.float32  # the flag keeps the ONNX's fp32 I/O
+        out = runner.infer(x)["output0"]
+    np.testing.assert_allclose(out, ort_run(models["static"], x), atol=5e-2)
+
+
+def test_fp16_strongly_typed(models, tmp_path):
+    """Builds an fp16-I/O engine where the TensorRT has strongly typed networks; on 8.6, a clear failure."""
+    import tensorrt as trt
+
+    s = spec(models["static_fp16"], tmp_path, STATIC, precision="fp16", fp16_mode="strongly_typed")
+    res = build_engine(s, progress=lambda m: None)
+    if not trt_compat.has_strongly_typed(trt):
+        assert not res.ok and "strongly typed" in res.error and "builder_flag" in res.error
+        return
+    assert res.ok, res.error
+    x = rand(STATIC)
+    with TrtRunner(res.engine_path) as runner:
+        assert runner.input_dtype == np.float16 and runner.settings()["io_dtypes"]["output0"] == "float16"
+        out = runner.infer(x)["output0"]
+    np.testing.assert_allclose(out, ort_run(models["static"], x), atol=5e-2)
+
+
+def test_static_onnx_with_range_profile_fails_with_trt_message(models, tmp_path):
+    res = build_engine(spec(models["static"], tmp_path, [1, 3, 32, 32], STATIC, STATIC), progress=lambda m: None)
+    assert not res.ok
+    assert "profile" in res.error.lower(), res.error
+    assert "Traceback" not in res.error
+    assert open(res.log_path).read().strip()
+
+
+def test_shape_outside_profile_raises_shape_error(models, tmp_path):
+    res = build_ok(spec(models["dynamic"], tmp_path, DYN_MIN, DYN_OPT, DYN_MAX))
+    with TrtRunner(res.engine_path) as runner:
+        with pytest.raises(ShapeError, match=r"profile 0: min=\[1, 3, 32, 32\] opt=\[2, 3, 64, 64\] max=\[4, 3, 96, 96\]"):
+            runner.set_shape((1, 3, 128, 128))
+        with pytest.raises(ShapeError, match="profile"):
+            runner.set_shape((8, 3, 64, 64))
+        runner.set_shape((1, 3, 64, 64))  # still usable afterwards
+        assert runner.execute() > 0
+
+
+def test_ultralytics_engine_file(models, static_engine, tmp_path):
+    meta = {"description": "tiny", "imgsz": STATIC[2:], "names": {"0": "a"}}
+    header = json.dumps(meta).encode()
+    plan = open(static_engine.engine_path, "rb").read()
+    path = tmp_path / "tiny.engine"
+    path.write_bytes(struct.pack("<i", len(header)) + header + plan)
+    x = rand(STATIC)
+    with TrtRunner(str(path)) as runner:
+        assert runner.metadata == meta
+        out = runner.infer(x)["output0"]
+    np.testing.assert_allclose(out, ort_run(models["static"], x), atol=1e-3)
+
+
+def test_engine_and_timing_cache(models, tmp_path):
+    s = spec(models["static"], tmp_path, STATIC)
+    first = build_ok(s)
+    assert not first.cache_hit
+    t0 = time.perf_counter()
+    messages = []
+    second = build_engine(s, progress=messages.append)
+    assert second.ok and second.cache_hit and time.perf_counter() - t0 < 1.0
+    assert messages == ["build: engine cache hit"]
+    assert second.engine_path == first.engine_path and second.engine_bytes == first.engine_bytes
+    assert list((tmp_path / "timing").glob("*.cache"))
+
+
+def test_cuda_graph_same_outputs(static_engine):
+    x = rand(STATIC)
+    with TrtRunner(static_engine.engine_path) as plain:
+        ref = plain.infer(x)["output0"]
+    with TrtRunner(static_engine.engine_path, cuda_graph=True) as graphed:
+        out = graphed.infer(x)["output0"]
+        assert graphed.settings()["cuda_graph"], graphed.settings()
+        out2 = graphed.infer(x * 0.5)["output0"]
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    assert not np.array_equal(out2, out)  # the graph reads the new input
+
+
+def test_cuda_graph_off_for_dynamic_engine(models, tmp_path):
+    res = build_ok(spec(models["dynamic"], tmp_path, DYN_MIN, DYN_OPT, DYN_MAX))
+    with TrtRunner(res.engine_path, cuda_graph=True) as runner:
+        assert runner.settings()["cuda_graph"] is False
+
+
+def test_execute_returns_positive_ms(static_engine):
+    with TrtRunner(static_engine.engine_path) as runner:
+        runner.set_shape(tuple(STATIC))
+        runner.h2d(rand(STATIC))
+        times = [runner.execute() for _ in range(5)]
+        runner.sync()
+    assert all(isinstance(t, float) and 0 < t < 1000 for t in times)
+    assert runner.settings()["pinned_host"] is True
+
+
+def test_close_returns_gpu_memory(static_engine):
+    rt = trt_compat.cudart()
+    x = rand(STATIC)
+    warm = TrtRunner(static_engine.engine_path)  # first use loads kernels and libraries once per process
+    warm.infer(x)
+    warm.close()
+    free_before, _ = trt_compat.cuda_call(rt.cudaMemGetInfo)
+    runner = TrtRunner(static_engine.engine_path)
+    runner.infer(x)
+    runner.close()
+    runner.close()  # idempotent
+    free_after, _ = trt_compat.cuda_call(rt.cudaMemGetInfo)
+    assert abs(free_before - free_after) < 16 * 2**20, (free_before, free_after)
