@@ -29,6 +29,7 @@ class BuildSpec:
     cache_dir: str
     use_engine_cache: bool = True
     use_timing_cache: bool = True
+    tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default
 
     @property
     def fp16_mechanism(self) -> str:
@@ -69,6 +70,7 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
         "max_shape": list(spec.max_shape),
         "optimization_level": spec.optimization_level,
         "workspace_gib": spec.workspace_gib,
+        "tf32": spec.tf32,
         "profiling_verbosity": "detailed",
     }
     h.update(json.dumps(fields, sort_keys=True).encode())
@@ -130,10 +132,11 @@ def build_engine(spec: BuildSpec, progress: Callable[[str], None] = print) -> Bu
     result.engine_path, result.engine_bytes = str(plan_path), plan_path.stat().st_size
     layers = _engine_information(trt, logger, plan)
     if layers is not None:
+        info = json.loads(layers, strict=False)  # 8.6 emits raw control characters inside strings
         layers_path = engines / f"{key}.layers.json"
-        layers_path.write_text(layers)
+        layers_path.write_text(json.dumps(info, indent=1))
         result.layers_path = str(layers_path)
-        result.num_layers = len(json.loads(layers).get("Layers", []))
+        result.num_layers = len(info.get("Layers", []))
     result.ok = True
     meta_path.write_text(json.dumps(result.to_dict(), indent=1))
     progress(f"build: done in {result.build_s:.1f} s, {result.engine_bytes / 1e6:.1f} MB")
@@ -159,6 +162,8 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger, progress):
         trt_compat.set_workspace(config, spec.workspace_gib * (1 << 30))
         result.optimization_level = trt_compat.set_optimization_level(config, spec.optimization_level)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        if not spec.tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means IEEE fp32 unless asked
         if spec.fp16_mechanism == "builder_flag":
             trt_compat.enable_fp16_flag(trt, config)
         profile = builder.create_optimization_profile()

@@ -91,6 +91,7 @@ class BackendConfig:
     name: BackendName = BackendName.auto
     builder_optimization_level: Optional[int] = None  # null: TensorRT's default (3)
     workspace_gib: float = 4.0
+    tf32: bool = False  # allow TF32 in fp32 engines (TensorRT's own default is on)
     engine_cache: bool = True
     timing_cache: bool = True
     ort_provider: str = "CPUExecutionProvider"

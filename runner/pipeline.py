@@ -98,7 +98,7 @@ def _open_runner(cfg: RunConfig, backend: str, onnx_path: str, fp16_mode: str, r
         min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
         optimization_level=cfg.backend.builder_optimization_level, workspace_gib=cfg.backend.workspace_gib,
         cache_dir=cfg.cache_dir, use_engine_cache=cfg.backend.engine_cache,
-        use_timing_cache=cfg.backend.timing_cache), progress)
+        use_timing_cache=cfg.backend.timing_cache, tf32=cfg.backend.tf32), progress)
     result["stages"]["build"] = built.to_dict()
     if not built.ok:
         raise StageFailed("build", built.error or "build failed without a message")

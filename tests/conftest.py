@@ -1,0 +1,73 @@
+"""Shared fixtures of the CPU suite: one session-wide export cache, the held-out split, and the CLI.
+
+Nothing here is autouse: the TensorRT tests (test_trt_*.py) and the report tests see no state of ours.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+# isolate_targets.py must be importable by name in the spawned children of runner.isolate: spawn passes
+# the parent's sys.path on, so putting tests/ on it here is enough.
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+DEFAULT_WEIGHTS = REPO / "runner" / "assets" / "shapes_yolov8n.pt"
+IMGSZ = (640, 640)
+OPSET = 17
+
+
+def cli_env() -> dict:
+    """The environment of a `python -m runner` subprocess: offline, quiet, no stray Hydra/MLflow settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env.update(YOLO_OFFLINE="1", YOLO_VERBOSE="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_cli(args: list[str], outputs: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m runner <args> outputs=<outputs>` from the repo root, text output captured."""
+    return subprocess.run([sys.executable, "-m", "runner", *args, f"outputs={outputs}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=cli_env())
+
+
+def mlflow_run_count(db: Path) -> int:
+    """Runs in an MLflow sqlite store (0 when the store was never created)."""
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+        return con.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory) -> Path:
+    """One ONNX export cache for the whole session (the export stage caches by content key)."""
+    return tmp_path_factory.mktemp("export_cache")
+
+
+@pytest.fixture(scope="session")
+def export_model(export_cache):
+    """export_model(tool, dynamic, half) -> OnnxArtifact of the embedded default model, exported once per session."""
+    from runner.export import ExportSpec, export_onnx
+
+    def _export(tool: str, dynamic: bool = False, half: bool = False):
+        spec = ExportSpec(weights=str(DEFAULT_WEIGHTS), tool=tool, dynamic=dynamic, half=half, imgsz=IMGSZ,
+                          opset=OPSET, simplify=True)
+        return export_onnx(spec, export_cache, progress=lambda message: None)
+
+    return _export
+
+
+@pytest.fixture(scope="session")
+def held_out_images(tmp_path_factory) -> Path:
+    """The default model's generated held-out split (images folder; labels in its YOLO sibling)."""
+    from runner.data import held_out_split
+
+    return held_out_split(tmp_path_factory.mktemp("data") / "shapes")

@@ -1,0 +1,168 @@
+"""The user's command, end to end on the CPU: 8 variants, one MLflow parent run with 8 children.
+
+Here there is no TensorRT and no GPU, so `backend=auto` runs each variant's ONNX on onnxruntime and
+says so once; `backend=tensorrt` asked for explicitly is `skipped` with the reason, and no numbers.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import onnxruntime
+import pandas as pd
+import pytest
+import ultralytics
+from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
+
+SWEEP = ["-m", "export=ultralytics,torch", "precision=fp32,fp16", "shape=static,dynamic", "bench=quick",
+         "data.limit=4"]
+ONNX_LABELS = {f"{t} {s} {p}" for t in ("ul", "tc") for s in ("st", "dy") for p in ("fp32", "fp16")}
+METRICS = ("val.rel_l2", "val.det_f1", "val.map50_95", "bench.infer.p50", "bench.e2e.p90", "export.onnx_mb")
+
+
+def runs_of(uri: str, experiment: str = "runner"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment '{experiment}' in {uri}"
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, export_cache):
+    outputs = tmp_path_factory.mktemp("sweep_outputs")
+    # the export cache is shared with test_export/test_processing (same content keys): each ONNX is made once
+    proc = run_cli([*SWEEP, f"cache_dir={export_cache}"], outputs, timeout=900)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    uri = f"sqlite:///{outputs}/mlflow.db"
+    client, runs = runs_of(uri)
+    return {"proc": proc, "outputs": outputs, "uri": uri, "client": client, "runs": runs}
+
+
+def split(runs):
+    parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("runner.kind") == "variant"]
+    return parents, children
+
+
+def test_one_parent_and_eight_nested_children(sweep):
+    parents, children = split(sweep["runs"])
+    assert len(parents) == 1 and len(children) == 8 and len(sweep["runs"]) == 9
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert {c.data.tags["onnx_label"] for c in children} == ONNX_LABELS
+    assert len({(c.data.tags["onnx_label"], c.data.tags["build_label"]) for c in children}) == 8
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["variants.ok"] == 8
+    assert parent.data.metrics["variants.failed"] == 0 and parent.data.metrics["variants.skipped"] == 0
+    assert {a.path for a in sweep["client"].list_artifacts(parent.info.run_id)} >= {"summary.csv", "results.json"}
+
+
+def test_every_child_has_tags_params_metrics_artifacts(sweep):
+    client = sweep["client"]
+    _, children = split(sweep["runs"])
+    for child in children:
+        tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
+        name = child.info.run_name
+        assert tags["status"] == "ok", (name, tags.get("error"))
+        assert child.info.status == "FINISHED"
+        assert tags["onnx_label"] and tags["build_label"]
+        assert params["env.python"] == platform.python_version()
+        assert params["env.onnxruntime"] == onnxruntime.__version__
+        assert params["env.ultralytics"] == ultralytics.__version__
+        assert params["bench.iters"] == "20" and params["data.limit"] == "4"
+        for key in METRICS:
+            assert key in metrics, (name, key)
+        assert metrics["export.onnx_mb"] > 1
+        assert 0 < metrics["bench.infer.p50"] <= metrics["bench.e2e.p90"]
+        assert 0 < metrics["val.map50_95"] <= 1
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert artifacts >= {"result.json", "config.yaml", "onnx_signature.json"}, (name, artifacts)
+
+
+def test_precision_results(sweep):
+    _, children = split(sweep["runs"])
+    for child in children:
+        m, tags = child.data.metrics, child.data.tags
+        if tags["onnx_label"].endswith("fp32"):
+            assert m["val.rel_l2"] <= 1e-5, (child.info.run_name, m["val.rel_l2"])
+            assert m["val.det_f1"] >= 0.99
+        else:
+            assert m["val.rel_l2"] > 0, child.info.run_name  # the fp16 ONNX really differs from the reference
+            assert 0.9 <= m["val.det_f1"] <= 1.0
+            assert child.data.params["resolved.fp16_mode"] == "fp16_onnx"
+        dynamic = " dy " in f" {tags['build_label']} "
+        shapes = {k.split(".")[1] for k in m if k.startswith("val.") and k.endswith(".rel_l2") and k != "val.rel_l2"}
+        assert shapes == ({"min", "opt", "non_square"} if dynamic else {"static"}), (child.info.run_name, shapes)
+
+
+def test_backend_is_onnxruntime_and_said_once(sweep):
+    _, children = split(sweep["runs"])
+    for child in children:
+        assert child.data.tags["backend"] == "onnxruntime"
+        assert child.data.params["resolved.backend"] == "onnxruntime"
+        assert child.data.tags["build_label"].startswith("ort ")
+        result = json.loads(Path(sweep["client"].download_artifacts(child.info.run_id, "result.json",
+                                                                    str(sweep["outputs"] / "dl" / child.info.run_id)))
+                            .read_text())
+        assert result["backend"] == "onnxruntime" and result["status"] == "ok"
+        assert result["environment"]["tensorrt"].startswith("absent:")
+        assert result["stages"]["bench"]["settings"]["provider"] == "CPUExecutionProvider"
+    out = sweep["proc"].stdout
+    assert out.count("TensorRT unavailable") == 1, out[:2000]
+    assert "runner: backend=auto -> onnxruntime" in out
+
+
+def test_stdout_ends_with_summary_table(sweep):
+    lines = sweep["proc"].stdout.rstrip().splitlines()
+    assert re.fullmatch(r"runner: 8/8 variants ok; sweep run [0-9a-f]{32}; summary in .+", lines[-1]), lines[-1]
+    header = max(i for i, line in enumerate(lines) if line.split()[:3] == ["onnx", "build", "status"])
+    rows = [line for line in lines[header + 1:-1] if line.strip()]
+    assert len(rows) == 8, "\n".join(lines[header:])
+    assert all(" ok " in f" {row} " for row in rows)
+    for col in ("rel_l2", "det_f1", "map50_95", "infer_p50_ms", "e2e_p50_ms"):
+        assert col in lines[header]
+    summary_dir = Path(lines[-1].split("summary in ", 1)[1])
+    assert summary_dir.is_relative_to(sweep["outputs"])  # nothing outside outputs=
+    table = pd.read_csv(summary_dir / "summary.csv")
+    assert len(table) == 8 and set(table["status"]) == {"ok"}
+    assert set(table["onnx"]) == ONNX_LABELS
+
+
+def test_artifacts_are_stored_under_outputs(sweep):
+    _, children = split(sweep["runs"])
+    root = sweep["outputs"] / "mlartifacts"
+    for child in children:
+        assert child.info.artifact_uri.startswith(root.resolve().as_uri())
+        stored = Path(unquote(urlparse(child.info.artifact_uri).path))
+        assert stored.is_relative_to(root.resolve()) and child.info.run_id in stored.parts
+        signature = json.loads((stored / "onnx_signature.json").read_text())
+        assert signature["tested"]["inputs"][0]["name"] == "images"
+        assert (stored / "config.yaml").read_text().strip()
+
+
+def test_explicit_tensorrt_is_skipped_with_the_reason(tmp_path):
+    outputs = tmp_path / "outputs"
+    proc = run_cli(["backend=tensorrt", "bench=quick", "data.limit=2"], outputs, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "-> skipped" in proc.stdout
+    assert "export:" not in proc.stdout  # no work was started for a backend that is not there
+    assert "tensorrt is not installed" in proc.stdout  # the reason, in the summary table
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("runner: 0/1 variants ok")
+    client, runs = runs_of(f"sqlite:///{outputs}/mlflow.db")
+    parents, children = split(runs)
+    assert len(parents) == 1 and len(children) == 1
+    child = children[0]
+    assert child.data.tags["status"] == "skipped"
+    assert child.data.tags["backend"] == "tensorrt"
+    assert "tensorrt is not installed" in child.data.tags["error"]
+    assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert child.data.metrics == {}, "a skipped variant must not report numbers"
+    assert parents[0].data.metrics["variants.skipped"] == 1
+    result = json.loads(Path(client.download_artifacts(child.info.run_id, "result.json", str(tmp_path))).read_text())
+    assert result["status"] == "skipped" and result["stages"] == {}
+    assert "tensorrt is not installed" in result["error"]

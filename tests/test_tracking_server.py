@@ -1,0 +1,118 @@
+"""Tracking against a real `mlflow server` on loopback: the sweep logs over HTTP, artifacts are proxied."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import cli_env, mlflow_run_count, run_cli
+
+STARTUP_LIMIT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/store.db", "--artifacts-destination", str(root / "artifacts")],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_LIMIT_S
+        while not healthy(url):
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after {STARTUP_LIMIT_S} s:\n"
+                            f"{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "root": root, "proc": proc}
+    finally:
+        # the server and its uvicorn worker / job runner share the session we started it in
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_sweep_logs_to_a_tracking_server(mlflow_server, tmp_path, export_cache):
+    url = mlflow_server["url"]
+    outputs = tmp_path / "outputs"
+    proc = run_cli([f"tracking.uri={url}", "bench=quick", "data.limit=2", f"cache_dir={export_cache}"], outputs,
+                   timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"-> {url} (experiment 'runner')" in proc.stdout
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("runner")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("runner.kind") == "variant"]
+    assert len(parents) == 1 and len(children) == 1
+    parent, child = parents[0], children[0]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["status"] == "ok", child.data.tags.get("error")
+    assert child.data.tags["onnx_label"] == "ul st fp32"
+    assert child.data.metrics["val.rel_l2"] <= 1e-5
+    assert child.data.metrics["bench.infer.p50"] > 0
+    assert parent.data.metrics["variants.ok"] == 1
+    assert parent.info.status == child.info.status == "FINISHED"
+
+    # artifacts went through the server into its --artifacts-destination
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"result.json", "config.yaml",
+                                                                          "onnx_signature.json"}
+    stored = list((mlflow_server["root"] / "artifacts").rglob(f"{child.info.run_id}/artifacts/result.json"))
+    assert len(stored) == 1
+    assert json.loads(stored[0].read_text())["status"] == "ok"
+    # the server's own store holds the runs; nothing was tracked locally
+    assert mlflow_run_count(mlflow_server["root"] / "store.db") == 2
+    assert not (outputs / "mlflow.db").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="runner/launcher.py SweepCallback._start raises inside a Hydra callback; "
+                                       "Hydra turns that into a UserWarning, so the sweep runs untracked and exits 0")
+def test_unreachable_tracking_server_fails_before_any_work(tmp_path):
+    """A tracking URI nobody listens on is an error, said before any variant runs, not a silent untracked sweep."""
+    outputs = tmp_path / "outputs"
+    port = free_port()
+    env_timeout = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "runner", f"tracking.uri=http://127.0.0.1:{port}", "bench=quick",
+                           "data.limit=2", f"outputs={outputs}"], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=300, env={**cli_env(), **env_timeout})
+    assert time.monotonic() - start < 300
+    assert "export:" not in proc.stdout, "variants ran although nothing could be tracked"
+    assert proc.returncode != 0
+    assert f"127.0.0.1:{port}" in proc.stderr
