@@ -11,6 +11,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for a hub
     os.environ.setdefault("YOLO_VERBOSE", "false")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes
     if argv and argv[0] in ("table", "baseline", "check"):
         from runner import report
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     if not any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in argv):
         try:
             variants = launcher.preflight(argv)
+            launcher.open_tracking(variants[0].tracking)
         except config.ConfigError as exc:
             print(f"runner: error: {exc}", file=sys.stderr)
             sys.exit(USAGE_EXIT)

@@ -97,6 +97,21 @@ def preflight(argv: list[str]) -> list[RunConfig]:
         return [_compose(list(combo)) for combo in itertools.product(*choices)]
 
 
+def open_tracking(tracking) -> None:
+    """Open the MLflow store before any work, so an unreachable one is a config error. Raises ConfigError."""
+    SESSION["tracker"] = None
+    if not tracking.enabled:
+        return
+    from runner.track import Tracker
+
+    try:
+        SESSION["tracker"] = Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
+    except Exception as exc:  # MLflow's errors vary by store; the user needs the URI and the reason
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"tracking.uri: cannot open {tracking.uri}: {reason}; start the server, or use the "
+                          f"embedded store (tracking=sqlite)") from None
+
+
 @lru_cache(maxsize=None)
 def tensorrt_status() -> tuple[bool, str]:
     from runner import trt_compat
@@ -183,19 +198,16 @@ class SweepCallback(Callback):
     """Opens the sweep's parent run, collects variant results, closes with a summary."""
 
     def _start(self, config: DictConfig) -> None:
-        SESSION.update(results=[], done=0, tracker=None, sweep_id=None)
-        t = config.tracking
-        if not t.enabled:
+        SESSION.update(results=[], done=0, sweep_id=None)
+        tracker = SESSION.get("tracker")
+        if tracker is None:
             print("runner: tracking disabled (tracking.enabled=false): results stay in the sweep folder", flush=True)
             return
-        from runner.track import Tracker
-
-        SESSION["tracker"] = tracker = Tracker(t.uri, t.experiment, t.artifact_root)
         overrides = " ".join(config.hydra.overrides.task) if "hydra" in config else ""
         SESSION["sweep_id"] = tracker.start_sweep(
-            f"sweep {len(SESSION.get('variants', [])) or 1} variants",
+            f"sweep of {SESSION.get('total', 1)} variants",
             {"overrides": overrides or "(defaults)", "variants": SESSION.get("total", 1)})
-        print(f"runner: sweep {SESSION['sweep_id']} -> {t.uri} (experiment '{t.experiment}')", flush=True)
+        print(f"runner: sweep {SESSION['sweep_id']} -> {tracker.uri} (experiment '{tracker.experiment}')", flush=True)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         self._start(config)

@@ -53,18 +53,19 @@ def match_detections(test: np.ndarray, ref: np.ndarray, iou_thr: float = 0.5) ->
 
 
 def correct_at_thresholds(det: np.ndarray, gt_cls: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
-    """(n_det, 10) true-positive matrix at IoU 0.5:0.95, matched as ultralytics' validator does."""
+    """(n_det, 10) true-positive matrix at IoU 0.5:0.95: greedy in descending confidence, each target
+    claimed once per threshold, as ultralytics' `BaseValidator.match_predictions` (8.4) does."""
     correct = np.zeros((len(det), len(IOU_THRESHOLDS)), bool)
     if len(det) == 0 or len(gt_cls) == 0:
         return correct
     iou = box_iou(gt_boxes, det[:, :4]) * (gt_cls[:, None] == det[None, :, 5])
-    for k, thr in enumerate(IOU_THRESHOLDS):
-        matches = np.stack(np.nonzero(iou >= thr), 1)
-        if len(matches):
-            matches = matches[iou[matches[:, 0], matches[:, 1]].argsort()[::-1]]
-            matches = matches[np.unique(matches[:, 1], return_index=True)[1]]
-            matches = matches[np.unique(matches[:, 0], return_index=True)[1]]
-            correct[matches[:, 1], k] = True
+    claimed = np.zeros((len(gt_cls), len(IOU_THRESHOLDS)), bool)
+    columns = np.arange(len(IOU_THRESHOLDS))
+    for j in np.argsort(-det[:, 4], kind="stable"):
+        available = np.where(claimed, 0.0, iou[:, j, None])
+        best = available.argmax(0)
+        correct[j] = available[best, columns] >= IOU_THRESHOLDS
+        claimed[best, columns] |= correct[j]
     return correct
 
 

@@ -5,6 +5,7 @@ result; it never raises for a stage failure, which becomes `status`, `failed_sta
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,6 +45,17 @@ def run_variant(cfg: RunConfig, backend: str, progress=print, stage_started=lamb
               "precision": cfg.precision.name.value, "shape": cfg.shape.mode.value, "profile": cfg.profile.name,
               "stages": {}, "environment": environment(cfg.export.opset)}
     result.update(labels(cfg, backend, "fp16" if fp16 else "fp32"))
+    timings, clock = result.setdefault("timings", {}), {}
+
+    def enter(stage: str) -> None:
+        """Close the running stage's wall clock, start `stage`'s, and tell the parent."""
+        now = time.perf_counter()
+        if clock:
+            timings[clock["stage"]] = now - clock["start"]
+        clock.update(stage=stage, start=now)
+        if stage != "done":
+            stage_started(stage)
+
     try:
         fp16_mode = "fp16_onnx" if fp16 else "none"
         if fp16 and backend == BackendName.tensorrt.value:
@@ -53,7 +65,7 @@ def run_variant(cfg: RunConfig, backend: str, progress=print, stage_started=lamb
             fp16_mode = resolve_fp16_mode(trt, cfg.precision.fp16_mode.value)
         result["fp16_mode"] = fp16_mode
 
-        stage_started("export")
+        enter("export")
         spec = ExportSpec(weights=str(cfg.model.weights or DEFAULT_WEIGHTS), tool=cfg.export.tool.value,
                           dynamic=result["onnx_shape"] == "dynamic", half=False, imgsz=tuple(cfg.model.imgsz),
                           opset=cfg.export.opset, simplify=cfg.export.simplify)
@@ -68,16 +80,16 @@ def run_variant(cfg: RunConfig, backend: str, progress=print, stage_started=lamb
         result.update(labels(cfg, backend, tested.precision))
         publish(result)
 
-        samples = load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs))
-        runner = _open_runner(cfg, backend, tested.path, fp16_mode, result, stage_started, progress)
+        runner = _open_runner(cfg, backend, tested.path, fp16_mode, result, enter, progress)
         publish(result)
         try:
-            _validate_and_bench(cfg, runner, reference.path, samples, result, stage_started, progress, publish)
+            _validate_and_bench(cfg, runner, reference.path, result, enter, progress, publish)
         finally:
             runner.close()
     except StageFailed as exc:
         result.update(status="failed", failed_stage=exc.stage, error=exc.error)
         progress(f"{exc.stage}: FAILED: {exc.error.splitlines()[0] if exc.error else ''}")
+    enter("done")
     if result["status"] == "running":
         result["status"] = "ok"
     return result
@@ -85,14 +97,18 @@ def run_variant(cfg: RunConfig, backend: str, progress=print, stage_started=lamb
 
 def _open_runner(cfg: RunConfig, backend: str, onnx_path: str, fp16_mode: str, result: dict, stage_started,
                  progress):
+    """The model under test: an onnxruntime session, or a TensorRT engine (built or from the cache)."""
+    stage_started("build")
     if backend != BackendName.tensorrt.value:
         from runner.ort_runtime import OrtRunner
 
-        return OrtRunner(onnx_path, cfg.backend.ort_provider)
+        try:
+            return OrtRunner(onnx_path, cfg.backend.ort_provider)
+        except Exception as exc:  # onnxruntime refusing the graph is this variant's result
+            raise StageFailed("build", f"onnxruntime: {exc}") from None
     from runner.build import BuildSpec, build_engine
     from runner.trt_runtime import TrtRunner
 
-    stage_started("build")
     built = build_engine(BuildSpec(
         onnx_path=onnx_path, precision=cfg.precision.name.value, fp16_mode=fp16_mode,
         min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
@@ -106,11 +122,12 @@ def _open_runner(cfg: RunConfig, backend: str, onnx_path: str, fp16_mode: str, r
     return TrtRunner(built.engine_path, cuda_graph=cfg.bench.cuda_graph and static)
 
 
-def _validate_and_bench(cfg: RunConfig, runner, reference_onnx: str, samples, result: dict, stage_started,
-                        progress, publish) -> None:
+def _validate_and_bench(cfg: RunConfig, runner, reference_onnx: str, result: dict, stage_started, progress,
+                        publish) -> None:
     from runner.ort_runtime import OrtRunner
 
     stage_started("validate")
+    samples = load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs))
     reference = OrtRunner(reference_onnx, "CPUExecutionProvider")
     thresholds = cfg.validate.fp16 if cfg.precision.name == Precision.fp16 else cfg.validate.fp32
     shapes = check_shapes(cfg.shape.mode.value, cfg.shape.min, cfg.shape.opt, cfg.shape.max, cfg.model.stride,

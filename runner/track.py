@@ -3,12 +3,14 @@
 The other stages return plain dicts; only this module knows MLflow. Metric names are stable, because
 `runner table` and `runner check` read them back:
   export.onnx_mb, export.export_s, build.build_s, build.engine_mb, val.passed, val.rel_l2, val.det_f1,
-  val.map50, val.map50_95, val.<shape>.<metric>, bench.<stage>.<stat> (ms), bench.infer_over_compute.
+  val.map50, val.map50_95, val.<shape>.<metric>, bench.<stage>.<stat> (ms), bench.infer_over_compute,
+  time.<stage>_s (wall time each stage took, cache lookups included).
 """
 from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -41,6 +43,7 @@ def variant_metrics(result: dict) -> dict[str, float]:
                 metrics[f"val.{label}.rel_l2"] = shape["rel_l2"]
                 metrics.update({f"val.{label}.det_{k}": shape["detections"][k] for k in ("precision", "recall", "f1")})
                 metrics.update({f"val.{label}.{k}": v for k, v in shape["accuracy"].items()})
+    metrics.update({f"time.{stage}_s": seconds for stage, seconds in result.get("timings", {}).items()})
     bench = stages.get("bench")
     if bench:
         for stage in ("preprocess", "infer", "postprocess", "e2e", "compute"):
@@ -49,10 +52,15 @@ def variant_metrics(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None}
 
 
+def _metric(key: str, value: float):
+    return mlflow.entities.Metric(key, value, int(time.time() * 1000), 0)
+
+
 class Tracker:
     """Logs a sweep to one MLflow experiment: a parent run, and one nested child run per variant."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: str):
+        self.uri, self.experiment = uri, experiment
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
@@ -83,7 +91,7 @@ class Tracker:
                                   "resolved.backend": result["backend"]})
         metrics = variant_metrics(result)
         if metrics:
-            self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
+            self.client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             (folder / "result.json").write_text(json.dumps(result, indent=1, default=str))
@@ -102,8 +110,7 @@ class Tracker:
 
     def end_sweep(self, sweep_id: str, results: list[dict], files: list[Path] = ()) -> None:
         counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "failed", "skipped")}
-        self.client.log_batch(sweep_id, metrics=[mlflow.entities.Metric(f"variants.{k}", v, 0, 0)
-                                                 for k, v in counts.items()])
+        self.client.log_batch(sweep_id, metrics=[_metric(f"variants.{k}", v) for k, v in counts.items()])
         for path in files:
             self.client.log_artifact(sweep_id, str(path))
         self.client.set_terminated(sweep_id, "FINISHED")

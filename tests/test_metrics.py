@@ -199,9 +199,6 @@ def test_correct_at_thresholds_matches_pinned_ultralytics_on_real_detections(exp
     assert compared > 0
 
 
-@pytest.mark.xfail(strict=True, reason="runner/metrics.py correct_at_thresholds uses the pre-8.4 IoU-sorted "
-                                       "np.unique matching; ultralytics 8.4.190 (pinned) matches greedily in "
-                                       "descending confidence, so crowded scenes score fewer true positives")
 def test_correct_at_thresholds_matches_pinned_ultralytics_in_a_crowded_scene(tmp_path):
     from ultralytics.models.yolo.detect import DetectionValidator
 

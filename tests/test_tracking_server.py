@@ -101,8 +101,6 @@ def test_sweep_logs_to_a_tracking_server(mlflow_server, tmp_path, export_cache):
     assert not (outputs / "mlflow.db").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="runner/launcher.py SweepCallback._start raises inside a Hydra callback; "
-                                       "Hydra turns that into a UserWarning, so the sweep runs untracked and exits 0")
 def test_unreachable_tracking_server_fails_before_any_work(tmp_path):
     """A tracking URI nobody listens on is an error, said before any variant runs, not a silent untracked sweep."""
     outputs = tmp_path / "outputs"
