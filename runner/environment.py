@@ -29,8 +29,16 @@ def gpu() -> dict:
     if not ok:
         return {"gpu": "none", "gpu_reason": reason}
     rt = trt_compat.cudart()
-    driver = trt_compat.cuda_call(rt.cudaDriverGetVersion)
-    return {"gpu": trt_compat.gpu_name(), "cuda_driver_api": f"{driver // 1000}.{driver % 1000 // 10}"}
+    api = trt_compat.cuda_call(rt.cudaDriverGetVersion)
+    found = {"gpu": trt_compat.gpu_name(), "cuda_driver_api": f"{api // 1000}.{api % 1000 // 10}"}
+    try:
+        import pynvml  # nvidia-ml-py, an ultralytics dependency
+
+        pynvml.nvmlInit()
+        found["driver"] = pynvml.nvmlSystemGetDriverVersion()
+    except Exception as exc:  # NVML missing or refusing: say so rather than guess
+        found["driver"] = f"unknown ({type(exc).__name__})"
+    return found
 
 
 def environment(opset: int) -> dict:
