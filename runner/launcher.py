@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -166,6 +167,7 @@ def task(cfg: DictConfig) -> dict:
     name = labels(run_cfg, backend, run_cfg.precision.name.value)["name"]
     SESSION["done"] = SESSION.get("done", 0) + 1
     print(f"[{SESSION['done']}/{SESSION.get('total', 1)}] {name} ({backend})", flush=True)
+    started_ms = int(time.time() * 1000)
     if skip_reason:
         result = skeleton(run_cfg, backend, "skipped", skip_reason)
     else:
@@ -177,7 +179,7 @@ def task(cfg: DictConfig) -> dict:
                                    enum_to_str=True)
     if SESSION.get("tracker"):
         result["mlflow_run_id"] = SESSION["tracker"].log_variant(
-            SESSION["sweep_id"], result, flatten(plain), OmegaConf.to_yaml(plain))
+            SESSION["sweep_id"], result, flatten(plain), OmegaConf.to_yaml(plain), started_ms)
     return result
 
 

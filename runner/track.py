@@ -78,13 +78,15 @@ class Tracker:
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def log_variant(self, sweep_id: str, result: dict, params: dict, config_yaml: str) -> str:
-        """One child run: params, metrics, status tags and the result/config/signature artifacts."""
+    def log_variant(self, sweep_id: str, result: dict, params: dict, config_yaml: str, started_ms: int) -> str:
+        """One child run, spanning the variant's own time: params, metrics, status tags and the
+        result/config/signature artifacts."""
+        ended_ms = int(time.time() * 1000)
         tags = {"mlflow.parentRunId": sweep_id, SWEEP_TAG: sweep_id, "runner.kind": "variant",
                 "status": result["status"], "failed_stage": result.get("failed_stage") or "",
                 "error": (result.get("error") or "")[:MAX_TAG], "backend": result["backend"],
                 "onnx_label": result["onnx_label"], "build_label": result["build_label"]}
-        run = self.client.create_run(self.experiment_id, run_name=result["name"], tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=result["name"], tags=tags, start_time=started_ms)
         run_id = run.info.run_id
         env = {f"env.{k}": v for k, v in result.get("environment", {}).items()}
         self._log_params(run_id, {**params, **env, "resolved.fp16_mode": result.get("fp16_mode", ""),
@@ -105,7 +107,7 @@ class Tracker:
         for key in ("log_path", "layers_path"):
             if build.get(key) and Path(build[key]).is_file():
                 self.client.log_artifact(run_id, build[key], "build")
-        self.client.set_terminated(run_id, "FINISHED" if result["status"] != "failed" else "FAILED")
+        self.client.set_terminated(run_id, "FINISHED" if result["status"] != "failed" else "FAILED", ended_ms)
         return run_id
 
     def end_sweep(self, sweep_id: str, results: list[dict], files: list[Path] = ()) -> None:

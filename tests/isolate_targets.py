@@ -53,3 +53,38 @@ def report_pid_then_sleep(pid_file, stage_started, publish):
         f.write(str(os.getpid()))
     stage_started("build")
     time.sleep(60)
+
+
+def trt_infer_then_segfault(engine_path, shape, stage_started, publish):
+    """Hold an engine, buffers and a stream on the GPU, then die in the middle of the bench stage."""
+    import numpy as np
+
+    from runner.trt_runtime import TrtRunner
+
+    stage_started("validate")
+    runner = TrtRunner(engine_path)
+    runner.infer(np.zeros(shape, np.float32))
+    publish({"status": "running", "marker": "inferred"})
+    stage_started("bench")
+    os.kill(os.getpid(), signal.SIGSEGV)
+    time.sleep(30)
+
+
+def trt_infer(engine_path, shape, stage_started, publish):
+    import numpy as np
+
+    from runner.trt_runtime import TrtRunner
+
+    stage_started("validate")
+    with TrtRunner(engine_path) as runner:
+        out = runner.infer(np.ones(shape, np.float32))
+    return {"status": "ok", "failed_stage": None, "error": None, "sum": float(next(iter(out.values())).sum())}
+
+
+def trt_hang(engine_path, shape, stage_started, publish):
+    from runner.trt_runtime import TrtRunner
+
+    stage_started("validate")
+    runner = TrtRunner(engine_path)
+    runner.set_shape(tuple(shape))
+    time.sleep(600)

@@ -6,6 +6,7 @@ real `Tracker`, so the report reads exactly what a sweep leaves behind.
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -83,7 +84,8 @@ def sweep(tmp_path_factory):
     tracker = Tracker(uri, "runner", str(root / "mlartifacts"))
     sweep_id = tracker.start_sweep("sweep 7 variants", {"overrides": "export=ultralytics,torch"})
     for result in RESULTS:
-        tracker.log_variant(sweep_id, result, {"export.tool": result["onnx_label"].split()[0]}, "export: {}\n")
+        tracker.log_variant(sweep_id, result, {"export.tool": result["onnx_label"].split()[0]}, "export: {}\n",
+                            int(time.time() * 1000))
     results_file = root / "results.json"
     results_file.write_text(json.dumps(RESULTS))
     tracker.end_sweep(sweep_id, RESULTS, [results_file])

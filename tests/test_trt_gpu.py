@@ -10,8 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import isolate_targets  # tests/ is on sys.path (conftest.py): spawned children import it by name
 from runner import trt_compat
 from runner.build import BuildSpec, build_engine
+from runner.isolate import run_isolated
 from runner.trt_runtime import ShapeError, TrtRunner
 
 pytestmark = pytest.mark.gpu
@@ -235,3 +237,24 @@ def test_close_returns_gpu_memory(static_engine):
     runner.close()  # idempotent
     free_after, _ = trt_compat.cuda_call(rt.cudaMemGetInfo)
     assert abs(free_before - free_after) < 16 * 2**20, (free_before, free_after)
+
+
+def test_isolation_survives_a_crash_with_the_gpu_in_use(static_engine):
+    """A child holding an engine segfaults: the cell says so, GPU memory comes back, the next child runs."""
+    rt = trt_compat.cudart()
+    free_before, _ = trt_compat.cuda_call(rt.cudaMemGetInfo)
+    crashed = run_isolated(isolate_targets.trt_infer_then_segfault, (static_engine.engine_path, STATIC), 120,
+                           {"status": "failed"})
+    assert crashed["status"] == "failed" and crashed["failed_stage"] == "bench"
+    assert "SIGSEGV" in crashed["error"] and crashed["marker"] == "inferred"
+    free_after, _ = trt_compat.cuda_call(rt.cudaMemGetInfo)
+    assert abs(free_before - free_after) < 16 * 2**20, (free_before, free_after)
+    ok = run_isolated(isolate_targets.trt_infer, (static_engine.engine_path, STATIC), 120, {"status": "failed"})
+    assert ok["status"] == "ok" and ok["sum"] != 0.0
+
+
+def test_isolation_times_out_a_hung_gpu_child(static_engine):
+    result = run_isolated(isolate_targets.trt_hang, (static_engine.engine_path, STATIC), 20, {"status": "failed"})
+    assert result["status"] == "failed" and result["failed_stage"] == "validate"
+    assert "timeout" in result["error"]
+
