@@ -67,14 +67,11 @@ def _group_options(group: str) -> list[str]:
 def _compose(overrides: list[str]) -> RunConfig:
     try:
         return to_run_config(compose(config_name="config", overrides=overrides))
-    except MissingConfigException as exc:
-        group = next((o.split("=")[0].lstrip("+~") for o in overrides
-                      if (CONF_DIR / o.split("=")[0].lstrip("+~")).is_dir()
-                      and o.split("=")[0].lstrip("+~") in str(exc)), None)
-        if group:
-            value = next(o.split("=", 1)[1] for o in overrides if o.split("=")[0].lstrip("+~") == group)
-            raise ConfigError(f"{group}: unknown option '{value}'; allowed: {', '.join(_group_options(group))}") \
-                from None
+    except MissingConfigException as exc:  # an unknown group option: name the group and its options
+        for key, _, value in (o.lstrip("+~").partition("=") for o in overrides):
+            if (CONF_DIR / key).is_dir() and f"'{key}/{value}'" in str(exc):
+                raise ConfigError(f"{key}: unknown option '{value}'; allowed: {', '.join(_group_options(key))}") \
+                    from None
         raise ConfigError(str(exc).splitlines()[0]) from None
     except ConfigCompositionException as exc:
         cause = exc.__cause__

@@ -6,6 +6,8 @@ the reference's; and, where the data has labels, mAP50 / mAP50-95 against ground
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 
 from runner.data import Sample
@@ -98,8 +100,7 @@ def validate(runner, reference, samples: list[Sample], shapes: list[tuple[str, l
                      f"det F1 {r['detections']['f1']:.3f}, mAP50-95 {r['accuracy'].get('map50_95', float('nan')):.3f}")
     checked = [r for r in per_shape.values() if r["status"] != "skipped"]
     summary = {"passed": bool(checked) and all(r["status"] == "passed" for r in checked),
-               "shapes": per_shape, "thresholds": vars(thresholds) if hasattr(thresholds, "__dict__") else
-               dict(thresholds)}
+               "shapes": per_shape, "thresholds": asdict(thresholds)}
     ran = [r for r in checked if "tensors" in r]
     if ran:
         summary.update(rel_l2=max(r["rel_l2"] for r in ran),
