@@ -25,7 +25,7 @@ TAGS = ("onnx_label", "build_label", "status", "failed_stage", "error", "backend
 METRICS = {"build_s": "build.build_s", "infer_p50_ms": "bench.infer.p50", "e2e_p50_ms": "bench.e2e.p50",
            "rel_l2": "val.rel_l2", "det_f1": "val.det_f1", "map50_95": "val.map50_95", "val_passed": "val.passed",
            "preprocess_p50_ms": "bench.preprocess.p50", "postprocess_p50_ms": "bench.postprocess.p50",
-           "e2e_p90_ms": "bench.e2e.p90"}
+           "e2e_p90_ms": "bench.e2e.p90", "cuda_graph": "bench.cuda_graph"}
 MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
 SEVERITY = "-OX"  # a cell run twice (e.g. two profiles) shows its worst outcome
 COLOURS = {"O": "#2e7d32", "X": "#c62828", "-": "#bdbdbd"}
@@ -248,7 +248,8 @@ def plot_latency(frame: pd.DataFrame, path: Path) -> None:
         spread = (bench["e2e_p90_ms"] - bench["e2e_p50_ms"]).clip(lower=0).fillna(0.0)
         ax.errorbar(bench["e2e_p50_ms"], y, xerr=[[0.0] * len(bench), spread], fmt="|", color="black",
                     markersize=14, capsize=4, label="end to end p50 → p90")
-        ax.set_yticks(list(y), [f"{o} | {b}" for o, b in zip(bench["onnx_label"], bench["build_label"])])
+        ax.set_yticks(list(y), [f"{o} | {b}" + (" | CUDA graph" if graph == 1 else "")
+                                for o, b, graph in zip(bench["onnx_label"], bench["build_label"], bench["cuda_graph"])])
         ax.invert_yaxis()
         ax.set_xlabel("milliseconds")
         ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)

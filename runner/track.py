@@ -49,6 +49,7 @@ def variant_metrics(result: dict) -> dict[str, float]:
         for stage in ("preprocess", "infer", "postprocess", "e2e", "compute"):
             metrics.update({f"bench.{stage}.{k}": v for k, v in bench[stage].items() if k != "n"})
         metrics["bench.infer_over_compute"] = bench["infer_over_compute"]
+        metrics["bench.cuda_graph"] = float(bench["settings"]["cuda_graph"])  # as run, not as asked
     return {k: float(v) for k, v in metrics.items() if v is not None}
 
 

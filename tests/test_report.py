@@ -61,7 +61,9 @@ def variant(onnx: str, build: str, status: str = "ok", failed_stage: str | None 
                                     "det_f1": 1.0 if passed else 0.6, "map50": 0.99, "map50_95": 0.93}
     result["stages"]["bench"] = {"preprocess": stats(0.8), "infer": stats(infer_ms), "postprocess": stats(0.5),
                                  "e2e": stats(infer_ms + 1.4), "compute": stats(infer_ms * 0.95),
-                                 "infer_over_compute": 1 / 0.95}
+                                 "infer_over_compute": 1 / 0.95,
+                                 "settings": {"warmup": 20, "iters": 200, "shape": [1, 3, 640, 640],
+                                              "cuda_graph": False, "trt_version": "10.9.0"}}
     return result
 
 
