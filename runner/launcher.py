@@ -233,8 +233,9 @@ class SweepCallback(Callback):
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
             print("\n" + table.to_string(index=False) if len(table) else "no variant ran", flush=True)
         ok = sum(r["status"] == "ok" for r in results)
-        print(f"\nrunner: {ok}/{len(results)} variants ok; sweep run {SESSION.get('sweep_id', '-')}"
-              + (f"; summary in {folder}" if folder else ""), flush=True)
+        sweep = f"; sweep run {SESSION['sweep_id']}" if SESSION.get("sweep_id") else ""
+        where = f"; summary in {folder}" if folder else ""
+        print(f"\nrunner: {ok}/{len(results)} variants ok{sweep}{where}", flush=True)
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         self._end(SESSION.get("output_dir"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from runner.config import BackendName, Precision, RunConfig, ShapeMode
@@ -42,6 +43,7 @@ def run_variant(cfg: RunConfig, backend: str, progress=print, stage_started=lamb
     """Run every stage of one variant. `publish` receives the partial result after each stage."""
     fp16 = cfg.precision.name == Precision.fp16
     result = {"status": "running", "failed_stage": None, "error": None, "backend": backend,
+              "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "precision": cfg.precision.name.value, "shape": cfg.shape.mode.value, "profile": cfg.profile.name,
               "stages": {}, "environment": environment(cfg.export.opset)}
     result.update(labels(cfg, backend, "fp16" if fp16 else "fp32"))
