@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -81,6 +83,24 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
 def timing_cache_path(cache_dir: str, gpu_name: str, trt_version: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
     return Path(cache_dir) / "timing" / f"{slug}_trt{trt_version}.cache"
+
+
+@contextmanager
+def heartbeat(progress: Callable[[str], None], every_s: float = 30.0):
+    """Say every `every_s` seconds that a long step goes on (TensorRT 8.6 has no progress monitor)."""
+    done, start = threading.Event(), time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            progress(f"build: still building, {time.perf_counter() - start:.0f} s so far")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _write_atomic(path: Path, data) -> None:
@@ -178,7 +198,8 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger, progress):
         precision = "fp32" if spec.precision == "fp32" else f"fp16 via {spec.fp16_mechanism}"
         progress(f"build: building (level {result.optimization_level}, {precision})...")
         t0 = time.perf_counter()
-        plan = builder.build_serialized_network(network, config)
+        with heartbeat(progress):
+            plan = builder.build_serialized_network(network, config)
         result.build_s = time.perf_counter() - t0
     except RuntimeError as exc:  # trt_compat.Unsupported, or a TensorRT binding error
         result.error = "\n".join(logger.errors()) or str(exc)

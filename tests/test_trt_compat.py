@@ -174,3 +174,17 @@ def test_build_without_tensorrt_returns_reason(tmp_path):
 @pytest.mark.skipif(trt_compat.trt_available()[0], reason="tensorrt is installed here")
 def test_trt_available_reason_without_tensorrt():
     assert trt_compat.trt_available() == (False, "tensorrt is not installed (pip install 'runner[gpu]')")
+
+
+def test_heartbeat_reports_a_long_step_and_stops():
+    import time
+
+    from runner.build import heartbeat
+
+    said = []
+    with heartbeat(said.append, every_s=0.05):
+        time.sleep(0.3)
+    count = len(said)
+    time.sleep(0.15)
+    assert count >= 2 and all(m.startswith("build: still building") for m in said)
+    assert len(said) == count  # silent once the step is over
