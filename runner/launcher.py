@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from runner import config
 from runner.config import BackendName, ConfigError, RunConfig
 from runner.isolate import run_isolated
-from runner.pipeline import labels, run_variant
+from runner.pipeline import labels, run_variant, skeleton
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SESSION: dict = {}
@@ -44,8 +44,8 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """A composed config (hydra key dropped) as the typed, fully resolved dataclass tree; raises ConfigError."""
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    """A composed config (no `hydra` node: Hydra drops it from the job's config) as the typed, fully resolved
+    dataclass tree; raises ConfigError."""
     try:
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
@@ -149,14 +149,6 @@ class Progress:
         print(f"  {self.prefix} {message}", flush=True)
 
 
-def skeleton(cfg: RunConfig, backend: str, status: str, error: str | None = None) -> dict:
-    """A result with no stage run yet: what a skipped variant, or a crash before any stage, reports."""
-    precision = cfg.precision.name.value
-    return {"status": status, "failed_stage": None, "error": error, "backend": backend, "stages": {},
-            "precision": precision, "shape": cfg.shape.mode.value, "profile": cfg.profile.name,
-            **labels(cfg, backend, precision)}
-
-
 def task(cfg: DictConfig) -> dict:
     """Hydra job: one variant in its own process, then its MLflow child run."""
     run_cfg = to_run_config(cfg)
@@ -172,8 +164,7 @@ def task(cfg: DictConfig) -> dict:
                               skeleton(run_cfg, backend, "failed"))
     print(f"  [{name}] -> {result['status']}" + (f" at {result['failed_stage']}: {result['error'].splitlines()[0]}"
                                                  if result.get("failed_stage") else ""), flush=True)
-    plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True,
-                                   enum_to_str=True)
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if SESSION.get("tracker"):
         result["mlflow_run_id"] = SESSION["tracker"].log_variant(
             SESSION["sweep_id"], result, flatten(plain), OmegaConf.to_yaml(plain), started_ms)

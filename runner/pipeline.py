@@ -38,16 +38,22 @@ def labels(cfg: RunConfig, backend: str, onnx_precision: str) -> dict:
             "name": f"{column}__{row}".replace(" ", "-")}
 
 
+def skeleton(cfg: RunConfig, backend: str, status: str, error: str | None = None) -> dict:
+    """A result with no stage run yet: what a skipped variant, or a crash before any stage, reports."""
+    precision = cfg.precision.name.value
+    return {"status": status, "failed_stage": None, "error": error, "backend": backend, "stages": {},
+            "precision": precision, "shape": cfg.shape.mode.value, "profile": cfg.profile.name,
+            **labels(cfg, backend, precision)}
+
+
 def run_variant(cfg: RunConfig, backend: str, progress=print, stage_started=lambda stage: None,
                 publish=lambda result: None) -> dict:
     """Run every stage of one variant. `publish` receives the partial result after each stage."""
     fp16 = cfg.precision.name == Precision.fp16
-    result = {"status": "running", "failed_stage": None, "error": None, "backend": backend,
-              "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "precision": cfg.precision.name.value, "shape": cfg.shape.mode.value, "profile": cfg.profile.name,
-              "stages": {}, "environment": environment(cfg.export.opset)}
-    result.update(labels(cfg, backend, "fp16" if fp16 else "fp32"))
-    timings, clock = result.setdefault("timings", {}), {}
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result = {**skeleton(cfg, backend, "running"), "started_at": started_at,
+              "environment": environment(cfg.export.opset), "timings": {}}
+    timings, clock = result["timings"], {}
 
     def enter(stage: str) -> None:
         """Close the running stage's wall clock, start `stage`'s, and tell the parent."""

@@ -99,9 +99,8 @@ def resolve_sweep(tracking_uri: str, experiment: str, sweep: str) -> str:
     return sweep
 
 
-def runs_frame(tracking_uri: str, experiment: str, sweep: str) -> pd.DataFrame:
-    """One row per variant (child run) of `sweep` (an id or `latest`) in MLflow."""
-    sweep_id = resolve_sweep(tracking_uri, experiment, sweep)
+def runs_frame(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFrame:
+    """One row per variant (child run) of the sweep `sweep_id` (resolved by `resolve_sweep`) in MLflow."""
     client = _client(tracking_uri)
     runs = client.search_runs([_experiment_id(client, experiment)],
                               f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`runner.kind` = 'variant'",
