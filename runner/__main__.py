@@ -1,10 +1,12 @@
-"""`python -m runner [hydra overrides]` sweeps the matrix; `runner table|baseline|check` report on it."""
+"""`runner [overrides]` / `python -m runner [overrides]` sweeps the matrix; `runner table|baseline|check`
+report on finished sweeps; `runner --help` lists both and every config group."""
 from __future__ import annotations
 
 import os
 import sys
 
 USAGE_EXIT = 2
+REPORT_COMMANDS = ("table", "baseline", "check")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -12,10 +14,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for a hub
     os.environ.setdefault("YOLO_VERBOSE", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes
-    if argv and argv[0] in ("table", "baseline", "check"):
-        from runner import report
+    if argv and argv[0] in REPORT_COMMANDS:
+        from runner.report.cli import main as report_main
 
-        sys.exit(report.main(argv))
+        sys.exit(report_main(argv))
 
     import hydra
 

@@ -7,28 +7,31 @@ After the pipeline loop, the same number of back-to-back `execute()` calls gives
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
 from runner.processing import postprocess, preprocess
+from runner.results import BENCH_STAGES as STAGES
+from runner.results import BenchResult, Stats
 
-STAGES = ("preprocess", "infer", "postprocess", "e2e")
+log = logging.getLogger(__name__)
 
 
-def summarize(samples_ms: list[float]) -> dict[str, float]:
+def summarize(samples_ms: list[float]) -> Stats:
     a = np.asarray(samples_ms, np.float64)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "std": float(a.std()), "n": int(a.size)}
+    return Stats(mean=float(a.mean()), p50=float(np.percentile(a, 50)), p90=float(np.percentile(a, 90)),
+                 p99=float(np.percentile(a, 99)), std=float(a.std()), n=int(a.size))
 
 
 def bench(runner, images: list[np.ndarray], shape: list[int], warmup: int, iters: int, conf: float = 0.25,
-          iou: float = 0.7, max_det: int = 300, progress=print) -> dict:
+          iou: float = 0.7, max_det: int = 300) -> BenchResult:
     """Time the full pipeline at `shape` (N, 3, H, W) over `images`, cycling through them."""
     batch, hw = shape[0], (shape[2], shape[3])
     runner.set_shape(tuple(shape))
     times: dict[str, list[float]] = {s: [] for s in STAGES}
-    progress(f"bench: {warmup} warm-up + {iters} timed runs at {list(shape)}...")
+    log.info("bench: %d warm-up + %d timed runs at %s...", warmup, iters, list(shape))
     for i in range(warmup + iters):
         frame = [images[(i * batch + k) % len(images)] for k in range(batch)]
         t0 = time.perf_counter()
@@ -45,11 +48,9 @@ def bench(runner, images: list[np.ndarray], shape: list[int], warmup: int, iters
             for stage, ms in zip(STAGES, ((t1 - t0) * 1e3, infer_ms, (t3 - t2) * 1e3, (t3 - t0) * 1e3)):
                 times[stage].append(ms)
     compute = [runner.execute() for _ in range(iters)]
-    result = {stage: summarize(v) for stage, v in times.items()}
-    result["compute"] = summarize(compute)
-    result["infer_over_compute"] = result["infer"]["p50"] / result["compute"]["p50"]
-    result["settings"] = {"warmup": warmup, "iters": iters, "shape": list(shape),
-                          "copies": "h2d in preprocess, d2h in postprocess", **runner.settings()}
-    progress("bench: p50 pre {:.2f} / infer {:.2f} / post {:.2f} / e2e {:.2f} ms".format(
-        *(result[s]["p50"] for s in STAGES)))
+    result = BenchResult(**{stage: summarize(v) for stage, v in times.items()}, compute=summarize(compute),
+                         settings={"warmup": warmup, "iters": iters, "shape": list(shape),
+                                   "copies": "h2d in preprocess, d2h in postprocess", **runner.settings()})
+    log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms",
+             *(getattr(result, s).p50 for s in STAGES))
     return result

@@ -1,14 +1,13 @@
-"""Typed configuration: the structured-config schema behind `conf/`, and its checks.
+"""Typed configuration: the structured-config schema behind `runner/conf/`, and its checks.
 
-Hydra composes `conf/`; OmegaConf merges it onto these dataclasses, which rejects unknown keys and
-wrong types. `check()` adds the cross-field rules. Every error is a `ConfigError` whose message is
-one line naming the key and what is allowed.
+Hydra composes `runner/conf/`; OmegaConf merges it onto these dataclasses, which rejects wrong types.
+`check()` adds the value and cross-field rules. Every error is a `ConfigError` whose message is one line
+naming the key and what is allowed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -20,8 +19,15 @@ class ConfigError(ValueError):
 
 
 class ExportTool(str, Enum):
-    ultralytics = "ultralytics"
-    torch = "torch"
+    ultralytics = "ultralytics"  # model.export(format="onnx")
+    torch = "torch"  # torch.onnx.export, TorchScript exporter
+    dynamo = "dynamo"  # torch.onnx.export(dynamo=True), torch.export-based
+
+
+class BuildTool(str, Enum):
+    """How a TensorRT engine is made: the TensorRT API on the variant's ONNX, or ultralytics in one step."""
+    tensorrt_api = "tensorrt_api"
+    ultralytics = "ultralytics"  # model.export(format="engine") from the weights
 
 
 class Precision(str, Enum):
@@ -61,6 +67,11 @@ class ExportConfig:
     shape: Optional[ShapeMode] = None  # ONNX shape mode; null follows `shape.mode`
     opset: int = 17
     simplify: bool = True
+
+
+@dataclass
+class BuildConfig:
+    tool: BuildTool = BuildTool.tensorrt_api
 
 
 @dataclass
@@ -144,6 +155,7 @@ class TrackingConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     shape: ShapeConfig = field(default_factory=ShapeConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -179,6 +191,24 @@ def _check_range(key: str, lo: List[int], mid: List[int], hi: List[int]) -> None
         raise ConfigError(f"{key}: opt must be <= max in every dim, got opt={list(mid)} max={list(hi)}")
 
 
+def _check_fraction(key: str, value: float, low_open: bool = False) -> None:
+    if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+        raise ConfigError(f"{key}: must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+
+
+def _check_validate(v: ValidateConfig) -> None:
+    for key in ("conf", "nms_iou", "match_iou"):
+        _check_fraction(f"validate.{key}", getattr(v, key), low_open=True)
+    if v.max_det <= 0:
+        raise ConfigError(f"validate.max_det: must be a positive integer, got {v.max_det}")
+    for precision in Precision:
+        t: Thresholds = getattr(v, precision.value)
+        for key in ("atol", "rtol", "max_rel_l2"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"validate.{precision.value}.{key}: must be >= 0, got {getattr(t, key)}")
+        _check_fraction(f"validate.{precision.value}.min_det_f1", t.min_det_f1)
+
+
 def check(cfg: RunConfig) -> None:
     """Cross-field rules the schema cannot express. Raises ConfigError with a one-line message."""
     stride = cfg.model.stride
@@ -196,19 +226,7 @@ def check(cfg: RunConfig) -> None:
         if any(v % stride for v in cfg.shape.opt[2:]):
             raise ConfigError(f"shape.opt: static H and W must be multiples of the stride {stride}, "
                               f"got {list(cfg.shape.opt)}")
-    if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
-        raise ConfigError(f"model.weights: file not found: {cfg.model.weights} (a .pt file, or null for the "
-                          f"default model)")
-    if cfg.data.images is not None:
-        folder = Path(cfg.data.images)
-        if not folder.is_dir():
-            raise ConfigError(f"data.images: not a readable folder: {cfg.data.images}")
-        try:
-            next(iter(folder.iterdir()), None)
-        except OSError as exc:
-            raise ConfigError(f"data.images: not a readable folder: {cfg.data.images} ({exc.strerror})") from None
-    if cfg.data.labels is not None and not Path(cfg.data.labels).is_dir():
-        raise ConfigError(f"data.labels: not a readable folder: {cfg.data.labels}")
+    _check_validate(cfg.validate)
     for key, value in (("data.limit", cfg.data.limit), ("bench.iters", cfg.bench.iters)):
         if value <= 0:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")

@@ -5,7 +5,7 @@ import platform
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 
-from runner import trt_compat
+from runner.backends.tensorrt import compat
 
 PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "ultralytics", "tensorrt", "cuda-python",
             "mlflow", "numpy", "opencv-python")
@@ -25,12 +25,12 @@ def _cpu() -> str:
 @lru_cache(maxsize=None)
 def gpu() -> dict:
     """GPU name and driver version, or the reason there is none."""
-    ok, reason = trt_compat.cuda_gpu_available()
+    ok, reason = compat.cuda_gpu_available()
     if not ok:
         return {"gpu": "none", "gpu_reason": reason}
-    rt = trt_compat.cudart()
-    api = trt_compat.cuda_call(rt.cudaDriverGetVersion)
-    found = {"gpu": trt_compat.gpu_name(), "cuda_driver_api": f"{api // 1000}.{api % 1000 // 10}"}
+    rt = compat.cudart()
+    api = compat.cuda_call(rt.cudaDriverGetVersion)
+    found = {"gpu": compat.gpu_name(), "cuda_driver_api": f"{api // 1000}.{api % 1000 // 10}"}
     try:
         import pynvml  # nvidia-ml-py, an ultralytics dependency
 
@@ -48,7 +48,7 @@ def environment(opset: int) -> dict:
             env[name] = version(name)
         except PackageNotFoundError:
             continue
-    ok, reason = trt_compat.trt_available()
-    env["tensorrt"] = trt_compat.trt_version() if ok else f"absent: {reason}"
+    ok, reason = compat.trt_available()
+    env["tensorrt"] = compat.trt_version() if ok else f"absent: {reason}"
     env.update(gpu())
     return env

@@ -1,15 +1,18 @@
 """Hydra glue: check the whole sweep up front, run each variant isolated, track it, summarise.
 
-`preflight` composes every variant of the command line before any work starts, so a bad value
-anywhere in the sweep exits 2 with one line. `task` is Hydra's job function; `SweepCallback`
+`preflight` composes every variant of the command line before any work starts, so a bad value or a bad
+file anywhere in the sweep exits 2 with one line. `task` is Hydra's job function; `SweepCallback`
 opens the sweep's parent MLflow run and prints the summary table at the end.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import itertools
 import json
+import logging
 import time
-from functools import lru_cache
+import typing
 from pathlib import Path
 
 import pandas as pd
@@ -22,13 +25,19 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner import config
+from runner import backends, config, inputs
 from runner.config import BackendName, ConfigError, RunConfig
 from runner.isolate import run_isolated
-from runner.pipeline import labels, run_variant, skeleton
+from runner.pipeline import new_result, run_variant
+from runner.report.frame import results_frame
+from runner.results import VariantResult
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("runner")
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 SESSION: dict = {}
+SUMMARY = {"onnx_label": "onnx", "build_label": "build", "status": "status", "failed_stage": "stage",
+           "validation": "validation", "rel_l2": "rel_l2", "det_f1": "det_f1", "map50_95": "map50_95",
+           "infer_p50_ms": "infer_p50_ms", "e2e_p50_ms": "e2e_p50_ms", "cuda_graph": "cuda_graph", "error": "error"}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -43,9 +52,31 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def unknown_key(node: DictConfig, schema: type, prefix: str = "") -> str | None:
+    """A one-line complaint about the first key of `node` that `schema` (a dataclass) does not have, or None.
+
+    Hydra lets `+key=value` add keys even to a structured config, so a typo would run on defaults."""
+    fields = {f.name for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            where = f"'{prefix.rstrip('.')}'" if prefix else "the config"
+            return f"{prefix}{key}: not a key of {where}; {hint}allowed: {', '.join(sorted(fields))}"
+        if dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+            problem = unknown_key(node[key], hints[key], f"{prefix}{key}.")
+            if problem:
+                return problem
+    return None
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """A composed config (no `hydra` node: Hydra drops it from the job's config) as the typed, fully resolved
     dataclass tree; raises ConfigError."""
+    problem = unknown_key(cfg, RunConfig)
+    if problem:
+        raise ConfigError(problem)
     try:
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
@@ -92,7 +123,9 @@ def preflight(argv: list[str]) -> list[RunConfig]:
     config.register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return [_compose(list(combo)) for combo in itertools.product(*choices)]
+        variants = [_compose(list(combo)) for combo in itertools.product(*choices)]
+    inputs.check_inputs(variants)
+    return variants
 
 
 def open_tracking(tracking) -> None:
@@ -100,88 +133,50 @@ def open_tracking(tracking) -> None:
     SESSION["tracker"] = None
     if not tracking.enabled:
         return
-    from runner.track import Tracker
+    from runner.track import Tracker, store_problem
 
     try:
         SESSION["tracker"] = Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
     except Exception as exc:  # MLflow's errors vary by store; the user needs the URI and the reason
-        reason = " ".join(str(exc).split())[:300]
-        raise ConfigError(f"tracking.uri: cannot open {tracking.uri}: {reason}; start the server, or use the "
-                          f"embedded store (tracking=sqlite)") from None
-
-
-@lru_cache(maxsize=None)
-def tensorrt_status() -> tuple[bool, str]:
-    from runner import trt_compat
-
-    ok, reason = trt_compat.trt_available()
-    if ok:
-        ok, reason = trt_compat.cuda_gpu_available()
-    return ok, reason
-
-
-def resolve_backend(requested: BackendName) -> tuple[str, str]:
-    """(backend to run, reason it is skipped or '')."""
-    ok, reason = tensorrt_status()
-    if requested == BackendName.auto:
-        return (BackendName.tensorrt.value if ok else BackendName.onnxruntime.value), ""
-    if requested == BackendName.tensorrt and not ok:
-        return BackendName.tensorrt.value, reason
-    return requested.value, ""
+        raise ConfigError(f"tracking.uri: cannot open {tracking.uri}: {store_problem(exc)}; start the server, or "
+                          f"use the embedded store (tracking=sqlite)") from None
 
 
 def announce_backends(variants: list[RunConfig]) -> None:
     """Say once, up front, what `backend=auto` picked."""
     if any(v.backend.name == BackendName.auto for v in variants):
-        ok, reason = tensorrt_status()
-        print(f"runner: backend=auto -> {'tensorrt' if ok else 'onnxruntime'}"
-              + ("" if ok else f" (TensorRT unavailable: {reason}; each variant's ONNX is tested with onnxruntime)"),
-              flush=True)
-
-
-class Progress:
-    """Prints a variant's stage messages (picklable, so the child process can use it)."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def __call__(self, message: str) -> None:
-        print(f"  {self.prefix} {message}", flush=True)
+        print(backends.auto_choice(), flush=True)
 
 
 def task(cfg: DictConfig) -> dict:
     """Hydra job: one variant in its own process, then its MLflow child run."""
     run_cfg = to_run_config(cfg)
-    backend, skip_reason = resolve_backend(run_cfg.backend.name)
-    name = labels(run_cfg, backend, run_cfg.precision.name.value)["name"]
+    backend, skip_reason = backends.resolve(run_cfg)
+    result = new_result(run_cfg, backend.name)
     SESSION["done"] = SESSION.get("done", 0) + 1
-    print(f"[{SESSION['done']}/{SESSION.get('total', 1)}] {name} ({backend})", flush=True)
+    log.info("[%d/%d] %s (%s)", SESSION["done"], SESSION.get("total", 1), result.name, backend.name)
     started_ms = int(time.time() * 1000)
     if skip_reason:
-        result = skeleton(run_cfg, backend, "skipped", skip_reason)
+        result.status, result.error = "skipped", skip_reason
     else:
-        result = run_isolated(run_variant, (run_cfg, backend, Progress(f"[{name}]")), run_cfg.backend.timeout_s,
-                              skeleton(run_cfg, backend, "failed"))
-    print(f"  [{name}] -> {result['status']}" + (f" at {result['failed_stage']}: {result['error'].splitlines()[0]}"
-                                                 if result.get("failed_stage") else ""), flush=True)
+        result = run_isolated(run_variant, (run_cfg, backend.name), run_cfg.backend.timeout_s,
+                              new_result(run_cfg, backend.name, "failed"), log_prefix=f"  [{result.name}] ")
+    log.info("  [%s] -> %s%s", result.name, result.status,
+             f" at {result.failed_stage}: {result.first_error_line()}" if result.failed_stage
+             else f": {result.error}" if result.status == "skipped" else "")
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    run_id = None
     if SESSION.get("tracker"):
-        result["mlflow_run_id"] = SESSION["tracker"].log_variant(
-            SESSION["sweep_id"], result, flatten(plain), OmegaConf.to_yaml(plain), started_ms)
-    return result
+        run_id = SESSION["tracker"].log_variant(SESSION["sweep_id"], result, flatten(plain), OmegaConf.to_yaml(plain),
+                                                started_ms)
+    return {"result": result.to_dict(), "mlflow_run_id": run_id}
 
 
-def summary_table(results: list[dict]) -> pd.DataFrame:
-    rows = []
-    for r in results:
-        val, bench = r.get("stages", {}).get("validate", {}), r.get("stages", {}).get("bench", {})
-        rows.append({"onnx": r.get("onnx_label"), "build": r.get("build_label"), "status": r["status"],
-                     "stage": r.get("failed_stage") or "", "rel_l2": val.get("rel_l2"), "det_f1": val.get("det_f1"),
-                     "map50_95": val.get("map50_95"), "infer_p50_ms": bench.get("infer", {}).get("p50"),
-                     "e2e_p50_ms": bench.get("e2e", {}).get("p50"),
-                     "cuda_graph": bench.get("settings", {}).get("cuda_graph"),
-                     "error": (r.get("error") or "").splitlines()[0][:70] if r.get("error") else ""})
-    return pd.DataFrame(rows)
+def summary_table(results: list[VariantResult]) -> pd.DataFrame:
+    frame = results_frame(results)
+    table = frame[list(SUMMARY)].rename(columns=SUMMARY)
+    table["error"] = [(e.splitlines()[0][:70] if e else "") for e in table["error"]]
+    return table
 
 
 class SweepCallback(Callback):
@@ -211,19 +206,21 @@ class SweepCallback(Callback):
             SESSION["output_dir"] = Path(config.hydra.runtime.output_dir)
 
     def _end(self, folder: Path | None) -> None:
-        results = SESSION.get("results", [])
+        returned = SESSION.get("results", [])
+        results = [VariantResult.from_dict(r["result"]) for r in returned]
         table = summary_table(results)
         files = []
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             files = [folder / "summary.csv", folder / "results.json"]
             table.to_csv(files[0], index=False)
-            files[1].write_text(json.dumps(results, indent=1, default=str))
+            files[1].write_text(json.dumps([{**r["result"], "mlflow_run_id": r["mlflow_run_id"]} for r in returned],
+                                           indent=1, default=str))
         if SESSION["tracker"]:
             SESSION["tracker"].end_sweep(SESSION["sweep_id"], results, files)
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
             print("\n" + table.to_string(index=False) if len(table) else "no variant ran", flush=True)
-        ok = sum(r["status"] == "ok" for r in results)
+        ok = sum(r.status == "ok" for r in results)
         sweep = f"; sweep run {SESSION['sweep_id']}" if SESSION.get("sweep_id") else ""
         where = f"; summary in {folder}" if folder else ""
         print(f"\nrunner: {ok}/{len(results)} variants ok{sweep}{where}", flush=True)

@@ -1,172 +1,134 @@
-"""One variant, stage by stage: export -> build (TensorRT) -> validate -> bench.
+"""One variant, top to bottom: export -> build -> validate -> bench, on the backend chosen by name.
 
-Runs inside the variant's child process (see `isolate`). It returns a plain dict, the variant's
-result; it never raises for a stage failure, which becomes `status`, `failed_stage` and `error`.
+Runs inside the variant's child process (see `isolate`) and returns a `VariantResult`. An expected verdict
+(a `StageError`: the export tool, builder or runtime said no) fails the variant at its stage with the tool's
+own words. Anything else is a bug: it fails the variant at the stage it hit, and its traceback is kept in
+`error_detail`. Progress goes to `logging`.
 """
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import asdict
+import traceback
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runner.config import BackendName, Precision, RunConfig, ShapeMode
-from runner.data import load_samples
+from runner import backends
+from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
+from runner.bench import bench
+from runner.config import RunConfig, ShapeMode
+from runner.data import Sample, load_samples
 from runner.environment import environment
-from runner.export import ExportError, ExportSpec, export_onnx
+from runner.export import ExportSpec, export_onnx
+from runner.results import BuildVariant, Cell, ExportResult, OnnxVariant, StageError, VariantResult
 from runner.validate import check_shapes, validate
 
+log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "shapes_yolov8n.pt"
-TOOL_ABBREV = {"ultralytics": "ul", "torch": "tc"}
 
 
-class StageFailed(Exception):
-    def __init__(self, stage: str, error: str):
-        super().__init__(error)
-        self.stage, self.error = stage, error
+def cell_of(cfg: RunConfig, backend: str, onnx_precision: str | None = None) -> Cell:
+    """The variant's compatibility cell: ONNX column x build row."""
+    build_tool = cfg.build.tool.value if backend == "tensorrt" else backend
+    onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value,
+                       onnx_precision or cfg.precision.name.value)
+    return Cell(onnx, BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value))
 
 
-def labels(cfg: RunConfig, backend: str, onnx_precision: str) -> dict:
-    """Names of the variant: its compatibility-table column (ONNX) and row (backend build)."""
-    onnx_shape = (cfg.export.shape or cfg.shape.mode).value
-    st = {"static": "st", "dynamic": "dy"}
-    column = f"{TOOL_ABBREV[cfg.export.tool.value]} {st[onnx_shape]} {onnx_precision}"
-    row = f"{st[cfg.shape.mode.value]} {cfg.precision.name.value}"
-    if backend != BackendName.tensorrt.value:
-        row = f"ort {row}"
-    return {"onnx_label": column, "build_label": row, "onnx_shape": onnx_shape,
-            "name": f"{column}__{row}".replace(" ", "-")}
-
-
-def skeleton(cfg: RunConfig, backend: str, status: str, error: str | None = None) -> dict:
+def new_result(cfg: RunConfig, backend: str, status: str = "running", error: str | None = None) -> VariantResult:
     """A result with no stage run yet: what a skipped variant, or a crash before any stage, reports."""
-    precision = cfg.precision.name.value
-    return {"status": status, "failed_stage": None, "error": error, "backend": backend, "stages": {},
-            "precision": precision, "shape": cfg.shape.mode.value, "profile": cfg.profile.name,
-            **labels(cfg, backend, precision)}
+    return VariantResult(cell=cell_of(cfg, backend), backend=backend, profile=cfg.profile.name, status=status,
+                         error=error)
 
 
-def run_variant(cfg: RunConfig, backend: str, progress=print, stage_started=lambda stage: None,
-                publish=lambda result: None) -> dict:
-    """Run every stage of one variant. `publish` receives the partial result after each stage."""
-    fp16 = cfg.precision.name == Precision.fp16
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result = {**skeleton(cfg, backend, "running"), "started_at": started_at,
-              "environment": environment(cfg.export.opset), "timings": {}}
-    timings, clock = result["timings"], {}
+class StageClock:
+    """Wall time per stage into `result.timings`; tells the parent process which stage runs."""
 
-    def enter(stage: str) -> None:
-        """Close the running stage's wall clock, start `stage`'s, and tell the parent."""
+    def __init__(self, result: VariantResult, stage_started):
+        self.result, self.stage_started = result, stage_started
+        self.stage, self.start = "start", time.perf_counter()
+
+    def enter(self, stage: str) -> None:
         now = time.perf_counter()
-        if clock:
-            timings[clock["stage"]] = now - clock["start"]
-        clock.update(stage=stage, start=now)
+        if self.stage != "start":
+            self.result.timings[self.stage] = now - self.start
+        self.stage, self.start = stage, now
         if stage != "done":
-            stage_started(stage)
+            self.stage_started(stage)
 
+
+def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: None,
+                publish=lambda result: None) -> VariantResult:
+    """Run every stage of one variant. `publish` receives the partial result after each stage."""
+    backend = backends.get(backend_name)
+    result = new_result(cfg, backend_name)
+    result.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result.environment = environment(cfg.export.opset)
+    clock = StageClock(result, stage_started)
     try:
-        fp16_mode = "fp16_onnx" if fp16 else "none"
-        if fp16 and backend == BackendName.tensorrt.value:
-            import tensorrt as trt
-
-            from runner.trt_compat import resolve_fp16_mode
-            fp16_mode = resolve_fp16_mode(trt, cfg.precision.fp16_mode.value)
-        result["fp16_mode"] = fp16_mode
-
-        enter("export")
-        spec = ExportSpec(weights=str(cfg.model.weights or DEFAULT_WEIGHTS), tool=cfg.export.tool.value,
-                          dynamic=result["onnx_shape"] == "dynamic", half=False, imgsz=tuple(cfg.model.imgsz),
-                          opset=cfg.export.opset, simplify=cfg.export.simplify)
-        try:
-            reference = export_onnx(spec, Path(cfg.cache_dir), progress)
-            tested = reference
-            if fp16_mode in ("fp16_onnx", "strongly_typed"):
-                tested = export_onnx(ExportSpec(**{**asdict(spec), "half": True}), Path(cfg.cache_dir), progress)
-        except ExportError as exc:
-            raise StageFailed("export", str(exc)) from None
-        result["stages"]["export"] = {"reference": asdict(reference), "tested": asdict(tested)}
-        result.update(labels(cfg, backend, tested.precision))
+        clock.enter("export")
+        result.export = export_stage(cfg, backend.precision_mechanism(cfg))
+        result.cell = cell_of(cfg, backend_name, result.export.tested.precision)
         publish(result)
 
-        runner = _open_runner(cfg, backend, tested.path, fp16_mode, result, enter, progress)
-        publish(result)
+        clock.enter("build")
+        result.build = backend.build(cfg, result.export)
+        runner = backend.runner(cfg, result.build)
         try:
-            _validate_and_bench(cfg, runner, reference.path, result, enter, progress, publish)
-        finally:
-            runner.close()
-    except StageFailed as exc:
-        result.update(status="failed", failed_stage=exc.stage, error=exc.error)
-        progress(f"{exc.stage}: FAILED: {exc.error.splitlines()[0] if exc.error else ''}")
-    enter("done")
-    if result["status"] == "running":
-        result["status"] = "ok"
+            runner.open()
+        except Exception as exc:  # the runtime refusing what was built is its verdict
+            raise StageError("build", f"{backend.name}: {type(exc).__name__}: {exc}") from exc
+        publish(result)
+        with runner:  # closes it
+            clock.enter("validate")
+            samples, skipped = load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs))
+            validate_stage(cfg, runner, result, samples, skipped)
+            publish(result)
+            clock.enter("bench")
+            v = cfg.validate
+            result.bench = bench(runner, [s.image for s in samples], result.build.profile[1], cfg.bench.warmup,
+                                 cfg.bench.iters, v.conf, v.nms_iou, v.max_det)
+    except StageError as exc:
+        if exc.partial is not None:
+            setattr(result, exc.stage, exc.partial)
+        result.fail(exc.stage, exc.message)
+        log.error("%s: FAILED: %s", exc.stage, result.first_error_line())
+    except Exception as exc:  # a bug, not a verdict: keep the traceback
+        result.fail(clock.stage, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        log.exception("%s: unexpected error", clock.stage)
+    clock.enter("done")
+    if result.status == "running":
+        result.status = "ok"
     return result
 
 
-def _open_runner(cfg: RunConfig, backend: str, onnx_path: str, fp16_mode: str, result: dict, stage_started,
-                 progress):
-    """The model under test: an onnxruntime session, or a TensorRT engine (built or from the cache)."""
-    stage_started("build")
-    if backend != BackendName.tensorrt.value:
-        from runner.ort_runtime import OrtRunner
-
-        try:
-            return OrtRunner(onnx_path, cfg.backend.ort_provider)
-        except Exception as exc:  # onnxruntime refusing the graph is this variant's result
-            raise StageFailed("build", f"onnxruntime: {exc}") from None
-    from runner.build import BuildSpec, build_engine
-    from runner.trt_runtime import TrtRunner
-
-    built = build_engine(BuildSpec(
-        onnx_path=onnx_path, precision=cfg.precision.name.value, fp16_mode=fp16_mode,
-        min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
-        optimization_level=cfg.backend.builder_optimization_level, workspace_gib=cfg.backend.workspace_gib,
-        cache_dir=cfg.cache_dir, use_engine_cache=cfg.backend.engine_cache,
-        use_timing_cache=cfg.backend.timing_cache, tf32=cfg.backend.tf32), progress)
-    result["stages"]["build"] = built.to_dict()
-    if not built.ok:
-        raise StageFailed("build", built.error or "build failed without a message")
-    static = cfg.shape.mode == ShapeMode.static
-    return TrtRunner(built.engine_path, cuda_graph=cfg.bench.cuda_graph and static)
+def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
+    """The fp32 reference ONNX, and the ONNX under test (the fp16 one where the mechanism needs it)."""
+    weights = str(cfg.model.weights or DEFAULT_WEIGHTS)
+    spec = ExportSpec(weights=weights, tool=cfg.export.tool.value,
+                      dynamic=(cfg.export.shape or cfg.shape.mode) == ShapeMode.dynamic, half=False,
+                      imgsz=tuple(cfg.model.imgsz), opset=cfg.export.opset, simplify=cfg.export.simplify)
+    reference = export_onnx(spec, Path(cfg.cache_dir))
+    tested = reference
+    if mechanism in ("fp16_onnx", "strongly_typed"):
+        tested = export_onnx(replace(spec, half=True), Path(cfg.cache_dir))
+    return ExportResult(weights=weights, reference=reference, tested=tested)
 
 
-def _validate_and_bench(cfg: RunConfig, runner, reference_onnx: str, result: dict, stage_started, progress,
-                        publish) -> None:
-    from runner.ort_runtime import OrtRunner
-
-    stage_started("validate")
-    samples = load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs))
-    reference = OrtRunner(reference_onnx, "CPUExecutionProvider")
-    thresholds = cfg.validate.fp16 if cfg.precision.name == Precision.fp16 else cfg.validate.fp32
-    shapes = check_shapes(cfg.shape.mode.value, cfg.shape.min, cfg.shape.opt, cfg.shape.max, cfg.model.stride,
-                          cfg.validate.non_square)
-    v = cfg.validate
-    report = validate(runner, reference, samples, shapes, thresholds, v.conf, v.nms_iou, v.match_iou, v.max_det,
-                      progress)
-    report["reference_provider"] = reference.provider
-    result["stages"]["validate"] = report
-    if not report["passed"]:
-        result.update(status="failed", failed_stage="validate", error=_validation_error(report))
-    publish(result)
-
-    stage_started("bench")
-    from runner.bench import bench
+def validate_stage(cfg: RunConfig, runner, result: VariantResult, samples: list[Sample], skipped: list[str]) -> None:
+    """Against the onnxruntime reference at every shape of the built profile; fails the variant on a miss."""
+    build, export = result.build, result.export
+    is_reference = (build.tool == "onnxruntime" and build.artifact == export.reference.path
+                    and build.provider == REFERENCE_PROVIDER)
+    reference = None if is_reference else open_reference(export.reference.path)
     try:
-        result["stages"]["bench"] = bench(runner, [s.image for s in samples], list(cfg.shape.opt), cfg.bench.warmup,
-                                          cfg.bench.iters, v.conf, v.nms_iou, v.max_det, progress)
-    except Exception as exc:  # a backend error at run time is this stage's result
-        raise StageFailed("bench", f"{type(exc).__name__}: {exc}") from None
-
-
-def _validation_error(report: dict) -> str:
-    failed = {k: r for k, r in report["shapes"].items() if r["status"] == "failed"}
-    if not failed:
-        return report.get("error", "validation failed")
-    parts = []
-    for label, r in failed.items():
-        if "error" in r:
-            parts.append(f"{label} {r['shape']}: {r['error']}")
-        else:
-            parts.append(f"{label} {r['shape']}: rel-L2 {r['rel_l2']:.2e}, det F1 {r['detections']['f1']:.3f} "
-                         f"(limits {report['thresholds']['max_rel_l2']:.0e}, {report['thresholds']['min_det_f1']})")
-    return "; ".join(parts)
+        shapes = check_shapes(build.profile, cfg.model.stride, cfg.validate.non_square)
+        thresholds = getattr(cfg.validate, cfg.precision.name.value)
+        result.validate = validate(runner, reference, samples, shapes, thresholds, cfg.validate, REFERENCE_PROVIDER,
+                                   skipped)
+    finally:
+        if reference is not None:
+            reference.close()
+    if result.validate.status in ("failed", "unchecked"):
+        result.fail("validate", result.validate.reason)

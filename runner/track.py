@@ -1,10 +1,9 @@
 """Tracking stage: MLflow runs for a sweep (parent) and its variants (children).
 
-The other stages return plain dicts; only this module knows MLflow. Metric names are stable, because
-`runner table` and `runner check` read them back:
-  export.onnx_mb, export.export_s, build.build_s, build.engine_mb, val.passed, val.rel_l2, val.det_f1,
-  val.map50, val.map50_95, val.<shape>.<metric>, bench.<stage>.<stat> (ms), bench.infer_over_compute,
-  time.<stage>_s (wall time each stage took, cache lookups included).
+Only this module writes to MLflow. A variant's run carries the flattened config as params, provenance
+(`env.*`) and what was resolved at run time (`resolved.*`), `VariantResult.metrics()` as metrics, the
+cell and the outcome as tags (read back by `runner table|check`), and as artifacts the result JSON, the
+resolved config, the ONNX signatures, the build log and layers, and the traceback of an unexpected error.
 """
 from __future__ import annotations
 
@@ -16,45 +15,26 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-SWEEP_TAG = "runner.sweep_id"
+from runner.report.frame import SWEEP_TAG, cell_tags, outcome_tags
+from runner.results import VariantResult
+
 MAX_TAG = 5000
 
 
-def variant_metrics(result: dict) -> dict[str, float]:
-    """The numeric outcome of a variant, as MLflow metrics."""
-    stages, metrics = result.get("stages", {}), {}
-    tested = stages.get("export", {}).get("tested")
-    if tested:
-        metrics.update({"export.onnx_mb": tested["size_bytes"] / 1e6, "export.export_s": tested["export_s"]})
-    build = stages.get("build")
-    if build:
-        metrics.update({"build.build_s": build["build_s"], "build.engine_mb": build["engine_bytes"] / 1e6,
-                        "build.cache_hit": float(build["cache_hit"])})
-        if build.get("num_layers") is not None:
-            metrics["build.num_layers"] = build["num_layers"]
-    val = stages.get("validate")
-    if val:
-        metrics["val.passed"] = float(val["passed"])
-        for key in ("rel_l2", "max_abs", "cosine", "allclose_rate", "det_f1", "det_mean_iou", "map50", "map50_95"):
-            if key in val:
-                metrics[f"val.{key}"] = val[key]
-        for label, shape in val["shapes"].items():
-            if "tensors" in shape:
-                metrics[f"val.{label}.rel_l2"] = shape["rel_l2"]
-                metrics.update({f"val.{label}.det_{k}": shape["detections"][k] for k in ("precision", "recall", "f1")})
-                metrics.update({f"val.{label}.{k}": v for k, v in shape["accuracy"].items()})
-    metrics.update({f"time.{stage}_s": seconds for stage, seconds in result.get("timings", {}).items()})
-    bench = stages.get("bench")
-    if bench:
-        for stage in ("preprocess", "infer", "postprocess", "e2e", "compute"):
-            metrics.update({f"bench.{stage}.{k}": v for k, v in bench[stage].items() if k != "n"})
-        metrics["bench.infer_over_compute"] = bench["infer_over_compute"]
-        metrics["bench.cuda_graph"] = float(bench["settings"]["cuda_graph"])  # as run, not as asked
-    return {k: float(v) for k, v in metrics.items() if v is not None}
+def store_problem(exc: Exception) -> str:
+    """Why an MLflow store could not be used, in a few words."""
+    text = " ".join(str(exc).split())
+    if "Max retries exceeded" in text or "Connection refused" in text:
+        return "no server answers there (connection refused)"
+    return text[:200]
 
 
 def _metric(key: str, value: float):
     return mlflow.entities.Metric(key, value, int(time.time() * 1000), 0)
+
+
+def _profile_text(profile: list[list[int]]) -> str:
+    return " / ".join("x".join(map(str, s)) for s in profile)
 
 
 class Tracker:
@@ -79,40 +59,48 @@ class Tracker:
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def log_variant(self, sweep_id: str, result: dict, params: dict, config_yaml: str, started_ms: int) -> str:
-        """One child run, spanning the variant's own time: params, metrics, status tags and the
-        result/config/signature artifacts."""
+    def log_variant(self, sweep_id: str, result: VariantResult, params: dict, config_yaml: str,
+                    started_ms: int) -> str:
+        """One child run, spanning the variant's own time."""
         ended_ms = int(time.time() * 1000)
         tags = {"mlflow.parentRunId": sweep_id, SWEEP_TAG: sweep_id, "runner.kind": "variant",
-                "status": result["status"], "failed_stage": result.get("failed_stage") or "",
-                "error": (result.get("error") or "")[:MAX_TAG], "backend": result["backend"],
-                "onnx_label": result["onnx_label"], "build_label": result["build_label"]}
-        run = self.client.create_run(self.experiment_id, run_name=result["name"], tags=tags, start_time=started_ms)
+                "onnx_label": result.cell.onnx.label, "build_label": result.cell.build.label,
+                **cell_tags(result.cell), **outcome_tags(result)}
+        tags["error"] = tags["error"][:MAX_TAG]
+        run = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags, start_time=started_ms)
         run_id = run.info.run_id
-        env = {f"env.{k}": v for k, v in result.get("environment", {}).items()}
-        self._log_params(run_id, {**params, **env, "resolved.fp16_mode": result.get("fp16_mode", ""),
-                                  "resolved.backend": result["backend"]})
-        metrics = variant_metrics(result)
+        resolved = {"resolved.backend": result.backend}
+        if result.build:
+            resolved.update({"resolved.precision_mechanism": result.build.precision_mechanism,
+                             "resolved.profile": _profile_text(result.build.profile),
+                             "resolved.optimization_level": result.build.optimization_level,
+                             "resolved.tf32": result.build.tf32})
+        env = {f"env.{k}": v for k, v in result.environment.items()}
+        self._log_params(run_id, {**params, **env, **{k: v for k, v in resolved.items() if v is not None}})
+        metrics = result.metrics()
         if metrics:
             self.client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            (folder / "result.json").write_text(json.dumps(result, indent=1, default=str))
+            (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
             (folder / "config.yaml").write_text(config_yaml)
-            export = result.get("stages", {}).get("export", {})
-            if export:
-                (folder / "onnx_signature.json").write_text(json.dumps(
-                    {k: v["signature"] for k, v in export.items()}, indent=1))
+            if result.export:
+                signatures = {"reference": result.export.reference.signature, "tested": result.export.tested.signature}
+                if result.build and result.build.onnx_signature:
+                    signatures["built"] = result.build.onnx_signature
+                (folder / "onnx_signature.json").write_text(json.dumps(signatures, indent=1))
+            if result.error_detail:
+                (folder / "error.txt").write_text(result.error_detail)
             self.client.log_artifacts(run_id, str(folder))
-        build = result.get("stages", {}).get("build", {})
-        for key in ("log_path", "layers_path"):
-            if build.get(key) and Path(build[key]).is_file():
-                self.client.log_artifact(run_id, build[key], "build")
-        self.client.set_terminated(run_id, "FINISHED" if result["status"] != "failed" else "FAILED", ended_ms)
+        if result.build:
+            for path in (result.build.log_path, result.build.layers_path):
+                if path and Path(path).is_file():
+                    self.client.log_artifact(run_id, path, "build")
+        self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED", ended_ms)
         return run_id
 
-    def end_sweep(self, sweep_id: str, results: list[dict], files: list[Path] = ()) -> None:
-        counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "failed", "skipped")}
+    def end_sweep(self, sweep_id: str, results: list[VariantResult], files: list[Path] = ()) -> None:
+        counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}
         self.client.log_batch(sweep_id, metrics=[_metric(f"variants.{k}", v) for k, v in counts.items()])
         for path in files:
             self.client.log_artifact(sweep_id, str(path))

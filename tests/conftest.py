@@ -21,7 +21,7 @@ if str(TESTS) not in sys.path:
 
 DEFAULT_WEIGHTS = REPO / "runner" / "assets" / "shapes_yolov8n.pt"
 IMGSZ = (640, 640)
-OPSET = 17
+OPSETS = {"ultralytics": 17, "torch": 17, "dynamo": 18}  # as the export presets have them
 
 
 def cli_env() -> dict:
@@ -59,8 +59,8 @@ def export_model(export_cache):
 
     def _export(tool: str, dynamic: bool = False, half: bool = False):
         spec = ExportSpec(weights=str(DEFAULT_WEIGHTS), tool=tool, dynamic=dynamic, half=half, imgsz=IMGSZ,
-                          opset=OPSET, simplify=True)
-        return export_onnx(spec, export_cache, progress=lambda message: None)
+                          opset=OPSETS[tool], simplify=True)
+        return export_onnx(spec, export_cache)
 
     return _export
 

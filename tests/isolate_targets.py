@@ -5,21 +5,33 @@ by name and the child imports this module (tests/ is on sys.path, see conftest.p
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 
+from runner.results import BuildVariant, Cell, OnnxVariant, VariantResult
+
+CELL = Cell(OnnxVariant("ultralytics", "static", "fp32"), BuildVariant("tensorrt_api", "static", "fp32"))
+
+
+def result(status: str = "running", **fields) -> VariantResult:
+    return VariantResult(cell=CELL, backend="tensorrt", profile="default", status=status, **fields)
+
 
 def succeed(value, stage_started, publish):
     stage_started("export")
-    publish({"status": "running", "stages": {"export": {"value": value}}})
+    publish(result(timings={"export": float(value)}))
+    logging.getLogger("runner.export").info("export: %d done", value)
+    logging.getLogger("some.library").info("chatter that stays in the child")
+    logging.getLogger("some.library").warning("a library warning")
     stage_started("validate")
-    return {"status": "ok", "failed_stage": None, "error": None, "value": value * 2, "pid": os.getpid()}
+    return result("ok", timings={"export": float(value)}, environment={"pid": os.getpid()})
 
 
 def segfault_in_build(stage_started, publish):
     stage_started("export")
-    publish({"status": "running", "stages": {"export": {"onnx": "model.onnx"}}, "marker": "exported"})
+    publish(result(timings={"export": 1.5}, started_at="exported"))
     stage_started("build")
     os.kill(os.getpid(), signal.SIGSEGV)
     time.sleep(30)  # never reached: the signal ends the process
@@ -32,10 +44,10 @@ def abort_in_validate(stage_started, publish):
 
 def sleep_in_bench(seconds, stage_started, publish):
     stage_started("export")
-    publish({"status": "running", "stages": {"export": {"done": True}}, "marker": "before-bench"})
+    publish(result(started_at="before-bench"))
     stage_started("bench")
     time.sleep(seconds)
-    return {"status": "ok"}
+    return result("ok")
 
 
 def raise_in_export(stage_started, publish):
@@ -59,12 +71,13 @@ def trt_infer_then_segfault(engine_path, shape, stage_started, publish):
     """Hold an engine, buffers and a stream on the GPU, then die in the middle of the bench stage."""
     import numpy as np
 
-    from runner.trt_runtime import TrtRunner
+    from runner.backends.tensorrt.runtime import TrtRunner
 
     stage_started("validate")
     runner = TrtRunner(engine_path)
+    runner.open()
     runner.infer(np.zeros(shape, np.float32))
-    publish({"status": "running", "marker": "inferred"})
+    publish(result(started_at="inferred"))
     stage_started("bench")
     os.kill(os.getpid(), signal.SIGSEGV)
     time.sleep(30)
@@ -73,18 +86,19 @@ def trt_infer_then_segfault(engine_path, shape, stage_started, publish):
 def trt_infer(engine_path, shape, stage_started, publish):
     import numpy as np
 
-    from runner.trt_runtime import TrtRunner
+    from runner.backends.tensorrt.runtime import TrtRunner
 
     stage_started("validate")
     with TrtRunner(engine_path) as runner:
         out = runner.infer(np.ones(shape, np.float32))
-    return {"status": "ok", "failed_stage": None, "error": None, "sum": float(next(iter(out.values())).sum())}
+    return result("ok", timings={"sum": float(next(iter(out.values())).sum())})
 
 
 def trt_hang(engine_path, shape, stage_started, publish):
-    from runner.trt_runtime import TrtRunner
+    from runner.backends.tensorrt.runtime import TrtRunner
 
     stage_started("validate")
     runner = TrtRunner(engine_path)
+    runner.open()
     runner.set_shape(tuple(shape))
     time.sleep(600)

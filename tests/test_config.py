@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, mlflow_run_count, run_cli
+from conftest import DEFAULT_WEIGHTS, REPO, mlflow_run_count, run_cli
 from runner.config import ConfigError
 from runner.launcher import CONF_DIR, preflight
 
@@ -28,13 +28,20 @@ BAD_INPUTS = {
     "static-shape-not-stride": (["shape.opt=[1,3,650,640]"], "shape.opt", r"multiples of the stride 32"),
     "static-min-ne-max": (["shape.max=[1,3,1280,1280]"], "shape", r"min = opt = max.*shape=dynamic"),
     "unknown-precision": (["precision=fp8"], "precision", r"unknown option 'fp8'; allowed: fp16, fp32"),
-    "unknown-export": (["export=onnx2"], "export", r"unknown option 'onnx2'; allowed: torch, ultralytics"),
+    "unknown-export": (["export=onnx2"], "export", r"unknown option 'onnx2'; allowed: dynamo, torch, ultralytics"),
     "missing-weights": (["model.weights=/nonexistent.pt"], "model.weights",
                         r"file not found: /nonexistent\.pt \(a \.pt file, or null"),
     "missing-images": (["data.images=/nonexistent"], "data.images", r"not a readable folder: /nonexistent"),
     "zero-iters": (["bench.iters=0"], "bench.iters", r"must be a positive integer, got 0"),
     "non-integer-iters": (["bench.iters=abc"], "bench.iters", r"could not be converted to Integer"),
     "unknown-key": (["nosuchkey=1"], "nosuchkey", r"not in 'RunConfig'"),
+    "added-key": (["+foo=1"], "foo", r"not a key of the config; allowed: backend, bench, build, cache_dir"),
+    "added-key-typo": (["+bench.iter=5"], "bench.iter", r"not a key of 'bench'; did you mean bench\.iters\? "
+                                                        r"allowed: cuda_graph, iters, warmup"),
+    "negative-atol": (["validate.fp32.atol=-1"], "validate.fp32.atol", r"must be >= 0, got -1\.0"),
+    "f1-above-one": (["validate.fp16.min_det_f1=1.5"], "validate.fp16.min_det_f1", r"must be in \[0, 1\], got 1\.5"),
+    "zero-conf": (["validate.conf=0"], "validate.conf", r"must be in \(0, 1\], got 0\.0"),
+    "unknown-build": (["build=trtexec"], "build", r"unknown option 'trtexec'; allowed: tensorrt_api, ultralytics"),
     "bad-value-mid-sweep": (["-m", "precision=fp32,fp8"], "precision", r"unknown option 'fp8'; allowed: fp16, fp32"),
     "bad-value-mid-sweep-3x2": (["-m", "export=ultralytics,torch", "precision=fp32,fp8,fp16"], "precision",
                                 r"unknown option 'fp8'; allowed: fp16, fp32"),
@@ -61,6 +68,115 @@ def test_bad_input_exits_2_with_one_line(tmp_path, overrides, key, allowed):
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "export:" not in proc.stdout and "HYDRA" not in proc.stdout, proc.stdout
     assert_nothing_started(outputs)
+
+
+def assert_one_line_exit_2(proc, outputs: Path, expected: str) -> None:
+    assert proc.returncode == USAGE_EXIT, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [expected]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert_nothing_started(outputs)
+
+
+CHECKPOINT = "expected an ultralytics detection checkpoint (.pt from training or export), or null for the default"
+
+
+def test_empty_weights_file_is_named_before_any_work(tmp_path):
+    empty = tmp_path / "best.pt"
+    empty.touch()
+    proc = run_cli([f"model.weights={empty}"], tmp_path / "outputs", timeout=120)
+    assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {empty} is empty; {CHECKPOINT}")
+
+
+def test_weights_that_are_not_a_checkpoint_are_named(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    proc = run_cli([f"model.weights={text}"], tmp_path / "outputs", timeout=120)
+    assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {text} is not a PyTorch "
+                                                       f"checkpoint (not a zip archive); {CHECKPOINT}")
+
+
+def test_a_bare_state_dict_is_not_an_ultralytics_model(tmp_path):
+    import torch
+
+    state = tmp_path / "state.pt"
+    torch.save({"conv.weight": torch.zeros(2, 3)}, state)
+    proc = run_cli([f"model.weights={state}"], tmp_path / "outputs", timeout=120)
+    assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {state} holds no ultralytics "
+                                                       f"model (a bare state_dict?); {CHECKPOINT}")
+
+
+def test_a_segmentation_checkpoint_is_not_a_detector(tmp_path):
+    import torch
+    from ultralytics.nn.tasks import SegmentationModel
+
+    seg = tmp_path / "seg.pt"
+    torch.save({"model": SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False)}, seg)
+    proc = run_cli([f"model.weights={seg}"], tmp_path / "outputs", timeout=120)
+    assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {seg} holds a "
+                                                       f"SegmentationModel, not a detection model; {CHECKPOINT}")
+
+
+def test_a_renamed_checkpoint_is_accepted_as_given(tmp_path):
+    renamed = tmp_path / "weights.checkpoint"
+    renamed.write_bytes(DEFAULT_WEIGHTS.read_bytes())
+    cfg, = preflight([f"model.weights={renamed}"])
+    assert cfg.model.weights == str(renamed)
+
+
+def test_empty_image_folder_is_named(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no pictures here")
+    proc = run_cli([f"data.images={folder}"], tmp_path / "outputs", timeout=120)
+    assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: data.images: no images (.bmp, .jpeg, .jpg, "
+                                                       f".png, .webp) in {folder}")
+
+
+def small_dataset(root: Path, images: int = 3) -> Path:
+    """A YOLO layout root/images/val + root/labels/val with grey images and one good label each."""
+    import cv2
+    import numpy as np
+
+    folder, labels = root / "images" / "val", root / "labels" / "val"
+    folder.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for i in range(images):
+        cv2.imwrite(str(folder / f"im{i}.jpg"), np.full((96, 128, 3), 60 + 40 * i, np.uint8))
+        (labels / f"im{i}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    return folder
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("1 0.5 abc 0.1 0.2", "not numbers"),
+    ("0 0.5 0.5 0.2", "4 numbers"),
+    ("0 0.1 0.1 0.2 0.1 0.3 0.3 0.1 0.2", "9 numbers (a segmentation polygon?)"),
+    ("-1 0.5 0.5 0.2 0.2", "class -1 is not a non-negative integer"),
+    ("0 50 60 20 20", "coordinates outside [0, 1] (labels must be normalised)"),
+])
+def test_malformed_label_line_is_named_with_file_and_line(tmp_path, line, problem):
+    folder = small_dataset(tmp_path / "ds")
+    label = tmp_path / "ds" / "labels" / "val" / "im1.txt"
+    label.write_text(f"0 0.5 0.5 0.2 0.2\n\n{line}\n")
+    proc = run_cli([f"data.images={folder}"], tmp_path / "outputs", timeout=120)
+    assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: data.labels: {label} line 3: expected "
+                                                       f"'class cx cy w h', got '{line}': {problem}")
+
+
+def test_a_corrupt_image_is_skipped_said_and_counted(tmp_path):
+    folder = small_dataset(tmp_path / "ds")
+    (folder / "im0.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a JPEG")
+    outputs = tmp_path / "outputs"
+    proc = run_cli(["backend=onnxruntime", f"data.images={folder}", "data.limit=2", "bench=quick", "bench.iters=3",
+                    "bench.warmup=1"], outputs, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data: skipped 1 unreadable image(s): im0.jpg" in proc.stdout
+    assert "on 2 images" in proc.stdout  # the limit is met with the next readable images
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{outputs}/mlflow.db")
+    child, = [r for r in client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+              if r.data.tags["runner.kind"] == "variant"]
+    assert child.data.metrics["data.skipped_images"] == 1 and child.data.metrics["data.images"] == 2
 
 
 def test_images_path_that_is_a_file_is_rejected(tmp_path):
@@ -130,10 +246,11 @@ def _has_interpolation(value) -> bool:
 
 
 def test_every_group_is_covered():
-    assert CONF_DIR == REPO / "conf"
+    assert CONF_DIR == REPO / "runner" / "conf"  # inside the package, so a wheel carries it
+    assert (REPO / "conf").resolve() == CONF_DIR  # and at the top of the checkout, where people look
     groups = {g for g, _ in GROUP_OPTIONS}
-    assert groups >= {"backend", "bench", "data", "export", "model", "precision", "profile", "shape", "tracking",
-                      "validate"}
+    assert groups == {"backend", "bench", "build", "data", "export", "model", "precision", "profile", "shape",
+                      "tracking", "validate"}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -148,3 +265,13 @@ def test_every_group_option_composes(group, option):
         if _has_interpolation(value):
             continue
         assert node[key] == value, f"{group}={option}: {key} composed as {node[key]!r}, the yaml says {value!r}"
+
+
+def test_help_lists_the_subcommands_and_every_config_group(tmp_path):
+    proc = run_cli(["--help"], tmp_path / "outputs", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("runner table", "runner baseline", "runner check", "runner -m"):
+        assert command in proc.stdout
+    for group, option in GROUP_OPTIONS:
+        line = next(line for line in proc.stdout.splitlines() if line.startswith(f"{group}: "))
+        assert option in line.split(": ", 1)[1].split(", "), (group, option, line)

@@ -1,4 +1,5 @@
-"""Export stage: both tools x static/dynamic x fp32/fp16, for real (ultralytics and torch.onnx.export)."""
+"""Export stage: the three tools x static/dynamic x fp32/fp16, for real (ultralytics, and torch.onnx.export with
+the TorchScript and the dynamo exporter)."""
 from __future__ import annotations
 
 import json
@@ -11,24 +12,21 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import DEFAULT_WEIGHTS, IMGSZ, OPSET
-from runner.export import ExportError, ExportSpec, export_onnx
+from conftest import DEFAULT_WEIGHTS, IMGSZ, OPSETS
+from runner.export import ExportSpec, export_onnx
 from runner.metrics import tensor_metrics
 from runner.processing import preprocess
+from runner.results import StageError
 
-TOOLS = ("ultralytics", "torch")
+TOOLS = ("ultralytics", "torch", "dynamo")
 VARIANTS = [(tool, dynamic, half) for tool in TOOLS for dynamic in (False, True) for half in (False, True)]
 IDS = [f"{t}-{'dy' if d else 'st'}-{'fp16' if h else 'fp32'}" for t, d, h in VARIANTS]
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
-def spec(tool: str, dynamic: bool = False, half: bool = False, opset: int = OPSET, weights=DEFAULT_WEIGHTS):
-    return ExportSpec(weights=str(weights), tool=tool, dynamic=dynamic, half=half, imgsz=IMGSZ, opset=opset,
-                      simplify=True)
-
-
-def quiet(message: str) -> None:
-    pass
+def spec(tool: str, dynamic: bool = False, half: bool = False, opset: int | None = None, weights=DEFAULT_WEIGHTS):
+    return ExportSpec(weights=str(weights), tool=tool, dynamic=dynamic, half=half, imgsz=IMGSZ,
+                      opset=opset or OPSETS[tool], simplify=True)
 
 
 def run(path: str, blob: np.ndarray) -> np.ndarray:
@@ -57,7 +55,7 @@ def test_export_records_signature_and_precision(export_model, tool, dynamic, hal
         assert artifact.checker == "ok"
 
     sig = artifact.signature
-    assert sig["opset"] == OPSET
+    assert sig["opset"] == OPSETS[tool]
     assert [i["name"] for i in sig["inputs"]] == ["images"]
     assert [o["name"] for o in sig["outputs"]] == ["output0"]
     (inp,), (out,) = sig["inputs"], sig["outputs"]
@@ -92,9 +90,10 @@ def test_fp16_export_is_smaller_and_close_to_fp32(export_model, blob, tool):
     assert m["cosine"] > 0.9999
 
 
+@pytest.mark.parametrize("tool", ["torch", "dynamo"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_both_tools_export_the_same_model(export_model, blob, dynamic):
-    a, b = export_model("ultralytics", dynamic, False), export_model("torch", dynamic, False)
+def test_every_tool_exports_the_same_model(export_model, blob, dynamic, tool):
+    a, b = export_model("ultralytics", dynamic, False), export_model(tool, dynamic, False)
     ya, yb = run(a.path, blob), run(b.path, blob)
     assert ya.shape == yb.shape == (1, 7, 8400)
     m = tensor_metrics(yb, ya, atol=1e-3, rtol=1e-3)
@@ -106,8 +105,8 @@ def test_dynamic_exports_run_at_other_shapes(export_model, held_out_images):
     image = cv2.imread(str(sorted(held_out_images.iterdir())[1]))
     blob2, _ = preprocess([image, image], (480, 640))
     outs = [run(export_model(tool, True, False).path, blob2) for tool in TOOLS]
-    assert outs[0].shape == outs[1].shape == (2, 7, 60 * 80 + 30 * 40 + 15 * 20)
-    assert tensor_metrics(outs[1], outs[0], 1e-3, 1e-3)["rel_l2"] < 1e-5
+    assert all(out.shape == (2, 7, 60 * 80 + 30 * 40 + 15 * 20) for out in outs)
+    assert all(tensor_metrics(out, outs[0], 1e-3, 1e-3)["rel_l2"] < 1e-5 for out in outs[1:])
 
 
 def test_static_export_rejects_other_shapes(export_model, held_out_images):
@@ -117,22 +116,22 @@ def test_static_export_rejects_other_shapes(export_model, held_out_images):
         run(export_model("ultralytics", False, False).path, blob2)
 
 
-def test_second_export_is_cached(tmp_path):
+def test_second_export_is_cached(tmp_path, caplog):
     cache = tmp_path / "cache"
-    messages: list[str] = []
-    first = export_onnx(spec("torch"), cache, progress=messages.append)
+    caplog.set_level("INFO", logger="runner.export")
+    first = export_onnx(spec("torch"), cache)
     assert first.cached is False
-    assert any("export: done" in m for m in messages)
+    assert any("export: done" in m for m in caplog.messages)
     mtime = Path(first.path).stat().st_mtime_ns
-    messages.clear()
-    second = export_onnx(spec("torch"), cache, progress=messages.append)
+    caplog.clear()
+    second = export_onnx(spec("torch"), cache)
     assert second.cached is True
-    assert messages and all("cached" in m for m in messages)
+    assert caplog.messages and all("cached" in m for m in caplog.messages)
     assert second.path == first.path and Path(second.path).stat().st_mtime_ns == mtime  # not rewritten
     assert second.signature == first.signature and second.size_bytes == first.size_bytes
     assert json.loads((Path(first.path).parent / "artifact.json").read_text())["cached"] is False
     # a different export setting is a different cache entry
-    other = export_onnx(spec("torch", dynamic=True), cache, progress=quiet)
+    other = export_onnx(spec("torch", dynamic=True), cache)
     assert other.cached is False and Path(other.path).parent != Path(first.path).parent
     assert len(list((cache / "onnx").iterdir())) == 2
 
@@ -149,24 +148,26 @@ def test_cache_key_follows_weight_bytes_and_settings(tmp_path):
     assert len(keys) == 5
 
 
-def test_ultralytics_failure_is_export_error_with_its_message(tmp_path):
+def test_ultralytics_failure_is_a_stage_error_with_its_message(tmp_path):
     cache = tmp_path / "cache"
-    with pytest.raises(ExportError) as info:
-        export_onnx(spec("ultralytics", opset=1), cache, progress=quiet)
-    message = str(info.value)
-    assert message.startswith("AssertionError: ")
+    with pytest.raises(StageError) as info:
+        export_onnx(spec("ultralytics", opset=1), cache)
+    message = info.value.message
+    assert info.value.stage == "export"
+    assert message.startswith("ultralytics: AssertionError: ")
     assert "opset>=9" in message and "opset=1" in message
     assert list((cache / "onnx").iterdir()) == []  # nothing half-written left to be taken for a cache hit
 
 
-def test_torch_failure_is_export_error_with_its_message(tmp_path):
+def test_torch_failure_is_a_stage_error_with_its_message(tmp_path):
     cache = tmp_path / "cache"
-    with pytest.raises(ExportError) as info:
-        export_onnx(spec("torch", opset=1), cache, progress=quiet)
-    assert "Unsupported: ONNX export of operator" in str(info.value)
+    with pytest.raises(StageError) as info:
+        export_onnx(spec("torch", opset=1), cache)
+    assert info.value.stage == "export"
+    assert "Unsupported: ONNX export of operator" in info.value.message
     assert list((cache / "onnx").iterdir()) == []
 
 
 def test_missing_weights_is_an_error_before_any_export(tmp_path):
     with pytest.raises(FileNotFoundError):
-        export_onnx(spec("torch", weights=tmp_path / "missing.pt"), tmp_path / "cache", progress=quiet)
+        export_onnx(spec("torch", weights=tmp_path / "missing.pt"), tmp_path / "cache")

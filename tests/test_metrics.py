@@ -184,7 +184,7 @@ def test_correct_at_thresholds_matches_pinned_ultralytics_on_real_detections(exp
     np.testing.assert_allclose(validator.iouv.numpy(), IOU_THRESHOLDS, rtol=1e-6)
     onnx = export_model("ultralytics", dynamic=False)
     session = ort.InferenceSession(onnx.path, providers=["CPUExecutionProvider"])
-    samples = load_samples(str(held_out_images), None, 16, tmp_path)
+    samples, _ = load_samples(str(held_out_images), None, 16, tmp_path)
     assert all(s.gt_cls is not None for s in samples)
     compared = 0
     for s in samples:

@@ -1,7 +1,8 @@
-"""The user's command, end to end on the CPU: 8 variants, one MLflow parent run with 8 children.
+"""The user's command, end to end on the CPU: 12 variants, one MLflow parent run with 12 children.
 
 Here there is no TensorRT and no GPU, so `backend=auto` runs each variant's ONNX on onnxruntime and
-says so once; `backend=tensorrt` asked for explicitly is `skipped` with the reason, and no numbers.
+says so once. An fp32 variant then runs the reference ONNX on the reference runtime: its validation is
+`reference`, not a pass. `backend=tensorrt` asked for explicitly is `skipped` with the reason, and no numbers.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import ultralytics
 from mlflow.tracking import MlflowClient
 
 from conftest import run_cli
+from runner.results import VariantResult
 
-SWEEP = ["-m", "export=ultralytics,torch", "precision=fp32,fp16", "shape=static,dynamic", "bench=quick",
+SWEEP = ["-m", "export=ultralytics,torch,dynamo", "precision=fp32,fp16", "shape=static,dynamic", "bench=quick",
          "data.limit=4"]
-ONNX_LABELS = {f"{t} {s} {p}" for t in ("ul", "tc") for s in ("st", "dy") for p in ("fp32", "fp16")}
-METRICS = ("val.rel_l2", "val.det_f1", "val.map50_95", "bench.infer.p50", "bench.e2e.p90", "export.onnx_mb")
+ONNX_LABELS = {f"{t} {s} {p}" for t in ("ul", "tc", "dynamo") for s in ("st", "dy") for p in ("fp32", "fp16")}
+METRICS = ("val.map50_95", "bench.infer.p50", "bench.e2e.p90", "export.onnx_mb")
+COMPARED = ("val.rel_l2", "val.det_f1", "val.passed")  # only where the model under test is not the reference
 
 
 def runs_of(uri: str, experiment: str = "runner"):
@@ -49,15 +52,16 @@ def split(runs):
     return parents, children
 
 
-def test_one_parent_and_eight_nested_children(sweep):
+def test_one_parent_and_twelve_nested_children(sweep):
     parents, children = split(sweep["runs"])
-    assert len(parents) == 1 and len(children) == 8 and len(sweep["runs"]) == 9
+    assert len(parents) == 1 and len(children) == 12 and len(sweep["runs"]) == 13
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert {c.data.tags["onnx_label"] for c in children} == ONNX_LABELS
-    assert len({(c.data.tags["onnx_label"], c.data.tags["build_label"]) for c in children}) == 8
+    assert len({(c.data.tags["onnx_label"], c.data.tags["build_label"]) for c in children}) == 12
+    assert {c.data.tags["cell.onnx.tool"] for c in children} == {"ultralytics", "torch", "dynamo"}
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["variants.ok"] == 8
+    assert parent.data.metrics["variants.ok"] == 12
     assert parent.data.metrics["variants.failed"] == 0 and parent.data.metrics["variants.skipped"] == 0
     assert {a.path for a in sweep["client"].list_artifacts(parent.info.run_id)} >= {"summary.csv", "results.json"}
 
@@ -84,20 +88,24 @@ def test_every_child_has_tags_params_metrics_artifacts(sweep):
         assert artifacts >= {"result.json", "config.yaml", "onnx_signature.json"}, (name, artifacts)
 
 
-def test_precision_results(sweep):
+def test_reference_cells_say_so_and_fp16_cells_are_compared(sweep):
     _, children = split(sweep["runs"])
     for child in children:
-        m, tags = child.data.metrics, child.data.tags
-        if tags["onnx_label"].endswith("fp32"):
-            assert m["val.rel_l2"] <= 1e-5, (child.info.run_name, m["val.rel_l2"])
-            assert m["val.det_f1"] >= 0.99
+        m, tags, name = child.data.metrics, child.data.tags, child.info.run_name
+        dynamic = tags["cell.build.shape"] == "dynamic"
+        shapes = {k.split(".")[1] for k in m if k.startswith("val.") and k.endswith(".map50_95") and k != "val.map50_95"}
+        assert shapes == ({"min", "opt", "non_square"} if dynamic else {"static"}), (name, shapes)
+        if tags["cell.onnx.precision"] == "fp32":
+            # onnxruntime on the CPU running the reference ONNX: nothing to compare, so no verdict
+            assert tags["validation"] == "reference", name
+            assert not any(k in m for k in COMPARED), (name, sorted(m))
+            assert child.data.params["resolved.precision_mechanism"] == "none"
         else:
-            assert m["val.rel_l2"] > 0, child.info.run_name  # the fp16 ONNX really differs from the reference
+            assert tags["validation"] == "passed", name
+            assert m["val.passed"] == 1.0
+            assert m["val.rel_l2"] > 0, name  # the fp16 ONNX really differs from the reference
             assert 0.9 <= m["val.det_f1"] <= 1.0
-            assert child.data.params["resolved.fp16_mode"] == "fp16_onnx"
-        dynamic = " dy " in f" {tags['build_label']} "
-        shapes = {k.split(".")[1] for k in m if k.startswith("val.") and k.endswith(".rel_l2") and k != "val.rel_l2"}
-        assert shapes == ({"min", "opt", "non_square"} if dynamic else {"static"}), (child.info.run_name, shapes)
+            assert child.data.params["resolved.precision_mechanism"] == "fp16_onnx"
 
 
 def test_backend_is_onnxruntime_and_said_once(sweep):
@@ -106,12 +114,12 @@ def test_backend_is_onnxruntime_and_said_once(sweep):
         assert child.data.tags["backend"] == "onnxruntime"
         assert child.data.params["resolved.backend"] == "onnxruntime"
         assert child.data.tags["build_label"].startswith("ort ")
-        result = json.loads(Path(sweep["client"].download_artifacts(child.info.run_id, "result.json",
-                                                                    str(sweep["outputs"] / "dl" / child.info.run_id)))
-                            .read_text())
-        assert result["backend"] == "onnxruntime" and result["status"] == "ok"
-        assert result["environment"]["tensorrt"].startswith("absent:")
-        assert result["stages"]["bench"]["settings"]["provider"] == "CPUExecutionProvider"
+        result = VariantResult.from_dict(json.loads(Path(sweep["client"].download_artifacts(
+            child.info.run_id, "result.json", str(sweep["outputs"] / "dl" / child.info.run_id))).read_text()))
+        assert result.backend == "onnxruntime" and result.status == "ok"
+        assert result.environment["tensorrt"].startswith("absent:")
+        assert result.bench.settings["provider"] == "CPUExecutionProvider"
+        assert result.cell.key == f"{child.data.tags['onnx_label']} | {child.data.tags['build_label']}"
     out = sweep["proc"].stdout
     assert out.count("TensorRT unavailable") == 1, out[:2000]
     assert "runner: backend=auto -> onnxruntime" in out
@@ -119,18 +127,20 @@ def test_backend_is_onnxruntime_and_said_once(sweep):
 
 def test_stdout_ends_with_summary_table(sweep):
     lines = sweep["proc"].stdout.rstrip().splitlines()
-    assert re.fullmatch(r"runner: 8/8 variants ok; sweep run [0-9a-f]{32}; summary in .+", lines[-1]), lines[-1]
+    assert re.fullmatch(r"runner: 12/12 variants ok; sweep run [0-9a-f]{32}; summary in .+", lines[-1]), lines[-1]
     header = max(i for i, line in enumerate(lines) if line.split()[:3] == ["onnx", "build", "status"])
     rows = [line for line in lines[header + 1:-1] if line.strip()]
-    assert len(rows) == 8, "\n".join(lines[header:])
+    assert len(rows) == 12, "\n".join(lines[header:])
     assert all(" ok " in f" {row} " for row in rows)
-    for col in ("rel_l2", "det_f1", "map50_95", "infer_p50_ms", "e2e_p50_ms"):
+    for col in ("validation", "rel_l2", "det_f1", "map50_95", "infer_p50_ms", "e2e_p50_ms"):
         assert col in lines[header]
     summary_dir = Path(lines[-1].split("summary in ", 1)[1])
     assert summary_dir.is_relative_to(sweep["outputs"])  # nothing outside outputs=
     table = pd.read_csv(summary_dir / "summary.csv")
-    assert len(table) == 8 and set(table["status"]) == {"ok"}
+    assert len(table) == 12 and set(table["status"]) == {"ok"}
     assert set(table["onnx"]) == ONNX_LABELS
+    assert dict(table.groupby("validation").size()) == {"passed": 6, "reference": 6}
+    assert (summary_dir / "0" / "runner.log").read_text().count("] validate: ") >= 2  # Hydra's per-job log
 
 
 def test_artifacts_are_stored_under_outputs(sweep):
@@ -163,6 +173,7 @@ def test_explicit_tensorrt_is_skipped_with_the_reason(tmp_path):
     assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert child.data.metrics == {}, "a skipped variant must not report numbers"
     assert parents[0].data.metrics["variants.skipped"] == 1
-    result = json.loads(Path(client.download_artifacts(child.info.run_id, "result.json", str(tmp_path))).read_text())
-    assert result["status"] == "skipped" and result["stages"] == {}
-    assert "tensorrt is not installed" in result["error"]
+    result = VariantResult.from_dict(json.loads(Path(client.download_artifacts(child.info.run_id, "result.json",
+                                                                                str(tmp_path))).read_text()))
+    assert result.status == "skipped" and result.export is None and result.build is None
+    assert "tensorrt is not installed" in result.error

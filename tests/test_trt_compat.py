@@ -7,9 +7,11 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from runner import trt_compat
-from runner.build import BuildSpec, build_engine, cache_key, timing_cache_path
-from runner.trt_runtime import load_plan
+from runner import backends
+from runner.backends.tensorrt import compat as trt_compat
+from runner.backends.tensorrt.build import BuildSpec, build_engine, cache_key, heartbeat, timing_cache_path
+from runner.backends.tensorrt.engine_export import observed_builder
+from runner.backends.tensorrt.runtime import load_plan
 
 # Stand-ins for the parts of the tensorrt module the gates look at.
 TRT86 = NS(
@@ -159,16 +161,14 @@ def test_timing_cache_path_slug(tmp_path):
 
 def test_build_spec_validation(tmp_path):
     with pytest.raises(ValueError, match="precision"):
-        build_engine(_spec(tmp_path, precision="int8"), progress=lambda m: None)
+        build_engine(_spec(tmp_path, precision="int8"))
     with pytest.raises(ValueError, match="fp16_mode"):
-        build_engine(_spec(tmp_path, fp16_mode="auto"), progress=lambda m: None)
+        build_engine(_spec(tmp_path, fp16_mode="auto"))
 
 
 @pytest.mark.skipif(trt_compat.trt_available()[0], reason="tensorrt is installed here")
-def test_build_without_tensorrt_returns_reason(tmp_path):
-    res = build_engine(_spec(tmp_path), progress=lambda m: None)
-    assert not res.ok and "tensorrt" in res.error
-    assert res.to_dict()["fp16_mechanism"] == "builder_flag"
+def test_tensorrt_backend_says_why_it_cannot_run():
+    assert backends.get("tensorrt").unavailable() == "tensorrt is not installed (pip install 'runner[gpu]')"
 
 
 @pytest.mark.skipif(trt_compat.trt_available()[0], reason="tensorrt is installed here")
@@ -176,15 +176,53 @@ def test_trt_available_reason_without_tensorrt():
     assert trt_compat.trt_available() == (False, "tensorrt is not installed (pip install 'runner[gpu]')")
 
 
-def test_heartbeat_reports_a_long_step_and_stops():
+def test_heartbeat_reports_a_long_step_and_stops(caplog):
     import time
 
-    from runner.build import heartbeat
-
-    said = []
-    with heartbeat(said.append, every_s=0.05):
+    caplog.set_level("INFO", logger="runner.backends.tensorrt.build")
+    with heartbeat("still building", every_s=0.05):
         time.sleep(0.3)
-    count = len(said)
+    count = len(caplog.messages)
     time.sleep(0.15)
-    assert count >= 2 and all(m.startswith("build: still building") for m in said)
-    assert len(said) == count  # silent once the step is over
+    assert count >= 2 and all(m.startswith("build: still building") for m in caplog.messages)
+    assert len(caplog.messages) == count  # silent once the step is over
+
+
+class StandInBuilder:
+    """The parts of tensorrt.Builder that ultralytics' onnx2engine uses, recording what it was given."""
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def create_builder_config(self):
+        flags = set()
+        return NS(builder_optimization_level=3, flags=flags, set_flag=flags.add, get_flag=flags.__contains__)
+
+    def build_serialized_network(self, network, config):
+        return b"plan"
+
+
+def test_observed_builder_sets_the_level_uses_our_logger_and_records_the_build():
+    trt = NS(Builder=StandInBuilder, BuilderFlag=NS(FP16="FP16", TF32="TF32"))
+    ours = object()
+    with observed_builder(trt, ours, level=0) as seen:
+        builder = trt.Builder("ultralytics' logger")  # what ultralytics does, with the module it imported
+        config = builder.create_builder_config()
+        config.set_flag(trt.BuilderFlag.FP16)
+        assert builder.build_serialized_network("network", config) == b"plan"
+    assert builder.logger is ours and config.builder_optimization_level == 0
+    assert seen == [{"optimization_level": 0, "fp16": True, "tf32": False}]
+    assert trt.Builder is StandInBuilder  # restored
+
+
+def test_observed_builder_keeps_the_default_level_and_restores_on_error():
+    trt = NS(Builder=StandInBuilder, BuilderFlag=NS(TF32="TF32"))  # 11.x: no BuilderFlag.FP16
+    with pytest.raises(RuntimeError, match="export failed"):
+        with observed_builder(trt, object(), level=None) as seen:
+            builder = trt.Builder(None)
+            config = builder.create_builder_config()
+            config.set_flag("TF32")
+            builder.build_serialized_network("network", config)
+            raise RuntimeError("export failed")
+    assert seen == [{"optimization_level": 3, "fp16": False, "tf32": True}]
+    assert trt.Builder is StandInBuilder

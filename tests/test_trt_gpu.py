@@ -4,6 +4,7 @@ The model is a tiny Conv-Relu-Conv net made with onnx.helper (nothing downloaded
 import json
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,10 +12,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import isolate_targets  # tests/ is on sys.path (conftest.py): spawned children import it by name
-from runner import trt_compat
-from runner.build import BuildSpec, build_engine
+from runner.backends.tensorrt import compat as trt_compat
+from runner.backends.tensorrt.build import BuildSpec, build_engine
+from runner.backends.tensorrt.runtime import ShapeError, TrtRunner
 from runner.isolate import run_isolated
-from runner.trt_runtime import ShapeError, TrtRunner
+from runner.results import StageError
 
 pytestmark = pytest.mark.gpu
 for _ok, _why in (trt_compat.trt_available(), trt_compat.cuda_gpu_available()):
@@ -69,9 +71,15 @@ def spec(onnx_path, cache_dir, lo, opt=None, hi=None, precision="fp32", fp16_mod
 
 
 def build_ok(s):
-    res = build_engine(s, progress=lambda m: None)
-    assert res.ok, res.error
+    res = build_engine(s)
+    assert res.artifact and Path(res.artifact).is_file()
     return res
+
+
+def opened(artifact, **kw) -> TrtRunner:
+    runner = TrtRunner(artifact, **kw)
+    runner.open()
+    return runner
 
 
 def rand(shape):
@@ -94,15 +102,16 @@ def static_engine(models, tmp_path_factory):
 
 
 def test_static_fp32_matches_onnxruntime(models, static_engine):
-    assert static_engine.fp16_mechanism == "none" and static_engine.optimization_level == 0
-    assert static_engine.engine_bytes > 0 and static_engine.trt_version and static_engine.gpu_name
+    assert static_engine.precision_mechanism == "none" and static_engine.optimization_level == 0
+    assert static_engine.size_bytes > 0 and static_engine.trt_version and static_engine.gpu
+    assert static_engine.profile == [STATIC] * 3 and static_engine.tf32 is False
     log = open(static_engine.log_path).read()
     assert "[INFO]" in log or "[WARNING]" in log
     if static_engine.layers_path:
         layers = json.load(open(static_engine.layers_path))
         assert len(layers["Layers"]) == static_engine.num_layers > 0
     x = rand(STATIC)
-    with TrtRunner(static_engine.engine_path) as runner:
+    with TrtRunner(static_engine.artifact) as runner:
         assert runner.input_name == "images" and runner.input_dtype == np.float32
         assert runner.profile == (tuple(STATIC),) * 3
         out = runner.infer(x)["output0"]
@@ -111,7 +120,8 @@ def test_static_fp32_matches_onnxruntime(models, static_engine):
 
 def test_dynamic_profile_shapes(models, tmp_path):
     res = build_ok(spec(models["dynamic"], tmp_path, DYN_MIN, DYN_OPT, DYN_MAX))
-    with TrtRunner(res.engine_path) as runner:
+    assert res.profile == [DYN_MIN, DYN_OPT, DYN_MAX]  # read back from the engine
+    with TrtRunner(res.artifact) as runner:
         assert runner.profile == (tuple(DYN_MIN), tuple(DYN_OPT), tuple(DYN_MAX))
         for shape in (DYN_MIN, DYN_OPT, DYN_MAX, [3, 3, 48, 80]):
             x = rand(shape)
@@ -126,9 +136,9 @@ def test_fp16_builder_flag(models, tmp_path):
     if not trt_compat.has_builder_fp16_flag(trt):
         pytest.skip(f"TensorRT {trt.__version__} has no BuilderFlag.FP16")
     res = build_ok(spec(models["static"], tmp_path, STATIC, precision="fp16", fp16_mode="builder_flag"))
-    assert res.fp16_mechanism == "builder_flag"
+    assert res.precision_mechanism == "builder_flag"
     x = rand(STATIC)
-    with TrtRunner(res.engine_path) as runner:
+    with TrtRunner(res.artifact) as runner:
         assert runner.input_dtype == np.float32  # the flag keeps the ONNX's fp32 I/O
         out = runner.infer(x)["output0"]
     np.testing.assert_allclose(out, ort_run(models["static"], x), atol=5e-2)
@@ -139,29 +149,32 @@ def test_fp16_strongly_typed(models, tmp_path):
     import tensorrt as trt
 
     s = spec(models["static_fp16"], tmp_path, STATIC, precision="fp16", fp16_mode="strongly_typed")
-    res = build_engine(s, progress=lambda m: None)
     if not trt_compat.has_strongly_typed(trt):
-        assert not res.ok and "strongly typed" in res.error and "builder_flag" in res.error
+        with pytest.raises(StageError) as failed:
+            build_engine(s)
+        assert failed.value.stage == "build"
+        assert "strongly typed" in failed.value.message and "builder_flag" in failed.value.message
         return
-    assert res.ok, res.error
+    res = build_ok(s)
     x = rand(STATIC)
-    with TrtRunner(res.engine_path) as runner:
+    with TrtRunner(res.artifact) as runner:
         assert runner.input_dtype == np.float16 and runner.settings()["io_dtypes"]["output0"] == "float16"
         out = runner.infer(x)["output0"]
     np.testing.assert_allclose(out, ort_run(models["static"], x), atol=5e-2)
 
 
 def test_static_onnx_with_range_profile_fails_with_trt_message(models, tmp_path):
-    res = build_engine(spec(models["static"], tmp_path, [1, 3, 32, 32], STATIC, STATIC), progress=lambda m: None)
-    assert not res.ok
-    assert "profile" in res.error.lower(), res.error
-    assert "Traceback" not in res.error
-    assert open(res.log_path).read().strip()
+    with pytest.raises(StageError) as failed:
+        build_engine(spec(models["static"], tmp_path, [1, 3, 32, 32], STATIC, STATIC))
+    assert failed.value.stage == "build"
+    assert "profile" in failed.value.message.lower(), failed.value.message
+    assert "Traceback" not in failed.value.message
+    assert open(failed.value.partial.log_path).read().strip()  # the failed build keeps its log
 
 
 def test_shape_outside_profile_raises_shape_error(models, tmp_path):
     res = build_ok(spec(models["dynamic"], tmp_path, DYN_MIN, DYN_OPT, DYN_MAX))
-    with TrtRunner(res.engine_path) as runner:
+    with TrtRunner(res.artifact) as runner:
         with pytest.raises(ShapeError, match=r"profile 0: min=\[1, 3, 32, 32\] opt=\[2, 3, 64, 64\] max=\[4, 3, 96, 96\]"):
             runner.set_shape((1, 3, 128, 128))
         with pytest.raises(ShapeError, match="profile"):
@@ -173,7 +186,7 @@ def test_shape_outside_profile_raises_shape_error(models, tmp_path):
 def test_ultralytics_engine_file(models, static_engine, tmp_path):
     meta = {"description": "tiny", "imgsz": STATIC[2:], "names": {"0": "a"}}
     header = json.dumps(meta).encode()
-    plan = open(static_engine.engine_path, "rb").read()
+    plan = open(static_engine.artifact, "rb").read()
     path = tmp_path / "tiny.engine"
     path.write_bytes(struct.pack("<i", len(header)) + header + plan)
     x = rand(STATIC)
@@ -183,24 +196,24 @@ def test_ultralytics_engine_file(models, static_engine, tmp_path):
     np.testing.assert_allclose(out, ort_run(models["static"], x), atol=1e-3)
 
 
-def test_engine_and_timing_cache(models, tmp_path):
+def test_engine_and_timing_cache(models, tmp_path, caplog):
     s = spec(models["static"], tmp_path, STATIC)
     first = build_ok(s)
     assert not first.cache_hit
     t0 = time.perf_counter()
-    messages = []
-    second = build_engine(s, progress=messages.append)
-    assert second.ok and second.cache_hit and time.perf_counter() - t0 < 1.0
-    assert messages == ["build: engine cache hit"]
-    assert second.engine_path == first.engine_path and second.engine_bytes == first.engine_bytes
+    caplog.set_level("INFO", logger="runner")
+    second = build_engine(s)
+    assert second.cache_hit and time.perf_counter() - t0 < 1.0
+    assert caplog.messages == ["build: engine cache hit"]
+    assert second.artifact == first.artifact and second.size_bytes == first.size_bytes
     assert list((tmp_path / "timing").glob("*.cache"))
 
 
 def test_cuda_graph_same_outputs(static_engine):
     x = rand(STATIC)
-    with TrtRunner(static_engine.engine_path) as plain:
+    with TrtRunner(static_engine.artifact) as plain:
         ref = plain.infer(x)["output0"]
-    with TrtRunner(static_engine.engine_path, cuda_graph=True) as graphed:
+    with TrtRunner(static_engine.artifact, cuda_graph=True) as graphed:
         out = graphed.infer(x)["output0"]
         assert graphed.settings()["cuda_graph"], graphed.settings()
         out2 = graphed.infer(x * 0.5)["output0"]
@@ -210,12 +223,12 @@ def test_cuda_graph_same_outputs(static_engine):
 
 def test_cuda_graph_off_for_dynamic_engine(models, tmp_path):
     res = build_ok(spec(models["dynamic"], tmp_path, DYN_MIN, DYN_OPT, DYN_MAX))
-    with TrtRunner(res.engine_path, cuda_graph=True) as runner:
+    with TrtRunner(res.artifact, cuda_graph=True) as runner:
         assert runner.settings()["cuda_graph"] is False
 
 
 def test_execute_returns_positive_ms(static_engine):
-    with TrtRunner(static_engine.engine_path) as runner:
+    with TrtRunner(static_engine.artifact) as runner:
         runner.set_shape(tuple(STATIC))
         runner.h2d(rand(STATIC))
         times = [runner.execute() for _ in range(5)]
@@ -227,11 +240,11 @@ def test_execute_returns_positive_ms(static_engine):
 def test_close_returns_gpu_memory(static_engine):
     rt = trt_compat.cudart()
     x = rand(STATIC)
-    warm = TrtRunner(static_engine.engine_path)  # first use loads kernels and libraries once per process
+    warm = opened(static_engine.artifact)  # first use loads kernels and libraries once per process
     warm.infer(x)
     warm.close()
     free_before, _ = trt_compat.cuda_call(rt.cudaMemGetInfo)
-    runner = TrtRunner(static_engine.engine_path)
+    runner = opened(static_engine.artifact)
     runner.infer(x)
     runner.close()
     runner.close()  # idempotent
@@ -243,18 +256,42 @@ def test_isolation_survives_a_crash_with_the_gpu_in_use(static_engine):
     """A child holding an engine segfaults: the cell says so, GPU memory comes back, the next child runs."""
     rt = trt_compat.cudart()
     free_before, _ = trt_compat.cuda_call(rt.cudaMemGetInfo)
-    crashed = run_isolated(isolate_targets.trt_infer_then_segfault, (static_engine.engine_path, STATIC), 120,
-                           {"status": "failed"})
-    assert crashed["status"] == "failed" and crashed["failed_stage"] == "bench"
-    assert "SIGSEGV" in crashed["error"] and crashed["marker"] == "inferred"
+    crashed = run_isolated(isolate_targets.trt_infer_then_segfault, (static_engine.artifact, STATIC), 120,
+                           isolate_targets.result("failed"))
+    assert crashed.status == "failed" and crashed.failed_stage == "bench"
+    assert "SIGSEGV" in crashed.error and crashed.started_at == "inferred"
     free_after, _ = trt_compat.cuda_call(rt.cudaMemGetInfo)
     assert abs(free_before - free_after) < 16 * 2**20, (free_before, free_after)
-    ok = run_isolated(isolate_targets.trt_infer, (static_engine.engine_path, STATIC), 120, {"status": "failed"})
-    assert ok["status"] == "ok" and ok["sum"] != 0.0
+    ok = run_isolated(isolate_targets.trt_infer, (static_engine.artifact, STATIC), 120, isolate_targets.result("failed"))
+    assert ok.status == "ok" and ok.timings["sum"] != 0.0
 
 
 def test_isolation_times_out_a_hung_gpu_child(static_engine):
-    result = run_isolated(isolate_targets.trt_hang, (static_engine.engine_path, STATIC), 20, {"status": "failed"})
-    assert result["status"] == "failed" and result["failed_stage"] == "validate"
-    assert "timeout" in result["error"]
+    result = run_isolated(isolate_targets.trt_hang, (static_engine.artifact, STATIC), 20, isolate_targets.result("failed"))
+    assert result.status == "failed" and result.failed_stage == "validate"
+    assert "timeout" in result.error
 
+
+
+def test_ultralytics_engine_export_keeps_its_header_and_profile_and_takes_our_level(tmp_path):
+    """build=ultralytics: model.export(format="engine", dynamic=True) of the default model at level 0."""
+    from conftest import DEFAULT_WEIGHTS
+    from runner.backends.tensorrt.engine_export import EngineExportSpec, export_engine
+
+    res = export_engine(EngineExportSpec(weights=str(DEFAULT_WEIGHTS), imgsz=(640, 640), dynamic=True, half=False,
+                                         workspace_gib=2.0, optimization_level=0, opset=17, simplify=True,
+                                         cache_dir=str(tmp_path)))
+    assert res.tool == "ultralytics" and res.optimization_level == 0 and res.precision_mechanism == "none"
+    assert res.tf32 is True  # ultralytics leaves TensorRT's default
+    assert res.profile == [[1, 3, 32, 32], [1, 3, 640, 640], [1, 3, 1280, 1280]]  # its own: 32 to 2x imgsz
+    assert {"stride", "task", "names", "imgsz", "batch", "args"} <= set(res.metadata)
+    assert res.metadata["args"]["dynamic"] is True and res.onnx_signature["inputs"][0]["name"] == "images"
+    x = rand([1, 3, 320, 480])
+    with TrtRunner(res.artifact) as runner:
+        assert runner.metadata == res.metadata
+        out = runner.infer(x)["output0"]
+    assert out.shape == (1, 7, 10 * 15 + 20 * 30 + 40 * 60)
+    again = export_engine(EngineExportSpec(weights=str(DEFAULT_WEIGHTS), imgsz=(640, 640), dynamic=True, half=False,
+                                           workspace_gib=2.0, optimization_level=0, opset=17, simplify=True,
+                                           cache_dir=str(tmp_path)))
+    assert again.cache_hit and again.artifact == res.artifact

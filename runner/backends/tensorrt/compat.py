@@ -3,6 +3,8 @@
 Functions taking ``trt`` receive the imported ``tensorrt`` module (or a stand-in in tests) and
 probe it with ``hasattr``; nothing here compares version strings. ``tensorrt`` itself is imported
 lazily so that this module (and the runtime/build modules) import fine on machines without it.
+Only TensorRT 8.6.0 has run (on an H200); the 10.x and 11.x branches are covered by tests with
+stand-ins (tests/test_trt_compat.py), since no real 10.x/11.x could be had for the GPU machine.
 """
 from __future__ import annotations
 

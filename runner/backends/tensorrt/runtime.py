@@ -7,8 +7,9 @@ import math
 
 import numpy as np
 
-from runner import trt_compat
-from runner.trt_compat import cuda_call
+from runner.backends import Runner
+from runner.backends.tensorrt import compat
+from runner.backends.tensorrt.compat import cuda_call
 
 
 class ShapeError(ValueError):
@@ -31,22 +32,36 @@ def load_plan(path: str) -> tuple[bytes, dict | None]:
     return data, None
 
 
-class TrtRunner:
-    """One engine, one execution context, one CUDA stream. Single input, any number of outputs."""
+def engine_profile(engine, input_name: str) -> tuple[tuple[int, ...], ...]:
+    """(min, opt, max) input shape of profile 0; a static engine's one shape three times."""
+    static = tuple(engine.get_tensor_shape(input_name))
+    if -1 in static:
+        return tuple(tuple(d) for d in engine.get_tensor_profile_shape(input_name, 0))
+    return static, static, static
+
+
+class TrtRunner(Runner):
+    """One engine, one execution context, one CUDA stream. Single input, any number of outputs.
+
+    Reads plain plans and ultralytics .engine files (JSON header + plan)."""
 
     name = "tensorrt"
 
     def __init__(self, engine_path: str, cuda_graph: bool = False):
+        self.engine_path, self._want_graph = engine_path, cuda_graph
+        self._closed = True
+
+    def open(self) -> None:
         import tensorrt as trt
 
         self._trt = trt
-        self._rt = rt = trt_compat.cudart()
-        self._logger = trt_compat.get_logger()
-        plan, self.metadata = load_plan(engine_path)
+        self._rt = rt = compat.cudart()
+        self._logger = compat.get_logger()
+        plan, self.metadata = load_plan(self.engine_path)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
-            raise RuntimeError(f"cannot deserialize {engine_path}: {self._logger.last_error}")
+            raise RuntimeError(f"cannot deserialize {self.engine_path}: {self._logger.last_error}")
         self._context = self._engine.create_execution_context()
         if self._context is None:
             raise RuntimeError(f"cannot create an execution context: {self._logger.last_error}")
@@ -57,15 +72,11 @@ class TrtRunner:
             raise ValueError(f"TrtRunner supports engines with one input, this one has {inputs}")
         self.input_name = inputs[0]
         self.output_names = [n for n in names if n != self.input_name]
-        self._dtypes = {n: trt_compat.dtype_to_numpy(trt, eng.get_tensor_dtype(n)) for n in names}
+        self._dtypes = {n: compat.dtype_to_numpy(trt, eng.get_tensor_dtype(n)) for n in names}
         self.input_dtype = self._dtypes[self.input_name]
-        static = tuple(eng.get_tensor_shape(self.input_name))
-        if -1 in static:
-            self.profile = tuple(tuple(d) for d in eng.get_tensor_profile_shape(self.input_name, 0))
-        else:
-            self.profile = (static, static, static)
-        self._use_graph = cuda_graph and self.profile[0] == self.profile[2]
-        self._graph_note = "" if self._use_graph or not cuda_graph else "dynamic engine: no CUDA graph"
+        self.profile = engine_profile(eng, self.input_name)
+        self._use_graph = self._want_graph and self.profile[0] == self.profile[2]
+        self._graph_note = "" if self._use_graph or not self._want_graph else "dynamic engine: no CUDA graph"
         self._graph = self._graph_exec = None
         self._stream = cuda_call(rt.cudaStreamCreate)
         self._start = cuda_call(rt.cudaEventCreate)
@@ -80,6 +91,8 @@ class TrtRunner:
     def set_shape(self, shape: tuple[int, ...]) -> None:
         """Set the input shape, size buffers (grow only) and bind every I/O tensor address."""
         shape = tuple(int(s) for s in shape)
+        if shape == self._shape:
+            return
         lo, opt, hi = self.profile
         if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
             raise ShapeError(
@@ -191,13 +204,6 @@ class TrtRunner:
     def sync(self) -> None:
         cuda_call(self._rt.cudaStreamSynchronize, self._stream)
 
-    def infer(self, blob: np.ndarray) -> dict[str, np.ndarray]:
-        if tuple(blob.shape) != self._shape:
-            self.set_shape(blob.shape)
-        self.h2d(blob)
-        self.execute()
-        return self.d2h()
-
     def settings(self) -> dict:
         s = {
             "cuda_graph": self._use_graph,
@@ -225,9 +231,3 @@ class TrtRunner:
         self._context = None
         self._engine = None
         self._runtime = None
-
-    def __enter__(self) -> TrtRunner:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -1,0 +1,82 @@
+"""Backends by name and the one Runner shape, with the real onnxruntime; TensorRT's rules without TensorRT."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runner import backends
+from runner.backends import Runner
+from runner.backends.onnxruntime import OnnxruntimeBackend, OrtRunner
+from runner.backends.tensorrt import TensorrtBackend
+from runner.backends.tensorrt import compat as trt_compat
+from runner.launcher import preflight
+from runner.processing import preprocess
+
+TRT_MISSING = not trt_compat.trt_available()[0]
+
+
+def test_backends_are_chosen_by_name():
+    assert backends.names() == ["onnxruntime", "tensorrt"]
+    assert isinstance(backends.get("onnxruntime"), OnnxruntimeBackend)
+    assert isinstance(backends.get("tensorrt"), TensorrtBackend)
+    with pytest.raises(KeyError, match="unknown backend 'trtexec'; known: onnxruntime, tensorrt"):
+        backends.get("trtexec")
+
+
+def test_ort_runner_has_the_runner_shape_and_matches_onnxruntime(export_model, held_out_images):
+    import cv2
+
+    onnx = export_model("ultralytics", dynamic=True)
+    blob, _ = preprocess([cv2.imread(str(sorted(held_out_images.iterdir())[0]))] * 2, (480, 640))
+    expected = ort.InferenceSession(onnx.path, providers=["CPUExecutionProvider"]).run(None, {"images": blob})[0]
+    with OrtRunner(onnx.path) as runner:
+        assert isinstance(runner, Runner) and runner.session is not None
+        runner.set_shape(blob.shape)
+        runner.h2d(blob)
+        ms = runner.execute()
+        out = runner.d2h()
+        assert ms > 0 and list(out) == ["output0"] and out["output0"].dtype == np.float32
+        np.testing.assert_array_equal(out["output0"], expected)
+        np.testing.assert_array_equal(runner.infer(blob)["output0"], expected)
+        assert runner.settings()["provider"] == "CPUExecutionProvider"
+    assert runner.session is None  # closed on leaving the block
+
+
+def test_auto_picks_what_runs_here_and_says_why():
+    cfg, = preflight([])
+    backend, reason = backends.resolve(cfg)
+    assert reason is None
+    assert backend.name == ("onnxruntime" if TRT_MISSING else "tensorrt")
+    choice = backends.auto_choice()
+    assert choice.startswith(f"runner: backend=auto -> {backend.name}")
+
+
+@pytest.mark.skipif(not TRT_MISSING, reason="tensorrt is installed here")
+def test_explicit_tensorrt_without_it_is_skipped_with_the_reason():
+    cfg, = preflight(["backend=tensorrt"])
+    backend, reason = backends.resolve(cfg)
+    assert backend.name == "tensorrt" and reason == "tensorrt is not installed (pip install 'runner[gpu]')"
+
+
+def test_build_ultralytics_rules():
+    trt = TensorrtBackend()
+    ok, torch_export, crossed = (preflight(o)[0] for o in (
+        ["build=ultralytics", "shape=dynamic"], ["build=ultralytics", "export=torch"],
+        ["build=ultralytics", "shape=static", "export.shape=dynamic"]))
+    assert trt.applies(ok) is None
+    assert trt.applies(torch_export) == ("build=ultralytics exports its own ONNX with ultralytics; export=torch does "
+                                         "not apply")
+    assert "export.shape=dynamic with shape=static does not apply" in trt.applies(crossed)
+    assert OnnxruntimeBackend().applies(ok) == ("build=ultralytics makes a TensorRT engine; backend=onnxruntime runs "
+                                                "the ONNX (use backend=tensorrt)")
+    assert trt.precision_mechanism(preflight(["build=ultralytics", "precision=fp16"])[0]) == "ultralytics"
+
+
+@pytest.mark.skipif(not TRT_MISSING, reason="tensorrt is installed here")
+def test_build_ultralytics_on_auto_without_tensorrt_says_both_reasons():
+    cfg, = preflight(["build=ultralytics"])
+    backend, reason = backends.resolve(cfg)
+    assert backend.name == "onnxruntime"
+    assert reason.startswith("build=ultralytics makes a TensorRT engine")
+    assert reason.endswith("TensorRT unavailable here: tensorrt is not installed (pip install 'runner[gpu]')")
