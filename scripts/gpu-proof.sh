@@ -1,26 +1,43 @@
 #!/usr/bin/env bash
-# The TensorRT proof sweeps, one step per command (each fits a 10-minute slot on a warm machine that
-# keeps the caches under $CACHE between steps). Results land in $DEST/<step>/{results.json,summary.csv,run.log}.
-#   bash scripts/gpu-proof.sh matrix   # export x shape x precision, builder_optimization_level=0
-#   bash scripts/gpu-proof.sh rerun    # the same sweep again: warm engine/timing/ONNX caches
-#   bash scripts/gpu-proof.sh seed     # the user's table: ONNX shape x engine shape x precision, seed profile
-#   bash scripts/gpu-proof.sh level3   # static fp32/fp16 at the default level, CUDA graph off/on
-#   bash scripts/gpu-proof.sh tf32     # static fp32 at the default level with TensorRT's TF32 default kept
+# The TensorRT proof sweeps, one step per command: each fits a 10-minute slot on a warm machine that keeps
+# $CACHE and $RUNS (engine/ONNX/timing caches, the MLflow store) between steps. MLflow is on, as users run it.
+# Each step leaves $DEST/<step>/{run.log,results.json,summary.csv,sweep_id}.
+#   bash scripts/gpu-proof.sh tests         # the GPU tests (pytest -m gpu)
+#   bash scripts/gpu-proof.sh seed          # the notes' table: ultralytics/torch export x ONNX shape x engine shape
+#                                           #   x precision under the seed profile, TensorRT API, level 0
+#   bash scripts/gpu-proof.sh seed-dynamo   # the same for export=dynamo
+#   bash scripts/gpu-proof.sh seed-engine   # build=ultralytics: model.export(format="engine") x shape x precision
+#   bash scripts/gpu-proof.sh seed-table    # the three seed sweeps as one table, rendered from the MLflow store
+#   bash scripts/gpu-proof.sh matrix        # export x shape x precision, level 0
+#   bash scripts/gpu-proof.sh level3        # static fp32/fp16 at the default level, CUDA graph off/on
 set -euo pipefail
-step=${1:?step: matrix|rerun|seed|level3|tf32}
+step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3}
 CACHE=${CACHE:-/tmp/runner-cache}
+RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
-common=(backend=tensorrt cache_dir=$CACHE outputs=/tmp/runner-out tracking.enabled=${TRACKING:-false})
+export PYTHONUNBUFFERED=1 YOLO_OFFLINE=1
+common=(backend=tensorrt cache_dir=$CACHE outputs=$RUNS)
+seed=(profile=seed shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0)
+mkdir -p "$DEST/$step"
 case $step in
-  matrix|rerun) args=(-m export=ultralytics,torch shape=static,dynamic precision=fp32,fp16
-                      backend.builder_optimization_level=0) ;;
-  seed)   args=(-m export=ultralytics,torch export.shape=static,dynamic shape=static,dynamic
-                precision=fp32,fp16 profile=seed backend.builder_optimization_level=0) ;;
+  tests)
+    python3 -c "import datetime, json; from runner.environment import environment
+print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)}, indent=1))" > "$DEST/environment.json"
+    python3 -m pytest -q -m gpu tests/test_trt_gpu.py 2>&1 | tee "$DEST/$step/run.log"; exit "${PIPESTATUS[0]}" ;;
+  seed-table)
+    sweeps=()
+    for s in seed seed-dynamo seed-engine; do sweeps+=(--sweep "$(cat "$DEST/$s/sweep_id")"); done
+    python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" "${sweeps[@]}" --out "$DEST/$step" \
+      2>&1 | tee "$DEST/$step/run.log"
+    exit "${PIPESTATUS[0]}" ;;
+  seed)        args=(-m export=ultralytics,torch export.shape=static,dynamic "${seed[@]}") ;;
+  seed-dynamo) args=(-m export=dynamo export.shape=static,dynamic "${seed[@]}") ;;
+  seed-engine) args=(-m build=ultralytics export=ultralytics "${seed[@]}") ;;
+  matrix) args=(-m export=ultralytics,torch shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0) ;;
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
-  tf32)   args=(-m export=ultralytics shape=static precision=fp32 backend.tf32=true bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
-mkdir -p "$DEST/$step"
-PYTHONUNBUFFERED=1 python3 -m runner "${args[@]}" "${common[@]}" "${@:2}" 2>&1 | tee "$DEST/$step/run.log"
-sweep=$(ls -td /tmp/runner-out/sweeps/*/ | head -1)
+python3 -m runner "${args[@]}" "${common[@]}" "${@:2}" 2>&1 | tee "$DEST/$step/run.log"
+tail -1 "$DEST/$step/run.log" | grep -o 'sweep run [0-9a-f]*' | cut -d' ' -f3 > "$DEST/$step/sweep_id"
+sweep=$(ls -td "$RUNS"/sweeps/*/ | head -1)
 cp "$sweep/results.json" "$sweep/summary.csv" "$DEST/$step/"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("YOLO_OFFLINE", "1")  # no test reaches for a hub
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 # isolate_targets.py must be importable by name in the spawned children of runner.isolate: spawn passes
