@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CI_OUT := outputs/ci
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-gpu table check cpu-gate ui clean
+.PHONY: help setup run test test-gpu table check cpu-gate install-check ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -15,8 +15,8 @@ setup: ## Create .venv and install runner with its test tools (TensorRT: pip ins
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
 
-run: ## The default sweep: export x precision x shape, 8 variants, logged to outputs/mlflow.db
-	$(BIN)/python -m runner -m export=ultralytics,torch precision=fp32,fp16 shape=static,dynamic
+run: ## The default sweep: export x precision x shape, 12 variants, logged to outputs/mlflow.db
+	$(BIN)/python -m runner -m export=ultralytics,torch,dynamo precision=fp32,fp16 shape=static,dynamic
 
 test: ## The test suite (GPU tests skip with the reason when TensorRT or a GPU is absent)
 	$(BIN)/python -m pytest -q
@@ -32,10 +32,13 @@ check: ## Check the latest sweep against BASELINE (default: the committed GPU ba
 
 cpu-gate: ## CI's CPU regression gate: a small sweep checked on statuses and validation only
 	rm -rf $(CI_OUT)
-	$(BIN)/python -m runner -m export=ultralytics,torch precision=fp32,fp16 shape=static,dynamic \
+	$(BIN)/python -m runner -m export=ultralytics,torch,dynamo precision=fp32,fp16 shape=static,dynamic \
 		bench=quick data.limit=4 outputs=$(CI_OUT)
 	$(BIN)/runner check --no-timing --sweep latest --tracking-uri sqlite:///$(CI_OUT)/mlflow.db \
 		--baseline results/baseline-cpu.json --summary $(CI_OUT)/check.md
+
+install-check: ## Build the wheel, install it into a fresh virtual environment outside the checkout, run from there
+	PY=$(PY) bash scripts/install-check.sh
 
 ui: ## MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --port 5000

@@ -1,6 +1,6 @@
-"""Typed configuration: the structured-config schema behind `runner/conf/`, and its checks.
+"""Typed configuration: the structured-config schema behind `conf/`, and its checks.
 
-Hydra composes `runner/conf/`; OmegaConf merges it onto these dataclasses, which rejects wrong types.
+Hydra composes `conf/`; OmegaConf merges it onto these dataclasses, which rejects wrong types.
 `check()` adds the value and cross-field rules. Every error is a `ConfigError` whose message is one line
 naming the key and what is allowed.
 """
@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: inside the installed package (a wheel carries `conf/` as `runner/conf`),
+    else the checkout's `conf/` beside the package."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "conf"
+    return packaged if packaged.is_dir() else package.parent / "conf"
 
 
 class ConfigError(ValueError):

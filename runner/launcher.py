@@ -33,7 +33,7 @@ from runner.report.frame import results_frame
 from runner.results import VariantResult
 
 log = logging.getLogger("runner")
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = config.conf_dir()
 SESSION: dict = {}
 SUMMARY = {"onnx_label": "onnx", "build_label": "build", "status": "status", "failed_stage": "stage",
            "validation": "validation", "rel_l2": "rel_l2", "det_f1": "det_f1", "map50_95": "map50_95",
@@ -152,7 +152,8 @@ def task(cfg: DictConfig) -> dict:
     """Hydra job: one variant in its own process, then its MLflow child run."""
     run_cfg = to_run_config(cfg)
     backend, skip_reason = backends.resolve(run_cfg)
-    result = new_result(run_cfg, backend.name)
+    mechanism = None if skip_reason else backend.precision_mechanism(run_cfg)
+    result = new_result(run_cfg, backend.name, mechanism)
     SESSION["done"] = SESSION.get("done", 0) + 1
     log.info("[%d/%d] %s (%s)", SESSION["done"], SESSION.get("total", 1), result.name, backend.name)
     started_ms = int(time.time() * 1000)
@@ -160,7 +161,7 @@ def task(cfg: DictConfig) -> dict:
         result.status, result.error = "skipped", skip_reason
     else:
         result = run_isolated(run_variant, (run_cfg, backend.name), run_cfg.backend.timeout_s,
-                              new_result(run_cfg, backend.name, "failed"), log_prefix=f"  [{result.name}] ")
+                              new_result(run_cfg, backend.name, mechanism, "failed"), log_prefix=f"  [{result.name}] ")
     log.info("  [%s] -> %s%s", result.name, result.status,
              f" at {result.failed_stage}: {result.first_error_line()}" if result.failed_stage
              else f": {result.error}" if result.status == "skipped" else "")

@@ -26,20 +26,22 @@ from runner.validate import check_shapes, validate
 
 log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "shapes_yolov8n.pt"
+FP16_ONNX = ("fp16_onnx", "strongly_typed")  # the precision mechanisms that build or run an fp16 ONNX
 
 
-def cell_of(cfg: RunConfig, backend: str, onnx_precision: str | None = None) -> Cell:
-    """The variant's compatibility cell: ONNX column x build row."""
+def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
+    """The variant's compatibility cell: ONNX column x build row. With no mechanism known (the backend is not
+    here to say), the ONNX is named by the variant's precision."""
     build_tool = cfg.build.tool.value if backend == "tensorrt" else backend
-    onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value,
-                       onnx_precision or cfg.precision.name.value)
+    onnx_precision = cfg.precision.name.value if mechanism is None else "fp16" if mechanism in FP16_ONNX else "fp32"
+    onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision)
     return Cell(onnx, BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value))
 
 
-def new_result(cfg: RunConfig, backend: str, status: str = "running", error: str | None = None) -> VariantResult:
+def new_result(cfg: RunConfig, backend: str, mechanism: str | None, status: str = "running") -> VariantResult:
     """A result with no stage run yet: what a skipped variant, or a crash before any stage, reports."""
-    return VariantResult(cell=cell_of(cfg, backend), backend=backend, profile=cfg.profile.name, status=status,
-                         error=error)
+    return VariantResult(cell=cell_of(cfg, backend, mechanism), backend=backend, profile=cfg.profile.name,
+                         status=status)
 
 
 class StageClock:
@@ -62,14 +64,15 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
                 publish=lambda result: None) -> VariantResult:
     """Run every stage of one variant. `publish` receives the partial result after each stage."""
     backend = backends.get(backend_name)
-    result = new_result(cfg, backend_name)
+    result = new_result(cfg, backend_name, None)
     result.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result.environment = environment(cfg.export.opset)
     clock = StageClock(result, stage_started)
     try:
         clock.enter("export")
-        result.export = export_stage(cfg, backend.precision_mechanism(cfg))
-        result.cell = cell_of(cfg, backend_name, result.export.tested.precision)
+        mechanism = backend.precision_mechanism(cfg)
+        result.cell = cell_of(cfg, backend_name, mechanism)
+        result.export = export_stage(cfg, mechanism)
         publish(result)
 
         clock.enter("build")
@@ -111,7 +114,7 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
                       imgsz=tuple(cfg.model.imgsz), opset=cfg.export.opset, simplify=cfg.export.simplify)
     reference = export_onnx(spec, Path(cfg.cache_dir))
     tested = reference
-    if mechanism in ("fp16_onnx", "strongly_typed"):
+    if mechanism in FP16_ONNX:
         tested = export_onnx(replace(spec, half=True), Path(cfg.cache_dir))
     return ExportResult(weights=weights, reference=reference, tested=tested)
 

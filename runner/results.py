@@ -285,7 +285,7 @@ class VariantResult(Record):
         if self.export:
             m.update({"export.onnx_mb": self.export.tested.size_bytes / 1e6,
                       "export.export_s": self.export.tested.export_s})
-        if self.build:
+        if self.build and self.build.artifact:  # a failed build keeps its log, but has no numbers
             b = self.build
             m.update({"build.build_s": b.build_s, "build.cache_hit": float(b.cache_hit),
                       "build.num_layers": b.num_layers})

@@ -38,6 +38,6 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 python3 -m runner "${args[@]}" "${common[@]}" "${@:2}" 2>&1 | tee "$DEST/$step/run.log"
-tail -1 "$DEST/$step/run.log" | grep -o 'sweep run [0-9a-f]*' | cut -d' ' -f3 > "$DEST/$step/sweep_id"
+grep -o 'sweep run [0-9a-f]*' "$DEST/$step/run.log" | tail -1 | cut -d' ' -f3 > "$DEST/$step/sweep_id"
 sweep=$(ls -td "$RUNS"/sweeps/*/ | head -1)
 cp "$sweep/results.json" "$sweep/summary.csv" "$DEST/$step/"

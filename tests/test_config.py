@@ -246,8 +246,7 @@ def _has_interpolation(value) -> bool:
 
 
 def test_every_group_is_covered():
-    assert CONF_DIR == REPO / "runner" / "conf"  # inside the package, so a wheel carries it
-    assert (REPO / "conf").resolve() == CONF_DIR  # and at the top of the checkout, where people look
+    assert CONF_DIR == REPO / "conf"  # in a checkout; a wheel carries it as runner/conf (test_install.py)
     groups = {g for g, _ in GROUP_OPTIONS}
     assert groups == {"backend", "bench", "build", "data", "export", "model", "precision", "profile", "shape",
                       "tracking", "validate"}

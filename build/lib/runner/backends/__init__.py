@@ -1,0 +1,138 @@
+"""Backends, chosen by name (`backend=`): what builds and runs the model under test.
+
+Every backend gives the build stage (`build`) and a `Runner`. Runners have one shape, after Polygraphy's:
+open -> (set_shape -> h2d -> execute -> d2h)* -> close, also as a context manager. `execute` returns
+milliseconds: CUDA events on a GPU, the host clock on the CPU. The pipeline never branches on a name.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from functools import lru_cache
+
+import numpy as np
+
+from runner.config import RunConfig
+from runner.results import BuildResult, ExportResult
+
+
+class Runner(ABC):
+    """One loaded model with a single input. Subclasses set `name`, `input_name`, `input_dtype`, `output_names`."""
+
+    name: str
+
+    @abstractmethod
+    def open(self) -> None:
+        """Load the model (session, engine, context, buffers). Raises on a model the runtime refuses."""
+
+    @abstractmethod
+    def set_shape(self, shape: tuple[int, ...]) -> None:
+        """Fix the input shape of the next runs."""
+
+    @abstractmethod
+    def h2d(self, blob: np.ndarray) -> None:
+        """Hand the preprocessed input to the runtime (host to device where there is one)."""
+
+    @abstractmethod
+    def execute(self) -> float:
+        """Run once on the input handed over; return the time it took in milliseconds."""
+
+    @abstractmethod
+    def d2h(self) -> dict[str, np.ndarray]:
+        """The outputs of the last run on the host, floats as float32."""
+
+    @abstractmethod
+    def settings(self) -> dict:
+        """How it runs (provider, CUDA graph, I/O dtypes, versions): recorded with every timing."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free everything `open` took. Idempotent."""
+
+    def sync(self) -> None:
+        """Wait for queued work (a no-op on synchronous runtimes)."""
+
+    def infer(self, blob: np.ndarray) -> dict[str, np.ndarray]:
+        self.set_shape(tuple(blob.shape))
+        self.h2d(blob)
+        self.execute()
+        return self.d2h()
+
+    def __enter__(self) -> Runner:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Backend(ABC):
+    """A runtime for the model under test."""
+
+    name: str
+
+    @abstractmethod
+    def unavailable(self) -> str | None:
+        """Why this backend cannot run on this machine, or None."""
+
+    @abstractmethod
+    def precision_mechanism(self, cfg: RunConfig) -> str:
+        """How the variant's precision is reached: none | fp16_onnx | builder_flag | strongly_typed | ultralytics."""
+
+    @abstractmethod
+    def applies(self, cfg: RunConfig) -> str | None:
+        """Why this variant makes no sense on this backend (it is skipped with that reason), or None."""
+
+    @abstractmethod
+    def build(self, cfg: RunConfig, export: ExportResult) -> BuildResult:
+        """Make the model under test runnable. Raises StageError with the tool's own words."""
+
+    @abstractmethod
+    def runner(self, cfg: RunConfig, build: BuildResult) -> Runner:
+        """A runner for what `build` made (not opened yet)."""
+
+
+def _registry() -> dict[str, type[Backend]]:
+    from runner.backends.onnxruntime import OnnxruntimeBackend
+    from runner.backends.tensorrt import TensorrtBackend
+
+    return {b.name: b for b in (OnnxruntimeBackend, TensorrtBackend)}
+
+
+def names() -> list[str]:
+    return sorted(_registry())
+
+
+def get(name: str) -> Backend:
+    backends = _registry()
+    if name not in backends:
+        raise KeyError(f"unknown backend '{name}'; known: {', '.join(sorted(backends))}")
+    return backends[name]()
+
+
+@lru_cache(maxsize=None)
+def _unavailable(name: str) -> str | None:
+    return get(name).unavailable()
+
+
+def resolve(cfg: RunConfig) -> tuple[Backend, str | None]:
+    """(the backend the variant runs on, why it is skipped or None).
+
+    `auto` is TensorRT where it runs here, else onnxruntime. A variant is skipped when its backend cannot
+    run here, or when it makes no sense on that backend (say build=ultralytics on onnxruntime)."""
+    requested = cfg.backend.name.value
+    trt_missing = _unavailable("tensorrt")
+    name = ("onnxruntime" if trt_missing else "tensorrt") if requested == "auto" else requested
+    backend = get(name)
+    reason = _unavailable(name) or backend.applies(cfg)
+    if reason and requested == "auto" and trt_missing:
+        reason = f"{reason}; TensorRT unavailable here: {trt_missing}"
+    return backend, reason
+
+
+def auto_choice() -> str:
+    """What `backend=auto` picks here, said once per sweep."""
+    reason = _unavailable("tensorrt")
+    if reason is None:
+        return "runner: backend=auto -> tensorrt"
+    return (f"runner: backend=auto -> onnxruntime (TensorRT unavailable: {reason}; each variant's ONNX is tested "
+            f"with onnxruntime)")

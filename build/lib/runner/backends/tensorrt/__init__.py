@@ -1,0 +1,63 @@
+"""TensorRT: the only package that imports `tensorrt`. `compat` holds every version difference, `build` the
+TensorRT API road, `engine_export` ultralytics' one-step road, `runtime` the cuda-python runner."""
+from __future__ import annotations
+
+from runner.backends import Backend
+from runner.config import BuildTool, Precision, RunConfig, ShapeMode
+from runner.results import BuildResult, ExportResult
+
+
+class TensorrtBackend(Backend):
+    name = "tensorrt"
+
+    def unavailable(self) -> str | None:
+        from runner.backends.tensorrt import compat
+
+        for ok, why in (compat.trt_available(), compat.cuda_gpu_available()):
+            if not ok:
+                return why
+        return None
+
+    def precision_mechanism(self, cfg: RunConfig) -> str:
+        if cfg.precision.name == Precision.fp32:
+            return "none"
+        if cfg.build.tool == BuildTool.ultralytics:
+            return "ultralytics"  # it picks: BuilderFlag.FP16 (<= 10) or a ModelOpt fp16 ONNX (11); recorded at build
+        import tensorrt as trt
+
+        from runner.backends.tensorrt.compat import resolve_fp16_mode
+        return resolve_fp16_mode(trt, cfg.precision.fp16_mode.value)
+
+    def applies(self, cfg: RunConfig) -> str | None:
+        if cfg.build.tool != BuildTool.ultralytics:
+            return None
+        if cfg.export.tool.value != "ultralytics":
+            return (f"build=ultralytics exports its own ONNX with ultralytics; export={cfg.export.tool.value} "
+                    f"does not apply")
+        if cfg.export.shape not in (None, cfg.shape.mode):
+            return (f"build=ultralytics makes the ONNX and the engine with one `dynamic` flag; "
+                    f"export.shape={cfg.export.shape.value} with shape={cfg.shape.mode.value} does not apply")
+        return None
+
+    def build(self, cfg: RunConfig, export: ExportResult) -> BuildResult:
+        b = cfg.backend
+        if cfg.build.tool == BuildTool.ultralytics:
+            from runner.backends.tensorrt.engine_export import EngineExportSpec, export_engine
+
+            return export_engine(EngineExportSpec(
+                weights=export.weights, imgsz=tuple(cfg.model.imgsz), dynamic=cfg.shape.mode == ShapeMode.dynamic,
+                half=cfg.precision.name == Precision.fp16, workspace_gib=b.workspace_gib,
+                optimization_level=b.builder_optimization_level, opset=cfg.export.opset,
+                simplify=cfg.export.simplify, cache_dir=cfg.cache_dir, use_engine_cache=b.engine_cache))
+        from runner.backends.tensorrt.build import BuildSpec, build_engine
+
+        return build_engine(BuildSpec(
+            onnx_path=export.tested.path, precision=cfg.precision.name.value, fp16_mode=self.precision_mechanism(cfg),
+            min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
+            optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,
+            use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32))
+
+    def runner(self, cfg: RunConfig, build: BuildResult):
+        from runner.backends.tensorrt.runtime import TrtRunner
+
+        return TrtRunner(build.artifact, cuda_graph=cfg.bench.cuda_graph)

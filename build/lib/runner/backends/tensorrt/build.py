@@ -1,0 +1,246 @@
+"""Build stage, build=tensorrt_api: ONNX -> TensorRT engine with the TensorRT Python API.
+
+Explicit batch where the version needs it, the workspace through the memory pool, one optimization profile,
+the optimization level, and TF32 off unless asked: TensorRT turns TF32 on for fp32 layers by default, which
+gave rel-L2 3e-4 against onnxruntime on an H200, so fp32 here means IEEE fp32. A timing cache per GPU and
+TensorRT version, and an engine cache keyed by ONNX bytes + build settings + TensorRT version + GPU.
+The build log and the engine inspector's layer JSON are kept beside the engine.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.backends.tensorrt import compat
+from runner.backends.tensorrt.runtime import engine_profile
+from runner.results import BuildResult, StageError
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass
+class BuildSpec:
+    onnx_path: str
+    precision: str  # "fp32" | "fp16"
+    fp16_mode: str  # "builder_flag" | "strongly_typed" (resolved from "auto" by the caller)
+    min_shape: list[int]
+    opt_shape: list[int]
+    max_shape: list[int]
+    optimization_level: int | None  # None = TensorRT default
+    workspace_gib: float
+    cache_dir: str
+    use_engine_cache: bool = True
+    use_timing_cache: bool = True
+    tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default
+
+    @property
+    def fp16_mechanism(self) -> str:
+        return "none" if self.precision == "fp32" else self.fp16_mode
+
+
+def file_sha256(path: str | Path, h=None):
+    """sha256 of a file, streamed (into `h` when given); returns the hash object."""
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h
+
+
+def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
+    """sha256 over the ONNX bytes, the build-relevant spec fields, the TensorRT version and the GPU."""
+    fields = {
+        "precision": spec.precision,
+        "fp16_mechanism": spec.fp16_mechanism,
+        "min_shape": list(spec.min_shape),
+        "opt_shape": list(spec.opt_shape),
+        "max_shape": list(spec.max_shape),
+        "optimization_level": spec.optimization_level,
+        "workspace_gib": spec.workspace_gib,
+        "tf32": spec.tf32,
+        "profiling_verbosity": "detailed",
+    }
+    h = file_sha256(spec.onnx_path)
+    h.update(json.dumps(fields, sort_keys=True).encode())
+    h.update(f"|trt={trt_version}|gpu={gpu_name}".encode())
+    return h.hexdigest()
+
+
+def timing_cache_path(cache_dir: str, gpu_name: str, trt_version: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
+    return Path(cache_dir) / "timing" / f"{slug}_trt{trt_version}.cache"
+
+
+@contextmanager
+def heartbeat(what: str, every_s: float = 30.0):
+    """Say every `every_s` seconds that a long step goes on (TensorRT 8.6 has no progress monitor)."""
+    done, start = threading.Event(), time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            log.info("build: %s, %.0f s so far", what, time.perf_counter() - start)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class EngineCache:
+    """Built engines on disk: `<key><suffix>` beside `<key>.json`, the BuildResult that made it."""
+
+    def __init__(self, cache_dir: str, suffix: str = ".plan"):
+        self.folder, self.suffix = Path(cache_dir) / "engines", suffix
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def engine_path(self, key: str) -> Path:
+        return self.folder / f"{key}{self.suffix}"
+
+    def lookup(self, key: str) -> BuildResult | None:
+        engine, meta = self.engine_path(key), self.folder / f"{key}.json"
+        if not (engine.is_file() and meta.is_file()):
+            return None
+        cached = BuildResult.from_dict(json.loads(meta.read_text()))
+        cached.cache_hit, cached.build_s, cached.size_bytes = True, 0.0, engine.stat().st_size
+        log.info("build: engine cache hit")
+        return cached
+
+    def store(self, key: str, result: BuildResult) -> None:
+        write_atomic(self.folder / f"{key}.json", json.dumps(result.to_dict(), indent=1).encode())
+
+
+def inspect_plan(trt, logger, plan: bytes, path: Path) -> tuple[list[list[int]], str | None, int | None]:
+    """(profile 0 of the input, layers JSON path, layer count) of a serialized engine; the engine
+    inspector's JSON is written to `path` where the TensorRT version has an inspector."""
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise StageError("build", f"cannot deserialize the engine just built: {logger.last_error}")
+    try:
+        inputs = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
+                  if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.INPUT]
+        profile = [list(s) for s in engine_profile(engine, inputs[0])]
+        if not hasattr(engine, "create_engine_inspector"):
+            return profile, None, None
+        try:
+            text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+        except RuntimeError:
+            return profile, None, None
+        info = json.loads(text, strict=False)  # 8.6 emits raw control characters inside strings
+        path.write_text(json.dumps(info, indent=1))
+        return profile, str(path), len(info.get("Layers", []))
+    finally:
+        del engine  # before the runtime that made it
+
+
+def build_engine(spec: BuildSpec) -> BuildResult:
+    """Build (or fetch from the engine cache) the engine of `spec`. Raises StageError with TensorRT's words."""
+    if spec.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {spec.precision!r}")
+    if spec.precision == "fp16" and spec.fp16_mode not in ("builder_flag", "strongly_typed"):
+        raise ValueError(f"fp16_mode must be resolved to builder_flag or strongly_typed, got {spec.fp16_mode!r}")
+    import tensorrt as trt
+
+    cache = EngineCache(spec.cache_dir)
+    result = BuildResult(tool="tensorrt_api", artifact="", profile=[spec.min_shape, spec.opt_shape, spec.max_shape],
+                         precision_mechanism=spec.fp16_mechanism, tf32=spec.tf32, trt_version=trt.__version__,
+                         gpu=compat.gpu_name())
+    key = cache_key(spec, result.trt_version, result.gpu)
+    if spec.use_engine_cache and (cached := cache.lookup(key)):
+        return cached
+
+    result.log_path = str(cache.folder / f"{key}.log")
+    logger = compat.get_logger()
+    logger.start()
+    try:
+        plan = _build(trt, spec, result, logger)
+    finally:
+        Path(result.log_path).write_text("\n".join(logger.stop()) + "\n")
+
+    plan_path = cache.engine_path(key)
+    write_atomic(plan_path, plan)
+    result.artifact, result.size_bytes = str(plan_path), plan_path.stat().st_size
+    result.profile, result.layers_path, result.num_layers = inspect_plan(
+        trt, logger, plan, cache.folder / f"{key}.layers.json")
+    cache.store(key, result)
+    log.info("build: done in %.1f s, %.1f MB", result.build_s, result.size_bytes / 1e6)
+    return result
+
+
+def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
+    """Parse, configure, build; returns the serialized plan. Raises StageError with TensorRT's messages."""
+    def failed(message: str) -> StageError:
+        return StageError("build", message, partial=result)
+
+    try:
+        log.info("build: parsing")
+        builder = trt.Builder(logger)
+        network = builder.create_network(compat.network_flags(trt, spec.fp16_mechanism == "strongly_typed"))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(spec.onnx_path):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise failed("\n".join(errors or logger.errors()) or f"cannot parse {spec.onnx_path}")
+        if network.num_inputs != 1:
+            raise failed(f"expected a single network input, got {network.num_inputs}")
+
+        config = builder.create_builder_config()
+        compat.set_workspace(config, spec.workspace_gib * (1 << 30))
+        result.optimization_level = compat.set_optimization_level(config, spec.optimization_level)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        if not spec.tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means IEEE fp32 unless asked
+        if spec.fp16_mechanism == "builder_flag":
+            compat.enable_fp16_flag(trt, config)
+        profile = builder.create_optimization_profile()
+        shapes = [tuple(int(d) for d in s) for s in (spec.min_shape, spec.opt_shape, spec.max_shape)]
+        profile.set_shape(network.get_input(0).name, *shapes)
+        if config.add_optimization_profile(profile) < 0:
+            raise failed("\n".join(logger.errors()) or "TensorRT rejected the optimization profile")
+        timing_path = _load_timing_cache(spec, config, result)
+        first_record = len(logger.records)
+
+        precision = "fp32" if spec.precision == "fp32" else f"fp16 via {spec.fp16_mechanism}"
+        log.info("build: building (level %d, %s)...", result.optimization_level, precision)
+        t0 = time.perf_counter()
+        with heartbeat("still building"):
+            plan = builder.build_serialized_network(network, config)
+        result.build_s = time.perf_counter() - t0
+    except RuntimeError as exc:  # compat.Unsupported, or a TensorRT binding error
+        raise failed("\n".join(logger.errors()) or str(exc)) from None
+    if plan is None:
+        raise failed("\n".join(logger.errors(first_record))
+                     or f"build_serialized_network returned None without an error; see {result.log_path}")
+    if timing_path is not None:
+        write_atomic(timing_path, config.get_timing_cache().serialize())
+    return plan
+
+
+def _load_timing_cache(spec: BuildSpec, config, result: BuildResult) -> Path | None:
+    """Attach the on-disk timing cache (or a fresh one) to config; return where to save it, or None."""
+    if not spec.use_timing_cache:
+        return None
+    path = timing_cache_path(spec.cache_dir, result.gpu, result.trt_version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = path.read_bytes() if path.exists() else b""
+    if not config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
+        log.info("build: timing cache %s rejected, starting a new one", path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return path

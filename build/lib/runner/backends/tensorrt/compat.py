@@ -1,0 +1,222 @@
+"""Every TensorRT 8.6 / 10.x / 11.x and cuda-python API difference, chosen by capability.
+
+Functions taking ``trt`` receive the imported ``tensorrt`` module (or a stand-in in tests) and
+probe it with ``hasattr``; nothing here compares version strings. ``tensorrt`` itself is imported
+lazily so that this module (and the runtime/build modules) import fine on machines without it.
+Only TensorRT 8.6.0 has run (on an H200); the 10.x and 11.x branches are covered by tests with
+stand-ins (tests/test_trt_compat.py), since no real 10.x/11.x could be had for the GPU machine.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+FP16_MODES = ("auto", "builder_flag", "strongly_typed")
+
+
+class Unsupported(RuntimeError):
+    """The installed TensorRT lacks a capability the request needs."""
+
+
+def trt_available() -> tuple[bool, str]:
+    """(True, "") when ``import tensorrt`` works, else (False, reason)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        if exc.name == "tensorrt":
+            return False, "tensorrt is not installed (pip install 'runner[gpu]')"
+        return False, f"import tensorrt failed: {exc}"
+    except OSError as exc:  # a shared library of TensorRT or CUDA is missing
+        return False, f"import tensorrt failed: {exc}"
+    return True, ""
+
+
+def trt_version() -> str:
+    import tensorrt as trt
+
+    return trt.__version__
+
+
+def cudart():
+    """The CUDA runtime module: ``cuda.bindings.runtime`` (cuda-python >= 12.8, 13) or legacy ``cuda.cudart``."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        from cuda import cudart as runtime
+    return runtime
+
+
+def cuda_call(fn, *args):
+    """Call a cuda-python function, raise RuntimeError naming the error on failure, return its results.
+
+    cuda-python returns ``(err,)`` or ``(err, value, ...)``; this returns None, the value or the tuple.
+    """
+    err, *rest = fn(*args)
+    if int(err) != 0:
+        raise RuntimeError(f"{fn.__name__} failed: {getattr(err, 'name', err)}")
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+def cuda_gpu_available() -> tuple[bool, str]:
+    """(True, "") when cudaGetDeviceCount sees a GPU, else (False, reason). No torch."""
+    try:
+        rt = cudart()
+    except ImportError as exc:
+        return False, f"cuda-python is not installed: {exc}"
+    try:
+        count = cuda_call(rt.cudaGetDeviceCount)
+    except RuntimeError as exc:
+        return False, f"no usable CUDA GPU ({exc})"
+    if count < 1:
+        return False, "no CUDA GPU found (cudaGetDeviceCount = 0)"
+    return True, ""
+
+
+def gpu_name(device: int = 0) -> str:
+    """Name of a CUDA device from cudaGetDeviceProperties (bytes in cuda-python, NUL padded)."""
+    name = cuda_call(cudart().cudaGetDeviceProperties, device).name
+    if isinstance(name, bytes):
+        name = name.split(b"\0", 1)[0].decode(errors="replace")
+    return name.strip()
+
+
+def network_flags(trt, strongly_typed: bool) -> int:
+    """Flags for ``builder.create_network``.
+
+    EXPLICIT_BATCH: required on 8.6, deprecated and ignored on 10.x (always explicit), removed on
+    11.x, so it is set whenever the enum still has it. STRONGLY_TYPED: absent on 8.6, present on
+    10.x/11.x; requesting it where absent raises Unsupported.
+    """
+    flags_enum = trt.NetworkDefinitionCreationFlag
+    flags = 0
+    if hasattr(flags_enum, "EXPLICIT_BATCH"):
+        flags |= 1 << int(flags_enum.EXPLICIT_BATCH)
+    if strongly_typed:
+        if not has_strongly_typed(trt):
+            raise Unsupported(
+                f"this TensorRT ({getattr(trt, '__version__', '?')}) has no strongly typed networks "
+                "(NetworkDefinitionCreationFlag.STRONGLY_TYPED); use fp16_mode=builder_flag"
+            )
+        flags |= 1 << int(flags_enum.STRONGLY_TYPED)
+    return flags
+
+
+def has_builder_fp16_flag(trt) -> bool:
+    """BuilderFlag.FP16 exists on 8.6 and 10.x (deprecated late in 10.x) and is gone on 11.x."""
+    return hasattr(trt.BuilderFlag, "FP16")
+
+
+def has_strongly_typed(trt) -> bool:
+    """NetworkDefinitionCreationFlag.STRONGLY_TYPED exists from 9/10.x on, not on 8.6."""
+    return hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+
+
+def resolve_fp16_mode(trt, requested: str) -> str:
+    """"auto" -> "builder_flag" where BuilderFlag.FP16 exists (8.6, 10.x) else "strongly_typed" (11.x)."""
+    if requested not in FP16_MODES:
+        raise ValueError(f"fp16_mode must be one of {FP16_MODES}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "builder_flag" if has_builder_fp16_flag(trt) else "strongly_typed"
+
+
+def enable_fp16_flag(trt, config) -> None:
+    """config.set_flag(BuilderFlag.FP16) on 8.6/10.x; Unsupported on 11.x, which has no such flag."""
+    if not has_builder_fp16_flag(trt):
+        raise Unsupported(
+            f"this TensorRT ({getattr(trt, '__version__', '?')}) has no BuilderFlag.FP16; "
+            "use fp16_mode=strongly_typed with an fp16 ONNX"
+        )
+    config.set_flag(trt.BuilderFlag.FP16)
+
+
+def set_optimization_level(config, level: int | None) -> int:
+    """Set ``config.builder_optimization_level`` (8.6, 10.x, 11.x; default 3) and return the effective value.
+
+    None keeps TensorRT's default. Raises Unsupported on a TensorRT older than 8.6 (no such attribute).
+    """
+    if not hasattr(config, "builder_optimization_level"):
+        raise Unsupported("this TensorRT has no builder_optimization_level (TensorRT >= 8.6 needed)")
+    if level is not None:
+        config.builder_optimization_level = int(level)
+    return int(config.builder_optimization_level)
+
+
+def set_workspace(config, nbytes: int) -> None:
+    """Workspace limit via set_memory_pool_limit(MemoryPoolType.WORKSPACE) (8.6, 10.x, 11.x alike;
+    the older ``max_workspace_size`` is gone since 10.x)."""
+    import tensorrt as trt
+
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(nbytes))
+
+
+_NUMPY_DTYPES = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,  # 10.x+
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
+
+
+def dtype_to_numpy(trt, dtype) -> np.dtype:
+    """numpy dtype of a trt.DataType. Members missing from the installed TensorRT (INT64 on 8.6) are
+    skipped; BF16 (10.x+), FP8 and INT4 have no numpy dtype and raise TypeError."""
+    for name, np_type in _NUMPY_DTYPES.items():
+        member = getattr(trt.DataType, name, None)
+        if member is not None and dtype == member:
+            return np.dtype(np_type)
+    raise TypeError(f"TensorRT dtype {dtype} has no numpy equivalent")
+
+
+_LOGGER = None
+
+
+def get_logger():
+    """The process-wide TensorRT logger (one instance: TensorRT keeps the first logger it is given).
+
+    Between ``start()`` and ``stop()`` it records INFO and above as (severity, message); otherwise it
+    prints WARNING and above to stderr. ``last_error`` keeps the latest error message either way.
+    """
+    global _LOGGER
+    if _LOGGER is None:
+        import tensorrt as trt
+
+        severity = trt.ILogger.Severity
+
+        class RecordingLogger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.records: list[tuple[str, str]] | None = None
+                self.last_error = ""
+
+            def log(self, sev, msg):
+                name = str(sev).rsplit(".", 1)[-1]
+                if sev in (severity.ERROR, severity.INTERNAL_ERROR):
+                    self.last_error = msg
+                if self.records is not None:
+                    if sev != severity.VERBOSE:
+                        self.records.append((name, msg))
+                elif sev not in (severity.VERBOSE, severity.INFO):
+                    print(f"[TRT] [{name}] {msg}", file=sys.stderr)
+
+            def start(self) -> None:
+                self.records = []
+
+            def stop(self) -> list[str]:
+                """Stop recording; return the recorded lines."""
+                lines = [f"[{name}] {msg}" for name, msg in self.records or []]
+                self.records = None
+                return lines
+
+            def errors(self, since: int = 0) -> list[str]:
+                """Recorded ERROR / INTERNAL_ERROR messages, from record index ``since`` on."""
+                return [m for n, m in (self.records or [])[since:] if n in ("ERROR", "INTERNAL_ERROR")]
+
+        _LOGGER = RecordingLogger()
+    return _LOGGER

@@ -1,0 +1,248 @@
+"""Typed configuration: the structured-config schema behind `conf/`, and its checks.
+
+Hydra composes `conf/`; OmegaConf merges it onto these dataclasses, which rejects wrong types.
+`check()` adds the value and cross-field rules. Every error is a `ConfigError` whose message is one line
+naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: inside the installed package (a wheel carries `conf/` as `runner/conf`),
+    else the checkout's `conf/` beside the package."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "conf"
+    return packaged if packaged.is_dir() else package.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A bad configuration, reported as one line before any work starts."""
+
+
+class ExportTool(str, Enum):
+    ultralytics = "ultralytics"  # model.export(format="onnx")
+    torch = "torch"  # torch.onnx.export, TorchScript exporter
+    dynamo = "dynamo"  # torch.onnx.export(dynamo=True), torch.export-based
+
+
+class BuildTool(str, Enum):
+    """How a TensorRT engine is made: the TensorRT API on the variant's ONNX, or ultralytics in one step."""
+    tensorrt_api = "tensorrt_api"
+    ultralytics = "ultralytics"  # model.export(format="engine") from the weights
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+class ShapeMode(str, Enum):
+    static = "static"
+    dynamic = "dynamic"
+
+
+class Fp16Mode(str, Enum):
+    """How an fp16 TensorRT engine is made: BuilderFlag.FP16 on the fp32 ONNX, or a strongly typed fp16 ONNX."""
+    auto = "auto"
+    builder_flag = "builder_flag"
+    strongly_typed = "strongly_typed"
+
+
+class BackendName(str, Enum):
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "shapes-yolov8n"
+    weights: Optional[str] = None  # null: the embedded default model
+    imgsz: List[int] = field(default_factory=lambda: [640, 640])  # H, W of export and static shapes
+    stride: int = 32
+
+
+@dataclass
+class ExportConfig:
+    tool: ExportTool = ExportTool.ultralytics
+    shape: Optional[ShapeMode] = None  # ONNX shape mode; null follows `shape.mode`
+    opset: int = 17
+    simplify: bool = True
+
+
+@dataclass
+class BuildConfig:
+    tool: BuildTool = BuildTool.tensorrt_api
+
+
+@dataclass
+class PrecisionConfig:
+    name: Precision = Precision.fp32
+    fp16_mode: Fp16Mode = Fp16Mode.auto
+
+
+@dataclass
+class ShapeConfig:
+    """The input shapes the backend is built for and checked at: min = opt = max when static."""
+    mode: ShapeMode = ShapeMode.static
+    min: List[int] = MISSING
+    opt: List[int] = MISSING
+    max: List[int] = MISSING
+
+
+@dataclass
+class ProfileConfig:
+    name: str = "default"
+    min: List[int] = MISSING
+    opt: List[int] = MISSING
+    max: List[int] = MISSING
+
+
+@dataclass
+class BackendConfig:
+    name: BackendName = BackendName.auto
+    builder_optimization_level: Optional[int] = None  # null: TensorRT's default (3)
+    workspace_gib: float = 4.0
+    tf32: bool = False  # allow TF32 in fp32 engines (TensorRT's own default is on)
+    engine_cache: bool = True
+    timing_cache: bool = True
+    ort_provider: str = "CPUExecutionProvider"
+    timeout_s: int = 1800  # per variant, in its child process
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    images: Optional[str] = None  # null: the generated held-out split of the default model
+    labels: Optional[str] = None  # YOLO .txt labels; null: images/../labels/<split> when present
+    limit: int = 16
+
+
+@dataclass
+class Thresholds:
+    atol: float = MISSING
+    rtol: float = MISSING
+    max_rel_l2: float = MISSING
+    min_det_f1: float = MISSING
+
+
+@dataclass
+class ValidateConfig:
+    conf: float = 0.25
+    nms_iou: float = 0.7
+    match_iou: float = 0.5
+    max_det: int = 300
+    non_square: bool = True  # dynamic: also check one non-square shape inside the profile
+    fp32: Thresholds = field(default_factory=lambda: Thresholds(1e-3, 1e-3, 1e-5, 0.99))
+    fp16: Thresholds = field(default_factory=lambda: Thresholds(5e-2, 5e-2, 5e-3, 0.9))
+
+
+@dataclass
+class BenchConfig:
+    warmup: int = 10
+    iters: int = 50
+    cuda_graph: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # false: results only in the sweep folder (results.json, summary.csv)
+    uri: str = "sqlite:///outputs/mlflow.db"
+    experiment: str = "runner"
+    artifact_root: str = "outputs/mlartifacts"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    shape: ShapeConfig = field(default_factory=ShapeConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    outputs: str = "outputs"
+    cache_dir: str = "${outputs}/cache"
+
+
+def register() -> None:
+    """Register the schema so `conf/config.yaml` can name it first in its defaults list."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def _check_dims(key: str, dims: List[int]) -> None:
+    if len(dims) != 4:
+        raise ConfigError(f"{key}: expected 4 dims [N, 3, H, W], got {list(dims)}")
+    if any(d <= 0 for d in dims):
+        raise ConfigError(f"{key}: every dim must be a positive integer, got {list(dims)}")
+    if dims[1] != 3:
+        raise ConfigError(f"{key}: dim 1 is the channel count and must be 3, got {list(dims)}")
+
+
+def _check_range(key: str, lo: List[int], mid: List[int], hi: List[int]) -> None:
+    for name, dims in (("min", lo), ("opt", mid), ("max", hi)):
+        _check_dims(f"{key}.{name}", dims)
+    if any(a > b for a, b in zip(lo, mid)):
+        raise ConfigError(f"{key}: min must be <= opt in every dim, got min={list(lo)} opt={list(mid)}")
+    if any(a > b for a, b in zip(mid, hi)):
+        raise ConfigError(f"{key}: opt must be <= max in every dim, got opt={list(mid)} max={list(hi)}")
+
+
+def _check_fraction(key: str, value: float, low_open: bool = False) -> None:
+    if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+        raise ConfigError(f"{key}: must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+
+
+def _check_validate(v: ValidateConfig) -> None:
+    for key in ("conf", "nms_iou", "match_iou"):
+        _check_fraction(f"validate.{key}", getattr(v, key), low_open=True)
+    if v.max_det <= 0:
+        raise ConfigError(f"validate.max_det: must be a positive integer, got {v.max_det}")
+    for precision in Precision:
+        t: Thresholds = getattr(v, precision.value)
+        for key in ("atol", "rtol", "max_rel_l2"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"validate.{precision.value}.{key}: must be >= 0, got {getattr(t, key)}")
+        _check_fraction(f"validate.{precision.value}.min_det_f1", t.min_det_f1)
+
+
+def check(cfg: RunConfig) -> None:
+    """Cross-field rules the schema cannot express. Raises ConfigError with a one-line message."""
+    stride = cfg.model.stride
+    if stride <= 0:
+        raise ConfigError(f"model.stride: must be a positive integer, got {stride}")
+    if len(cfg.model.imgsz) != 2 or any(v <= 0 or v % stride for v in cfg.model.imgsz):
+        raise ConfigError(f"model.imgsz: expected [H, W], positive multiples of the stride {stride}, "
+                          f"got {list(cfg.model.imgsz)}")
+    _check_range("profile", cfg.profile.min, cfg.profile.opt, cfg.profile.max)
+    _check_range("shape", cfg.shape.min, cfg.shape.opt, cfg.shape.max)
+    if cfg.shape.mode == ShapeMode.static:
+        if not (list(cfg.shape.min) == list(cfg.shape.opt) == list(cfg.shape.max)):
+            raise ConfigError(f"shape: a static shape needs min = opt = max, got min={list(cfg.shape.min)} "
+                              f"max={list(cfg.shape.max)}; use shape=dynamic for a range")
+        if any(v % stride for v in cfg.shape.opt[2:]):
+            raise ConfigError(f"shape.opt: static H and W must be multiples of the stride {stride}, "
+                              f"got {list(cfg.shape.opt)}")
+    _check_validate(cfg.validate)
+    for key, value in (("data.limit", cfg.data.limit), ("bench.iters", cfg.bench.iters)):
+        if value <= 0:
+            raise ConfigError(f"{key}: must be a positive integer, got {value}")
+    if cfg.bench.warmup < 0:
+        raise ConfigError(f"bench.warmup: must be >= 0, got {cfg.bench.warmup}")
+    level = cfg.backend.builder_optimization_level
+    if level is not None and not 0 <= level <= 5:
+        raise ConfigError(f"backend.builder_optimization_level: must be 0..5 or null, got {level}")
+    if cfg.backend.timeout_s <= 0:
+        raise ConfigError(f"backend.timeout_s: must be a positive integer, got {cfg.backend.timeout_s}")

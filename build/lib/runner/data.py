@@ -1,0 +1,125 @@
+"""Images (and YOLO labels where present) that a variant is validated and timed on.
+
+`select` decides which files a run uses: the first `limit` readable images by name, with unreadable ones
+skipped and named. It also parses their labels, so a malformed line is caught before any work starts.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from runner import synthetic
+from runner.config import ConfigError
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+HELD_OUT_SEED = 1  # the split train_default.py validated on
+HELD_OUT_COUNT = 64
+COORD_SLACK = 1e-3  # normalised coordinates a rounding step outside [0, 1] are accepted
+
+
+@dataclass
+class Sample:
+    name: str
+    image: np.ndarray  # BGR uint8
+    gt_cls: np.ndarray | None = None  # (n,)
+    gt_boxes: np.ndarray | None = None  # (n, 4) xyxy pixels
+
+
+@dataclass
+class Selection:
+    """The images a run uses, and the ones it skipped because they could not be decoded."""
+    folder: Path
+    labels: Path | None  # None: the images carry no labels
+    files: list[Path]
+    skipped: list[str] = field(default_factory=list)
+
+
+def held_out_split(root: Path) -> Path:
+    """The default model's held-out split, generated once under `root`."""
+    images = root / "images" / "val"
+    if not (images.is_dir() and len(list(images.iterdir())) == HELD_OUT_COUNT):
+        synthetic.write_split(root, "val", HELD_OUT_COUNT, HELD_OUT_SEED)
+    return images
+
+
+def parse_labels(path: Path) -> np.ndarray:
+    """(n, 5) rows `class cx cy w h` (normalised) of a YOLO label file. Raises ConfigError naming file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        problem = None
+        try:
+            values = [float(f) for f in fields]
+        except ValueError:
+            values, problem = [], "not numbers"
+        if not problem and len(values) != 5:
+            problem = f"{len(values)} numbers" + (" (a segmentation polygon?)" if len(values) > 5 else "")
+        elif not problem and (values[0] < 0 or values[0] != int(values[0])):
+            problem = f"class {fields[0]} is not a non-negative integer"
+        elif not problem and not all(math.isfinite(v) and -COORD_SLACK <= v <= 1 + COORD_SLACK for v in values[1:]):
+            problem = "coordinates outside [0, 1] (labels must be normalised)"
+        if problem:
+            raise ConfigError(f"data.labels: {path} line {number}: expected 'class cx cy w h', got '{line.strip()[:80]}'"
+                              f": {problem}")
+        rows.append(values)
+    return np.asarray(rows, np.float64).reshape(-1, 5)
+
+
+def read_labels(path: Path, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, xyxy pixel boxes) of a YOLO label file for an image of h x w."""
+    rows = parse_labels(path)
+    cx, cy, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
+    return rows[:, 0].astype(np.float32), np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+
+
+def select(images_dir: str | Path, labels_dir: str | None, limit: int) -> Selection:
+    """The first `limit` readable images of a folder, with their labels checked. Raises ConfigError."""
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"data.images: not a readable folder: {images_dir}")
+    try:
+        candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise ConfigError(f"data.images: not a readable folder: {images_dir} ({exc.strerror})") from None
+    if not candidates:
+        raise ConfigError(f"data.images: no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
+    if labels_dir is not None and not Path(labels_dir).is_dir():
+        raise ConfigError(f"data.labels: not a readable folder: {labels_dir}")
+    labels = Path(labels_dir) if labels_dir else Path(str(folder).replace("images", "labels", 1))
+    selection = Selection(folder, labels if labels != folder and labels.is_dir() else None, [])
+    for path in candidates:
+        if len(selection.files) == limit:
+            break
+        if cv2.imread(str(path), cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
+            selection.skipped.append(path.name)
+            continue
+        selection.files.append(path)
+        label = selection.labels / f"{path.stem}.txt" if selection.labels else None
+        if label and label.is_file():
+            parse_labels(label)
+    if not selection.files:
+        raise ConfigError(f"data.images: none of the {len(candidates)} images in {images_dir} could be decoded")
+    return selection
+
+
+def load_samples(images_dir: str | None, labels_dir: str | None, limit: int, outputs: Path
+                 ) -> tuple[list[Sample], list[str]]:
+    """(samples, names of skipped unreadable images). The default held-out split is generated on first use."""
+    selection = select(images_dir or held_out_split(outputs / "data" / "shapes"), labels_dir, limit)
+    if selection.skipped:
+        log.warning("data: skipped %d unreadable image(s): %s", len(selection.skipped), ", ".join(selection.skipped))
+    samples = []
+    for path in selection.files:
+        image = cv2.imread(str(path))
+        label = selection.labels / f"{path.stem}.txt" if selection.labels else None
+        gt = read_labels(label, *image.shape[:2]) if label and label.is_file() else (None, None)
+        samples.append(Sample(path.name, image, *gt))
+    return samples, selection.skipped

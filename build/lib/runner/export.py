@@ -1,0 +1,176 @@
+"""Export stage: weights -> ONNX with ultralytics `model.export`, or `torch.onnx.export` with the TorchScript
+exporter (`dynamo=False`) or the torch.export-based one (`dynamo=True`, torch's default since 2.9).
+
+Every ONNX is checked with `onnx.checker` and described by its signature. Exports are cached by a
+content key (weights bytes + export settings + tool versions), so a sweep exports each ONNX once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import onnx
+
+from runner.results import OnnxArtifact, StageError
+
+log = logging.getLogger(__name__)
+ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+               onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    weights: str
+    tool: str  # ultralytics | torch | dynamo
+    dynamic: bool
+    half: bool
+    imgsz: tuple[int, int]
+    opset: int
+    simplify: bool
+    device: str = "cpu"
+
+    def key(self) -> str:
+        h = hashlib.sha256(Path(self.weights).read_bytes())
+        fields = {**asdict(self), "weights": None, "versions": [version("ultralytics"), version("torch"),
+                                                                version("onnx")]}
+        h.update(json.dumps(fields, sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+
+def signature(model: onnx.ModelProto) -> dict:
+    """Input/output names, shapes (symbolic dims as names) and dtypes of an ONNX graph."""
+    def describe(values) -> list[dict]:
+        return [{"name": v.name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+                 "dtype": ONNX_DTYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type))}
+                for v in values]
+    init = {i.name for i in model.graph.initializer}
+    return {"inputs": describe([i for i in model.graph.input if i.name not in init]),
+            "outputs": describe(model.graph.output), "opset": max(o.version for o in model.opset_import
+                                                                  if o.domain in ("", "ai.onnx"))}
+
+
+def weights_precision(model: onnx.ModelProto) -> str:
+    """fp16 when most initializer bytes are float16."""
+    sizes = {"fp16": 0, "fp32": 0}
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT16:
+            sizes["fp16"] += len(init.raw_data)
+        elif init.data_type == onnx.TensorProto.FLOAT:
+            sizes["fp32"] += len(init.raw_data)
+    return "fp16" if sizes["fp16"] > sizes["fp32"] else "fp32"
+
+
+def _export_ultralytics(spec: ExportSpec, workdir: Path) -> Path:
+    from ultralytics import YOLO
+
+    local = workdir / "model.pt"
+    shutil.copyfile(spec.weights, local)  # ultralytics writes the ONNX next to the weights
+    out = YOLO(str(local)).export(format="onnx", imgsz=list(spec.imgsz), dynamic=spec.dynamic,
+                                  simplify=spec.simplify, opset=spec.opset, quantize=16 if spec.half else None,
+                                  device=spec.device, batch=1, verbose=False)
+    return Path(out)
+
+
+def _torch_model(spec: ExportSpec):
+    """The checkpoint as an inference module returning the decoded head output only, and a dummy input."""
+    import torch
+    from ultralytics.nn.tasks import load_checkpoint
+
+    device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{spec.device}")
+    model = load_checkpoint(spec.weights, device=device, inplace=True, fuse=True)[0].float().eval()
+    model.model[-1].dynamic = spec.dynamic  # the head rebuilds its anchors from the input shape each call
+    dummy = torch.zeros(1, 3, *spec.imgsz, device=device)
+    if spec.half:
+        model, dummy = model.half(), dummy.half()
+
+    class FirstOutput(torch.nn.Module):
+        """The detection head returns (decoded, raw maps) in eval mode; keep the decoded tensor."""
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)[0]
+
+    return FirstOutput(model).eval(), dummy
+
+
+def _export_torch(spec: ExportSpec, workdir: Path) -> Path:
+    import torch
+
+    model, dummy = _torch_model(spec)
+    out = workdir / "model.onnx"
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}
+    with torch.no_grad():
+        torch.onnx.export(model, dummy, str(out), opset_version=spec.opset, input_names=["images"],
+                          output_names=["output0"], dynamic_axes=axes if spec.dynamic else None, dynamo=False)
+    return out
+
+
+def _export_dynamo(spec: ExportSpec, workdir: Path) -> Path:
+    import torch
+
+    model, dummy = _torch_model(spec)
+    out = workdir / "model.onnx"
+    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    with torch.no_grad():
+        torch.onnx.export(model, (dummy,), str(out), opset_version=spec.opset, input_names=["images"],
+                          output_names=["output0"], dynamic_shapes=({"x": dims} if spec.dynamic else None),
+                          dynamo=True, verbose=False)
+    return out
+
+
+EXPORTERS = {"ultralytics": _export_ultralytics, "torch": _export_torch, "dynamo": _export_dynamo}
+
+
+def _simplify(path: Path) -> None:
+    import onnxslim
+
+    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+
+
+def export_onnx(spec: ExportSpec, cache_dir: Path) -> OnnxArtifact:
+    """Export (or reuse) the ONNX for `spec`; raises StageError with the tool's message on failure."""
+    folder = Path(cache_dir) / "onnx" / f"{spec.tool}-{'dy' if spec.dynamic else 'st'}-" \
+                                        f"{'fp16' if spec.half else 'fp32'}-{spec.key()}"
+    meta = folder / "artifact.json"
+    if meta.exists():
+        artifact = OnnxArtifact.from_dict(json.loads(meta.read_text()))
+        artifact.cached = True
+        log.info("export: cached %s (%.1f MB)", Path(artifact.path).name, artifact.size_bytes / 1e6)
+        return artifact
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    log.info("export: %s %s %s opset %d...", spec.tool, "dynamic" if spec.dynamic else "static",
+             "fp16" if spec.half else "fp32", spec.opset)
+    start = time.perf_counter()
+    try:
+        produced = EXPORTERS[spec.tool](spec, folder)
+        if spec.simplify and spec.tool != "ultralytics":  # ultralytics simplifies itself
+            _simplify(produced)
+        model = onnx.load(str(produced))
+    except Exception as exc:  # the tool's own failure is the result
+        shutil.rmtree(folder, ignore_errors=True)
+        raise StageError("export", f"{spec.tool}: {type(exc).__name__}: {exc}".strip()) from exc
+    try:
+        onnx.checker.check_model(model)
+        checker = "ok"
+    except onnx.checker.ValidationError as exc:
+        checker = " ".join(str(exc).split())
+        log.info("export: onnx.checker: %s", checker[:200])
+    path = folder / "model.onnx"
+    if produced != path:
+        shutil.move(produced, path)
+    artifact = OnnxArtifact(path=str(path), tool=spec.tool, dynamic=spec.dynamic,
+                            precision=weights_precision(model), signature=signature(model), checker=checker,
+                            size_bytes=path.stat().st_size, export_s=time.perf_counter() - start, cached=False)
+    meta.write_text(json.dumps(artifact.to_dict(), indent=1))
+    log.info("export: done in %.1f s, %.1f MB", artifact.export_s, artifact.size_bytes / 1e6)
+    return artifact

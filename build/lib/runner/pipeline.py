@@ -1,0 +1,137 @@
+"""One variant, top to bottom: export -> build -> validate -> bench, on the backend chosen by name.
+
+Runs inside the variant's child process (see `isolate`) and returns a `VariantResult`. An expected verdict
+(a `StageError`: the export tool, builder or runtime said no) fails the variant at its stage with the tool's
+own words. Anything else is a bug: it fails the variant at the stage it hit, and its traceback is kept in
+`error_detail`. Progress goes to `logging`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from runner import backends
+from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
+from runner.bench import bench
+from runner.config import RunConfig, ShapeMode
+from runner.data import Sample, load_samples
+from runner.environment import environment
+from runner.export import ExportSpec, export_onnx
+from runner.results import BuildVariant, Cell, ExportResult, OnnxVariant, StageError, VariantResult
+from runner.validate import check_shapes, validate
+
+log = logging.getLogger(__name__)
+DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "shapes_yolov8n.pt"
+FP16_ONNX = ("fp16_onnx", "strongly_typed")  # the precision mechanisms that build or run an fp16 ONNX
+
+
+def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
+    """The variant's compatibility cell: ONNX column x build row. With no mechanism known (the backend is not
+    here to say), the ONNX is named by the variant's precision."""
+    build_tool = cfg.build.tool.value if backend == "tensorrt" else backend
+    onnx_precision = cfg.precision.name.value if mechanism is None else "fp16" if mechanism in FP16_ONNX else "fp32"
+    onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision)
+    return Cell(onnx, BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value))
+
+
+def new_result(cfg: RunConfig, backend: str, mechanism: str | None, status: str = "running") -> VariantResult:
+    """A result with no stage run yet: what a skipped variant, or a crash before any stage, reports."""
+    return VariantResult(cell=cell_of(cfg, backend, mechanism), backend=backend, profile=cfg.profile.name,
+                         status=status)
+
+
+class StageClock:
+    """Wall time per stage into `result.timings`; tells the parent process which stage runs."""
+
+    def __init__(self, result: VariantResult, stage_started):
+        self.result, self.stage_started = result, stage_started
+        self.stage, self.start = "start", time.perf_counter()
+
+    def enter(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.stage != "start":
+            self.result.timings[self.stage] = now - self.start
+        self.stage, self.start = stage, now
+        if stage != "done":
+            self.stage_started(stage)
+
+
+def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: None,
+                publish=lambda result: None) -> VariantResult:
+    """Run every stage of one variant. `publish` receives the partial result after each stage."""
+    backend = backends.get(backend_name)
+    result = new_result(cfg, backend_name, None)
+    result.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result.environment = environment(cfg.export.opset)
+    clock = StageClock(result, stage_started)
+    try:
+        clock.enter("export")
+        mechanism = backend.precision_mechanism(cfg)
+        result.cell = cell_of(cfg, backend_name, mechanism)
+        result.export = export_stage(cfg, mechanism)
+        publish(result)
+
+        clock.enter("build")
+        result.build = backend.build(cfg, result.export)
+        runner = backend.runner(cfg, result.build)
+        try:
+            runner.open()
+        except Exception as exc:  # the runtime refusing what was built is its verdict
+            raise StageError("build", f"{backend.name}: {type(exc).__name__}: {exc}") from exc
+        publish(result)
+        with runner:  # closes it
+            clock.enter("validate")
+            samples, skipped = load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs))
+            validate_stage(cfg, runner, result, samples, skipped)
+            publish(result)
+            clock.enter("bench")
+            v = cfg.validate
+            result.bench = bench(runner, [s.image for s in samples], result.build.profile[1], cfg.bench.warmup,
+                                 cfg.bench.iters, v.conf, v.nms_iou, v.max_det)
+    except StageError as exc:
+        if exc.partial is not None:
+            setattr(result, exc.stage, exc.partial)
+        result.fail(exc.stage, exc.message)
+        log.error("%s: FAILED: %s", exc.stage, result.first_error_line())
+    except Exception as exc:  # a bug, not a verdict: keep the traceback
+        result.fail(clock.stage, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        log.exception("%s: unexpected error", clock.stage)
+    clock.enter("done")
+    if result.status == "running":
+        result.status = "ok"
+    return result
+
+
+def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
+    """The fp32 reference ONNX, and the ONNX under test (the fp16 one where the mechanism needs it)."""
+    weights = str(cfg.model.weights or DEFAULT_WEIGHTS)
+    spec = ExportSpec(weights=weights, tool=cfg.export.tool.value,
+                      dynamic=(cfg.export.shape or cfg.shape.mode) == ShapeMode.dynamic, half=False,
+                      imgsz=tuple(cfg.model.imgsz), opset=cfg.export.opset, simplify=cfg.export.simplify)
+    reference = export_onnx(spec, Path(cfg.cache_dir))
+    tested = reference
+    if mechanism in FP16_ONNX:
+        tested = export_onnx(replace(spec, half=True), Path(cfg.cache_dir))
+    return ExportResult(weights=weights, reference=reference, tested=tested)
+
+
+def validate_stage(cfg: RunConfig, runner, result: VariantResult, samples: list[Sample], skipped: list[str]) -> None:
+    """Against the onnxruntime reference at every shape of the built profile; fails the variant on a miss."""
+    build, export = result.build, result.export
+    is_reference = (build.tool == "onnxruntime" and build.artifact == export.reference.path
+                    and build.provider == REFERENCE_PROVIDER)
+    reference = None if is_reference else open_reference(export.reference.path)
+    try:
+        shapes = check_shapes(build.profile, cfg.model.stride, cfg.validate.non_square)
+        thresholds = getattr(cfg.validate, cfg.precision.name.value)
+        result.validate = validate(runner, reference, samples, shapes, thresholds, cfg.validate, REFERENCE_PROVIDER,
+                                   skipped)
+    finally:
+        if reference is not None:
+            reference.close()
+    if result.validate.status in ("failed", "unchecked"):
+        result.fail("validate", result.validate.reason)

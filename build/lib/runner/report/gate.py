@@ -1,0 +1,87 @@
+"""The regression gate: a sweep's cells as a baseline, and a current sweep checked against one.
+
+A cell regresses when it goes O -> X, its validation goes passed -> failed, its mAP50-95 drops by more
+than `map_drop`, its infer or end-to-end p50 grows by more than `latency_ratio`, or its build takes more
+than `build_ratio` as long. A `reference` cell (the model under test is the reference) has no validation
+that could fail, so its validation is listed but never compared.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from runner.report.render import MARKS, to_markdown
+
+MIN_BUILD_S = 1.0  # shorter baseline builds are cache hits: not compared
+COMPARABLE_VALIDATION = ("passed", "failed")
+
+
+def _number(value) -> float | None:
+    return None if pd.isna(value) else float(value)
+
+
+def cells(frame: pd.DataFrame) -> dict[str, dict]:
+    """What `check` compares, per cell key "<onnx label> | <build label>"."""
+    return {r.cell.key: {"cell": r.cell.to_dict(), "status": r.status, "failed_stage": r.failed_stage,
+                         "validation": r.validation, "map50_95": _number(r.map50_95),
+                         "infer_p50_ms": _number(r.infer_p50_ms), "e2e_p50_ms": _number(r.e2e_p50_ms),
+                         "build_s": _number(r.build_s)}
+            for r in frame.itertuples(index=False)}
+
+
+def _mark(cell: dict) -> str:
+    mark = MARKS.get(cell["status"], "-")
+    return f"X ({cell['failed_stage']})" if mark == "X" and cell.get("failed_stage") else mark
+
+
+def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: float, map_drop: float,
+            build_ratio: float, timing: bool = True) -> pd.DataFrame:
+    """One row per compared (cell, metric): baseline, current and verdict (REGRESSION | ok | new | not compared)."""
+    rows = []
+
+    def add(cell, metric, before, after, regressed, verdict="ok"):
+        rows.append({"cell": cell, "metric": metric, "baseline": before, "current": after,
+                     "verdict": "REGRESSION" if regressed else verdict})
+
+    def ratio(cell, metric, before, after, limit, unit):
+        if before is not None and after is not None:
+            add(cell, metric, f"{before:.2f}{unit}", f"{after:.2f}{unit} (x{after / before:.2f})",
+                after > before * limit)
+
+    for cell, old in baseline.items():
+        new = current.get(cell)
+        if new is None:
+            add(cell, "cell", _mark(old), "missing", True)
+            continue
+        add(cell, "status", _mark(old), _mark(new), old["status"] == "ok" and new["status"] != "ok")
+        before, after = old.get("validation") or "", new.get("validation") or ""
+        if before in COMPARABLE_VALIDATION and after in COMPARABLE_VALIDATION:
+            add(cell, "validation", before, after, before == "passed" and after == "failed")
+        elif before or after:
+            add(cell, "validation", before or "-", after or "-", False, "not compared (no validation that can fail)")
+        if old.get("map50_95") is not None and new["map50_95"] is not None:
+            add(cell, "mAP50-95", f"{old['map50_95']:.3f}", f"{new['map50_95']:.3f}",
+                old["map50_95"] - new["map50_95"] > map_drop)
+        if timing:
+            ratio(cell, "infer p50", old.get("infer_p50_ms"), new["infer_p50_ms"], latency_ratio, " ms")
+            ratio(cell, "e2e p50", old.get("e2e_p50_ms"), new["e2e_p50_ms"], latency_ratio, " ms")
+            if (old.get("build_s") or 0.0) >= MIN_BUILD_S:
+                ratio(cell, "build time", old["build_s"], new["build_s"], build_ratio, " s")
+    for cell in current.keys() - baseline.keys():
+        add(cell, "cell", "absent", _mark(current[cell]), False, "new")
+    diff = pd.DataFrame(rows, columns=["cell", "metric", "baseline", "current", "verdict"])
+    return diff.sort_values("verdict", key=lambda v: v != "REGRESSION", kind="stable").reset_index(drop=True)
+
+
+def check_markdown(diff: pd.DataFrame, grid: pd.DataFrame, sweep: str, baseline_file: Path, limits: str) -> str:
+    """The check as a CI job summary: verdict, regressions, the current grid, and every comparison."""
+    regressions = diff[diff["verdict"] == "REGRESSION"]
+    head = (f"## runner check: FAILED, {len(regressions)} regression(s) in {regressions['cell'].nunique()} cell(s)"
+            if len(regressions) else "## runner check: passed, no regression")
+    parts = [head, f"Sweep `{sweep}` against baseline `{baseline_file}`. Limits: {limits}."]
+    if len(regressions):
+        parts += ["### Regressions", to_markdown(regressions)]
+    parts += ["### Compatibility", to_markdown(grid.reset_index()),
+              f"<details><summary>All {len(diff)} comparisons</summary>\n\n{to_markdown(diff)}\n\n</details>"]
+    return "\n\n".join(parts) + "\n"

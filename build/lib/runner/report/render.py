@@ -1,0 +1,74 @@
+"""The compatibility grid and the detail table of a sweep frame, as DataFrames, Markdown and HTML."""
+from __future__ import annotations
+
+import pandas as pd
+
+MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
+SEVERITY = "-ROX"  # a cell run twice (e.g. two profiles) shows its worst outcome
+COLOURS = {"O": "#2e7d32", "X": "#c62828", "R": "#1565c0", "-": "#bdbdbd"}
+LEGEND = ("O built, ran and passed validation; X failed (its stage is in the details); R ran, and the model "
+          "under test is the reference itself, so its validation cannot fail; - skipped (the reason is in the "
+          "details).")
+DETAIL = {"onnx_label": "onnx", "build_label": "build", "status": "status", "validation": "validation",
+          "failed_stage": "failing stage", "error": "error", "build_s": "build s", "engine_mb": "engine MB",
+          "infer_p50_ms": "infer p50 ms", "rel_l2": "rel-L2", "det_f1": "detection F1", "map50_95": "mAP50-95"}
+FORMATS = {"build s": "{:.1f}", "engine MB": "{:.1f}", "infer p50 ms": "{:.2f}", "rel-L2": "{:.2e}",
+           "detection F1": "{:.3f}", "mAP50-95": "{:.3f}"}
+
+
+def mark(status: str, validation: str) -> str:
+    return "R" if status == "ok" and validation == "reference" else MARKS.get(status, "-")
+
+
+def matrix(frame: pd.DataFrame) -> pd.DataFrame:
+    """The compatibility grid: rows = builds, columns = ONNX variants, cells O / X / R / -."""
+    marks = frame.assign(mark=[mark(s, v) for s, v in zip(frame["status"], frame["validation"])])
+    grid = marks.pivot_table(index="build_label", columns="onnx_label", values="mark",
+                             aggfunc=lambda m: max(m, key=SEVERITY.index))
+    rows = {c.build.label: c.build.sort_key() for c in frame["cell"]}
+    cols = {c.onnx.label: c.onnx.sort_key() for c in frame["cell"]}
+    grid = grid.reindex(index=sorted(grid.index, key=rows.get), columns=sorted(grid.columns, key=cols.get))
+    grid = grid.fillna("-")
+    grid.index.name = "onnx\\trt" if set(frame["backend"]) == {"tensorrt"} else "onnx\\build"
+    grid.columns.name = None
+    return grid
+
+
+def first_line(text: str, width: int = 120) -> str:
+    line = text.strip().splitlines()[0] if text and text.strip() else ""
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def detail(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant: outcome, validation verdict, failing stage, first error line, key metrics."""
+    table = frame[list(DETAIL)].rename(columns=DETAIL)
+    table["error"] = table["error"].map(first_line)
+    return table
+
+
+def formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """Numbers as text for reading; a missing value is blank."""
+    return table.assign(**{col: table[col].map(lambda v, f=f: "" if pd.isna(v) else f.format(v))
+                           for col, f in FORMATS.items() if col in table})
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    def line(cells) -> str:
+        return "|" + "|".join(str(c).replace("|", "\\|") for c in cells) + "|"
+    return "\n".join([line(table.columns), line(["---"] * len(table.columns)),
+                      *(line(row) for row in table.itertuples(index=False))])
+
+
+def to_html(grid: pd.DataFrame, details: pd.DataFrame, title: str) -> str:
+    def paint(value: str) -> str:
+        colour = COLOURS.get(value)
+        return f"background-color: {colour}; color: white; font-weight: bold" if value in "OXR" and colour else ""
+    grid_html = (grid.reset_index().style.hide(axis="index").format(escape="html")
+                 .map(paint, subset=list(grid.columns)).to_html())
+    detail_html = (formatted(details).style.hide(axis="index").format(escape="html")
+                   .map(lambda s: paint(MARKS.get(s, "")), subset=["status"]).to_html())
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>{0}</title><style>"
+            "body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1em}}"
+            "th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}} th{{background:#f3f3f3}}"
+            "</style></head><body><h1>{0}</h1><h2>Compatibility</h2>{1}<p>{2}</p><h2>Details</h2>{3}"
+            "</body></html>").format(title, grid_html, LEGEND, detail_html)

@@ -1,0 +1,311 @@
+"""Typed results: one dataclass per stage, gathered in `VariantResult`, and the one place metrics are named.
+
+Results cross process boundaries (the variant's child process) and disk (result.json, MLflow artifacts)
+as plain dicts through `to_dict` / `from_dict`. `VariantResult.metrics()` names every MLflow metric;
+`runner table` and `runner check` read the same names back. A compatibility cell is a `Cell` value
+(ONNX variant x build variant); its label is derived from it and never parsed back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+EXPORT_TOOLS = {"ultralytics": "ul", "torch": "tc", "dynamo": "dynamo"}  # table order and abbreviation
+BUILD_TOOLS = {"tensorrt_api": "trt", "ultralytics": "ul-trt", "onnxruntime": "ort"}
+SHAPES = {"static": "st", "dynamic": "dy"}
+PRECISIONS = ("fp32", "fp16")
+STATUSES = ("ok", "failed", "skipped")
+
+
+class StageError(Exception):
+    """An expected verdict of a stage: the export tool, the builder or the runtime said no.
+
+    Its message becomes the variant's `error`. `partial` is the stage's own result so far, kept in the
+    variant's result (a failed build keeps its log)."""
+
+    def __init__(self, stage: str, message: str, partial=None):
+        super().__init__(message)
+        self.stage, self.message, self.partial = stage, message, partial
+
+
+def _decode(tp, value):
+    """`value` (plain JSON data) as an instance of the annotated type `tp`."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return _decode(kinds[0], value) if len(kinds) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        return tp(**{f.name: _decode(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)
+                     if f.name in value})
+    if origin is list:
+        return [_decode(args[0], v) for v in value]
+    if origin is dict:
+        return {k: _decode(args[1], v) for k, v in value.items()}
+    return value
+
+
+class Record:
+    """`to_dict` / `from_dict` for the result dataclasses."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return _decode(cls, data)
+
+
+def _rank(table, value) -> int:
+    order = list(table)
+    return order.index(value) if value in order else len(order)
+
+
+@dataclass(frozen=True)
+class OnnxVariant(Record):
+    """The compatibility table's column: which tool made the ONNX, its shape mode and weight precision."""
+    tool: str
+    shape: str
+    precision: str
+
+    @property
+    def label(self) -> str:
+        return f"{EXPORT_TOOLS.get(self.tool, self.tool)} {SHAPES[self.shape]} {self.precision}"
+
+    def sort_key(self) -> tuple:
+        return _rank(EXPORT_TOOLS, self.tool), _rank(PRECISIONS, self.precision), _rank(SHAPES, self.shape)
+
+
+@dataclass(frozen=True)
+class BuildVariant(Record):
+    """The compatibility table's row: what built the model under test, for which shapes and precision."""
+    tool: str
+    shape: str
+    precision: str
+
+    @property
+    def label(self) -> str:
+        return f"{BUILD_TOOLS.get(self.tool, self.tool)} {SHAPES[self.shape]} {self.precision}"
+
+    def sort_key(self) -> tuple:
+        return _rank(BUILD_TOOLS, self.tool), _rank(PRECISIONS, self.precision), _rank(SHAPES, self.shape)
+
+
+@dataclass(frozen=True)
+class Cell(Record):
+    onnx: OnnxVariant
+    build: BuildVariant
+
+    @property
+    def key(self) -> str:
+        """The cell as text: table headers, baseline keys."""
+        return f"{self.onnx.label} | {self.build.label}"
+
+    @property
+    def name(self) -> str:
+        """The variant's name: file and run names."""
+        return f"{self.onnx.label}__{self.build.label}".replace(" ", "-")
+
+    def sort_key(self) -> tuple:
+        return self.onnx.sort_key(), self.build.sort_key()
+
+
+@dataclass
+class OnnxArtifact(Record):
+    path: str
+    tool: str
+    dynamic: bool
+    precision: str  # fp32 | fp16: the dtype of the weights inside the ONNX
+    signature: dict
+    checker: str  # "ok", or onnx.checker's complaint (the backend still gets the file and has its say)
+    size_bytes: int
+    export_s: float
+    cached: bool
+
+
+@dataclass
+class ExportResult(Record):
+    weights: str  # the checkpoint exported
+    reference: OnnxArtifact  # fp32, same tool and shape mode: what onnxruntime checks the variant against
+    tested: OnnxArtifact  # what the backend builds or runs (the reference itself for fp32)
+
+
+@dataclass
+class BuildResult(Record):
+    """What made the model under test runnable: a TensorRT engine, or an onnxruntime session's ONNX."""
+    tool: str  # tensorrt_api | ultralytics | onnxruntime
+    artifact: str  # what the runner opens: an engine file, or an ONNX file
+    profile: list[list[int]]  # min, opt, max input shape the built model accepts
+    build_s: float = 0.0
+    size_bytes: int = 0
+    cache_hit: bool = False
+    precision_mechanism: str = "none"  # none | builder_flag | strongly_typed | fp16_onnx
+    optimization_level: int | None = None
+    tf32: bool | None = None
+    trt_version: str | None = None
+    gpu: str | None = None
+    provider: str | None = None  # onnxruntime's execution provider
+    log_path: str | None = None
+    layers_path: str | None = None
+    num_layers: int | None = None
+    metadata: dict | None = None  # the JSON header of an ultralytics .engine
+    onnx_signature: dict | None = None  # build=ultralytics: the ONNX it made on the way
+
+
+@dataclass
+class TensorMetrics(Record):
+    max_abs: float
+    mean_abs: float
+    rel_l2: float
+    cosine: float
+    allclose_rate: float
+
+
+@dataclass
+class DetectionMetrics(Record):
+    """Detections of the model under test matched against the reference's (class-aware IoU)."""
+    precision: float
+    recall: float
+    f1: float
+    mean_iou: float
+    score_delta: float
+    n_test: int
+    n_ref: int
+
+
+@dataclass
+class ShapeCheck(Record):
+    shape: list[int]
+    status: str  # passed | failed | skipped | reference
+    reason: str | None = None  # why it was skipped, or the error that failed it
+    tensors: dict[str, TensorMetrics] = field(default_factory=dict)
+    detections: DetectionMetrics | None = None
+    map50: float | None = None  # against the labels, where the data has them
+    map50_95: float | None = None
+
+    @property
+    def rel_l2(self) -> float | None:
+        return max((t.rel_l2 for t in self.tensors.values()), default=None)
+
+
+@dataclass
+class ValidateResult(Record):
+    """passed / failed against the thresholds; `reference` when the model under test is the reference
+    itself (nothing to compare, so it cannot fail); `unchecked` when no shape could be checked."""
+    status: str
+    shapes: dict[str, ShapeCheck]
+    thresholds: dict
+    reference_provider: str
+    images: int
+    skipped_images: list[str] = field(default_factory=list)
+    reason: str | None = None
+
+    def _compared(self) -> list[ShapeCheck]:
+        return [s for s in self.shapes.values() if s.tensors]
+
+    def aggregate(self) -> dict[str, float]:
+        """The worst value of each measure over the shapes that were checked."""
+        compared, out = self._compared(), {}
+        if compared:
+            tensors = [t for s in compared for t in s.tensors.values()]
+            out.update(rel_l2=max(t.rel_l2 for t in tensors), max_abs=max(t.max_abs for t in tensors),
+                       cosine=min(t.cosine for t in tensors), allclose_rate=min(t.allclose_rate for t in tensors),
+                       det_f1=min(s.detections.f1 for s in compared),
+                       det_mean_iou=min(s.detections.mean_iou for s in compared))
+        scored = [s for s in self.shapes.values() if s.map50_95 is not None]
+        if scored:
+            out.update(map50=min(s.map50 for s in scored), map50_95=min(s.map50_95 for s in scored))
+        return out
+
+
+@dataclass
+class Stats(Record):
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    std: float
+    n: int
+
+
+BENCH_STAGES = ("preprocess", "infer", "postprocess", "e2e")
+
+
+@dataclass
+class BenchResult(Record):
+    preprocess: Stats
+    infer: Stats
+    postprocess: Stats
+    e2e: Stats
+    compute: Stats  # back-to-back execute() calls: the engine alone
+    settings: dict
+
+    @property
+    def infer_over_compute(self) -> float:
+        return self.infer.p50 / self.compute.p50
+
+
+@dataclass
+class VariantResult(Record):
+    """Everything one variant did. `status`: running | ok | failed | skipped."""
+    cell: Cell
+    backend: str
+    profile: str
+    status: str = "running"
+    failed_stage: str | None = None
+    error: str | None = None
+    error_detail: str | None = None  # the traceback of an unexpected error (a bug, not a verdict)
+    started_at: str | None = None
+    environment: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
+    export: ExportResult | None = None
+    build: BuildResult | None = None
+    validate: ValidateResult | None = None
+    bench: BenchResult | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cell.name
+
+    def fail(self, stage: str, error: str, detail: str | None = None) -> None:
+        """Mark the variant failed at `stage`, unless an earlier stage already failed it."""
+        if self.status != "failed":
+            self.status, self.failed_stage, self.error, self.error_detail = "failed", stage, error, detail
+
+    def first_error_line(self) -> str:
+        return self.error.strip().splitlines()[0] if self.error and self.error.strip() else ""
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric outcome as MLflow metrics (stable names, read back by `runner table|check`)."""
+        m: dict[str, float | None] = {f"time.{stage}_s": s for stage, s in self.timings.items()}
+        if self.export:
+            m.update({"export.onnx_mb": self.export.tested.size_bytes / 1e6,
+                      "export.export_s": self.export.tested.export_s})
+        if self.build and self.build.artifact:  # a failed build keeps its log, but has no numbers
+            b = self.build
+            m.update({"build.build_s": b.build_s, "build.cache_hit": float(b.cache_hit),
+                      "build.num_layers": b.num_layers})
+            if b.tool != "onnxruntime":
+                m["build.engine_mb"] = b.size_bytes / 1e6
+        if self.validate:
+            v = self.validate
+            if v.status in ("passed", "failed"):
+                m["val.passed"] = float(v.status == "passed")
+            m.update({f"val.{k}": x for k, x in v.aggregate().items()})
+            m.update({"data.images": v.images, "data.skipped_images": len(v.skipped_images)})
+            for label, s in v.shapes.items():
+                m.update({f"val.{label}.rel_l2": s.rel_l2, f"val.{label}.map50": s.map50,
+                          f"val.{label}.map50_95": s.map50_95})
+                if s.detections:
+                    m.update({f"val.{label}.det_{k}": getattr(s.detections, k) for k in ("precision", "recall", "f1")})
+        if self.bench:
+            for stage in (*BENCH_STAGES, "compute"):
+                stats = getattr(self.bench, stage).to_dict()
+                m.update({f"bench.{stage}.{k}": v for k, v in stats.items() if k != "n"})
+            m["bench.infer_over_compute"] = self.bench.infer_over_compute
+            m["bench.cuda_graph"] = float(bool(self.bench.settings.get("cuda_graph")))  # as run, not as asked
+        return {k: float(v) for k, v in m.items() if v is not None}

@@ -1,0 +1,141 @@
+"""Validation stage: the model under test against the onnxruntime reference, shape by shape.
+
+At each shape both backends see the same letterboxed batches. Tensors are compared per output
+(max/mean abs, rel-L2, cosine, atol/rtol pass rate); detections by class-aware IoU matching against
+the reference's; and, where the data has labels, mAP50 / mAP50-95 against ground truth.
+When the model under test is the reference itself (onnxruntime on the CPU running the reference ONNX),
+nothing is compared, since nothing could differ: the result says `reference` and reports only mAP.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import numpy as np
+
+from runner.config import Thresholds, ValidateConfig
+from runner.data import Sample
+from runner.metrics import match_detections, mean_average_precision, tensor_metrics
+from runner.processing import postprocess, preprocess
+from runner.results import DetectionMetrics, ShapeCheck, TensorMetrics, ValidateResult
+
+log = logging.getLogger(__name__)
+
+
+def check_shapes(profile: list[list[int]], stride: int, non_square: bool) -> list[tuple[str, list[int]]]:
+    """The shapes to check inside a (min, opt, max) profile: its one shape when static; else min, opt,
+    max and one non-square shape."""
+    lo, mid, hi = (list(s) for s in profile)
+    if lo == hi:
+        return [("static", mid)]
+    shapes = [("min", lo), ("opt", mid), ("max", hi)]
+    if non_square:
+        h = max(lo[2], (hi[2] * 3 // 4) // stride * stride)
+        candidate = [mid[0], 3, h, hi[3]]
+        if all(a <= c <= b for a, c, b in zip(lo, candidate, hi)) and candidate[2] != candidate[3]:
+            shapes.append(("non_square", candidate))
+    seen, unique = set(), []
+    for label, shape in shapes:
+        if tuple(shape) not in seen:
+            seen.add(tuple(shape))
+            unique.append((label, shape))
+    return unique
+
+
+def _batches(samples: list[Sample], batch: int):
+    for i in range(0, len(samples), batch):
+        chunk = samples[i:i + batch]
+        yield chunk + [chunk[-1]] * (batch - len(chunk))
+
+
+def _detection_metrics(det_test: list[np.ndarray], det_ref: list[np.ndarray], match_iou: float) -> DetectionMetrics:
+    matched = [match_detections(t, r, match_iou) for t, r in zip(det_test, det_ref)]
+    tp = sum(m["matched"] for m in matched)
+    n_test, n_ref = sum(len(d) for d in det_test), sum(len(d) for d in det_ref)
+    precision = tp / n_test if n_test else float(n_ref == 0)
+    recall = tp / n_ref if n_ref else float(n_test == 0)
+    hits = [m for m in matched if m["matched"]]
+    return DetectionMetrics(precision=precision, recall=recall,
+                            f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                            mean_iou=float(np.mean([m["mean_iou"] for m in hits] or [0.0])),
+                            score_delta=float(np.mean([m["score_delta"] for m in hits] or [0.0])),
+                            n_test=n_test, n_ref=n_ref)
+
+
+def validate_shape(runner, reference, samples: list[Sample], shape: list[int], thresholds: Thresholds,
+                   v: ValidateConfig) -> ShapeCheck:
+    """Metrics of one shape. `reference=None`: the runner is the reference (mAP only). A reference that
+    cannot run at this shape makes it `skipped`."""
+    hw = (shape[2], shape[3])
+    outs_test, outs_ref, det_test, det_ref, gts = {}, {}, [], [], []
+    for chunk in _batches(samples, shape[0]):
+        blob, boxes = preprocess([s.image for s in chunk], hw)
+        if reference is not None:
+            try:
+                ref = reference.infer(blob)
+            except Exception as exc:  # the reference's own limit at this shape
+                return ShapeCheck(shape, "skipped", reason=f"reference failed: {_first_line(exc)}")
+        try:
+            test = runner.infer(blob)
+        except Exception as exc:
+            status = "skipped" if reference is None else "failed"
+            return ShapeCheck(shape, status, reason=_first_line(exc))
+        first = next(iter(test))
+        det_test += postprocess(test[first], boxes, v.conf, v.nms_iou, v.max_det)
+        if reference is not None:
+            for name, value in ref.items():
+                outs_ref.setdefault(name, []).append(value)
+                outs_test.setdefault(name, []).append(test[name])
+            det_ref += postprocess(ref[first], boxes, v.conf, v.nms_iou, v.max_det)
+        gts += [(s.gt_cls, s.gt_boxes) for s in chunk]
+    labelled = [(d, g) for d, g in zip(det_test, gts) if g[0] is not None]
+    accuracy = mean_average_precision([d for d, _ in labelled], [g for _, g in labelled]) if labelled else {}
+    check = ShapeCheck(shape, "reference", map50=accuracy.get("map50"), map50_95=accuracy.get("map50_95"))
+    if reference is None:
+        return check
+    check.tensors = {name: TensorMetrics(**tensor_metrics(np.concatenate(outs_test[name]),
+                                                          np.concatenate(outs_ref[name]),
+                                                          thresholds.atol, thresholds.rtol)) for name in outs_ref}
+    check.detections = _detection_metrics(det_test, det_ref, v.match_iou)
+    passed = check.rel_l2 <= thresholds.max_rel_l2 and check.detections.f1 >= thresholds.min_det_f1
+    check.status = "passed" if passed else "failed"
+    if not passed:
+        check.reason = (f"rel-L2 {check.rel_l2:.2e}, det F1 {check.detections.f1:.3f} (limits "
+                        f"{thresholds.max_rel_l2:.0e}, {thresholds.min_det_f1})")
+    return check
+
+
+def validate(runner, reference, samples: list[Sample], shapes: list[tuple[str, list[int]]], thresholds: Thresholds,
+             v: ValidateConfig, reference_provider: str, skipped_images: list[str]) -> ValidateResult:
+    """Validate at every shape: passes when every shape the reference could run passes.
+    `reference=None` when the model under test is the reference itself."""
+    per_shape = {}
+    for label, shape in shapes:
+        log.info("validate: %s %s on %d images...", label, shape, len(samples))
+        per_shape[label] = s = validate_shape(runner, reference, samples, shape, thresholds, v)
+        scores = f"mAP50-95 {s.map50_95:.3f}" if s.map50_95 is not None else "no labels"
+        if s.tensors:
+            log.info("validate: %s %s: rel-L2 %.2e, det F1 %.3f, %s", label, s.status, s.rel_l2, s.detections.f1,
+                     scores)
+        else:
+            log.info("validate: %s %s: %s", label, s.status, s.reason or scores)
+    checked = {k: s for k, s in per_shape.items() if s.status != "skipped"}
+    if not checked:
+        status = "unchecked"
+    elif reference is None:
+        status = "reference"
+    else:
+        status = "passed" if all(s.status == "passed" for s in checked.values()) else "failed"
+    reason = None
+    if status == "failed":
+        reason = "; ".join(f"{k} {s.shape}: {s.reason}" for k, s in checked.items() if s.status == "failed")
+    elif status == "unchecked":
+        reason = "no shape could be checked: " + "; ".join(f"{k}: {s.reason}" for k, s in per_shape.items())
+    return ValidateResult(status=status, shapes=per_shape, thresholds=asdict(thresholds),
+                          reference_provider=reference_provider, images=len(samples),
+                          skipped_images=list(skipped_images), reason=reason)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]
