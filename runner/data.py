@@ -67,8 +67,8 @@ def parse_labels(path: Path) -> np.ndarray:
         elif not problem and not all(math.isfinite(v) and -COORD_SLACK <= v <= 1 + COORD_SLACK for v in values[1:]):
             problem = "coordinates outside [0, 1] (labels must be normalised)"
         if problem:
-            raise ConfigError(f"data.labels: {path} line {number}: expected 'class cx cy w h', got '{line.strip()[:80]}'"
-                              f": {problem}")
+            raise ConfigError(f"data.labels: {path} line {number}: expected 'class cx cy w h', "
+                              f"got '{line.strip()[:80]}': {problem}")
         rows.append(values)
     return np.asarray(rows, np.float64).reshape(-1, 5)
 

@@ -35,9 +35,9 @@ from runner.results import VariantResult
 log = logging.getLogger("runner")
 CONF_DIR = config.conf_dir()
 SESSION: dict = {}
-SUMMARY = {"onnx_label": "onnx", "build_label": "build", "status": "status", "failed_stage": "stage",
-           "validation": "validation", "rel_l2": "rel_l2", "det_f1": "det_f1", "map50_95": "map50_95",
-           "infer_p50_ms": "infer_p50_ms", "e2e_p50_ms": "e2e_p50_ms", "cuda_graph": "cuda_graph", "error": "error"}
+SUMMARY = ["onnx_label", "build_label", "status", "failed_stage", "validation", "rel_l2", "det_f1", "map50_95",
+           "infer_p50_ms", "e2e_p50_ms", "cuda_graph", "error"]
+SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "stage"}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -175,9 +175,17 @@ def task(cfg: DictConfig) -> dict:
 
 def summary_table(results: list[VariantResult]) -> pd.DataFrame:
     frame = results_frame(results)
-    table = frame[list(SUMMARY)].rename(columns=SUMMARY)
+    table = frame[SUMMARY].rename(columns=SUMMARY_NAMES)
     table["error"] = [(e.splitlines()[0][:70] if e else "") for e in table["error"]]
     return table
+
+
+def _shown(path: Path) -> Path:
+    """`path` relative to the working directory where it lies below it."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 class SweepCallback(Callback):
@@ -219,11 +227,12 @@ class SweepCallback(Callback):
                                            indent=1, default=str))
         if SESSION["tracker"]:
             SESSION["tracker"].end_sweep(SESSION["sweep_id"], results, files)
-        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        with pd.option_context("display.width", 200, "display.max_columns", 20,
+                               "display.float_format", "{:.4g}".format):
             print("\n" + table.to_string(index=False) if len(table) else "no variant ran", flush=True)
         ok = sum(r.status == "ok" for r in results)
         sweep = f"; sweep run {SESSION['sweep_id']}" if SESSION.get("sweep_id") else ""
-        where = f"; summary in {folder}" if folder else ""
+        where = f"; summary in {_shown(folder)}" if folder else ""
         print(f"\nrunner: {ok}/{len(results)} variants ok{sweep}{where}", flush=True)
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:

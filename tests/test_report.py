@@ -82,7 +82,8 @@ RESULTS = [
     variant("ul dy fp32", "trt dy fp32", infer_ms=2.4, build_s=0.2),  # an engine-cache hit
     variant("tc st fp32", "trt st fp32", infer_ms=2.0),
     variant("tc dy fp32", "trt st fp32", "failed", "build", BUILD_ERROR),
-    variant("ul st fp16", "trt st fp16", "failed", "validate", "static [1, 3, 640, 640]: rel-L2 2.00e-01", infer_ms=1.1),
+    variant("ul st fp16", "trt st fp16", "failed", "validate", "static [1, 3, 640, 640]: rel-L2 2.00e-01",
+            infer_ms=1.1),
     variant("tc dy fp16", "trt dy fp16", "skipped", error="tensorrt is not installed"),
     variant("dynamo dy fp32", "trt dy fp32", infer_ms=2.3),
     variant("ul dy fp32", "ul-trt dy fp16", infer_ms=1.2),

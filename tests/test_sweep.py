@@ -93,7 +93,8 @@ def test_reference_cells_say_so_and_fp16_cells_are_compared(sweep):
     for child in children:
         m, tags, name = child.data.metrics, child.data.tags, child.info.run_name
         dynamic = tags["cell.build.shape"] == "dynamic"
-        shapes = {k.split(".")[1] for k in m if k.startswith("val.") and k.endswith(".map50_95") and k != "val.map50_95"}
+        shapes = {k.split(".")[1] for k in m
+                  if k.startswith("val.") and k.endswith(".map50_95") and k != "val.map50_95"}
         assert shapes == ({"min", "opt", "non_square"} if dynamic else {"static"}), (name, shapes)
         if tags["cell.onnx.precision"] == "fp32":
             # onnxruntime on the CPU running the reference ONNX: nothing to compare, so no verdict

@@ -262,12 +262,14 @@ def test_isolation_survives_a_crash_with_the_gpu_in_use(static_engine):
     assert "SIGSEGV" in crashed.error and crashed.started_at == "inferred"
     free_after, _ = trt_compat.cuda_call(rt.cudaMemGetInfo)
     assert abs(free_before - free_after) < 16 * 2**20, (free_before, free_after)
-    ok = run_isolated(isolate_targets.trt_infer, (static_engine.artifact, STATIC), 120, isolate_targets.result("failed"))
+    ok = run_isolated(isolate_targets.trt_infer, (static_engine.artifact, STATIC), 120,
+                      isolate_targets.result("failed"))
     assert ok.status == "ok" and ok.timings["sum"] != 0.0
 
 
 def test_isolation_times_out_a_hung_gpu_child(static_engine):
-    result = run_isolated(isolate_targets.trt_hang, (static_engine.artifact, STATIC), 20, isolate_targets.result("failed"))
+    result = run_isolated(isolate_targets.trt_hang, (static_engine.artifact, STATIC), 20,
+                          isolate_targets.result("failed"))
     assert result.status == "failed" and result.failed_stage == "validate"
     assert "timeout" in result.error
 

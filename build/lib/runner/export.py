@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -120,7 +121,9 @@ def _export_dynamo(spec: ExportSpec, workdir: Path) -> Path:
     model, dummy = _torch_model(spec)
     out = workdir / "model.onnx"
     dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # by design: the head rebuilds its anchors and strides from the input shape, which torch.export reports
+        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
         torch.onnx.export(model, (dummy,), str(out), opset_version=spec.opset, input_names=["images"],
                           output_names=["output0"], dynamic_shapes=({"x": dims} if spec.dynamic else None),
                           dynamo=True, verbose=False)

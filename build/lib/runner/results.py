@@ -11,6 +11,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 EXPORT_TOOLS = {"ultralytics": "ul", "torch": "tc", "dynamo": "dynamo"}  # table order and abbreviation
 BUILD_TOOLS = {"tensorrt_api": "trt", "ultralytics": "ul-trt", "onnxruntime": "ort"}
@@ -66,33 +67,30 @@ def _rank(table, value) -> int:
 
 
 @dataclass(frozen=True)
-class OnnxVariant(Record):
-    """The compatibility table's column: which tool made the ONNX, its shape mode and weight precision."""
+class _Variant(Record):
     tool: str
     shape: str
     precision: str
+    TOOLS: ClassVar[dict[str, str]] = {}  # tool -> abbreviation, in table order
 
     @property
     def label(self) -> str:
-        return f"{EXPORT_TOOLS.get(self.tool, self.tool)} {SHAPES[self.shape]} {self.precision}"
+        return f"{self.TOOLS.get(self.tool, self.tool)} {SHAPES[self.shape]} {self.precision}"
 
     def sort_key(self) -> tuple:
-        return _rank(EXPORT_TOOLS, self.tool), _rank(PRECISIONS, self.precision), _rank(SHAPES, self.shape)
+        return _rank(self.TOOLS, self.tool), _rank(PRECISIONS, self.precision), _rank(SHAPES, self.shape)
 
 
 @dataclass(frozen=True)
-class BuildVariant(Record):
+class OnnxVariant(_Variant):
+    """The compatibility table's column: which tool made the ONNX, its shape mode and weight precision."""
+    TOOLS: ClassVar[dict[str, str]] = EXPORT_TOOLS
+
+
+@dataclass(frozen=True)
+class BuildVariant(_Variant):
     """The compatibility table's row: what built the model under test, for which shapes and precision."""
-    tool: str
-    shape: str
-    precision: str
-
-    @property
-    def label(self) -> str:
-        return f"{BUILD_TOOLS.get(self.tool, self.tool)} {SHAPES[self.shape]} {self.precision}"
-
-    def sort_key(self) -> tuple:
-        return _rank(BUILD_TOOLS, self.tool), _rank(PRECISIONS, self.precision), _rank(SHAPES, self.shape)
+    TOOLS: ClassVar[dict[str, str]] = BUILD_TOOLS
 
 
 @dataclass(frozen=True)
