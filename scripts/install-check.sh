@@ -6,7 +6,9 @@ PY=${PY:-python3}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$PY" -m pip wheel -q --no-deps -w "$work/dist" "$repo"
+mkdir "$work/src"  # build from a copy of the tracked files: setuptools leaves build/ where it builds
+git -C "$repo" ls-files -z | (cd "$repo" && tar --null -T - -cf -) | tar -xf - -C "$work/src"
+"$PY" -m pip wheel -q --no-deps -w "$work/dist" "$work/src"
 "$PY" -m venv "$work/venv"
 "$work/venv/bin/pip" install -q --upgrade pip
 "$work/venv/bin/pip" install -q "$work"/dist/runner-*.whl
