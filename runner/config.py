@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -116,6 +116,7 @@ class BackendConfig:
     timing_cache: bool = True
     ort_provider: str = "CPUExecutionProvider"
     timeout_s: int = 1800  # per variant, in its child process
+    gpus: Any = "auto"  # auto: every GPU of the host, one variant per GPU at a time; or a list of indices
 
 
 @dataclass
@@ -161,6 +162,13 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Set by `runner` for each job of a sweep, so a job needs nothing but its config."""
+    parent_run_id: Optional[str] = None  # the sweep's MLflow parent run
+    total: int = 1  # variants in the sweep, for progress lines
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -173,6 +181,8 @@ class RunConfig:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    resume: Optional[str] = None  # latest, or a sweep folder: keep its finished variants, run the rest
     outputs: str = "outputs"
     cache_dir: str = "${outputs}/cache"
 
@@ -244,5 +254,8 @@ def check(cfg: RunConfig) -> None:
     level = cfg.backend.builder_optimization_level
     if level is not None and not 0 <= level <= 5:
         raise ConfigError(f"backend.builder_optimization_level: must be 0..5 or null, got {level}")
+    gpus = cfg.backend.gpus
+    if gpus != "auto" and not (isinstance(gpus, list) and gpus and all(isinstance(g, int) and g >= 0 for g in gpus)):
+        raise ConfigError(f"backend.gpus: 'auto' or a list of GPU indices such as [0,1], got {gpus}")
     if cfg.backend.timeout_s <= 0:
         raise ConfigError(f"backend.timeout_s: must be a positive integer, got {cfg.backend.timeout_s}")

@@ -2,7 +2,8 @@
 exporter (`dynamo=False`) or the torch.export-based one (`dynamo=True`, torch's default since 2.9).
 
 Every ONNX is checked with `onnx.checker` and described by its signature. Exports are cached by a
-content key (weights bytes + export settings + tool versions), so a sweep exports each ONNX once.
+content key (weights bytes + export settings + tool versions), so a sweep exports each ONNX once. A cached
+export whose model.onnx or artifact.json does not match what was recorded is said, removed and made again.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import onnx
 
+from runner import cache
 from runner.results import OnnxArtifact, StageError
 
 log = logging.getLogger(__name__)
@@ -139,16 +141,30 @@ def _simplify(path: Path) -> None:
     onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
 
 
+def _cached(folder: Path) -> OnnxArtifact | None:
+    """The export cached in `folder` when it matches its record; None when there is none or it is stale."""
+    try:
+        artifact = cache.load(folder / "artifact.json", OnnxArtifact.from_dict)
+    except cache.Stale as stale:
+        log.warning("export: cached %s; re-exporting", stale)
+        return None
+    if artifact:
+        artifact.path, artifact.cached = cache.absolute(artifact.path, folder), True
+        log.info("export: cached %s (%.1f MB)", Path(artifact.path).name, artifact.size_bytes / 1e6)
+    return artifact
+
+
 def export_onnx(spec: ExportSpec, cache_dir: Path) -> OnnxArtifact:
     """Export (or reuse) the ONNX for `spec`; raises StageError with the tool's message on failure."""
-    folder = Path(cache_dir) / "onnx" / f"{spec.tool}-{'dy' if spec.dynamic else 'st'}-" \
-                                        f"{'fp16' if spec.half else 'fp32'}-{spec.key()}"
-    meta = folder / "artifact.json"
-    if meta.exists():
-        artifact = OnnxArtifact.from_dict(json.loads(meta.read_text()))
-        artifact.cached = True
-        log.info("export: cached %s (%.1f MB)", Path(artifact.path).name, artifact.size_bytes / 1e6)
-        return artifact
+    folder = Path(cache_dir).absolute() / "onnx" / f"{spec.tool}-{'dy' if spec.dynamic else 'st'}-" \
+                                                   f"{'fp16' if spec.half else 'fp32'}-{spec.key()}"
+    with cache.locked(folder.with_name(folder.name + ".lock")):  # jobs in parallel export it once
+        if artifact := _cached(folder):
+            return artifact
+        return _export(spec, folder)
+
+
+def _export(spec: ExportSpec, folder: Path) -> OnnxArtifact:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     log.info("export: %s %s %s opset %d...", spec.tool, "dynamic" if spec.dynamic else "static",
@@ -174,6 +190,6 @@ def export_onnx(spec: ExportSpec, cache_dir: Path) -> OnnxArtifact:
     artifact = OnnxArtifact(path=str(path), tool=spec.tool, dynamic=spec.dynamic,
                             precision=weights_precision(model), signature=signature(model), checker=checker,
                             size_bytes=path.stat().st_size, export_s=time.perf_counter() - start, cached=False)
-    meta.write_text(json.dumps(artifact.to_dict(), indent=1))
+    cache.save(folder / "artifact.json", {**artifact.to_dict(), "path": path.name}, [path])
     log.info("export: done in %.1f s, %.1f MB", artifact.export_s, artifact.size_bytes / 1e6)
     return artifact

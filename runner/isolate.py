@@ -1,25 +1,38 @@
-"""Process isolation: a variant's stages run in a spawned child with a timeout.
+"""Process isolation: a variant's stages run in a child process with a timeout.
 
 A segfault, abort, CUDA error or timeout in the child becomes that variant's status; the sweep goes on,
 and the GPU memory goes back with the child. The child reports the stage it entered, its partial result
 and its log records over a pipe, so a crash still names the failing stage and the job's log (Hydra's,
 in the parent) holds everything the child said.
+
+The child is a plain `subprocess` running `python -m runner.isolate`, not a `multiprocessing` process:
+launcher workers are often daemonic (joblib's loky, Ray actors), and those may not start multiprocessing
+children. The target and its arguments go to the child pickled on stdin, so the target must be a
+module-level function of an importable module; the child sees the parent's `sys.path`. The child dies
+with its parent (Linux `PR_SET_PDEATHSIG`), so `kill -9` of a sweep leaves no orphan measuring on.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
-import multiprocessing as mp
+import os
+import pickle
 import signal
+import subprocess
+import sys
 import time
 import traceback
+from multiprocessing.connection import Connection
 
 from runner.results import VariantResult
+
+PR_SET_PDEATHSIG = 1
 
 
 class _PipeHandler(logging.Handler):
     """Sends runner's INFO records, and everyone's warnings and errors, to the parent."""
 
-    def __init__(self, conn):
+    def __init__(self, conn: Connection):
         super().__init__(logging.INFO)
         self.conn = conn
 
@@ -28,11 +41,21 @@ class _PipeHandler(logging.Handler):
             self.conn.send(("log", (record.levelno, record.name, record.getMessage())))
 
 
-def _child(target, args: tuple, conn) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child(fd: int, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    conn = Connection(fd, readable=False)
     root = logging.getLogger()
     root.handlers, root.level = [_PipeHandler(conn)], logging.INFO
     logging.captureWarnings(True)
     try:
+        target, args = pickle.load(sys.stdin.buffer)
         result = target(*args, stage_started=lambda stage: conn.send(("stage", stage)),
                         publish=lambda partial: conn.send(("partial", partial.to_dict())))
         conn.send(("result", result.to_dict()))
@@ -42,47 +65,62 @@ def _child(target, args: tuple, conn) -> None:
         conn.close()
 
 
-def run_isolated(target, args: tuple, timeout_s: float, base: VariantResult, log_prefix: str = "") -> VariantResult:
-    """Run `target(*args, stage_started=..., publish=...)` (returning a VariantResult) in a child process.
+def _start(target, args: tuple, env: dict[str, str] | None) -> tuple[subprocess.Popen, Connection]:
+    read_fd, write_fd = os.pipe()
+    child_env = {**os.environ, **(env or {}),
+                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the target imports as it does here
+    proc = subprocess.Popen([sys.executable, "-m", "runner.isolate", str(write_fd), str(os.getpid())],
+                            stdin=subprocess.PIPE, pass_fds=(write_fd,), env=child_env)
+    os.close(write_fd)
+    try:
+        proc.stdin.write(pickle.dumps((target, args)))
+        proc.stdin.close()
+    except BrokenPipeError:  # the child died at once; its exit code tells why
+        pass
+    return proc, Connection(read_fd, writable=False)
+
+
+def run_isolated(target, args: tuple, timeout_s: float, base: VariantResult, log_prefix: str = "",
+                 env: dict[str, str] | None = None) -> VariantResult:
+    """Run `target(*args, stage_started=..., publish=...)` (returning a VariantResult) in a child process
+    with `env` added to its environment.
 
     Always returns a result: a crash or timeout fails the latest partial result (else `base`) at the stage
     the child was in. The child's log records are re-logged here, each message after `log_prefix`."""
-    ctx = mp.get_context("spawn")
-    receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(target, args, sender), daemon=True)
-    proc.start()
-    sender.close()
+    proc, receiver = _start(target, args, env)
     stage, partial, deadline = "start", base.to_dict(), time.monotonic() + timeout_s
     outcome = None
-    while outcome is None:
-        if receiver.poll(0.2):
-            try:
-                kind, payload = receiver.recv()
-            except EOFError:
+    try:
+        while outcome is None:
+            if receiver.poll(0.2):
+                try:
+                    kind, payload = receiver.recv()
+                except EOFError:
+                    break
+                if kind == "log":
+                    level, name, message = payload
+                    logging.getLogger(name).log(level, "%s%s", log_prefix, message)
+                elif kind == "stage":
+                    stage = payload
+                elif kind == "partial":
+                    partial = payload
+                else:
+                    outcome = (kind, payload)
+            elif proc.poll() is not None and not receiver.poll():
                 break
-            if kind == "log":
-                level, name, message = payload
-                logging.getLogger(name).log(level, "%s%s", log_prefix, message)
-            elif kind == "stage":
-                stage = payload
-            elif kind == "partial":
-                partial = payload
-            else:
-                outcome = (kind, payload)
-        elif not proc.is_alive() and not receiver.poll():
-            break
-        elif time.monotonic() > deadline:
-            proc.kill()
-            proc.join()
-            return _failed(partial, stage, f"timeout: stage '{stage}' still running after {timeout_s:.0f} s "
-                                           f"(backend.timeout_s)")
-    proc.join(30)
+            elif time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                return _failed(partial, stage, f"timeout: stage '{stage}' still running after {timeout_s:.0f} s "
+                                               f"(backend.timeout_s)")
+    finally:
+        receiver.close()
+    code = proc.wait(30)
     if outcome and outcome[0] == "result":
         return VariantResult.from_dict(outcome[1])
     if outcome:
         return _failed(partial, stage, *outcome[1])
-    code = proc.exitcode
-    how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     return _failed(partial, stage, f"crash: child process {how} in stage '{stage}'")
 
 
@@ -91,3 +129,7 @@ def _failed(partial: dict, stage: str, error: str, detail: str | None = None) ->
     result = VariantResult.from_dict(partial)
     result.status, result.failed_stage, result.error, result.error_detail = "failed", stage, error, detail
     return result
+
+
+if __name__ == "__main__":
+    _child(int(sys.argv[1]), int(sys.argv[2]))

@@ -1,55 +1,67 @@
-"""Hydra glue: check the whole sweep up front, run each variant isolated, track it, summarise.
+"""The sweep, top to bottom: check it, open it, launch its jobs under any Hydra launcher, summarise it.
 
-`preflight` composes every variant of the command line before any work starts, so a bad value or a bad
-file anywhere in the sweep exits 2 with one line. `task` is Hydra's job function; `SweepCallback`
-opens the sweep's parent MLflow run and prints the summary table at the end.
+`main` runs in the launching process. `preflight` composes every variant of the command line before any
+work starts, so a bad value or a bad file anywhere in the sweep exits 2 with one line. `open_sweep` makes
+the sweep folder and the parent MLflow run and hands both to the jobs as config; for a parallel launcher
+it serves an embedded sqlite store through a loopback `mlflow server`. `task` is the job: config in,
+`result.json` and a child run out, with nothing shared with the launching process, so any launcher
+(joblib's loky workers, SLURM, Ray) can run it. `finish_sweep` summarises from the job folders; `sync`
+logs what a lost store missed.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import difflib
 import itertools
 import json
 import logging
+import os
+import sys
 import time
+import traceback
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobStatus
+from hydra.core.override_parser.types import Glob
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner import backends, config, inputs
+from runner import backends, config, gpus, inputs
 from runner.config import BackendName, ConfigError, RunConfig
 from runner.isolate import run_isolated
 from runner.pipeline import new_result, run_variant
 from runner.report.frame import results_frame
 from runner.results import VariantResult
+from runner.sweep import JobRecord, Sweep, SweepError, find_folder, identity, job_records, new_folder
 
 log = logging.getLogger("runner")
 CONF_DIR = config.conf_dir()
-SESSION: dict = {}
+USAGE_EXIT = 2
+LOST_EXIT = 1
+MULTIRUN_FLAGS = ("-m", "--multirun")
+SERIAL_LAUNCHERS = ("basic",)
+LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local", "ray")  # their jobs can reach 127.0.0.1 of this host
 SUMMARY = ["onnx_label", "build_label", "status", "failed_stage", "validation", "rel_l2", "det_f1", "map50_95",
            "infer_p50_ms", "e2e_p50_ms", "cuda_graph", "error"]
 SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "stage"}
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """Nested config -> {"a.b.c": value}, the shape of MLflow params."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
+def quiet_defaults() -> None:
+    """Environment defaults of every runner process: offline, quiet, and an MLflow that fails in seconds."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for a hub
+    os.environ.setdefault("YOLO_VERBOSE", "false")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the summary names the runs
 
 
 def unknown_key(node: DictConfig, schema: type, prefix: str = "") -> str | None:
@@ -111,6 +123,19 @@ def _compose(overrides: list[str]) -> RunConfig:
         raise ConfigError(" ".join(str(exc).split())) from None
 
 
+def _sweep_values(override) -> list[str]:
+    """The `key=value` lines a sweep override stands for; glob over a config group's options, list, range."""
+    key = override.get_key_element()
+    if isinstance(override.value(), Glob):
+        if not (CONF_DIR / key).is_dir():
+            raise ConfigError(f"{key}: glob() selects options of a config group; {key} is not one")
+        return [f"{key}={v}" for v in override.value().filter(_group_options(key))]
+    if override.is_interval_sweep():
+        raise ConfigError(f"{key}: interval() needs an optimizing sweeper (Optuna, Ax, Nevergrad); "
+                          f"give a list (a,b) or range(start,stop,step)")
+    return [f"{key}={v}" for v in override.sweep_string_iterator()]
+
+
 def preflight(argv: list[str]) -> list[RunConfig]:
     """Compose and check every variant the command line describes. Raises ConfigError."""
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
@@ -118,8 +143,7 @@ def preflight(argv: list[str]) -> list[RunConfig]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as exc:
         raise ConfigError(" ".join(str(exc).split())) from None
-    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-               else [o.input_line] for o in parsed]
+    choices = [_sweep_values(o) if o.is_sweep_override() else [o.input_line] for o in parsed]
     config.register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -128,49 +152,154 @@ def preflight(argv: list[str]) -> list[RunConfig]:
     return variants
 
 
-def open_tracking(tracking) -> None:
-    """Open the MLflow store before any work, so an unreachable one is a config error. Raises ConfigError."""
-    SESSION["tracker"] = None
-    if not tracking.enabled:
-        return
-    from runner.track import Tracker, store_problem
-
-    try:
-        SESSION["tracker"] = Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
-    except Exception as exc:  # MLflow's errors vary by store; the user needs the URI and the reason
-        raise ConfigError(f"tracking.uri: cannot open {tracking.uri}: {store_problem(exc)}; start the server, or "
-                          f"use the embedded store (tracking=sqlite)") from None
-
-
 def announce_backends(variants: list[RunConfig]) -> None:
     """Say once, up front, what `backend=auto` picked."""
     if any(v.backend.name == BackendName.auto for v in variants):
         print(backends.auto_choice(), flush=True)
 
 
-def task(cfg: DictConfig) -> dict:
-    """Hydra job: one variant in its own process, then its MLflow child run."""
-    run_cfg = to_run_config(cfg)
-    backend, skip_reason = backends.resolve(run_cfg)
-    mechanism = None if skip_reason else backend.precision_mechanism(run_cfg)
-    result = new_result(run_cfg, backend.name, mechanism)
-    SESSION["done"] = SESSION.get("done", 0) + 1
-    log.info("[%d/%d] %s (%s)", SESSION["done"], SESSION.get("total", 1), result.name, backend.name)
-    started_ms = int(time.time() * 1000)
-    if skip_reason:
-        result.status, result.error = "skipped", skip_reason
+def _hydra_value(argv: list[str], key: str) -> str | None:
+    found = [a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")]
+    return found[-1] if found else None
+
+
+def _open_tracker(tracking):
+    """The sweep's Tracker on the store the user named; an unreachable store is a ConfigError."""
+    from runner.track import Tracker, store_problem
+
+    try:
+        return Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
+    except Exception as exc:  # MLflow's errors vary by store; the user needs the URI and the reason
+        raise ConfigError(f"tracking.uri: cannot open {tracking.uri}: {store_problem(exc)}; start the server, or "
+                          f"use the embedded store (tracking=sqlite)") from None
+
+
+@dataclass
+class Launch:
+    """What the launching process set up: the sweep (folder, parent run), the jobs' extra overrides, and the
+    loopback tracking server, if any."""
+    sweep: Sweep
+    overrides: list[str]
+    server: contextlib.AbstractContextManager
+
+
+def open_sweep(argv: list[str], variants: list[RunConfig]) -> Launch:
+    """Make (or, with `resume=`, reopen) the sweep folder and its parent run. Raises ConfigError."""
+    first, multirun = variants[0], any(a in MULTIRUN_FLAGS for a in argv)
+    dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    root = Path(first.outputs) / ("sweeps" if multirun else "runs")
+    try:
+        if first.resume:
+            sweep = Sweep.read(find_folder(root, first.resume))
+        else:
+            given = _hydra_value(argv, dir_key)
+            folder = Path(given) if given else new_folder(root)
+            folder.mkdir(parents=True, exist_ok=True)
+            sweep = Sweep(folder, len(variants), [a for a in argv if a not in MULTIRUN_FLAGS],
+                          dataclasses.asdict(first.tracking) if first.tracking.enabled else None)
+    except SweepError as exc:
+        raise ConfigError(f"resume: {exc}") from None
+    launcher = _hydra_value(argv, "hydra/launcher") or "basic"
+    overrides, server = [f"{dir_key}={sweep.folder}", f"sweep.total={len(variants)}"], contextlib.nullcontext()
+    if first.tracking.enabled:
+        tracker = _open_tracker(first.tracking)
+        if sweep.parent_run_id:
+            closed = tracker.reopen_sweep(sweep.parent_run_id)
+            print(f"runner: resuming sweep {sweep.folder} (run {sweep.parent_run_id}); {closed} run(s) a kill left "
+                  f"RUNNING closed as KILLED", flush=True)
+        else:
+            sweep.parent_run_id = tracker.start_sweep(
+                f"sweep of {len(variants)} variants", {"overrides": " ".join(sweep.overrides) or "(defaults)",
+                                                       "variants": len(variants), "folder": str(sweep.folder)})
+        print(f"runner: sweep {sweep.parent_run_id} -> {tracker.uri} (experiment '{tracker.experiment}')", flush=True)
+        overrides.append(f"sweep.parent_run_id={sweep.parent_run_id}")
+        server = _shared_store(first.tracking.uri, launcher, sweep.folder, overrides)
     else:
-        result = run_isolated(run_variant, (run_cfg, backend.name), run_cfg.backend.timeout_s,
-                              new_result(run_cfg, backend.name, mechanism, "failed"), log_prefix=f"  [{result.name}] ")
+        print("runner: tracking disabled (tracking.enabled=false): results stay in the sweep folder", flush=True)
+    sweep.total = len(variants)
+    sweep.write()
+    return Launch(sweep, overrides, server)
+
+
+def _shared_store(uri: str, launcher: str, folder: Path, overrides: list[str]) -> contextlib.AbstractContextManager:
+    """A loopback server over a sqlite store when jobs run in parallel (appending its URI to `overrides`)."""
+    from runner.track import LoopbackServer, sqlite_path
+
+    if sqlite_path(uri) is None or launcher in SERIAL_LAUNCHERS:
+        return contextlib.nullcontext()
+    if launcher not in LOCAL_LAUNCHERS:
+        raise ConfigError(f"tracking: jobs of hydra/launcher={launcher} run on other hosts and cannot share the "
+                          f"embedded store {uri}; use tracking=server tracking.uri=http://<host>:<port>")
+    server = LoopbackServer(uri, folder)
+    overrides.append(f"tracking.uri={server.url}")
+    return server
+
+
+def task(cfg: DictConfig) -> str:
+    """Hydra job: one variant, config in; `result.json` in the job folder and a child run out. Never raises:
+    a failure is the variant's result, so no launcher aborts the sweep over one variant."""
+    quiet_defaults()
+    run_cfg = to_run_config(cfg)
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep_dir = Path(hydra_cfg.sweep.dir) if multirun else job_dir
+    progress = f"[{(hydra_cfg.job.num if multirun else 0) + 1}/{run_cfg.sweep.total}]"
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config_id = identity(plain)
+    record = next((r for r in job_records(sweep_dir) if r.config_id == config_id), None)
+    if record:
+        log.info("%s %s: kept from %s, not measured again", progress, record.result.name, record.folder)
+    else:
+        record = measure(run_cfg, JobRecord(job_dir, new_result(run_cfg, "-", None), config_id, plain), progress)
+    if run_cfg.tracking.enabled and run_cfg.sweep.parent_run_id and not record.logged:
+        track(run_cfg, record)
+    return record.result.status
+
+
+def measure(run_cfg: RunConfig, record: JobRecord, progress: str) -> JobRecord:
+    """Run the variant in its child process on a GPU of its own; its result.json is written before returning."""
+    record.started_ms = int(time.time() * 1000)
+    try:
+        backend, skip_reason = backends.resolve(run_cfg)
+        mechanism = None if skip_reason else backend.precision_mechanism(run_cfg)
+        name = new_result(run_cfg, backend.name, mechanism).name
+        log.info("%s %s (%s)", progress, name, backend.name)
+        if skip_reason:
+            result = new_result(run_cfg, backend.name, mechanism, "skipped")
+            result.error = skip_reason
+        else:
+            with gpus.claim(run_cfg.backend.gpus) as (gpu, env):
+                result = run_isolated(run_variant, (run_cfg, backend.name), run_cfg.backend.timeout_s,
+                                      new_result(run_cfg, backend.name, mechanism, "failed"),
+                                      log_prefix=f"  [{name}] ", env=env)
+            if gpu:
+                result.environment.update(gpu.environment())
+    except Exception as exc:  # a bug before or around the child: the variant's result, with its traceback
+        result = new_result(run_cfg, "-", None, "failed")
+        result.failed_stage, result.error, result.error_detail = "start", f"{type(exc).__name__}: {exc}", \
+            traceback.format_exc()
     log.info("  [%s] -> %s%s", result.name, result.status,
              f" at {result.failed_stage}: {result.first_error_line()}" if result.failed_stage
              else f": {result.error}" if result.status == "skipped" else "")
-    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    run_id = None
-    if SESSION.get("tracker"):
-        run_id = SESSION["tracker"].log_variant(SESSION["sweep_id"], result, flatten(plain), OmegaConf.to_yaml(plain),
-                                                started_ms)
-    return {"result": result.to_dict(), "mlflow_run_id": run_id}
+    record.result, record.ended_ms = result, int(time.time() * 1000)
+    record.write()
+    return record
+
+
+def track(run_cfg: RunConfig, record: JobRecord) -> None:
+    """Log `record` as a child run of the sweep; where the store is gone, keep it marked as not yet logged."""
+    from runner.track import Tracker, store_problem
+
+    tracking = run_cfg.tracking
+    try:
+        tracker = Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
+        record.mlflow_run_id, record.tracking_error = tracker.log_variant(run_cfg.sweep.parent_run_id, record), None
+    except Exception as exc:  # the measured result must outlive any tracking failure
+        record.tracking_error = store_problem(exc)
+        log.warning("  [%s] not logged to %s (%s); kept in %s/result.json for `runner sync`", record.result.name,
+                    tracking.uri, record.tracking_error, record.folder)
+    record.write()
 
 
 def summary_table(results: list[VariantResult]) -> pd.DataFrame:
@@ -178,6 +307,47 @@ def summary_table(results: list[VariantResult]) -> pd.DataFrame:
     table = frame[SUMMARY].rename(columns=SUMMARY_NAMES)
     table["error"] = [(e.splitlines()[0][:70] if e else "") for e in table["error"]]
     return table
+
+
+
+
+def _end_parent(sweep: Sweep, records: list[JobRecord], files: list[Path]) -> str | None:
+    """Close the sweep's parent run with its counts and summary files; the reason where the store is gone."""
+    from runner.track import Tracker, store_problem
+
+    tracking = sweep.tracking
+    try:
+        Tracker(tracking["uri"], tracking["experiment"], tracking["artifact_root"]).end_sweep(
+            sweep.parent_run_id, [r.result for r in records], sweep.total, files)
+    except Exception as exc:  # the summary files are written; the store can catch up with `runner sync`
+        return store_problem(exc)
+    return None
+
+
+def finish_sweep(sweep: Sweep) -> int:
+    """Summarise a sweep from its job folders: terminal table, summary.csv, results.json, the parent run.
+    Returns the exit code: 0 when every variant has a result, else 1."""
+    records = job_records(sweep.folder)
+    table = summary_table([r.result for r in records])
+    files = [sweep.folder / "summary.csv", sweep.folder / "results.json"]
+    table.to_csv(files[0], index=False)
+    files[1].write_text(json.dumps([{**r.result.to_dict(), "mlflow_run_id": r.mlflow_run_id} for r in records],
+                                   indent=1, default=str))
+    problem = _end_parent(sweep, records, files) if sweep.parent_run_id else None
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        print("\n" + table.to_string(index=False) if len(table) else "no variant ran", flush=True)
+    ok = sum(r.result.status == "ok" for r in records)
+    parent = f"; sweep run {sweep.parent_run_id}" if sweep.parent_run_id else ""
+    print(f"\nrunner: {ok}/{len(records)} variants ok{parent}; summary in {_shown(sweep.folder)}", flush=True)
+    unlogged = sum(not r.logged for r in records) if sweep.parent_run_id else 0
+    if problem or unlogged:
+        print(f"runner: {unlogged} result(s) not yet in MLflow ({problem or 'see the jobs log'}); once the store is "
+              f"back: runner sync --sweep {_shown(sweep.folder)}", flush=True)
+    if len(records) < sweep.total:
+        print(f"runner: incomplete sweep: {len(records)} of {sweep.total} variants have a result; run the rest "
+              f"with the same command and resume={_shown(sweep.folder)}", flush=True)
+        return LOST_EXIT
+    return 0
 
 
 def _shown(path: Path) -> Path:
@@ -188,56 +358,71 @@ def _shown(path: Path) -> Path:
         return path
 
 
-class SweepCallback(Callback):
-    """Opens the sweep's parent run, collects variant results, closes with a summary."""
+def sync(argv: list[str]) -> int:
+    """`runner sync --sweep DIR|latest`: log every result of a sweep folder that its MLflow store lacks."""
+    from runner.track import Tracker, store_problem
 
-    def _start(self, config: DictConfig) -> None:
-        SESSION.update(results=[], done=0, sweep_id=None)
-        tracker = SESSION.get("tracker")
-        if tracker is None:
-            print("runner: tracking disabled (tracking.enabled=false): results stay in the sweep folder", flush=True)
-            return
-        overrides = " ".join(config.hydra.overrides.task) if "hydra" in config else ""
-        SESSION["sweep_id"] = tracker.start_sweep(
-            f"sweep of {SESSION.get('total', 1)} variants",
-            {"overrides": overrides or "(defaults)", "variants": SESSION.get("total", 1)})
-        print(f"runner: sweep {SESSION['sweep_id']} -> {tracker.uri} (experiment '{tracker.experiment}')", flush=True)
+    parser = argparse.ArgumentParser(prog="runner sync",
+                                     description="Log every result of a sweep folder that its MLflow store lacks; "
+                                                 "safe to run twice.")
+    parser.add_argument("--sweep", default="latest", help="a sweep folder, or 'latest' (the default)")
+    parser.add_argument("--outputs", type=Path, default=Path("outputs"), help="where 'latest' is looked for")
+    parser.add_argument("--tracking-uri", help="the store, where it moved (default: the sweep's own)")
+    args = parser.parse_args(argv)
+    try:
+        sweep = Sweep.read(find_folder(args.outputs / "sweeps", args.sweep))
+    except SweepError as exc:
+        print(f"runner: error: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+    if not (sweep.tracking and sweep.parent_run_id):
+        print(f"runner: error: sweep {sweep.folder} ran with tracking disabled; nothing to sync", file=sys.stderr)
+        return USAGE_EXIT
+    tracking = {**sweep.tracking, **({"uri": args.tracking_uri} if args.tracking_uri else {})}
+    try:
+        tracker = Tracker(tracking["uri"], tracking["experiment"], tracking["artifact_root"])
+    except Exception as exc:  # MLflow's errors vary by store
+        print(f"runner: error: cannot open {tracking['uri']}: {store_problem(exc)}", file=sys.stderr)
+        return USAGE_EXIT
+    sweep.tracking = tracking
+    records = job_records(sweep.folder)
+    added = 0
+    for record in records:
+        was = record.mlflow_run_id
+        record.mlflow_run_id, record.tracking_error = tracker.log_variant(sweep.parent_run_id, record), None
+        record.write()
+        added += was is None
+    print(f"runner: sync of {sweep.folder}: {added} run(s) logged, {len(records) - added} already there", flush=True)
+    return finish_sweep(sweep)
 
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._start(config)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._start(config)
+def main(argv: list[str]) -> int:
+    """`runner [overrides]`: check the sweep, open it, launch it through Hydra, summarise it. The exit code."""
+    quiet_defaults()
+    config.register()
+    if any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in argv):
+        _hydra(argv)
+        return 0
+    try:
+        variants = preflight(argv)
+        launch = open_sweep(argv, variants)
+    except ConfigError as exc:
+        print(f"runner: error: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+    announce_backends(variants)
+    try:
+        with launch.server as server:
+            if server:
+                print(f"runner: parallel jobs log through {server.url} (a loopback mlflow server over "
+                      f"{server.sqlite_uri})", flush=True)
+            _hydra([*argv, *launch.overrides])
+    except SystemExit as exc:  # Hydra reports its own errors and exits; the summary below still runs
+        if exc.code:
+            print(f"runner: hydra exited with {exc.code}", file=sys.stderr)
+    return finish_sweep(launch.sweep)
 
-    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        if job_return.status == JobStatus.COMPLETED:
-            SESSION["results"].append(job_return.return_value)
-            SESSION["output_dir"] = Path(config.hydra.runtime.output_dir)
 
-    def _end(self, folder: Path | None) -> None:
-        returned = SESSION.get("results", [])
-        results = [VariantResult.from_dict(r["result"]) for r in returned]
-        table = summary_table(results)
-        files = []
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            files = [folder / "summary.csv", folder / "results.json"]
-            table.to_csv(files[0], index=False)
-            files[1].write_text(json.dumps([{**r["result"], "mlflow_run_id": r["mlflow_run_id"]} for r in returned],
-                                           indent=1, default=str))
-        if SESSION["tracker"]:
-            SESSION["tracker"].end_sweep(SESSION["sweep_id"], results, files)
-        with pd.option_context("display.width", 200, "display.max_columns", 20,
-                               "display.float_format", "{:.4g}".format):
-            print("\n" + table.to_string(index=False) if len(table) else "no variant ran", flush=True)
-        ok = sum(r.status == "ok" for r in results)
-        sweep = f"; sweep run {SESSION['sweep_id']}" if SESSION.get("sweep_id") else ""
-        where = f"; summary in {_shown(folder)}" if folder else ""
-        print(f"\nrunner: {ok}/{len(results)} variants ok{sweep}{where}", flush=True)
+def _hydra(argv: list[str]) -> None:
+    import hydra
 
-    def on_run_end(self, config: DictConfig, **kwargs) -> None:
-        self._end(SESSION.get("output_dir"))
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        out = SESSION.get("output_dir")
-        self._end(out.parent if out else None)
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()

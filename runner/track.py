@@ -1,24 +1,42 @@
 """Tracking stage: MLflow runs for a sweep (parent) and its variants (children).
 
-Only this module writes to MLflow. A variant's run carries the flattened config as params, provenance
-(`env.*`) and what was resolved at run time (`resolved.*`), `VariantResult.metrics()` as metrics, the
-cell and the outcome as tags (read back by `runner table|check`), and as artifacts the result JSON, the
-resolved config, the ONNX signatures, the build log and layers, and the traceback of an unexpected error.
+Only this module writes to MLflow. Logging a variant is idempotent: its run carries the `runner.result_id`
+of its result.json, so `runner sync` and `resume=` never log a result twice, and a run left half-logged
+by a kill is replaced. Parallel jobs reach an embedded sqlite store through a loopback `mlflow server`
+(`LoopbackServer`), one writer, so no job meets "database is locked".
+
+A variant's run carries the flattened config as params, provenance (`env.*`) and what was resolved at
+run time (`resolved.*`), `VariantResult.metrics()` as metrics, the cell and the outcome as tags (read
+back by `runner table|check`), and as artifacts the result JSON, the resolved config, the ONNX
+signatures, the build log and layers, and the traceback of an unexpected error.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
+import yaml
+from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from runner.report.frame import SWEEP_TAG, cell_tags, outcome_tags
 from runner.results import VariantResult
+from runner.sweep import JobRecord
 
 MAX_TAG = 5000
+RESULT_TAG = "runner.result_id"
+SERVER_START_S = 90
 
 
 def store_problem(exc: Exception) -> str:
@@ -27,6 +45,22 @@ def store_problem(exc: Exception) -> str:
     if "Max retries exceeded" in text or "Connection refused" in text:
         return "no server answers there (connection refused)"
     return text[:200]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested config -> {"a.b.c": value}, the shape of MLflow params."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def _metric(key: str, value: float):
@@ -42,16 +76,14 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, artifact_root: str):
         self.uri, self.experiment = uri, experiment
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            location = None if uri.startswith("http") else Path(artifact_root).resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = found.experiment_id
+        with _store_lock(uri):  # two sweeps creating one sqlite store would race in its migrations
+            self.client = MlflowClient(uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                location = None if uri.startswith("http") else Path(artifact_root).resolve().as_uri()
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = found.experiment_id
 
     def start_sweep(self, name: str, params: dict) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={"runner.kind": "sweep"})
@@ -59,15 +91,38 @@ class Tracker:
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def log_variant(self, sweep_id: str, result: VariantResult, params: dict, config_yaml: str,
-                    started_ms: int) -> str:
-        """One child run, spanning the variant's own time."""
-        ended_ms = int(time.time() * 1000)
+    def reopen_sweep(self, sweep_id: str) -> int:
+        """Resume a sweep's parent run; close its variant runs a kill left RUNNING as KILLED. Returns how many."""
+        self.client.update_run(sweep_id, status="RUNNING")
+        stale = self.client.search_runs([self.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}' and "
+                                        f"tags.`runner.kind` = 'variant' and attributes.status = 'RUNNING'")
+        for run in stale:
+            self.client.set_terminated(run.info.run_id, "KILLED")
+        return len(stale)
+
+    def _logged_run(self, result_id: str) -> str | None:
+        """The complete run of `result_id`, if any; a partial one (killed while logging) is deleted."""
+        found = None
+        for run in self.client.search_runs([self.experiment_id], f"tags.`{RESULT_TAG}` = '{result_id}'"):
+            if found is None and RunStatus.is_terminated(RunStatus.from_string(run.info.status)) \
+                    and run.info.status != "KILLED":
+                found = run.info.run_id
+            else:
+                self.client.delete_run(run.info.run_id)
+        return found
+
+    def log_variant(self, sweep_id: str, record: JobRecord) -> str:
+        """The child run of `record`, spanning the variant's own time; logged once, however often called."""
+        existing = self._logged_run(record.result_id)
+        if existing:
+            return existing
+        result = record.result
         tags = {"mlflow.parentRunId": sweep_id, SWEEP_TAG: sweep_id, "runner.kind": "variant",
-                "onnx_label": result.cell.onnx.label, "build_label": result.cell.build.label,
-                **cell_tags(result.cell), **outcome_tags(result)}
+                RESULT_TAG: record.result_id, "onnx_label": result.cell.onnx.label,
+                "build_label": result.cell.build.label, **cell_tags(result.cell), **outcome_tags(result)}
         tags["error"] = tags["error"][:MAX_TAG]
-        run = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags, start_time=started_ms)
+        run = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags,
+                                     start_time=record.started_ms)
         run_id = run.info.run_id
         resolved = {"resolved.backend": result.backend}
         if result.build:
@@ -76,14 +131,15 @@ class Tracker:
                              "resolved.optimization_level": result.build.optimization_level,
                              "resolved.tf32": result.build.tf32})
         env = {f"env.{k}": v for k, v in result.environment.items()}
-        self._log_params(run_id, {**params, **env, **{k: v for k, v in resolved.items() if v is not None}})
+        self._log_params(run_id, {**flatten(record.config), **env,
+                                  **{k: v for k, v in resolved.items() if v is not None}})
         metrics = result.metrics()
         if metrics:
             self.client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
-            (folder / "config.yaml").write_text(config_yaml)
+            (folder / "config.yaml").write_text(yaml.safe_dump(record.config, sort_keys=False))
             if result.export:
                 signatures = {"reference": result.export.reference.signature, "tested": result.export.tested.signature}
                 if result.build and result.build.onnx_signature:
@@ -96,11 +152,12 @@ class Tracker:
             for path in (result.build.log_path, result.build.layers_path):
                 if path and Path(path).is_file():
                     self.client.log_artifact(run_id, path, "build")
-        self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED", ended_ms)
+        self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED", record.ended_ms)
         return run_id
 
-    def end_sweep(self, sweep_id: str, results: list[VariantResult], files: list[Path] = ()) -> None:
+    def end_sweep(self, sweep_id: str, results: list[VariantResult], total: int, files: list[Path] = ()) -> None:
         counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}
+        counts["missing"] = total - len(results)
         self.client.log_batch(sweep_id, metrics=[_metric(f"variants.{k}", v) for k, v in counts.items()])
         for path in files:
             self.client.log_artifact(sweep_id, str(path))
@@ -110,3 +167,66 @@ class Tracker:
         items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """An exclusive lock beside a sqlite store while it may be created; nothing for other stores."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LoopbackServer:
+    """`mlflow server` on 127.0.0.1 over a sqlite store, for the parallel jobs of one sweep; one worker writes.
+
+    The experiment is created on the sqlite store first, so its artifacts stay where the embedded store
+    keeps them, and the jobs write them there directly."""
+
+    def __init__(self, sqlite_uri: str, folder: Path):
+        self.sqlite_uri, self.log_path = sqlite_uri, folder / "mlflow-server.log"
+        self.url, self.proc = f"http://127.0.0.1:{_free_port()}", None
+
+    def __enter__(self) -> LoopbackServer:
+        port = self.url.rsplit(":", 1)[1]
+        with open(self.log_path, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
+                 "--backend-store-uri", self.sqlite_uri], cwd=self.log_path.parent, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + SERVER_START_S
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the loopback mlflow server did not start; see {self.log_path}")
+            time.sleep(0.5)
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

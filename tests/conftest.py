@@ -5,9 +5,13 @@ Nothing here is autouse: the TensorRT tests (test_trt_*.py) and the report tests
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,7 @@ import pytest
 os.environ.setdefault("YOLO_OFFLINE", "1")  # no test reaches for a hub
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
-# isolate_targets.py must be importable by name in the spawned children of runner.isolate: spawn passes
+# isolate_targets.py must be importable by name in the children of runner.isolate: runner.isolate passes
 # the parent's sys.path on, so putting tests/ on it here is enough.
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
@@ -45,6 +49,61 @@ def mlflow_run_count(db: Path) -> int:
     with sqlite3.connect(db) as con:
         tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
         return con.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class MlflowServer:
+    """A real `mlflow server` on loopback over a sqlite store in `root`; stop() and start() again keep the
+    port and the store, as a server restarted after a crash would."""
+
+    STARTUP_LIMIT_S = 60
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.url, self.proc = f"http://127.0.0.1:{self.port}", None
+
+    def start(self) -> MlflowServer:
+        log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers",
+             "1", "--backend-store-uri", f"sqlite:///{self.root}/store.db", "--artifacts-destination",
+             str(self.root / "artifacts")],
+            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + self.STARTUP_LIMIT_S
+        while not healthy(self.url):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server and its workers (they share the session it was started in)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
 
 
 @pytest.fixture(scope="session")

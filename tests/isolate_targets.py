@@ -1,6 +1,6 @@
 """Targets for runner.isolate.run_isolated in test_isolate.py.
 
-They must be module-level functions of an importable module: the spawn start method pickles them
+They must be module-level functions of an importable module: runner.isolate pickles them
 by name and the child imports this module (tests/ is on sys.path, see conftest.py).
 """
 from __future__ import annotations

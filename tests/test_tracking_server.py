@@ -2,68 +2,23 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import MlflowServer, cli_env, free_port, mlflow_run_count, run_cli
 from mlflow.tracking import MlflowClient
-
-from conftest import cli_env, mlflow_run_count, run_cli
-
-STARTUP_LIMIT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/store.db", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
     try:
-        deadline = time.monotonic() + STARTUP_LIMIT_S
-        while not healthy(url):
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after {STARTUP_LIMIT_S} s:\n"
-                            f"{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"url": url, "root": root, "proc": proc}
+        yield {"url": server.url, "root": server.root}
     finally:
-        # the server and its uvicorn worker / job runner share the session we started it in
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+        server.stop()
 
 
 def test_sweep_logs_to_a_tracking_server(mlflow_server, tmp_path, export_cache):

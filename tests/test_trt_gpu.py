@@ -209,6 +209,21 @@ def test_engine_and_timing_cache(models, tmp_path, caplog):
     assert list((tmp_path / "timing").glob("*.cache"))
 
 
+def test_damaged_engine_is_rebuilt(models, tmp_path, caplog):
+    s = spec(models["static"], tmp_path, STATIC)
+    plan = Path(build_ok(s).artifact)
+    plan.write_bytes(plan.read_bytes()[:plan.stat().st_size // 2])  # truncated
+    caplog.set_level("INFO", logger="runner")
+    again = build_ok(s)
+    assert not again.cache_hit and again.artifact == str(plan)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"build: cached {plan.name} is damaged (size "), warnings
+    x = rand(STATIC)
+    with TrtRunner(again.artifact) as runner:  # deserializes
+        np.testing.assert_allclose(runner.infer(x)["output0"], ort_run(models["static"], x), atol=1e-3)
+    assert build_engine(s).cache_hit
+
+
 def test_cuda_graph_same_outputs(static_engine):
     x = rand(STATIC)
     with TrtRunner(static_engine.artifact) as plain:

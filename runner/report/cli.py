@@ -1,14 +1,16 @@
 """`runner table|baseline|check`: the compatibility table of one or more sweeps, their baseline, and
 regressions against one.
 
-Sweeps are read from MLflow (`--sweep ID|latest`, repeatable) or from sweep folders' results.json
-(`--results FILE`, repeatable); both give the same frame (runner.report.frame).
+Sweeps are read from MLflow (`--sweep ID|latest`, repeatable) or from sweep folders (`--results DIR`, or
+its results.json, repeatable); both give the same frame (runner.report.frame). A sweep that was killed,
+or still runs, is said to be incomplete ("3 of 4 variants"); its missing cells fail `check`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,6 +67,11 @@ class Store:
             raise ReportError(f"no sweep run '{sweep}' in experiment '{self.experiment}'")
         return sweep
 
+    def expected(self, sweep_id: str) -> int | None:
+        """How many variants the sweep was launched with (its parent run's `variants` param)."""
+        value = self._call(self.client.get_run, sweep_id).data.params.get("variants")
+        return int(value) if value and value.isdigit() else None
+
     def variant_runs(self, sweep_id: str) -> list:
         runs = self.search(f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`runner.kind` = 'variant'",
                            order_by=["attributes.start_time ASC"], max_results=10000)
@@ -77,15 +84,52 @@ class Store:
             self._call(self.client.log_artifact, run_id, str(path), folder)
 
 
-def load(args) -> tuple[pd.DataFrame, str, Store | None, list[str]]:
-    """(frame, name of the source, the store or None, parent run ids) for the sweeps the arguments select."""
+@dataclass
+class Source:
+    """The sweeps the arguments select: their frame, a name, the store (None for files), the parent run ids,
+    and a line for each sweep that lacks variants."""
+    frame: pd.DataFrame
+    name: str
+    store: Store | None = None
+    parents: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+
+    def warn(self) -> None:
+        for line in self.incomplete:
+            print(f"runner: warning: {line}", file=sys.stderr)
+
+
+def _incomplete(name: str, found: int, expected: int | None) -> list[str]:
+    if expected is None or found >= expected:
+        return []
+    return [f"sweep {name} is incomplete: {found} of {expected} variants (killed, or still running)"]
+
+
+def _read_folder(path: Path) -> tuple[list, list[str]]:
+    """The results of a sweep folder (or of its results.json), and its incompleteness."""
+    from runner.sweep import Sweep, SweepError, job_records
+
+    if not path.is_dir():
+        return read_results(path), []
+    try:
+        records, sweep = job_records(path), Sweep.read(path)
+    except SweepError as exc:
+        raise ReportError(str(exc)) from None
+    return [r.result for r in records], _incomplete(str(path), len(records), sweep.total)
+
+
+def load(args) -> Source:
     if args.results:
-        results = [r for path in args.results for r in read_results(path)]
-        return results_frame(results), "+".join(p.parent.name or p.stem for p in args.results), None, []
+        read = [_read_folder(path) for path in args.results]
+        return Source(results_frame([r for results, _ in read for r in results]),
+                      "+".join((p.name if p.is_dir() else p.parent.name) or p.stem for p in args.results),
+                      incomplete=[line for _, lines in read for line in lines])
     store = Store(args.tracking_uri, args.experiment)
     ids = list(dict.fromkeys(store.resolve(s) for s in (args.sweep or ["latest"])))
-    frame = runs_frame([run for sweep_id in ids for run in store.variant_runs(sweep_id)])
-    return frame, "+".join(i[:8] if len(ids) > 1 else i for i in ids), store, ids
+    runs = {sweep_id: store.variant_runs(sweep_id) for sweep_id in ids}
+    incomplete = [line for i in ids for line in _incomplete(i, len(runs[i]), store.expected(i))]
+    return Source(runs_frame([run for i in ids for run in runs[i]]),
+                  "+".join(i[:8] if len(ids) > 1 else i for i in ids), store, ids, incomplete)
 
 
 def write_report(frame: pd.DataFrame, out: Path, title: str) -> list[Path]:
@@ -103,24 +147,28 @@ def write_report(frame: pd.DataFrame, out: Path, title: str) -> list[Path]:
 
 
 def cmd_table(args) -> int:
-    frame, name, store, parents = load(args)
-    out = args.out or REPORTS / name
-    paths = write_report(frame, out, f"Compatibility of {'sweeps' if '+' in name else 'sweep'} {name}")
-    for parent in parents:
-        store.log_artifacts(parent, paths, "report")
-    print(render.to_markdown(render.matrix(frame).reset_index()))
-    logged = f" (logged to run {', '.join(parents)}, artifacts report/)" if parents else ""
-    print(f"\nrunner: report of {len(frame)} variants in {out}{logged}")
+    source = load(args)
+    out = args.out or REPORTS / source.name
+    paths = write_report(source.frame, out, f"Compatibility of {'sweeps' if '+' in source.name else 'sweep'} "
+                                            f"{source.name}")
+    for parent in source.parents:
+        source.store.log_artifacts(parent, paths, "report")
+    print(render.to_markdown(render.matrix(source.frame).reset_index()))
+    logged = f" (logged to run {', '.join(source.parents)}, artifacts report/)" if source.parents else ""
+    print(f"\nrunner: report of {len(source.frame)} variants in {out}{logged}")
+    source.warn()
     return 0
 
 
 def cmd_baseline(args) -> int:
-    frame, name, _, _ = load(args)
-    baseline = {"sweep": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "cells": gate.cells(frame)}
+    source = load(args)
+    if source.incomplete:
+        raise ReportError(f"{source.incomplete[0]}; a baseline needs every variant")
+    baseline = {"sweep": source.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "cells": gate.cells(source.frame)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(baseline, indent=1) + "\n")
-    print(f"runner: baseline of {len(baseline['cells'])} cells from {name} -> {args.out}")
+    print(f"runner: baseline of {len(baseline['cells'])} cells from {source.name} -> {args.out}")
     return 0
 
 
@@ -129,19 +177,21 @@ def cmd_check(args) -> int:
         baseline = json.loads(args.baseline.read_text())["cells"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ReportError(f"cannot read baseline {args.baseline}: {exc}") from None
-    frame, name, _, _ = load(args)
-    diff = gate.compare(baseline, gate.cells(frame), args.latency_ratio, args.map_drop, args.build_ratio,
+    source = load(args)
+    diff = gate.compare(baseline, gate.cells(source.frame), args.latency_ratio, args.map_drop, args.build_ratio,
                         not args.no_timing)
     limits = (f"mAP50-95 drop <= {args.map_drop}, "
               + ("timing not checked" if args.no_timing else
                  f"latency <= x{args.latency_ratio}, build time <= x{args.build_ratio}"))
     args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(gate.check_markdown(diff, render.matrix(frame), name, args.baseline, limits))
+    args.summary.write_text(gate.check_markdown(diff, render.matrix(source.frame), source.name, args.baseline, limits,
+                                                source.incomplete))
     regressions = diff[diff["verdict"] == "REGRESSION"]
     with pd.option_context("display.width", 200, "display.max_rows", None, "display.max_colwidth", 60):
         print(diff.to_string(index=False))
     print(f"\nrunner: {len(regressions)} regression(s) against {args.baseline} ({limits}); summary in {args.summary}")
-    return 1 if len(regressions) else 0
+    source.warn()
+    return 1 if len(regressions) or source.incomplete else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -150,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--sweep", action="append",
                        help="sweep (parent run) id, or 'latest' (the default); repeat to combine sweeps")
     which.add_argument("--results", type=Path, action="append",
-                       help="a sweep folder's results.json instead of MLflow; repeat to combine")
+                       help="a sweep folder (or its results.json) instead of MLflow; repeat to combine")
     source.add_argument("--tracking-uri", default=DEFAULT_URI, help=f"MLflow tracking URI (default {DEFAULT_URI})")
     source.add_argument("--experiment", default="runner", help="MLflow experiment (default runner)")
 

@@ -74,12 +74,14 @@ def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: 
     return diff.sort_values("verdict", key=lambda v: v != "REGRESSION", kind="stable").reset_index(drop=True)
 
 
-def check_markdown(diff: pd.DataFrame, grid: pd.DataFrame, sweep: str, baseline_file: Path, limits: str) -> str:
+def check_markdown(diff: pd.DataFrame, grid: pd.DataFrame, sweep: str, baseline_file: Path, limits: str,
+                   incomplete: list[str] = ()) -> str:
     """The check as a CI job summary: verdict, regressions, the current grid, and every comparison."""
     regressions = diff[diff["verdict"] == "REGRESSION"]
     head = (f"## runner check: FAILED, {len(regressions)} regression(s) in {regressions['cell'].nunique()} cell(s)"
-            if len(regressions) else "## runner check: passed, no regression")
-    parts = [head, f"Sweep `{sweep}` against baseline `{baseline_file}`. Limits: {limits}."]
+            if len(regressions) else "## runner check: FAILED, incomplete sweep" if incomplete
+            else "## runner check: passed, no regression")
+    parts = [head, *incomplete, f"Sweep `{sweep}` against baseline `{baseline_file}`. Limits: {limits}."]
     if len(regressions):
         parts += ["### Regressions", to_markdown(regressions)]
     parts += ["### Compatibility", to_markdown(grid.reset_index()),

@@ -4,14 +4,14 @@ Explicit batch where the version needs it, the workspace through the memory pool
 the optimization level, and TF32 off unless asked: TensorRT turns TF32 on for fp32 layers by default, which
 gave rel-L2 3e-4 against onnxruntime on an H200, so fp32 here means IEEE fp32. A timing cache per GPU and
 TensorRT version, and an engine cache keyed by ONNX bytes + build settings + TensorRT version + GPU.
-The build log and the engine inspector's layer JSON are kept beside the engine.
+The build log and the engine inspector's layer JSON are kept beside the engine. Both caches are checked
+against the size and sha256 recorded when they were written (`runner.cache`): a stale engine is rebuilt,
+a stale timing cache replaced by a fresh one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner import cache
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.runtime import engine_profile
 from runner.results import BuildResult, StageError
@@ -47,15 +48,6 @@ class BuildSpec:
         return "none" if self.precision == "fp32" else self.fp16_mode
 
 
-def file_sha256(path: str | Path, h=None):
-    """sha256 of a file, streamed (into `h` when given); returns the hash object."""
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h
-
-
 def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
     """sha256 over the ONNX bytes, the build-relevant spec fields, the TensorRT version and the GPU."""
     fields = {
@@ -69,7 +61,7 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
         "tf32": spec.tf32,
         "profiling_verbosity": "detailed",
     }
-    h = file_sha256(spec.onnx_path)
+    h = cache.file_sha256(spec.onnx_path)
     h.update(json.dumps(fields, sort_keys=True).encode())
     h.update(f"|trt={trt_version}|gpu={gpu_name}".encode())
     return h.hexdigest()
@@ -98,33 +90,40 @@ def heartbeat(what: str, every_s: float = 30.0):
         thread.join()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class EngineCache:
-    """Built engines on disk: `<key><suffix>` beside `<key>.json`, the BuildResult that made it."""
+    """Built engines on disk: `<key><suffix>` beside `<key>.json`, the BuildResult that made it with its paths
+    relative to the folder and the engine's size and sha256. Plain file bookkeeping: no TensorRT here."""
+
+    PATHS = ("artifact", "log_path", "layers_path")  # the BuildResult fields that name files of the cache
 
     def __init__(self, cache_dir: str, suffix: str = ".plan"):
-        self.folder, self.suffix = Path(cache_dir) / "engines", suffix
+        self.folder, self.suffix = Path(cache_dir).absolute() / "engines", suffix
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def engine_path(self, key: str) -> Path:
         return self.folder / f"{key}{self.suffix}"
 
     def lookup(self, key: str) -> BuildResult | None:
-        engine, meta = self.engine_path(key), self.folder / f"{key}.json"
-        if not (engine.is_file() and meta.is_file()):
+        """The cached build of `key`; None when there is none, or when it is stale (said and removed)."""
+        try:
+            cached = cache.load(self.folder / f"{key}.json", BuildResult.from_dict)
+        except cache.Stale as stale:
+            log.warning("build: cached %s; rebuilding", stale)
+            for path in self.folder.glob(f"{key}.*"):
+                if path.is_file():
+                    path.unlink()
             return None
-        cached = BuildResult.from_dict(json.loads(meta.read_text()))
-        cached.cache_hit, cached.build_s, cached.size_bytes = True, 0.0, engine.stat().st_size
-        log.info("build: engine cache hit")
+        if cached:
+            for name in self.PATHS:
+                setattr(cached, name, cache.absolute(getattr(cached, name), self.folder))
+            cached.cache_hit, cached.build_s = True, 0.0
+            log.info("build: engine cache hit")
         return cached
 
     def store(self, key: str, result: BuildResult) -> None:
-        write_atomic(self.folder / f"{key}.json", json.dumps(result.to_dict(), indent=1).encode())
+        """Record `result`, whose engine is written already."""
+        paths = {name: cache.relative(getattr(result, name), self.folder) for name in self.PATHS}
+        cache.save(self.folder / f"{key}.json", {**result.to_dict(), **paths}, [Path(result.artifact)])
 
 
 def inspect_plan(trt, logger, plan: bytes, path: Path) -> tuple[list[list[int]], str | None, int | None]:
@@ -159,15 +158,15 @@ def build_engine(spec: BuildSpec) -> BuildResult:
         raise ValueError(f"fp16_mode must be resolved to builder_flag or strongly_typed, got {spec.fp16_mode!r}")
     import tensorrt as trt
 
-    cache = EngineCache(spec.cache_dir)
+    engines = EngineCache(spec.cache_dir)
     result = BuildResult(tool="tensorrt_api", artifact="", profile=[spec.min_shape, spec.opt_shape, spec.max_shape],
                          precision_mechanism=spec.fp16_mechanism, tf32=spec.tf32, trt_version=trt.__version__,
                          gpu=compat.gpu_name())
     key = cache_key(spec, result.trt_version, result.gpu)
-    if spec.use_engine_cache and (cached := cache.lookup(key)):
+    if spec.use_engine_cache and (cached := engines.lookup(key)):
         return cached
 
-    result.log_path = str(cache.folder / f"{key}.log")
+    result.log_path = str(engines.folder / f"{key}.log")
     logger = compat.get_logger()
     logger.start()
     try:
@@ -175,12 +174,12 @@ def build_engine(spec: BuildSpec) -> BuildResult:
     finally:
         Path(result.log_path).write_text("\n".join(logger.stop()) + "\n")
 
-    plan_path = cache.engine_path(key)
-    write_atomic(plan_path, plan)
+    plan_path = engines.engine_path(key)
+    cache.write_atomic(plan_path, plan)
     result.artifact, result.size_bytes = str(plan_path), plan_path.stat().st_size
     result.profile, result.layers_path, result.num_layers = inspect_plan(
-        trt, logger, plan, cache.folder / f"{key}.layers.json")
-    cache.store(key, result)
+        trt, logger, plan, engines.folder / f"{key}.layers.json")
+    engines.store(key, result)
     log.info("build: done in %.1f s, %.1f MB", result.build_s, result.size_bytes / 1e6)
     return result
 
@@ -229,7 +228,7 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
         raise failed("\n".join(logger.errors(first_record))
                      or f"build_serialized_network returned None without an error; see {result.log_path}")
     if timing_path is not None:
-        write_atomic(timing_path, config.get_timing_cache().serialize())
+        cache.write_recorded(timing_path, config.get_timing_cache().serialize())
     return plan
 
 
@@ -239,8 +238,17 @@ def _load_timing_cache(spec: BuildSpec, config, result: BuildResult) -> Path | N
         return None
     path = timing_cache_path(spec.cache_dir, result.gpu, result.trt_version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = path.read_bytes() if path.exists() else b""
+    blob = read_timing_cache(path)
     if not config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
         log.info("build: timing cache %s rejected, starting a new one", path)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     return path
+
+
+def read_timing_cache(path: Path) -> bytes:
+    """The timing cache saved at `path`; b"" (start a fresh one) when there is none or it is stale."""
+    try:
+        return cache.read_recorded(path) or b""
+    except cache.Stale as stale:
+        log.warning("build: timing cache %s; starting a new one", stale)
+        return b""

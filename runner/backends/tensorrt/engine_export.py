@@ -22,8 +22,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 from runner.backends.tensorrt import compat
-from runner.backends.tensorrt.build import EngineCache, file_sha256, heartbeat, inspect_plan
+from runner.backends.tensorrt.build import EngineCache, heartbeat, inspect_plan
 from runner.backends.tensorrt.runtime import load_plan
+from runner.cache import file_sha256
 from runner.results import BuildResult, StageError
 
 log = logging.getLogger(__name__)

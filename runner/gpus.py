@@ -1,0 +1,86 @@
+"""One variant per GPU: a host-wide pool of lock files hands each job its own GPU.
+
+Every job on a host (any launcher, any sweep) takes a free GPU's lock before its variant's child starts,
+and gives it back when the child ends; the child sees only that GPU (`CUDA_VISIBLE_DEVICES`). A lock is
+an `flock` on a file in the host's temp folder, so a killed job frees its GPU with its process. Where a
+scheduler (SLURM, Ray) has already set `CUDA_VISIBLE_DEVICES`, that choice stands and no lock is taken.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: str  # as nvidia-smi numbers it (what CUDA_VISIBLE_DEVICES takes)
+    uuid: str
+
+    def environment(self) -> dict[str, str]:
+        return {"gpu.index": self.index, "gpu.uuid": self.uuid}
+
+
+def host_gpus(select: str | None = None) -> list[Gpu]:
+    """The host's GPUs by nvidia-smi (all, or those `select` names: an index, a UUID, or a comma list);
+    [] where there is no NVIDIA driver."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    command = ["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"]
+    if select:
+        command += ["-i", select]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [Gpu(*(part.strip() for part in line.split(","))) for line in out.splitlines() if line.strip()]
+
+
+def _lock_dir() -> Path:
+    folder = Path(tempfile.gettempdir()) / f"runner-gpus-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def claim(wanted: str | list[int]):
+    """Yield (the Gpu this job runs on, the environment for its child); both empty without GPUs.
+
+    `wanted` is "auto" (every GPU of the host) or a list of indices. Waits while all of them are taken."""
+    preset = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if preset is not None:
+        found = host_gpus(preset.split(",")[0]) if preset else []
+        yield (found[0] if found else None), {}
+        return
+    pool = host_gpus() if wanted == "auto" else [g for g in host_gpus() if int(g.index) in wanted]
+    if not pool:
+        yield None, {}
+        return
+    waited = False
+    while True:
+        for gpu in pool:
+            handle = open(_lock_dir() / f"gpu{gpu.index}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield gpu, {"CUDA_VISIBLE_DEVICES": gpu.index}
+            finally:
+                handle.close()  # closing the file releases the lock
+            return
+        if not waited:
+            log.info("waiting for a free GPU (all %d taken)", len(pool))
+            waited = True
+        time.sleep(POLL_S)

@@ -1,0 +1,138 @@
+"""A sweep as files: the sweep folder, its `sweep.json`, and one `result.json` per job folder.
+
+The launching process writes `sweep.json` (the parent MLflow run, the store, how many variants); each
+job writes its `result.json` into its own Hydra job folder before it tracks anything. Everything after
+(summary, `runner sync`, `resume=`, `runner table --results DIR`) reads these files, never a live process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.results import VariantResult
+
+SWEEP_FILE = "sweep.json"
+RESULT_FILE = "result.json"
+FORMAT = 1
+NOT_IDENTITY = ("sweep", "resume", "tracking")  # how a variant is run and logged, not what is measured
+
+
+class SweepError(ValueError):
+    """A sweep folder that cannot be used, said in one line."""
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` as JSON to `path` atomically: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def identity(plain_config: dict) -> str:
+    """sha256 of what a variant measures: its resolved config without the sweep, resume and tracking keys."""
+    kept = {k: v for k, v in plain_config.items() if k not in NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def new_folder(root: Path) -> Path:
+    """A fresh sweep folder under `root`, named by the time; never one another sweep already holds."""
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    for n in range(1, 1000):
+        folder = root / (stamp if n == 1 else f"{stamp}_{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise SweepError(f"cannot make a new sweep folder under {root}")
+
+
+def find_folder(root: Path, which: str) -> Path:
+    """`latest` (the sweep folder under `root` started last) or a sweep folder's path."""
+    if which != "latest":
+        folder = Path(which)
+        if not (folder / SWEEP_FILE).is_file():
+            raise SweepError(f"{which} is not a sweep folder (no {SWEEP_FILE}); give one under {root}, or 'latest'")
+        return folder
+    sweeps = [p.parent for p in root.glob(f"*/{SWEEP_FILE}")]
+    if not sweeps:
+        raise SweepError(f"no sweep under {root} to resume or sync")
+    return max(sweeps, key=lambda p: (Sweep.read(p).started, p.name))
+
+
+@dataclass
+class Sweep:
+    """`sweep.json`: what the launching process knows, for jobs and for later commands."""
+    folder: Path
+    total: int
+    overrides: list[str]
+    tracking: dict | None = None  # the store as the user named it (jobs may reach it through a server); None: off
+    parent_run_id: str | None = None
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def read(cls, folder: Path) -> Sweep:
+        try:
+            data = json.loads((folder / SWEEP_FILE).read_text())
+            return cls(folder=folder, **{k: v for k, v in data.items() if k != "folder"})
+        except (OSError, ValueError, TypeError) as exc:
+            raise SweepError(f"cannot read {folder / SWEEP_FILE}: {exc}") from None
+
+    def write(self) -> None:
+        data = {k: v for k, v in self.__dict__.items() if k != "folder"}
+        write_json(self.folder / SWEEP_FILE, data)
+
+
+@dataclass
+class JobRecord:
+    """`result.json` of one job: the variant's result, what it measured, and whether MLflow has it yet."""
+    folder: Path
+    result: VariantResult
+    config_id: str
+    config: dict
+    result_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started_ms: int = 0
+    ended_ms: int = 0
+    mlflow_run_id: str | None = None  # set once the run is logged, complete
+    tracking_error: str | None = None
+
+    @property
+    def logged(self) -> bool:
+        return self.mlflow_run_id is not None
+
+    def write(self) -> None:
+        data = {"format": FORMAT, **{k: v for k, v in self.__dict__.items() if k not in ("folder", "result")},
+                "result": self.result.to_dict()}
+        write_json(self.folder / RESULT_FILE, data)
+
+    @classmethod
+    def read(cls, path: Path) -> JobRecord | None:
+        """The record in `path`, or None where it is missing, partial or of another format."""
+        try:
+            data = json.loads(path.read_text())
+            if data.pop("format") != FORMAT:
+                return None
+            return cls(folder=path.parent, result=VariantResult.from_dict(data.pop("result")), **data)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+
+def job_records(folder: Path) -> list[JobRecord]:
+    """Every complete result.json of a sweep (its job folders, or the folder itself for a single run),
+    one per variant: where a variant was measured twice, the later record."""
+    paths = [folder / RESULT_FILE, *sorted(folder.glob(f"*/{RESULT_FILE}"), key=lambda p: _job_order(p.parent))]
+    latest: dict[str, JobRecord] = {}
+    for record in filter(None, map(JobRecord.read, paths)):
+        if record.config_id not in latest or record.ended_ms >= latest[record.config_id].ended_ms:
+            latest[record.config_id] = record
+    return sorted(latest.values(), key=lambda r: _job_order(r.folder))
+
+
+def _job_order(folder: Path) -> tuple:
+    return (0, int(folder.name), "") if folder.name.isdigit() else (1, 0, folder.name)
