@@ -10,13 +10,19 @@
 #   bash scripts/gpu-proof.sh seed-table    # the three seed sweeps as one table, rendered from the MLflow store
 #   bash scripts/gpu-proof.sh matrix        # export x shape x precision, level 0
 #   bash scripts/gpu-proof.sh level3        # static fp32/fp16 at the default level, CUDA graph off/on
+#   bash scripts/gpu-proof.sh scale-1       # the matrix under hydra/launcher=joblib on GPU 0 only, cold caches
+#   bash scripts/gpu-proof.sh scale-all     # the same on every GPU of the host, one variant per GPU, cold caches
+#   bash scripts/gpu-proof.sh scale-table   # both as one table from the MLflow store, and their wall times
 set -euo pipefail
-step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3}
+step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
 export PYTHONUNBUFFERED=1 YOLO_OFFLINE=1
+case $step in scale-1|scale-all) CACHE=$CACHE/$step ;; esac  # each starts cold: no engine or timing cache
 common=(backend=tensorrt cache_dir=$CACHE outputs=$RUNS)
+scale=(-m export=ultralytics,torch shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0
+       hydra/launcher=joblib)
 seed=(profile=seed shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0)
 mkdir -p "$DEST/$step"
 case $step in
@@ -30,6 +36,15 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" "${sweeps[@]}" --out "$DEST/$step" \
       2>&1 | tee "$DEST/$step/run.log"
     exit "${PIPESTATUS[0]}" ;;
+  scale-table)
+    python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$(cat "$DEST/scale-1/sweep_id")" \
+      --out "$DEST/$step/1-gpu" > "$DEST/$step/run.log" 2>&1
+    python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$(cat "$DEST/scale-all/sweep_id")" \
+      --out "$DEST/$step/all-gpus" 2>&1 | tee -a "$DEST/$step/run.log"
+    python3 scripts/scale-summary.py "$DEST" "sqlite:///$RUNS/mlflow.db" | tee "$DEST/$step/scale.json"
+    exit "${PIPESTATUS[0]}" ;;
+  scale-1)   args=("${scale[@]}" hydra.launcher.n_jobs=1 "backend.gpus=[0]") ;;
+  scale-all) args=("${scale[@]}" hydra.launcher.n_jobs=$(nvidia-smi -L | wc -l) backend.gpus=auto) ;;
   seed)        args=(-m export=ultralytics,torch export.shape=static,dynamic "${seed[@]}") ;;
   seed-dynamo) args=(-m export=dynamo export.shape=static,dynamic "${seed[@]}") ;;
   seed-engine) args=(-m build=ultralytics export=ultralytics "${seed[@]}") ;;
@@ -37,7 +52,11 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
-python3 -m runner "${args[@]}" "${common[@]}" "${@:2}" 2>&1 | tee "$DEST/$step/run.log"
+start=$(date +%s.%N)
+python3 -m runner "${common[@]}" "${args[@]}" "${@:2}" 2>&1 | tee "$DEST/$step/run.log"
+python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)" \
+  > "$DEST/$step/wall_s"
+echo "$step: $(cat "$DEST/$step/wall_s") s wall, $*" | tee -a "$DEST/$step/run.log"
 grep -o 'sweep run [0-9a-f]*' "$DEST/$step/run.log" | tail -1 | cut -d' ' -f3 > "$DEST/$step/sweep_id"
 sweep=$(ls -td "$RUNS"/sweeps/*/ | head -1)
 cp "$sweep/results.json" "$sweep/summary.csv" "$DEST/$step/"
