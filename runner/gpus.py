@@ -1,9 +1,11 @@
 """One variant per GPU: a host-wide pool of lock files hands each job its own GPU.
 
 Every job on a host (any launcher, any sweep) takes a free GPU's lock before its variant's child starts,
-and gives it back when the child ends; the child sees only that GPU (`CUDA_VISIBLE_DEVICES`). A lock is
-an `flock` on a file in the host's temp folder, so a killed job frees its GPU with its process. Where a
-scheduler (SLURM, Ray) has already set `CUDA_VISIBLE_DEVICES`, that choice stands and no lock is taken.
+and gives it back when the child ends. The child sees only that GPU (`CUDA_VISIBLE_DEVICES`, numbered in
+PCI order as nvidia-smi numbers them) and gets its share of the host's cores (`OMP_NUM_THREADS`), so four
+variants on four GPUs do not each spin a thread per core. A lock is an `flock` on a file in the host's temp
+folder, so a killed job frees its GPU with its process. Where a scheduler (SLURM, Ray) has already set
+`CUDA_VISIBLE_DEVICES`, that choice stands and no lock is taken.
 """
 from __future__ import annotations
 
@@ -62,10 +64,15 @@ def claim(wanted: str | list[int]):
         found = host_gpus(preset.split(",")[0]) if preset else []
         yield (found[0] if found else None), {}
         return
-    pool = host_gpus() if wanted == "auto" else [g for g in host_gpus() if int(g.index) in wanted]
+    found = host_gpus()
+    pool = found if wanted == "auto" else [g for g in found if int(g.index) in wanted]
     if not pool:
+        if found:
+            log.warning("backend.gpus=%s names no GPU of this host (it has %s): running unpinned", wanted,
+                        ", ".join(g.index for g in found))
         yield None, {}
         return
+    share = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // len(pool)))}
     waited = False
     while True:
         for gpu in pool:
@@ -76,7 +83,7 @@ def claim(wanted: str | list[int]):
                 handle.close()
                 continue
             try:
-                yield gpu, {"CUDA_VISIBLE_DEVICES": gpu.index}
+                yield gpu, {"CUDA_VISIBLE_DEVICES": gpu.index, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **share}
             finally:
                 handle.close()  # closing the file releases the lock
             return

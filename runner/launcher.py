@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,9 @@ SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "
 
 
 def quiet_defaults() -> None:
-    """Environment defaults of every runner process: offline, quiet, and an MLflow that fails in seconds."""
+    """Defaults of every runner process: offline, quiet, and an MLflow that fails in seconds."""
+    # our launcher presets keep the plugins' names on purpose, so Hydra checks them against the plugins' schemas
+    warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name")
     os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for a hub
     os.environ.setdefault("YOLO_VERBOSE", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -186,6 +189,8 @@ class Launch:
 def open_sweep(argv: list[str], variants: list[RunConfig]) -> Launch:
     """Make (or, with `resume=`, reopen) the sweep folder and its parent run. Raises ConfigError."""
     first, multirun = variants[0], any(a in MULTIRUN_FLAGS for a in argv)
+    launcher = _hydra_value(argv, "hydra/launcher") or "basic"
+    _check_shared_store(first.tracking, launcher)
     dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     root = Path(first.outputs) / ("sweeps" if multirun else "runs")
     try:
@@ -199,7 +204,6 @@ def open_sweep(argv: list[str], variants: list[RunConfig]) -> Launch:
                           dataclasses.asdict(first.tracking) if first.tracking.enabled else None)
     except SweepError as exc:
         raise ConfigError(f"resume: {exc}") from None
-    launcher = _hydra_value(argv, "hydra/launcher") or "basic"
     overrides, server = [f"{dir_key}={sweep.folder}", f"sweep.total={len(variants)}"], contextlib.nullcontext()
     if first.tracking.enabled:
         tracker = _open_tracker(first.tracking)
@@ -221,15 +225,21 @@ def open_sweep(argv: list[str], variants: list[RunConfig]) -> Launch:
     return Launch(sweep, overrides, server)
 
 
+def _check_shared_store(tracking, launcher: str) -> None:
+    """Refuse, before anything is made, an embedded store that jobs on other hosts would have to share."""
+    from runner.track import sqlite_path
+
+    if tracking.enabled and sqlite_path(tracking.uri) and launcher not in LOCAL_LAUNCHERS:
+        raise ConfigError(f"tracking: jobs of hydra/launcher={launcher} run on other hosts and cannot share the "
+                          f"embedded store {tracking.uri}; use tracking=server tracking.uri=http://<host>:<port>")
+
+
 def _shared_store(uri: str, launcher: str, folder: Path, overrides: list[str]) -> contextlib.AbstractContextManager:
     """A loopback server over a sqlite store when jobs run in parallel (appending its URI to `overrides`)."""
     from runner.track import LoopbackServer, sqlite_path
 
     if sqlite_path(uri) is None or launcher in SERIAL_LAUNCHERS:
         return contextlib.nullcontext()
-    if launcher not in LOCAL_LAUNCHERS:
-        raise ConfigError(f"tracking: jobs of hydra/launcher={launcher} run on other hosts and cannot share the "
-                          f"embedded store {uri}; use tracking=server tracking.uri=http://<host>:<port>")
     server = LoopbackServer(uri, folder)
     overrides.append(f"tracking.uri={server.url}")
     return server
@@ -424,5 +434,6 @@ def main(argv: list[str]) -> int:
 def _hydra(argv: list[str]) -> None:
     import hydra
 
-    sys.argv = [sys.argv[0], *argv]
+    flags = [a for a in argv if a in MULTIRUN_FLAGS]  # Hydra's parser takes them only before the overrides
+    sys.argv = [sys.argv[0], *flags, *(a for a in argv if a not in MULTIRUN_FLAGS)]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()

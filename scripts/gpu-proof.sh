@@ -21,7 +21,7 @@ DEST=${DEST:-outputs/gpu-proof}
 export PYTHONUNBUFFERED=1 YOLO_OFFLINE=1
 case $step in scale-1|scale-all) CACHE=$CACHE/$step ;; esac  # each starts cold: no engine or timing cache
 common=(backend=tensorrt cache_dir=$CACHE outputs=$RUNS)
-scale=(-m export=ultralytics,torch shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0
+scale=(-m precision=fp16,fp32 export=ultralytics,torch shape=static,dynamic backend.builder_optimization_level=0
        hydra/launcher=joblib)
 seed=(profile=seed shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0)
 mkdir -p "$DEST/$step"

@@ -102,3 +102,28 @@ def trt_hang(engine_path, shape, stage_started, publish):
     runner.open()
     runner.set_shape(tuple(shape))
     time.sleep(600)
+
+
+def report_env(name, stage_started, publish):
+    """The value of environment variable `name` in the child (None where unset), and the child's pid."""
+    stage_started("export")
+    return result("ok", environment={"var": os.environ.get(name), "pid": os.getpid()})
+
+
+def isolate_in_daemonic_worker(queue):
+    """A daemonic worker process (as joblib's loky workers and Ray actors are) that runs a variant isolated.
+
+    Puts (daemon?, this worker's pid, the variant's status, the variant child's pid, what a multiprocessing
+    child of this worker would have said) into `queue`."""
+    import multiprocessing
+
+    from runner.isolate import run_isolated
+
+    try:  # what runner.isolate avoids by using subprocess: multiprocessing refuses children of a daemon
+        multiprocessing.get_context("spawn").Process(target=os.getpid).start()
+        refused = None
+    except AssertionError as exc:
+        refused = str(exc)
+    outcome = run_isolated(succeed, (5,), 60, result("failed"))
+    queue.put((multiprocessing.current_process().daemon, os.getpid(), outcome.status,
+               outcome.environment.get("pid"), outcome.error, refused))

@@ -274,3 +274,126 @@ def test_help_lists_the_subcommands_and_every_config_group(tmp_path):
     for group, option in GROUP_OPTIONS:
         line = next(line for line in proc.stdout.splitlines() if line.startswith(f"{group}: "))
         assert option in line.split(": ", 1)[1].split(", "), (group, option, line)
+
+
+LAUNCHER_DIR = CONF_DIR / "hydra" / "launcher"
+LAUNCHERS = sorted(p.stem for p in LAUNCHER_DIR.glob("*.yaml"))
+LAUNCHER_CLASSES = {  # the plugin each preset names; ray's plugin is an extra that CI does not install
+    "joblib": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+    "ray": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
+    "submitit_local": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+    "submitit_slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+}
+
+
+def test_every_launcher_preset_is_known():
+    assert LAUNCHERS == sorted(LAUNCHER_CLASSES)
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_every_launcher_preset_composes(name):
+    """hydra/launcher=<name> composes with the runner's config, and names its plugin's launcher class."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.plugins.launcher import Launcher
+    from hydra.utils import get_class
+
+    import runner.config
+
+    runner.config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(runner.config.conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+    raw = OmegaConf.to_container(OmegaConf.load(LAUNCHER_DIR / f"{name}.yaml"), resolve=False)
+    target = cfg.hydra.launcher._target_
+    assert target == raw["_target_"] == LAUNCHER_CLASSES[name]
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    for key, value in raw.items():  # the preset's own values arrive, not the plugin's defaults
+        assert launcher[key] == value, f"hydra.launcher.{key}: composed {launcher[key]!r}, the yaml says {value!r}"
+    if name != "ray":
+        cls = get_class(target)
+        assert issubclass(cls, Launcher) and f"{cls.__module__}.{cls.__name__}" == target
+
+
+def assert_one_error_line(proc, outputs: Path, start: str) -> str:
+    """Exit 2 with exactly one stderr line, which starts with `start`; no job wrote a result."""
+    assert proc.returncode == USAGE_EXIT, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
+    assert lines[0].startswith("runner: error: ") and lines[0].startswith(start), lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list(outputs.glob("**/result.json")), "a job ran for a rejected command line"
+    return lines[0]
+
+
+@pytest.mark.parametrize("value", ["foo", "[]"])
+def test_bad_gpus_value_exits_2_naming_backend_gpus(tmp_path, value):
+    outputs = tmp_path / "outputs"
+    proc = run_cli([f"backend.gpus={value}"], outputs, timeout=120)
+    line = assert_one_error_line(proc, outputs, "runner: error: backend.gpus:")
+    assert "'auto' or a list of GPU indices" in line
+    assert_nothing_started(outputs)
+
+
+def test_resume_of_a_folder_that_is_no_sweep_exits_2(tmp_path):
+    outputs = tmp_path / "outputs"
+    proc = run_cli(["resume=/nonexistent/folder"], outputs, timeout=120)
+    line = assert_one_error_line(proc, outputs, "runner: error: resume:")
+    assert "/nonexistent/folder is not a sweep folder" in line
+    assert_nothing_started(outputs)
+
+
+def test_resume_latest_without_any_sweep_exits_2(tmp_path):
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    proc = run_cli(["-m", "precision=fp32,fp16", "resume=latest"], outputs, timeout=120)
+    line = assert_one_error_line(proc, outputs, "runner: error: resume:")
+    assert f"no sweep under {outputs / 'sweeps'}" in line
+    assert_nothing_started(outputs)
+    assert list(outputs.iterdir()) == []
+
+
+def test_other_host_launcher_with_the_embedded_store_exits_2(tmp_path):
+    """SLURM jobs run on other hosts: the default sqlite store cannot be shared with them."""
+    outputs = tmp_path / "outputs"
+    proc = run_cli(["-m", "precision=fp32,fp16", "hydra/launcher=submitit_slurm"], outputs, timeout=120)
+    line = assert_one_error_line(proc, outputs, "runner: error: ")
+    assert "cannot share the embedded store" in line and "tracking=server" in line
+    assert "submitit_slurm" in line
+
+
+def test_other_host_launcher_refused_before_any_mlflow_run(tmp_path):
+    """The refusal comes before the sweep is opened: no parent run left RUNNING, no empty sweep folder."""
+    outputs = tmp_path / "outputs"
+    proc = run_cli(["-m", "precision=fp32,fp16", "hydra/launcher=submitit_slurm"], outputs, timeout=120)
+    assert proc.returncode == USAGE_EXIT, proc.stdout + proc.stderr
+    left = [f"{mlflow_run_count(outputs / 'mlflow.db')} MLflow run(s)" if (outputs / "mlflow.db").exists() else "",
+            f"sweep folder(s) {sorted(p.name for p in (outputs / 'sweeps').iterdir())}"
+            if (outputs / "sweeps").exists() else "",
+            "a parent run announced on stdout" if "runner: sweep " in proc.stdout else ""]
+    assert not any(left), f"the refused sweep left: {', '.join(filter(None, left))}\n{proc.stdout}{proc.stderr}"
+    assert_nothing_started(outputs)
+
+
+def test_sync_without_any_sweep_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    outputs = tmp_path / "empty"
+    outputs.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "runner", "sync", "--sweep", "latest", "--outputs", str(outputs)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
+    assert proc.returncode == USAGE_EXIT, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"runner: error: no sweep under {outputs / 'sweeps'} to resume or sync"]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert list(outputs.iterdir()) == []
+
+
+def test_help_names_the_launchers_resume_and_sync(tmp_path):
+    proc = run_cli(["--help"], tmp_path / "outputs", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("hydra/launcher=joblib", "resume=", "runner sync"):
+        assert text in proc.stdout, text
+    assert not (tmp_path / "outputs").exists()

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import isolate_targets as targets
+from conftest import REPO, TESTS
 from runner.isolate import run_isolated
 
 
@@ -84,3 +89,85 @@ def test_nonzero_exit_is_reported_with_its_code():
     assert result.status == "failed"
     assert result.failed_stage == "build"
     assert "exited with code 3" in result.error
+
+
+def test_isolation_works_inside_a_daemonic_worker():
+    """joblib's loky workers and Ray actors are daemonic: they may not start multiprocessing children, and
+    runner.isolate's subprocess child is none."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=targets.isolate_in_daemonic_worker, args=(queue,), daemon=True)
+    worker.start()
+    try:
+        daemonic, worker_pid, status, child_pid, error, refused = queue.get(timeout=120)
+    finally:
+        worker.join(timeout=30)
+        if worker.is_alive():
+            worker.kill()
+    assert daemonic is True and worker_pid == worker.pid
+    assert "daemonic processes are not allowed to have children" in refused  # the trap this avoids
+    assert status == "ok", error
+    assert child_pid not in (None, os.getpid(), worker_pid)  # ran in a third process
+    assert worker.exitcode == 0
+
+
+def _gone(pid: int) -> bool:
+    """True when `pid` no longer runs: no such process, or a zombie (dead, not yet reaped by its new parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    state = next((line.split()[1] for line in status.splitlines() if line.startswith("State:")), "")
+    return state in ("Z", "X")
+
+
+def test_the_variant_child_dies_with_its_parent(tmp_path):
+    """`kill -9` of the process that runs a variant leaves no orphan measuring on (PR_SET_PDEATHSIG)."""
+    pid_file = tmp_path / "child.pid"
+    script = ("import sys, isolate_targets as t\n"
+              "from runner.isolate import run_isolated\n"
+              f"run_isolated(t.report_pid_then_sleep, ({str(pid_file)!r},), 120, t.result('failed'))\n"
+              "print('run_isolated returned', flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    child = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text().strip()):
+            assert parent.poll() is None, f"the parent ended before its child started:\n{parent.stdout.read()}"
+            assert time.monotonic() < deadline, "the child never wrote its pid"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        assert child != parent.pid
+        assert "runner.isolate" in Path(f"/proc/{child}/cmdline").read_text()  # the variant's child, running
+        assert not _gone(child)
+        parent.send_signal(signal.SIGKILL)
+        assert parent.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 5
+        while not _gone(child):
+            assert time.monotonic() < deadline, f"the child {child} still runs 5 s after its parent was killed"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if child is not None and not _gone(child):
+            os.kill(child, signal.SIGKILL)  # leave nothing behind, even when the test fails
+        parent.stdout.close()
+
+
+def test_env_reaches_the_child_and_only_the_child(monkeypatch):
+    monkeypatch.delenv("RUNNER_TEST_VAR", raising=False)
+    result = run_isolated(targets.report_env, ("RUNNER_TEST_VAR",), 60, base(), env={"RUNNER_TEST_VAR": "gpu-3"})
+    assert result.status == "ok", result.error
+    assert result.environment["var"] == "gpu-3"
+    assert "RUNNER_TEST_VAR" not in os.environ  # the parent's environment is left as it was
+    result = run_isolated(targets.report_env, ("RUNNER_TEST_VAR",), 60, base())
+    assert result.environment["var"] is None  # nothing carried over from the last child

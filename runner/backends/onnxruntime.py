@@ -1,6 +1,7 @@
 """onnxruntime: the reference runtime (CPU provider, no TF32) and a backend for the model under test."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -27,7 +28,10 @@ class OrtRunner(Runner):
     def open(self) -> None:
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(self.onnx_path, providers=[self.requested_provider])
+        options = ort.SessionOptions()
+        # a variant sharing its host with others gets a share of the cores (runner.gpus); 0: onnxruntime's own pick
+        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", 0))
+        self.session = ort.InferenceSession(self.onnx_path, options, providers=[self.requested_provider])
         self.provider = self.session.get_providers()[0]
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
