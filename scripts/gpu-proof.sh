@@ -56,7 +56,7 @@ start=$(date +%s.%N)
 python3 -m runner "${common[@]}" "${args[@]}" "${@:2}" 2>&1 | tee "$DEST/$step/run.log"
 python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)" \
   > "$DEST/$step/wall_s"
-echo "$step: $(cat "$DEST/$step/wall_s") s wall, $*" | tee -a "$DEST/$step/run.log"
+echo "$step: $(cat "$DEST/$step/wall_s") s wall: python3 -m runner ${common[*]} ${args[*]} ${*:2}" | tee -a "$DEST/$step/run.log"
 grep -o 'sweep run [0-9a-f]*' "$DEST/$step/run.log" | tail -1 | cut -d' ' -f3 > "$DEST/$step/sweep_id"
 sweep=$(ls -td "$RUNS"/sweeps/*/ | head -1)
 cp "$sweep/results.json" "$sweep/summary.csv" "$DEST/$step/"

@@ -21,7 +21,7 @@ def sweep(dest: Path, step: str, client: MlflowClient) -> dict:
                  "gpu_uuid": r.data.params.get("env.gpu.uuid"), "build_s": r.data.metrics.get("build.build_s"),
                  "wall_s": (r.info.end_time - r.info.start_time) / 1000} for r in runs]
     return {"sweep_run": sweep_id, "wall_s": float((dest / step / "wall_s").read_text()),
-            "command": (dest / step / "run.log").read_text().strip().splitlines()[-1],
+            "command": (dest / step / "run.log").read_text().strip().splitlines()[-1].split(" wall: ", 1)[-1],
             "variants_ok": sum(v["status"] == "ok" for v in variants), "variants": len(variants),
             "distinct_gpus": len({v["gpu_uuid"] for v in variants}), "runs": variants}
 
