@@ -52,15 +52,16 @@ LOST_EXIT = 1
 MULTIRUN_FLAGS = ("-m", "--multirun")
 SERIAL_LAUNCHERS = ("basic",)
 LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local", "ray")  # their jobs can reach 127.0.0.1 of this host
+# Our launcher presets keep the plugins' names on purpose, so Hydra checks them against the plugins' schemas. It
+# warns about that wherever it composes: here, and in the launcher's workers, which import this module first.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 SUMMARY = ["onnx_label", "build_label", "status", "failed_stage", "validation", "rel_l2", "det_f1", "map50_95",
            "infer_p50_ms", "e2e_p50_ms", "cuda_graph", "error"]
 SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "stage"}
 
 
 def quiet_defaults() -> None:
-    """Defaults of every runner process: offline, quiet, and an MLflow that fails in seconds."""
-    # our launcher presets keep the plugins' names on purpose, so Hydra checks them against the plugins' schemas
-    warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name")
+    """Environment defaults of every runner process: offline, quiet, and an MLflow that fails in seconds."""
     os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for a hub
     os.environ.setdefault("YOLO_VERBOSE", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -408,6 +409,7 @@ def sync(argv: list[str]) -> int:
 def main(argv: list[str]) -> int:
     """`runner [overrides]`: check the sweep, open it, launch it through Hydra, summarise it. The exit code."""
     quiet_defaults()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store-creation chatter is not the user's news
     config.register()
     if any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in argv):
         _hydra(argv)

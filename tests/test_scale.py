@@ -104,6 +104,11 @@ def test_kill_9_then_resume_measures_nothing_twice(tmp_path, export_cache):
     from_folder = subprocess.run([sys.executable, "-m", "runner", "table", "--results", str(folder), "--out",
                                   str(tmp_path / "report2")], cwd=REPO, capture_output=True, text=True, env=cli_env())
     assert f"is incomplete: {len(kept)} of 4 variants" in from_folder.stderr
+    gate = subprocess.run([sys.executable, "-m", "runner", "check", "--no-timing", "--results", str(folder),
+                           "--baseline", str(REPO / "results" / "baseline-cpu.json"), "--summary",
+                           str(tmp_path / "check.md")], cwd=REPO, capture_output=True, text=True, env=cli_env())
+    assert gate.returncode == 1 and f"is incomplete: {len(kept)} of 4 variants" in gate.stderr
+    assert "incomplete" in (tmp_path / "check.md").read_text()
 
     # a run a kill left RUNNING while it was being logged
     client = MlflowClient(uri)
