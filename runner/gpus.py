@@ -2,7 +2,8 @@
 
 Every job on a host (any launcher, any sweep) takes a free GPU's lock before its variant's child starts,
 and gives it back when the child ends. The child sees only that GPU (`CUDA_VISIBLE_DEVICES`, numbered in
-PCI order as nvidia-smi numbers them) and gets its share of the host's cores (`OMP_NUM_THREADS`), so four
+PCI order as nvidia-smi numbers them) and gets its share of the host's cores (`OMP_NUM_THREADS` for torch,
+`RUNNER_CPU_THREADS` for onnxruntime: ultralytics sets the former to 1 on import where it is unset), so four
 variants on four GPUs do not each spin a thread per core. A lock is an `flock` on a file in the host's temp
 folder, so a killed job frees its GPU with its process. Where a scheduler (SLURM, Ray) has already set
 `CUDA_VISIBLE_DEVICES`, that choice stands and no lock is taken.
@@ -72,7 +73,8 @@ def claim(wanted: str | list[int]):
                         ", ".join(g.index for g in found))
         yield None, {}
         return
-    share = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // len(pool)))}
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // len(pool)))
+    share = {"OMP_NUM_THREADS": threads, "RUNNER_CPU_THREADS": threads}
     waited = False
     while True:
         for gpu in pool:

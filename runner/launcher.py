@@ -201,8 +201,7 @@ def open_sweep(argv: list[str], variants: list[RunConfig]) -> Launch:
             given = _hydra_value(argv, dir_key)
             folder = Path(given) if given else new_folder(root)
             folder.mkdir(parents=True, exist_ok=True)
-            sweep = Sweep(folder, len(variants), [a for a in argv if a not in MULTIRUN_FLAGS],
-                          dataclasses.asdict(first.tracking) if first.tracking.enabled else None)
+            sweep = Sweep(folder, len(variants), [a for a in argv if a not in MULTIRUN_FLAGS])
     except SweepError as exc:
         raise ConfigError(f"resume: {exc}") from None
     overrides, server = [f"{dir_key}={sweep.folder}", f"sweep.total={len(variants)}"], contextlib.nullcontext()
@@ -222,6 +221,7 @@ def open_sweep(argv: list[str], variants: list[RunConfig]) -> Launch:
     else:
         print("runner: tracking disabled (tracking.enabled=false): results stay in the sweep folder", flush=True)
     sweep.total = len(variants)
+    sweep.tracking = dataclasses.asdict(first.tracking) if first.tracking.enabled else None
     sweep.write()
     return Launch(sweep, overrides, server)
 
@@ -344,13 +344,14 @@ def finish_sweep(sweep: Sweep) -> int:
     table.to_csv(files[0], index=False)
     files[1].write_text(json.dumps([{**r.result.to_dict(), "mlflow_run_id": r.mlflow_run_id} for r in records],
                                    indent=1, default=str))
-    problem = _end_parent(sweep, records, files) if sweep.parent_run_id else None
+    tracked = bool(sweep.tracking and sweep.parent_run_id)
+    problem = _end_parent(sweep, records, files) if tracked else None
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print("\n" + table.to_string(index=False) if len(table) else "no variant ran", flush=True)
     ok = sum(r.result.status == "ok" for r in records)
     parent = f"; sweep run {sweep.parent_run_id}" if sweep.parent_run_id else ""
     print(f"\nrunner: {ok}/{len(records)} variants ok{parent}; summary in {_shown(sweep.folder)}", flush=True)
-    unlogged = sum(not r.logged for r in records) if sweep.parent_run_id else 0
+    unlogged = sum(not r.logged for r in records) if tracked else 0
     if problem or unlogged:
         print(f"runner: {unlogged} result(s) not yet in MLflow ({problem or 'see the jobs log'}); once the store is "
               f"back: runner sync --sweep {_shown(sweep.folder)}", flush=True)

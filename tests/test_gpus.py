@@ -75,6 +75,7 @@ def fake_smi(tmp_path, monkeypatch, private_tmp) -> Path:
     smi.write_text(FAKE_NVIDIA_SMI)
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # importing ultralytics elsewhere in the session sets it
     return bin_dir / "calls.log"
 
 
@@ -139,7 +140,7 @@ def test_two_claims_at_once_get_different_gpus(fake_smi, private_tmp):
             assert {first, second} == {GPU0, GPU1}
             cores = str(max(1, os.cpu_count() // 2))  # two GPUs: each child gets half the cores
             assert first_env == {"CUDA_VISIBLE_DEVICES": first.index, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                                 "OMP_NUM_THREADS": cores}
+                                 "OMP_NUM_THREADS": cores, "RUNNER_CPU_THREADS": cores}
             assert second_env == {**first_env, "CUDA_VISIBLE_DEVICES": second.index}
             assert first.environment() == {"gpu.index": first.index, "gpu.uuid": first.uuid}
             assert second.environment() == {"gpu.index": second.index, "gpu.uuid": second.uuid}

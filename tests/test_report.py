@@ -17,6 +17,7 @@ from runner.report import cli, gate, render
 from runner.report.frame import read_results, results_frame, runs_frame
 from runner.results import (BenchResult, BuildResult, BuildVariant, Cell, DetectionMetrics, ExportResult, OnnxArtifact,
                             OnnxVariant, ShapeCheck, Stats, TensorMetrics, ValidateResult, VariantResult)
+from runner.sweep import JobRecord
 from runner.track import Tracker
 
 EXPECTED_MATRIX = """\
@@ -99,12 +100,17 @@ def sweep(tmp_path_factory):
     tracker = Tracker(uri, "runner", str(root / "mlartifacts"))
     sweep_id = tracker.start_sweep("sweep 10 variants", {"overrides": "export=ultralytics,torch,dynamo"})
     for result in RESULTS:
-        tracker.log_variant(sweep_id, result, {"export.tool": result.cell.onnx.tool}, "export: {}\n",
-                            int(time.time() * 1000))
+        tracker.log_variant(sweep_id, record(result, root, {"export": {"tool": result.cell.onnx.tool}}))
     results_file = root / "results.json"
     results_file.write_text(json.dumps([r.to_dict() for r in RESULTS]))
-    tracker.end_sweep(sweep_id, RESULTS, [results_file])
+    tracker.end_sweep(sweep_id, RESULTS, len(RESULTS), [results_file])
     return uri, sweep_id, results_file
+
+
+def record(result, folder, config: dict) -> JobRecord:
+    """A job's record of `result`, as a job writes it before tracking."""
+    now = int(time.time() * 1000)
+    return JobRecord(folder, result, config_id=result.cell.key, config=config, started_ms=now, ended_ms=now)
 
 
 def mlflow_args(sweep, *more) -> list[str]:
@@ -164,8 +170,8 @@ def test_two_sweeps_make_one_table(sweep, tmp_path, capsys):
     tracker = Tracker(uri, "runner", str(tmp_path / "art"))
     second = tracker.start_sweep("sweep 1 variant", {})
     extra = variant("dynamo st fp32", "trt st fp32", infer_ms=1.8)
-    tracker.log_variant(second, extra, {}, "", int(time.time() * 1000))
-    tracker.end_sweep(second, [extra])
+    tracker.log_variant(second, record(extra, tmp_path, {}))
+    tracker.end_sweep(second, [extra], 1)
     out = tmp_path / "both"
     assert cli.main(["table", *mlflow_args(sweep, "--sweep", sweep_id, "--sweep", second, "--out", str(out))]) == 0
     grid = pd.read_csv(out / "table.csv")

@@ -30,7 +30,7 @@ class OrtRunner(Runner):
 
         options = ort.SessionOptions()
         # a variant sharing its host with others gets a share of the cores (runner.gpus); 0: onnxruntime's own pick
-        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", 0))
+        options.intra_op_num_threads = int(os.environ.get("RUNNER_CPU_THREADS", 0))
         self.session = ort.InferenceSession(self.onnx_path, options, providers=[self.requested_provider])
         self.provider = self.session.get_providers()[0]
         inp = self.session.get_inputs()[0]

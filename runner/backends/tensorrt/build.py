@@ -103,6 +103,10 @@ class EngineCache:
     def engine_path(self, key: str) -> Path:
         return self.folder / f"{key}{self.suffix}"
 
+    def locked(self, key: str):
+        """Hold the lock of `key`: parallel jobs that need one engine build it once."""
+        return cache.locked(self.folder / f"{key}.lock")
+
     def lookup(self, key: str) -> BuildResult | None:
         """The cached build of `key`; None when there is none, or when it is stale (said and removed)."""
         try:
@@ -110,7 +114,7 @@ class EngineCache:
         except cache.Stale as stale:
             log.warning("build: cached %s; rebuilding", stale)
             for path in self.folder.glob(f"{key}.*"):
-                if path.is_file():
+                if path.is_file() and path.suffix != ".lock":
                     path.unlink()
             return None
         if cached:
@@ -163,9 +167,13 @@ def build_engine(spec: BuildSpec) -> BuildResult:
                          precision_mechanism=spec.fp16_mechanism, tf32=spec.tf32, trt_version=trt.__version__,
                          gpu=compat.gpu_name())
     key = cache_key(spec, result.trt_version, result.gpu)
-    if spec.use_engine_cache and (cached := engines.lookup(key)):
-        return cached
+    with engines.locked(key):
+        if spec.use_engine_cache and (cached := engines.lookup(key)):
+            return cached
+        return _build_and_store(trt, spec, engines, key, result)
 
+
+def _build_and_store(trt, spec: BuildSpec, engines: EngineCache, key: str, result: BuildResult) -> BuildResult:
     result.log_path = str(engines.folder / f"{key}.log")
     logger = compat.get_logger()
     logger.start()

@@ -88,8 +88,13 @@ def export_engine(spec: EngineExportSpec) -> BuildResult:
     cache = EngineCache(spec.cache_dir, suffix=".engine")
     gpu = compat.gpu_name()
     key = spec.key(trt.__version__, gpu)
-    if spec.use_engine_cache and (cached := cache.lookup(key)):
-        return cached
+    with cache.locked(key):
+        if spec.use_engine_cache and (cached := cache.lookup(key)):
+            return cached
+        return _export_and_store(trt, spec, cache, key, gpu)
+
+
+def _export_and_store(trt, spec: EngineExportSpec, cache: EngineCache, key: str, gpu: str) -> BuildResult:
     work = cache.folder / f"{key}.work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
