@@ -1,8 +1,12 @@
 """TensorRT build + runtime on a real GPU, checked against onnxruntime on CPU.
 
 The model is a tiny Conv-Relu-Conv net made with onnx.helper (nothing downloaded, no torch)."""
+import concurrent.futures
 import json
+import pickle
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,6 +226,20 @@ def test_damaged_engine_is_rebuilt(models, tmp_path, caplog):
     with TrtRunner(again.artifact) as runner:  # deserializes
         np.testing.assert_allclose(runner.infer(x)["output0"], ort_run(models["static"], x), atol=1e-3)
     assert build_engine(s).cache_hit
+
+
+def test_two_processes_building_one_engine_build_it_once(models, tmp_path):
+    """Parallel jobs of a sweep (say bench.cuda_graph=false,true) need the same engine: one builds, one waits."""
+    s = spec(models["static"], tmp_path, STATIC)
+    (tmp_path / "spec.pkl").write_bytes(pickle.dumps(s))
+    code = ("import pickle, sys; from runner.backends.tensorrt.build import build_engine; "
+            f"print(build_engine(pickle.loads(open({str(tmp_path / 'spec.pkl')!r}, 'rb').read())).cache_hit)")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                       cwd=Path(__file__).resolve().parent.parent, timeout=300),
+                             range(2)))
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    assert sorted(r.stdout.split()[-1] for r in runs) == ["False", "True"]  # one build, one cache hit
 
 
 def test_cuda_graph_same_outputs(static_engine):
