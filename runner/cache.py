@@ -98,27 +98,32 @@ def load(meta: Path, decode: Callable[[dict], T]) -> T | None:
     return found
 
 
+def _writer_lock(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
 def write_recorded(path: Path, data: bytes) -> None:
     """Write `data` to `path`, then its record beside it in `<name>.json` (one writer at a time)."""
-    with locked(path.with_name(path.name + ".lock")):
+    with locked(_writer_lock(path)):
         write_atomic(path, data)
         save(_sidecar(path), {}, [path])
 
 
 def read_recorded(path: Path) -> bytes | None:
     """The bytes at `path`, None when there is no such file. Raises Stale when they do not match the record
-    beside them (or there is none); both files are removed first."""
-    if not path.exists():
-        return None
-    try:
-        if load(_sidecar(path), dict) is None:
-            raise Stale(f"{path.name} has no record ({_sidecar(path).name} is missing)")
-    except Stale:
-        path.unlink(missing_ok=True)
-        _sidecar(path).unlink(missing_ok=True)
-        raise
-    return path.read_bytes()
+    beside them (or there is none); both files are removed first. Waits while a writer holds the file."""
+    with locked(_writer_lock(path)):
+        if not path.exists():
+            return None
+        try:
+            if load(_sidecar(path), dict) is None:
+                raise Stale(f"{path.name} has no record ({_sidecar(path).name} is missing)")
+        except Stale:
+            path.unlink(missing_ok=True)
+            _sidecar(path).unlink(missing_ok=True)
+            raise
+        return path.read_bytes()

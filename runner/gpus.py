@@ -75,10 +75,10 @@ def claim(wanted: str | list[int]):
         return
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // len(pool)))
     share = {"OMP_NUM_THREADS": threads, "RUNNER_CPU_THREADS": threads}
-    waited = False
+    locks, waited = _lock_dir(), False
     while True:
         for gpu in pool:
-            handle = open(_lock_dir() / f"gpu{gpu.index}.lock", "w")
+            handle = open(locks / f"gpu{gpu.index}.lock", "w")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -274,16 +274,14 @@ def measure(run_cfg: RunConfig, record: JobRecord, progress: str) -> JobRecord:
     try:
         backend, skip_reason = backends.resolve(run_cfg)
         mechanism = None if skip_reason else backend.precision_mechanism(run_cfg)
-        name = new_result(run_cfg, backend.name, mechanism).name
-        log.info("%s %s (%s)", progress, name, backend.name)
+        result = new_result(run_cfg, backend.name, mechanism, "skipped" if skip_reason else "failed")
+        log.info("%s %s (%s)", progress, result.name, backend.name)
         if skip_reason:
-            result = new_result(run_cfg, backend.name, mechanism, "skipped")
             result.error = skip_reason
         else:
             with gpus.claim(run_cfg.backend.gpus) as (gpu, env):
-                result = run_isolated(run_variant, (run_cfg, backend.name), run_cfg.backend.timeout_s,
-                                      new_result(run_cfg, backend.name, mechanism, "failed"),
-                                      log_prefix=f"  [{name}] ", env=env)
+                result = run_isolated(run_variant, (run_cfg, backend.name), run_cfg.backend.timeout_s, result,
+                                      log_prefix=f"  [{result.name}] ", env=env)
             if gpu:
                 result.environment.update(gpu.environment())
     except Exception as exc:  # a bug before or around the child: the variant's result, with its traceback
@@ -318,8 +316,6 @@ def summary_table(results: list[VariantResult]) -> pd.DataFrame:
     table = frame[SUMMARY].rename(columns=SUMMARY_NAMES)
     table["error"] = [(e.splitlines()[0][:70] if e else "") for e in table["error"]]
     return table
-
-
 
 
 def _end_parent(sweep: Sweep, records: list[JobRecord], files: list[Path]) -> str | None:

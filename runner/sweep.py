@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.cache import write_atomic
 from runner.results import VariantResult
 
 SWEEP_FILE = "sweep.json"
@@ -28,9 +28,7 @@ class SweepError(ValueError):
 
 def write_json(path: Path, data: dict) -> None:
     """Write `data` as JSON to `path` atomically: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, default=str).encode())
 
 
 def identity(plain_config: dict) -> str:

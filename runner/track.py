@@ -13,7 +13,6 @@ signatures, the build log and layers, and the traceback of an unexpected error.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -30,6 +29,7 @@ import yaml
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from runner import cache
 from runner.report.frame import SWEEP_TAG, cell_tags, outcome_tags
 from runner.results import VariantResult
 from runner.sweep import JobRecord
@@ -169,23 +169,26 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i:i + 100])
 
 
-@contextlib.contextmanager
-def _store_lock(uri: str):
+def _store_lock(uri: str) -> contextlib.AbstractContextManager:
     """An exclusive lock beside a sqlite store while it may be created; nothing for other stores."""
     path = sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+    return contextlib.nullcontext() if path is None else cache.locked(path.with_name(path.name + ".lock"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    """Whether an `mlflow server` answers its health check at `url`."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
 
 
 class LoopbackServer:
@@ -196,7 +199,7 @@ class LoopbackServer:
 
     def __init__(self, sqlite_uri: str, folder: Path):
         self.sqlite_uri, self.log_path = sqlite_uri, folder / "mlflow-server.log"
-        self.url, self.proc = f"http://127.0.0.1:{_free_port()}", None
+        self.url, self.proc = f"http://127.0.0.1:{free_port()}", None
 
     def __enter__(self) -> LoopbackServer:
         port = self.url.rsplit(":", 1)[1]
@@ -206,19 +209,12 @@ class LoopbackServer:
                  "--backend-store-uri", self.sqlite_uri], cwd=self.log_path.parent, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + SERVER_START_S
-        while not self._healthy():
+        while not healthy(self.url):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.__exit__()
                 raise RuntimeError(f"the loopback mlflow server did not start; see {self.log_path}")
             time.sleep(0.5)
         return self
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
 
     def __exit__(self, *exc) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -51,20 +49,6 @@ def mlflow_run_count(db: Path) -> int:
         return con.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 class MlflowServer:
     """A real `mlflow server` on loopback over a sqlite store in `root`; stop() and start() again keep the
     port and the store, as a server restarted after a crash would."""
@@ -72,10 +56,14 @@ class MlflowServer:
     STARTUP_LIMIT_S = 60
 
     def __init__(self, root: Path):
+        from runner.track import free_port
+
         self.root, self.port = root, free_port()
         self.url, self.proc = f"http://127.0.0.1:{self.port}", None
 
     def start(self) -> MlflowServer:
+        from runner.track import healthy
+
         log = open(self.root / "server.log", "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers",

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MlflowServer, cli_env, free_port, mlflow_run_count, run_cli
+from conftest import MlflowServer, cli_env, mlflow_run_count, run_cli
+from runner.track import free_port
 from mlflow.tracking import MlflowClient
 
 
