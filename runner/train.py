@@ -1,0 +1,79 @@
+"""Train the shipped models: an ultralytics detector family (nc=3) on generated shapes.
+
+    python -m runner.train --arch yolo11n --device 0 --epochs 100
+
+This is the script that made every `runner/assets/<arch>.pt` (the `conf/model/` presets). The architecture
+comes from ultralytics' own yaml (`yolo11n` -> yolo11n.yaml, scale n). It works offline (no hub downloads)
+on a CPU too, only slower. It prints mAP50 / mAP50-95 on the held-out split and writes them as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from runner.synthetic import make_dataset
+
+ASSETS = Path(__file__).parent / "assets"
+ARCHES = ("yolov8n", "yolo11n", "yolo26n", "yolov10n", "yolov5nu")
+
+
+def architecture(arch: str) -> str:
+    """The ultralytics model yaml of a preset: yolov5nu is yolov5n.yaml, which ultralytics builds with its
+    anchor-free (u) head."""
+    return "yolov5n.yaml" if arch == "yolov5nu" else f"{arch}.yaml"
+
+
+def train(arch: str, data_root: Path, out: Path, epochs: int, imgsz: int, batch: int, device: str,
+          workers: int) -> dict:
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    # ultralytics logs training to MLflow where it is installed: keep that store, artifacts too, beside the runs
+    os.environ.setdefault("MLFLOW_TRACKING_URI", (data_root / "train" / "mlruns").resolve().as_uri())
+    from ultralytics import YOLO
+
+    data_yaml = make_dataset(data_root)
+    start = time.perf_counter()
+    model = YOLO(architecture(arch))
+    model.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers,
+                project=str(data_root / "train"), name=arch, exist_ok=True, plots=False, amp=False,
+                seed=0, deterministic=True, close_mosaic=max(epochs // 6, 1), patience=0)
+    best = Path(model.trainer.best)
+    metrics = YOLO(str(best)).val(data=str(data_yaml), imgsz=imgsz, batch=batch, device=device, plots=False,
+                                  project=str(data_root / "train"), name=f"{arch}-val", exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, out)
+    summary = {"arch": arch, "yaml": architecture(arch), "weights": out.name, "epochs": epochs, "imgsz": imgsz,
+               "device": device, "train_s": round(time.perf_counter() - start, 1),
+               "map50": float(metrics.box.map50), "map50_95": float(metrics.box.map),
+               "per_class_map50_95": {metrics.names[int(c)]: float(v) for c, v in
+                                      zip(metrics.box.ap_class_index, metrics.box.maps[metrics.box.ap_class_index])}}
+    summary["results_csv"] = str(Path(model.trainer.save_dir) / "results.csv")
+    print(f"{arch}: held-out split: mAP50={summary['map50']:.3f} mAP50-95={summary['map50_95']:.3f} -> {out}")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=ARCHES, default="yolov8n")
+    parser.add_argument("--data-root", type=Path, default=Path("outputs/data/shapes"))
+    parser.add_argument("--out", type=Path, help="default: runner/assets/<arch>.pt")
+    parser.add_argument("--summary", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=8)
+    args = parser.parse_args()
+    summary = train(args.arch, args.data_root, args.out or ASSETS / f"{args.arch}.pt", args.epochs, args.imgsz,
+                    args.batch, args.device, args.workers)
+    if args.summary:  # the figures, and the per-epoch losses and metrics beside them
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(summary.pop("results_csv"), args.summary.with_suffix(".csv"))
+        args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
