@@ -26,7 +26,7 @@ def summarize(samples_ms: list[float]) -> Stats:
 
 
 def bench(runner, images: list[np.ndarray], shape: list[int], warmup: int, iters: int, conf: float = 0.25,
-          iou: float = 0.7, max_det: int = 300) -> BenchResult:
+          iou: float = 0.7, max_det: int = 300, head: str = "one2many") -> BenchResult:
     """Time the full pipeline at `shape` (N, 3, H, W) over `images`, cycling through them."""
     batch, hw = shape[0], (shape[2], shape[3])
     runner.set_shape(tuple(shape))
@@ -42,7 +42,7 @@ def bench(runner, images: list[np.ndarray], shape: list[int], warmup: int, iters
         infer_ms = runner.execute()
         t2 = time.perf_counter()
         outputs = runner.d2h()
-        postprocess(next(iter(outputs.values())), boxes, conf, iou, max_det)
+        postprocess(next(iter(outputs.values())), boxes, conf, iou, max_det, head)
         t3 = time.perf_counter()
         if i >= warmup:
             for stage, ms in zip(STAGES, ((t1 - t0) * 1e3, infer_ms, (t3 - t2) * 1e3, (t3 - t0) * 1e3)):
@@ -50,7 +50,8 @@ def bench(runner, images: list[np.ndarray], shape: list[int], warmup: int, iters
     compute = [runner.execute() for _ in range(iters)]
     result = BenchResult(**{stage: summarize(v) for stage, v in times.items()}, compute=summarize(compute),
                          settings={"warmup": warmup, "iters": iters, "shape": list(shape),
-                                   "copies": "h2d in preprocess, d2h in postprocess", **runner.settings()})
+                                   "copies": "h2d in preprocess, d2h in postprocess", "decode": head,
+                                   **runner.settings()})
     log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms",
              *(getattr(result, s).p50 for s in STAGES))
     return result

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def conf_dir() -> Path:
@@ -21,6 +23,14 @@ def conf_dir() -> Path:
     package = Path(__file__).resolve().parent
     packaged = package / "conf"
     return packaged if packaged.is_dir() else package.parent / "conf"
+
+
+def asset(name: str) -> str:
+    """`${asset:yolo11n.pt}` in a config: a file shipped in the package's assets (the presets' weights)."""
+    return str(ASSETS / name)
+
+
+OmegaConf.register_new_resolver("asset", asset, replace=True)  # in every process that resolves a config
 
 
 class ConfigError(ValueError):
@@ -56,6 +66,13 @@ class Fp16Mode(str, Enum):
     strongly_typed = "strongly_typed"
 
 
+class Head(str, Enum):
+    """Which detection head the ONNX exposes: one-to-many `(B, 4 + nc, anchors)` decoded with NMS, or the
+    one-to-one, NMS-free head of yolov10 / yolo26 `(B, max_det, 6)`, decoded without NMS."""
+    one2many = "one2many"
+    end2end = "end2end"
+
+
 class BackendName(str, Enum):
     auto = "auto"
     onnxruntime = "onnxruntime"
@@ -64,16 +81,21 @@ class BackendName(str, Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = "shapes-yolov8n"
-    weights: Optional[str] = None  # null: the embedded default model
+    weights: str = MISSING  # an ultralytics .pt, loaded exactly as given (the presets ship theirs)
+    name: Optional[str] = None  # in every variant name and table; null: the weights file's name
     imgsz: List[int] = field(default_factory=lambda: [640, 640])  # H, W of export and static shapes
     stride: int = 32
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.weights).stem
 
 
 @dataclass
 class ExportConfig:
     tool: ExportTool = ExportTool.ultralytics
     shape: Optional[ShapeMode] = None  # ONNX shape mode; null follows `shape.mode`
+    head: Head = Head.one2many  # end2end: the NMS-free one-to-one head (yolov10, yolo26)
     opset: int = 17
     simplify: bool = True
 

@@ -1,12 +1,16 @@
 """Export stage: weights -> ONNX with ultralytics `model.export`, or `torch.onnx.export` with the TorchScript
 exporter (`dynamo=False`) or the torch.export-based one (`dynamo=True`, torch's default since 2.9).
 
-Every ONNX is checked with `onnx.checker` and described by its signature. Exports are cached by a
+Both tools load exactly the weights file named, from a copy called `model.pt`, so no file name makes
+ultralytics reach for a hub (it renames `yolov5n.pt` to `yolov5nu.pt` and downloads that). `end2end` exports
+the NMS-free one-to-one head of yolov10 / yolo26. Every ONNX carries ultralytics' metadata (class names,
+stride, end2end), is checked with `onnx.checker` and described by its signature. Exports are cached by a
 content key (weights bytes + export settings + tool versions), so a sweep exports each ONNX once. A cached
 export whose model.onnx or artifact.json does not match what was recorded is said, removed and made again.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -36,6 +40,7 @@ class ExportSpec:
     imgsz: tuple[int, int]
     opset: int
     simplify: bool
+    end2end: bool = False  # the one-to-one head, (B, max_det, 6), NMS-free
     device: str = "cpu"
 
     def key(self) -> str:
@@ -70,24 +75,54 @@ def weights_precision(model: onnx.ModelProto) -> str:
     return "fp16" if sizes["fp16"] > sizes["fp32"] else "fp32"
 
 
+def names_of(model: onnx.ModelProto) -> list[str]:
+    """The class names, by index, that an ONNX carries in its metadata (`names`, as ultralytics writes it),
+    or [] when it carries none."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        names = ast.literal_eval(meta.get("names", "{}"))
+        return [str(names[i]) for i in range(len(names))]
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        return []
+
+
+def _local_copy(spec: ExportSpec, workdir: Path) -> Path:
+    """The weights as `workdir/model.pt`: loaded from there, whatever the user's file is called."""
+    local = workdir / "model.pt"
+    shutil.copyfile(spec.weights, local)
+    return local
+
+
+def _check_head(model, spec: ExportSpec) -> None:
+    """Refuse an end2end export of a model without a one-to-one head, in one line."""
+    if spec.end2end and getattr(model.model[-1], "one2one_cv2", None) is None:
+        raise StageError("export", f"{Path(spec.weights).name} has no one-to-one (NMS-free) head; export.head="
+                                   f"end2end needs a yolov10 or yolo26 style model, export.head=one2many exports this one")
+
+
 def _export_ultralytics(spec: ExportSpec, workdir: Path) -> Path:
     from ultralytics import YOLO
 
-    local = workdir / "model.pt"
-    shutil.copyfile(spec.weights, local)  # ultralytics writes the ONNX next to the weights
-    out = YOLO(str(local)).export(format="onnx", imgsz=list(spec.imgsz), dynamic=spec.dynamic,
-                                  simplify=spec.simplify, opset=spec.opset, quantize=16 if spec.half else None,
-                                  device=spec.device, batch=1, verbose=False)
+    yolo = YOLO(str(_local_copy(spec, workdir)))  # it writes the ONNX next to the weights
+    _check_head(yolo.model, spec)
+    out = yolo.export(format="onnx", imgsz=list(spec.imgsz), dynamic=spec.dynamic, simplify=spec.simplify,
+                      opset=spec.opset, quantize=16 if spec.half else None, nms=False if spec.end2end else None,
+                      device=spec.device, batch=1, verbose=False)
     return Path(out)
 
 
-def _torch_model(spec: ExportSpec):
-    """The checkpoint as an inference module returning the decoded head output only, and a dummy input."""
+def _torch_model(spec: ExportSpec, workdir: Path):
+    """The checkpoint as an inference module returning the decoded head output only, a dummy input, and
+    ultralytics' metadata for the ONNX."""
     import torch
     from ultralytics.nn.tasks import load_checkpoint
 
     device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{spec.device}")
-    model = load_checkpoint(spec.weights, device=device, inplace=True, fuse=True)[0].float().eval()
+    model = load_checkpoint(str(_local_copy(spec, workdir)), device=device, inplace=True, fuse=False)[0]
+    _check_head(model, spec)
+    if hasattr(model, "end2end"):
+        model.end2end = spec.end2end  # chosen before fusing, which drops the other head
+    model = model.fuse(verbose=False).float().eval()
     model.model[-1].dynamic = spec.dynamic  # the head rebuilds its anchors from the input shape each call
     dummy = torch.zeros(1, 3, *spec.imgsz, device=device)
     if spec.half:
@@ -102,25 +137,43 @@ def _torch_model(spec: ExportSpec):
         def forward(self, x):
             return self.inner(x)[0]
 
-    return FirstOutput(model).eval(), dummy
+    metadata = {"stride": int(max(model.stride)), "task": "detect", "batch": 1, "imgsz": list(spec.imgsz),
+                 "names": dict(model.names), "end2end": bool(getattr(model, "end2end", False)),
+                 "args": {"dynamic": spec.dynamic, "half": spec.half}}
+    return FirstOutput(model).eval(), dummy, metadata
+
+
+def _finish(path: Path, spec: ExportSpec, metadata: dict) -> Path:
+    """Simplify (as ultralytics does its own), then add ultralytics' metadata, as it writes it, so that
+    `YOLO(onnx)` reads the ONNX too."""
+    model = onnx.load(str(path))
+    if spec.simplify:
+        import onnxslim
+
+        model = onnxslim.slim(model)
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.save(model, str(path))
+    return path
 
 
 def _export_torch(spec: ExportSpec, workdir: Path) -> Path:
     import torch
 
-    model, dummy = _torch_model(spec)
+    model, dummy, metadata = _torch_model(spec, workdir)
     out = workdir / "model.onnx"
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}
+    axes = {"images": {0: "batch", 2: "height", 3: "width"},
+            "output0": {0: "batch"} if spec.end2end else {0: "batch", 2: "anchors"}}
     with torch.no_grad():
         torch.onnx.export(model, dummy, str(out), opset_version=spec.opset, input_names=["images"],
                           output_names=["output0"], dynamic_axes=axes if spec.dynamic else None, dynamo=False)
-    return out
+    return _finish(out, spec, metadata)
 
 
 def _export_dynamo(spec: ExportSpec, workdir: Path) -> Path:
     import torch
 
-    model, dummy = _torch_model(spec)
+    model, dummy, metadata = _torch_model(spec, workdir)
     out = workdir / "model.onnx"
     dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
     with torch.no_grad(), warnings.catch_warnings():
@@ -129,16 +182,10 @@ def _export_dynamo(spec: ExportSpec, workdir: Path) -> Path:
         torch.onnx.export(model, (dummy,), str(out), opset_version=spec.opset, input_names=["images"],
                           output_names=["output0"], dynamic_shapes=({"x": dims} if spec.dynamic else None),
                           dynamo=True, verbose=False)
-    return out
+    return _finish(out, spec, metadata)
 
 
 EXPORTERS = {"ultralytics": _export_ultralytics, "torch": _export_torch, "dynamo": _export_dynamo}
-
-
-def _simplify(path: Path) -> None:
-    import onnxslim
-
-    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
 
 
 def _cached(folder: Path) -> OnnxArtifact | None:
@@ -156,8 +203,9 @@ def _cached(folder: Path) -> OnnxArtifact | None:
 
 def export_onnx(spec: ExportSpec, cache_dir: Path) -> OnnxArtifact:
     """Export (or reuse) the ONNX for `spec`; raises StageError with the tool's message on failure."""
-    folder = Path(cache_dir).absolute() / "onnx" / f"{spec.tool}-{'dy' if spec.dynamic else 'st'}-" \
-                                                   f"{'fp16' if spec.half else 'fp32'}-{spec.key()}"
+    folder = Path(cache_dir).absolute() / "onnx" / (f"{spec.tool}-{'dy' if spec.dynamic else 'st'}-"
+                                                    f"{'fp16' if spec.half else 'fp32'}-{'e2e-' if spec.end2end else ''}"
+                                                    f"{spec.key()}")
     with cache.locked(folder.with_name(folder.name + ".lock")):  # jobs in parallel export it once
         if artifact := _cached(folder):
             return artifact
@@ -167,14 +215,15 @@ def export_onnx(spec: ExportSpec, cache_dir: Path) -> OnnxArtifact:
 def _export(spec: ExportSpec, folder: Path) -> OnnxArtifact:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    log.info("export: %s %s %s opset %d...", spec.tool, "dynamic" if spec.dynamic else "static",
-             "fp16" if spec.half else "fp32", spec.opset)
+    log.info("export: %s %s %s%s opset %d...", spec.tool, "dynamic" if spec.dynamic else "static",
+             "fp16" if spec.half else "fp32", " end2end" if spec.end2end else "", spec.opset)
     start = time.perf_counter()
     try:
         produced = EXPORTERS[spec.tool](spec, folder)
-        if spec.simplify and spec.tool != "ultralytics":  # ultralytics simplifies itself
-            _simplify(produced)
         model = onnx.load(str(produced))
+    except StageError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     except Exception as exc:  # the tool's own failure is the result
         shutil.rmtree(folder, ignore_errors=True)
         raise StageError("export", f"{spec.tool}: {type(exc).__name__}: {exc}".strip()) from exc
@@ -187,8 +236,9 @@ def _export(spec: ExportSpec, folder: Path) -> OnnxArtifact:
     path = folder / "model.onnx"
     if produced != path:
         shutil.move(produced, path)
-    artifact = OnnxArtifact(path=str(path), tool=spec.tool, dynamic=spec.dynamic,
-                            precision=weights_precision(model), signature=signature(model), checker=checker,
+    artifact = OnnxArtifact(path=str(path), tool=spec.tool, dynamic=spec.dynamic, end2end=spec.end2end,
+                            names=names_of(model), precision=weights_precision(model), signature=signature(model),
+                            checker=checker,
                             size_bytes=path.stat().st_size, export_s=time.perf_counter() - start, cached=False)
     cache.save(folder / "artifact.json", {**artifact.to_dict(), "path": path.name}, [path])
     log.info("export: done in %.1f s, %.1f MB", artifact.export_s, artifact.size_bytes / 1e6)

@@ -33,9 +33,10 @@ def pickled_classes(payload: bytes) -> set[tuple[str, str]]:
 def check_weights(path: str) -> None:
     """An ultralytics detection checkpoint, or ConfigError saying what the file is instead."""
     file = Path(path)
-    expected = "expected an ultralytics detection checkpoint (.pt from training or export), or null for the default"
+    expected = "expected an ultralytics detection checkpoint (.pt from training or export), or a model preset"
     if not file.is_file():
-        raise ConfigError(f"model.weights: file not found: {path} (a .pt file, or null for the default model)")
+        raise ConfigError(f"model.weights: file not found: {path} (a .pt file, loaded as given: nothing is "
+                          f"downloaded; or a preset: model=yolov8n|yolo11n|yolo26n|yolov10n|yolov5nu)")
     if file.stat().st_size == 0:
         raise ConfigError(f"model.weights: {path} is empty; {expected}")
     if not zipfile.is_zipfile(file):
@@ -58,7 +59,7 @@ def check_weights(path: str) -> None:
 
 def check_inputs(configs: list[RunConfig]) -> None:
     """Check each distinct weights file and image folder of a sweep once. Raises ConfigError."""
-    for weights in sorted({c.model.weights for c in configs if c.model.weights is not None}):
+    for weights in sorted({c.model.weights for c in configs}):
         check_weights(weights)
     for images, labels, limit in sorted({(c.data.images, c.data.labels, c.data.limit) for c in configs
                                          if c.data.images is not None}):

@@ -55,9 +55,9 @@ LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local", "ray")  # their jobs can
 # Our launcher presets keep the plugins' names on purpose, so Hydra checks them against the plugins' schemas. It
 # warns about that wherever it composes: here, and in the launcher's workers, which import this module first.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
-SUMMARY = ["onnx_label", "build_label", "status", "failed_stage", "validation", "rel_l2", "det_f1", "map50_95",
+SUMMARY = ["model", "onnx_label", "build_label", "status", "failed_stage", "validation", "rel_l2", "det_f1", "map50_95",
            "infer_p50_ms", "e2e_p50_ms", "cuda_graph", "error"]
-SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "stage"}
+SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "stage", "error": "error / note"}
 
 
 def quiet_defaults() -> None:
@@ -313,9 +313,9 @@ def track(run_cfg: RunConfig, record: JobRecord) -> None:
 
 def summary_table(results: list[VariantResult]) -> pd.DataFrame:
     frame = results_frame(results)
-    table = frame[SUMMARY].rename(columns=SUMMARY_NAMES)
-    table["error"] = [(e.splitlines()[0][:70] if e else "") for e in table["error"]]
-    return table
+    table = frame[SUMMARY].assign(error=[(e.splitlines()[0][:70] if e else n)
+                                         for e, n in zip(frame["error"], frame["validation_note"])])
+    return table.rename(columns=SUMMARY_NAMES)
 
 
 def _end_parent(sweep: Sweep, records: list[JobRecord], files: list[Path]) -> str | None:

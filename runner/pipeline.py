@@ -17,25 +17,26 @@ from pathlib import Path
 from runner import backends
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
-from runner.config import RunConfig, ShapeMode
+from runner.config import Head, RunConfig, ShapeMode
 from runner.data import Sample, load_samples
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
-from runner.results import BuildVariant, Cell, ExportResult, OnnxVariant, StageError, VariantResult
+from runner.processing import UnknownHead, head_format
+from runner.results import BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, StageError, VariantResult
 from runner.validate import check_shapes, validate
 
 log = logging.getLogger(__name__)
-DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "shapes_yolov8n.pt"
 FP16_ONNX = ("fp16_onnx", "strongly_typed")  # the precision mechanisms that build or run an fp16 ONNX
 
 
 def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
-    """The variant's compatibility cell: ONNX column x build row. With no mechanism known (the backend is not
+    """The variant's compatibility cell: model, ONNX column x build row. With no mechanism known (the backend is not
     here to say), the ONNX is named by the variant's precision."""
     build_tool = cfg.build.tool.value if backend == "tensorrt" else backend
     onnx_precision = cfg.precision.name.value if mechanism is None else "fp16" if mechanism in FP16_ONNX else "fp32"
-    onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision)
-    return Cell(onnx, BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value))
+    onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision,
+                       cfg.export.head.value)
+    return Cell(onnx, BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value), cfg.model.label)
 
 
 def new_result(cfg: RunConfig, backend: str, mechanism: str | None, status: str = "running") -> VariantResult:
@@ -91,7 +92,7 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
             clock.enter("bench")
             v = cfg.validate
             result.bench = bench(runner, [s.image for s in samples], result.build.profile[1], cfg.bench.warmup,
-                                 cfg.bench.iters, v.conf, v.nms_iou, v.max_det)
+                                 cfg.bench.iters, v.conf, v.nms_iou, v.max_det, result.validate.head)
     except StageError as exc:
         if exc.partial is not None:
             setattr(result, exc.stage, exc.partial)
@@ -108,10 +109,11 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
 
 def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     """The fp32 reference ONNX, and the ONNX under test (the fp16 one where the mechanism needs it)."""
-    weights = str(cfg.model.weights or DEFAULT_WEIGHTS)
+    weights = cfg.model.weights
     spec = ExportSpec(weights=weights, tool=cfg.export.tool.value,
                       dynamic=(cfg.export.shape or cfg.shape.mode) == ShapeMode.dynamic, half=False,
-                      imgsz=tuple(cfg.model.imgsz), opset=cfg.export.opset, simplify=cfg.export.simplify)
+                      imgsz=tuple(cfg.model.imgsz), opset=cfg.export.opset, simplify=cfg.export.simplify,
+                      end2end=cfg.export.head == Head.end2end)
     reference = export_onnx(spec, Path(cfg.cache_dir))
     tested = reference
     if mechanism in FP16_ONNX:
@@ -119,9 +121,19 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     return ExportResult(weights=weights, reference=reference, tested=tested)
 
 
+def output_head(build: BuildResult, export: ExportResult) -> str:
+    """The decode of the model under test, from its ONNX's first output and class count. Raises StageError."""
+    signature = build.onnx_signature or export.tested.signature
+    try:
+        return head_format(signature["outputs"][0]["shape"], len(export.tested.names) or None)
+    except UnknownHead as exc:
+        raise StageError("validate", f"{signature['outputs'][0]['name']}: {exc}") from None
+
+
 def validate_stage(cfg: RunConfig, runner, result: VariantResult, samples: list[Sample], skipped: list[str]) -> None:
     """Against the onnxruntime reference at every shape of the built profile; fails the variant on a miss."""
     build, export = result.build, result.export
+    head = output_head(build, export)
     is_reference = (build.tool == "onnxruntime" and build.artifact == export.reference.path
                     and build.provider == REFERENCE_PROVIDER)
     reference = None if is_reference else open_reference(export.reference.path)
@@ -129,7 +141,7 @@ def validate_stage(cfg: RunConfig, runner, result: VariantResult, samples: list[
         shapes = check_shapes(build.profile, cfg.model.stride, cfg.validate.non_square)
         thresholds = getattr(cfg.validate, cfg.precision.name.value)
         result.validate = validate(runner, reference, samples, shapes, thresholds, cfg.validate, REFERENCE_PROVIDER,
-                                   skipped)
+                                   skipped, head)
     finally:
         if reference is not None:
             reference.close()

@@ -1,7 +1,9 @@
 """Pre- and postprocessing shared by every backend (numpy + OpenCV, no torch).
 
-Letterbox and box scaling follow ultralytics' `LetterBox` and `ops.scale_boxes`; the decode of
-`(B, 4 + nc, anchors)` and class-aware NMS follow `ops.non_max_suppression` (single label per box).
+Letterbox and box scaling follow ultralytics' `LetterBox` and `ops.scale_boxes`. Two head formats are decoded,
+chosen by `head_format` from the output's shape and the class count: the one-to-many `(B, 4 + nc, anchors)`
+with class-aware NMS, as `ops.non_max_suppression` (single label per box); and the end-to-end
+`(B, N, 6)` [x1, y1, x2, y2, score, class] of an NMS-free head or an export with NMS inside, by its score alone.
 """
 from __future__ import annotations
 
@@ -63,6 +65,38 @@ def scale_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
     return out
 
 
+ONE2MANY, END2END = "one2many", "end2end"
+
+
+class UnknownHead(ValueError):
+    """An output shape that neither decoder knows."""
+
+
+def head_format(shape: list, num_classes: int | None) -> str:
+    """one2many for `(B, 4 + nc, anchors)`, end2end for `(B, N, 6)`; dims may be symbolic (str). With the class
+    count unknown, any fixed channel count above 4 is taken as 4 + nc. Raises UnknownHead naming the shape."""
+    dims = list(shape)
+    if len(dims) == 3:
+        if num_classes and dims[1] == 4 + num_classes:
+            return ONE2MANY
+        if dims[2] == 6:
+            return END2END
+        if not num_classes and isinstance(dims[1], int) and dims[1] > 4:
+            return ONE2MANY
+    expected = f"4 + nc = {4 + num_classes}" if num_classes else "4 + nc"
+    raise UnknownHead(f"output shape {dims} is neither one-to-many (B, {expected}, anchors) nor end-to-end "
+                      f"(B, N, 6)")
+
+
+def decode_end2end(pred: np.ndarray, conf: float = 0.25, max_det: int = 300) -> list[np.ndarray]:
+    """(B, N, 6) end-to-end output, best first -> per image (n, 6) [x1, y1, x2, y2, score, cls] above `conf`."""
+    results = []
+    for p in np.asarray(pred, dtype=np.float32):
+        p = p[p[:, 4] > conf]
+        results.append(p[np.argsort(-p[:, 4], kind="stable")][:max_det])
+    return results
+
+
 def decode(pred: np.ndarray, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> list[np.ndarray]:
     """(B, 4 + nc, anchors) raw head output -> per image (n, 6) [x1, y1, x2, y2, score, cls] after NMS."""
     results = []
@@ -85,9 +119,9 @@ def decode(pred: np.ndarray, conf: float = 0.25, iou: float = 0.7, max_det: int 
 
 
 def postprocess(pred: np.ndarray, boxes: list[Letterbox], conf: float = 0.25, iou: float = 0.7,
-                max_det: int = 300) -> list[np.ndarray]:
-    """Decode + NMS + scale back to each source image."""
-    dets = decode(pred, conf, iou, max_det)
+                max_det: int = 300, head: str = ONE2MANY) -> list[np.ndarray]:
+    """Decode (with NMS for a one-to-many head) and scale back to each source image."""
+    dets = decode_end2end(pred, conf, max_det) if head == END2END else decode(pred, conf, iou, max_det)
     for d, lb in zip(dets, boxes):
         d[:, :4] = scale_boxes(d[:, :4], lb)
     return dets

@@ -3,7 +3,7 @@
 Results cross process boundaries (the variant's child process) and disk (result.json, MLflow artifacts)
 as plain dicts through `to_dict` / `from_dict`. `VariantResult.metrics()` names every MLflow metric;
 `runner table` and `runner check` read the same names back. A compatibility cell is a `Cell` value
-(ONNX variant x build variant); its label is derived from it and never parsed back.
+(model, ONNX variant x build variant); its label is derived from it and never parsed back.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+MODELS = ("yolov5nu", "yolov8n", "yolov10n", "yolo11n", "yolo26n")  # table order of the presets; others follow
+UNNAMED_MODEL = "(unnamed)"  # results recorded before the model was part of a cell
 EXPORT_TOOLS = {"ultralytics": "ul", "torch": "tc", "dynamo": "dynamo"}  # table order and abbreviation
 BUILD_TOOLS = {"tensorrt_api": "trt", "ultralytics": "ul-trt", "onnxruntime": "ort"}
 SHAPES = {"static": "st", "dynamic": "dy"}
@@ -83,8 +85,17 @@ class _Variant(Record):
 
 @dataclass(frozen=True)
 class OnnxVariant(_Variant):
-    """The compatibility table's column: which tool made the ONNX, its shape mode and weight precision."""
+    """The compatibility table's column: which tool made the ONNX, its shape mode, weight precision and head
+    (one2many, or the NMS-free end2end, labelled `e2e`)."""
+    head: str = "one2many"
     TOOLS: ClassVar[dict[str, str]] = EXPORT_TOOLS
+
+    @property
+    def label(self) -> str:
+        return super().label + (" e2e" if self.head == "end2end" else "")
+
+    def sort_key(self) -> tuple:
+        return *super().sort_key(), self.head != "one2many"
 
 
 @dataclass(frozen=True)
@@ -95,21 +106,26 @@ class BuildVariant(_Variant):
 
 @dataclass(frozen=True)
 class Cell(Record):
+    """A variant's place in the tables: its model's grid, ONNX column and build row."""
     onnx: OnnxVariant
     build: BuildVariant
+    model: str = UNNAMED_MODEL
 
     @property
     def key(self) -> str:
-        """The cell as text: table headers, baseline keys."""
-        return f"{self.onnx.label} | {self.build.label}"
+        """The cell as text: summary rows, baseline keys."""
+        return f"{self.model} | {self.onnx.label} | {self.build.label}"
 
     @property
     def name(self) -> str:
         """The variant's name: file and run names."""
-        return f"{self.onnx.label}__{self.build.label}".replace(" ", "-")
+        return f"{self.model}__{self.onnx.label}__{self.build.label}".replace(" ", "-")
+
+    def model_key(self) -> tuple:
+        return _rank(MODELS, self.model), self.model
 
     def sort_key(self) -> tuple:
-        return self.onnx.sort_key(), self.build.sort_key()
+        return self.model_key(), self.onnx.sort_key(), self.build.sort_key()
 
 
 @dataclass
@@ -123,6 +139,8 @@ class OnnxArtifact(Record):
     size_bytes: int
     export_s: float
     cached: bool
+    end2end: bool = False  # the NMS-free one-to-one head
+    names: list[str] = field(default_factory=list)  # class names by index, from its metadata; [] if it has none
 
 
 @dataclass
@@ -181,7 +199,7 @@ class ShapeCheck(Record):
     status: str  # passed | failed | skipped | reference
     reason: str | None = None  # why it was skipped, or the error that failed it
     tensors: dict[str, TensorMetrics] = field(default_factory=dict)
-    detections: DetectionMetrics | None = None
+    detections: DetectionMetrics | None = None  # None: not measured (no reference detections)
     map50: float | None = None  # against the labels, where the data has them
     map50_95: float | None = None
 
@@ -200,20 +218,17 @@ class ValidateResult(Record):
     reference_provider: str
     images: int
     skipped_images: list[str] = field(default_factory=list)
-    reason: str | None = None
-
-    def _compared(self) -> list[ShapeCheck]:
-        return [s for s in self.shapes.values() if s.tensors]
+    reason: str | None = None  # why it failed or was unchecked, or what a pass did not measure
+    head: str = "one2many"  # the decode: one2many (with NMS) | end2end
 
     def aggregate(self) -> dict[str, float]:
-        """The worst value of each measure over the shapes that were checked."""
-        compared, out = self._compared(), {}
-        if compared:
-            tensors = [t for s in compared for t in s.tensors.values()]
+        """The worst value of each measure over the shapes where it was measured."""
+        out = {}
+        if tensors := [t for s in self.shapes.values() for t in s.tensors.values()]:
             out.update(rel_l2=max(t.rel_l2 for t in tensors), max_abs=max(t.max_abs for t in tensors),
-                       cosine=min(t.cosine for t in tensors), allclose_rate=min(t.allclose_rate for t in tensors),
-                       det_f1=min(s.detections.f1 for s in compared),
-                       det_mean_iou=min(s.detections.mean_iou for s in compared))
+                       cosine=min(t.cosine for t in tensors), allclose_rate=min(t.allclose_rate for t in tensors))
+        if matched := [s.detections for s in self.shapes.values() if s.detections]:
+            out.update(det_f1=min(d.f1 for d in matched), det_mean_iou=min(d.mean_iou for d in matched))
         scored = [s for s in self.shapes.values() if s.map50_95 is not None]
         if scored:
             out.update(map50=min(s.map50 for s in scored), map50_95=min(s.map50_95 for s in scored))

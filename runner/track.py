@@ -118,7 +118,7 @@ class Tracker:
             return existing
         result = record.result
         tags = {"mlflow.parentRunId": sweep_id, SWEEP_TAG: sweep_id, "runner.kind": "variant",
-                RESULT_TAG: record.result_id, "onnx_label": result.cell.onnx.label,
+                RESULT_TAG: record.result_id, "model": result.cell.model, "onnx_label": result.cell.onnx.label,
                 "build_label": result.cell.build.label, **cell_tags(result.cell), **outcome_tags(result)}
         tags["error"] = tags["error"][:MAX_TAG]
         run = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags,

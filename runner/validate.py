@@ -2,7 +2,10 @@
 
 At each shape both backends see the same letterboxed batches. Tensors are compared per output
 (max/mean abs, rel-L2, cosine, atol/rtol pass rate); detections by class-aware IoU matching against
-the reference's; and, where the data has labels, mAP50 / mAP50-95 against ground truth.
+the reference's; and, where the data has labels, mAP50 / mAP50-95 against ground truth. Where the reference
+finds nothing, detections are not measured ("no reference detections"), and a shape passes on what was.
+An end-to-end output `(B, N, 6)` is a ranked top-k, whose rows near-equal scores reorder: it is compared
+as detections only.
 When the model under test is the reference itself (onnxruntime on the CPU running the reference ONNX),
 nothing is compared, since nothing could differ: the result says `reference` and reports only mAP.
 """
@@ -16,7 +19,7 @@ import numpy as np
 from runner.config import Thresholds, ValidateConfig
 from runner.data import Sample
 from runner.metrics import match_detections, mean_average_precision, tensor_metrics
-from runner.processing import postprocess, preprocess
+from runner.processing import END2END, postprocess, preprocess
 from runner.results import DetectionMetrics, ShapeCheck, TensorMetrics, ValidateResult
 
 log = logging.getLogger(__name__)
@@ -48,12 +51,18 @@ def _batches(samples: list[Sample], batch: int):
         yield chunk + [chunk[-1]] * (batch - len(chunk))
 
 
-def _detection_metrics(det_test: list[np.ndarray], det_ref: list[np.ndarray], match_iou: float) -> DetectionMetrics:
+NO_REFERENCE_DETECTIONS = "no reference detections"
+
+
+def _detection_metrics(det_test: list[np.ndarray], det_ref: list[np.ndarray], match_iou: float
+                       ) -> DetectionMetrics | None:
+    """Detections of the model under test matched to the reference's; None when the reference has none."""
+    if not any(len(d) for d in det_ref):
+        return None
     matched = [match_detections(t, r, match_iou) for t, r in zip(det_test, det_ref)]
     tp = sum(m["matched"] for m in matched)
     n_test, n_ref = sum(len(d) for d in det_test), sum(len(d) for d in det_ref)
-    precision = tp / n_test if n_test else float(n_ref == 0)
-    recall = tp / n_ref if n_ref else float(n_test == 0)
+    precision, recall = tp / n_test if n_test else 0.0, tp / n_ref
     hits = [m for m in matched if m["matched"]]
     return DetectionMetrics(precision=precision, recall=recall,
                             f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
@@ -63,7 +72,7 @@ def _detection_metrics(det_test: list[np.ndarray], det_ref: list[np.ndarray], ma
 
 
 def validate_shape(runner, reference, samples: list[Sample], shape: list[int], thresholds: Thresholds,
-                   v: ValidateConfig) -> ShapeCheck:
+                   v: ValidateConfig, head: str) -> ShapeCheck:
     """Metrics of one shape. `reference=None`: the runner is the reference (mAP only). A reference that
     cannot run at this shape makes it `skipped`."""
     hw = (shape[2], shape[3])
@@ -81,42 +90,51 @@ def validate_shape(runner, reference, samples: list[Sample], shape: list[int], t
             status = "skipped" if reference is None else "failed"
             return ShapeCheck(shape, status, reason=_first_line(exc))
         first = next(iter(test))
-        det_test += postprocess(test[first], boxes, v.conf, v.nms_iou, v.max_det)
+        det_test += postprocess(test[first], boxes, v.conf, v.nms_iou, v.max_det, head)
         if reference is not None:
             for name, value in ref.items():
                 outs_ref.setdefault(name, []).append(value)
                 outs_test.setdefault(name, []).append(test[name])
-            det_ref += postprocess(ref[first], boxes, v.conf, v.nms_iou, v.max_det)
+            det_ref += postprocess(ref[first], boxes, v.conf, v.nms_iou, v.max_det, head)
         gts += [(s.gt_cls, s.gt_boxes) for s in chunk]
     labelled = [(d, g) for d, g in zip(det_test, gts) if g[0] is not None]
     accuracy = mean_average_precision([d for d, _ in labelled], [g for _, g in labelled]) if labelled else {}
     check = ShapeCheck(shape, "reference", map50=accuracy.get("map50"), map50_95=accuracy.get("map50_95"))
     if reference is None:
         return check
-    check.tensors = {name: TensorMetrics(**tensor_metrics(np.concatenate(outs_test[name]),
-                                                          np.concatenate(outs_ref[name]),
-                                                          thresholds.atol, thresholds.rtol)) for name in outs_ref}
-    check.detections = _detection_metrics(det_test, det_ref, v.match_iou)
-    passed = check.rel_l2 <= thresholds.max_rel_l2 and check.detections.f1 >= thresholds.min_det_f1
+    if head != END2END:  # a top-k output's rows are ranked, and near-equal scores reorder them: detections only
+        check.tensors = {name: TensorMetrics(**tensor_metrics(np.concatenate(outs_test[name]),
+                                                              np.concatenate(outs_ref[name]),
+                                                              thresholds.atol, thresholds.rtol)) for name in outs_ref}
+    check.detections = d = _detection_metrics(det_test, det_ref, v.match_iou)
+    if not check.tensors and d is None:
+        check.status, check.reason = "skipped", f"nothing compared: {NO_REFERENCE_DETECTIONS}, and an end-to-end " \
+                                                f"output is compared as detections only"
+        return check
+    measured = ([f"rel-L2 {check.rel_l2:.2e}"] if check.tensors else []) + ([f"det F1 {d.f1:.3f}"] if d else [])
+    passed = ((not check.tensors or check.rel_l2 <= thresholds.max_rel_l2)
+              and (d is None or d.f1 >= thresholds.min_det_f1))
     check.status = "passed" if passed else "failed"
     if not passed:
-        check.reason = (f"rel-L2 {check.rel_l2:.2e}, det F1 {check.detections.f1:.3f} (limits "
-                        f"{thresholds.max_rel_l2:.0e}, {thresholds.min_det_f1})")
+        check.reason = f"{', '.join(measured)} (limits {thresholds.max_rel_l2:.0e}, {thresholds.min_det_f1})"
+    elif d is None:
+        check.reason = NO_REFERENCE_DETECTIONS
     return check
 
 
 def validate(runner, reference, samples: list[Sample], shapes: list[tuple[str, list[int]]], thresholds: Thresholds,
-             v: ValidateConfig, reference_provider: str, skipped_images: list[str]) -> ValidateResult:
-    """Validate at every shape: passes when every shape the reference could run passes.
-    `reference=None` when the model under test is the reference itself."""
+             v: ValidateConfig, reference_provider: str, skipped_images: list[str], head: str) -> ValidateResult:
+    """Validate at every shape, decoding the `head` format: passes when every shape the reference could run
+    passes. `reference=None` when the model under test is the reference itself."""
     per_shape = {}
     for label, shape in shapes:
         log.info("validate: %s %s on %d images...", label, shape, len(samples))
-        per_shape[label] = s = validate_shape(runner, reference, samples, shape, thresholds, v)
+        per_shape[label] = s = validate_shape(runner, reference, samples, shape, thresholds, v, head)
         scores = f"mAP50-95 {s.map50_95:.3f}" if s.map50_95 is not None else "no labels"
-        if s.tensors:
-            log.info("validate: %s %s: rel-L2 %.2e, det F1 %.3f, %s", label, s.status, s.rel_l2, s.detections.f1,
-                     scores)
+        if s.tensors or s.detections:
+            tensors = f"rel-L2 {s.rel_l2:.2e}" if s.tensors else "tensors not compared (end-to-end)"
+            detections = f"det F1 {s.detections.f1:.3f}" if s.detections else NO_REFERENCE_DETECTIONS
+            log.info("validate: %s %s: %s, %s, %s", label, s.status, tensors, detections, scores)
         else:
             log.info("validate: %s %s: %s", label, s.status, s.reason or scores)
     checked = {k: s for k, s in per_shape.items() if s.status != "skipped"}
@@ -131,9 +149,14 @@ def validate(runner, reference, samples: list[Sample], shapes: list[tuple[str, l
         reason = "; ".join(f"{k} {s.shape}: {s.reason}" for k, s in checked.items() if s.status == "failed")
     elif status == "unchecked":
         reason = "no shape could be checked: " + "; ".join(f"{k}: {s.reason}" for k, s in per_shape.items())
+    elif status == "passed":
+        unmeasured = [k for k, s in checked.items() if s.detections is None]
+        notes = ([f"detections not measured, {NO_REFERENCE_DETECTIONS}: {', '.join(unmeasured)}"] if unmeasured
+                 else []) + (["tensors not compared (an end-to-end output is a ranked top-k)"] if head == END2END else [])
+        reason = "; ".join(notes) or None
     return ValidateResult(status=status, shapes=per_shape, thresholds=asdict(thresholds),
                           reference_provider=reference_provider, images=len(samples),
-                          skipped_images=list(skipped_images), reason=reason)
+                          skipped_images=list(skipped_images), reason=reason, head=head)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-DEFAULT_WEIGHTS = REPO / "runner" / "assets" / "shapes_yolov8n.pt"
+DEFAULT_WEIGHTS = REPO / "runner" / "assets" / "yolov8n.pt"
 IMGSZ = (640, 640)
 OPSETS = {"ultralytics": 17, "torch": 17, "dynamo": 18}  # as the export presets have them
 

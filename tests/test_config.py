@@ -30,7 +30,7 @@ BAD_INPUTS = {
     "unknown-precision": (["precision=fp8"], "precision", r"unknown option 'fp8'; allowed: fp16, fp32"),
     "unknown-export": (["export=onnx2"], "export", r"unknown option 'onnx2'; allowed: dynamo, torch, ultralytics"),
     "missing-weights": (["model.weights=/nonexistent.pt"], "model.weights",
-                        r"file not found: /nonexistent\.pt \(a \.pt file, or null"),
+                        r"file not found: /nonexistent\.pt \(a \.pt file, loaded as given: nothing is downloaded"),
     "missing-images": (["data.images=/nonexistent"], "data.images", r"not a readable folder: /nonexistent"),
     "zero-iters": (["bench.iters=0"], "bench.iters", r"must be a positive integer, got 0"),
     "non-integer-iters": (["bench.iters=abc"], "bench.iters", r"could not be converted to Integer"),
@@ -77,7 +77,7 @@ def assert_one_line_exit_2(proc, outputs: Path, expected: str) -> None:
     assert_nothing_started(outputs)
 
 
-CHECKPOINT = "expected an ultralytics detection checkpoint (.pt from training or export), or null for the default"
+CHECKPOINT = "expected an ultralytics detection checkpoint (.pt from training or export), or a model preset"
 
 
 def test_empty_weights_file_is_named_before_any_work(tmp_path):

@@ -32,7 +32,7 @@ def test_wheel_carries_every_config_and_the_default_model(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml")}
     assert configs and {f"runner/conf/{c}" for c in configs} <= names
-    assert "runner/assets/shapes_yolov8n.pt" in names
+    assert "runner/assets/yolov8n.pt" in names
     assert {"runner/backends/tensorrt/build.py", "runner/report/gate.py"} <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     parser = configparser.ConfigParser()

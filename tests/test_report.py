@@ -29,6 +29,10 @@ EXPECTED_MATRIX = """\
 |trt dy fp16|-|-|-|-|-|-|-|
 |ul-trt dy fp16|-|O|-|-|-|-|-|
 |ort st fp32|R|-|-|-|-|-|-|"""
+EXPECTED_SECOND_MODEL = """\
+|onnx\\trt|ul st fp32|ul st fp32 e2e|
+|---|---|---|
+|trt st fp32|O|O|"""
 BUILD_ERROR = "[TRT] Error Code 4: Internal Error (profile has no dimensions for input 'images')\nsecond line"
 TOOLS = {"ul": "ultralytics", "tc": "torch", "dynamo": "dynamo", "trt": "tensorrt_api", "ul-trt": "ultralytics",
          "ort": "onnxruntime"}
@@ -40,23 +44,25 @@ def stats(p50: float) -> Stats:
 
 
 def variant(onnx: str, build: str, status: str = "ok", failed_stage: str | None = None, error: str | None = None,
-            infer_ms: float = 2.0, build_s: float = 30.0) -> VariantResult:
-    """A variant result as `runner.pipeline.run_variant` leaves it, for the cell '<onnx> | <build>'."""
-    (tool, onnx_shape, onnx_precision), (build_tool, shape, precision) = onnx.split(), build.split()
-    cell = Cell(OnnxVariant(TOOLS[tool], SHAPES[onnx_shape], onnx_precision),
-                BuildVariant(TOOLS[build_tool], SHAPES[shape], precision))
+            infer_ms: float = 2.0, build_s: float = 30.0, model: str = "yolov8n") -> VariantResult:
+    """A variant result as `runner.pipeline.run_variant` leaves it, for the cell '<model> | <onnx> | <build>'."""
+    (tool, onnx_shape, onnx_precision, *e2e), (build_tool, shape, precision) = onnx.split(), build.split()
+    cell = Cell(OnnxVariant(TOOLS[tool], SHAPES[onnx_shape], onnx_precision, "end2end" if e2e else "one2many"),
+                BuildVariant(TOOLS[build_tool], SHAPES[shape], precision), model)
     backend = "onnxruntime" if build_tool == "ort" else "tensorrt"
     result = VariantResult(cell=cell, backend=backend, profile="default", status=status,
                            failed_stage=failed_stage, error=error,
                            environment={"python": "3.11.7", "tensorrt": "10.9.0", "gpu": "NVIDIA H100 80GB HBM3"})
     if status == "skipped":
         return result
+    output = [1, 300, 6] if e2e else [1, 7, 8400]
     onnx_file = OnnxArtifact(path=f"cache/{tool}-{onnx_shape}-{onnx_precision}/model.onnx", tool=TOOLS[tool],
                              dynamic=onnx_shape == "dy", precision=onnx_precision, checker="ok",
                              signature={"inputs": [{"name": "images", "shape": [1, 3, 640, 640], "dtype": "float32"}],
-                                        "outputs": [{"name": "output0", "shape": [1, 7, 8400], "dtype": "float32"}],
+                                        "outputs": [{"name": "output0", "shape": output, "dtype": "float32"}],
                                         "opset": 17},
-                             size_bytes=12_000_000, export_s=4.0, cached=False)
+                             size_bytes=12_000_000, export_s=4.0, cached=False, end2end=bool(e2e),
+                             names=["circle", "rectangle", "triangle"])
     result.export = ExportResult(weights="best.pt", reference=onnx_file, tested=onnx_file)
     result.build = BuildResult(tool=cell.build.tool, artifact="engine.plan", profile=[[1, 3, 640, 640]] * 3,
                                build_s=build_s, size_bytes=9_000_000, optimization_level=3, num_layers=120)
@@ -88,6 +94,8 @@ RESULTS = [
     variant("tc dy fp16", "trt dy fp16", "skipped", error="tensorrt is not installed"),
     variant("dynamo dy fp32", "trt dy fp32", infer_ms=2.3),
     variant("ul dy fp32", "ul-trt dy fp16", infer_ms=1.2),
+    variant("ul st fp32", "trt st fp32", infer_ms=1.7, model="yolo26n"),
+    variant("ul st fp32 e2e", "trt st fp32", infer_ms=1.6, model="yolo26n"),
     variant("ul st fp32", "ort st fp32", infer_ms=60.0),
 ]
 
@@ -98,7 +106,7 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     tracker = Tracker(uri, "runner", str(root / "mlartifacts"))
-    sweep_id = tracker.start_sweep("sweep 10 variants", {"overrides": "export=ultralytics,torch,dynamo"})
+    sweep_id = tracker.start_sweep("sweep 12 variants", {"overrides": "export=ultralytics,torch,dynamo"})
     for result in RESULTS:
         tracker.log_variant(sweep_id, record(result, root, {"export": {"tool": result.cell.onnx.tool}}))
     results_file = root / "results.json"
@@ -137,20 +145,24 @@ def test_table_layout_files_and_artifacts(sweep, tmp_path, capsys):
     out = tmp_path / "report"
     assert cli.main(["table", *mlflow_args(sweep, "--sweep", "latest", "--out", str(out))]) == 0
     printed = capsys.readouterr().out
-    assert EXPECTED_MATRIX in printed and str(out) in printed
+    assert f"# yolov8n\n\n{EXPECTED_MATRIX}\n\n# yolo26n\n\n{EXPECTED_SECOND_MODEL}" in printed and str(out) in printed
 
     for name in cli.REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
-    assert EXPECTED_MATRIX in (out / "table.md").read_text() and render.LEGEND in (out / "table.md").read_text()
-    details = pd.read_csv(out / "table.csv", keep_default_na=False).set_index(["onnx", "build"])
-    failed = details.loc[("tc dy fp32", "trt st fp32")]
+    markdown = (out / "table.md").read_text()
+    assert f"## yolov8n\n\n{EXPECTED_MATRIX}\n\n## yolo26n\n\n{EXPECTED_SECOND_MODEL}" in markdown
+    assert render.LEGEND in markdown
+    details = pd.read_csv(out / "table.csv", keep_default_na=False).set_index(["model", "onnx", "build"])
+    failed = details.loc[("yolov8n", "tc dy fp32", "trt st fp32")]
     assert (failed["status"], failed["failing stage"]) == ("failed", "build")
-    assert failed["error"] == BUILD_ERROR.splitlines()[0]
-    assert details.loc[("ul st fp16", "trt st fp16"), "failing stage"] == "validate"
-    assert details.loc[("ul st fp32", "ort st fp32"), "validation"] == "reference"
-    assert details.loc[("ul st fp32", "trt st fp32"), "validation"] == "passed"
+    assert failed["error / note"] == BUILD_ERROR.splitlines()[0]
+    assert details.loc[("yolov8n", "ul st fp16", "trt st fp16"), "failing stage"] == "validate"
+    assert details.loc[("yolov8n", "ul st fp32", "ort st fp32"), "validation"] == "reference"
+    assert details.loc[("yolov8n", "ul st fp32", "trt st fp32"), "validation"] == "passed"
+    assert details.loc[("yolo26n", "ul st fp32 e2e", "trt st fp32"), "status"] == "ok"
     html = (out / "table.html").read_text()
     assert all(render.COLOURS[m] in html for m in "OXR") and "Error Code 4" in html
+    assert "<h3>yolov8n</h3>" in html and "<h3>yolo26n</h3>" in html
 
     logged = {Path(f.path).name for f in MlflowClient(uri).list_artifacts(sweep_id, "report")}
     assert logged == set(cli.REPORT_FILES)
@@ -160,7 +172,9 @@ def test_results_file_gives_the_same_tables(sweep):
     uri, sweep_id, results_file = sweep
     runs = cli.Store(uri, "runner").variant_runs(sweep_id)
     from_mlflow, from_file = runs_frame(runs), results_frame(read_results(results_file))
-    pd.testing.assert_frame_equal(render.matrix(from_mlflow), render.matrix(from_file))
+    assert list(render.grids(from_mlflow)) == list(render.grids(from_file)) == ["yolov8n", "yolo26n"]
+    for model, grid in render.grids(from_mlflow).items():
+        pd.testing.assert_frame_equal(grid, render.grids(from_file)[model])
     pd.testing.assert_frame_equal(render.detail(from_mlflow), render.detail(from_file))
     assert gate.cells(from_mlflow) == gate.cells(from_file)
 
@@ -201,45 +215,49 @@ def test_baseline_checks_clean_against_its_own_sweep(sweep, tmp_path, capsys):
     baseline = make_baseline(sweep, tmp_path)
     written = json.loads(baseline.read_text())
     assert written["sweep"] == sweep[1] and len(written["cells"]) == len(RESULTS)
-    assert written["cells"]["tc dy fp32 | trt st fp32"]["failed_stage"] == "build"
-    assert written["cells"]["ul st fp32 | ort st fp32"]["validation"] == "reference"
-    assert Cell.from_dict(written["cells"]["ul dy fp32 | ul-trt dy fp16"]["cell"]) == RESULTS[8].cell
+    assert written["cells"]["yolov8n | tc dy fp32 | trt st fp32"]["failed_stage"] == "build"
+    assert written["cells"]["yolov8n | ul st fp32 | ort st fp32"]["validation"] == "reference"
+    assert Cell.from_dict(written["cells"]["yolov8n | ul dy fp32 | ul-trt dy fp16"]["cell"]) == RESULTS[8].cell
+    assert written["cells"]["yolo26n | ul st fp32 | trt st fp32"]["infer_p50_ms"] == 1.7  # models stay apart
     code, summary = check(sweep, baseline, tmp_path)
     assert code == 0, capsys.readouterr().out
-    assert "no regression" in summary and EXPECTED_MATRIX in summary
-    assert "|ul st fp32 \\| ort st fp32|validation|reference|reference|not compared" in summary
+    assert "no regression" in summary and f"#### yolov8n\n\n{EXPECTED_MATRIX}" in summary
+    assert f"#### yolo26n\n\n{EXPECTED_SECOND_MODEL}" in summary
+    assert "|yolov8n \\| ul st fp32 \\| ort st fp32|validation|reference|reference|not compared" in summary
 
 
 def test_slower_inference_is_a_regression_unless_timing_is_off(sweep, tmp_path, capsys):
     def faster(cells):
-        cells["ul st fp32 | trt st fp32"]["infer_p50_ms"] = 1.0
+        cells["yolov8n | ul st fp32 | trt st fp32"]["infer_p50_ms"] = 1.0
 
     baseline = make_baseline(sweep, tmp_path, faster)
     capsys.readouterr()
     code, summary = check(sweep, baseline, tmp_path)
     printed = capsys.readouterr().out
     assert code == 1
-    assert any("ul st fp32 | trt st fp32" in line and "infer p50" in line and "REGRESSION" in line
+    assert any("yolov8n | ul st fp32 | trt st fp32" in line and "infer p50" in line and "REGRESSION" in line
                for line in printed.splitlines())
-    assert "|ul st fp32 \\| trt st fp32|infer p50|1.00 ms|1.90 ms (x1.90)|REGRESSION|" in summary
+    assert "|yolov8n \\| ul st fp32 \\| trt st fp32|infer p50|1.00 ms|1.90 ms (x1.90)|REGRESSION|" in summary
+    assert "yolo26n | ul st fp32 | trt st fp32" not in [line.split("  ")[0] for line in printed.splitlines()
+                                                          if "REGRESSION" in line]
     assert check(sweep, baseline, tmp_path, "--no-timing")[0] == 0
 
 
 def test_o_to_x_pass_to_fail_and_missing_cells_are_regressions(sweep, tmp_path, capsys):
     def worked_before(cells):
-        cells["tc dy fp32 | trt st fp32"].update(status="ok", failed_stage="")
-        cells["ul st fp16 | trt st fp16"]["validation"] = "passed"
-        cells["tc st fp16 | trt st fp16"] = dict(cells["ul st fp32 | trt st fp32"])
+        cells["yolov8n | tc dy fp32 | trt st fp32"].update(status="ok", failed_stage="")
+        cells["yolov8n | ul st fp16 | trt st fp16"]["validation"] = "passed"
+        cells["yolov8n | tc st fp16 | trt st fp16"] = dict(cells["yolov8n | ul st fp32 | trt st fp32"])
 
     baseline = make_baseline(sweep, tmp_path, worked_before)
     capsys.readouterr()
     code, summary = check(sweep, baseline, tmp_path, "--no-timing")
     printed = capsys.readouterr().out
     assert code == 1
-    assert "|tc dy fp32 \\| trt st fp32|status|O|X (build)|REGRESSION|" in summary
-    assert "|ul st fp16 \\| trt st fp16|validation|passed|failed|REGRESSION|" in summary
-    assert "|tc st fp16 \\| trt st fp16|cell|O|missing|REGRESSION|" in summary
-    assert any("tc dy fp32 | trt st fp32" in line and "REGRESSION" in line for line in printed.splitlines())
+    assert "|yolov8n \\| tc dy fp32 \\| trt st fp32|status|O|X (build)|REGRESSION|" in summary
+    assert "|yolov8n \\| ul st fp16 \\| trt st fp16|validation|passed|failed|REGRESSION|" in summary
+    assert "|yolov8n \\| tc st fp16 \\| trt st fp16|cell|O|missing|REGRESSION|" in summary
+    assert any("yolov8n | tc dy fp32 | trt st fp32" in line and "REGRESSION" in line for line in printed.splitlines())
 
 
 def test_user_errors_exit_2_with_one_line(sweep, tmp_path, capsys):

@@ -135,13 +135,13 @@ def load(args) -> Source:
 def write_report(frame: pd.DataFrame, out: Path, title: str) -> list[Path]:
     """table.md/.csv/.html/.png and latency.png under `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    grid, details = render.matrix(frame), render.detail(frame)
+    grids, details = render.grids(frame), render.detail(frame)
     paths = [out / name for name in REPORT_FILES]
-    paths[0].write_text(f"# {title}\n\n{render.to_markdown(grid.reset_index())}\n\n{render.LEGEND}\n\n"
+    paths[0].write_text(f"# {title}\n\n{render.grids_markdown(grids)}\n\n{render.LEGEND}\n\n## Details\n\n"
                         f"{render.to_markdown(render.formatted(details))}\n")
     details.to_csv(paths[1], index=False)
-    paths[2].write_text(render.to_html(grid, details, title))
-    plots.plot_matrix(grid, frame, paths[3], title)
+    paths[2].write_text(render.to_html(grids, details, title))
+    plots.plot_matrix(grids, frame, paths[3], title)
     plots.plot_latency(frame, paths[4])
     return paths
 
@@ -153,7 +153,7 @@ def cmd_table(args) -> int:
                                             f"{source.name}")
     for parent in source.parents:
         source.store.log_artifacts(parent, paths, "report")
-    print(render.to_markdown(render.matrix(source.frame).reset_index()))
+    print(render.grids_markdown(render.grids(source.frame), level="#"))
     logged = f" (logged to run {', '.join(source.parents)}, artifacts report/)" if source.parents else ""
     print(f"\nrunner: report of {len(source.frame)} variants in {out}{logged}")
     source.warn()
@@ -184,7 +184,7 @@ def cmd_check(args) -> int:
               + ("timing not checked" if args.no_timing else
                  f"latency <= x{args.latency_ratio}, build time <= x{args.build_ratio}"))
     args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(gate.check_markdown(diff, render.matrix(source.frame), source.name, args.baseline, limits,
+    args.summary.write_text(gate.check_markdown(diff, render.grids(source.frame), source.name, args.baseline, limits,
                                                 source.incomplete))
     regressions = diff[diff["verdict"] == "REGRESSION"]
     with pd.option_context("display.width", 200, "display.max_rows", None, "display.max_colwidth", 60):

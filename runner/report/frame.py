@@ -1,8 +1,8 @@
 """A sweep as a table, one row per variant, from typed results (a sweep's results.json) or from MLflow runs.
 
-Both sources give the same columns: the cell's fields and labels, the outcome tags, and the metrics of
-`VariantResult.metrics()` under short names. The cell is stored as tags (`cell.onnx.tool`, ...) and read
-back as a `Cell` value: labels are shown, never parsed.
+Both sources give the same columns: the cell's model, fields and labels, the outcome tags, and the metrics of
+`VariantResult.metrics()` under short names. The cell is stored as tags (`cell.model`, `cell.onnx.tool`, ...)
+and read back as a `Cell` value: labels are shown, never parsed.
 """
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner.results import Cell, VariantResult
+from runner.results import UNNAMED_MODEL, Cell, VariantResult
 
 SWEEP_TAG = "runner.sweep_id"
-OUTCOME = ("status", "failed_stage", "error", "backend", "validation")
+OUTCOME = ("status", "failed_stage", "error", "backend", "validation", "validation_note")
 METRICS = {"build_s": "build.build_s", "engine_mb": "build.engine_mb", "infer_p50_ms": "bench.infer.p50",
            "e2e_p50_ms": "bench.e2e.p50", "rel_l2": "val.rel_l2", "det_f1": "val.det_f1", "map50": "val.map50",
            "map50_95": "val.map50_95", "val_passed": "val.passed", "preprocess_p50_ms": "bench.preprocess.p50",
            "postprocess_p50_ms": "bench.postprocess.p50", "e2e_p90_ms": "bench.e2e.p90",
            "cuda_graph": "bench.cuda_graph", "skipped_images": "data.skipped_images"}
-COLUMNS = ["cell", "onnx_label", "build_label", *OUTCOME, *METRICS, "gpu"]
+COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, *METRICS, "gpu"]
 
 
 class ReportError(Exception):
@@ -29,29 +29,34 @@ class ReportError(Exception):
 
 
 def cell_tags(cell: Cell) -> dict[str, str]:
-    """The cell as MLflow tags: cell.onnx.tool, cell.onnx.shape, ..., cell.build.precision."""
-    return {f"cell.{part}.{key}": value for part, fields in cell.to_dict().items() for key, value in fields.items()}
+    """The cell as MLflow tags: cell.model, cell.onnx.tool, ..., cell.onnx.head, ..., cell.build.precision."""
+    return {"cell.model": cell.model, **{f"cell.{part}.{key}": value for part in ("onnx", "build")
+                                         for key, value in getattr(cell, part).to_dict().items()}}
 
 
 def cell_from_tags(tags: dict) -> Cell:
-    return Cell.from_dict({part: {key: tags[f"cell.{part}.{key}"] for key in ("tool", "shape", "precision")}
-                           for part in ("onnx", "build")})
+    parts = {part: {key[len(f"cell.{part}."):]: value for key, value in tags.items()
+                    if key.startswith(f"cell.{part}.")} for part in ("onnx", "build")}
+    return Cell.from_dict({"model": tags.get("cell.model", UNNAMED_MODEL), **parts})
 
 
 def outcome_tags(result: VariantResult) -> dict[str, str]:
-    """Status, failing stage, first error line, backend and validation verdict, as tags."""
+    """Status, failing stage, first error line, backend, validation verdict (and what a pass did not measure),
+    as tags."""
+    v = result.validate
     return {"status": result.status, "failed_stage": result.failed_stage or "", "error": result.error or "",
-            "backend": result.backend, "validation": result.validate.status if result.validate else ""}
+            "backend": result.backend, "validation": v.status if v else "",
+            "validation_note": (v.reason or "") if v and v.status == "passed" else ""}
 
 
 def _row(cell: Cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
-    return {"cell": cell, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
+    return {"cell": cell, "model": cell.model, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
             **{k: tags.get(k) or "" for k in OUTCOME},
             **{col: metrics.get(name, math.nan) for col, name in METRICS.items()}, "gpu": gpu or ""}
 
 
 def ordered(frame: pd.DataFrame) -> pd.DataFrame:
-    """Variants in table order: by ONNX column, then by build row."""
+    """Variants in table order: by model, ONNX column, then build row."""
     keys = [c.sort_key() for c in frame["cell"]]
     return frame.iloc[sorted(range(len(frame)), key=keys.__getitem__)].reset_index(drop=True)
 

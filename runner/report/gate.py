@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner.report.render import MARKS, to_markdown
+from runner.report.render import MARKS, grids_markdown, to_markdown
 
 MIN_BUILD_S = 1.0  # shorter baseline builds are cache hits: not compared
 COMPARABLE_VALIDATION = ("passed", "failed")
@@ -22,7 +22,7 @@ def _number(value) -> float | None:
 
 
 def cells(frame: pd.DataFrame) -> dict[str, dict]:
-    """What `check` compares, per cell key "<onnx label> | <build label>"."""
+    """What `check` compares, per cell key "<model> | <onnx label> | <build label>"."""
     return {r.cell.key: {"cell": r.cell.to_dict(), "status": r.status, "failed_stage": r.failed_stage,
                          "validation": r.validation, "map50_95": _number(r.map50_95),
                          "infer_p50_ms": _number(r.infer_p50_ms), "e2e_p50_ms": _number(r.e2e_p50_ms),
@@ -74,9 +74,9 @@ def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: 
     return diff.sort_values("verdict", key=lambda v: v != "REGRESSION", kind="stable").reset_index(drop=True)
 
 
-def check_markdown(diff: pd.DataFrame, grid: pd.DataFrame, sweep: str, baseline_file: Path, limits: str,
+def check_markdown(diff: pd.DataFrame, grids: dict[str, pd.DataFrame], sweep: str, baseline_file: Path, limits: str,
                    incomplete: list[str] = ()) -> str:
-    """The check as a CI job summary: verdict, regressions, the current grid, and every comparison."""
+    """The check as a CI job summary: verdict, regressions, the current grids, and every comparison."""
     regressions = diff[diff["verdict"] == "REGRESSION"]
     head = (f"## runner check: FAILED, {len(regressions)} regression(s) in {regressions['cell'].nunique()} cell(s)"
             if len(regressions) else "## runner check: FAILED, incomplete sweep" if incomplete
@@ -84,6 +84,6 @@ def check_markdown(diff: pd.DataFrame, grid: pd.DataFrame, sweep: str, baseline_
     parts = [head, *incomplete, f"Sweep `{sweep}` against baseline `{baseline_file}`. Limits: {limits}."]
     if len(regressions):
         parts += ["### Regressions", to_markdown(regressions)]
-    parts += ["### Compatibility", to_markdown(grid.reset_index()),
+    parts += ["### Compatibility", grids_markdown(grids, level="####"),
               f"<details><summary>All {len(diff)} comparisons</summary>\n\n{to_markdown(diff)}\n\n</details>"]
     return "\n\n".join(parts) + "\n"

@@ -1,4 +1,5 @@
-"""Pictures of a sweep: the compatibility grid as a heatmap and the stage latencies as stacked bars.
+"""Pictures of a sweep: the compatibility grids as heatmaps (a facet per model) and the stage latencies as
+stacked bars.
 
 No pyplot: figures render with Agg and leave no global state.
 """
@@ -13,19 +14,30 @@ from matplotlib.figure import Figure
 from runner.report.render import COLOURS, SEVERITY
 
 
-def plot_matrix(grid: pd.DataFrame, frame: pd.DataFrame, path: Path, title: str) -> None:
-    """Heatmap of the grid: green O, red X (with its failing stage), blue R (reference), grey -."""
+def plot_matrix(model_grids: dict[str, pd.DataFrame], frame: pd.DataFrame, path: Path, title: str) -> None:
+    """One heatmap per model, stacked: green O, red X (with its failing stage), blue R (reference), grey -."""
     failed = frame[frame["status"] == "failed"]
-    stage_of = dict(zip(zip(failed["build_label"], failed["onnx_label"]), failed["failed_stage"]))
+    stage_of = dict(zip(zip(failed["model"], failed["build_label"], failed["onnx_label"]), failed["failed_stage"]))
+    heights = [len(g.index) + 1.2 for g in model_grids.values()]
+    cols = max(len(g.columns) for g in model_grids.values())
+    fig = Figure(figsize=(2.2 + 1.3 * cols, 0.8 + 0.7 * sum(heights)))
+    axes = fig.subplots(len(model_grids), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, (model, grid) in zip(axes, model_grids.items()):
+        _heatmap(ax, grid, lambda build, onnx, m=model: stage_of.get((m, build, onnx)))
+        ax.set_title(model, loc="left", fontsize=10, fontweight="bold", pad=28)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _heatmap(ax, grid: pd.DataFrame, failed_stage) -> None:
     rows, cols = len(grid.index), len(grid.columns)
-    fig = Figure(figsize=(1.5 + 1.3 * cols, 1.5 + 0.7 * rows))
-    ax = fig.subplots()
     ax.imshow(grid.map(SEVERITY.index).to_numpy(), cmap=ListedColormap([COLOURS[m] for m in SEVERITY]),
               vmin=0, vmax=len(SEVERITY) - 1, aspect="auto")
     for i, build in enumerate(grid.index):
         for j, onnx in enumerate(grid.columns):
             mark = grid.iat[i, j]
-            text = f"X\n{stage_of.get((build, onnx)) or '?'}" if mark == "X" else mark
+            text = f"X\n{failed_stage(build, onnx) or '?'}" if mark == "X" else mark
             ax.text(j, i, text, ha="center", va="center", fontsize=10, fontweight="bold",
                     color="black" if mark == "-" else "white")
     ax.set_xticks(range(cols), grid.columns)
@@ -38,9 +50,6 @@ def plot_matrix(grid: pd.DataFrame, frame: pd.DataFrame, path: Path, title: str)
     ax.set_yticks([y - 0.5 for y in range(1, rows)], minor=True)
     ax.grid(which="minor", color="white", linewidth=2)
     ax.tick_params(which="minor", length=0)
-    ax.set_title(title, pad=12, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def plot_latency(frame: pd.DataFrame, path: Path) -> None:
@@ -66,8 +75,8 @@ def plot_latency(frame: pd.DataFrame, path: Path) -> None:
         spread = (bench["e2e_p90_ms"] - bench["e2e_p50_ms"]).clip(lower=0).fillna(0.0)
         ax.errorbar(bench["e2e_p50_ms"], y, xerr=[[0.0] * len(bench), spread], fmt="|", color="black",
                     markersize=14, capsize=4, label="end to end p50 → p90")
-        ax.set_yticks(list(y), [f"{o} | {b}" + (" | CUDA graph" if graph == 1 else "")
-                                for o, b, graph in zip(bench["onnx_label"], bench["build_label"], bench["cuda_graph"])])
+        ax.set_yticks(list(y), [f"{m} | {o} | {b}" + (" | CUDA graph" if graph == 1 else "") for m, o, b, graph
+                                in zip(bench["model"], bench["onnx_label"], bench["build_label"], bench["cuda_graph"])])
         ax.invert_yaxis()
         ax.set_xlabel("milliseconds")
         ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)

@@ -1,5 +1,8 @@
-"""The compatibility grid and the detail table of a sweep frame, as DataFrames, Markdown and HTML."""
+"""The compatibility grids (one per model) and the detail table of a sweep frame, as DataFrames, Markdown and
+HTML."""
 from __future__ import annotations
+
+import html
 
 import pandas as pd
 
@@ -9,8 +12,8 @@ COLOURS = {"O": "#2e7d32", "X": "#c62828", "R": "#1565c0", "-": "#bdbdbd"}
 LEGEND = ("O built, ran and passed validation; X failed (its stage is in the details); R ran, and the model "
           "under test is the reference itself, so its validation cannot fail; - skipped (the reason is in the "
           "details).")
-DETAIL = {"onnx_label": "onnx", "build_label": "build", "status": "status", "validation": "validation",
-          "failed_stage": "failing stage", "error": "error", "build_s": "build s", "engine_mb": "engine MB",
+DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status", "validation": "validation",
+          "failed_stage": "failing stage", "error": "error / note", "build_s": "build s", "engine_mb": "engine MB",
           "infer_p50_ms": "infer p50 ms", "rel_l2": "rel-L2", "det_f1": "detection F1", "map50_95": "mAP50-95"}
 FORMATS = {"build s": "{:.1f}", "engine MB": "{:.1f}", "infer p50 ms": "{:.2f}", "rel-L2": "{:.2e}",
            "detection F1": "{:.3f}", "mAP50-95": "{:.3f}"}
@@ -20,8 +23,14 @@ def mark(status: str, validation: str) -> str:
     return "R" if status == "ok" and validation == "reference" else MARKS.get(status, "-")
 
 
+def grids(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """One compatibility grid per model, in table order."""
+    models = sorted(set(frame["model"]), key=lambda m: next(c.model_key() for c in frame["cell"] if c.model == m))
+    return {model: matrix(frame[frame["model"] == model]) for model in models}
+
+
 def matrix(frame: pd.DataFrame) -> pd.DataFrame:
-    """The compatibility grid: rows = builds, columns = ONNX variants, cells O / X / R / -."""
+    """The compatibility grid of one model: rows = builds, columns = ONNX variants, cells O / X / R / -."""
     marks = frame.assign(mark=[mark(s, v) for s, v in zip(frame["status"], frame["validation"])])
     grid = marks.pivot_table(index="build_label", columns="onnx_label", values="mark",
                              aggfunc=lambda m: max(m, key=SEVERITY.index))
@@ -40,9 +49,11 @@ def first_line(text: str, width: int = 120) -> str:
 
 
 def detail(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant: outcome, validation verdict, failing stage, first error line, key metrics."""
-    table = frame[list(DETAIL)].rename(columns=DETAIL)
-    table["error"] = table["error"].map(first_line)
+    """One row per variant: outcome, validation verdict, failing stage, first error line (or what a passing
+    validation did not measure), key metrics."""
+    table = frame.assign(error=[e or n for e, n in zip(frame["error"], frame["validation_note"])])
+    table = table[list(DETAIL)].rename(columns=DETAIL)
+    table["error / note"] = table["error / note"].map(first_line)
     return table
 
 
@@ -59,16 +70,22 @@ def to_markdown(table: pd.DataFrame) -> str:
                       *(line(row) for row in table.itertuples(index=False))])
 
 
-def to_html(grid: pd.DataFrame, details: pd.DataFrame, title: str) -> str:
+def grids_markdown(model_grids: dict[str, pd.DataFrame], level: str = "##") -> str:
+    """A section per model, each with its grid."""
+    return "\n\n".join(f"{level} {model}\n\n{to_markdown(grid.reset_index())}" for model, grid in model_grids.items())
+
+
+def to_html(model_grids: dict[str, pd.DataFrame], details: pd.DataFrame, title: str) -> str:
     def paint(value: str) -> str:
         colour = COLOURS.get(value)
         return f"background-color: {colour}; color: white; font-weight: bold" if value in "OXR" and colour else ""
-    grid_html = (grid.reset_index().style.hide(axis="index").format(escape="html")
-                 .map(paint, subset=list(grid.columns)).to_html())
+    grid_html = "".join(f"<h3>{html.escape(model)}</h3>" + grid.reset_index().style.hide(axis="index")
+                        .format(escape="html").map(paint, subset=list(grid.columns)).to_html()
+                        for model, grid in model_grids.items())
     detail_html = (formatted(details).style.hide(axis="index").format(escape="html")
                    .map(lambda s: paint(MARKS.get(s, "")), subset=["status"]).to_html())
     return ("<!doctype html><html><head><meta charset='utf-8'><title>{0}</title><style>"
             "body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1em}}"
             "th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}} th{{background:#f3f3f3}}"
             "</style></head><body><h1>{0}</h1><h2>Compatibility</h2>{1}<p>{2}</p><h2>Details</h2>{3}"
-            "</body></html>").format(title, grid_html, LEGEND, detail_html)
+            "</body></html>").format(html.escape(title), grid_html, LEGEND, detail_html)

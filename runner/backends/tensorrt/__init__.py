@@ -48,7 +48,8 @@ class TensorrtBackend(Backend):
                 weights=export.weights, imgsz=tuple(cfg.model.imgsz), dynamic=cfg.shape.mode == ShapeMode.dynamic,
                 half=cfg.precision.name == Precision.fp16, workspace_gib=b.workspace_gib,
                 optimization_level=b.builder_optimization_level, opset=cfg.export.opset,
-                simplify=cfg.export.simplify, cache_dir=cfg.cache_dir, use_engine_cache=b.engine_cache))
+                simplify=cfg.export.simplify, end2end=export.tested.end2end, cache_dir=cfg.cache_dir,
+                use_engine_cache=b.engine_cache))
         from runner.backends.tensorrt.build import BuildSpec, build_engine
 
         return build_engine(BuildSpec(

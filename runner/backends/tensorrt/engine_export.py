@@ -1,7 +1,7 @@
 """Build stage, build=ultralytics: the notes' second road, pt -> engine in one step with ultralytics'
 `model.export(format="engine", dynamic=..., quantize=16, workspace=...)`.
 
-ultralytics exports its own ONNX, builds it with the TensorRT API under its own choices (dynamic profile
+ultralytics exports its own ONNX (with the one-to-one head for export.head=end2end), builds it with the TensorRT API under its own choices (dynamic profile
 min 1x3x32x32, opt imgsz, max 2x imgsz; TF32 left at TensorRT's default, on; BuilderFlag.FP16 for half on
 TensorRT <= 10, a ModelOpt fp16 ONNX on 11), and writes the plan behind a metadata header: a 4-byte
 little-endian length, then JSON (description, author, date, version, license, docs, stride, task, head,
@@ -40,6 +40,7 @@ class EngineExportSpec:
     optimization_level: int | None  # None: TensorRT's default, as ultralytics leaves it
     opset: int
     simplify: bool
+    end2end: bool  # the NMS-free one-to-one head (ultralytics' nms=False)
     cache_dir: str
     use_engine_cache: bool = True
 
@@ -113,8 +114,8 @@ def _export_and_store(trt, spec: EngineExportSpec, cache: EngineCache, key: str,
         with heartbeat("ultralytics still exporting"), observed_builder(trt, logger, spec.optimization_level) as seen:
             produced = YOLO(str(local)).export(
                 format="engine", imgsz=list(spec.imgsz), dynamic=spec.dynamic, quantize=16 if spec.half else None,
-                workspace=spec.workspace_gib, opset=spec.opset, simplify=spec.simplify, batch=1, device=0,
-                verbose=False)
+                workspace=spec.workspace_gib, opset=spec.opset, simplify=spec.simplify,
+                nms=False if spec.end2end else None, batch=1, device=0, verbose=False)
     except Exception as exc:  # ultralytics' own failure is the verdict; TensorRT's words come with it
         raise StageError("build", "\n".join([f"ultralytics: {type(exc).__name__}: {exc}", *logger.errors()]),
                          partial=result) from None
