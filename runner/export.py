@@ -97,7 +97,8 @@ def _check_head(model, spec: ExportSpec) -> None:
     """Refuse an end2end export of a model without a one-to-one head, in one line."""
     if spec.end2end and getattr(model.model[-1], "one2one_cv2", None) is None:
         raise StageError("export", f"{Path(spec.weights).name} has no one-to-one (NMS-free) head; export.head="
-                                   f"end2end needs a yolov10 or yolo26 style model, export.head=one2many exports this one")
+                                   f"end2end needs a yolov10 or yolo26 style model, export.head=one2many exports "
+                                   f"this one")
 
 
 def _export_ultralytics(spec: ExportSpec, workdir: Path) -> Path:
@@ -203,9 +204,9 @@ def _cached(folder: Path) -> OnnxArtifact | None:
 
 def export_onnx(spec: ExportSpec, cache_dir: Path) -> OnnxArtifact:
     """Export (or reuse) the ONNX for `spec`; raises StageError with the tool's message on failure."""
-    folder = Path(cache_dir).absolute() / "onnx" / (f"{spec.tool}-{'dy' if spec.dynamic else 'st'}-"
-                                                    f"{'fp16' if spec.half else 'fp32'}-{'e2e-' if spec.end2end else ''}"
-                                                    f"{spec.key()}")
+    name = (f"{spec.tool}-{'dy' if spec.dynamic else 'st'}-{'fp16' if spec.half else 'fp32'}-"
+            f"{'e2e-' if spec.end2end else ''}{spec.key()}")
+    folder = Path(cache_dir).absolute() / "onnx" / name
     with cache.locked(folder.with_name(folder.name + ".lock")):  # jobs in parallel export it once
         if artifact := _cached(folder):
             return artifact

@@ -151,8 +151,9 @@ def validate(runner, reference, samples: list[Sample], shapes: list[tuple[str, l
         reason = "no shape could be checked: " + "; ".join(f"{k}: {s.reason}" for k, s in per_shape.items())
     elif status == "passed":
         unmeasured = [k for k, s in checked.items() if s.detections is None]
-        notes = ([f"detections not measured, {NO_REFERENCE_DETECTIONS}: {', '.join(unmeasured)}"] if unmeasured
-                 else []) + (["tensors not compared (an end-to-end output is a ranked top-k)"] if head == END2END else [])
+        notes = [f"detections not measured, {NO_REFERENCE_DETECTIONS}: {', '.join(unmeasured)}"] if unmeasured else []
+        if head == END2END:
+            notes.append("tensors not compared (an end-to-end output is a ranked top-k)")
         reason = "; ".join(notes) or None
     return ValidateResult(status=status, shapes=per_shape, thresholds=asdict(thresholds),
                           reference_provider=reference_provider, images=len(samples),

@@ -13,8 +13,11 @@
 #   bash scripts/gpu-proof.sh scale-1       # the matrix under hydra/launcher=joblib on GPU 0 only, cold caches
 #   bash scripts/gpu-proof.sh scale-all     # the same on every GPU of the host, one variant per GPU, cold caches
 #   bash scripts/gpu-proof.sh scale-table   # both as one table from the MLflow store, and their wall times
+#   bash scripts/gpu-proof.sh models        # the five model presets x shape x precision, level 0, every GPU
+#   bash scripts/gpu-proof.sh models-e2e    # yolo26n and yolov10n exported end to end (one-to-one head), likewise
+#   bash scripts/gpu-proof.sh models-table  # both as one table (a grid per model) from the MLflow store
 set -euo pipefail
-step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table}
+step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -23,6 +26,7 @@ case $step in scale-1|scale-all) CACHE=$CACHE/$step ;; esac  # each starts cold:
 common=(backend=tensorrt cache_dir=$CACHE outputs=$RUNS)
 scale=(-m precision=fp16,fp32 export=ultralytics,torch shape=static,dynamic backend.builder_optimization_level=0
        hydra/launcher=joblib)
+every_gpu=(backend.builder_optimization_level=0 hydra/launcher=joblib backend.gpus=auto)  # + n_jobs: the GPU count
 seed=(profile=seed shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0)
 mkdir -p "$DEST/$step"
 case $step in
@@ -43,6 +47,14 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
       --out "$DEST/$step/all-gpus" 2>&1 | tee -a "$DEST/$step/run.log"
     python3 scripts/scale-summary.py "$DEST" "sqlite:///$RUNS/mlflow.db" | tee "$DEST/$step/scale.json"
     exit "${PIPESTATUS[0]}" ;;
+  models-table)
+    python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$(cat "$DEST/models/sweep_id")" \
+      --sweep "$(cat "$DEST/models-e2e/sweep_id")" --out "$DEST/$step" 2>&1 | tee "$DEST/$step/run.log"
+    exit "${PIPESTATUS[0]}" ;;
+  models)     args=(-m precision=fp16,fp32 model=yolov8n,yolo11n,yolo26n,yolov10n,yolov5nu shape=static,dynamic
+                    "${every_gpu[@]}" hydra.launcher.n_jobs=$(nvidia-smi -L | wc -l)) ;;
+  models-e2e) args=(-m precision=fp16,fp32 model=yolo26n,yolov10n export.head=end2end shape=static,dynamic
+                    "${every_gpu[@]}" hydra.launcher.n_jobs=$(nvidia-smi -L | wc -l)) ;;
   scale-1)   args=("${scale[@]}" hydra.launcher.n_jobs=1 "backend.gpus=[0]") ;;
   scale-all) args=("${scale[@]}" hydra.launcher.n_jobs=$(nvidia-smi -L | wc -l) backend.gpus=auto) ;;
   seed)        args=(-m export=ultralytics,torch export.shape=static,dynamic "${seed[@]}") ;;

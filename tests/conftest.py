@@ -22,7 +22,10 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-DEFAULT_WEIGHTS = REPO / "runner" / "assets" / "yolov8n.pt"
+ASSETS = REPO / "runner" / "assets"
+DEFAULT_WEIGHTS = ASSETS / "yolov8n.pt"
+PRESETS = ("yolov8n", "yolo11n", "yolo26n", "yolov10n", "yolov5nu")  # conf/model/, weights in runner/assets/
+END2END_PRESETS = ("yolo26n", "yolov10n")  # with a one-to-one (NMS-free) head
 IMGSZ = (640, 640)
 OPSETS = {"ultralytics": 17, "torch": 17, "dynamo": 18}  # as the export presets have them
 
@@ -34,10 +37,15 @@ def cli_env() -> dict:
     return env
 
 
+def run_module(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m runner <args>` from the repo root, text output captured."""
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=cli_env())
+
+
 def run_cli(args: list[str], outputs: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`python -m runner <args> outputs=<outputs>` from the repo root, text output captured."""
-    return subprocess.run([sys.executable, "-m", "runner", *args, f"outputs={outputs}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env=cli_env())
+    """`python -m runner <args> outputs=<outputs>`: a sweep or a run."""
+    return run_module([*args, f"outputs={outputs}"], timeout)
 
 
 def mlflow_run_count(db: Path) -> int:
@@ -102,12 +110,13 @@ def export_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def export_model(export_cache):
-    """export_model(tool, dynamic, half) -> OnnxArtifact of the embedded default model, exported once per session."""
+    """export_model(tool, dynamic, half, model, end2end) -> OnnxArtifact of a shipped model (the default
+    yolov8n unless named), exported once per session."""
     from runner.export import ExportSpec, export_onnx
 
-    def _export(tool: str, dynamic: bool = False, half: bool = False):
-        spec = ExportSpec(weights=str(DEFAULT_WEIGHTS), tool=tool, dynamic=dynamic, half=half, imgsz=IMGSZ,
-                          opset=OPSETS[tool], simplify=True)
+    def _export(tool: str, dynamic: bool = False, half: bool = False, model: str = "yolov8n", end2end: bool = False):
+        spec = ExportSpec(weights=str(ASSETS / f"{model}.pt"), tool=tool, dynamic=dynamic, half=half, imgsz=IMGSZ,
+                          opset=OPSETS[tool], simplify=True, end2end=end2end)
         return export_onnx(spec, export_cache)
 
     return _export

@@ -120,7 +120,8 @@ def test_backend_is_onnxruntime_and_said_once(sweep):
         assert result.backend == "onnxruntime" and result.status == "ok"
         assert result.environment["tensorrt"].startswith("absent:")
         assert result.bench.settings["provider"] == "CPUExecutionProvider"
-        assert result.cell.key == f"{child.data.tags['onnx_label']} | {child.data.tags['build_label']}"
+        tags = child.data.tags
+        assert result.cell.key == f"{tags['model']} | {tags['onnx_label']} | {tags['build_label']}"
     out = sweep["proc"].stdout
     assert out.count("TensorRT unavailable") == 1, out[:2000]
     assert "runner: backend=auto -> onnxruntime" in out

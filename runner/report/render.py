@@ -12,7 +12,8 @@ COLOURS = {"O": "#2e7d32", "X": "#c62828", "R": "#1565c0", "-": "#bdbdbd"}
 LEGEND = ("O built, ran and passed validation; X failed (its stage is in the details); R ran, and the model "
           "under test is the reference itself, so its validation cannot fail; - skipped (the reason is in the "
           "details).")
-DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status", "validation": "validation",
+DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status",
+          "validation": "validation",
           "failed_stage": "failing stage", "error": "error / note", "build_s": "build s", "engine_mb": "engine MB",
           "infer_p50_ms": "infer p50 ms", "rel_l2": "rel-L2", "det_f1": "detection F1", "map50_95": "mAP50-95"}
 FORMATS = {"build s": "{:.1f}", "engine MB": "{:.1f}", "infer p50 ms": "{:.2f}", "rel-L2": "{:.2e}",

@@ -1,12 +1,13 @@
 """Build stage, build=ultralytics: the notes' second road, pt -> engine in one step with ultralytics'
 `model.export(format="engine", dynamic=..., quantize=16, workspace=...)`.
 
-ultralytics exports its own ONNX (with the one-to-one head for export.head=end2end), builds it with the TensorRT API under its own choices (dynamic profile
-min 1x3x32x32, opt imgsz, max 2x imgsz; TF32 left at TensorRT's default, on; BuilderFlag.FP16 for half on
-TensorRT <= 10, a ModelOpt fp16 ONNX on 11), and writes the plan behind a metadata header: a 4-byte
-little-endian length, then JSON (description, author, date, version, license, docs, stride, task, head,
-batch, imgsz, names, args, channels, end2end). runner changes one thing: ultralytics has no option for the
-builder optimization level, so the builder config it creates gets `backend.builder_optimization_level`.
+ultralytics exports its own ONNX (with the one-to-one head for export.head=end2end), builds it with the
+TensorRT API under its own choices (dynamic profile min 1x3x32x32, opt imgsz, max 2x imgsz; TF32 left at
+TensorRT's default, on; BuilderFlag.FP16 for half on TensorRT <= 10, a ModelOpt fp16 ONNX on 11), and writes
+the plan behind a metadata header: a 4-byte little-endian length, then JSON (description, author, date,
+version, license, docs, stride, task, head, batch, imgsz, names, args, channels, end2end). runner changes one
+thing: ultralytics has no option for the builder optimization level, so the builder config it creates gets
+`backend.builder_optimization_level`.
 What the builder saw (level, FP16, TF32) is read off that config at build time and recorded.
 """
 from __future__ import annotations
@@ -40,8 +41,8 @@ class EngineExportSpec:
     optimization_level: int | None  # None: TensorRT's default, as ultralytics leaves it
     opset: int
     simplify: bool
-    end2end: bool  # the NMS-free one-to-one head (ultralytics' nms=False)
     cache_dir: str
+    end2end: bool = False  # the NMS-free one-to-one head (ultralytics' nms=False)
     use_engine_cache: bool = True
 
     def key(self, trt_version: str, gpu: str) -> str:

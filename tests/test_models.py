@@ -1,0 +1,185 @@
+"""The model as a matrix dimension: the five presets, both head formats, weights loaded as given, validation
+that can fail, and a sweep of every preset through both exporters with one grid per model.
+
+Everything runs for real on the CPU: ultralytics and torch exports, onnxruntime, ultralytics' own `predict`
+on the same ONNX, and the `python -m runner` CLI with MLflow on sqlite.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ASSETS, END2END_PRESETS, IMGSZ, OPSETS, PRESETS, run_cli, run_module
+from runner.backends.onnxruntime import open_reference
+from runner.config import Thresholds, ValidateConfig
+from runner.data import Sample, load_samples
+from runner.export import ExportSpec, export_onnx
+from runner.metrics import match_detections
+from runner.pipeline import output_head
+from runner.processing import END2END, ONE2MANY, UnknownHead, head_format, postprocess, preprocess
+from runner.results import BuildResult, ExportResult, StageError
+from runner.validate import NO_REFERENCE_DETECTIONS, validate, validate_shape
+
+FP16 = Thresholds(5e-2, 5e-2, 5e-3, 0.9)
+
+
+@pytest.fixture(scope="module")
+def samples(held_out_images) -> list[Sample]:
+    return load_samples(str(held_out_images), None, 8, Path("unused"))[0]
+
+
+def test_every_preset_composes_names_itself_and_ships_its_weights():
+    from runner.launcher import preflight
+
+    configs = preflight([f"model={','.join(PRESETS)}", "-m"])
+    assert [c.model.label for c in configs] == list(PRESETS)
+    assert all(Path(c.model.weights) == ASSETS / f"{c.model.label}.pt" and Path(c.model.weights).is_file()
+               for c in configs)
+    named, = preflight(["model=yolo11n", "model.name=my-detector"])
+    assert named.model.label == "my-detector"
+
+
+@pytest.mark.parametrize("shape, classes, head", [
+    ([1, 7, 8400], 3, ONE2MANY), (["batch", 7, "anchors"], 3, ONE2MANY), ([1, 300, 6], 3, END2END),
+    (["batch", 300, 6], 3, END2END), ([1, 6, 8400], 2, ONE2MANY), ([1, 300, 6], 2, END2END),
+    ([1, 84, 8400], None, ONE2MANY), (["batch", 300, 6], None, END2END)])
+def test_the_head_format_comes_from_the_output_shape_and_the_class_count(shape, classes, head):
+    assert head_format(shape, classes) == head
+
+
+@pytest.mark.parametrize("shape", [[1, 84, 8400], [1, 8400], [1, 300, 7], ["batch", "c", "anchors"]])
+def test_an_unknown_output_fails_validation_in_one_line_naming_its_shape(shape):
+    with pytest.raises(UnknownHead, match=r"^output shape .* is neither one-to-many"):
+        head_format(shape, 3)
+    signature = {"outputs": [{"name": "output0", "shape": shape, "dtype": "float32"}]}
+    tested = {"path": "m.onnx", "tool": "torch", "dynamic": False, "precision": "fp32", "signature": signature,
+              "checker": "ok", "size_bytes": 1, "export_s": 0.0, "cached": False, "names": ["a", "b", "c"]}
+    export = ExportResult.from_dict({"weights": "w.pt", "reference": tested, "tested": tested})
+    with pytest.raises(StageError) as failed:
+        output_head(BuildResult("onnxruntime", "m.onnx", []), export)
+    assert failed.value.stage == "validate" and "\n" not in failed.value.message
+    assert failed.value.message.startswith(f"output0: output shape {shape} is neither")
+
+
+def _ultralytics_detections(onnx_path: str, images: list[np.ndarray]) -> list[np.ndarray]:
+    from ultralytics import YOLO
+
+    model = YOLO(onnx_path, task="detect")
+    out = []
+    for image in images:
+        boxes = model.predict(image, imgsz=IMGSZ[0], conf=0.25, iou=0.7, verbose=False)[0].boxes
+        out.append(np.concatenate([boxes.xyxy.numpy(), boxes.conf.numpy()[:, None], boxes.cls.numpy()[:, None]], 1))
+    return out
+
+
+CASES = [(m, tool, False) for m in PRESETS for tool in ("ultralytics", "torch")] + \
+        [(m, tool, True) for m in END2END_PRESETS for tool in ("ultralytics", "torch")]
+
+
+@pytest.mark.parametrize("model, tool, end2end", CASES,
+                         ids=[f"{m}-{t}-{'e2e' if e else 'one2many'}" for m, t, e in CASES])
+def test_our_decode_matches_ultralytics_predict_on_the_same_onnx(export_model, samples, model, tool, end2end):
+    artifact = export_model(tool, model=model, end2end=end2end)
+    output = artifact.signature["outputs"][0]
+    head = head_format(output["shape"], len(artifact.names))
+    assert head == (END2END if end2end else ONE2MANY) and artifact.names == ["circle", "rectangle", "triangle"]
+    assert output["shape"] == ([1, 300, 6] if end2end else [1, 7, 8400])
+    runner = open_reference(artifact.path)
+    ours = []
+    for s in samples:
+        blob, boxes = preprocess([s.image], IMGSZ)
+        ours += postprocess(runner.infer(blob)[output["name"]], boxes, 0.25, 0.7, 300, head)
+    theirs = _ultralytics_detections(artifact.path, [s.image for s in samples])
+    assert sum(len(d) for d in theirs) >= len(samples)  # the model finds the shapes
+    f1 = [match_detections(a, b, 0.5)["f1"] for a, b in zip(ours, theirs)]
+    assert min(f1) >= 0.99, f1
+
+
+@pytest.mark.parametrize("tool", ["ultralytics", "torch"])
+def test_end2end_export_of_a_model_without_a_one_to_one_head_fails_in_one_line(tool, tmp_path):
+    spec = ExportSpec(weights=str(ASSETS / "yolo11n.pt"), tool=tool, dynamic=False, half=False, imgsz=IMGSZ,
+                      opset=OPSETS[tool], simplify=True, end2end=True)
+    with pytest.raises(StageError) as failed:
+        export_onnx(spec, tmp_path)
+    assert failed.value.stage == "export"
+    assert failed.value.message.startswith("yolo11n.pt has no one-to-one (NMS-free) head; export.head=end2end")
+
+
+@pytest.mark.parametrize("tool", ["ultralytics", "torch"])
+def test_a_renamed_weights_file_exports_offline_as_given(tool, tmp_path, monkeypatch):
+    """ultralytics renames a file called yolov5n.pt to yolov5nu.pt and downloads that; ours is loaded as is."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    shutil.copyfile(ASSETS / "yolov5nu.pt", "yolov5n.pt")
+    spec = ExportSpec(weights="yolov5n.pt", tool=tool, dynamic=False, half=False, imgsz=IMGSZ, opset=OPSETS[tool],
+                      simplify=True)
+    artifact = export_onnx(spec, tmp_path / "cache")
+    assert artifact.names == ["circle", "rectangle", "triangle"]  # our 3-class model, not a COCO download
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "yolov5n.pt"]  # nothing fetched beside it
+
+
+def _blank(n: int) -> list[Sample]:
+    return [Sample(f"grey{i}.jpg", np.full((480, 640, 3), 114, np.uint8)) for i in range(n)]
+
+
+def test_no_reference_detections_is_said_not_scored_as_f1_one(export_model):
+    tested, reference = (open_reference(export_model("ultralytics", half=half).path) for half in (True, False))
+    check = validate_shape(tested, reference, _blank(2), [1, 3, 640, 640], FP16, ValidateConfig(), ONE2MANY)
+    assert check.detections is None and check.reason == NO_REFERENCE_DETECTIONS
+    assert check.status == "passed" and check.rel_l2 < FP16.max_rel_l2  # on what was measured: the tensors
+    result = validate(tested, reference, _blank(2), [("static", [1, 3, 640, 640])], FP16, ValidateConfig(),
+                      "CPUExecutionProvider", [], ONE2MANY)
+    assert result.status == "passed" and NO_REFERENCE_DETECTIONS in result.reason
+    assert "det_f1" not in result.aggregate() and "rel_l2" in result.aggregate()
+
+
+def test_an_end2end_output_with_nothing_detected_cannot_pass(export_model):
+    tested, reference = (open_reference(export_model("ultralytics", half=half, model="yolo26n", end2end=True).path)
+                         for half in (True, False))
+    result = validate(tested, reference, _blank(2), [("static", [1, 3, 640, 640])], FP16, ValidateConfig(),
+                      "CPUExecutionProvider", [], END2END)
+    assert result.status == "unchecked" and "nothing compared" in result.reason
+
+
+def test_an_end2end_output_is_compared_as_detections(export_model, samples):
+    tested, reference = (open_reference(export_model("torch", half=half, model="yolov10n", end2end=True).path)
+                         for half in (True, False))
+    result = validate(tested, reference, samples, [("static", [1, 3, 640, 640])], FP16, ValidateConfig(),
+                      "CPUExecutionProvider", [], END2END)
+    assert result.status == "passed" and result.head == END2END
+    assert result.shapes["static"].tensors == {} and result.aggregate()["det_f1"] >= 0.99
+    assert "tensors not compared" in result.reason
+
+
+def test_a_sweep_of_every_preset_through_both_exporters(tmp_path, export_cache):
+    """The issue's sweep on onnxruntime: every cell named by its model, one grid per model, keys per model."""
+    outputs = tmp_path / "outputs"
+    proc = run_cli(["-m", f"model={','.join(PRESETS)}", "export=ultralytics,torch", "precision=fp16",
+                    "backend=onnxruntime", "data.limit=4", "bench=quick", f"cache_dir={export_cache}"], outputs,
+                   timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep = max((outputs / "sweeps").iterdir())
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert sorted(summary["model"]) == sorted(PRESETS * 2)
+    assert set(summary["status"]) == {"ok"} and set(summary["validation"]) == {"passed"}
+    assert summary["det_f1"].min() >= 0.99
+    results = json.loads((sweep / "results.json").read_text())
+    assert sorted(r["cell"]["model"] for r in results) == sorted(PRESETS * 2)
+
+    report = tmp_path / "report"
+    db = f"sqlite:///{outputs / 'mlflow.db'}"
+    table = run_module(["table", "--tracking-uri", db, "--out", str(report)])
+    assert table.returncode == 0, table.stderr
+    markdown = (report / "table.md").read_text()
+    assert [line[3:] for line in markdown.splitlines() if line.startswith("## ") and line != "## Details"] == \
+        ["yolov5nu", "yolov8n", "yolov10n", "yolo11n", "yolo26n"]
+    assert markdown.count("|ort st fp16|O|O|") == len(PRESETS)  # each grid: ul and tc columns, both O
+    baseline = tmp_path / "baseline.json"
+    assert run_module(["baseline", "--tracking-uri", db, "--out", str(baseline)]).returncode == 0
+    keys = json.loads(baseline.read_text())["cells"]
+    assert sorted(keys) == sorted(f"{m} | {o} st fp16 | ort st fp16" for m in PRESETS for o in ("ul", "tc"))
