@@ -20,13 +20,14 @@ def plot_matrix(model_grids: dict[str, pd.DataFrame], frame: pd.DataFrame, path:
     stage_of = dict(zip(zip(failed["model"], failed["build_label"], failed["onnx_label"]), failed["failed_stage"]))
     heights = [len(g.index) + 1.2 for g in model_grids.values()]
     cols = max(len(g.columns) for g in model_grids.values())
-    fig = Figure(figsize=(2.2 + 1.3 * cols, 0.8 + 0.7 * sum(heights)))
+    height = 0.8 + 0.7 * sum(heights)
+    fig = Figure(figsize=(2.2 + 1.3 * cols, height))
     axes = fig.subplots(len(model_grids), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     for ax, (model, grid) in zip(axes, model_grids.items()):
         _heatmap(ax, grid, lambda build, onnx, m=model: stage_of.get((m, build, onnx)))
         ax.set_title(model, loc="left", fontsize=10, fontweight="bold", pad=28)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))  # the title above the first model's name
     fig.savefig(path, dpi=120)
 
 
