@@ -18,7 +18,7 @@ from runner.config import ConfigError
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
-HELD_OUT_SEED = 1  # the split train_default.py validated on
+HELD_OUT_SEED = 1  # the split runner.train validates the shipped models on
 HELD_OUT_COUNT = 64
 COORD_SLACK = 1e-3  # normalised coordinates a rounding step outside [0, 1] are accepted
 

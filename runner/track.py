@@ -124,7 +124,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags,
                                      start_time=record.started_ms)
         run_id = run.info.run_id
-        resolved = {"resolved.backend": result.backend}
+        resolved = {"resolved.backend": result.backend, "resolved.model": result.cell.model}
         if result.build:
             resolved.update({"resolved.precision_mechanism": result.build.precision_mechanism,
                              "resolved.profile": _profile_text(result.build.profile),

@@ -114,6 +114,7 @@ def test_backend_is_onnxruntime_and_said_once(sweep):
     for child in children:
         assert child.data.tags["backend"] == "onnxruntime"
         assert child.data.params["resolved.backend"] == "onnxruntime"
+        assert child.data.params["resolved.model"] == child.data.tags["model"] == "yolov8n"
         assert child.data.tags["build_label"].startswith("ort ")
         result = VariantResult.from_dict(json.loads(Path(sweep["client"].download_artifacts(
             child.info.run_id, "result.json", str(sweep["outputs"] / "dl" / child.info.run_id))).read_text()))
@@ -130,10 +131,10 @@ def test_backend_is_onnxruntime_and_said_once(sweep):
 def test_stdout_ends_with_summary_table(sweep):
     lines = sweep["proc"].stdout.rstrip().splitlines()
     assert re.fullmatch(r"runner: 12/12 variants ok; sweep run [0-9a-f]{32}; summary in .+", lines[-1]), lines[-1]
-    header = max(i for i, line in enumerate(lines) if line.split()[:3] == ["onnx", "build", "status"])
+    header = max(i for i, line in enumerate(lines) if line.split()[:4] == ["model", "onnx", "build", "status"])
     rows = [line for line in lines[header + 1:-1] if line.strip()]
     assert len(rows) == 12, "\n".join(lines[header:])
-    assert all(" ok " in f" {row} " for row in rows)
+    assert all(" ok " in f" {row} " and row.split()[0] == "yolov8n" for row in rows)
     for col in ("validation", "rel_l2", "det_f1", "map50_95", "infer_p50_ms", "e2e_p50_ms"):
         assert col in lines[header]
     summary_dir = Path(lines[-1].split("summary in ", 1)[1])
