@@ -260,6 +260,18 @@ def test_o_to_x_pass_to_fail_and_missing_cells_are_regressions(sweep, tmp_path, 
     assert any("yolov8n | tc dy fp32 | trt st fp32" in line and "REGRESSION" in line for line in printed.splitlines())
 
 
+def test_a_baseline_without_models_is_refused_in_one_line(sweep, tmp_path, capsys):
+    def unnamed(cells):
+        for cell in cells.values():
+            del cell["cell"]["model"]
+
+    baseline = make_baseline(sweep, tmp_path, unnamed)
+    capsys.readouterr()
+    assert cli.main(["check", *mlflow_args(sweep, "--baseline", str(baseline))]) == 2
+    assert capsys.readouterr().err == (f"runner: error: baseline {baseline} was recorded before cells named their "
+                                       f"model; record it again with `runner baseline --out {baseline}`\n")
+
+
 def test_user_errors_exit_2_with_one_line(sweep, tmp_path, capsys):
     assert cli.main(["table", *mlflow_args(sweep, "--sweep", "0123abc")]) == 2
     assert capsys.readouterr().err.strip() == "runner: error: no sweep run '0123abc' in experiment 'runner'"

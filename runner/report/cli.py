@@ -177,6 +177,9 @@ def cmd_check(args) -> int:
         baseline = json.loads(args.baseline.read_text())["cells"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ReportError(f"cannot read baseline {args.baseline}: {exc}") from None
+    if any("model" not in cell.get("cell", {}) for cell in baseline.values()):
+        raise ReportError(f"baseline {args.baseline} was recorded before cells named their model; record it again "
+                          f"with `runner baseline --out {args.baseline}`")
     source = load(args)
     diff = gate.compare(baseline, gate.cells(source.frame), args.latency_ratio, args.map_drop, args.build_ratio,
                         not args.no_timing)
