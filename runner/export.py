@@ -221,6 +221,7 @@ def _export(spec: ExportSpec, folder: Path) -> OnnxArtifact:
     start = time.perf_counter()
     try:
         produced = EXPORTERS[spec.tool](spec, folder)
+        (folder / "model.pt").unlink()  # the weights' working copy; the cache keeps the ONNX
         model = onnx.load(str(produced))
     except StageError:
         shutil.rmtree(folder, ignore_errors=True)
