@@ -12,6 +12,7 @@ from pathlib import Path
 
 from runner import data
 from runner.config import ConfigError, RunConfig
+from runner.results import MODELS
 
 ULTRALYTICS_MODELS = "ultralytics.nn.tasks"
 
@@ -36,7 +37,7 @@ def check_weights(path: str) -> None:
     expected = "expected an ultralytics detection checkpoint (.pt from training or export), or a model preset"
     if not file.is_file():
         raise ConfigError(f"model.weights: file not found: {path} (a .pt file, loaded as given: nothing is "
-                          f"downloaded; or a preset: model=yolov8n|yolo11n|yolo26n|yolov10n|yolov5nu)")
+                          f"downloaded; or a preset: model={'|'.join(MODELS)})")
     if file.stat().st_size == 0:
         raise ConfigError(f"model.weights: {path} is empty; {expected}")
     if not zipfile.is_zipfile(file):

@@ -42,6 +42,7 @@ from runner.config import BackendName, ConfigError, RunConfig
 from runner.isolate import run_isolated
 from runner.pipeline import new_result, run_variant
 from runner.report.frame import results_frame
+from runner.report.render import first_line
 from runner.results import VariantResult
 from runner.sweep import JobRecord, Sweep, SweepError, find_folder, identity, job_records, new_folder
 
@@ -56,8 +57,8 @@ LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local", "ray")  # their jobs can
 # warns about that wherever it composes: here, and in the launcher's workers, which import this module first.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 SUMMARY = ["model", "onnx_label", "build_label", "status", "failed_stage", "validation", "rel_l2", "det_f1", "map50_95",
-           "infer_p50_ms", "e2e_p50_ms", "cuda_graph", "error"]
-SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "stage", "error": "error / note"}
+           "infer_p50_ms", "e2e_p50_ms", "cuda_graph", "note"]
+SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "stage", "note": "error / note"}
 
 
 def quiet_defaults() -> None:
@@ -312,10 +313,8 @@ def track(run_cfg: RunConfig, record: JobRecord) -> None:
 
 
 def summary_table(results: list[VariantResult]) -> pd.DataFrame:
-    frame = results_frame(results)
-    table = frame[SUMMARY].assign(error=[(e.splitlines()[0][:70] if e else n)
-                                         for e, n in zip(frame["error"], frame["validation_note"])])
-    return table.rename(columns=SUMMARY_NAMES)
+    table = results_frame(results)[SUMMARY].rename(columns=SUMMARY_NAMES)
+    return table.assign(**{"error / note": table["error / note"].map(lambda text: first_line(text, 70))})
 
 
 def _end_parent(sweep: Sweep, records: list[JobRecord], files: list[Path]) -> str | None:

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-MODELS = ("yolov5nu", "yolov8n", "yolov10n", "yolo11n", "yolo26n")  # table order of the presets; others follow
+MODELS = ("yolov5nu", "yolov8n", "yolov10n", "yolo11n", "yolo26n")  # the presets (conf/model/), in table order
 UNNAMED_MODEL = "(unnamed)"  # results recorded before the model was part of a cell
 EXPORT_TOOLS = {"ultralytics": "ul", "torch": "tc", "dynamo": "dynamo"}  # table order and abbreviation
 BUILD_TOOLS = {"tensorrt_api": "trt", "ultralytics": "ul-trt", "onnxruntime": "ort"}
@@ -66,6 +66,11 @@ class Record:
 def _rank(table, value) -> int:
     order = list(table)
     return order.index(value) if value in order else len(order)
+
+
+def model_order(model: str) -> tuple:
+    """Where a model's grid goes: the presets oldest first, then others by name."""
+    return _rank(MODELS, model), model
 
 
 @dataclass(frozen=True)
@@ -121,11 +126,8 @@ class Cell(Record):
         """The variant's name: file and run names."""
         return f"{self.model}__{self.onnx.label}__{self.build.label}".replace(" ", "-")
 
-    def model_key(self) -> tuple:
-        return _rank(MODELS, self.model), self.model
-
     def sort_key(self) -> tuple:
-        return self.model_key(), self.onnx.sort_key(), self.build.sort_key()
+        return model_order(self.model), self.onnx.sort_key(), self.build.sort_key()
 
 
 @dataclass

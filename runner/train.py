@@ -15,10 +15,9 @@ import shutil
 import time
 from pathlib import Path
 
+from runner.config import ASSETS
+from runner.results import MODELS
 from runner.synthetic import make_dataset
-
-ASSETS = Path(__file__).parent / "assets"
-ARCHES = ("yolov8n", "yolo11n", "yolo26n", "yolov10n", "yolov5nu")
 
 
 def architecture(arch: str) -> str:
@@ -28,7 +27,8 @@ def architecture(arch: str) -> str:
 
 
 def train(arch: str, data_root: Path, out: Path, epochs: int, imgsz: int, batch: int, device: str,
-          workers: int) -> dict:
+          workers: int) -> tuple[dict, Path]:
+    """Train `arch`, copy its best weights to `out`; returns its held-out figures and its per-epoch CSV."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     # ultralytics logs training to MLflow where it is installed: keep that store, artifacts too, beside the runs
     os.environ.setdefault("MLFLOW_TRACKING_URI", (data_root / "train" / "mlruns").resolve().as_uri())
@@ -50,14 +50,13 @@ def train(arch: str, data_root: Path, out: Path, epochs: int, imgsz: int, batch:
                "map50": float(metrics.box.map50), "map50_95": float(metrics.box.map),
                "per_class_map50_95": {metrics.names[int(c)]: float(v) for c, v in
                                       zip(metrics.box.ap_class_index, metrics.box.maps[metrics.box.ap_class_index])}}
-    summary["results_csv"] = str(Path(model.trainer.save_dir) / "results.csv")
     print(f"{arch}: held-out split: mAP50={summary['map50']:.3f} mAP50-95={summary['map50_95']:.3f} -> {out}")
-    return summary
+    return summary, Path(model.trainer.save_dir) / "results.csv"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=ARCHES, default="yolov8n")
+    parser.add_argument("--arch", choices=MODELS, default="yolov8n")
     parser.add_argument("--data-root", type=Path, default=Path("outputs/data/shapes"))
     parser.add_argument("--out", type=Path, help="default: runner/assets/<arch>.pt")
     parser.add_argument("--summary", type=Path, help="write the figures as JSON here")
@@ -67,11 +66,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args()
-    summary = train(args.arch, args.data_root, args.out or ASSETS / f"{args.arch}.pt", args.epochs, args.imgsz,
-                    args.batch, args.device, args.workers)
+    summary, per_epoch = train(args.arch, args.data_root, args.out or ASSETS / f"{args.arch}.pt", args.epochs,
+                               args.imgsz, args.batch, args.device, args.workers)
     if args.summary:  # the figures, and the per-epoch losses and metrics beside them
         args.summary.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(summary.pop("results_csv"), args.summary.with_suffix(".csv"))
+        shutil.copyfile(per_epoch, args.summary.with_suffix(".csv"))
         args.summary.write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -52,6 +52,7 @@ def _batches(samples: list[Sample], batch: int):
 
 
 NO_REFERENCE_DETECTIONS = "no reference detections"
+TENSORS_NOT_COMPARED = "tensors not compared (an end-to-end output is a ranked top-k)"
 
 
 def _detection_metrics(det_test: list[np.ndarray], det_ref: list[np.ndarray], match_iou: float
@@ -132,7 +133,7 @@ def validate(runner, reference, samples: list[Sample], shapes: list[tuple[str, l
         per_shape[label] = s = validate_shape(runner, reference, samples, shape, thresholds, v, head)
         scores = f"mAP50-95 {s.map50_95:.3f}" if s.map50_95 is not None else "no labels"
         if s.tensors or s.detections:
-            tensors = f"rel-L2 {s.rel_l2:.2e}" if s.tensors else "tensors not compared (end-to-end)"
+            tensors = f"rel-L2 {s.rel_l2:.2e}" if s.tensors else TENSORS_NOT_COMPARED
             detections = f"det F1 {s.detections.f1:.3f}" if s.detections else NO_REFERENCE_DETECTIONS
             log.info("validate: %s %s: %s, %s, %s", label, s.status, tensors, detections, scores)
         else:
@@ -153,7 +154,7 @@ def validate(runner, reference, samples: list[Sample], shapes: list[tuple[str, l
         unmeasured = [k for k, s in checked.items() if s.detections is None]
         notes = [f"detections not measured, {NO_REFERENCE_DETECTIONS}: {', '.join(unmeasured)}"] if unmeasured else []
         if head == END2END:
-            notes.append("tensors not compared (an end-to-end output is a ranked top-k)")
+            notes.append(TENSORS_NOT_COMPARED)
         reason = "; ".join(notes) or None
     return ValidateResult(status=status, shapes=per_shape, thresholds=asdict(thresholds),
                           reference_provider=reference_provider, images=len(samples),

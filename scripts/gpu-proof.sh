@@ -26,7 +26,8 @@ case $step in scale-1|scale-all) CACHE=$CACHE/$step ;; esac  # each starts cold:
 common=(backend=tensorrt cache_dir=$CACHE outputs=$RUNS)
 scale=(-m precision=fp16,fp32 export=ultralytics,torch shape=static,dynamic backend.builder_optimization_level=0
        hydra/launcher=joblib)
-every_gpu=(backend.builder_optimization_level=0 hydra/launcher=joblib backend.gpus=auto)  # + n_jobs: the GPU count
+gpu_count() { nvidia-smi -L | wc -l; }
+every_gpu=(backend.builder_optimization_level=0 hydra/launcher=joblib backend.gpus=auto)  # + n_jobs=$(gpu_count)
 seed=(profile=seed shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0)
 mkdir -p "$DEST/$step"
 case $step in
@@ -52,11 +53,11 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
       --sweep "$(cat "$DEST/models-e2e/sweep_id")" --out "$DEST/$step" 2>&1 | tee "$DEST/$step/run.log"
     exit "${PIPESTATUS[0]}" ;;
   models)     args=(-m precision=fp16,fp32 model=yolov8n,yolo11n,yolo26n,yolov10n,yolov5nu shape=static,dynamic
-                    "${every_gpu[@]}" hydra.launcher.n_jobs=$(nvidia-smi -L | wc -l)) ;;
+                    "${every_gpu[@]}" hydra.launcher.n_jobs=$(gpu_count)) ;;
   models-e2e) args=(-m precision=fp16,fp32 model=yolo26n,yolov10n export.head=end2end shape=static,dynamic
-                    "${every_gpu[@]}" hydra.launcher.n_jobs=$(nvidia-smi -L | wc -l)) ;;
+                    "${every_gpu[@]}" hydra.launcher.n_jobs=$(gpu_count)) ;;
   scale-1)   args=("${scale[@]}" hydra.launcher.n_jobs=1 "backend.gpus=[0]") ;;
-  scale-all) args=("${scale[@]}" hydra.launcher.n_jobs=$(nvidia-smi -L | wc -l) backend.gpus=auto) ;;
+  scale-all) args=("${scale[@]}" hydra.launcher.n_jobs=$(gpu_count) backend.gpus=auto) ;;
   seed)        args=(-m export=ultralytics,torch export.shape=static,dynamic "${seed[@]}") ;;
   seed-dynamo) args=(-m export=dynamo export.shape=static,dynamic "${seed[@]}") ;;
   seed-engine) args=(-m build=ultralytics export=ultralytics "${seed[@]}") ;;

@@ -21,7 +21,7 @@ METRICS = {"build_s": "build.build_s", "engine_mb": "build.engine_mb", "infer_p5
            "map50_95": "val.map50_95", "val_passed": "val.passed", "preprocess_p50_ms": "bench.preprocess.p50",
            "postprocess_p50_ms": "bench.postprocess.p50", "e2e_p90_ms": "bench.e2e.p90",
            "cuda_graph": "bench.cuda_graph", "skipped_images": "data.skipped_images"}
-COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, *METRICS, "gpu"]
+COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, "note", *METRICS, "gpu"]
 
 
 class ReportError(Exception):
@@ -52,6 +52,7 @@ def outcome_tags(result: VariantResult) -> dict[str, str]:
 def _row(cell: Cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
     return {"cell": cell, "model": cell.model, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
             **{k: tags.get(k) or "" for k in OUTCOME},
+            "note": tags.get("error") or tags.get("validation_note") or "",  # the error, or what a pass left out
             **{col: metrics.get(name, math.nan) for col, name in METRICS.items()}, "gpu": gpu or ""}
 
 

@@ -6,6 +6,8 @@ import html
 
 import pandas as pd
 
+from runner.results import model_order
+
 MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
 SEVERITY = "-ROX"  # a cell run twice (e.g. two profiles) shows its worst outcome
 COLOURS = {"O": "#2e7d32", "X": "#c62828", "R": "#1565c0", "-": "#bdbdbd"}
@@ -14,7 +16,7 @@ LEGEND = ("O built, ran and passed validation; X failed (its stage is in the det
           "details).")
 DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status",
           "validation": "validation",
-          "failed_stage": "failing stage", "error": "error / note", "build_s": "build s", "engine_mb": "engine MB",
+          "failed_stage": "failing stage", "note": "error / note", "build_s": "build s", "engine_mb": "engine MB",
           "infer_p50_ms": "infer p50 ms", "rel_l2": "rel-L2", "det_f1": "detection F1", "map50_95": "mAP50-95"}
 FORMATS = {"build s": "{:.1f}", "engine MB": "{:.1f}", "infer p50 ms": "{:.2f}", "rel-L2": "{:.2e}",
            "detection F1": "{:.3f}", "mAP50-95": "{:.3f}"}
@@ -26,8 +28,7 @@ def mark(status: str, validation: str) -> str:
 
 def grids(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """One compatibility grid per model, in table order."""
-    models = sorted(set(frame["model"]), key=lambda m: next(c.model_key() for c in frame["cell"] if c.model == m))
-    return {model: matrix(frame[frame["model"] == model]) for model in models}
+    return {model: matrix(frame[frame["model"] == model]) for model in sorted(set(frame["model"]), key=model_order)}
 
 
 def matrix(frame: pd.DataFrame) -> pd.DataFrame:
@@ -52,8 +53,7 @@ def first_line(text: str, width: int = 120) -> str:
 def detail(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per variant: outcome, validation verdict, failing stage, first error line (or what a passing
     validation did not measure), key metrics."""
-    table = frame.assign(error=[e or n for e, n in zip(frame["error"], frame["validation_note"])])
-    table = table[list(DETAIL)].rename(columns=DETAIL)
+    table = frame[list(DETAIL)].rename(columns=DETAIL)
     table["error / note"] = table["error / note"].map(first_line)
     return table
 
