@@ -1,22 +1,22 @@
-"""Bench stage: one harness for every backend, timing preprocess / infer / postprocess / end to end.
+"""Bench stage: one harness for every pipeline, timing preprocess / infer / postprocess / end to end.
 
-preprocess = letterbox + normalise + host-to-device copy (synchronised);
-infer      = `runner.execute()`: CUDA events around the enqueue on TensorRT, host clock on onnxruntime;
-postprocess= device-to-host copy + decode + NMS + scale; end to end is host to host.
-After the pipeline loop, the same number of back-to-back `execute()` calls gives the pure compute time.
+The pipeline (`pipelines`) says what each stage holds and times it: ours on the host clock after a synchronize,
+infer with CUDA events on a GPU; the peer with its own speed dict and the wall time. Where there is a device, the
+copies inside pre and post are timed on their own with CUDA events (h2d, d2h). After the pipeline loop come the
+engine alone: the same number of back-to-back `execute()` calls (compute), and its throughput in images/s at the
+profile's opt batch on one stream and at batch 1 on two streams.
 """
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 
-from runner.processing import postprocess, preprocess
 from runner.results import BENCH_STAGES as STAGES
 from runner.results import BenchResult, Stats
 
 log = logging.getLogger(__name__)
+THROUGHPUT_LANES = {"opt_batch": 1, "batch1_2streams": 2}  # name -> streams
 
 
 def summarize(samples_ms: list[float]) -> Stats:
@@ -25,33 +25,46 @@ def summarize(samples_ms: list[float]) -> Stats:
                  p99=float(np.percentile(a, 99)), std=float(a.std()), n=int(a.size))
 
 
-def bench(runner, images: list[np.ndarray], shape: list[int], warmup: int, iters: int, conf: float = 0.25,
-          iou: float = 0.7, max_det: int = 300, head: str = "one2many") -> BenchResult:
-    """Time the full pipeline at `shape` (N, 3, H, W) over `images`, cycling through them."""
+def throughput(runner, opt_shape: list[int], iters: int) -> tuple[dict[str, float], str | None]:
+    """Images/s of the engine alone: at the opt shape on one stream, at batch 1 on two. (figures, note)."""
+    shapes = {"opt_batch": tuple(opt_shape), "batch1_2streams": (1, *opt_shape[1:])}
+    figures, notes = {}, []
+    for name, streams in THROUGHPUT_LANES.items():
+        try:
+            value = runner.throughput(shapes[name], streams, iters)
+        except Exception as exc:  # the runtime's limit (a second context on a one-profile engine, say)
+            notes.append(f"{name}: {str(exc).splitlines()[0][:200]}")
+            continue
+        if value is not None:
+            figures[name] = value
+    return figures, "; ".join(notes) or None
+
+
+def bench(runner, pipeline, images: list[np.ndarray], shape: list[int], warmup: int, iters: int) -> BenchResult:
+    """Time `pipeline` at `shape` (N, 3, H, W) over `images`, cycling through them."""
     batch, hw = shape[0], (shape[2], shape[3])
     runner.set_shape(tuple(shape))
-    times: dict[str, list[float]] = {s: [] for s in STAGES}
+    pin = getattr(runner, "pin", None)
+    if pin is not None:
+        pin(images)
+    times: dict[str, list[float]] = {}
     log.info("bench: %d warm-up + %d timed runs at %s...", warmup, iters, list(shape))
     for i in range(warmup + iters):
-        frame = [images[(i * batch + k) % len(images)] for k in range(batch)]
-        t0 = time.perf_counter()
-        blob, boxes = preprocess(frame, hw)
-        runner.h2d(blob)
-        runner.sync()
-        t1 = time.perf_counter()
-        infer_ms = runner.execute()
-        t2 = time.perf_counter()
-        outputs = runner.d2h()
-        postprocess(next(iter(outputs.values())), boxes, conf, iou, max_det, head)
-        t3 = time.perf_counter()
+        frames = [images[(i * batch + k) % len(images)] for k in range(batch)]
+        _, stage_ms = pipeline.run(runner, frames, hw)
         if i >= warmup:
-            for stage, ms in zip(STAGES, ((t1 - t0) * 1e3, infer_ms, (t3 - t2) * 1e3, (t3 - t0) * 1e3)):
-                times[stage].append(ms)
+            for stage, ms in stage_ms.items():
+                times.setdefault(stage, []).append(ms)
     compute = [runner.execute() for _ in range(iters)]
-    result = BenchResult(**{stage: summarize(v) for stage, v in times.items()}, compute=summarize(compute),
-                         settings={"warmup": warmup, "iters": iters, "shape": list(shape),
-                                   "copies": "h2d in preprocess, d2h in postprocess", "decode": head,
-                                   **runner.settings()})
-    log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms",
-             *(getattr(result, s).p50 for s in STAGES))
+    figures, note = throughput(runner, shape, iters)
+    settings = {"warmup": warmup, "iters": iters, "shape": list(shape), "images": len(images),
+                "source_pinned": pin is not None, **pipeline.settings(), **runner.settings()}
+    if note:
+        settings["throughput_note"] = note
+    copies = {name: summarize(times[name]) for name in ("h2d", "d2h") if name in times}
+    result = BenchResult(**{stage: summarize(times[stage]) for stage in STAGES}, compute=summarize(compute),
+                         settings=settings, throughput=figures, **copies)
+    log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms; %s",
+             *(getattr(result, s).p50 for s in STAGES),
+             ", ".join(f"{k} {v:.0f} img/s" for k, v in figures.items()) or "no throughput on this runtime")
     return result

@@ -77,6 +77,12 @@ class BackendName(str, Enum):
     auto = "auto"
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
+    ultralytics = "ultralytics"  # the peer: YOLO(engine).predict on the TensorRT engine the variant builds
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
 
 
 @dataclass
@@ -142,6 +148,20 @@ class BackendConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """cpu: letterbox and normalise on the host, upload floats. gpu: upload the uint8 image, letterbox on the GPU
+    into the engine's input (TensorRT)."""
+    device: Device = Device.cpu
+
+
+@dataclass
+class PostprocessConfig:
+    """cpu: copy every output back, decode on the host. gpu: filter by score on the GPU, copy back only the
+    candidates, NMS on the host (TensorRT)."""
+    device: Device = Device.cpu
+
+
+@dataclass
 class DataConfig:
     name: str = "shapes"
     images: Optional[str] = None  # null: the generated held-out split of the default model
@@ -199,6 +219,8 @@ class RunConfig:
     shape: ShapeConfig = field(default_factory=ShapeConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     data: DataConfig = field(default_factory=DataConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

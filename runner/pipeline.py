@@ -17,26 +17,36 @@ from pathlib import Path
 from runner import backends
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
-from runner.config import Head, RunConfig, ShapeMode
+from runner.config import Device, Head, RunConfig, ShapeMode
 from runner.data import Sample, load_samples
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
 from runner.processing import UnknownHead, head_format
-from runner.results import BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, StageError, VariantResult
+from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, StageError,
+                            VariantResult)
 from runner.validate import check_shapes, validate
 
 log = logging.getLogger(__name__)
 FP16_ONNX = ("fp16_onnx", "strongly_typed")  # the precision mechanisms that build or run an fp16 ONNX
+ENGINE_BACKENDS = ("tensorrt", "ultralytics")  # backends that run a TensorRT engine: the row names its build tool
 
 
 def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
     """The variant's compatibility cell: model, ONNX column x build row. With no mechanism known (the backend is not
     here to say), the ONNX is named by the variant's precision."""
-    build_tool = cfg.build.tool.value if backend == "tensorrt" else backend
+    build_tool = cfg.build.tool.value if backend in ENGINE_BACKENDS else backend
     onnx_precision = cfg.precision.name.value if mechanism is None else "fp16" if mechanism in FP16_ONNX else "fp32"
     onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision,
                        cfg.export.head.value)
-    return Cell(onnx, BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value), cfg.model.label)
+    build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, pipeline_label(cfg, backend))
+    return Cell(onnx, build, cfg.model.label)
+
+
+def pipeline_label(cfg: RunConfig, backend: str) -> str:
+    """The build row's pipeline part: the peer's `predict`, and which ends run on the GPU (the peer skips those)."""
+    ends = (("pre", cfg.preprocess.device), ("post", cfg.postprocess.device))
+    parts = [PEER_PIPELINE] if backend == "ultralytics" else []
+    return " ".join(parts + [f"gpu-{end}" for end, device in ends if device == Device.gpu])
 
 
 def new_result(cfg: RunConfig, backend: str, mechanism: str | None, status: str = "running") -> VariantResult:
@@ -87,12 +97,12 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         with runner:  # closes it
             clock.enter("validate")
             samples, skipped = load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs))
-            validate_stage(cfg, runner, result, samples, skipped)
+            pipeline = backend.pipeline(cfg, output_head(result.build, result.export))
+            validate_stage(cfg, runner, pipeline, result, samples, skipped)
             publish(result)
             clock.enter("bench")
-            v = cfg.validate
-            result.bench = bench(runner, [s.image for s in samples], result.build.profile[1], cfg.bench.warmup,
-                                 cfg.bench.iters, v.conf, v.nms_iou, v.max_det, result.validate.head)
+            result.bench = bench(runner, pipeline, [s.image for s in samples], result.build.profile[1],
+                                 cfg.bench.warmup, cfg.bench.iters)
     except StageError as exc:
         if exc.partial is not None:
             setattr(result, exc.stage, exc.partial)
@@ -130,18 +140,18 @@ def output_head(build: BuildResult, export: ExportResult) -> str:
         raise StageError("validate", f"{signature['outputs'][0]['name']}: {exc}") from None
 
 
-def validate_stage(cfg: RunConfig, runner, result: VariantResult, samples: list[Sample], skipped: list[str]) -> None:
+def validate_stage(cfg: RunConfig, runner, pipeline, result: VariantResult, samples: list[Sample],
+                   skipped: list[str]) -> None:
     """Against the onnxruntime reference at every shape of the built profile; fails the variant on a miss."""
     build, export = result.build, result.export
-    head = output_head(build, export)
     is_reference = (build.tool == "onnxruntime" and build.artifact == export.reference.path
                     and build.provider == REFERENCE_PROVIDER)
     reference = None if is_reference else open_reference(export.reference.path)
     try:
         shapes = check_shapes(build.profile, cfg.model.stride, cfg.validate.non_square)
         thresholds = getattr(cfg.validate, cfg.precision.name.value)
-        result.validate = validate(runner, reference, samples, shapes, thresholds, cfg.validate, REFERENCE_PROVIDER,
-                                   skipped, head)
+        result.validate = validate(runner, pipeline, reference, samples, shapes, thresholds, cfg.validate,
+                                   REFERENCE_PROVIDER, skipped)
     finally:
         if reference is not None:
             reference.close()

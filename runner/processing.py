@@ -24,10 +24,10 @@ class Letterbox:
     orig_shape: tuple[int, int]  # h, w of the source image
 
 
-def letterbox(img: np.ndarray, new_shape: tuple[int, int], auto: bool = False, stride: int = 32,
-              scaleup: bool = True) -> tuple[np.ndarray, Letterbox]:
-    """Resize keeping aspect ratio and pad to `new_shape` (h, w); `auto` pads only to a stride multiple."""
-    h, w = img.shape[:2]
+def fit(h: int, w: int, new_shape: tuple[int, int], auto: bool = False, stride: int = 32, scaleup: bool = True
+        ) -> tuple[tuple[int, int], tuple[int, int, int, int], Letterbox]:
+    """The letterbox geometry of an h x w image: the resized (w, h), the padding (top, bottom, left, right),
+    and the `Letterbox` that maps boxes back. Both the CPU and the GPU preprocessing use it."""
     r = min(new_shape[0] / h, new_shape[1] / w)
     if not scaleup:
         r = min(r, 1.0)
@@ -36,11 +36,19 @@ def letterbox(img: np.ndarray, new_shape: tuple[int, int], auto: bool = False, s
     if auto:
         dw, dh = dw % stride, dh % stride
     dw, dh = dw / 2, dh / 2
+    top, bottom, left, right = round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
+    return new_unpad, (top, bottom, left, right), Letterbox((new_unpad[0] / w, new_unpad[1] / h), (left, top), (h, w))
+
+
+def letterbox(img: np.ndarray, new_shape: tuple[int, int], auto: bool = False, stride: int = 32,
+              scaleup: bool = True) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping aspect ratio and pad to `new_shape` (h, w); `auto` pads only to a stride multiple."""
+    h, w = img.shape[:2]
+    new_unpad, (top, bottom, left, right), box = fit(h, w, new_shape, auto, stride, scaleup)
     if (w, h) != new_unpad:
         img = cv2.resize(img, new_unpad, interpolation=cv2.INTER_LINEAR)
-    top, bottom, left, right = round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
     img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=PAD_VALUE)
-    return img, Letterbox((new_unpad[0] / w, new_unpad[1] / h), (left, top), (h, w))
+    return img, box
 
 
 def to_blob(images: list[np.ndarray]) -> np.ndarray:
@@ -97,6 +105,19 @@ def decode_end2end(pred: np.ndarray, conf: float = 0.25, max_det: int = 300) -> 
     return results
 
 
+def nms(xywh: np.ndarray, scores: np.ndarray, cls: np.ndarray, conf: float, iou: float, max_det: int
+        ) -> np.ndarray:
+    """Class-aware NMS over candidate boxes (cx, cy, w, h) -> (n, 6) [x1, y1, x2, y2, score, cls], best first."""
+    if len(scores) > MAX_NMS:
+        top = np.argsort(-scores)[:MAX_NMS]
+        xywh, cls, scores = xywh[top], cls[top], scores[top]
+    xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+    idx = cv2.dnn.NMSBoxesBatched(np.concatenate([xyxy[:, :2], xywh[:, 2:]], 1).astype(np.float64).tolist(),
+                                  scores.tolist(), cls.tolist(), conf, iou, top_k=max_det) if len(scores) else []
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)[:max_det]
+    return np.concatenate([xyxy[idx], scores[idx, None], cls[idx, None].astype(np.float32)], 1)
+
+
 def decode(pred: np.ndarray, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> list[np.ndarray]:
     """(B, 4 + nc, anchors) raw head output -> per image (n, 6) [x1, y1, x2, y2, score, cls] after NMS."""
     results = []
@@ -105,23 +126,26 @@ def decode(pred: np.ndarray, conf: float = 0.25, iou: float = 0.7, max_det: int 
         cls = p[:, 4:].argmax(1)
         scores = p[np.arange(len(p)), 4 + cls]
         keep = scores > conf
-        p, cls, scores = p[keep], cls[keep], scores[keep]
-        if len(scores) > MAX_NMS:
-            top = np.argsort(-scores)[:MAX_NMS]
-            p, cls, scores = p[top], cls[top], scores[top]
-        xywh = p[:, :4]
-        xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
-        idx = cv2.dnn.NMSBoxesBatched(np.concatenate([xyxy[:, :2], xywh[:, 2:]], 1).astype(np.float64).tolist(),
-                                      scores.tolist(), cls.tolist(), conf, iou, top_k=max_det) if len(p) else []
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)[:max_det]
-        results.append(np.concatenate([xyxy[idx], scores[idx, None], cls[idx, None].astype(np.float32)], 1))
+        results.append(nms(p[keep, :4], scores[keep], cls[keep], conf, iou, max_det))
     return results
+
+
+def decode_candidates(rows: np.ndarray, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> np.ndarray:
+    """One image's candidate rows [cx, cy, w, h, score, cls, anchor, 0] from the GPU filter, in any order ->
+    the same detections as `decode` (rows are put back in anchor order first, as `decode` sees them)."""
+    rows = rows[np.argsort(rows[:, 6], kind="stable")]
+    return nms(rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64), conf, iou, max_det)
+
+
+def scale_all(dets: list[np.ndarray], boxes: list[Letterbox]) -> list[np.ndarray]:
+    """Detections in network-input pixels -> each source image's pixels, in place."""
+    for d, lb in zip(dets, boxes):
+        d[:, :4] = scale_boxes(d[:, :4], lb)
+    return dets
 
 
 def postprocess(pred: np.ndarray, boxes: list[Letterbox], conf: float = 0.25, iou: float = 0.7,
                 max_det: int = 300, head: str = ONE2MANY) -> list[np.ndarray]:
     """Decode (with NMS for a one-to-many head) and scale back to each source image."""
     dets = decode_end2end(pred, conf, max_det) if head == END2END else decode(pred, conf, iou, max_det)
-    for d, lb in zip(dets, boxes):
-        d[:, :4] = scale_boxes(d[:, :4], lb)
-    return dets
+    return scale_all(dets, boxes)

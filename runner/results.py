@@ -20,6 +20,7 @@ BUILD_TOOLS = {"tensorrt_api": "trt", "ultralytics": "ul-trt", "onnxruntime": "o
 SHAPES = {"static": "st", "dynamic": "dy"}
 PRECISIONS = ("fp32", "fp16")
 STATUSES = ("ok", "failed", "skipped")
+PEER_PIPELINE = "predict"  # backend=ultralytics: YOLO(engine).predict, the row runner's own rows are held against
 
 
 class StageError(Exception):
@@ -105,8 +106,17 @@ class OnnxVariant(_Variant):
 
 @dataclass(frozen=True)
 class BuildVariant(_Variant):
-    """The compatibility table's row: what built the model under test, for which shapes and precision."""
+    """The compatibility table's row: what built the model under test, for which shapes and precision, and the
+    pipeline around it where it is not the host one: `gpu-pre`, `gpu-post`, or the peer's `predict`."""
+    pipeline: str = ""
     TOOLS: ClassVar[dict[str, str]] = BUILD_TOOLS
+
+    @property
+    def label(self) -> str:
+        return f"{super().label} {self.pipeline}".rstrip()
+
+    def sort_key(self) -> tuple:
+        return *super().sort_key(), self.pipeline == PEER_PIPELINE, self.pipeline
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,7 @@ class ShapeCheck(Record):
     detections: DetectionMetrics | None = None  # None: not measured (no reference detections)
     map50: float | None = None  # against the labels, where the data has them
     map50_95: float | None = None
+    input_max_abs: float | None = None  # GPU letterbox against the CPU one, where the variant's pre is on the GPU
 
     @property
     def rel_l2(self) -> float | None:
@@ -258,6 +269,9 @@ class BenchResult(Record):
     e2e: Stats
     compute: Stats  # back-to-back execute() calls: the engine alone
     settings: dict
+    h2d: Stats | None = None  # the copies inside preprocess / postprocess, CUDA events (a device only)
+    d2h: Stats | None = None
+    throughput: dict[str, float] = field(default_factory=dict)  # images/s of the engine: opt_batch, batch1_2streams
 
     @property
     def infer_over_compute(self) -> float:
@@ -321,6 +335,10 @@ class VariantResult(Record):
             for stage in (*BENCH_STAGES, "compute"):
                 stats = getattr(self.bench, stage).to_dict()
                 m.update({f"bench.{stage}.{k}": v for k, v in stats.items() if k != "n"})
+            for copy in ("h2d", "d2h"):
+                if getattr(self.bench, copy) is not None:
+                    m[f"bench.{copy}.p50"] = getattr(self.bench, copy).p50
+            m.update({f"bench.throughput.{k}": v for k, v in self.bench.throughput.items()})
             m["bench.infer_over_compute"] = self.bench.infer_over_compute
             m["bench.cuda_graph"] = float(bool(self.bench.settings.get("cuda_graph")))  # as run, not as asked
         return {k: float(v) for k, v in m.items() if v is not None}

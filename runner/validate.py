@@ -1,8 +1,10 @@
 """Validation stage: the model under test against the onnxruntime reference, shape by shape.
 
 At each shape both backends see the same letterboxed batches. Tensors are compared per output
-(max/mean abs, rel-L2, cosine, atol/rtol pass rate); detections by class-aware IoU matching against
-the reference's; and, where the data has labels, mAP50 / mAP50-95 against ground truth. Where the reference
+(max/mean abs, rel-L2, cosine, atol/rtol pass rate): the engine's numerics alone. Detections go through the
+variant's own pipeline (GPU letterbox, GPU filter, or the peer's predict), matched by class-aware IoU against
+the reference's; a GPU letterbox is also compared with the CPU one (`input_max_abs`, within
+`GPU_LETTERBOX_TOLERANCE`); and, where the data has labels, mAP50 / mAP50-95 against ground truth. Where the reference
 finds nothing, detections are not measured ("no reference detections"), and a shape passes on what was.
 An end-to-end output `(B, N, 6)` is a ranked top-k, whose rows near-equal scores reorder: it is compared
 as detections only.
@@ -53,6 +55,7 @@ def _batches(samples: list[Sample], batch: int):
 
 NO_REFERENCE_DETECTIONS = "no reference detections"
 TENSORS_NOT_COMPARED = "tensors not compared (an end-to-end output is a ranked top-k)"
+GPU_LETTERBOX_TOLERANCE = 1 / 255 + 2 ** -10  # one level of the resize's rounding, plus an fp16 input's rounding
 
 
 def _detection_metrics(det_test: list[np.ndarray], det_ref: list[np.ndarray], match_iou: float
@@ -72,14 +75,15 @@ def _detection_metrics(det_test: list[np.ndarray], det_ref: list[np.ndarray], ma
                             n_test=n_test, n_ref=n_ref)
 
 
-def validate_shape(runner, reference, samples: list[Sample], shape: list[int], thresholds: Thresholds,
-                   v: ValidateConfig, head: str) -> ShapeCheck:
+def validate_shape(runner, pipeline, reference, samples: list[Sample], shape: list[int], thresholds: Thresholds,
+                   v: ValidateConfig) -> ShapeCheck:
     """Metrics of one shape. `reference=None`: the runner is the reference (mAP only). A reference that
     cannot run at this shape makes it `skipped`."""
-    hw = (shape[2], shape[3])
-    outs_test, outs_ref, det_test, det_ref, gts = {}, {}, [], [], []
+    hw, head = (shape[2], shape[3]), pipeline.head
+    outs_test, outs_ref, det_test, det_ref, gts, input_max_abs = {}, {}, [], [], [], None
     for chunk in _batches(samples, shape[0]):
-        blob, boxes = preprocess([s.image for s in chunk], hw)
+        frames = [s.image for s in chunk]
+        blob, boxes = preprocess(frames, hw)
         if reference is not None:
             try:
                 ref = reference.infer(blob)
@@ -87,22 +91,26 @@ def validate_shape(runner, reference, samples: list[Sample], shape: list[int], t
                 return ShapeCheck(shape, "skipped", reason=f"reference failed: {_first_line(exc)}")
         try:
             test = runner.infer(blob)
+            dets, _ = pipeline.run(runner, frames, hw)
         except Exception as exc:
             status = "skipped" if reference is None else "failed"
             return ShapeCheck(shape, status, reason=_first_line(exc))
-        first = next(iter(test))
-        det_test += postprocess(test[first], boxes, v.conf, v.nms_iou, v.max_det, head)
+        det_test += dets
+        if getattr(pipeline, "pre_on_gpu", False):
+            input_max_abs = max(input_max_abs or 0.0, float(np.abs(runner.read_input() - blob).max()))
         if reference is not None:
             for name, value in ref.items():
                 outs_ref.setdefault(name, []).append(value)
                 outs_test.setdefault(name, []).append(test[name])
-            det_ref += postprocess(ref[first], boxes, v.conf, v.nms_iou, v.max_det, head)
+            det_ref += postprocess(ref[next(iter(ref))], boxes, v.conf, v.nms_iou, v.max_det, head)
         gts += [(s.gt_cls, s.gt_boxes) for s in chunk]
     labelled = [(d, g) for d, g in zip(det_test, gts) if g[0] is not None]
     accuracy = mean_average_precision([d for d, _ in labelled], [g for _, g in labelled]) if labelled else {}
-    check = ShapeCheck(shape, "reference", map50=accuracy.get("map50"), map50_95=accuracy.get("map50_95"))
+    check = ShapeCheck(shape, "reference", map50=accuracy.get("map50"), map50_95=accuracy.get("map50_95"),
+                       input_max_abs=input_max_abs)
     if reference is None:
         return check
+    letterbox_ok = input_max_abs is None or input_max_abs <= GPU_LETTERBOX_TOLERANCE
     if head != END2END:  # a top-k output's rows are ranked, and near-equal scores reorder them: detections only
         check.tensors = {name: TensorMetrics(**tensor_metrics(np.concatenate(outs_test[name]),
                                                               np.concatenate(outs_ref[name]),
@@ -115,22 +123,26 @@ def validate_shape(runner, reference, samples: list[Sample], shape: list[int], t
     measured = ([f"rel-L2 {check.rel_l2:.2e}"] if check.tensors else []) + ([f"det F1 {d.f1:.3f}"] if d else [])
     passed = ((not check.tensors or check.rel_l2 <= thresholds.max_rel_l2)
               and (d is None or d.f1 >= thresholds.min_det_f1))
-    check.status = "passed" if passed else "failed"
+    check.status = "passed" if passed and letterbox_ok else "failed"
     if not passed:
         check.reason = f"{', '.join(measured)} (limits {thresholds.max_rel_l2:.0e}, {thresholds.min_det_f1})"
+    elif not letterbox_ok:
+        check.reason = _letterbox_miss(input_max_abs)
     elif d is None:
         check.reason = NO_REFERENCE_DETECTIONS
     return check
 
 
-def validate(runner, reference, samples: list[Sample], shapes: list[tuple[str, list[int]]], thresholds: Thresholds,
-             v: ValidateConfig, reference_provider: str, skipped_images: list[str], head: str) -> ValidateResult:
-    """Validate at every shape, decoding the `head` format: passes when every shape the reference could run
+def validate(runner, pipeline, reference, samples: list[Sample], shapes: list[tuple[str, list[int]]],
+             thresholds: Thresholds, v: ValidateConfig, reference_provider: str, skipped_images: list[str]
+             ) -> ValidateResult:
+    """Validate at every shape, detections through `pipeline`: passes when every shape the reference could run
     passes. `reference=None` when the model under test is the reference itself."""
+    head = pipeline.head
     per_shape = {}
     for label, shape in shapes:
         log.info("validate: %s %s on %d images...", label, shape, len(samples))
-        per_shape[label] = s = validate_shape(runner, reference, samples, shape, thresholds, v, head)
+        per_shape[label] = s = validate_shape(runner, pipeline, reference, samples, shape, thresholds, v)
         scores = f"mAP50-95 {s.map50_95:.3f}" if s.map50_95 is not None else "no labels"
         if s.tensors or s.detections:
             tensors = f"rel-L2 {s.rel_l2:.2e}" if s.tensors else TENSORS_NOT_COMPARED
@@ -159,6 +171,10 @@ def validate(runner, reference, samples: list[Sample], shapes: list[tuple[str, l
     return ValidateResult(status=status, shapes=per_shape, thresholds=asdict(thresholds),
                           reference_provider=reference_provider, images=len(samples),
                           skipped_images=list(skipped_images), reason=reason, head=head)
+
+
+def _letterbox_miss(value: float) -> str:
+    return f"GPU letterbox differs from the CPU one by {value:.2e} (limit {GPU_LETTERBOX_TOLERANCE:.2e})"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,8 +16,11 @@
 #   bash scripts/gpu-proof.sh models        # the five model presets x shape x precision, level 0, every GPU
 #   bash scripts/gpu-proof.sh models-e2e    # yolo26n and yolov10n exported end to end (one-to-one head), likewise
 #   bash scripts/gpu-proof.sh models-table  # both as one table (a grid per model) from the MLflow store
+#   bash scripts/gpu-proof.sh pipeline      # yolov8n fp16 static, default level: runner's pipeline with pre/post on
+#                                           #   cpu|gpu in a CUDA graph, beside the peer (backend=ultralytics),
+#                                           #   on the held-out set, then on bus.jpg; a table and chart for each
 set -euo pipefail
-step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table}
+step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|pipeline}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -34,7 +37,16 @@ case $step in
   tests)
     python3 -c "import datetime, json; from runner.environment import environment
 print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)}, indent=1))" > "$DEST/environment.json"
-    python3 -m pytest -q -m gpu tests/test_trt_gpu.py 2>&1 | tee "$DEST/$step/run.log"; exit "${PIPESTATUS[0]}" ;;
+    python3 -m pytest -q -s -m gpu tests/test_trt_gpu.py tests/test_gpu_pipeline.py 2>&1 | tee "$DEST/$step/run.log"
+    exit "${PIPESTATUS[0]}" ;;
+  pipeline)
+    for data in shapes bus; do
+      DEST=$DEST/$step bash "$0" "pipeline-$data" "${@:2}" || exit
+      python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" \
+        --sweep "$(cat "$DEST/$step/pipeline-$data/sweep_id")" --out "$DEST/$step/pipeline-$data/table" \
+        >> "$DEST/$step/pipeline-$data/run.log" 2>&1
+    done
+    exit 0 ;;
   seed-table)
     sweeps=()
     for s in seed seed-dynamo seed-engine; do sweeps+=(--sweep "$(cat "$DEST/$s/sweep_id")"); done
@@ -62,6 +74,10 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
   seed-dynamo) args=(-m export=dynamo export.shape=static,dynamic "${seed[@]}") ;;
   seed-engine) args=(-m build=ultralytics export=ultralytics "${seed[@]}") ;;
   matrix) args=(-m export=ultralytics,torch shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0) ;;
+  pipeline-shapes|pipeline-bus)
+    common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
+    args=(-m model=yolov8n precision=fp16 shape=static backend=tensorrt,ultralytics preprocess=cpu,gpu
+          postprocess=cpu,gpu bench.cuda_graph=true bench.warmup=50 bench.iters=300 data=${step#pipeline-}) ;;
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -248,8 +248,8 @@ def _has_interpolation(value) -> bool:
 def test_every_group_is_covered():
     assert CONF_DIR == REPO / "conf"  # in a checkout; a wheel carries it as runner/conf (test_install.py)
     groups = {g for g, _ in GROUP_OPTIONS}
-    assert groups == {"backend", "bench", "build", "data", "export", "model", "precision", "profile", "shape",
-                      "tracking", "validate"}
+    assert groups == {"backend", "bench", "build", "data", "export", "model", "postprocess", "precision",
+                      "preprocess", "profile", "shape", "tracking", "validate"}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])

@@ -51,6 +51,15 @@ class Runner(ABC):
     def sync(self) -> None:
         """Wait for queued work (a no-op on synchronous runtimes)."""
 
+    def copy_ms(self) -> dict[str, float]:
+        """Device time of the last run's copies, {"h2d": ms, "d2h": ms}; empty where there is no device."""
+        return {}
+
+    def throughput(self, shape: tuple[int, ...], streams: int, iters: int) -> float | None:
+        """Images per second of the model alone with `streams` concurrent streams; None where the runtime
+        has no streams."""
+        return None
+
     def infer(self, blob: np.ndarray) -> dict[str, np.ndarray]:
         self.set_shape(tuple(blob.shape))
         self.h2d(blob)
@@ -90,12 +99,21 @@ class Backend(ABC):
     def runner(self, cfg: RunConfig, build: BuildResult) -> Runner:
         """A runner for what `build` made (not opened yet)."""
 
+    def pipeline(self, cfg: RunConfig, head: str):
+        """What detections and timings go through: runner's own pipeline, with the configured pre/post devices."""
+        from runner.pipelines import Pipeline
+
+        v = cfg.validate
+        return Pipeline(cfg.preprocess.device.value == "gpu", cfg.postprocess.device.value == "gpu", v.conf,
+                        v.nms_iou, v.max_det, head)
+
 
 def _registry() -> dict[str, type[Backend]]:
     from runner.backends.onnxruntime import OnnxruntimeBackend
     from runner.backends.tensorrt import TensorrtBackend
+    from runner.backends.ultralytics import UltralyticsBackend
 
-    return {b.name: b for b in (OnnxruntimeBackend, TensorrtBackend)}
+    return {b.name: b for b in (OnnxruntimeBackend, TensorrtBackend, UltralyticsBackend)}
 
 
 def names() -> list[str]:

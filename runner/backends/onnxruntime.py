@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from runner.backends import Backend, Runner
-from runner.config import Precision, RunConfig
+from runner.config import Device, Precision, RunConfig
 from runner.results import BuildResult, ExportResult, StageError
 
 REFERENCE_PROVIDER = "CPUExecutionProvider"
@@ -73,6 +73,9 @@ class OnnxruntimeBackend(Backend):
         return "fp16_onnx" if cfg.precision.name == Precision.fp16 else "none"
 
     def applies(self, cfg: RunConfig) -> str | None:
+        if Device.gpu in (cfg.preprocess.device, cfg.postprocess.device):
+            return ("preprocess/postprocess=gpu run CUDA kernels around a TensorRT engine; backend=onnxruntime "
+                    "pre/postprocesses on the host (use backend=tensorrt)")
         if cfg.build.tool.value != "tensorrt_api":
             return (f"build={cfg.build.tool.value} makes a TensorRT engine; backend=onnxruntime runs the ONNX "
                     f"(use backend=tensorrt)")

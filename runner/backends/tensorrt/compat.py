@@ -47,6 +47,24 @@ def cudart():
     return runtime
 
 
+def cuda_driver():
+    """The CUDA driver module: ``cuda.bindings.driver`` or legacy ``cuda.cuda``."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        from cuda import cuda as driver
+    return driver
+
+
+def nvrtc():
+    """NVRTC, the run-time CUDA compiler: ``cuda.bindings.nvrtc`` or legacy ``cuda.nvrtc``."""
+    try:
+        from cuda.bindings import nvrtc as module
+    except ImportError:
+        from cuda import nvrtc as module
+    return module
+
+
 def cuda_call(fn, *args):
     """Call a cuda-python function, raise RuntimeError naming the error on failure, return its results.
 

@@ -1,15 +1,26 @@
-"""TensorRT runtime on cuda-python: name-based tensor I/O, pinned host buffers, one stream, CUDA events."""
+"""TensorRT runtime on cuda-python: name-based tensor I/O, pinned host buffers, one stream, CUDA events.
+
+Besides the host pipeline (a preprocessed blob in, every output out), it runs the GPU pipeline's two ends:
+`letterbox` uploads uint8 source images and letterboxes them into the input buffer, `candidates` filters the
+head output by score before the copy back (kernels in `kernels`). With `cuda_graph`, each stage's GPU work
+(letterbox, engine, filter) is a CUDA graph captured on first use; copies stay outside, between CUDA events.
+"""
 from __future__ import annotations
 
 import ctypes
 import json
 import math
+import time
 
 import numpy as np
 
 from runner.backends import Runner
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.compat import cuda_call
+from runner.backends.tensorrt.kernels import FIT_FIELDS, ROW, Kernels
+from runner.processing import Letterbox, fit
+
+CANDIDATE_CAP = 1024  # rows per image the GPU filter copies back; more falls back to the whole output
 
 
 class ShapeError(ValueError):
@@ -77,10 +88,12 @@ class TrtRunner(Runner):
         self.profile = engine_profile(eng, self.input_name)
         self._use_graph = self._want_graph and self.profile[0] == self.profile[2]
         self._graph_note = "" if self._use_graph or not self._want_graph else "dynamic engine: no CUDA graph"
-        self._graph = self._graph_exec = None
+        self._graphs: dict[str, tuple] = {}  # stage -> (graph, executable graph)
+        self._kernels: Kernels | None = None
+        self._pinned: dict[int, int] = {}  # host-registered source images: address -> bytes
         self._stream = cuda_call(rt.cudaStreamCreate)
-        self._start = cuda_call(rt.cudaEventCreate)
-        self._end = cuda_call(rt.cudaEventCreate)
+        self._start, self._end, self._h2d, self._h2d_end, self._d2h, self._d2h_end = (
+            cuda_call(rt.cudaEventCreate) for _ in range(6))
         self._dev: dict[str, int] = {}
         self._host: dict[str, int] = {}
         self._capacity: dict[str, int] = {}
@@ -113,8 +126,7 @@ class TrtRunner(Runner):
             if not self._context.set_tensor_address(name, self._dev[name]):
                 raise RuntimeError(f"set_tensor_address('{name}') failed: {self._logger.last_error}")
         self._shape = shape
-        if self._use_graph and self._graph_exec is None:
-            self._capture_graph()
+        self._destroy_graphs()  # they hold the old addresses
 
     def _ensure(self, name: str, nbytes: int) -> None:
         if self._capacity.get(name, -1) >= nbytes:
@@ -132,35 +144,39 @@ class TrtRunner(Runner):
             cuda_call(self._rt.cudaFreeHost, self._host.pop(name))
             del self._capacity[name]
 
-    def _capture_graph(self) -> None:
-        """Capture execute_async_v3 into a CUDA graph (after one plain run that flushes deferred updates).
-        On failure, fall back to plain execution and note why in settings()."""
+    def _launch(self, stage: str, enqueue) -> None:
+        """Queue `enqueue`'s GPU work on the stream: replayed as a CUDA graph, captured on first use, where graphs
+        are on. The first run is plain (it flushes TensorRT's deferred updates). On a failed capture it falls back
+        to plain runs and notes why in settings()."""
+        if self._use_graph and stage in self._graphs:
+            cuda_call(self._rt.cudaGraphLaunch, self._graphs[stage][1], self._stream)
+            return
+        enqueue()
+        if not self._use_graph:
+            return
         rt = self._rt
-        self._enqueue()
         self.sync()
+        graph = None
         try:
             cuda_call(rt.cudaStreamBeginCapture, self._stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal)
             try:
-                enqueued = self._context.execute_async_v3(int(self._stream))
+                enqueue()
             finally:
-                self._graph = cuda_call(rt.cudaStreamEndCapture, self._stream)
-            if not enqueued:
-                raise RuntimeError(f"execute_async_v3 failed during capture: {self._logger.last_error}")
-            self._graph_exec = cuda_call(rt.cudaGraphInstantiate, self._graph, 0)
+                graph = cuda_call(rt.cudaStreamEndCapture, self._stream)
+            self._graphs[stage] = graph, cuda_call(rt.cudaGraphInstantiate, graph, 0)
         except RuntimeError as exc:
-            self._destroy_graph()
-            self._use_graph, self._graph_note = False, f"CUDA graph capture failed: {exc}"
+            if graph is not None:
+                cuda_call(rt.cudaGraphDestroy, graph)
+            self._destroy_graphs()
+            self._use_graph, self._graph_note = False, f"CUDA graph capture failed ({stage}): {exc}"
 
-    def _destroy_graph(self) -> None:
-        if self._graph_exec is not None:
-            cuda_call(self._rt.cudaGraphExecDestroy, self._graph_exec)
-        if self._graph is not None:
-            cuda_call(self._rt.cudaGraphDestroy, self._graph)
-        self._graph = self._graph_exec = None
-
-    def _enqueue(self) -> None:
-        if not self._context.execute_async_v3(int(self._stream)):
-            raise RuntimeError(f"execute_async_v3 failed: {self._logger.last_error}")
+    def _destroy_graphs(self, *stages: str) -> None:
+        """Drop the graphs of `stages` (all when none is named)."""
+        for stage in stages or list(self._graphs):
+            if stage in self._graphs:
+                graph, executable = self._graphs.pop(stage)
+                cuda_call(self._rt.cudaGraphExecDestroy, executable)
+                cuda_call(self._rt.cudaGraphDestroy, graph)
 
     def h2d(self, blob: np.ndarray) -> None:
         """Cast ``blob`` (current shape) into the pinned input buffer and copy it to the GPU, asynchronously."""
@@ -168,10 +184,14 @@ class TrtRunner(Runner):
             raise ValueError(f"blob shape {blob.shape} differs from the shape set: {self._shape}")
         name = self.input_name
         np.copyto(self._views[name], blob, casting="same_kind")
-        cuda_call(
-            self._rt.cudaMemcpyAsync, self._dev[name], self._host[name], self._views[name].nbytes,
-            self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream,
-        )
+        cuda_call(self._rt.cudaEventRecord, self._h2d, self._stream)
+        self._copy(self._dev[name], self._host[name], self._views[name].nbytes, to_device=True)
+        cuda_call(self._rt.cudaEventRecord, self._h2d_end, self._stream)
+
+    def _copy(self, dst: int, src: int, nbytes: int, to_device: bool) -> None:
+        kind = self._rt.cudaMemcpyKind
+        cuda_call(self._rt.cudaMemcpyAsync, dst, src, nbytes,
+                  kind.cudaMemcpyHostToDevice if to_device else kind.cudaMemcpyDeviceToHost, self._stream)
 
     def execute(self) -> float:
         """Run the engine (or its CUDA graph) between two events; return the GPU time in ms."""
@@ -179,21 +199,17 @@ class TrtRunner(Runner):
             raise RuntimeError("call set_shape() before execute()")
         rt = self._rt
         cuda_call(rt.cudaEventRecord, self._start, self._stream)
-        if self._graph_exec is not None:
-            cuda_call(rt.cudaGraphLaunch, self._graph_exec, self._stream)
-        else:
-            self._enqueue()
+        self._launch("engine", self._enqueue)
         cuda_call(rt.cudaEventRecord, self._end, self._stream)
         cuda_call(rt.cudaEventSynchronize, self._end)
         return float(cuda_call(rt.cudaEventElapsedTime, self._start, self._end))
 
     def d2h(self) -> dict[str, np.ndarray]:
         """Copy every output to its pinned buffer, synchronize, return copies (floats as float32)."""
+        cuda_call(self._rt.cudaEventRecord, self._d2h, self._stream)
         for name in self.output_names:
-            cuda_call(
-                self._rt.cudaMemcpyAsync, self._host[name], self._dev[name], self._views[name].nbytes,
-                self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream,
-            )
+            self._copy(self._host[name], self._dev[name], self._views[name].nbytes, to_device=False)
+        cuda_call(self._rt.cudaEventRecord, self._d2h_end, self._stream)
         self.sync()
         out = {}
         for name in self.output_names:
@@ -203,6 +219,134 @@ class TrtRunner(Runner):
 
     def sync(self) -> None:
         cuda_call(self._rt.cudaStreamSynchronize, self._stream)
+
+    def copy_ms(self) -> dict[str, float]:
+        """GPU time of the last run's host-to-device and device-to-host copies (after a sync)."""
+        elapsed = self._rt.cudaEventElapsedTime
+        return {"h2d": float(cuda_call(elapsed, self._h2d, self._h2d_end)),
+                "d2h": float(cuda_call(elapsed, self._d2h, self._d2h_end))}
+
+    def _loaded_kernels(self) -> Kernels:
+        if self._kernels is None:
+            self._kernels = Kernels.load(self._rt)
+        return self._kernels
+
+    def pin(self, images: list[np.ndarray]) -> None:
+        """Page-lock the memory of source images that will be uploaded many times (as a decoder writing into
+        pinned buffers would), so their upload is one asynchronous copy. Unpinned on close()."""
+        for image in images:
+            address = image.ctypes.data
+            if address not in self._pinned and image.flags.c_contiguous:
+                cuda_call(self._rt.cudaHostRegister, address, image.nbytes, 0)
+                self._pinned[address] = image.nbytes
+
+    def letterbox(self, images: list[np.ndarray], hw: tuple[int, int]) -> list[Letterbox]:
+        """Upload uint8 BGR images and letterbox them on the GPU into the input buffer, in its dtype (the CPU
+        path's geometry, `processing.fit`). Asynchronous: sync() before reading anything it wrote."""
+        batch, _, h, w = self._shape
+        if len(images) != batch or (h, w) != tuple(hw):
+            raise ValueError(f"{len(images)} images at {list(hw)} do not fill the input shape {list(self._shape)}")
+        sizes = [image.nbytes for image in images]
+        if self._capacity.get("source", -1) < sum(sizes):
+            self._ensure("source", sum(sizes))
+            self._destroy_graphs("letterbox")
+        self._ensure("fits", batch * FIT_FIELDS * 4)
+        fits = np.frombuffer((ctypes.c_int32 * (batch * FIT_FIELDS)).from_address(self._host["fits"]), np.int32)
+        fits = fits.reshape(batch, FIT_FIELDS)
+        staging = np.frombuffer((ctypes.c_ubyte * self._capacity["source"]).from_address(self._host["source"]),
+                                np.uint8)
+        boxes, offset = [], 0
+        cuda_call(self._rt.cudaEventRecord, self._h2d, self._stream)
+        for n, image in enumerate(images):
+            image = np.ascontiguousarray(image)
+            (new_w, new_h), (top, _, left, _), box = fit(*image.shape[:2], (h, w))
+            fits[n] = offset, image.shape[1], image.shape[0], new_w, new_h, left, top, 0
+            source = image.ctypes.data
+            if source not in self._pinned:  # through the pinned staging buffer
+                staging[offset:offset + image.nbytes] = image.reshape(-1)
+                source = self._host["source"] + offset
+            self._copy(self._dev["source"] + offset, source, image.nbytes, to_device=True)
+            boxes.append(box)
+            offset += image.nbytes
+        cuda_call(self._rt.cudaEventRecord, self._h2d_end, self._stream)
+
+        def enqueue():
+            self._copy(self._dev["fits"], self._host["fits"], batch * FIT_FIELDS * 4, to_device=True)
+            self._loaded_kernels().letterbox(self._stream, self._dev["source"], self._dev["fits"],
+                                             self._dev[self.input_name], batch, (h, w), self.input_dtype == np.float16)
+
+        self._launch("letterbox", enqueue)
+        return boxes
+
+    def read_input(self) -> np.ndarray:
+        """The input buffer as the GPU holds it (float32), after a sync."""
+        name = self.input_name
+        self._copy(self._host[name], self._dev[name], self._views[name].nbytes, to_device=False)
+        self.sync()
+        return self._views[name].astype(np.float32)
+
+    def candidates(self, conf: float) -> list[np.ndarray | None]:
+        """Per image, the rows [cx, cy, w, h, score, class, anchor, 0] of the one-to-many head output whose best
+        class score is above `conf`, filtered on the GPU: only these cross to the host. None for an image with
+        more than CANDIDATE_CAP of them (decode the whole output instead)."""
+        name = self.output_names[0]
+        batch, channels, anchors = self._views[name].shape
+        self._ensure("counts", batch * 4)
+        self._ensure("rows", batch * CANDIDATE_CAP * ROW * 4)
+
+        def enqueue():
+            cuda_call(self._rt.cudaMemsetAsync, self._dev["counts"], 0, batch * 4, self._stream)
+            self._loaded_kernels().candidates(self._stream, self._dev[name], batch, channels, anchors, conf,
+                                              self._dev["rows"], self._dev["counts"], CANDIDATE_CAP,
+                                              self._dtypes[name] == np.float16)
+
+        self._launch(f"candidates@{conf}", enqueue)
+        cuda_call(self._rt.cudaEventRecord, self._d2h, self._stream)
+        self._copy(self._host["counts"], self._dev["counts"], batch * 4, to_device=False)
+        self._copy(self._host["rows"], self._dev["rows"], batch * CANDIDATE_CAP * ROW * 4, to_device=False)
+        cuda_call(self._rt.cudaEventRecord, self._d2h_end, self._stream)
+        self.sync()
+        counts = np.frombuffer((ctypes.c_int32 * batch).from_address(self._host["counts"]), np.int32)
+        rows = np.frombuffer((ctypes.c_float * (batch * CANDIDATE_CAP * ROW)).from_address(self._host["rows"]),
+                             np.float32).reshape(batch, CANDIDATE_CAP, ROW)
+        return [rows[n, :k].copy() if k <= CANDIDATE_CAP else None for n, k in enumerate(counts.tolist())]
+
+    def throughput(self, shape: tuple[int, ...], streams: int, iters: int) -> float:
+        """Images per second of the engine alone at `shape`, with `streams` execution contexts, each on its
+        own stream and buffers, enqueued round-robin with no copies and no graph."""
+        rt, engine, batch = self._rt, self._engine, shape[0]
+        lanes = []
+        try:
+            for _ in range(streams):
+                context = engine.create_execution_context() if lanes else self._context
+                if context is None:
+                    raise RuntimeError(f"cannot create another execution context: {self._logger.last_error}")
+                context.set_input_shape(self.input_name, shape)
+                buffers = []
+                for name, dtype in self._dtypes.items():
+                    buffers.append(cuda_call(rt.cudaMalloc, max(math.prod(context.get_tensor_shape(name)), 1)
+                                             * dtype.itemsize))
+                    context.set_tensor_address(name, buffers[-1])
+                lanes.append((context, cuda_call(rt.cudaStreamCreate), buffers))
+            for round_ in range(iters + iters // 10):  # the first tenth warms up
+                if round_ == iters // 10:
+                    for _, stream, _ in lanes:
+                        cuda_call(rt.cudaStreamSynchronize, stream)
+                    start = time.perf_counter()
+                for context, stream, _ in lanes:
+                    if not context.execute_async_v3(int(stream)):
+                        raise RuntimeError(f"execute_async_v3 failed: {self._logger.last_error}")
+            for _, stream, _ in lanes:
+                cuda_call(rt.cudaStreamSynchronize, stream)
+            return iters * streams * batch / (time.perf_counter() - start)
+        finally:
+            for context, stream, buffers in lanes:
+                cuda_call(rt.cudaStreamSynchronize, stream)
+                cuda_call(rt.cudaStreamDestroy, stream)
+                for buffer in buffers:
+                    cuda_call(rt.cudaFree, buffer)
+            self._shape = None  # the own context's addresses changed: the next set_shape binds them again
+            self._destroy_graphs()
 
     def settings(self) -> dict:
         s = {
@@ -222,11 +366,16 @@ class TrtRunner(Runner):
         self._closed = True
         rt = self._rt
         self.sync()
-        self._destroy_graph()
+        self._destroy_graphs()
+        if self._kernels is not None:
+            self._kernels.unload()
+        for address in self._pinned:
+            cuda_call(rt.cudaHostUnregister, address)
+        self._pinned.clear()
         for name in list(self._dev):
             self._free(name)
-        cuda_call(rt.cudaEventDestroy, self._start)
-        cuda_call(rt.cudaEventDestroy, self._end)
+        for event in (self._start, self._end, self._h2d, self._h2d_end, self._d2h, self._d2h_end):
+            cuda_call(rt.cudaEventDestroy, event)
         cuda_call(rt.cudaStreamDestroy, self._stream)
         self._context = None
         self._engine = None

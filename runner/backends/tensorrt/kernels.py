@@ -1,0 +1,156 @@
+"""CUDA kernels of the GPU pipeline, compiled at run time with NVRTC (cuda-python): no torch, no toolkit.
+
+`letterbox_*`: uint8 BGR HWC source images -> the engine's NCHW RGB input in [0, 1] (float or half), one thread
+per output pixel. The geometry (scale, unpadded size, padding) comes from the host, computed by the CPU path's
+own `processing.fit`, so it is the same exactly. Resampling follows OpenCV's INTER_LINEAR: half-pixel centres,
+edge clamping, weights in steps of 1/2048, rounded to whole levels before /255. OpenCV rounds its fixed-point
+sums in two passes, so a pixel may differ from the CPU path by one level: |gpu - cpu| <= 1/255 (+ the half
+rounding of an fp16 input).
+
+`candidates_*`: the one-to-many head `(B, 4 + nc, A)` -> per image the anchors whose best class score is above
+the threshold, as rows [cx, cy, w, h, score, class, anchor, 0], compacted with an atomic counter. Only these rows
+and the counts cross to the host, instead of the whole head output.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from runner.backends.tensorrt.compat import cuda_call, cuda_driver, nvrtc
+
+FIT_FIELDS = 8  # int32 per image in the letterbox parameters: see `struct Fit`
+ROW = 8  # float32 per candidate row
+SOURCE = r"""
+typedef unsigned short half_bits;
+__device__ __forceinline__ half_bits to_half(float v) {
+    half_bits h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h;
+}
+__device__ __forceinline__ float from_half(half_bits h) {
+    float v; asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h)); return v;
+}
+__device__ __forceinline__ void put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void put(half_bits* p, float v) { *p = to_half(v); }
+__device__ __forceinline__ float get(const float* p) { return *p; }
+__device__ __forceinline__ float get(const half_bits* p) { return from_half(*p); }
+
+struct Fit { int src_offset, src_w, src_h, new_w, new_h, left, top, unused; };
+
+__device__ __forceinline__ void axis(int d, int new_size, int src_size, int& i0, int& i1, float& w) {
+    float f = (d + 0.5f) * ((float)src_size / (float)new_size) - 0.5f;
+    int i = (int)floorf(f);
+    f -= i;
+    if (i < 0) { i = 0; f = 0.f; }
+    if (i >= src_size - 1) { i = src_size - 1; f = 0.f; }
+    i0 = i; i1 = min(i + 1, src_size - 1);
+    w = rintf(f * 2048.f) / 2048.f;
+}
+
+template <typename T>
+__device__ void letterbox(const unsigned char* src, const Fit* fits, T* dst, int H, int W) {
+    int x = blockIdx.x * blockDim.x + threadIdx.x, y = blockIdx.y, n = blockIdx.z;
+    if (x >= W) return;
+    Fit f = fits[n];
+    float c[3] = {114.f, 114.f, 114.f};  // B, G, R
+    int dx = x - f.left, dy = y - f.top;
+    if (dx >= 0 && dx < f.new_w && dy >= 0 && dy < f.new_h) {
+        const unsigned char* s = src + f.src_offset;
+        int x0, x1, y0, y1; float wx, wy;
+        axis(dx, f.new_w, f.src_w, x0, x1, wx);
+        axis(dy, f.new_h, f.src_h, y0, y1, wy);
+        const unsigned char *r0 = s + (size_t)y0 * f.src_w * 3, *r1 = s + (size_t)y1 * f.src_w * 3;
+        for (int k = 0; k < 3; ++k) {
+            float top = r0[x0 * 3 + k] * (1.f - wx) + r0[x1 * 3 + k] * wx;
+            float bottom = r1[x0 * 3 + k] * (1.f - wx) + r1[x1 * 3 + k] * wx;
+            c[k] = floorf(top * (1.f - wy) + bottom * wy + 0.5f);
+        }
+    }
+    size_t plane = (size_t)H * W, at = (size_t)n * 3 * plane + (size_t)y * W + x;
+    put(dst + at, c[2] / 255.f);
+    put(dst + at + plane, c[1] / 255.f);
+    put(dst + at + 2 * plane, c[0] / 255.f);
+}
+
+template <typename T>
+__device__ void candidates(const T* pred, int C, int A, float conf, float* rows, int* counts, int cap) {
+    int a = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
+    if (a >= A) return;
+    const T* p = pred + (size_t)n * C * A + a;
+    float best = get(p + (size_t)4 * A); int cls = 0;
+    for (int c = 5; c < C; ++c) { float v = get(p + (size_t)c * A); if (v > best) { best = v; cls = c - 4; } }
+    if (!(best > conf)) return;
+    int i = atomicAdd(counts + n, 1);
+    if (i >= cap) return;
+    float* r = rows + ((size_t)n * cap + i) * 8;
+    for (int k = 0; k < 4; ++k) r[k] = get(p + (size_t)k * A);
+    r[4] = best; r[5] = (float)cls; r[6] = (float)a; r[7] = 0.f;
+}
+
+extern "C" {
+typedef const unsigned char* Src;
+__global__ void letterbox_float(Src s, const Fit* f, float* d, int H, int W) { letterbox(s, f, d, H, W); }
+__global__ void letterbox_half(Src s, const Fit* f, half_bits* d, int H, int W) { letterbox(s, f, d, H, W); }
+__global__ void candidates_float(const float* p, int C, int A, float t, float* r, int* n, int k) {
+    candidates(p, C, A, t, r, n, k);
+}
+__global__ void candidates_half(const half_bits* p, int C, int A, float t, float* r, int* n, int k) {
+    candidates(p, C, A, t, r, n, k);
+}
+}
+"""
+KERNELS = ("letterbox_float", "letterbox_half", "candidates_float", "candidates_half")
+BLOCK = 256
+
+
+def compile_ptx(arch: str) -> bytes:
+    """PTX of SOURCE for a virtual architecture such as compute_90. Raises RuntimeError with NVRTC's log."""
+    nv = nvrtc()
+    program = cuda_call(nv.nvrtcCreateProgram, SOURCE.encode(), b"runner_kernels.cu", 0, [], [])
+    try:
+        options = [f"--gpu-architecture={arch}".encode(), b"--std=c++14", b"-default-device"]
+        err, = nv.nvrtcCompileProgram(program, len(options), options)
+        if int(err) != 0:
+            size = cuda_call(nv.nvrtcGetProgramLogSize, program)
+            log = b" " * size
+            nv.nvrtcGetProgramLog(program, log)
+            raise RuntimeError(f"NVRTC could not compile the pipeline kernels: {log.decode(errors='replace')}")
+        ptx = b" " * cuda_call(nv.nvrtcGetPTXSize, program)
+        cuda_call(nv.nvrtcGetPTX, program, ptx)
+        return ptx
+    finally:
+        nv.nvrtcDestroyProgram(program)
+
+
+@dataclass
+class Kernels:
+    """The compiled kernels, loaded into the current CUDA context."""
+    module: object
+    functions: dict
+
+    @classmethod
+    def load(cls, rt) -> Kernels:
+        device = cuda_call(rt.cudaGetDevice)
+        props = cuda_call(rt.cudaGetDeviceProperties, device)
+        drv = cuda_driver()
+        module = cuda_call(drv.cuModuleLoadData, compile_ptx(f"compute_{props.major}{props.minor}"))
+        return cls(module, {name: cuda_call(drv.cuModuleGetFunction, module, name.encode()) for name in KERNELS})
+
+    def launch(self, name: str, grid: tuple[int, int, int], stream, *args) -> None:
+        """Launch `name` on `stream` with (value, ctypes type) arguments."""
+        values, types = zip(*args)
+        cuda_call(cuda_driver().cuLaunchKernel, self.functions[name], *grid, BLOCK, 1, 1, 0, stream,
+                  (values, types), 0)
+
+    def letterbox(self, stream, src: int, fits: int, dst: int, batch: int, hw: tuple[int, int], half: bool) -> None:
+        h, w = hw
+        self.launch("letterbox_half" if half else "letterbox_float", (-(-w // BLOCK), h, batch), stream,
+                    (src, ctypes.c_void_p), (fits, ctypes.c_void_p), (dst, ctypes.c_void_p),
+                    (h, ctypes.c_int), (w, ctypes.c_int))
+
+    def candidates(self, stream, pred: int, batch: int, channels: int, anchors: int, conf: float, rows: int,
+                   counts: int, cap: int, half: bool) -> None:
+        self.launch("candidates_half" if half else "candidates_float", (-(-anchors // BLOCK), batch, 1), stream,
+                    (pred, ctypes.c_void_p), (channels, ctypes.c_int), (anchors, ctypes.c_int),
+                    (conf, ctypes.c_float), (rows, ctypes.c_void_p), (counts, ctypes.c_void_p), (cap, ctypes.c_int))
+
+    def unload(self) -> None:
+        cuda_call(cuda_driver().cuModuleUnload, self.module)

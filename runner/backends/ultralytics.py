@@ -1,0 +1,103 @@
+"""The peer, `backend=ultralytics`: ultralytics' own `YOLO(engine).predict` on the TensorRT engine the variant
+builds (the same file the tensorrt backend runs, from either build tool) and the same in-memory frames.
+
+Its bench row is ultralytics' speed dict per stage plus the wall time of one `predict` call (`PeerPipeline`), so
+every sweep can hold runner's pipeline against it in the same run. Validation compares the engine's tensors
+through ultralytics' AutoBackend, and the detections `predict` returns.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from runner.backends import Runner
+from runner.backends.tensorrt import TensorrtBackend
+from runner.config import Device, RunConfig
+from runner.results import BuildResult
+
+
+class UltralyticsRunner(Runner):
+    """`YOLO(engine)`: `predict` for the pipeline; its predictor's AutoBackend for tensors. Times with CUDA events."""
+
+    name = "ultralytics"
+
+    def __init__(self, engine_path: str, imgsz: tuple[int, int]):
+        self.engine_path, self.imgsz = engine_path, tuple(imgsz)
+        self.model = None
+
+    def open(self) -> None:
+        import torch
+        from ultralytics import YOLO
+
+        self._torch = torch
+        self.model = YOLO(self.engine_path, task="detect")
+        blank = np.full((*self.imgsz, 3), 114, np.uint8)
+        self.model.predict(blank, imgsz=self.imgsz, device=0, verbose=False)  # sets up the predictor and its engine
+        self.backend = self.model.predictor.model
+        self.input_name = "images"
+        self.input_dtype = np.dtype(np.float16 if self.backend.fp16 else np.float32)
+        self.output_names = sorted(self.backend.output_names)
+        self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._input = self._outputs = None
+
+    def predict(self, frames: list[np.ndarray], hw: tuple[int, int], conf: float, iou: float, max_det: int):
+        """ultralytics' Results for BGR `frames`, as its users call it."""
+        return self.model.predict(frames, imgsz=hw, conf=conf, iou=iou, max_det=max_det, device=0, verbose=False)
+
+    def set_shape(self, shape: tuple[int, ...]) -> None:
+        """AutoBackend sets the shape of a dynamic engine itself."""
+
+    def h2d(self, blob: np.ndarray) -> None:
+        self._input = self._torch.from_numpy(np.ascontiguousarray(blob)).to(self.backend.device)
+
+    def execute(self) -> float:
+        self._start.record()
+        outputs = self.backend(self._input)
+        self._end.record()
+        self._end.synchronize()
+        self._outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        return float(self._start.elapsed_time(self._end))
+
+    def d2h(self) -> dict[str, np.ndarray]:
+        return {name: out.float().cpu().numpy() for name, out in zip(self.output_names, self._outputs)}
+
+    def sync(self) -> None:
+        self._torch.cuda.synchronize()
+
+    def settings(self) -> dict:
+        import ultralytics
+
+        return {"runtime": f"ultralytics {ultralytics.__version__} predict",
+                "cuda_graph": getattr(self.backend, "graph", None) is not None,
+                "io_dtypes": {self.input_name: self.input_dtype.name}}
+
+    def close(self) -> None:
+        self.model = self.backend = None
+
+
+class UltralyticsBackend(TensorrtBackend):
+    """Builds what the tensorrt backend builds; runs it with ultralytics."""
+
+    name = "ultralytics"
+
+    def unavailable(self) -> str | None:
+        reason = super().unavailable()
+        if reason is None:
+            import torch
+
+            if not torch.cuda.is_available():
+                reason = "ultralytics predict on a TensorRT engine needs torch with CUDA"
+        return reason
+
+    def applies(self, cfg: RunConfig) -> str | None:
+        if Device.gpu in (cfg.preprocess.device, cfg.postprocess.device):
+            return "backend=ultralytics runs predict's own pre/postprocessing; preprocess/postprocess=gpu do not apply"
+        return super().applies(cfg)
+
+    def runner(self, cfg: RunConfig, build: BuildResult) -> UltralyticsRunner:
+        return UltralyticsRunner(build.artifact, tuple(build.profile[1][2:]))
+
+    def pipeline(self, cfg: RunConfig, head: str):
+        from runner.pipelines import PeerPipeline
+
+        v = cfg.validate
+        return PeerPipeline(v.conf, v.nms_iou, v.max_det, head)

@@ -1,0 +1,92 @@
+"""The pipelines the bench and the detections run through, one shape: `run(runner, frames, hw)` -> (detections in
+source pixels, stage times in ms). Chosen by config: `preprocess=cpu|gpu`, `postprocess=cpu|gpu`, and the peer.
+
+- `Pipeline`, ours around `runner.execute()`:
+  - pre on cpu: letterbox + normalise on the host (OpenCV); the whole float input crosses to the device.
+  - pre on gpu: the uint8 source crosses; the letterbox runs on the device (`runner.letterbox`).
+  - post on cpu: every output crosses back; decode + NMS on the host.
+  - post on gpu: the score filter runs on the device and only its candidates cross back (`runner.candidates`);
+    NMS on the host. An end-to-end output `(B, N, 6)` is small already: it is copied back as it is.
+  Stages are timed on the host after a synchronize; infer by the runner (CUDA events on a GPU).
+- `PeerPipeline`: ultralytics' own `predict` on the same engine and frames: its speed dict and the wall time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from runner.processing import ONE2MANY, decode_candidates, postprocess, preprocess, scale_all
+
+
+@dataclass
+class Pipeline:
+    pre_on_gpu: bool
+    post_on_gpu: bool
+    conf: float = 0.25
+    iou: float = 0.7
+    max_det: int = 300
+    head: str = ONE2MANY
+
+    def pre(self, runner, frames: list[np.ndarray], hw: tuple[int, int]):
+        """The input in place on the device; returns how each frame was fitted (`Letterbox`)."""
+        if self.pre_on_gpu:
+            boxes = runner.letterbox(frames, hw)
+        else:
+            blob, boxes = preprocess(frames, hw)
+            runner.h2d(blob)
+        runner.sync()
+        return boxes
+
+    def post(self, runner, boxes) -> list[np.ndarray]:
+        """Detections [x1, y1, x2, y2, score, cls] in source pixels, per frame."""
+        if self.post_on_gpu and self.head == ONE2MANY:
+            rows = runner.candidates(self.conf)
+            if all(r is not None for r in rows):
+                return scale_all([decode_candidates(r, self.conf, self.iou, self.max_det) for r in rows], boxes)
+        outputs = runner.d2h()  # cpu post, an end-to-end output, or more candidates than the filter keeps
+        return postprocess(next(iter(outputs.values())), boxes, self.conf, self.iou, self.max_det, self.head)
+
+    def run(self, runner, frames: list[np.ndarray], hw: tuple[int, int]) -> tuple[list[np.ndarray], dict]:
+        t0 = time.perf_counter()
+        boxes = self.pre(runner, frames, hw)
+        t1 = time.perf_counter()
+        infer_ms = runner.execute()
+        t2 = time.perf_counter()
+        dets = self.post(runner, boxes)
+        t3 = time.perf_counter()
+        times = {"preprocess": (t1 - t0) * 1e3, "infer": infer_ms, "postprocess": (t3 - t2) * 1e3,
+                 "e2e": (t3 - t0) * 1e3}
+        return dets, {**times, **runner.copy_ms()}
+
+    def settings(self) -> dict:
+        post = "host decode + NMS"
+        if self.post_on_gpu:
+            post = ("gpu score filter, host NMS" if self.head == ONE2MANY else "end-to-end output copied as is")
+        return {"preprocess": "gpu letterbox (uint8 upload)" if self.pre_on_gpu else "host letterbox (float upload)",
+                "postprocess": post, "decode": self.head,
+                "copies": "h2d in preprocess, d2h in postprocess, each between CUDA events where there is a device"}
+
+
+@dataclass
+class PeerPipeline:
+    """`YOLO(engine).predict` as its users call it, on in-memory BGR frames."""
+    conf: float = 0.25
+    iou: float = 0.7
+    max_det: int = 300
+    head: str = ONE2MANY
+
+    def run(self, runner, frames: list[np.ndarray], hw: tuple[int, int]) -> tuple[list[np.ndarray], dict]:
+        t0 = time.perf_counter()
+        results = runner.predict(frames, hw, self.conf, self.iou, self.max_det)
+        wall = (time.perf_counter() - t0) * 1e3
+        speed = results[0].speed  # ms per image, averaged over the batch
+        n = len(frames)
+        times = {"preprocess": speed["preprocess"] * n, "infer": speed["inference"] * n,
+                 "postprocess": speed["postprocess"] * n, "e2e": wall}
+        return [r.boxes.data.float().cpu().numpy() for r in results], times
+
+    def settings(self) -> dict:
+        return {"preprocess": "ultralytics predict", "postprocess": "ultralytics predict", "decode": self.head,
+                "timer": "ultralytics' speed dict per stage; e2e: wall time of one predict call"}

@@ -1,0 +1,132 @@
+"""The GPU pipeline's kernels on a real GPU: the letterbox against the CPU one, the score filter against the host
+decode. The engines are tiny ONNX graphs made here, so the kernels see exactly the buffers a YOLO engine gives."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from runner.backends.tensorrt import compat as trt_compat
+from runner.backends.tensorrt.build import BuildSpec, build_engine
+from runner.backends.tensorrt.runtime import CANDIDATE_CAP, TrtRunner
+from runner.processing import decode, decode_candidates, preprocess
+from runner.validate import GPU_LETTERBOX_TOLERANCE
+
+pytestmark = pytest.mark.gpu
+for _ok, _why in (trt_compat.trt_available(), trt_compat.cuda_gpu_available()):
+    if not _ok:
+        pytestmark = [pytest.mark.gpu, pytest.mark.skip(reason=_why)]
+        break
+
+INPUT = [2, 3, 96, 128]  # batch 2, non-square
+HEAD_INPUT, HEAD = [1, 3, 16, 1024], [1, 24, 2048]  # reshaped to a one-to-many head: 4 + 20 classes, 2048 anchors
+
+
+def onnx_model(path, in_shape, fp16: bool, reshape_to=None) -> str:
+    """images -> Mul(1) -> output0, reshaped to `reshape_to` if given: the output is the input, as a head."""
+    dtype, elem = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
+    nodes = [helper.make_node("Mul", ["images", "one"], ["scaled"])]
+    inits = [numpy_helper.from_array(np.ones(1, dtype), "one")]
+    out_shape = in_shape
+    if reshape_to:
+        nodes.append(helper.make_node("Reshape", ["scaled", "to"], ["output0"]))
+        inits.append(numpy_helper.from_array(np.asarray(reshape_to, np.int64), "to"))
+        out_shape = reshape_to
+    else:
+        nodes.append(helper.make_node("Identity", ["scaled"], ["output0"]))
+    graph = helper.make_graph(nodes, "io", [helper.make_tensor_value_info("images", elem, in_shape)],
+                              [helper.make_tensor_value_info("output0", elem, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def engine(tmp_path, in_shape, fp16, reshape_to=None) -> str:
+    path = onnx_model(tmp_path / f"m{fp16}{bool(reshape_to)}.onnx", in_shape, fp16, reshape_to)
+    result = build_engine(BuildSpec(onnx_path=path, precision="fp16" if fp16 else "fp32",
+                                    fp16_mode="strongly_typed" if fp16 else "none", min_shape=in_shape,
+                                    opt_shape=in_shape, max_shape=in_shape, optimization_level=0, workspace_gib=1.0,
+                                    cache_dir=str(tmp_path / "cache")))
+    return result.artifact
+
+
+def frames(seed: int) -> list[list[np.ndarray]]:
+    """Batches of BGR frames: downscaled, upscaled, the input's own size, and smooth gradients."""
+    rng = np.random.default_rng(seed)
+    noise = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in ((300, 200), (47, 61), (96, 128), (810, 1080))]
+    y, x = np.mgrid[0:480, 0:640]
+    smooth = np.stack([(x * 255 / 639), (y * 255 / 479), ((x + y) * 255 / 1118)], -1).astype(np.uint8)
+    return [noise[:2], noise[2:], [smooth, smooth[::2, ::3].copy()]]
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["float-input", "half-input"])
+@pytest.mark.parametrize("graph", [False, True], ids=["plain", "cuda-graph"])
+def test_gpu_letterbox_matches_the_cpu_one(tmp_path, fp16, graph):
+    """Same geometry exactly; pixels within one level of the resize's rounding (+ fp16 rounding)."""
+    hw = tuple(INPUT[2:])
+    with TrtRunner(engine(tmp_path, INPUT, fp16), cuda_graph=graph) as runner:
+        runner.set_shape(tuple(INPUT))
+        worst, differing, total = 0.0, 0, 0
+        for batch in frames(0):
+            blob, cpu_boxes = preprocess(batch, hw)
+            gpu_boxes = runner.letterbox(batch, hw)
+            runner.sync()
+            got = runner.read_input()
+            assert gpu_boxes == cpu_boxes
+            diff = np.abs(got - blob)
+            worst, differing, total = max(worst, float(diff.max())), differing + int((diff > 1e-3).sum()), \
+                total + diff.size
+            runner.execute()  # the engine reads what the kernel wrote
+            np.testing.assert_allclose(runner.d2h()["output0"], got, atol=1e-3)
+        assert graph == runner.settings()["cuda_graph"]
+    print(f"letterbox: max |gpu - cpu| {worst:.2e} (tolerance {GPU_LETTERBOX_TOLERANCE:.2e}), "
+          f"{differing}/{total} values differ by more than 1e-3")
+    assert worst <= GPU_LETTERBOX_TOLERANCE
+    assert differing / total < 0.05
+
+
+def test_gpu_letterbox_from_pinned_frames(tmp_path):
+    """Frames page-locked once (bench does) upload straight from their own memory, with the same result."""
+    hw = tuple(INPUT[2:])
+    batch = frames(1)[0]
+    with TrtRunner(engine(tmp_path, INPUT, False), cuda_graph=True) as runner:
+        runner.set_shape(tuple(INPUT))
+        runner.letterbox(batch, hw)
+        before = runner.read_input()
+        runner.pin(batch)
+        runner.letterbox(batch, hw)
+        np.testing.assert_array_equal(runner.read_input(), before)
+        assert runner.copy_ms()["h2d"] > 0
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["float-output", "half-output"])
+@pytest.mark.parametrize("graph", [False, True], ids=["plain", "cuda-graph"])
+def test_gpu_candidates_give_the_host_decode(tmp_path, fp16, graph):
+    """Filter on the GPU + NMS on the host == the whole output decoded on the host; too many rows -> None."""
+    rng = np.random.default_rng(2)
+    with TrtRunner(engine(tmp_path, HEAD_INPUT, fp16, HEAD), cuda_graph=graph) as runner:
+        runner.set_shape(tuple(HEAD_INPUT))
+        for trial in range(3):
+            head = np.zeros(HEAD, np.float32)
+            head[0, :2] = rng.uniform(0, 640, (2, HEAD[2]))  # cx, cy
+            head[0, 2:4] = rng.uniform(4, 60, (2, HEAD[2]))  # w, h
+            head[0, 4:] = rng.uniform(0, 0.2, (20, HEAD[2]))
+            hits = rng.choice(HEAD[2], 200, replace=False)
+            head[0, 4 + rng.integers(0, 20, 200), hits] = rng.uniform(0.2, 1, 200)
+            runner.h2d(head.reshape(HEAD_INPUT))
+            runner.execute()
+            rows, = runner.candidates(0.25)
+            full = runner.d2h()["output0"]
+            assert 0 < len(rows) <= CANDIDATE_CAP
+            assert len(rows) == int((full[0, 4:].max(0) > 0.25).sum())
+            np.testing.assert_allclose(decode_candidates(rows), decode(full)[0], rtol=0, atol=0)
+        assert runner.candidates(0.0) == [None]  # every anchor qualifies: more than the cap
+
+
+def test_throughput_on_one_and_two_streams(tmp_path):
+    with TrtRunner(engine(tmp_path, INPUT, False)) as runner:
+        one = runner.throughput(tuple(INPUT), 1, 200)
+        two = runner.throughput((1, *INPUT[1:]), 2, 200)
+        x = np.random.default_rng(3).random(INPUT, dtype=np.float32)
+        np.testing.assert_allclose(runner.infer(x)["output0"], x)  # the runner still works afterwards
+    assert one > 0 and two > 0
