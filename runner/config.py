@@ -71,6 +71,7 @@ class Head(str, Enum):
     one-to-one, NMS-free head of yolov10 / yolo26 `(B, max_det, 6)`, decoded without NMS."""
     one2many = "one2many"
     end2end = "end2end"
+    nms = "nms"  # ultralytics' export nms=True: the one-to-many head with NMS inside the graph, (B, max_det, 6)
 
 
 class BackendName(str, Enum):
@@ -101,7 +102,7 @@ class ModelConfig:
 class ExportConfig:
     tool: ExportTool = ExportTool.ultralytics
     shape: Optional[ShapeMode] = None  # ONNX shape mode; null follows `shape.mode`
-    head: Head = Head.one2many  # end2end: the NMS-free one-to-one head (yolov10, yolo26)
+    head: Head = Head.one2many  # end2end: the NMS-free one-to-one head (yolov10, yolo26); nms: NMS in the graph
     opset: int = 17
     simplify: bool = True
 

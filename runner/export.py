@@ -41,6 +41,7 @@ class ExportSpec:
     opset: int
     simplify: bool
     end2end: bool = False  # the one-to-one head, (B, max_det, 6), NMS-free
+    nms: bool = False  # the one-to-many head with NMS in the graph (ultralytics' nms=True), (B, max_det, 6)
     device: str = "cpu"
 
     def key(self) -> str:
@@ -93,6 +94,11 @@ def _local_copy(spec: ExportSpec, workdir: Path) -> Path:
     return local
 
 
+def ultralytics_nms(end2end: bool, nms: bool) -> bool | None:
+    """ultralytics' `nms=` export argument: True puts NMS in the graph, False keeps the one-to-one head."""
+    return True if nms else False if end2end else None
+
+
 def _check_head(model, spec: ExportSpec) -> None:
     """Refuse an end2end export of a model without a one-to-one head, in one line."""
     if spec.end2end and getattr(model.model[-1], "one2one_cv2", None) is None:
@@ -107,7 +113,7 @@ def _export_ultralytics(spec: ExportSpec, workdir: Path) -> Path:
     yolo = YOLO(str(_local_copy(spec, workdir)))  # it writes the ONNX next to the weights
     _check_head(yolo.model, spec)
     out = yolo.export(format="onnx", imgsz=list(spec.imgsz), dynamic=spec.dynamic, simplify=spec.simplify,
-                      opset=spec.opset, quantize=16 if spec.half else None, nms=False if spec.end2end else None,
+                      opset=spec.opset, quantize=16 if spec.half else None, nms=ultralytics_nms(spec.end2end, spec.nms),
                       device=spec.device, batch=1, verbose=False)
     return Path(out)
 
@@ -119,6 +125,9 @@ def _torch_model(spec: ExportSpec, workdir: Path):
     from ultralytics.nn.tasks import load_checkpoint
 
     device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{spec.device}")
+    if spec.nms:
+        raise StageError("export", f"export.head=nms is ultralytics' export option (nms=True); export={spec.tool} "
+                                   f"does not put NMS in the graph (use export=ultralytics)")
     model = load_checkpoint(str(_local_copy(spec, workdir)), device=device, inplace=True, fuse=False)[0]
     _check_head(model, spec)
     if hasattr(model, "end2end"):
@@ -205,7 +214,7 @@ def _cached(folder: Path) -> OnnxArtifact | None:
 def export_onnx(spec: ExportSpec, cache_dir: Path) -> OnnxArtifact:
     """Export (or reuse) the ONNX for `spec`; raises StageError with the tool's message on failure."""
     name = (f"{spec.tool}-{'dy' if spec.dynamic else 'st'}-{'fp16' if spec.half else 'fp32'}-"
-            f"{'e2e-' if spec.end2end else ''}{spec.key()}")
+            f"{'e2e-' if spec.end2end else ''}{'nms-' if spec.nms else ''}{spec.key()}")
     folder = Path(cache_dir).absolute() / "onnx" / name
     with cache.locked(folder.with_name(folder.name + ".lock")):  # jobs in parallel export it once
         if artifact := _cached(folder):
@@ -217,7 +226,7 @@ def _export(spec: ExportSpec, folder: Path) -> OnnxArtifact:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     log.info("export: %s %s %s%s opset %d...", spec.tool, "dynamic" if spec.dynamic else "static",
-             "fp16" if spec.half else "fp32", " end2end" if spec.end2end else "", spec.opset)
+             "fp16" if spec.half else "fp32", " end2end" if spec.end2end else " nms" if spec.nms else "", spec.opset)
     start = time.perf_counter()
     try:
         produced = EXPORTERS[spec.tool](spec, folder)

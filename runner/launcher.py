@@ -274,7 +274,8 @@ def measure(run_cfg: RunConfig, record: JobRecord, progress: str) -> JobRecord:
     record.started_ms = int(time.time() * 1000)
     try:
         backend, skip_reason = backends.resolve(run_cfg)
-        mechanism = None if skip_reason else backend.precision_mechanism(run_cfg)
+        available = backends.unavailable(backend.name) is None  # skipped as not applying: it can still say how
+        mechanism = backend.precision_mechanism(run_cfg) if available else None
         result = new_result(run_cfg, backend.name, mechanism, "skipped" if skip_reason else "failed")
         log.info("%s %s (%s)", progress, result.name, backend.name)
         if skip_reason:

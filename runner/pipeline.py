@@ -123,7 +123,7 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     spec = ExportSpec(weights=weights, tool=cfg.export.tool.value,
                       dynamic=(cfg.export.shape or cfg.shape.mode) == ShapeMode.dynamic, half=False,
                       imgsz=tuple(cfg.model.imgsz), opset=cfg.export.opset, simplify=cfg.export.simplify,
-                      end2end=cfg.export.head == Head.end2end)
+                      end2end=cfg.export.head == Head.end2end, nms=cfg.export.head == Head.nms)
     reference = export_onnx(spec, Path(cfg.cache_dir))
     tested = reference
     if mechanism in FP16_ONNX:

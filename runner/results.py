@@ -92,13 +92,13 @@ class _Variant(Record):
 @dataclass(frozen=True)
 class OnnxVariant(_Variant):
     """The compatibility table's column: which tool made the ONNX, its shape mode, weight precision and head
-    (one2many, or the NMS-free end2end, labelled `e2e`)."""
+    (one2many; the NMS-free end2end, labelled `e2e`; or one2many with NMS in the graph, labelled `nms`)."""
     head: str = "one2many"
     TOOLS: ClassVar[dict[str, str]] = EXPORT_TOOLS
 
     @property
     def label(self) -> str:
-        return super().label + (" e2e" if self.head == "end2end" else "")
+        return super().label + {"end2end": " e2e", "nms": " nms"}.get(self.head, "")
 
     def sort_key(self) -> tuple:
         return *super().sort_key(), self.head != "one2many"

@@ -19,8 +19,10 @@
 #   bash scripts/gpu-proof.sh pipeline      # yolov8n fp16 static, default level: runner's pipeline with pre/post on
 #                                           #   cpu|gpu in a CUDA graph, beside the peer (backend=ultralytics),
 #                                           #   on the held-out set, then on bus.jpg; a table and chart for each
+#   bash scripts/gpu-proof.sh nms           # export.head=nms (NMS in the graph) x shape x precision x build tool,
+#                                           #   level 0
 set -euo pipefail
-step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|pipeline}
+step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|pipeline|nms}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -78,6 +80,8 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
     args=(-m model=yolov8n precision=fp16 shape=static backend=tensorrt,ultralytics preprocess=cpu,gpu
           postprocess=cpu,gpu bench.cuda_graph=true bench.warmup=50 bench.iters=300 data=${step#pipeline-}) ;;
+  nms) args=(-m export.head=nms shape=static,dynamic precision=fp32,fp16 build=tensorrt_api,ultralytics
+             backend.builder_optimization_level=0) ;;
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

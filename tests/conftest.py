@@ -110,13 +110,14 @@ def export_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def export_model(export_cache):
-    """export_model(tool, dynamic, half, model, end2end) -> OnnxArtifact of a shipped model (the default
+    """export_model(tool, dynamic, half, model, end2end, nms) -> OnnxArtifact of a shipped model (the default
     yolov8n unless named), exported once per session."""
     from runner.export import ExportSpec, export_onnx
 
-    def _export(tool: str, dynamic: bool = False, half: bool = False, model: str = "yolov8n", end2end: bool = False):
+    def _export(tool: str, dynamic: bool = False, half: bool = False, model: str = "yolov8n", end2end: bool = False,
+                nms: bool = False):
         spec = ExportSpec(weights=str(ASSETS / f"{model}.pt"), tool=tool, dynamic=dynamic, half=half, imgsz=IMGSZ,
-                          opset=OPSETS[tool], simplify=True, end2end=end2end)
+                          opset=OPSETS[tool], simplify=True, end2end=end2end, nms=nms)
         return export_onnx(spec, export_cache)
 
     return _export

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runner.backends.tensorrt import compat as trt_compat
 from runner.backends.tensorrt.build import BuildSpec, build_engine
-from runner.backends.tensorrt.runtime import CANDIDATE_CAP, TrtRunner
+from runner.backends.tensorrt.runtime import CANDIDATE_CAP, ShapeError, TrtRunner
 from runner.processing import decode, decode_candidates, preprocess
 from runner.validate import GPU_LETTERBOX_TOLERANCE
 
@@ -44,7 +44,7 @@ def onnx_model(path, in_shape, fp16: bool, reshape_to=None) -> str:
 def engine(tmp_path, in_shape, fp16, reshape_to=None) -> str:
     path = onnx_model(tmp_path / f"m{fp16}{bool(reshape_to)}.onnx", in_shape, fp16, reshape_to)
     result = build_engine(BuildSpec(onnx_path=path, precision="fp16" if fp16 else "fp32",
-                                    fp16_mode="strongly_typed" if fp16 else "none", min_shape=in_shape,
+                                    fp16_mode="builder_flag" if fp16 else "none", min_shape=in_shape,
                                     opt_shape=in_shape, max_shape=in_shape, optimization_level=0, workspace_gib=1.0,
                                     cache_dir=str(tmp_path / "cache")))
     return result.artifact
@@ -82,7 +82,7 @@ def test_gpu_letterbox_matches_the_cpu_one(tmp_path, fp16, graph):
     print(f"letterbox: max |gpu - cpu| {worst:.2e} (tolerance {GPU_LETTERBOX_TOLERANCE:.2e}), "
           f"{differing}/{total} values differ by more than 1e-3")
     assert worst <= GPU_LETTERBOX_TOLERANCE
-    assert differing / total < 0.05
+    assert differing / total < 0.1  # uniform noise, downscaled: the worst case for OpenCV's fixed-point rounding
 
 
 def test_gpu_letterbox_from_pinned_frames(tmp_path):
@@ -124,9 +124,13 @@ def test_gpu_candidates_give_the_host_decode(tmp_path, fp16, graph):
 
 
 def test_throughput_on_one_and_two_streams(tmp_path):
-    with TrtRunner(engine(tmp_path, INPUT, False)) as runner:
-        one = runner.throughput(tuple(INPUT), 1, 200)
-        two = runner.throughput((1, *INPUT[1:]), 2, 200)
-        x = np.random.default_rng(3).random(INPUT, dtype=np.float32)
+    single = [1, *INPUT[1:]]
+    with TrtRunner(engine(tmp_path, single, False)) as runner:
+        one = runner.throughput(tuple(single), 1, 200)
+        two = runner.throughput(tuple(single), 2, 200)
+        x = np.random.default_rng(3).random(single, dtype=np.float32)
         np.testing.assert_allclose(runner.infer(x)["output0"], x)  # the runner still works afterwards
+        with pytest.raises(ShapeError, match="does not take"):
+            runner.throughput((2, *INPUT[1:]), 1, 10)
+    print(f"throughput: {one:.0f} img/s on one stream, {two:.0f} img/s on two")
     assert one > 0 and two > 0

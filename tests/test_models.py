@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 
@@ -21,6 +22,7 @@ from runner.data import Sample, load_samples
 from runner.export import ExportSpec, export_onnx
 from runner.metrics import match_detections
 from runner.pipeline import output_head
+from runner.pipelines import Pipeline
 from runner.processing import END2END, ONE2MANY, UnknownHead, head_format, postprocess, preprocess
 from runner.results import BuildResult, ExportResult, StageError
 from runner.validate import NO_REFERENCE_DETECTIONS, validate, validate_shape
@@ -110,6 +112,34 @@ def test_end2end_export_of_a_model_without_a_one_to_one_head_fails_in_one_line(t
     assert failed.value.message.startswith("yolo11n.pt has no one-to-one (NMS-free) head; export.head=end2end")
 
 
+def test_an_export_with_nms_in_the_graph_gives_the_host_nms_detections(export_model, samples):
+    """export.head=nms: ultralytics' NonMaxSuppression inside the ONNX, (1, 300, 6), decoded by score alone, finds
+    what the one-to-many head with our host NMS finds, on onnxruntime."""
+    in_graph, host = export_model("ultralytics", nms=True), export_model("ultralytics")
+    assert in_graph.signature["outputs"][0]["shape"] == [1, 300, 6]
+    assert "NonMaxSuppression" in {node.op_type for node in onnx.load(in_graph.path).graph.node}
+    dets = {}
+    for name, artifact in (("in_graph", in_graph), ("host", host)):
+        head = head_format(artifact.signature["outputs"][0]["shape"], len(artifact.names))
+        runner, dets[name] = open_reference(artifact.path), []
+        for s in samples:
+            blob, boxes = preprocess([s.image], IMGSZ)
+            dets[name] += postprocess(runner.infer(blob)["output0"], boxes, 0.25, 0.7, 300, head)
+    assert sum(len(d) for d in dets["host"]) >= len(samples)
+    f1 = [match_detections(a, b, 0.5)["f1"] for a, b in zip(dets["in_graph"], dets["host"])]
+    assert min(f1) >= 0.99, f1
+
+
+@pytest.mark.parametrize("tool", ["torch", "dynamo"])
+def test_an_nms_export_by_another_tool_fails_in_one_line(tmp_path, tool):
+    spec = ExportSpec(weights=str(ASSETS / "yolov8n.pt"), tool=tool, dynamic=False, half=False, imgsz=IMGSZ,
+                      opset=OPSETS[tool], simplify=True, nms=True)
+    with pytest.raises(StageError) as failed:
+        export_onnx(spec, tmp_path)
+    assert failed.value.stage == "export"
+    assert failed.value.message.startswith(f"export.head=nms is ultralytics' export option (nms=True); export={tool}")
+
+
 @pytest.mark.parametrize("tool", ["ultralytics", "torch"])
 def test_a_renamed_weights_file_exports_offline_as_given(tool, tmp_path, monkeypatch):
     """ultralytics renames a file called yolov5n.pt to yolov5nu.pt and downloads that; ours is loaded as is."""
@@ -123,17 +153,23 @@ def test_a_renamed_weights_file_exports_offline_as_given(tool, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "yolov5n.pt"]  # nothing fetched beside it
 
 
+def host(head: str) -> Pipeline:
+    """The host pipeline (pre and post on the CPU) with the default thresholds, decoding `head`."""
+    v = ValidateConfig()
+    return Pipeline(False, False, v.conf, v.nms_iou, v.max_det, head)
+
+
 def _blank(n: int) -> list[Sample]:
     return [Sample(f"grey{i}.jpg", np.full((480, 640, 3), 114, np.uint8)) for i in range(n)]
 
 
 def test_no_reference_detections_is_said_not_scored_as_f1_one(export_model):
     tested, reference = (open_reference(export_model("ultralytics", half=half).path) for half in (True, False))
-    check = validate_shape(tested, reference, _blank(2), [1, 3, 640, 640], FP16, ValidateConfig(), ONE2MANY)
+    check = validate_shape(tested, host(ONE2MANY), reference, _blank(2), [1, 3, 640, 640], FP16, ValidateConfig())
     assert check.detections is None and check.reason == NO_REFERENCE_DETECTIONS
     assert check.status == "passed" and check.rel_l2 < FP16.max_rel_l2  # on what was measured: the tensors
-    result = validate(tested, reference, _blank(2), [("static", [1, 3, 640, 640])], FP16, ValidateConfig(),
-                      "CPUExecutionProvider", [], ONE2MANY)
+    result = validate(tested, host(ONE2MANY), reference, _blank(2), [("static", [1, 3, 640, 640])], FP16,
+                      ValidateConfig(), "CPUExecutionProvider", [])
     assert result.status == "passed" and NO_REFERENCE_DETECTIONS in result.reason
     assert "det_f1" not in result.aggregate() and "rel_l2" in result.aggregate()
 
@@ -141,16 +177,16 @@ def test_no_reference_detections_is_said_not_scored_as_f1_one(export_model):
 def test_an_end2end_output_with_nothing_detected_cannot_pass(export_model):
     tested, reference = (open_reference(export_model("ultralytics", half=half, model="yolo26n", end2end=True).path)
                          for half in (True, False))
-    result = validate(tested, reference, _blank(2), [("static", [1, 3, 640, 640])], FP16, ValidateConfig(),
-                      "CPUExecutionProvider", [], END2END)
+    result = validate(tested, host(END2END), reference, _blank(2), [("static", [1, 3, 640, 640])], FP16,
+                      ValidateConfig(), "CPUExecutionProvider", [])
     assert result.status == "unchecked" and "nothing compared" in result.reason
 
 
 def test_an_end2end_output_is_compared_as_detections(export_model, samples):
     tested, reference = (open_reference(export_model("torch", half=half, model="yolov10n", end2end=True).path)
                          for half in (True, False))
-    result = validate(tested, reference, samples, [("static", [1, 3, 640, 640])], FP16, ValidateConfig(),
-                      "CPUExecutionProvider", [], END2END)
+    result = validate(tested, host(END2END), reference, samples, [("static", [1, 3, 640, 640])], FP16,
+                      ValidateConfig(), "CPUExecutionProvider", [])
     assert result.status == "passed" and result.head == END2END
     assert result.shapes["static"].tensors == {} and result.aggregate()["det_f1"] >= 0.99
     assert "tensors not compared" in result.reason

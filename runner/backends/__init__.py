@@ -128,7 +128,8 @@ def get(name: str) -> Backend:
 
 
 @lru_cache(maxsize=None)
-def _unavailable(name: str) -> str | None:
+def unavailable(name: str) -> str | None:
+    """Why backend `name` cannot run on this machine, or None (asked once per process)."""
     return get(name).unavailable()
 
 
@@ -138,10 +139,10 @@ def resolve(cfg: RunConfig) -> tuple[Backend, str | None]:
     `auto` is TensorRT where it runs here, else onnxruntime. A variant is skipped when its backend cannot
     run here, or when it makes no sense on that backend (say build=ultralytics on onnxruntime)."""
     requested = cfg.backend.name.value
-    trt_missing = _unavailable("tensorrt")
+    trt_missing = unavailable("tensorrt")
     name = ("onnxruntime" if trt_missing else "tensorrt") if requested == "auto" else requested
     backend = get(name)
-    reason = _unavailable(name) or backend.applies(cfg)
+    reason = unavailable(name) or backend.applies(cfg)
     if reason and requested == "auto" and trt_missing:
         reason = f"{reason}; TensorRT unavailable here: {trt_missing}"
     return backend, reason
@@ -149,7 +150,7 @@ def resolve(cfg: RunConfig) -> tuple[Backend, str | None]:
 
 def auto_choice() -> str:
     """What `backend=auto` picks here, said once per sweep."""
-    reason = _unavailable("tensorrt")
+    reason = unavailable("tensorrt")
     if reason is None:
         return "runner: backend=auto -> tensorrt"
     return (f"runner: backend=auto -> onnxruntime (TensorRT unavailable: {reason}; each variant's ONNX is tested "

@@ -7,12 +7,27 @@ through ultralytics' AutoBackend, and the detections `predict` returns.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from runner.backends import Runner
 from runner.backends.tensorrt import TensorrtBackend
 from runner.config import Device, RunConfig
 from runner.results import BuildResult
+
+
+def engine_file(path: str) -> str:
+    """The engine under a name ultralytics loads (it picks the runtime by suffix): a plan gets a `.engine` link."""
+    plan = Path(path)
+    if plan.suffix == ".engine":
+        return path
+    link = plan.with_suffix(".engine")
+    try:
+        link.symlink_to(plan.name)
+    except FileExistsError:
+        pass
+    return str(link)
 
 
 class UltralyticsRunner(Runner):
@@ -29,7 +44,7 @@ class UltralyticsRunner(Runner):
         from ultralytics import YOLO
 
         self._torch = torch
-        self.model = YOLO(self.engine_path, task="detect")
+        self.model = YOLO(engine_file(self.engine_path), task="detect")
         blank = np.full((*self.imgsz, 3), 114, np.uint8)
         self.model.predict(blank, imgsz=self.imgsz, device=0, verbose=False)  # sets up the predictor and its engine
         self.backend = self.model.predictor.model

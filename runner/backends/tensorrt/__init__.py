@@ -3,7 +3,7 @@ TensorRT API road, `engine_export` ultralytics' one-step road, `runtime` the cud
 from __future__ import annotations
 
 from runner.backends import Backend
-from runner.config import BuildTool, Precision, RunConfig, ShapeMode
+from runner.config import BuildTool, Head, Precision, RunConfig, ShapeMode
 from runner.results import BuildResult, ExportResult
 
 
@@ -48,7 +48,8 @@ class TensorrtBackend(Backend):
                 weights=export.weights, imgsz=tuple(cfg.model.imgsz), dynamic=cfg.shape.mode == ShapeMode.dynamic,
                 half=cfg.precision.name == Precision.fp16, workspace_gib=b.workspace_gib,
                 optimization_level=b.builder_optimization_level, opset=cfg.export.opset,
-                simplify=cfg.export.simplify, end2end=export.tested.end2end, cache_dir=cfg.cache_dir,
+                simplify=cfg.export.simplify, end2end=export.tested.end2end, nms=cfg.export.head == Head.nms,
+                cache_dir=cfg.cache_dir,
                 use_engine_cache=b.engine_cache))
         from runner.backends.tensorrt.build import BuildSpec, build_engine
 

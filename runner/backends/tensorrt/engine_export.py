@@ -26,6 +26,7 @@ from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.build import EngineCache, heartbeat, inspect_plan
 from runner.backends.tensorrt.runtime import load_plan
 from runner.cache import file_sha256
+from runner.export import ultralytics_nms
 from runner.results import BuildResult, StageError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class EngineExportSpec:
     simplify: bool
     cache_dir: str
     end2end: bool = False  # the NMS-free one-to-one head (ultralytics' nms=False)
+    nms: bool = False  # NMS in the graph (ultralytics' nms=True)
     use_engine_cache: bool = True
 
     def key(self, trt_version: str, gpu: str) -> str:
@@ -116,7 +118,7 @@ def _export_and_store(trt, spec: EngineExportSpec, cache: EngineCache, key: str,
             produced = YOLO(str(local)).export(
                 format="engine", imgsz=list(spec.imgsz), dynamic=spec.dynamic, quantize=16 if spec.half else None,
                 workspace=spec.workspace_gib, opset=spec.opset, simplify=spec.simplify,
-                nms=False if spec.end2end else None, batch=1, device=0, verbose=False)
+                nms=ultralytics_nms(spec.end2end, spec.nms), batch=1, device=0, verbose=False)
     except Exception as exc:  # ultralytics' own failure is the verdict; TensorRT's words come with it
         raise StageError("build", "\n".join([f"ultralytics: {type(exc).__name__}: {exc}", *logger.errors()]),
                          partial=result) from None

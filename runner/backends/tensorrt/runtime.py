@@ -91,6 +91,7 @@ class TrtRunner(Runner):
         self._graphs: dict[str, tuple] = {}  # stage -> (graph, executable graph)
         self._kernels: Kernels | None = None
         self._pinned: dict[int, int] = {}  # host-registered source images: address -> bytes
+        self._timed_copies: set[str] = set()  # h2d, d2h: the copies whose events have been recorded
         self._stream = cuda_call(rt.cudaStreamCreate)
         self._start, self._end, self._h2d, self._h2d_end, self._d2h, self._d2h_end = (
             cuda_call(rt.cudaEventCreate) for _ in range(6))
@@ -178,6 +179,10 @@ class TrtRunner(Runner):
                 cuda_call(self._rt.cudaGraphExecDestroy, executable)
                 cuda_call(self._rt.cudaGraphDestroy, graph)
 
+    def _enqueue(self) -> None:
+        if not self._context.execute_async_v3(int(self._stream)):
+            raise RuntimeError(f"execute_async_v3 failed: {self._logger.last_error}")
+
     def h2d(self, blob: np.ndarray) -> None:
         """Cast ``blob`` (current shape) into the pinned input buffer and copy it to the GPU, asynchronously."""
         if self._shape is None or tuple(blob.shape) != self._shape:
@@ -187,6 +192,7 @@ class TrtRunner(Runner):
         cuda_call(self._rt.cudaEventRecord, self._h2d, self._stream)
         self._copy(self._dev[name], self._host[name], self._views[name].nbytes, to_device=True)
         cuda_call(self._rt.cudaEventRecord, self._h2d_end, self._stream)
+        self._timed_copies.add("h2d")
 
     def _copy(self, dst: int, src: int, nbytes: int, to_device: bool) -> None:
         kind = self._rt.cudaMemcpyKind
@@ -210,6 +216,7 @@ class TrtRunner(Runner):
         for name in self.output_names:
             self._copy(self._host[name], self._dev[name], self._views[name].nbytes, to_device=False)
         cuda_call(self._rt.cudaEventRecord, self._d2h_end, self._stream)
+        self._timed_copies.add("d2h")
         self.sync()
         out = {}
         for name in self.output_names:
@@ -222,9 +229,8 @@ class TrtRunner(Runner):
 
     def copy_ms(self) -> dict[str, float]:
         """GPU time of the last run's host-to-device and device-to-host copies (after a sync)."""
-        elapsed = self._rt.cudaEventElapsedTime
-        return {"h2d": float(cuda_call(elapsed, self._h2d, self._h2d_end)),
-                "d2h": float(cuda_call(elapsed, self._d2h, self._d2h_end))}
+        events = {"h2d": (self._h2d, self._h2d_end), "d2h": (self._d2h, self._d2h_end)}
+        return {name: float(cuda_call(self._rt.cudaEventElapsedTime, *events[name])) for name in self._timed_copies}
 
     def _loaded_kernels(self) -> Kernels:
         if self._kernels is None:
@@ -269,6 +275,7 @@ class TrtRunner(Runner):
             boxes.append(box)
             offset += image.nbytes
         cuda_call(self._rt.cudaEventRecord, self._h2d_end, self._stream)
+        self._timed_copies.add("h2d")
 
         def enqueue():
             self._copy(self._dev["fits"], self._host["fits"], batch * FIT_FIELDS * 4, to_device=True)
@@ -305,6 +312,7 @@ class TrtRunner(Runner):
         self._copy(self._host["counts"], self._dev["counts"], batch * 4, to_device=False)
         self._copy(self._host["rows"], self._dev["rows"], batch * CANDIDATE_CAP * ROW * 4, to_device=False)
         cuda_call(self._rt.cudaEventRecord, self._d2h_end, self._stream)
+        self._timed_copies.add("d2h")
         self.sync()
         counts = np.frombuffer((ctypes.c_int32 * batch).from_address(self._host["counts"]), np.int32)
         rows = np.frombuffer((ctypes.c_float * (batch * CANDIDATE_CAP * ROW)).from_address(self._host["rows"]),
@@ -321,7 +329,8 @@ class TrtRunner(Runner):
                 context = engine.create_execution_context() if lanes else self._context
                 if context is None:
                     raise RuntimeError(f"cannot create another execution context: {self._logger.last_error}")
-                context.set_input_shape(self.input_name, shape)
+                if not context.set_input_shape(self.input_name, shape):
+                    raise ShapeError(f"the engine does not take {list(shape)}: {self._logger.last_error}")
                 buffers = []
                 for name, dtype in self._dtypes.items():
                     buffers.append(cuda_call(rt.cudaMalloc, max(math.prod(context.get_tensor_shape(name)), 1)
