@@ -145,9 +145,10 @@ def inspect_plan(trt, logger, plan: bytes, path: Path) -> tuple[list[list[int]],
             return profile, None, None
         try:
             text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
-        except RuntimeError:
+            info = json.loads(text, strict=False)  # 8.6 emits raw control characters inside strings
+        except (RuntimeError, ValueError):  # 8.6 gives an empty text for an engine with NMS in it
+            log.info("build: the engine inspector gave no layer information")
             return profile, None, None
-        info = json.loads(text, strict=False)  # 8.6 emits raw control characters inside strings
         path.write_text(json.dumps(info, indent=1))
         return profile, str(path), len(info.get("Layers", []))
     finally:
