@@ -44,9 +44,7 @@ def bench(runner, pipeline, images: list[np.ndarray], shape: list[int], warmup: 
     """Time `pipeline` at `shape` (N, 3, H, W) over `images`, cycling through them."""
     batch, hw = shape[0], (shape[2], shape[3])
     runner.set_shape(tuple(shape))
-    pin = getattr(runner, "pin", None)
-    if pin is not None:
-        pin(images)
+    pinned = runner.pin(images)
     times: dict[str, list[float]] = {}
     log.info("bench: %d warm-up + %d timed runs at %s...", warmup, iters, list(shape))
     for i in range(warmup + iters):
@@ -58,13 +56,12 @@ def bench(runner, pipeline, images: list[np.ndarray], shape: list[int], warmup: 
     compute = [runner.execute() for _ in range(iters)]
     figures, note = throughput(runner, shape, iters)
     settings = {"warmup": warmup, "iters": iters, "shape": list(shape), "images": len(images),
-                "source_pinned": pin is not None, **pipeline.settings(), **runner.settings()}
+                "source_pinned": pinned, **pipeline.settings(), **runner.settings()}
     if note:
         settings["throughput_note"] = note
     copies = {name: summarize(times[name]) for name in ("h2d", "d2h") if name in times}
     result = BenchResult(**{stage: summarize(times[stage]) for stage in STAGES}, compute=summarize(compute),
                          settings=settings, throughput=figures, **copies)
-    log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms; %s",
-             *(getattr(result, s).p50 for s in STAGES),
-             ", ".join(f"{k} {v:.0f} img/s" for k, v in figures.items()) or "no throughput on this runtime")
+    log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms%s", *(getattr(result, s).p50 for s in STAGES),
+             "".join(f"; {k} {v:.0f} img/s" for k, v in figures.items()))
     return result

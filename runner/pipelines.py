@@ -60,6 +60,10 @@ class Pipeline:
                  "e2e": (t3 - t0) * 1e3}
         return dets, {**times, **runner.copy_ms()}
 
+    def input_deviation(self, runner, blob: np.ndarray) -> float | None:
+        """Max |input on the device - `blob`| after `pre`, where the GPU letterboxed it; else None."""
+        return float(np.abs(runner.read_input() - blob).max()) if self.pre_on_gpu else None
+
     def settings(self) -> dict:
         post = "host decode + NMS"
         if self.post_on_gpu:
@@ -86,6 +90,10 @@ class PeerPipeline:
         times = {"preprocess": speed["preprocess"] * n, "infer": speed["inference"] * n,
                  "postprocess": speed["postprocess"] * n, "e2e": wall}
         return [r.boxes.data.float().cpu().numpy() for r in results], times
+
+    def input_deviation(self, runner, blob: np.ndarray) -> None:
+        """predict's input is its own."""
+        return None
 
     def settings(self) -> dict:
         return {"preprocess": "ultralytics predict", "postprocess": "ultralytics predict", "decode": self.head,

@@ -96,8 +96,9 @@ def validate_shape(runner, pipeline, reference, samples: list[Sample], shape: li
             status = "skipped" if reference is None else "failed"
             return ShapeCheck(shape, status, reason=_first_line(exc))
         det_test += dets
-        if getattr(pipeline, "pre_on_gpu", False):
-            input_max_abs = max(input_max_abs or 0.0, float(np.abs(runner.read_input() - blob).max()))
+        deviation = pipeline.input_deviation(runner, blob)
+        if deviation is not None:
+            input_max_abs = max(input_max_abs or 0.0, deviation)
         if reference is not None:
             for name, value in ref.items():
                 outs_ref.setdefault(name, []).append(value)

@@ -10,18 +10,38 @@ from runner.backends import Runner
 from runner.backends.onnxruntime import OnnxruntimeBackend, OrtRunner
 from runner.backends.tensorrt import TensorrtBackend
 from runner.backends.tensorrt import compat as trt_compat
+from runner.backends.ultralytics import UltralyticsBackend
 from runner.launcher import preflight
+from runner.pipeline import cell_of
 from runner.processing import preprocess
 
 TRT_MISSING = not trt_compat.trt_available()[0]
 
 
 def test_backends_are_chosen_by_name():
-    assert backends.names() == ["onnxruntime", "tensorrt"]
+    assert backends.names() == ["onnxruntime", "tensorrt", "ultralytics"]
     assert isinstance(backends.get("onnxruntime"), OnnxruntimeBackend)
     assert isinstance(backends.get("tensorrt"), TensorrtBackend)
-    with pytest.raises(KeyError, match="unknown backend 'trtexec'; known: onnxruntime, tensorrt"):
+    assert isinstance(backends.get("ultralytics"), UltralyticsBackend)
+    with pytest.raises(KeyError, match="unknown backend 'trtexec'; known: onnxruntime, tensorrt, ultralytics"):
         backends.get("trtexec")
+
+
+@pytest.mark.parametrize("backend, overrides, label, skip", [
+    ("tensorrt", [], "trt st fp16", None),
+    ("tensorrt", ["preprocess=gpu"], "trt st fp16 gpu-pre", None),
+    ("tensorrt", ["preprocess=gpu", "postprocess=gpu"], "trt st fp16 gpu-pre gpu-post", None),
+    ("ultralytics", [], "trt st fp16 predict", None),
+    ("ultralytics", ["postprocess=gpu"], "trt st fp16 predict gpu-post", "predict's own pre/postprocessing"),
+    ("onnxruntime", ["preprocess=gpu"], "ort st fp16 gpu-pre", "use backend=tensorrt"),
+])
+def test_the_pipeline_is_part_of_the_row_and_the_gpu_ends_need_tensorrt(backend, overrides, label, skip):
+    """preprocess/postprocess=gpu and the peer are build rows of their own; where they cannot apply, the variant
+    is skipped with the reason (whatever this machine has)."""
+    cfg, = preflight(["precision=fp16", f"backend={backend}", *overrides])
+    assert cell_of(cfg, backend, "builder_flag").build.label == label
+    reason = backends.get(backend).applies(cfg)
+    assert (reason is None) if skip is None else (skip in reason)
 
 
 def test_ort_runner_has_the_runner_shape_and_matches_onnxruntime(export_model, held_out_images):

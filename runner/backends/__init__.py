@@ -51,6 +51,10 @@ class Runner(ABC):
     def sync(self) -> None:
         """Wait for queued work (a no-op on synchronous runtimes)."""
 
+    def pin(self, images: list[np.ndarray]) -> bool:
+        """Page-lock source images that will be uploaded many times; False where nothing is uploaded from them."""
+        return False
+
     def copy_ms(self) -> dict[str, float]:
         """Device time of the last run's copies, {"h2d": ms, "d2h": ms}; empty where there is no device."""
         return {}

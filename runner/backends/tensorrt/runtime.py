@@ -237,7 +237,7 @@ class TrtRunner(Runner):
             self._kernels = Kernels.load(self._rt)
         return self._kernels
 
-    def pin(self, images: list[np.ndarray]) -> None:
+    def pin(self, images: list[np.ndarray]) -> bool:
         """Page-lock the memory of source images that will be uploaded many times (as a decoder writing into
         pinned buffers would), so their upload is one asynchronous copy. Unpinned on close()."""
         for image in images:
@@ -245,6 +245,7 @@ class TrtRunner(Runner):
             if address not in self._pinned and image.flags.c_contiguous:
                 cuda_call(self._rt.cudaHostRegister, address, image.nbytes, 0)
                 self._pinned[address] = image.nbytes
+        return True
 
     def letterbox(self, images: list[np.ndarray], hw: tuple[int, int]) -> list[Letterbox]:
         """Upload uint8 BGR images and letterbox them on the GPU into the input buffer, in its dtype (the CPU
