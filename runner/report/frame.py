@@ -20,7 +20,8 @@ METRICS = {"build_s": "build.build_s", "engine_mb": "build.engine_mb", "infer_p5
            "e2e_p50_ms": "bench.e2e.p50", "rel_l2": "val.rel_l2", "det_f1": "val.det_f1", "map50": "val.map50",
            "map50_95": "val.map50_95", "val_passed": "val.passed", "preprocess_p50_ms": "bench.preprocess.p50",
            "postprocess_p50_ms": "bench.postprocess.p50", "e2e_p90_ms": "bench.e2e.p90",
-           "cuda_graph": "bench.cuda_graph", "skipped_images": "data.skipped_images"}
+           "cuda_graph": "bench.cuda_graph", "skipped_images": "data.skipped_images",
+           "h2d_p50_ms": "bench.h2d.p50", "d2h_p50_ms": "bench.d2h.p50", "img_s": "bench.throughput.opt_batch"}
 COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, "note", *METRICS, "gpu"]
 
 

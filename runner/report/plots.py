@@ -21,7 +21,8 @@ def plot_matrix(model_grids: dict[str, pd.DataFrame], frame: pd.DataFrame, path:
     heights = [len(g.index) + 1.2 for g in model_grids.values()]
     cols = max(len(g.columns) for g in model_grids.values())
     height = 0.8 + 0.7 * sum(heights)
-    fig = Figure(figsize=(2.2 + 1.3 * cols, height))
+    label_chars = max(len(str(label)) for g in model_grids.values() for label in g.index)
+    fig = Figure(figsize=(max(5.5, 1.2 + 0.08 * label_chars + 1.3 * cols), height))  # row labels and title fit
     axes = fig.subplots(len(model_grids), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     for ax, (model, grid) in zip(axes, model_grids.items()):
         _heatmap(ax, grid, lambda build, onnx, m=model: stage_of.get((m, build, onnx)))

@@ -17,8 +17,11 @@ LEGEND = ("O built, ran and passed validation; X failed (its stage is in the det
 DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status",
           "validation": "validation",
           "failed_stage": "failing stage", "note": "error / note", "build_s": "build s", "engine_mb": "engine MB",
-          "infer_p50_ms": "infer p50 ms", "rel_l2": "rel-L2", "det_f1": "detection F1", "map50_95": "mAP50-95"}
-FORMATS = {"build s": "{:.1f}", "engine MB": "{:.1f}", "infer p50 ms": "{:.2f}", "rel-L2": "{:.2e}",
+          "preprocess_p50_ms": "pre p50 ms", "infer_p50_ms": "infer p50 ms", "postprocess_p50_ms": "post p50 ms",
+          "e2e_p50_ms": "e2e p50 ms", "img_s": "img/s", "rel_l2": "rel-L2", "det_f1": "detection F1",
+          "map50_95": "mAP50-95"}
+FORMATS = {"build s": "{:.1f}", "engine MB": "{:.1f}", "pre p50 ms": "{:.2f}", "infer p50 ms": "{:.2f}",
+           "post p50 ms": "{:.2f}", "e2e p50 ms": "{:.2f}", "img/s": "{:.0f}", "rel-L2": "{:.2e}",
            "detection F1": "{:.3f}", "mAP50-95": "{:.3f}"}
 
 
