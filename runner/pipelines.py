@@ -60,6 +60,14 @@ class Pipeline:
                  "e2e": (t3 - t0) * 1e3}
         return dets, {**times, **runner.copy_ms()}
 
+    def detect(self, runner, frames: list[np.ndarray], hw: tuple[int, int], boxes) -> list[np.ndarray]:
+        """The detections of `frames` right after `runner.infer` ran their CPU-letterboxed input (fitted as
+        `boxes`): a host pre gives that same input, so only post runs; a GPU pre letterboxes and runs again."""
+        if self.pre_on_gpu:
+            boxes = self.pre(runner, frames, hw)
+            runner.execute()
+        return self.post(runner, boxes)
+
     def input_deviation(self, runner, blob: np.ndarray) -> float | None:
         """Max |input on the device - `blob`| after `pre`, where the GPU letterboxed it; else None."""
         return float(np.abs(runner.read_input() - blob).max()) if self.pre_on_gpu else None
@@ -90,6 +98,10 @@ class PeerPipeline:
         times = {"preprocess": speed["preprocess"] * n, "infer": speed["inference"] * n,
                  "postprocess": speed["postprocess"] * n, "e2e": wall}
         return [r.boxes.data.float().cpu().numpy() for r in results], times
+
+    def detect(self, runner, frames: list[np.ndarray], hw: tuple[int, int], boxes) -> list[np.ndarray]:
+        """predict's detections of `frames` (it letterboxes them itself)."""
+        return self.run(runner, frames, hw)[0]
 
     def input_deviation(self, runner, blob: np.ndarray) -> None:
         """predict's input is its own."""

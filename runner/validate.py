@@ -91,7 +91,7 @@ def validate_shape(runner, pipeline, reference, samples: list[Sample], shape: li
                 return ShapeCheck(shape, "skipped", reason=f"reference failed: {_first_line(exc)}")
         try:
             test = runner.infer(blob)
-            dets, _ = pipeline.run(runner, frames, hw)
+            dets = pipeline.detect(runner, frames, hw, boxes)
         except Exception as exc:
             status = "skipped" if reference is None else "failed"
             return ShapeCheck(shape, status, reason=_first_line(exc))

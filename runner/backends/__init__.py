@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from runner.config import RunConfig
+from runner.config import Device, RunConfig
 from runner.results import BuildResult, ExportResult
 
 
@@ -108,7 +108,7 @@ class Backend(ABC):
         from runner.pipelines import Pipeline
 
         v = cfg.validate
-        return Pipeline(cfg.preprocess.device.value == "gpu", cfg.postprocess.device.value == "gpu", v.conf,
+        return Pipeline(cfg.preprocess.device == Device.gpu, cfg.postprocess.device == Device.gpu, v.conf,
                         v.nms_iou, v.max_det, head)
 
 

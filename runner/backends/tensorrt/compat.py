@@ -8,6 +8,7 @@ stand-ins (tests/test_trt_compat.py), since no real 10.x/11.x could be had for t
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
 import numpy as np
@@ -38,31 +39,27 @@ def trt_version() -> str:
     return trt.__version__
 
 
-def cudart():
-    """The CUDA runtime module: ``cuda.bindings.runtime`` (cuda-python >= 12.8, 13) or legacy ``cuda.cudart``."""
+def _cuda_module(name: str, legacy: str):
+    """``cuda.bindings.<name>`` (cuda-python >= 12.8, 13), or the legacy ``cuda.<legacy>``."""
     try:
-        from cuda.bindings import runtime
+        return importlib.import_module(f"cuda.bindings.{name}")
     except ImportError:
-        from cuda import cudart as runtime
-    return runtime
+        return importlib.import_module(f"cuda.{legacy}")
+
+
+def cudart():
+    """The CUDA runtime module."""
+    return _cuda_module("runtime", "cudart")
 
 
 def cuda_driver():
-    """The CUDA driver module: ``cuda.bindings.driver`` or legacy ``cuda.cuda``."""
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        from cuda import cuda as driver
-    return driver
+    """The CUDA driver module."""
+    return _cuda_module("driver", "cuda")
 
 
 def nvrtc():
-    """NVRTC, the run-time CUDA compiler: ``cuda.bindings.nvrtc`` or legacy ``cuda.nvrtc``."""
-    try:
-        from cuda.bindings import nvrtc as module
-    except ImportError:
-        from cuda import nvrtc as module
-    return module
+    """NVRTC, the run-time CUDA compiler."""
+    return _cuda_module("nvrtc", "nvrtc")
 
 
 def cuda_call(fn, *args):

@@ -11,6 +11,7 @@ import ctypes
 import json
 import math
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -93,8 +94,10 @@ class TrtRunner(Runner):
         self._pinned: dict[int, int] = {}  # host-registered source images: address -> bytes
         self._timed_copies: set[str] = set()  # h2d, d2h: the copies whose events have been recorded
         self._stream = cuda_call(rt.cudaStreamCreate)
-        self._start, self._end, self._h2d, self._h2d_end, self._d2h, self._d2h_end = (
-            cuda_call(rt.cudaEventCreate) for _ in range(6))
+        self._start = cuda_call(rt.cudaEventCreate)
+        self._end = cuda_call(rt.cudaEventCreate)
+        self._copy_events = {copy: (cuda_call(rt.cudaEventCreate), cuda_call(rt.cudaEventCreate))
+                             for copy in ("h2d", "d2h")}
         self._dev: dict[str, int] = {}
         self._host: dict[str, int] = {}
         self._capacity: dict[str, int] = {}
@@ -119,15 +122,17 @@ class TrtRunner(Runner):
             tshape = tuple(self._context.get_tensor_shape(name))
             if any(d < 0 for d in tshape):
                 raise RuntimeError(f"shape of '{name}' unresolved after set_input_shape: {tshape}")
-            nbytes = math.prod(tshape) * dtype.itemsize
-            self._ensure(name, nbytes)
-            self._views[name] = np.frombuffer(
-                (ctypes.c_ubyte * nbytes).from_address(self._host[name]), dtype=dtype
-            ).reshape(tshape)
+            self._ensure(name, math.prod(tshape) * dtype.itemsize)
+            self._views[name] = self._host_array(name, dtype, math.prod(tshape)).reshape(tshape)
             if not self._context.set_tensor_address(name, self._dev[name]):
                 raise RuntimeError(f"set_tensor_address('{name}') failed: {self._logger.last_error}")
         self._shape = shape
         self._destroy_graphs()  # they hold the old addresses
+
+    def _host_array(self, name: str, dtype, count: int) -> np.ndarray:
+        """The first `count` items of the pinned host buffer `name`, as an array over it (no copy)."""
+        dtype = np.dtype(dtype)
+        return np.frombuffer((ctypes.c_ubyte * (count * dtype.itemsize)).from_address(self._host[name]), dtype)
 
     def _ensure(self, name: str, nbytes: int) -> None:
         if self._capacity.get(name, -1) >= nbytes:
@@ -189,10 +194,17 @@ class TrtRunner(Runner):
             raise ValueError(f"blob shape {blob.shape} differs from the shape set: {self._shape}")
         name = self.input_name
         np.copyto(self._views[name], blob, casting="same_kind")
-        cuda_call(self._rt.cudaEventRecord, self._h2d, self._stream)
-        self._copy(self._dev[name], self._host[name], self._views[name].nbytes, to_device=True)
-        cuda_call(self._rt.cudaEventRecord, self._h2d_end, self._stream)
-        self._timed_copies.add("h2d")
+        with self._timed("h2d"):
+            self._copy(self._dev[name], self._host[name], self._views[name].nbytes, to_device=True)
+
+    @contextmanager
+    def _timed(self, copy: str):
+        """Record the CUDA events of `copy` (h2d or d2h) around the copies queued inside the block."""
+        start, end = self._copy_events[copy]
+        cuda_call(self._rt.cudaEventRecord, start, self._stream)
+        yield
+        cuda_call(self._rt.cudaEventRecord, end, self._stream)
+        self._timed_copies.add(copy)
 
     def _copy(self, dst: int, src: int, nbytes: int, to_device: bool) -> None:
         kind = self._rt.cudaMemcpyKind
@@ -212,11 +224,9 @@ class TrtRunner(Runner):
 
     def d2h(self) -> dict[str, np.ndarray]:
         """Copy every output to its pinned buffer, synchronize, return copies (floats as float32)."""
-        cuda_call(self._rt.cudaEventRecord, self._d2h, self._stream)
-        for name in self.output_names:
-            self._copy(self._host[name], self._dev[name], self._views[name].nbytes, to_device=False)
-        cuda_call(self._rt.cudaEventRecord, self._d2h_end, self._stream)
-        self._timed_copies.add("d2h")
+        with self._timed("d2h"):
+            for name in self.output_names:
+                self._copy(self._host[name], self._dev[name], self._views[name].nbytes, to_device=False)
         self.sync()
         out = {}
         for name in self.output_names:
@@ -229,8 +239,8 @@ class TrtRunner(Runner):
 
     def copy_ms(self) -> dict[str, float]:
         """GPU time of the last run's host-to-device and device-to-host copies (after a sync)."""
-        events = {"h2d": (self._h2d, self._h2d_end), "d2h": (self._d2h, self._d2h_end)}
-        return {name: float(cuda_call(self._rt.cudaEventElapsedTime, *events[name])) for name in self._timed_copies}
+        elapsed = self._rt.cudaEventElapsedTime
+        return {copy: float(cuda_call(elapsed, *self._copy_events[copy])) for copy in self._timed_copies}
 
     def _loaded_kernels(self) -> Kernels:
         if self._kernels is None:
@@ -253,30 +263,26 @@ class TrtRunner(Runner):
         batch, _, h, w = self._shape
         if len(images) != batch or (h, w) != tuple(hw):
             raise ValueError(f"{len(images)} images at {list(hw)} do not fill the input shape {list(self._shape)}")
-        sizes = [image.nbytes for image in images]
-        if self._capacity.get("source", -1) < sum(sizes):
-            self._ensure("source", sum(sizes))
+        total = sum(image.nbytes for image in images)
+        if self._capacity.get("source", -1) < total:
+            self._ensure("source", total)
             self._destroy_graphs("letterbox")
         self._ensure("fits", batch * FIT_FIELDS * 4)
-        fits = np.frombuffer((ctypes.c_int32 * (batch * FIT_FIELDS)).from_address(self._host["fits"]), np.int32)
-        fits = fits.reshape(batch, FIT_FIELDS)
-        staging = np.frombuffer((ctypes.c_ubyte * self._capacity["source"]).from_address(self._host["source"]),
-                                np.uint8)
+        fits = self._host_array("fits", np.int32, batch * FIT_FIELDS).reshape(batch, FIT_FIELDS)
+        staging = self._host_array("source", np.uint8, total)
         boxes, offset = [], 0
-        cuda_call(self._rt.cudaEventRecord, self._h2d, self._stream)
-        for n, image in enumerate(images):
-            image = np.ascontiguousarray(image)
-            (new_w, new_h), (top, _, left, _), box = fit(*image.shape[:2], (h, w))
-            fits[n] = offset, image.shape[1], image.shape[0], new_w, new_h, left, top, 0
-            source = image.ctypes.data
-            if source not in self._pinned:  # through the pinned staging buffer
-                staging[offset:offset + image.nbytes] = image.reshape(-1)
-                source = self._host["source"] + offset
-            self._copy(self._dev["source"] + offset, source, image.nbytes, to_device=True)
-            boxes.append(box)
-            offset += image.nbytes
-        cuda_call(self._rt.cudaEventRecord, self._h2d_end, self._stream)
-        self._timed_copies.add("h2d")
+        with self._timed("h2d"):
+            for n, image in enumerate(images):
+                image = np.ascontiguousarray(image)
+                (new_w, new_h), (top, _, left, _), box = fit(*image.shape[:2], (h, w))
+                fits[n] = offset, image.shape[1], image.shape[0], new_w, new_h, left, top, 0
+                source = image.ctypes.data
+                if source not in self._pinned:  # through the pinned staging buffer
+                    staging[offset:offset + image.nbytes] = image.reshape(-1)
+                    source = self._host["source"] + offset
+                self._copy(self._dev["source"] + offset, source, image.nbytes, to_device=True)
+                boxes.append(box)
+                offset += image.nbytes
 
         def enqueue():
             self._copy(self._dev["fits"], self._host["fits"], batch * FIT_FIELDS * 4, to_device=True)
@@ -309,15 +315,12 @@ class TrtRunner(Runner):
                                               self._dtypes[name] == np.float16)
 
         self._launch(f"candidates@{conf}", enqueue)
-        cuda_call(self._rt.cudaEventRecord, self._d2h, self._stream)
-        self._copy(self._host["counts"], self._dev["counts"], batch * 4, to_device=False)
-        self._copy(self._host["rows"], self._dev["rows"], batch * CANDIDATE_CAP * ROW * 4, to_device=False)
-        cuda_call(self._rt.cudaEventRecord, self._d2h_end, self._stream)
-        self._timed_copies.add("d2h")
+        with self._timed("d2h"):
+            self._copy(self._host["counts"], self._dev["counts"], batch * 4, to_device=False)
+            self._copy(self._host["rows"], self._dev["rows"], batch * CANDIDATE_CAP * ROW * 4, to_device=False)
         self.sync()
-        counts = np.frombuffer((ctypes.c_int32 * batch).from_address(self._host["counts"]), np.int32)
-        rows = np.frombuffer((ctypes.c_float * (batch * CANDIDATE_CAP * ROW)).from_address(self._host["rows"]),
-                             np.float32).reshape(batch, CANDIDATE_CAP, ROW)
+        counts = self._host_array("counts", np.int32, batch)
+        rows = self._host_array("rows", np.float32, batch * CANDIDATE_CAP * ROW).reshape(batch, CANDIDATE_CAP, ROW)
         return [rows[n, :k].copy() if k <= CANDIDATE_CAP else None for n, k in enumerate(counts.tolist())]
 
     def throughput(self, shape: tuple[int, ...], streams: int, iters: int) -> float:
@@ -384,7 +387,7 @@ class TrtRunner(Runner):
         self._pinned.clear()
         for name in list(self._dev):
             self._free(name)
-        for event in (self._start, self._end, self._h2d, self._h2d_end, self._d2h, self._d2h_end):
+        for event in (self._start, self._end, *(e for pair in self._copy_events.values() for e in pair)):
             cuda_call(rt.cudaEventDestroy, event)
         cuda_call(rt.cudaStreamDestroy, self._stream)
         self._context = None
