@@ -52,6 +52,7 @@ class BuildTool(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
+    int8 = "int8"
 
 
 class ShapeMode(str, Enum):
@@ -64,6 +65,21 @@ class Fp16Mode(str, Enum):
     auto = "auto"
     builder_flag = "builder_flag"
     strongly_typed = "strongly_typed"
+
+
+class Int8Mode(str, Enum):
+    """How an int8 model is made: TensorRT's implicit calibration (<= 10), or an explicitly quantized Q/DQ ONNX
+    calibrated on the CPU with onnxruntime (8.6, 10, 11, and onnxruntime itself)."""
+    auto = "auto"  # calibrator where TensorRT has it, else qdq
+    calibrator = "calibrator"
+    qdq = "qdq"
+
+
+class Calibrator(str, Enum):
+    """The calibration algorithm: TensorRT's IInt8EntropyCalibrator2 / IInt8MinMaxCalibrator, or onnxruntime's
+    CalibrationMethod.Entropy / MinMax for a Q/DQ ONNX."""
+    entropy2 = "entropy2"
+    minmax = "minmax"
 
 
 class Head(str, Enum):
@@ -116,6 +132,8 @@ class BuildConfig:
 class PrecisionConfig:
     name: Precision = Precision.fp32
     fp16_mode: Fp16Mode = Fp16Mode.auto
+    int8_mode: Int8Mode = Int8Mode.auto
+    calibrator: Calibrator = Calibrator.entropy2
 
 
 @dataclass
@@ -168,6 +186,9 @@ class DataConfig:
     images: Optional[str] = None  # null: the generated held-out split of the default model
     labels: Optional[str] = None  # YOLO .txt labels; null: images/../labels/<split> when present
     limit: int = 16
+    calibration: Optional[str] = None  # int8 calibration images; null: the generated calibration split, or with
+    #   data.images set, that folder's images past the ones validated on
+    calibration_limit: int = 32
 
 
 @dataclass
@@ -176,6 +197,7 @@ class Thresholds:
     rtol: float = MISSING
     max_rel_l2: float = MISSING
     min_det_f1: float = MISSING
+    max_map_drop: float = MISSING  # mAP50-95 of the reference minus the model under test's, on the same images
 
 
 @dataclass
@@ -185,8 +207,9 @@ class ValidateConfig:
     match_iou: float = 0.5
     max_det: int = 300
     non_square: bool = True  # dynamic: also check one non-square shape inside the profile
-    fp32: Thresholds = field(default_factory=lambda: Thresholds(1e-3, 1e-3, 1e-5, 0.99))
-    fp16: Thresholds = field(default_factory=lambda: Thresholds(5e-2, 5e-2, 5e-3, 0.9))
+    fp32: Thresholds = field(default_factory=lambda: Thresholds(1e-3, 1e-3, 1e-5, 0.99, 0.005))
+    fp16: Thresholds = field(default_factory=lambda: Thresholds(5e-2, 5e-2, 5e-3, 0.9, 0.01))
+    int8: Thresholds = field(default_factory=lambda: Thresholds(0.5, 0.1, 0.25, 0.8, 0.02))
 
 
 @dataclass
@@ -267,7 +290,7 @@ def _check_validate(v: ValidateConfig) -> None:
         raise ConfigError(f"validate.max_det: must be a positive integer, got {v.max_det}")
     for precision in Precision:
         t: Thresholds = getattr(v, precision.value)
-        for key in ("atol", "rtol", "max_rel_l2"):
+        for key in ("atol", "rtol", "max_rel_l2", "max_map_drop"):
             if getattr(t, key) < 0:
                 raise ConfigError(f"validate.{precision.value}.{key}: must be >= 0, got {getattr(t, key)}")
         _check_fraction(f"validate.{precision.value}.min_det_f1", t.min_det_f1)
@@ -291,7 +314,8 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"shape.opt: static H and W must be multiples of the stride {stride}, "
                               f"got {list(cfg.shape.opt)}")
     _check_validate(cfg.validate)
-    for key, value in (("data.limit", cfg.data.limit), ("bench.iters", cfg.bench.iters)):
+    for key, value in (("data.limit", cfg.data.limit), ("data.calibration_limit", cfg.data.calibration_limit),
+                       ("bench.iters", cfg.bench.iters)):
         if value <= 0:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
     if cfg.bench.warmup < 0:

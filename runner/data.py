@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 HELD_OUT_SEED = 1  # the split runner.train validates the shipped models on
 HELD_OUT_COUNT = 64
+CALIBRATION_SEED, CALIBRATION_COUNT = 2, 64  # INT8 calibration images, apart from training and held-out ones
+GENERATED = f"shapes-v{synthetic.VERSION}"  # the generated data's folder under <outputs>/data
 COORD_SLACK = 1e-3  # normalised coordinates a rounding step outside [0, 1] are accepted
 
 
@@ -46,6 +48,32 @@ def held_out_split(root: Path) -> Path:
     if not (images.is_dir() and len(list(images.iterdir())) == HELD_OUT_COUNT):
         synthetic.write_split(root, "val", HELD_OUT_COUNT, HELD_OUT_SEED)
     return images
+
+
+def calibration_split(root: Path) -> Path:
+    """The generated INT8 calibration split (its own seed: apart from the training and held-out images)."""
+    images = root / "images" / "calib"
+    if not (images.is_dir() and len(list(images.iterdir())) == CALIBRATION_COUNT):
+        synthetic.write_split(root, "calib", CALIBRATION_COUNT, CALIBRATION_SEED)
+    return images
+
+
+def calibration_files(images_dir: str | None, calibration_dir: str | None, validated: int, limit: int,
+                      outputs: Path) -> list[Path]:
+    """The INT8 calibration images, never one that validation uses. Raises ConfigError.
+
+    `calibration_dir` set: its first `limit` readable images (those of the validated folder excepted).
+    Else, with `images_dir` set: that folder's images past the first `validated`; else the generated split."""
+    if calibration_dir is None and images_dir is None:
+        return select(calibration_split(outputs / "data" / GENERATED), None, limit).files
+    folder = calibration_dir or images_dir
+    validation = {p.resolve() for p in select(images_dir or held_out_split(outputs / "data" / GENERATED), None,
+                                              validated).files}
+    files = [p for p in select(folder, None, limit + validated).files if p.resolve() not in validation][:limit]
+    if not files:
+        raise ConfigError(f"data.calibration: no images in {folder} apart from the {len(validation)} validated "
+                          f"on; set data.calibration to a folder of other images, or lower data.limit")
+    return files
 
 
 def parse_labels(path: Path) -> np.ndarray:
@@ -113,7 +141,7 @@ def select(images_dir: str | Path, labels_dir: str | None, limit: int) -> Select
 def load_samples(images_dir: str | None, labels_dir: str | None, limit: int, outputs: Path
                  ) -> tuple[list[Sample], list[str]]:
     """(samples, names of skipped unreadable images). The default held-out split is generated on first use."""
-    selection = select(images_dir or held_out_split(outputs / "data" / "shapes"), labels_dir, limit)
+    selection = select(images_dir or held_out_split(outputs / "data" / GENERATED), labels_dir, limit)
     if selection.skipped:
         log.warning("data: skipped %d unreadable image(s): %s", len(selection.skipped), ", ".join(selection.skipped))
     samples = []

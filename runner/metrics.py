@@ -69,8 +69,9 @@ def correct_at_thresholds(det: np.ndarray, gt_cls: np.ndarray, gt_boxes: np.ndar
     return correct
 
 
-def mean_average_precision(dets: list[np.ndarray], gts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """mAP50 and mAP50-95 of per-image detections against (classes, xyxy boxes) ground truth."""
+def mean_average_precision(dets: list[np.ndarray], gts: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """mAP50, mAP50-95 and AP50-95 per class index (`per_class`) of per-image detections against (classes,
+    xyxy boxes) ground truth."""
     from ultralytics.utils.metrics import ap_per_class
 
     tp = np.concatenate([correct_at_thresholds(d, c, b) for d, (c, b) in zip(dets, gts)])
@@ -79,5 +80,7 @@ def mean_average_precision(dets: list[np.ndarray], gts: list[tuple[np.ndarray, n
     target_cls = np.concatenate([c for c, _ in gts])
     if len(target_cls) == 0:
         return {}
-    ap = ap_per_class(tp, conf, pred_cls, target_cls)[5]
-    return {"map50": float(ap[:, 0].mean()) if len(ap) else 0.0, "map50_95": float(ap.mean()) if len(ap) else 0.0}
+    stats = ap_per_class(tp, conf, pred_cls, target_cls)
+    ap, classes = stats[5], stats[6]
+    return {"map50": float(ap[:, 0].mean()) if len(ap) else 0.0, "map50_95": float(ap.mean()) if len(ap) else 0.0,
+            "per_class": {int(c): float(a) for c, a in zip(classes, ap.mean(1))}}

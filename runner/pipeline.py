@@ -22,12 +22,14 @@ from runner.data import Sample, load_samples
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
 from runner.processing import UnknownHead, head_format
+from runner.quantize import calibration_set, quantize_qdq
 from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, StageError,
                             VariantResult)
 from runner.validate import check_shapes, validate
 
 log = logging.getLogger(__name__)
 FP16_ONNX = ("fp16_onnx", "strongly_typed")  # the precision mechanisms that build or run an fp16 ONNX
+QDQ = "qdq"  # the precision mechanism that builds or runs a Q/DQ int8 ONNX
 ENGINE_BACKENDS = ("tensorrt", "ultralytics")  # backends that run a TensorRT engine: the row names its build tool
 
 
@@ -35,10 +37,14 @@ def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
     """The variant's compatibility cell: model, ONNX column x build row. With no mechanism known (the backend is not
     here to say), the ONNX is named by the variant's precision."""
     build_tool = cfg.build.tool.value if backend in ENGINE_BACKENDS else backend
-    onnx_precision = cfg.precision.name.value if mechanism is None else "fp16" if mechanism in FP16_ONNX else "fp32"
+    onnx_precision = (cfg.precision.name.value if mechanism is None else "fp16" if mechanism in FP16_ONNX
+                      else f"qdq {cfg.precision.calibrator.value}" if mechanism == QDQ else "fp32")
+    build_precision = cfg.precision.name.value
+    if mechanism == "calibrator":  # the calibration happens in the build
+        build_precision += f" {cfg.precision.calibrator.value}"
     onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision,
                        cfg.export.head.value)
-    build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, pipeline_label(cfg, backend))
+    build = BuildVariant(build_tool, cfg.shape.mode.value, build_precision, pipeline_label(cfg, backend))
     return Cell(onnx, build, cfg.model.label)
 
 
@@ -118,7 +124,8 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
 
 
 def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
-    """The fp32 reference ONNX, and the ONNX under test (the fp16 one where the mechanism needs it)."""
+    """The fp32 reference ONNX, and the ONNX under test: the fp16 one, or the Q/DQ int8 one calibrated on the CPU,
+    where the mechanism needs it."""
     weights = cfg.model.weights
     spec = ExportSpec(weights=weights, tool=cfg.export.tool.value,
                       dynamic=(cfg.export.shape or cfg.shape.mode) == ShapeMode.dynamic, half=False,
@@ -128,6 +135,8 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     tested = reference
     if mechanism in FP16_ONNX:
         tested = export_onnx(replace(spec, half=True), Path(cfg.cache_dir))
+    elif mechanism == QDQ:
+        tested = quantize_qdq(reference, calibration_set(cfg), cfg.precision.calibrator.value, Path(cfg.cache_dir))
     return ExportResult(weights=weights, reference=reference, tested=tested)
 
 
@@ -142,7 +151,8 @@ def output_head(build: BuildResult, export: ExportResult) -> str:
 
 def validate_stage(cfg: RunConfig, runner, pipeline, result: VariantResult, samples: list[Sample],
                    skipped: list[str]) -> None:
-    """Against the onnxruntime reference at every shape of the built profile; fails the variant on a miss."""
+    """Against the onnxruntime reference at every shape of the built profile. A shape that cannot run fails the
+    variant at `validate`; a missed accuracy limit, at `accuracy`."""
     build, export = result.build, result.export
     is_reference = (build.tool == "onnxruntime" and build.artifact == export.reference.path
                     and build.provider == REFERENCE_PROVIDER)
@@ -151,9 +161,11 @@ def validate_stage(cfg: RunConfig, runner, pipeline, result: VariantResult, samp
         shapes = check_shapes(build.profile, cfg.model.stride, cfg.validate.non_square)
         thresholds = getattr(cfg.validate, cfg.precision.name.value)
         result.validate = validate(runner, pipeline, reference, samples, shapes, thresholds, cfg.validate,
-                                   REFERENCE_PROVIDER, skipped)
+                                   REFERENCE_PROVIDER, skipped, export.tested.names)
     finally:
         if reference is not None:
             reference.close()
-    if result.validate.status in ("failed", "unchecked"):
+    if result.validate.status == "inaccurate":  # built and ran: the table's accuracy state, naming the metric
+        result.fail("accuracy", result.validate.reason)
+    elif result.validate.status in ("failed", "unchecked"):
         result.fail("validate", result.validate.reason)

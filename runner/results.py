@@ -18,7 +18,7 @@ UNNAMED_MODEL = "(unnamed)"  # results recorded before the model was part of a c
 EXPORT_TOOLS = {"ultralytics": "ul", "torch": "tc", "dynamo": "dynamo"}  # table order and abbreviation
 BUILD_TOOLS = {"tensorrt_api": "trt", "ultralytics": "ul-trt", "onnxruntime": "ort"}
 SHAPES = {"static": "st", "dynamic": "dy"}
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "qdq")  # a label's first word: "int8 entropy2", "qdq minmax"
 STATUSES = ("ok", "failed", "skipped")
 PEER_PIPELINE = "predict"  # backend=ultralytics: YOLO(engine).predict, the row runner's own rows are held against
 
@@ -86,7 +86,8 @@ class _Variant(Record):
         return f"{self.TOOLS.get(self.tool, self.tool)} {SHAPES[self.shape]} {self.precision}"
 
     def sort_key(self) -> tuple:
-        return _rank(self.TOOLS, self.tool), _rank(PRECISIONS, self.precision), _rank(SHAPES, self.shape)
+        return (_rank(self.TOOLS, self.tool), _rank(PRECISIONS, self.precision.split()[0]), self.precision,
+                _rank(SHAPES, self.shape))
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ class BuildResult(Record):
     build_s: float = 0.0
     size_bytes: int = 0
     cache_hit: bool = False
-    precision_mechanism: str = "none"  # none | builder_flag | strongly_typed | fp16_onnx
+    precision_mechanism: str = "none"  # none | builder_flag | strongly_typed | fp16_onnx | calibrator | qdq
     optimization_level: int | None = None
     tf32: bool | None = None
     trt_version: str | None = None
@@ -182,6 +183,7 @@ class BuildResult(Record):
     num_layers: int | None = None
     metadata: dict | None = None  # the JSON header of an ultralytics .engine
     onnx_signature: dict | None = None  # build=ultralytics: the ONNX it made on the way
+    calibration: dict | None = None  # implicit INT8: calibrator, images, shape, cache file and whether it was a hit
 
 
 @dataclass
@@ -215,16 +217,27 @@ class ShapeCheck(Record):
     map50: float | None = None  # against the labels, where the data has them
     map50_95: float | None = None
     input_max_abs: float | None = None  # GPU letterbox against the CPU one, where the variant's pre is on the GPU
+    ref_map50_95: float | None = None  # the reference's, on the same images at the same shape
+    class_ap_delta: dict[str, float] = field(default_factory=dict)  # AP50-95 per class: model under test - reference
+    failed_metrics: list[str] = field(default_factory=list)  # the accuracy limits missed: rel-L2, det F1, mAP50-95
 
     @property
     def rel_l2(self) -> float | None:
         return max((t.rel_l2 for t in self.tensors.values()), default=None)
 
+    @property
+    def map_drop(self) -> float | None:
+        """Reference mAP50-95 minus the model under test's: what the precision cost (negative: it gained)."""
+        if self.map50_95 is None or self.ref_map50_95 is None:
+            return None
+        return self.ref_map50_95 - self.map50_95
+
 
 @dataclass
 class ValidateResult(Record):
-    """passed / failed against the thresholds; `reference` when the model under test is the reference
-    itself (nothing to compare, so it cannot fail); `unchecked` when no shape could be checked."""
+    """passed; inaccurate (every shape ran, one missed an accuracy limit: `failed_metrics`); failed (a shape
+    could not run); `reference` when the model under test is the reference itself (nothing to compare, so it
+    cannot fail); `unchecked` when no shape could be checked."""
     status: str
     shapes: dict[str, ShapeCheck]
     thresholds: dict
@@ -233,6 +246,7 @@ class ValidateResult(Record):
     skipped_images: list[str] = field(default_factory=list)
     reason: str | None = None  # why it failed or was unchecked, or what a pass did not measure
     head: str = "one2many"  # the decode: one2many (with NMS) | end2end
+    failed_metrics: list[str] = field(default_factory=list)
 
     def aggregate(self) -> dict[str, float]:
         """The worst value of each measure over the shapes where it was measured."""
@@ -245,6 +259,10 @@ class ValidateResult(Record):
         scored = [s for s in self.shapes.values() if s.map50_95 is not None]
         if scored:
             out.update(map50=min(s.map50 for s in scored), map50_95=min(s.map50_95 for s in scored))
+        if compared := [s for s in self.shapes.values() if s.map_drop is not None]:
+            worst = max(compared, key=lambda s: s.map_drop)
+            out.update(ref_map50_95=worst.ref_map50_95, map_drop=worst.map_drop,
+                       **{f"ap_delta.{c}": d for c, d in worst.class_ap_delta.items()})
         return out
 
 
@@ -322,13 +340,13 @@ class VariantResult(Record):
                 m["build.engine_mb"] = b.size_bytes / 1e6
         if self.validate:
             v = self.validate
-            if v.status in ("passed", "failed"):
+            if v.status in ("passed", "inaccurate", "failed"):
                 m["val.passed"] = float(v.status == "passed")
             m.update({f"val.{k}": x for k, x in v.aggregate().items()})
             m.update({"data.images": v.images, "data.skipped_images": len(v.skipped_images)})
             for label, s in v.shapes.items():
                 m.update({f"val.{label}.rel_l2": s.rel_l2, f"val.{label}.map50": s.map50,
-                          f"val.{label}.map50_95": s.map50_95})
+                          f"val.{label}.map50_95": s.map50_95, f"val.{label}.map_drop": s.map_drop})
                 if s.detections:
                     m.update({f"val.{label}.det_{k}": getattr(s.detections, k) for k in ("precision", "recall", "f1")})
         if self.bench:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from runner.config import ASSETS
 from runner.results import MODELS
-from runner.synthetic import make_dataset
+from runner.synthetic import VERSION, make_dataset
 
 
 def architecture(arch: str) -> str:
@@ -34,7 +34,7 @@ def train(arch: str, data_root: Path, out: Path, epochs: int, imgsz: int, batch:
     os.environ.setdefault("MLFLOW_TRACKING_URI", (data_root / "train" / "mlruns").resolve().as_uri())
     from ultralytics import YOLO
 
-    data_yaml = make_dataset(data_root)
+    data_yaml = make_dataset(data_root, workers=max(workers, 1))
     start = time.perf_counter()
     model = YOLO(architecture(arch))
     model.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers,
@@ -45,7 +45,8 @@ def train(arch: str, data_root: Path, out: Path, epochs: int, imgsz: int, batch:
                                   project=str(data_root / "train"), name=f"{arch}-val", exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best, out)
-    summary = {"arch": arch, "yaml": architecture(arch), "weights": out.name, "epochs": epochs, "imgsz": imgsz,
+    summary = {"arch": arch, "yaml": architecture(arch), "weights": out.name, "generator": VERSION,
+               "train_images": len(list((data_root / "images" / "train").iterdir())), "epochs": epochs, "imgsz": imgsz,
                "device": device, "train_s": round(time.perf_counter() - start, 1),
                "map50": float(metrics.box.map50), "map50_95": float(metrics.box.map),
                "per_class_map50_95": {metrics.names[int(c)]: float(v) for c, v in
@@ -57,7 +58,7 @@ def train(arch: str, data_root: Path, out: Path, epochs: int, imgsz: int, batch:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=MODELS, default="yolov8n")
-    parser.add_argument("--data-root", type=Path, default=Path("outputs/data/shapes"))
+    parser.add_argument("--data-root", type=Path, default=Path(f"outputs/data/shapes-v{VERSION}"))
     parser.add_argument("--out", type=Path, help="default: runner/assets/<arch>.pt")
     parser.add_argument("--summary", type=Path, help="write the figures as JSON here")
     parser.add_argument("--epochs", type=int, default=100)

@@ -76,9 +76,10 @@ def _detection_metrics(det_test: list[np.ndarray], det_ref: list[np.ndarray], ma
 
 
 def validate_shape(runner, pipeline, reference, samples: list[Sample], shape: list[int], thresholds: Thresholds,
-                   v: ValidateConfig) -> ShapeCheck:
+                   v: ValidateConfig, names: list[str] = ()) -> ShapeCheck:
     """Metrics of one shape. `reference=None`: the runner is the reference (mAP only). A reference that
-    cannot run at this shape makes it `skipped`."""
+    cannot run at this shape makes it `skipped`; a model under test that cannot, `failed`; one that runs but
+    misses a limit, `inaccurate`. `names`: the class names, for the per-class AP deltas."""
     hw, head = (shape[2], shape[3]), pipeline.head
     outs_test, outs_ref, det_test, det_ref, gts, input_max_abs = {}, {}, [], [], [], None
     for chunk in _batches(samples, shape[0]):
@@ -105,13 +106,17 @@ def validate_shape(runner, pipeline, reference, samples: list[Sample], shape: li
                 outs_test.setdefault(name, []).append(test[name])
             det_ref += postprocess(ref[next(iter(ref))], boxes, v.conf, v.nms_iou, v.max_det, head)
         gts += [(s.gt_cls, s.gt_boxes) for s in chunk]
-    labelled = [(d, g) for d, g in zip(det_test, gts) if g[0] is not None]
-    accuracy = mean_average_precision([d for d, _ in labelled], [g for _, g in labelled]) if labelled else {}
+    labelled = [i for i, g in enumerate(gts) if g[0] is not None]
+    accuracy = _accuracy([det_test[i] for i in labelled], [gts[i] for i in labelled])
     check = ShapeCheck(shape, "reference", map50=accuracy.get("map50"), map50_95=accuracy.get("map50_95"),
                        input_max_abs=input_max_abs)
     if reference is None:
         return check
-    letterbox_ok = input_max_abs is None or input_max_abs <= GPU_LETTERBOX_TOLERANCE
+    if labelled:
+        ref_accuracy = _accuracy([det_ref[i] for i in labelled], [gts[i] for i in labelled])
+        check.ref_map50_95 = ref_accuracy.get("map50_95")
+        check.class_ap_delta = {_name(names, c): accuracy["per_class"].get(c, 0.0) - ap
+                                for c, ap in ref_accuracy.get("per_class", {}).items()}
     if head != END2END:  # a top-k output's rows are ranked, and near-equal scores reorder them: detections only
         check.tensors = {name: TensorMetrics(**tensor_metrics(np.concatenate(outs_test[name]),
                                                               np.concatenate(outs_ref[name]),
@@ -121,30 +126,50 @@ def validate_shape(runner, pipeline, reference, samples: list[Sample], shape: li
         check.status, check.reason = "skipped", f"nothing compared: {NO_REFERENCE_DETECTIONS}, and an end-to-end " \
                                                 f"output is compared as detections only"
         return check
-    measured = ([f"rel-L2 {check.rel_l2:.2e}"] if check.tensors else []) + ([f"det F1 {d.f1:.3f}"] if d else [])
-    passed = ((not check.tensors or check.rel_l2 <= thresholds.max_rel_l2)
-              and (d is None or d.f1 >= thresholds.min_det_f1))
-    check.status = "passed" if passed and letterbox_ok else "failed"
-    if not passed:
-        check.reason = f"{', '.join(measured)} (limits {thresholds.max_rel_l2:.0e}, {thresholds.min_det_f1})"
-    elif not letterbox_ok:
-        check.reason = _letterbox_miss(input_max_abs)
-    elif d is None:
-        check.reason = NO_REFERENCE_DETECTIONS
+    misses = _misses(check, thresholds)
+    check.status = "inaccurate" if misses else "passed"
+    check.failed_metrics = list(misses)
+    check.reason = "; ".join(misses.values()) or (NO_REFERENCE_DETECTIONS if d is None else None)
     return check
 
 
+def _accuracy(dets: list[np.ndarray], gts: list) -> dict:
+    return mean_average_precision(dets, gts) if gts else {}
+
+
+def _name(names: list[str], index: int) -> str:
+    return names[index] if index < len(names) else str(index)
+
+
+def _misses(check: ShapeCheck, t: Thresholds) -> dict[str, str]:
+    """The accuracy limits a shape missed: metric -> what was measured against what was allowed."""
+    misses, d = {}, check.detections
+    if check.tensors and check.rel_l2 > t.max_rel_l2:
+        misses["rel-L2"] = f"rel-L2 {check.rel_l2:.2e} > {t.max_rel_l2:.0e}"
+    if d is not None and d.f1 < t.min_det_f1:
+        misses["det F1"] = f"det F1 {d.f1:.3f} < {t.min_det_f1}"
+    if check.map_drop is not None and check.map_drop > t.max_map_drop:
+        misses["mAP50-95"] = (f"mAP50-95 {check.map50_95:.3f} vs reference {check.ref_map50_95:.3f}: drop "
+                              f"{check.map_drop:.3f} > {t.max_map_drop}")
+    if check.input_max_abs is not None and check.input_max_abs > GPU_LETTERBOX_TOLERANCE:
+        misses["GPU letterbox"] = _letterbox_miss(check.input_max_abs)
+    return misses
+
+
 def validate(runner, pipeline, reference, samples: list[Sample], shapes: list[tuple[str, list[int]]],
-             thresholds: Thresholds, v: ValidateConfig, reference_provider: str, skipped_images: list[str]
-             ) -> ValidateResult:
+             thresholds: Thresholds, v: ValidateConfig, reference_provider: str, skipped_images: list[str],
+             names: list[str] = ()) -> ValidateResult:
     """Validate at every shape, detections through `pipeline`: passes when every shape the reference could run
-    passes. `reference=None` when the model under test is the reference itself."""
+    passes; `inaccurate` when they all ran but one missed a limit. `reference=None` when the model under test is
+    the reference itself."""
     head = pipeline.head
     per_shape = {}
     for label, shape in shapes:
         log.info("validate: %s %s on %d images...", label, shape, len(samples))
-        per_shape[label] = s = validate_shape(runner, pipeline, reference, samples, shape, thresholds, v)
+        per_shape[label] = s = validate_shape(runner, pipeline, reference, samples, shape, thresholds, v, names)
         scores = f"mAP50-95 {s.map50_95:.3f}" if s.map50_95 is not None else "no labels"
+        if s.map_drop is not None:
+            scores += f" (reference {s.ref_map50_95:.3f})"
         if s.tensors or s.detections:
             tensors = f"rel-L2 {s.rel_l2:.2e}" if s.tensors else TENSORS_NOT_COMPARED
             detections = f"det F1 {s.detections.f1:.3f}" if s.detections else NO_REFERENCE_DETECTIONS
@@ -157,10 +182,11 @@ def validate(runner, pipeline, reference, samples: list[Sample], shapes: list[tu
     elif reference is None:
         status = "reference"
     else:
-        status = "passed" if all(s.status == "passed" for s in checked.values()) else "failed"
+        outcomes = {s.status for s in checked.values()}
+        status = "failed" if "failed" in outcomes else "inaccurate" if "inaccurate" in outcomes else "passed"
     reason = None
-    if status == "failed":
-        reason = "; ".join(f"{k} {s.shape}: {s.reason}" for k, s in checked.items() if s.status == "failed")
+    if status in ("failed", "inaccurate"):
+        reason = "; ".join(f"{k} {s.shape}: {s.reason}" for k, s in checked.items() if s.status == status)
     elif status == "unchecked":
         reason = "no shape could be checked: " + "; ".join(f"{k}: {s.reason}" for k, s in per_shape.items())
     elif status == "passed":
@@ -169,9 +195,10 @@ def validate(runner, pipeline, reference, samples: list[Sample], shapes: list[tu
         if head == END2END:
             notes.append(TENSORS_NOT_COMPARED)
         reason = "; ".join(notes) or None
+    missed = list(dict.fromkeys(m for s in checked.values() for m in s.failed_metrics))
     return ValidateResult(status=status, shapes=per_shape, thresholds=asdict(thresholds),
                           reference_provider=reference_provider, images=len(samples),
-                          skipped_images=list(skipped_images), reason=reason, head=head)
+                          skipped_images=list(skipped_images), reason=reason, head=head, failed_metrics=missed)
 
 
 def _letterbox_miss(value: float) -> str:

@@ -21,8 +21,11 @@
 #                                           #   on the held-out set, then on bus.jpg; a table and chart for each
 #   bash scripts/gpu-proof.sh nms           # export.head=nms (NMS in the graph) x shape x precision x build tool,
 #                                           #   level 0
+#   bash scripts/gpu-proof.sh int8-static   # fp32, fp16, int8 calibrator and int8 Q/DQ, static, level 0, on the
+#   bash scripts/gpu-proof.sh int8-dynamic  #   whole held-out split; likewise dynamic
+#   bash scripts/gpu-proof.sh int8-table    # both as one table from the MLflow store
 set -euo pipefail
-step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|pipeline|nms}
+step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|pipeline|nms|int8-static|int8-dynamic|int8-table}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -62,6 +65,13 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
       --out "$DEST/$step/all-gpus" 2>&1 | tee -a "$DEST/$step/run.log"
     python3 scripts/scale-summary.py "$DEST" "sqlite:///$RUNS/mlflow.db" | tee "$DEST/$step/scale.json"
     exit "${PIPESTATUS[0]}" ;;
+  int8-table)
+    python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$(cat "$DEST/int8-static/sweep_id")" \
+      --sweep "$(cat "$DEST/int8-dynamic/sweep_id")" --out "$DEST/$step" 2>&1 | tee "$DEST/$step/run.log"
+    exit "${PIPESTATUS[0]}" ;;
+  int8-static|int8-dynamic)
+    args=(-m precision=fp32,fp16,int8_calibrator,int8_qdq "shape=${step#int8-}" backend.builder_optimization_level=0
+          data.limit=64 bench.warmup=20 bench.iters=200) ;;
   models-table)
     python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$(cat "$DEST/models/sweep_id")" \
       --sweep "$(cat "$DEST/models-e2e/sweep_id")" --out "$DEST/$step" 2>&1 | tee "$DEST/$step/run.log"

@@ -44,7 +44,7 @@ def onnx_model(path, in_shape, fp16: bool, reshape_to=None) -> str:
 def engine(tmp_path, in_shape, fp16, reshape_to=None) -> str:
     path = onnx_model(tmp_path / f"m{fp16}{bool(reshape_to)}.onnx", in_shape, fp16, reshape_to)
     result = build_engine(BuildSpec(onnx_path=path, precision="fp16" if fp16 else "fp32",
-                                    fp16_mode="builder_flag" if fp16 else "none", min_shape=in_shape,
+                                    mechanism="builder_flag" if fp16 else "none", min_shape=in_shape,
                                     opt_shape=in_shape, max_shape=in_shape, optimization_level=0, workspace_gib=1.0,
                                     cache_dir=str(tmp_path / "cache")))
     return result.artifact

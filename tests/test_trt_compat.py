@@ -9,20 +9,31 @@ import pytest
 
 from runner import backends
 from runner.backends.tensorrt import compat as trt_compat
-from runner.backends.tensorrt.build import BuildSpec, build_engine, cache_key, heartbeat, timing_cache_path
+from runner.backends.tensorrt.build import (BuildSpec, build_engine, cache_key, calibration_cache_path, heartbeat,
+                                            timing_cache_path)
 from runner.backends.tensorrt.engine_export import observed_builder
 from runner.backends.tensorrt.runtime import load_plan
 
 # Stand-ins for the parts of the tensorrt module the gates look at.
+class Entropy2:
+    """Stand-ins for TensorRT's calibrator base classes (8.6, 10.x)."""
+
+
+class MinMax:
+    pass
+
+
 TRT86 = NS(
     __version__="8.6.0",
-    BuilderFlag=NS(FP16="FP16"),
+    BuilderFlag=NS(FP16="FP16", INT8="INT8"),
+    IInt8EntropyCalibrator2=Entropy2, IInt8MinMaxCalibrator=MinMax,
     NetworkDefinitionCreationFlag=NS(EXPLICIT_BATCH=0),
     DataType=NS(FLOAT="f", HALF="h", INT8="i8", INT32="i32", BOOL="b", UINT8="u8", FP8="fp8"),
 )
 TRT10 = NS(
     __version__="10.9.0",
-    BuilderFlag=NS(FP16="FP16"),
+    BuilderFlag=NS(FP16="FP16", INT8="INT8"),
+    IInt8EntropyCalibrator2=Entropy2, IInt8MinMaxCalibrator=MinMax,
     NetworkDefinitionCreationFlag=NS(EXPLICIT_BATCH=0, STRONGLY_TYPED=5),
     DataType=NS(FLOAT="f", HALF="h", INT64="i64", BF16="bf16"),
 )
@@ -55,6 +66,45 @@ def test_fp16_gates_and_auto_resolution():
     assert trt_compat.resolve_fp16_mode(TRT11, "builder_flag") == "builder_flag"  # explicit wins
     with pytest.raises(ValueError):
         trt_compat.resolve_fp16_mode(TRT10, "fp16")
+
+
+class RecordingConfig:
+    """A builder config stand-in that records what is set on it."""
+
+    def __init__(self):
+        self.flags, self.int8_calibrator, self.calibration_profile = [], None, None
+
+    def set_flag(self, flag):
+        self.flags.append(flag)
+
+    def set_calibration_profile(self, profile):
+        self.calibration_profile = profile
+
+
+def test_int8_gates_per_version():
+    assert [trt_compat.has_implicit_int8(t) for t in (TRT86, TRT10, TRT11)] == [True, True, False]
+    assert [trt_compat.qdq_strongly_typed(t) for t in (TRT86, TRT10, TRT11)] == [False, False, True]
+    assert [trt_compat.resolve_int8_mode(t, "auto") for t in (TRT86, TRT10, TRT11)] == ["calibrator", "calibrator",
+                                                                                         "qdq"]
+    assert trt_compat.resolve_int8_mode(TRT11, "calibrator") == "calibrator"  # explicit wins: the build says no
+    with pytest.raises(ValueError, match="int8_mode"):
+        trt_compat.resolve_int8_mode(TRT10, "ptq")
+
+
+def test_calibrators_on_86_and_10_and_one_line_on_11():
+    assert trt_compat.calibrator_base(TRT86, "entropy2") is Entropy2
+    assert trt_compat.calibrator_base(TRT10, "minmax") is MinMax
+    with pytest.raises(trt_compat.Unsupported) as removed:
+        trt_compat.calibrator_base(TRT11, "entropy2")
+    assert str(removed.value) == ("TensorRT 11.0.0 removed implicit INT8 calibration (IInt8Calibrator, "
+                                  "BuilderFlag.INT8): use precision=int8_qdq, an explicitly quantized ONNX")
+
+
+def test_int8_calibration_sets_flags_calibrator_and_profile():
+    config, calibrator, profile = RecordingConfig(), object(), object()
+    trt_compat.enable_int8_calibration(TRT86, config, calibrator, profile)
+    assert config.flags == ["INT8", "FP16"]  # fp16 where int8 does not apply
+    assert config.int8_calibrator is calibrator and config.calibration_profile is profile
 
 
 def test_enable_fp16_flag():
@@ -122,7 +172,7 @@ def _spec(tmp_path, **kw):
     if not onnx.exists():
         onnx.write_bytes(b"onnx-bytes")
     base = dict(
-        onnx_path=str(onnx), precision="fp16", fp16_mode="builder_flag", min_shape=[1, 3, 320, 320],
+        onnx_path=str(onnx), precision="fp16", mechanism="builder_flag", min_shape=[1, 3, 320, 320],
         opt_shape=[1, 3, 640, 640], max_shape=[4, 3, 640, 640], optimization_level=3, workspace_gib=4.0,
         cache_dir=str(tmp_path / "cache"),
     )
@@ -138,8 +188,12 @@ def test_cache_key_stable_and_sensitive(tmp_path):
     changed = [
         cache_key(_spec(tmp_path, optimization_level=0), "8.6.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path, max_shape=[8, 3, 640, 640]), "8.6.0", "NVIDIA H100"),
-        cache_key(_spec(tmp_path, fp16_mode="strongly_typed"), "8.6.0", "NVIDIA H100"),
-        cache_key(_spec(tmp_path, precision="fp32"), "8.6.0", "NVIDIA H100"),
+        cache_key(_spec(tmp_path, mechanism="strongly_typed"), "8.6.0", "NVIDIA H100"),
+        cache_key(_spec(tmp_path, precision="fp32", mechanism="none"), "8.6.0", "NVIDIA H100"),
+        cache_key(_spec(tmp_path, precision="int8", mechanism="qdq"), "8.6.0", "NVIDIA H100"),
+        cache_key(int8_spec(tmp_path, "entropy2"), "8.6.0", "NVIDIA H100"),
+        cache_key(int8_spec(tmp_path, "minmax"), "8.6.0", "NVIDIA H100"),
+        cache_key(int8_spec(tmp_path, "minmax", images=1), "8.6.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path), "10.9.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H200"),
     ]
@@ -148,10 +202,31 @@ def test_cache_key_stable_and_sensitive(tmp_path):
     assert cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H100") != key
 
 
-def test_cache_key_ignores_fp16_mode_for_fp32(tmp_path):
-    a = cache_key(_spec(tmp_path, precision="fp32", fp16_mode="builder_flag"), "8.6.0", "g")
-    b = cache_key(_spec(tmp_path, precision="fp32", fp16_mode="strongly_typed"), "8.6.0", "g")
-    assert a == b
+def int8_spec(tmp_path, calibrator: str, images: int = 2) -> BuildSpec:
+    """An implicitly calibrated int8 spec over `images` generated pictures."""
+    import cv2
+
+    from runner.quantize import CalibrationSet
+    from runner.synthetic import make_image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(images):
+        paths.append(tmp_path / f"calib{i}.jpg")
+        cv2.imwrite(str(paths[-1]), make_image(rng)[0])
+    return _spec(tmp_path, precision="int8", mechanism="calibrator", calibrator=calibrator,
+                 calibration=CalibrationSet(tuple(paths), (1, 3, 640, 640)))
+
+
+def test_calibration_cache_is_keyed_like_the_engine(tmp_path):
+    base = calibration_cache_path(int8_spec(tmp_path, "entropy2"), "10.9.0", "g")
+    assert base.parent == tmp_path / "cache" / "calibration" and base.suffix == ".cache"
+    assert calibration_cache_path(int8_spec(tmp_path, "entropy2"), "10.9.0", "g") == base
+    others = {calibration_cache_path(int8_spec(tmp_path, "minmax"), "10.9.0", "g"),
+              calibration_cache_path(int8_spec(tmp_path, "entropy2", images=1), "10.9.0", "g"),
+              calibration_cache_path(int8_spec(tmp_path, "entropy2"), "8.6.0", "g"),
+              calibration_cache_path(int8_spec(tmp_path, "entropy2"), "10.9.0", "h")}
+    assert base not in others and len(others) == 4
 
 
 def test_timing_cache_path_slug(tmp_path):
@@ -160,10 +235,12 @@ def test_timing_cache_path_slug(tmp_path):
 
 
 def test_build_spec_validation(tmp_path):
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(ValueError, match="precision 'int8' with mechanism 'builder_flag'"):
         build_engine(_spec(tmp_path, precision="int8"))
-    with pytest.raises(ValueError, match="fp16_mode"):
-        build_engine(_spec(tmp_path, fp16_mode="auto"))
+    with pytest.raises(ValueError, match="mechanism 'auto'"):
+        build_engine(_spec(tmp_path, mechanism="auto"))
+    with pytest.raises(ValueError, match="needs calibration images"):
+        build_engine(_spec(tmp_path, precision="int8", mechanism="calibrator"))
 
 
 @pytest.mark.skipif(trt_compat.trt_available()[0], reason="tensorrt is installed here")

@@ -43,9 +43,9 @@ def make_onnx(path, shape, fp16=False):
     out_dims = [dims[0], 4, dims[2], dims[3]]
     graph = helper.make_graph(
         [
-            helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
             helper.make_node("Relu", ["c1"], ["r1"]),
-            helper.make_node("Conv", ["r1", "w2"], ["output0"]),
+            helper.make_node("Conv", ["r1", "w2"], ["output0"], kernel_shape=[1, 1]),  # weights behind Q/DQ need it
         ],
         "tiny",
         [helper.make_tensor_value_info("images", elem, dims)],
@@ -66,11 +66,11 @@ def ort_run(path, x):
     return sess.run(["output0"], {"images": x})[0]
 
 
-def spec(onnx_path, cache_dir, lo, opt=None, hi=None, precision="fp32", fp16_mode="builder_flag"):
+def spec(onnx_path, cache_dir, lo, opt=None, hi=None, precision="fp32", mechanism="none", **kw):
     return BuildSpec(
-        onnx_path=onnx_path, precision=precision, fp16_mode=fp16_mode, min_shape=lo,
+        onnx_path=onnx_path, precision=precision, mechanism=mechanism, min_shape=lo,
         opt_shape=opt or lo, max_shape=hi or lo, optimization_level=0, workspace_gib=1.0,
-        cache_dir=str(cache_dir),
+        cache_dir=str(cache_dir), **kw
     )
 
 
@@ -139,7 +139,7 @@ def test_fp16_builder_flag(models, tmp_path):
 
     if not trt_compat.has_builder_fp16_flag(trt):
         pytest.skip(f"TensorRT {trt.__version__} has no BuilderFlag.FP16")
-    res = build_ok(spec(models["static"], tmp_path, STATIC, precision="fp16", fp16_mode="builder_flag"))
+    res = build_ok(spec(models["static"], tmp_path, STATIC, precision="fp16", mechanism="builder_flag"))
     assert res.precision_mechanism == "builder_flag"
     x = rand(STATIC)
     with TrtRunner(res.artifact) as runner:
@@ -152,7 +152,7 @@ def test_fp16_strongly_typed(models, tmp_path):
     """Builds an fp16-I/O engine where the TensorRT has strongly typed networks; on 8.6, a clear failure."""
     import tensorrt as trt
 
-    s = spec(models["static_fp16"], tmp_path, STATIC, precision="fp16", fp16_mode="strongly_typed")
+    s = spec(models["static_fp16"], tmp_path, STATIC, precision="fp16", mechanism="strongly_typed")
     if not trt_compat.has_strongly_typed(trt):
         with pytest.raises(StageError) as failed:
             build_engine(s)
@@ -330,3 +330,62 @@ def test_ultralytics_engine_export_keeps_its_header_and_profile_and_takes_our_le
                                            workspace_gib=2.0, optimization_level=0, opset=17, simplify=True,
                                            cache_dir=str(tmp_path)))
     assert again.cache_hit and again.artifact == res.artifact
+
+
+@pytest.fixture(scope="module")
+def calibration_images(tmp_path_factory) -> tuple[Path, ...]:
+    """Eight generated images, letterboxed by the calibration feed like any input."""
+    import cv2
+
+    from runner.synthetic import make_image
+
+    folder, rng = tmp_path_factory.mktemp("calib"), np.random.default_rng(5)
+    paths = tuple(folder / f"{i}.jpg" for i in range(8))
+    for path in paths:
+        cv2.imwrite(str(path), make_image(rng)[0])
+    return paths
+
+
+def rel_l2(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("algorithm", ["entropy2", "minmax"])
+def test_int8_calibrator_builds_and_keeps_its_table(models, calibration_images, tmp_path, algorithm):
+    import tensorrt as trt
+
+    from runner.quantize import CalibrationSet
+
+    s = spec(models["dynamic"], tmp_path, DYN_MIN, DYN_OPT, DYN_MAX, precision="int8", mechanism="calibrator",
+             calibration=CalibrationSet(calibration_images, tuple(DYN_OPT)), calibrator=algorithm)
+    if not trt_compat.has_implicit_int8(trt):
+        with pytest.raises(StageError, match="removed implicit INT8 calibration.*int8_qdq"):
+            build_engine(s)
+        return
+    res = build_ok(s)
+    assert res.precision_mechanism == "calibrator" and res.calibration["cache_hit"] is False
+    assert res.calibration["images"] == 8 and res.calibration["shape"] == DYN_OPT
+    assert Path(res.calibration["cache"]).stat().st_size > 0
+    x = rand(DYN_OPT)
+    with TrtRunner(res.artifact) as runner:
+        assert rel_l2(runner.infer(x)["output0"], ort_run(models["dynamic"], x)) < 0.1
+    again = build_ok(BuildSpec(**{**s.__dict__, "use_engine_cache": False}))
+    assert again.calibration["cache_hit"] is True and not again.cache_hit  # built again, calibration read back
+
+
+def test_int8_qdq_onnx_builds_and_matches_onnxruntime(models, calibration_images, tmp_path):
+    from runner.export import signature
+    from runner.quantize import CalibrationSet, quantize_qdq
+    from runner.results import OnnxArtifact
+
+    fp32 = OnnxArtifact(path=models["static"], tool="test", dynamic=False, precision="fp32",
+                        signature=signature(onnx.load(models["static"])), checker="ok", size_bytes=0, export_s=0.0,
+                        cached=False)
+    qdq = quantize_qdq(fp32, CalibrationSet(calibration_images, tuple(STATIC)), "minmax", tmp_path)
+    res = build_ok(spec(qdq.path, tmp_path, STATIC, precision="int8", mechanism="qdq"))
+    assert res.precision_mechanism == "qdq" and res.calibration is None
+    x = rand(STATIC)
+    with TrtRunner(res.artifact) as runner:
+        out = runner.infer(x)["output0"]
+    assert rel_l2(out, ort_run(qdq.path, x)) < 0.05  # the same quantized model on both
+    assert rel_l2(out, ort_run(models["static"], x)) < 0.1  # and close to fp32

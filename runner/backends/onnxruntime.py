@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from runner.backends import Backend, Runner
-from runner.config import Device, Precision, RunConfig
+from runner.config import Device, Int8Mode, Precision, RunConfig
 from runner.results import BuildResult, ExportResult, StageError
 
 REFERENCE_PROVIDER = "CPUExecutionProvider"
@@ -61,8 +61,8 @@ class OrtRunner(Runner):
 
 
 class OnnxruntimeBackend(Backend):
-    """The variant's ONNX run by onnxruntime: fp16 means the fp16 ONNX. "Building" is only naming the file;
-    onnxruntime gives its verdict when the runner opens the session (still the build stage)."""
+    """The variant's ONNX run by onnxruntime: fp16 means the fp16 ONNX, int8 the Q/DQ ONNX. "Building" is only
+    naming the file; onnxruntime gives its verdict when the runner opens the session (still the build stage)."""
 
     name = "onnxruntime"
 
@@ -70,9 +70,14 @@ class OnnxruntimeBackend(Backend):
         return None
 
     def precision_mechanism(self, cfg: RunConfig) -> str:
+        if cfg.precision.name == Precision.int8:  # a calibrator variant is skipped here (`applies`), named as it is
+            return "calibrator" if cfg.precision.int8_mode == Int8Mode.calibrator else "qdq"
         return "fp16_onnx" if cfg.precision.name == Precision.fp16 else "none"
 
     def applies(self, cfg: RunConfig) -> str | None:
+        if cfg.precision.name == Precision.int8 and cfg.precision.int8_mode == Int8Mode.calibrator:
+            return ("precision.int8_mode=calibrator is TensorRT's implicit calibration; backend=onnxruntime runs "
+                    "the Q/DQ ONNX (precision=int8_qdq)")
         if Device.gpu in (cfg.preprocess.device, cfg.postprocess.device):
             return ("preprocess/postprocess=gpu run CUDA kernels around a TensorRT engine; backend=onnxruntime "
                     "pre/postprocesses on the host (use backend=tensorrt)")

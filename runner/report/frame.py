@@ -15,13 +15,14 @@ import pandas as pd
 from runner.results import UNNAMED_MODEL, Cell, VariantResult
 
 SWEEP_TAG = "runner.sweep_id"
-OUTCOME = ("status", "failed_stage", "error", "backend", "validation", "validation_note")
+OUTCOME = ("status", "failed_stage", "error", "backend", "validation", "validation_note", "accuracy_miss")
 METRICS = {"build_s": "build.build_s", "engine_mb": "build.engine_mb", "infer_p50_ms": "bench.infer.p50",
            "e2e_p50_ms": "bench.e2e.p50", "rel_l2": "val.rel_l2", "det_f1": "val.det_f1", "map50": "val.map50",
            "map50_95": "val.map50_95", "val_passed": "val.passed", "preprocess_p50_ms": "bench.preprocess.p50",
            "postprocess_p50_ms": "bench.postprocess.p50", "e2e_p90_ms": "bench.e2e.p90",
            "cuda_graph": "bench.cuda_graph", "skipped_images": "data.skipped_images",
-           "h2d_p50_ms": "bench.h2d.p50", "d2h_p50_ms": "bench.d2h.p50", "img_s": "bench.throughput.opt_batch"}
+           "h2d_p50_ms": "bench.h2d.p50", "d2h_p50_ms": "bench.d2h.p50", "img_s": "bench.throughput.opt_batch",
+           "map_drop": "val.map_drop", "ref_map50_95": "val.ref_map50_95"}
 COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, "note", *METRICS, "gpu"]
 
 
@@ -42,12 +43,13 @@ def cell_from_tags(tags: dict) -> Cell:
 
 
 def outcome_tags(result: VariantResult) -> dict[str, str]:
-    """Status, failing stage, first error line, backend, validation verdict (and what a pass did not measure),
-    as tags."""
+    """Status, failing stage, first error line, backend, validation verdict (and what a pass did not measure, or
+    the accuracy limits missed), as tags."""
     v = result.validate
     return {"status": result.status, "failed_stage": result.failed_stage or "", "error": result.error or "",
             "backend": result.backend, "validation": v.status if v else "",
-            "validation_note": (v.reason or "") if v and v.status == "passed" else ""}
+            "validation_note": (v.reason or "") if v and v.status == "passed" else "",
+            "accuracy_miss": ", ".join(v.failed_metrics) if v and v.status == "inaccurate" else ""}
 
 
 def _row(cell: Cell, tags: dict, metrics: dict, gpu: str | None) -> dict:

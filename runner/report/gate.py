@@ -1,7 +1,7 @@
 """The regression gate: a sweep's cells as a baseline, and a current sweep checked against one.
 
-A cell regresses when it goes O -> X, its validation goes passed -> failed, its mAP50-95 drops by more
-than `map_drop`, its infer or end-to-end p50 grows by more than `latency_ratio`, or its build takes more
+A cell regresses when it goes O -> X or △, its validation goes passed -> inaccurate or failed, its mAP50-95
+drops by more than `map_drop`, its infer or end-to-end p50 grows by more than `latency_ratio`, or its build takes more
 than `build_ratio` as long. A `reference` cell (the model under test is the reference) has no validation
 that could fail, so its validation is listed but never compared.
 """
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner.report.render import MARKS, grids_markdown, to_markdown
+from runner.report.render import grids_markdown, mark, to_markdown
 
 MIN_BUILD_S = 1.0  # shorter baseline builds are cache hits: not compared
-COMPARABLE_VALIDATION = ("passed", "failed")
+COMPARABLE_VALIDATION = ("passed", "inaccurate", "failed")
 
 
 def _number(value) -> float | None:
@@ -31,8 +31,8 @@ def cells(frame: pd.DataFrame) -> dict[str, dict]:
 
 
 def _mark(cell: dict) -> str:
-    mark = MARKS.get(cell["status"], "-")
-    return f"X ({cell['failed_stage']})" if mark == "X" and cell.get("failed_stage") else mark
+    shown = mark(cell["status"], cell.get("validation") or "", cell.get("failed_stage") or "")
+    return f"{shown} ({cell['failed_stage']})" if shown in "X△" and cell.get("failed_stage") else shown
 
 
 def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: float, map_drop: float,
@@ -57,7 +57,7 @@ def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: 
         add(cell, "status", _mark(old), _mark(new), old["status"] == "ok" and new["status"] != "ok")
         before, after = old.get("validation") or "", new.get("validation") or ""
         if before in COMPARABLE_VALIDATION and after in COMPARABLE_VALIDATION:
-            add(cell, "validation", before, after, before == "passed" and after == "failed")
+            add(cell, "validation", before, after, before == "passed" and after != "passed")
         elif before or after:
             add(cell, "validation", before or "-", after or "-", False, "not compared (no validation that can fail)")
         if old.get("map50_95") is not None and new["map50_95"] is not None:

@@ -15,9 +15,12 @@ from runner.report.render import COLOURS, SEVERITY
 
 
 def plot_matrix(model_grids: dict[str, pd.DataFrame], frame: pd.DataFrame, path: Path, title: str) -> None:
-    """One heatmap per model, stacked: green O, red X (with its failing stage), blue R (reference), grey -."""
+    """One heatmap per model, stacked: green O, orange △ (with the metric it missed), red X (with its failing
+    stage), blue R (reference), grey -."""
     failed = frame[frame["status"] == "failed"]
-    stage_of = dict(zip(zip(failed["model"], failed["build_label"], failed["onnx_label"]), failed["failed_stage"]))
+    why = [miss if stage == "accuracy" else stage
+           for stage, miss in zip(failed["failed_stage"], failed["accuracy_miss"])]
+    stage_of = dict(zip(zip(failed["model"], failed["build_label"], failed["onnx_label"]), why))
     heights = [len(g.index) + 1.2 for g in model_grids.values()]
     cols = max(len(g.columns) for g in model_grids.values())
     height = 0.8 + 0.7 * sum(heights)
@@ -39,7 +42,7 @@ def _heatmap(ax, grid: pd.DataFrame, failed_stage) -> None:
     for i, build in enumerate(grid.index):
         for j, onnx in enumerate(grid.columns):
             mark = grid.iat[i, j]
-            text = f"X\n{failed_stage(build, onnx) or '?'}" if mark == "X" else mark
+            text = f"{mark}\n{failed_stage(build, onnx) or '?'}" if mark in "X△" else mark
             ax.text(j, i, text, ha="center", va="center", fontsize=10, fontweight="bold",
                     color="black" if mark == "-" else "white")
     ax.set_xticks(range(cols), grid.columns)

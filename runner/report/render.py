@@ -9,23 +9,26 @@ import pandas as pd
 from runner.results import model_order
 
 MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
-SEVERITY = "-ROX"  # a cell run twice (e.g. two profiles) shows its worst outcome
-COLOURS = {"O": "#2e7d32", "X": "#c62828", "R": "#1565c0", "-": "#bdbdbd"}
-LEGEND = ("O built, ran and passed validation; X failed (its stage is in the details); R ran, and the model "
-          "under test is the reference itself, so its validation cannot fail; - skipped (the reason is in the "
-          "details).")
+INACCURATE = "△"  # built and ran, but missed an accuracy limit
+SEVERITY = "-RO△X"  # a cell run twice (e.g. two profiles) shows its worst outcome
+COLOURS = {"O": "#2e7d32", "X": "#c62828", "△": "#ef6c00", "R": "#1565c0", "-": "#bdbdbd"}
+LEGEND = ("O built, ran and passed validation; △ built and ran, but missed an accuracy limit against the fp32 "
+          "reference (the metric is named); X failed (its stage is in the details); R ran, and the model under test "
+          "is the reference itself, so its validation cannot fail; - skipped (the reason is in the details).")
 DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status",
           "validation": "validation",
           "failed_stage": "failing stage", "note": "error / note", "build_s": "build s", "engine_mb": "engine MB",
           "preprocess_p50_ms": "pre p50 ms", "infer_p50_ms": "infer p50 ms", "postprocess_p50_ms": "post p50 ms",
           "e2e_p50_ms": "e2e p50 ms", "img_s": "img/s", "rel_l2": "rel-L2", "det_f1": "detection F1",
-          "map50_95": "mAP50-95"}
+          "map50_95": "mAP50-95", "map_drop": "mAP drop"}
 FORMATS = {"build s": "{:.1f}", "engine MB": "{:.1f}", "pre p50 ms": "{:.2f}", "infer p50 ms": "{:.2f}",
            "post p50 ms": "{:.2f}", "e2e p50 ms": "{:.2f}", "img/s": "{:.0f}", "rel-L2": "{:.2e}",
-           "detection F1": "{:.3f}", "mAP50-95": "{:.3f}"}
+           "detection F1": "{:.3f}", "mAP50-95": "{:.3f}", "mAP drop": "{:.3f}"}
 
 
-def mark(status: str, validation: str) -> str:
+def mark(status: str, validation: str, failed_stage: str = "") -> str:
+    if status == "failed" and failed_stage == "accuracy":
+        return INACCURATE
     return "R" if status == "ok" and validation == "reference" else MARKS.get(status, "-")
 
 
@@ -35,8 +38,8 @@ def grids(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def matrix(frame: pd.DataFrame) -> pd.DataFrame:
-    """The compatibility grid of one model: rows = builds, columns = ONNX variants, cells O / X / R / -."""
-    marks = frame.assign(mark=[mark(s, v) for s, v in zip(frame["status"], frame["validation"])])
+    """The compatibility grid of one model: rows = builds, columns = ONNX variants, cells O / △ / X / R / -."""
+    marks = frame.assign(mark=[mark(*row) for row in zip(frame["status"], frame["validation"], frame["failed_stage"])])
     grid = marks.pivot_table(index="build_label", columns="onnx_label", values="mark",
                              aggfunc=lambda m: max(m, key=SEVERITY.index))
     rows = {c.build.label: c.build.sort_key() for c in frame["cell"]}
@@ -82,12 +85,13 @@ def grids_markdown(model_grids: dict[str, pd.DataFrame], level: str = "##") -> s
 def to_html(model_grids: dict[str, pd.DataFrame], details: pd.DataFrame, title: str) -> str:
     def paint(value: str) -> str:
         colour = COLOURS.get(value)
-        return f"background-color: {colour}; color: white; font-weight: bold" if value in "OXR" and colour else ""
+        return f"background-color: {colour}; color: white; font-weight: bold" if value in "O△XR" and colour else ""
     grid_html = "".join(f"<h3>{html.escape(model)}</h3>" + grid.reset_index().style.hide(axis="index")
                         .format(escape="html").map(paint, subset=list(grid.columns)).to_html()
                         for model, grid in model_grids.items())
+    marks = details.apply(lambda r: mark(r["status"], r["validation"], r["failing stage"]), axis=1)
     detail_html = (formatted(details).style.hide(axis="index").format(escape="html")
-                   .map(lambda s: paint(MARKS.get(s, "")), subset=["status"]).to_html())
+                   .apply(lambda _: marks.map(paint), subset=["status"]).to_html())
     return ("<!doctype html><html><head><meta charset='utf-8'><title>{0}</title><style>"
             "body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1em}}"
             "th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}} th{{background:#f3f3f3}}"

@@ -25,12 +25,17 @@ class TensorrtBackend(Backend):
             return "ultralytics"  # it picks: BuilderFlag.FP16 (<= 10) or a ModelOpt fp16 ONNX (11); recorded at build
         import tensorrt as trt
 
-        from runner.backends.tensorrt.compat import resolve_fp16_mode
+        from runner.backends.tensorrt.compat import resolve_fp16_mode, resolve_int8_mode
+        if cfg.precision.name == Precision.int8:
+            return resolve_int8_mode(trt, cfg.precision.int8_mode.value)
         return resolve_fp16_mode(trt, cfg.precision.fp16_mode.value)
 
     def applies(self, cfg: RunConfig) -> str | None:
         if cfg.build.tool != BuildTool.ultralytics:
             return None
+        if cfg.precision.name == Precision.int8:
+            return ("build=ultralytics int8 calibrates with ultralytics' own data loader from a dataset yaml; runner "
+                    "builds int8 with build=tensorrt_api (precision=int8_calibrator or int8_qdq)")
         if cfg.export.tool.value != "ultralytics":
             return (f"build=ultralytics exports its own ONNX with ultralytics; export={cfg.export.tool.value} "
                     f"does not apply")
@@ -53,8 +58,13 @@ class TensorrtBackend(Backend):
                 use_engine_cache=b.engine_cache))
         from runner.backends.tensorrt.build import BuildSpec, build_engine
 
+        from runner.quantize import calibration_set
+
+        mechanism = self.precision_mechanism(cfg)
+        calibration = calibration_set(cfg) if mechanism == "calibrator" else None
         return build_engine(BuildSpec(
-            onnx_path=export.tested.path, precision=cfg.precision.name.value, fp16_mode=self.precision_mechanism(cfg),
+            onnx_path=export.tested.path, precision=cfg.precision.name.value, mechanism=mechanism,
+            calibration=calibration, calibrator=cfg.precision.calibrator.value,
             min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
             optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,
             use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32))

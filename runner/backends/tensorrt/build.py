@@ -19,20 +19,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from runner import cache
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.runtime import engine_profile
+from runner.quantize import CalibrationSet
 from runner.results import BuildResult, StageError
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16")
+MECHANISMS = {"fp32": ("none",), "fp16": ("builder_flag", "strongly_typed"), "int8": ("calibrator", "qdq")}
 
 
 @dataclass
 class BuildSpec:
     onnx_path: str
-    precision: str  # "fp32" | "fp16"
-    fp16_mode: str  # "builder_flag" | "strongly_typed" (resolved from "auto" by the caller)
+    precision: str  # "fp32" | "fp16" | "int8"
+    mechanism: str  # how the precision is reached, resolved by the caller: one of MECHANISMS[precision]
     min_shape: list[int]
     opt_shape: list[int]
     max_shape: list[int]
@@ -42,17 +45,16 @@ class BuildSpec:
     use_engine_cache: bool = True
     use_timing_cache: bool = True
     tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default
-
-    @property
-    def fp16_mechanism(self) -> str:
-        return "none" if self.precision == "fp32" else self.fp16_mode
+    calibration: CalibrationSet | None = None  # mechanism=calibrator: the images, at the opt shape
+    calibrator: str = "entropy2"  # mechanism=calibrator: entropy2 | minmax
 
 
 def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
     """sha256 over the ONNX bytes, the build-relevant spec fields, the TensorRT version and the GPU."""
     fields = {
         "precision": spec.precision,
-        "fp16_mechanism": spec.fp16_mechanism,
+        "mechanism": spec.mechanism,
+        "calibration": _calibration_fields(spec),
         "min_shape": list(spec.min_shape),
         "opt_shape": list(spec.opt_shape),
         "max_shape": list(spec.max_shape),
@@ -65,6 +67,21 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
     h.update(json.dumps(fields, sort_keys=True).encode())
     h.update(f"|trt={trt_version}|gpu={gpu_name}".encode())
     return h.hexdigest()
+
+
+def _calibration_fields(spec: BuildSpec) -> dict | None:
+    if spec.mechanism != "calibrator":
+        return None
+    return {"calibrator": spec.calibrator, "images": spec.calibration.key()}
+
+
+def calibration_cache_path(spec: BuildSpec, trt_version: str, gpu_name: str) -> Path:
+    """The calibration cache of an implicitly calibrated engine, keyed like the engine cache: the ONNX bytes, the
+    calibrator, the images and their shape, the TensorRT version and the GPU."""
+    h = cache.file_sha256(spec.onnx_path)
+    h.update(json.dumps(_calibration_fields(spec), sort_keys=True).encode())
+    h.update(f"|trt={trt_version}|gpu={gpu_name}".encode())
+    return Path(spec.cache_dir) / "calibration" / f"{h.hexdigest()}.cache"
 
 
 def timing_cache_path(cache_dir: str, gpu_name: str, trt_version: str) -> Path:
@@ -130,6 +147,69 @@ class EngineCache:
         cache.save(self.folder / f"{key}.json", {**result.to_dict(), **paths}, [Path(result.artifact)])
 
 
+class Calibrator:
+    """Implicit INT8 calibration (TensorRT <= 10): feeds the calibration batches to the builder from one device
+    buffer and keeps TensorRT's calibration table in a recorded cache file, so a rebuild skips calibrating."""
+
+    def __init__(self, trt, spec: BuildSpec, cache_path: Path):
+        base = compat.calibrator_base(trt, spec.calibrator)
+        outer = self
+
+        class Feed(base):  # TensorRT calls these from the build
+            def __init__(self):
+                base.__init__(self)
+
+            def get_batch_size(self) -> int:
+                return spec.calibration.shape[0]
+
+            def get_batch(self, names):
+                return outer.next_batch()
+
+            def read_calibration_cache(self):
+                return outer.read_cache()
+
+            def write_calibration_cache(self, table) -> None:
+                cache.write_recorded(outer.cache_path, bytes(table))
+
+        self.spec, self.cache_path, self.fed, self.device = spec, cache_path, 0, None
+        self.batches = spec.calibration.batches()
+        self.record = {"calibrator": spec.calibrator, "images": len(spec.calibration.files),
+                       "shape": list(spec.calibration.shape), "cache": str(cache_path), "cache_hit": False}
+        self.trt_calibrator = Feed()
+
+    def read_cache(self) -> bytes | None:
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = cache.read_recorded(self.cache_path)
+        except cache.Stale as stale:
+            log.warning("build: calibration cache %s; calibrating again", stale)
+            return None
+        if table:
+            self.record["cache_hit"] = True
+            log.info("build: calibration cache hit, %s", self.cache_path.name)
+        return table
+
+    def next_batch(self) -> list[int] | None:
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        batch, rt = np.ascontiguousarray(batch, np.float32), compat.cudart()
+        if self.device is None:
+            self.device = compat.cuda_call(rt.cudaMalloc, batch.nbytes)
+        compat.cuda_call(rt.cudaMemcpy, self.device, batch.ctypes.data, batch.nbytes,
+                         rt.cudaMemcpyKind.cudaMemcpyHostToDevice)
+        self.fed += 1
+        if self.fed == 1 or self.fed % 8 == 0 or self.fed == self.spec.calibration.batches_total:
+            log.info("build: calibrating (%s), batch %d/%d", self.spec.calibrator, self.fed,
+                     self.spec.calibration.batches_total)
+        return [int(self.device)]
+
+    def free(self) -> None:
+        if self.device is not None:
+            compat.cuda_call(compat.cudart().cudaFree, self.device)
+            self.device = None
+
+
 def inspect_plan(trt, logger, plan: bytes, path: Path) -> tuple[list[list[int]], str | None, int | None]:
     """(profile 0 of the input, layers JSON path, layer count) of a serialized engine; the engine
     inspector's JSON is written to `path` where the TensorRT version has an inspector."""
@@ -157,15 +237,15 @@ def inspect_plan(trt, logger, plan: bytes, path: Path) -> tuple[list[list[int]],
 
 def build_engine(spec: BuildSpec) -> BuildResult:
     """Build (or fetch from the engine cache) the engine of `spec`. Raises StageError with TensorRT's words."""
-    if spec.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {spec.precision!r}")
-    if spec.precision == "fp16" and spec.fp16_mode not in ("builder_flag", "strongly_typed"):
-        raise ValueError(f"fp16_mode must be resolved to builder_flag or strongly_typed, got {spec.fp16_mode!r}")
+    if spec.mechanism not in MECHANISMS.get(spec.precision, ()):
+        raise ValueError(f"precision {spec.precision!r} with mechanism {spec.mechanism!r}: expected {MECHANISMS}")
+    if spec.mechanism == "calibrator" and spec.calibration is None:
+        raise ValueError("mechanism 'calibrator' needs calibration images")
     import tensorrt as trt
 
     engines = EngineCache(spec.cache_dir)
     result = BuildResult(tool="tensorrt_api", artifact="", profile=[spec.min_shape, spec.opt_shape, spec.max_shape],
-                         precision_mechanism=spec.fp16_mechanism, tf32=spec.tf32, trt_version=trt.__version__,
+                         precision_mechanism=spec.mechanism, tf32=spec.tf32, trt_version=trt.__version__,
                          gpu=compat.gpu_name())
     key = cache_key(spec, result.trt_version, result.gpu)
     with engines.locked(key):
@@ -201,7 +281,9 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
     try:
         log.info("build: parsing")
         builder = trt.Builder(logger)
-        network = builder.create_network(compat.network_flags(trt, spec.fp16_mechanism == "strongly_typed"))
+        strongly_typed = (spec.mechanism == "strongly_typed"
+                          or (spec.mechanism == "qdq" and compat.qdq_strongly_typed(trt)))
+        network = builder.create_network(compat.network_flags(trt, strongly_typed))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(spec.onnx_path):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -215,21 +297,32 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         if not spec.tf32:
             config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means IEEE fp32 unless asked
-        if spec.fp16_mechanism == "builder_flag":
+        if spec.mechanism == "builder_flag":
             compat.enable_fp16_flag(trt, config)
         profile = builder.create_optimization_profile()
         shapes = [tuple(int(d) for d in s) for s in (spec.min_shape, spec.opt_shape, spec.max_shape)]
         profile.set_shape(network.get_input(0).name, *shapes)
         if config.add_optimization_profile(profile) < 0:
             raise failed("\n".join(logger.errors()) or "TensorRT rejected the optimization profile")
+        if spec.mechanism == "qdq" and not strongly_typed:
+            compat.enable_int8_flags(trt, config)  # explicit quantization; fp16 where the Q/DQ ONNX has floats
+        calibrator = None
+        if spec.mechanism == "calibrator":
+            calibrator = Calibrator(trt, spec, calibration_cache_path(spec, result.trt_version, result.gpu))
+            compat.enable_int8_calibration(trt, config, calibrator.trt_calibrator, profile)
+            result.calibration = calibrator.record
         timing_path = _load_timing_cache(spec, config, result)
         first_record = len(logger.records)
 
-        precision = "fp32" if spec.precision == "fp32" else f"fp16 via {spec.fp16_mechanism}"
+        precision = "fp32" if spec.precision == "fp32" else f"{spec.precision} via {spec.mechanism}"
         log.info("build: building (level %d, %s)...", result.optimization_level, precision)
         t0 = time.perf_counter()
-        with heartbeat("still building"):
-            plan = builder.build_serialized_network(network, config)
+        try:
+            with heartbeat("still building"):
+                plan = builder.build_serialized_network(network, config)
+        finally:
+            if calibrator is not None:
+                calibrator.free()
         result.build_s = time.perf_counter() - t0
     except RuntimeError as exc:  # compat.Unsupported, or a TensorRT binding error
         raise failed("\n".join(logger.errors()) or str(exc)) from None

@@ -14,6 +14,9 @@ import sys
 import numpy as np
 
 FP16_MODES = ("auto", "builder_flag", "strongly_typed")
+INT8_MODES = ("auto", "calibrator", "qdq")
+CALIBRATION_REMOVED = ("TensorRT {version} removed implicit INT8 calibration (IInt8Calibrator, BuilderFlag.INT8): "
+                       "use precision=int8_qdq, an explicitly quantized ONNX")
 
 
 class Unsupported(RuntimeError):
@@ -146,6 +149,46 @@ def enable_fp16_flag(trt, config) -> None:
             "use fp16_mode=strongly_typed with an fp16 ONNX"
         )
     config.set_flag(trt.BuilderFlag.FP16)
+
+
+def has_implicit_int8(trt) -> bool:
+    """Calibrators (IInt8EntropyCalibrator2, ...) and BuilderFlag.INT8: 8.6 and 10.x; gone on 11.x."""
+    return hasattr(trt, "IInt8EntropyCalibrator2") and hasattr(trt.BuilderFlag, "INT8")
+
+
+def qdq_strongly_typed(trt) -> bool:
+    """A Q/DQ ONNX builds weakly typed with BuilderFlag.INT8 (8.6, 10.x), strongly typed where that flag is gone."""
+    return not hasattr(trt.BuilderFlag, "INT8")
+
+
+def resolve_int8_mode(trt, requested: str) -> str:
+    """"auto" -> "calibrator" where TensorRT still calibrates implicitly (8.6, 10.x), else "qdq" (11.x)."""
+    if requested not in INT8_MODES:
+        raise ValueError(f"int8_mode must be one of {INT8_MODES}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "calibrator" if has_implicit_int8(trt) else "qdq"
+
+
+def enable_int8_flags(trt, config) -> None:
+    """BuilderFlag.INT8, and FP16 for the layers int8 does not cover (8.6, 10.x: weakly typed networks)."""
+    config.set_flag(trt.BuilderFlag.INT8)
+    if has_builder_fp16_flag(trt):
+        config.set_flag(trt.BuilderFlag.FP16)
+
+
+def calibrator_base(trt, algorithm: str):
+    """The TensorRT calibrator class to subclass: entropy2 or minmax. Unsupported on 11.x, which removed them."""
+    if not has_implicit_int8(trt):
+        raise Unsupported(CALIBRATION_REMOVED.format(version=getattr(trt, "__version__", "?")))
+    return {"entropy2": trt.IInt8EntropyCalibrator2, "minmax": trt.IInt8MinMaxCalibrator}[algorithm]
+
+
+def enable_int8_calibration(trt, config, calibrator, profile) -> None:
+    """Implicit INT8: the flags, the calibrator, and the profile whose opt shape the batches have."""
+    enable_int8_flags(trt, config)
+    config.int8_calibrator = calibrator
+    config.set_calibration_profile(profile)
 
 
 def set_optimization_level(config, level: int | None) -> int:
