@@ -166,7 +166,7 @@ def test_tracking_server_killed_mid_sweep_then_sync_logs_each_run_once(tmp_path,
         server.stop()
 
 
-@pytest.mark.parametrize("sweep, count", [("precision=glob(*)", 2), ("precision=glob(fp1*)", 1),
+@pytest.mark.parametrize("sweep, count", [("precision=glob(*)", 5), ("precision=glob(fp1*)", 1),
                                           ("bench.iters=range(10,40,10)", 3)])
 def test_glob_and_range_sweeps_expand_up_front(sweep, count):
     from runner.launcher import preflight

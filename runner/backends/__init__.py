@@ -89,7 +89,8 @@ class Backend(ABC):
 
     @abstractmethod
     def precision_mechanism(self, cfg: RunConfig) -> str:
-        """How the variant's precision is reached: none | fp16_onnx | builder_flag | strongly_typed | ultralytics."""
+        """How the variant's precision is reached: none | fp16_onnx | builder_flag | strongly_typed | calibrator | qdq
+        | ultralytics."""
 
     @abstractmethod
     def applies(self, cfg: RunConfig) -> str | None:
