@@ -42,20 +42,22 @@ class Selection:
     skipped: list[str] = field(default_factory=list)
 
 
+def _generated_split(root: Path, split: str, count: int, seed: int) -> Path:
+    """The images folder of a generated split under `root`, generated once."""
+    images = root / "images" / split
+    if not (images.is_dir() and len(list(images.iterdir())) == count):
+        synthetic.write_split(root, split, count, seed)
+    return images
+
+
 def held_out_split(root: Path) -> Path:
     """The default model's held-out split, generated once under `root`."""
-    images = root / "images" / "val"
-    if not (images.is_dir() and len(list(images.iterdir())) == HELD_OUT_COUNT):
-        synthetic.write_split(root, "val", HELD_OUT_COUNT, HELD_OUT_SEED)
-    return images
+    return _generated_split(root, "val", HELD_OUT_COUNT, HELD_OUT_SEED)
 
 
 def calibration_split(root: Path) -> Path:
     """The generated INT8 calibration split (its own seed: apart from the training and held-out images)."""
-    images = root / "images" / "calib"
-    if not (images.is_dir() and len(list(images.iterdir())) == CALIBRATION_COUNT):
-        synthetic.write_split(root, "calib", CALIBRATION_COUNT, CALIBRATION_SEED)
-    return images
+    return _generated_split(root, "calib", CALIBRATION_COUNT, CALIBRATION_SEED)
 
 
 def calibration_files(images_dir: str | None, calibration_dir: str | None, validated: int, limit: int,

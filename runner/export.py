@@ -198,8 +198,8 @@ def _export_dynamo(spec: ExportSpec, workdir: Path) -> Path:
 EXPORTERS = {"ultralytics": _export_ultralytics, "torch": _export_torch, "dynamo": _export_dynamo}
 
 
-def _cached(folder: Path) -> OnnxArtifact | None:
-    """The export cached in `folder` when it matches its record; None when there is none or it is stale."""
+def cached_onnx(folder: Path) -> OnnxArtifact | None:
+    """The ONNX cached in `folder` when it matches its record; None when there is none or it is stale."""
     try:
         artifact = cache.load(folder / "artifact.json", OnnxArtifact.from_dict)
     except cache.Stale as stale:
@@ -211,13 +211,30 @@ def _cached(folder: Path) -> OnnxArtifact | None:
     return artifact
 
 
+def store_onnx(folder: Path, artifact: OnnxArtifact) -> None:
+    """Record `artifact`, whose ONNX is written in `folder`, for `cached_onnx`."""
+    cache.save(folder / "artifact.json", {**artifact.to_dict(), "path": Path(artifact.path).name},
+               [Path(artifact.path)])
+
+
+def checker_verdict(model: onnx.ModelProto) -> str:
+    """"ok", or onnx.checker's complaint on one line (the backend still gets the file and has its say)."""
+    try:
+        onnx.checker.check_model(model)
+        return "ok"
+    except onnx.checker.ValidationError as exc:
+        verdict = " ".join(str(exc).split())
+        log.info("export: onnx.checker: %s", verdict[:200])
+        return verdict
+
+
 def export_onnx(spec: ExportSpec, cache_dir: Path) -> OnnxArtifact:
     """Export (or reuse) the ONNX for `spec`; raises StageError with the tool's message on failure."""
     name = (f"{spec.tool}-{'dy' if spec.dynamic else 'st'}-{'fp16' if spec.half else 'fp32'}-"
             f"{'e2e-' if spec.end2end else ''}{'nms-' if spec.nms else ''}{spec.key()}")
     folder = Path(cache_dir).absolute() / "onnx" / name
     with cache.locked(folder.with_name(folder.name + ".lock")):  # jobs in parallel export it once
-        if artifact := _cached(folder):
+        if artifact := cached_onnx(folder):
             return artifact
         return _export(spec, folder)
 
@@ -238,19 +255,13 @@ def _export(spec: ExportSpec, folder: Path) -> OnnxArtifact:
     except Exception as exc:  # the tool's own failure is the result
         shutil.rmtree(folder, ignore_errors=True)
         raise StageError("export", f"{spec.tool}: {type(exc).__name__}: {exc}".strip()) from exc
-    try:
-        onnx.checker.check_model(model)
-        checker = "ok"
-    except onnx.checker.ValidationError as exc:
-        checker = " ".join(str(exc).split())
-        log.info("export: onnx.checker: %s", checker[:200])
     path = folder / "model.onnx"
     if produced != path:
         shutil.move(produced, path)
     artifact = OnnxArtifact(path=str(path), tool=spec.tool, dynamic=spec.dynamic, end2end=spec.end2end,
                             names=names_of(model), precision=weights_precision(model), signature=signature(model),
-                            checker=checker,
+                            checker=checker_verdict(model),
                             size_bytes=path.stat().st_size, export_s=time.perf_counter() - start, cached=False)
-    cache.save(folder / "artifact.json", {**artifact.to_dict(), "path": path.name}, [path])
+    store_onnx(folder, artifact)
     log.info("export: done in %.1f s, %.1f MB", artifact.export_s, artifact.size_bytes / 1e6)
     return artifact

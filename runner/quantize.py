@@ -30,6 +30,7 @@ import onnx
 from runner import cache
 from runner.config import RunConfig
 from runner.data import calibration_files
+from runner.export import cached_onnx, checker_verdict, signature, store_onnx
 from runner.processing import preprocess
 from runner.results import OnnxArtifact, StageError
 
@@ -101,14 +102,7 @@ def quantize_qdq(reference: OnnxArtifact, calibration: CalibrationSet, method: s
     name = f"{Path(reference.path).parent.name}-qdq-{method}-{h.hexdigest()[:16]}"
     folder = Path(cache_dir).absolute() / "onnx" / name
     with cache.locked(folder.with_name(folder.name + ".lock")):
-        try:
-            if artifact := cache.load(folder / "artifact.json", OnnxArtifact.from_dict):
-                artifact.path, artifact.cached = cache.absolute(artifact.path, folder), True
-                log.info("export: cached Q/DQ ONNX (%s)", method)
-                return artifact
-        except cache.Stale as stale:
-            log.warning("export: cached %s; quantizing again", stale)
-        return _quantize(reference, calibration, method, folder)
+        return cached_onnx(folder) or _quantize(reference, calibration, method, folder)
 
 
 def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str, folder: Path) -> OnnxArtifact:
@@ -140,10 +134,10 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
         onnx.save(model, str(path))
     qdq = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
     artifact = OnnxArtifact(path=str(path), tool=reference.tool, dynamic=reference.dynamic, precision="int8",
-                            signature=reference.signature, checker="ok", size_bytes=path.stat().st_size,
-                            export_s=time.perf_counter() - start, cached=False, end2end=reference.end2end,
-                            names=reference.names)
-    cache.save(folder / "artifact.json", {**artifact.to_dict(), "path": path.name}, [path])
+                            signature=signature(model), checker=checker_verdict(model),
+                            size_bytes=path.stat().st_size, export_s=time.perf_counter() - start, cached=False,
+                            end2end=reference.end2end, names=reference.names)
+    store_onnx(folder, artifact)
     log.info("export: Q/DQ ONNX in %.1f s, %d QuantizeLinear nodes, %.1f MB", artifact.export_s, qdq,
              artifact.size_bytes / 1e6)
     return artifact

@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from runner.metrics import box_iou
+
 VERSION = 2  # 1: up to six large, separated shapes, on which the models scored mAP50-95 0.99
 CLASSES = ("circle", "rectangle", "triangle")
 IMAGE_SIZES = ((640, 480), (480, 640), (640, 640), (800, 600), (512, 384))  # (w, h)
@@ -57,7 +59,7 @@ def _shape_points(rng: np.random.Generator, cls: int, cx: int, cy: int, r: int) 
     return None
 
 
-def _fill(canvas: np.ndarray, cls: int, cx: int, cy: int, r: int, points, value, antialias: bool) -> None:
+def _fill(canvas: np.ndarray, cx: int, cy: int, r: int, points, value, antialias: bool) -> None:
     line = cv2.LINE_AA if antialias else cv2.LINE_8
     if points is None:
         cv2.circle(canvas, (cx, cy), r, value, -1, line)
@@ -129,24 +131,17 @@ def make_image(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[int, fl
         r = int(rng.integers(*SMALL_RADIUS)) if small else int(rng.uniform(0.03, 0.14) * min(w, h))
         cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
         box = np.array([[cx - r, cy - r, cx + r, cy + r]], np.float64)
-        if boxes and _iou(box, np.array(boxes)).max() > MAX_OVERLAP:
+        if boxes and box_iou(box, np.array(boxes)).max() > MAX_OVERLAP:
             continue
         cls = int(rng.integers(len(CLASSES)))
         points = _shape_points(rng, cls, cx, cy, r)
-        _fill(img, cls, cx, cy, r, points, _object_colour(rng, img, cx, cy, r), antialias=True)
-        _fill(owner, cls, cx, cy, r, points, len(objects), antialias=False)
+        _fill(img, cx, cy, r, points, _object_colour(rng, img, cx, cy, r), antialias=True)
+        _fill(owner, cx, cy, r, points, len(objects), antialias=False)
         objects.append(cls)
         boxes.append(box[0])
     for _ in range(rng.integers(*LINES)):
         _line(rng, img, owner)
     return _photometric(rng, img), _visible_labels(owner, objects, boxes, w, h)
-
-
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    lt, rb = np.maximum(box[:, :2], boxes[:, :2]), np.minimum(box[:, 2:], boxes[:, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(1)
-    area = lambda b: (b[:, 2:] - b[:, :2]).prod(1)  # noqa: E731
-    return inter / (area(box) + area(boxes) - inter)
 
 
 def _visible_labels(owner: np.ndarray, objects: list[int], boxes: list[np.ndarray], w: int, h: int) -> list[tuple]:
