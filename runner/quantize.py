@@ -20,6 +20,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
 
@@ -56,8 +57,10 @@ class CalibrationSet:
             chunk = [cv2.imread(str(p)) for p in self.files[i:i + n]]
             yield preprocess(chunk + [chunk[-1]] * (n - len(chunk)), hw)[0]
 
+    @cached_property
     def key(self) -> str:
-        """sha256 over the images' bytes and the shape: what a calibration depends on besides the model."""
+        """sha256 over the images' bytes and the shape: what a calibration depends on besides the model. Hashed
+        once per set: the engine cache key and the calibration cache path both ask for it."""
         h = hashlib.sha256(json.dumps(self.shape).encode())
         for path in self.files:
             cache.file_sha256(path, h)
@@ -97,7 +100,7 @@ class _Without(logging.Filter):
 def quantize_qdq(reference: OnnxArtifact, calibration: CalibrationSet, method: str, cache_dir: Path) -> OnnxArtifact:
     """The Q/DQ int8 ONNX of the fp32 `reference`, calibrated with `method` (entropy2 | minmax). Cached."""
     h = cache.file_sha256(reference.path)
-    h.update(json.dumps({"calibration": calibration.key(), "method": method, "ops": QUANTIZED_OPS,
+    h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": QUANTIZED_OPS,
                          "onnxruntime": version("onnxruntime")}).encode())
     name = f"{Path(reference.path).parent.name}-qdq-{method}-{h.hexdigest()[:16]}"
     folder = Path(cache_dir).absolute() / "onnx" / name

@@ -16,7 +16,7 @@ from runner.backends.onnxruntime import OrtRunner, open_reference
 from runner.config import ConfigError, Thresholds, ValidateConfig
 from runner.data import CALIBRATION_COUNT, HELD_OUT_COUNT, calibration_files, load_samples
 from runner.launcher import preflight
-from runner.metrics import mean_average_precision
+from runner.metrics import box_iou, mean_average_precision
 from runner.pipeline import run_variant
 from runner.pipelines import Pipeline
 from runner.processing import ONE2MANY, postprocess, preprocess
@@ -41,8 +41,7 @@ def test_the_generator_is_deterministic_and_hard():
     overlapping = 0
     for _, labels in first:  # some visible boxes touch: occlusion and overlap
         xyxy = np.array([[x - w / 2, y - h / 2, x + w / 2, y + h / 2] for _, x, y, w, h in labels])
-        lt, rb = np.maximum(xyxy[:, None, :2], xyxy[None, :, :2]), np.minimum(xyxy[:, None, 2:], xyxy[None, :, 2:])
-        overlapping += int((np.clip(rb - lt, 0, None).prod(2) > 0).sum() - len(labels)) // 2
+        overlapping += int((box_iou(xyxy, xyxy) > 0).sum() - len(labels)) // 2
     assert overlapping >= 5
 
 

@@ -72,7 +72,7 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
 def _calibration_fields(spec: BuildSpec) -> dict | None:
     if spec.mechanism != "calibrator":
         return None
-    return {"calibrator": spec.calibrator, "images": spec.calibration.key()}
+    return {"calibrator": spec.calibrator, "images": spec.calibration.key}
 
 
 def calibration_cache_path(spec: BuildSpec, trt_version: str, gpu_name: str) -> Path:
