@@ -296,8 +296,17 @@ def _check_validate(v: ValidateConfig) -> None:
         _check_fraction(f"validate.{precision.value}.min_det_f1", t.min_det_f1)
 
 
+def _check_name(key: str, name: Optional[str]) -> None:
+    """A name goes into variant, file and run names: one path component, never a way out of a folder."""
+    if name is not None and (any(c in name for c in "/\\\0") or name in (".", "..")):
+        raise ConfigError(f"{key}: a name, not a path: no '/' or '\\', not '.' or '..'; got {name!r}")
+
+
 def check(cfg: RunConfig) -> None:
     """Cross-field rules the schema cannot express. Raises ConfigError with a one-line message."""
+    for key, name in (("model.name", cfg.model.name), ("data.name", cfg.data.name),
+                      ("profile.name", cfg.profile.name)):
+        _check_name(key, name)
     stride = cfg.model.stride
     if stride <= 0:
         raise ConfigError(f"model.stride: must be a positive integer, got {stride}")

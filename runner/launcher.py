@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import traceback
 import typing
@@ -129,16 +130,49 @@ def _compose(overrides: list[str]) -> RunConfig:
 
 
 def _sweep_values(override) -> list[str]:
-    """The `key=value` lines a sweep override stands for; glob over a config group's options, list, range."""
+    """The `key=value` lines a sweep override stands for; glob over a config group's options, list, range.
+    Raises ConfigError where they are none, or one comes twice."""
     key = override.get_key_element()
+    options = ""
     if isinstance(override.value(), Glob):
         if not (CONF_DIR / key).is_dir():
             raise ConfigError(f"{key}: glob() selects options of a config group; {key} is not one")
-        return [f"{key}={v}" for v in override.value().filter(_group_options(key))]
-    if override.is_interval_sweep():
+        values, options = override.value().filter(_group_options(key)), f"; options: {', '.join(_group_options(key))}"
+    elif override.is_interval_sweep():
         raise ConfigError(f"{key}: interval() needs an optimizing sweeper (Optuna, Ax, Nevergrad); "
                           f"give a list (a,b) or range(start,stop,step)")
-    return [f"{key}={v}" for v in override.sweep_string_iterator()]
+    else:
+        values = [str(v) for v in override.sweep_string_iterator()]
+    given = override.input_line.partition("=")[2]
+    if not values:
+        raise ConfigError(f"{key}: {given} selects no value, so the sweep would run nothing{options}")
+    twice = next((v for v in values if values.count(v) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"{key}: {twice} comes twice in {given}; give each value once")
+    return [f"{key}={v}" for v in values]
+
+
+def _check_multirun(argv: list[str], parsed: list) -> None:
+    """Refuse a sweep value without -m: Hydra's single run would fail on it after the run folder is made."""
+    swept = next((o.input_line for o in parsed if o.is_sweep_override()), None)
+    if swept and not any(a in MULTIRUN_FLAGS for a in argv):
+        raise ConfigError(f"{swept} is a sweep: add -m (runner -m {' '.join(argv)})")
+
+
+def variant_id(run: RunConfig) -> str:
+    """`sweep.identity` of a composed variant: the `config_id` its job gives its result."""
+    return identity(OmegaConf.to_container(OmegaConf.structured(run), resolve=True, enum_to_str=True))
+
+
+def _check_distinct(combos: list[tuple[str, ...]], variants: list[RunConfig]) -> None:
+    """Refuse two combinations of values that compose one variant: its second job would find the first's
+    result, and the sweep could never have a result for each of its variants."""
+    seen: dict[str, tuple[str, ...]] = {}
+    for combo, variant in zip(combos, variants):
+        first = seen.setdefault(variant_id(variant), combo)
+        if first is not combo:
+            one, other = (" ".join(o for o in a if o not in b) for a, b in ((first, combo), (combo, first)))
+            raise ConfigError(f"sweep: {one} and {other} make the same variant; keep one of them")
 
 
 def preflight(argv: list[str]) -> list[RunConfig]:
@@ -148,11 +182,14 @@ def preflight(argv: list[str]) -> list[RunConfig]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as exc:
         raise ConfigError(" ".join(str(exc).split())) from None
+    _check_multirun(argv, parsed)
     choices = [_sweep_values(o) if o.is_sweep_override() else [o.input_line] for o in parsed]
+    combos = list(itertools.product(*choices))
     config.register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        variants = [_compose(list(combo)) for combo in itertools.product(*choices)]
+        variants = [_compose(list(combo)) for combo in combos]
+    _check_distinct(combos, variants)
     inputs.check_inputs(variants)
     return variants
 
@@ -189,25 +226,28 @@ class Launch:
 
 
 def open_sweep(argv: list[str], variants: list[RunConfig]) -> Launch:
-    """Make (or, with `resume=`, reopen) the sweep folder and its parent run. Raises ConfigError."""
+    """Make (or, with `resume=`, reopen) the sweep folder and its parent run. Raises ConfigError before
+    making anything where the folders cannot be written, the store cannot be opened, or a resumed sweep
+    measured other variants."""
     first, multirun = variants[0], any(a in MULTIRUN_FLAGS for a in argv)
     launcher = _hydra_value(argv, "hydra/launcher") or "basic"
     _check_shared_store(first.tracking, launcher)
+    _check_writable(variants)
     dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     root = Path(first.outputs) / ("sweeps" if multirun else "runs")
+    ids, command = [variant_id(v) for v in variants], [a for a in argv if a not in MULTIRUN_FLAGS]
     try:
-        if first.resume:
-            sweep = Sweep.read(find_folder(root, first.resume))
-        else:
+        sweep = _reopened(find_folder(root, first.resume), command, ids) if first.resume else None
+        tracker = _open_tracker(first.tracking) if first.tracking.enabled else None
+        if sweep is None:
             given = _hydra_value(argv, dir_key)
             folder = Path(given) if given else new_folder(root)
             folder.mkdir(parents=True, exist_ok=True)
-            sweep = Sweep(folder, len(variants), [a for a in argv if a not in MULTIRUN_FLAGS])
+            sweep = Sweep(folder, len(variants), command)
     except SweepError as exc:
         raise ConfigError(f"resume: {exc}") from None
     overrides, server = [f"{dir_key}={sweep.folder}", f"sweep.total={len(variants)}"], contextlib.nullcontext()
-    if first.tracking.enabled:
-        tracker = _open_tracker(first.tracking)
+    if tracker:
         if sweep.parent_run_id:
             closed = tracker.reopen_sweep(sweep.parent_run_id)
             print(f"runner: resuming sweep {sweep.folder} (run {sweep.parent_run_id}); {closed} run(s) a kill left "
@@ -221,10 +261,48 @@ def open_sweep(argv: list[str], variants: list[RunConfig]) -> Launch:
         server = _shared_store(first.tracking.uri, launcher, sweep.folder, overrides)
     else:
         print("runner: tracking disabled (tracking.enabled=false): results stay in the sweep folder", flush=True)
-    sweep.total = len(variants)
+    sweep.total, sweep.variants = len(variants), ids
     sweep.tracking = dataclasses.asdict(first.tracking) if first.tracking.enabled else None
     sweep.write()
     return Launch(sweep, overrides, server)
+
+
+def _reopened(folder: Path, command: list[str], ids: list[str]) -> Sweep:
+    """The sweep in `folder`, where this command composes the variants it measured, in the same order (a
+    sweep.json made before the variants were kept: where it gives the same overrides). Raises SweepError."""
+    sweep = Sweep.read(folder)
+    asked = [a for a in command if not a.startswith("resume=")]
+    if sweep.variants == ids or (sweep.variants is None and sweep.overrides == asked):
+        return sweep
+    ran = " ".join(sweep.overrides) or "(defaults)"
+    if sweep.overrides == asked:  # the same words, composed otherwise: conf/ or the defaults changed since
+        raise SweepError(f"sweep {folder} ran `{ran}`, which now makes other variants (the config changed "
+                         f"since); start a new sweep without resume=")
+    raise SweepError(f"sweep {folder} ran `{ran}`; this command asks `{' '.join(asked) or '(defaults)'}`: give "
+                     f"the same overrides to resume it")
+
+
+def _unwritable(folder: str) -> str | None:
+    """Why `folder` cannot be made or written in, or None; tried by making and removing a folder in it (or in
+    its nearest existing parent), so nothing is left behind."""
+    nearest = Path(folder).absolute()
+    try:
+        while not nearest.exists():
+            nearest = nearest.parent
+        if not nearest.is_dir():
+            return f"{nearest} is a file"
+        os.rmdir(tempfile.mkdtemp(prefix=".runner-check-", dir=nearest))
+    except OSError as exc:
+        return f"cannot write in {nearest} ({exc.strerror or exc})"
+    return None
+
+
+def _check_writable(variants: list[RunConfig]) -> None:
+    """Refuse an `outputs` or `cache_dir` that runner could not write, before anything is made."""
+    for key, folder in dict.fromkeys((k, getattr(v, k)) for v in variants for k in ("outputs", "cache_dir")):
+        problem = _unwritable(folder)
+        if problem:
+            raise ConfigError(f"{key}: cannot make {folder}: {problem}; give a folder you can write ({key}=DIR)")
 
 
 def _check_shared_store(tracking, launcher: str) -> None:

@@ -73,6 +73,7 @@ class Sweep:
     tracking: dict | None = None  # the store as the user named it (jobs may reach it through a server); None: off
     parent_run_id: str | None = None
     started: float = field(default_factory=time.time)
+    variants: list[str] | None = None  # identity() of each variant in job order; None in a sweep.json made before
 
     @classmethod
     def read(cls, folder: Path) -> Sweep:

@@ -37,14 +37,20 @@ from runner.sweep import JobRecord
 MAX_TAG = 5000
 RESULT_TAG = "runner.result_id"
 SERVER_START_S = 90
+PROBLEM_CHARS = 200
 
 
 def store_problem(exc: Exception) -> str:
-    """Why an MLflow store could not be used, in a few words."""
+    """Why an MLflow store could not be used, in a few words: MLflow's message up to PROBLEM_CHARS, cut
+    after its last whole sentence there, less its full stop (else after its last whole word)."""
     text = " ".join(str(exc).split())
     if "Max retries exceeded" in text or "Connection refused" in text:
         return "no server answers there (connection refused)"
-    return text[:200]
+    if len(text) <= PROBLEM_CHARS:
+        return text
+    head = text[:PROBLEM_CHARS + 1]
+    end = head.rfind(". ")
+    return head[:end] if end > 0 else head.rsplit(" ", 1)[0] + " ..."
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -124,6 +124,7 @@ def test_kill_9_then_resume_measures_nothing_twice(tmp_path, export_cache):
     final = records(folder)
     assert len(final) == 4 and all(r.logged for r in final)
     assert {r.config_id: r.result_id for r in final if r.config_id in kept} == kept  # not measured again
+    assert json.loads((folder / "sweep.json").read_text())["variants"] == [r.config_id for r in final]  # job order
     (parent,), children = runs_by_kind(uri)
     assert parent.info.status == "FINISHED"
     live = [c for c in children if c.info.status != "KILLED"]
