@@ -8,6 +8,7 @@ nothing was made under `outputs=`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,18 +17,16 @@ from runner import launcher
 from runner.sweep import SWEEP_FILE
 
 USAGE_EXIT = 2
-ENV_DEFAULTS = ("YOLO_OFFLINE", "YOLO_VERBOSE", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
 UNTRACKED = "tracking.enabled=false"
 RAN = ["-m", "export=ultralytics,torch", "precision=fp32,fp16"]
 
 
 @pytest.fixture
-def refused(monkeypatch, capsys):
+def refused(capsys):
     """refused(args, outputs) -> the one error line of `runner <args> outputs=<outputs>`, after checking the
-    exit code and that `outputs` holds what it held before."""
-    for key in ENV_DEFAULTS:  # launcher.main sets them in this process; put them back after the test
-        monkeypatch.delenv(key, raising=False)
+    exit code and that `outputs` holds what it held before. The environment defaults launcher.main sets in
+    this process are undone after the test."""
+    environ = os.environ.copy()
 
     def run(args: list[str], outputs: Path) -> str:
         before = sorted(outputs.rglob("*")) if outputs.exists() else None
@@ -39,7 +38,9 @@ def refused(monkeypatch, capsys):
         assert (sorted(outputs.rglob("*")) if outputs.exists() else None) == before, "the refused command made files"
         return line.removeprefix("runner: error: ")
 
-    return run
+    yield run
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def open_untracked_sweep(outputs: Path, args: list[str]) -> Path:
