@@ -471,14 +471,20 @@ def sync(argv: list[str]) -> int:
         return USAGE_EXIT
     sweep.tracking = tracking
     records = job_records(sweep.folder)
-    added = 0
+    added, refused = 0, 0
     for record in records:
         was = record.mlflow_run_id
-        record.mlflow_run_id, record.tracking_error = tracker.log_variant(sweep.parent_run_id, record), None
+        try:
+            record.mlflow_run_id, record.tracking_error = tracker.log_variant(sweep.parent_run_id, record), None
+        except Exception as exc:  # one result the store refuses must not keep the others out
+            record.mlflow_run_id, record.tracking_error = None, store_problem(exc)
+            print(f"runner: warning: {record.result.name} not logged: {record.tracking_error}", file=sys.stderr)
         record.write()
-        added += was is None
-    print(f"runner: sync of {sweep.folder}: {added} run(s) logged, {len(records) - added} already there", flush=True)
-    return finish_sweep(sweep)
+        added += was is None and record.logged
+        refused += not record.logged
+    print(f"runner: sync of {sweep.folder}: {added} run(s) logged, {len(records) - added - refused} already there"
+          + (f", {refused} not logged" if refused else ""), flush=True)
+    return finish_sweep(sweep) or (LOST_EXIT if refused else 0)
 
 
 def main(argv: list[str]) -> int:

@@ -8,6 +8,7 @@ as plain dicts through `to_dict` / `from_dict`. `VariantResult.metrics()` names 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ SHAPES = {"static": "st", "dynamic": "dy"}
 PRECISIONS = ("fp32", "fp16", "int8", "qdq")  # a label's first word: "int8 entropy2", "qdq minmax"
 STATUSES = ("ok", "failed", "skipped")
 PEER_PIPELINE = "predict"  # backend=ultralytics: YOLO(engine).predict, the row runner's own rows are held against
+NOT_IN_METRIC_KEY = re.compile(r"[^\w.\- ]")  # MLflow also takes `/` (a path) and `:` (not on Windows): left out
+MAX_METRIC_KEY = 200  # MLflow takes 250; the rest is room for the `metric_name.` tag that keeps the real name
 
 
 class StageError(Exception):
@@ -62,6 +65,24 @@ class Record:
     @classmethod
     def from_dict(cls, data: dict):
         return _decode(cls, data)
+
+
+def metric_keys(names) -> dict[str, str]:
+    """Each metric name's MLflow key: a character MLflow refuses (a class named `rectangle (big)`) becomes `_` and a
+    long name is cut; where that gives a key already taken, it gets a `-2`, `-3`... suffix. Names MLflow takes as
+    they are keep them."""
+    keys: dict[str, str] = {}
+    for name in sorted(names, key=lambda n: _metric_key(n) != n):
+        key, n = _metric_key(name), 1
+        while key in keys.values():
+            n += 1
+            key = f"{_metric_key(name)[:MAX_METRIC_KEY - 4]}-{n}"
+        keys[name] = key
+    return keys
+
+
+def _metric_key(name: str) -> str:
+    return NOT_IN_METRIC_KEY.sub("_", name)[:MAX_METRIC_KEY]
 
 
 def _rank(table, value) -> int:
@@ -327,7 +348,17 @@ class VariantResult(Record):
         return self.error.strip().splitlines()[0] if self.error and self.error.strip() else ""
 
     def metrics(self) -> dict[str, float]:
-        """The numeric outcome as MLflow metrics (stable names, read back by `runner table|check`)."""
+        """The numeric outcome as MLflow metrics (stable names, read back by `runner table|check`), under keys
+        MLflow takes (`metric_keys`)."""
+        named = self._named_metrics()
+        keys = metric_keys(named)
+        return {keys[name]: value for name, value in named.items()}
+
+    def metric_names(self) -> dict[str, str]:
+        """The real name of each metric whose MLflow key differs from it: key -> name."""
+        return {key: name for name, key in metric_keys(self._named_metrics()).items() if key != name}
+
+    def _named_metrics(self) -> dict[str, float]:
         m: dict[str, float | None] = {f"time.{stage}_s": s for stage, s in self.timings.items()}
         if self.export:
             m.update({"export.onnx_mb": self.export.tested.size_bytes / 1e6,

@@ -118,18 +118,31 @@ class Tracker:
         return found
 
     def log_variant(self, sweep_id: str, record: JobRecord) -> str:
-        """The child run of `record`, spanning the variant's own time; logged once, however often called."""
+        """The child run of `record`, spanning the variant's own time; logged once, however often called. A run
+        whose logging fails is deleted (where the store still answers), so none stays RUNNING half-logged."""
         existing = self._logged_run(record.result_id)
         if existing:
             return existing
         result = record.result
         tags = {"mlflow.parentRunId": sweep_id, SWEEP_TAG: sweep_id, "runner.kind": "variant",
                 RESULT_TAG: record.result_id, "model": result.cell.model, "onnx_label": result.cell.onnx.label,
-                "build_label": result.cell.build.label, **cell_tags(result.cell), **outcome_tags(result)}
+                "build_label": result.cell.build.label, **cell_tags(result.cell), **outcome_tags(result),
+                **{f"metric_name.{key}": name[:MAX_TAG] for key, name in result.metric_names().items()}}
         tags["error"] = tags["error"][:MAX_TAG]
-        run = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags,
-                                     start_time=record.started_ms)
-        run_id = run.info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags,
+                                        start_time=record.started_ms).info.run_id
+        try:
+            self._log_contents(run_id, record)
+            self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED", record.ended_ms)
+        except Exception:
+            with contextlib.suppress(Exception):  # a store that is gone: the next call deletes it (_logged_run)
+                self.client.delete_run(run_id)
+            raise
+        return run_id
+
+    def _log_contents(self, run_id: str, record: JobRecord) -> None:
+        """A variant run's params, metrics and artifacts."""
+        result = record.result
         resolved = {"resolved.backend": result.backend, "resolved.model": result.cell.model}
         if result.build:
             resolved.update({"resolved.precision_mechanism": result.build.precision_mechanism,
@@ -158,8 +171,6 @@ class Tracker:
             for path in (result.build.log_path, result.build.layers_path):
                 if path and Path(path).is_file():
                     self.client.log_artifact(run_id, path, "build")
-        self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED", record.ended_ms)
-        return run_id
 
     def end_sweep(self, sweep_id: str, results: list[VariantResult], total: int, files: list[Path] = ()) -> None:
         counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}

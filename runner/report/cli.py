@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import ssl
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +27,7 @@ USAGE_EXIT = 2
 DEFAULT_URI = "sqlite:///outputs/mlflow.db"
 REPORTS = Path("outputs/reports")
 REPORT_FILES = ("table.md", "table.csv", "table.html", "table.png", "latency.png")
+PROBE_S = 3  # an http(s) store that does not answer within this is down: MLflow's own client retries for minutes
 
 
 class Store:
@@ -33,22 +38,39 @@ class Store:
 
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
             raise ReportError(f"no MLflow store at {uri} (run a sweep first, or pass --tracking-uri)")
-        self.uri, self.client = uri, MlflowClient(uri)
+        self.uri = uri
+        if uri.startswith(("http://", "https://")):
+            self._probe()
+        self.client = MlflowClient(uri)
         found = self._call(self.client.get_experiment_by_name, experiment)
         if found is None:
             raise ReportError(f"no experiment '{experiment}' in the MLflow store {uri}")
         self.experiment, self.experiment_id = experiment, found.experiment_id
 
+    def _probe(self) -> None:
+        """Refuse within PROBE_S a server where nothing answers; any reply will do (the store has its say)."""
+        try:
+            urllib.request.urlopen(f"{self.uri.rstrip('/')}/health", timeout=PROBE_S).close()
+        except urllib.error.HTTPError:
+            pass
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+            if not isinstance(reason, ssl.SSLError):  # TLS is MLflow's to settle (MLFLOW_TRACKING_INSECURE_TLS)
+                raise self._unreadable(reason) from None
+
     def _call(self, fn, *args, **kwargs):
         from mlflow.exceptions import MlflowException
-
-        from runner.track import store_problem
 
         try:
             return fn(*args, **kwargs)
         except (MlflowException, OSError) as exc:
-            raise ReportError(f"--tracking-uri {self.uri}: cannot read the MLflow store: {store_problem(exc)}; "
-                              f"start the server, or pass the right --tracking-uri") from None
+            raise self._unreadable(exc) from None
+
+    def _unreadable(self, why) -> ReportError:
+        from runner.track import store_problem
+
+        return ReportError(f"--tracking-uri {self.uri}: cannot read the MLflow store: {store_problem(why)}; "
+                           f"start the server, or pass the right --tracking-uri")
 
     def search(self, query: str, **kwargs) -> list:
         return self._call(self.client.search_runs, [self.experiment_id], query, **kwargs)
@@ -132,6 +154,41 @@ def load(args) -> Source:
                   "+".join(i[:8] if len(ids) > 1 else i for i in ids), store, ids, incomplete)
 
 
+def writable(path: Path, option: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output `path` (a file, or with `folder` a folder) that cannot be made: below a
+    file, a folder where a file goes or the reverse, or where this user may not write. Nothing is created."""
+    target = path.absolute()
+    found = next(p for p in (target, *target.parents) if p.exists())
+    if found != target and not found.is_dir():
+        why = f"{found} is a file, not a folder"
+    elif found == target and found.is_dir() != folder:
+        why = f"it is a {'file' if folder else 'folder'}"
+    elif not os.access(found, os.W_OK | os.X_OK if found.is_dir() else os.W_OK):
+        why = f"{found} cannot be written"
+    else:
+        return
+    raise ReportError(f"{option} {path}: {why}; give a path that can be written")
+
+
+def read_baseline(path: Path) -> dict[str, dict]:
+    """The cells of a baseline file; ReportError where it is unreadable, holds no cells, or a cell lacks what
+    `check` compares (a gate that cannot fail is no gate)."""
+    again = f"record it again with `runner baseline --out {path}`"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"cannot read baseline {path}: {exc}") from None
+    cells = data.get("cells") if isinstance(data, dict) else None
+    if not isinstance(cells, dict) or not cells:
+        raise ReportError(f"baseline {path} holds no cells, so no check could fail; {again}")
+    for key, cell in cells.items():
+        if problem := gate.cell_problem(cell):
+            raise ReportError(f"baseline {path}: cell '{key}' {problem}; {again}")
+    if any("model" not in cell["cell"] for cell in cells.values()):
+        raise ReportError(f"baseline {path} was recorded before cells named their model; {again}")
+    return cells
+
+
 def write_report(frame: pd.DataFrame, out: Path, title: str) -> list[Path]:
     """table.md/.csv/.html/.png and latency.png under `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +204,7 @@ def write_report(frame: pd.DataFrame, out: Path, title: str) -> list[Path]:
 
 
 def cmd_table(args) -> int:
+    writable(args.out or REPORTS, "--out", folder=True)
     source = load(args)
     out = args.out or REPORTS / source.name
     paths = write_report(source.frame, out, f"Compatibility of {'sweeps' if '+' in source.name else 'sweep'} "
@@ -161,6 +219,7 @@ def cmd_table(args) -> int:
 
 
 def cmd_baseline(args) -> int:
+    writable(args.out, "--out")
     source = load(args)
     if source.incomplete:
         raise ReportError(f"{source.incomplete[0]}; a baseline needs every variant")
@@ -173,26 +232,26 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_check(args) -> int:
-    try:
-        baseline = json.loads(args.baseline.read_text())["cells"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ReportError(f"cannot read baseline {args.baseline}: {exc}") from None
-    if any("model" not in cell.get("cell", {}) for cell in baseline.values()):
-        raise ReportError(f"baseline {args.baseline} was recorded before cells named their model; record it again "
-                          f"with `runner baseline --out {args.baseline}`")
+    writable(args.summary, "--summary")
+    baseline = read_baseline(args.baseline)
     source = load(args)
-    diff = gate.compare(baseline, gate.cells(source.frame), args.latency_ratio, args.map_drop, args.build_ratio,
-                        not args.no_timing)
+    current = gate.cells(source.frame)
+    if not baseline.keys() & current.keys():
+        raise ReportError(f"baseline {args.baseline} shares no cell with sweep {source.name}, so no check could "
+                          f"fail; pass the sweep it was recorded from, or record it from this one with "
+                          f"`runner baseline --out {args.baseline}`")
+    diff = gate.compare(baseline, current, args.latency_ratio, args.map_drop, args.build_ratio, not args.no_timing)
     limits = (f"mAP50-95 drop <= {args.map_drop}, "
               + ("timing not checked" if args.no_timing else
                  f"latency <= x{args.latency_ratio}, build time <= x{args.build_ratio}"))
     args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(gate.check_markdown(diff, render.grids(source.frame), source.name, args.baseline, limits,
                                                 source.incomplete))
-    regressions = diff[diff["verdict"] == "REGRESSION"]
+    regressions, new = diff[diff["verdict"] == "REGRESSION"], diff[diff["verdict"] == gate.NEW]
     with pd.option_context("display.width", 200, "display.max_rows", None, "display.max_colwidth", 60):
         print(diff.to_string(index=False))
-    print(f"\nrunner: {len(regressions)} regression(s) against {args.baseline} ({limits}); summary in {args.summary}")
+    print(f"\nrunner: {len(regressions)} regression(s) against {args.baseline} ({limits})"
+          + (f"; {len(new)} new cell(s), not in the baseline" if len(new) else "") + f"; summary in {args.summary}")
     source.warn()
     return 1 if len(regressions) or source.incomplete else 0
 
@@ -228,6 +287,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `table`, `baseline` or `check` (argv starts with the subcommand); returns the exit code."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # as a sweep has it: a lost store fails in seconds
     try:
         args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # argparse has printed its usage line

@@ -2,7 +2,8 @@
 
 A cell regresses when it goes O -> X or △, its validation goes passed -> inaccurate or failed, its mAP50-95
 drops by more than `map_drop`, its infer or end-to-end p50 grows by more than `latency_ratio`, or its build takes more
-than `build_ratio` as long. A `reference` cell (the model under test is the reference) has no validation
+than `build_ratio` as long, or it lacks a metric the baseline has (`missing`: not measured, or not logged). A cell the
+baseline lacks is `new`, listed apart. A `reference` cell (the model under test is the reference) has no validation
 that could fail, so its validation is listed but never compared.
 """
 from __future__ import annotations
@@ -15,6 +16,9 @@ from runner.report.render import grids_markdown, mark, to_markdown
 
 MIN_BUILD_S = 1.0  # shorter baseline builds are cache hits: not compared
 COMPARABLE_VALIDATION = ("passed", "inaccurate", "failed")
+MISSING = "missing"  # a cell, or a metric, the baseline has and the sweep lacks
+NEW = "new"  # the verdict of a cell the baseline lacks
+NUMBERS = ("map50_95", "infer_p50_ms", "e2e_p50_ms", "build_s")  # a cell's measures: a number, or null
 
 
 def _number(value) -> float | None:
@@ -24,10 +28,16 @@ def _number(value) -> float | None:
 def cells(frame: pd.DataFrame) -> dict[str, dict]:
     """What `check` compares, per cell key "<model> | <onnx label> | <build label>"."""
     return {r.cell.key: {"cell": r.cell.to_dict(), "status": r.status, "failed_stage": r.failed_stage,
-                         "validation": r.validation, "map50_95": _number(r.map50_95),
-                         "infer_p50_ms": _number(r.infer_p50_ms), "e2e_p50_ms": _number(r.e2e_p50_ms),
-                         "build_s": _number(r.build_s)}
+                         "validation": r.validation, **{k: _number(getattr(r, k)) for k in NUMBERS}}
             for r in frame.itertuples(index=False)}
+
+
+def cell_problem(cell) -> str | None:
+    """What a baseline cell lacks for `compare` (its outcome, its cell, numbers where numbers go), or None."""
+    if not isinstance(cell, dict) or not isinstance(cell.get("status"), str) or not isinstance(cell.get("cell"), dict):
+        return "has no 'status' and 'cell'"
+    wrong = [k for k in NUMBERS if cell.get(k) is not None and not isinstance(cell[k], (int, float))]
+    return f"has {', '.join(wrong)} that is not a number" if wrong else None
 
 
 def _mark(cell: dict) -> str:
@@ -45,14 +55,14 @@ def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: 
                      "verdict": "REGRESSION" if regressed else verdict})
 
     def ratio(cell, metric, before, after, limit, unit):
-        if before is not None and after is not None:
-            add(cell, metric, f"{before:.2f}{unit}", f"{after:.2f}{unit} (x{after / before:.2f})",
-                after > before * limit)
+        if before is not None:
+            add(cell, metric, f"{before:.2f}{unit}", MISSING if after is None else
+                f"{after:.2f}{unit} (x{after / before:.2f})", after is None or after > before * limit)
 
     for cell, old in baseline.items():
         new = current.get(cell)
         if new is None:
-            add(cell, "cell", _mark(old), "missing", True)
+            add(cell, "cell", _mark(old), MISSING, True)
             continue
         add(cell, "status", _mark(old), _mark(new), old["status"] == "ok" and new["status"] != "ok")
         before, after = old.get("validation") or "", new.get("validation") or ""
@@ -60,30 +70,34 @@ def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: 
             add(cell, "validation", before, after, before == "passed" and after != "passed")
         elif before or after:
             add(cell, "validation", before or "-", after or "-", False, "not compared (no validation that can fail)")
-        if old.get("map50_95") is not None and new["map50_95"] is not None:
-            add(cell, "mAP50-95", f"{old['map50_95']:.3f}", f"{new['map50_95']:.3f}",
-                old["map50_95"] - new["map50_95"] > map_drop)
+        if old.get("map50_95") is not None:
+            now = new["map50_95"]
+            add(cell, "mAP50-95", f"{old['map50_95']:.3f}", MISSING if now is None else f"{now:.3f}",
+                now is None or old["map50_95"] - now > map_drop)
         if timing:
             ratio(cell, "infer p50", old.get("infer_p50_ms"), new["infer_p50_ms"], latency_ratio, " ms")
             ratio(cell, "e2e p50", old.get("e2e_p50_ms"), new["e2e_p50_ms"], latency_ratio, " ms")
             if (old.get("build_s") or 0.0) >= MIN_BUILD_S:
                 ratio(cell, "build time", old["build_s"], new["build_s"], build_ratio, " s")
-    for cell in current.keys() - baseline.keys():
-        add(cell, "cell", "absent", _mark(current[cell]), False, "new")
+    for cell in sorted(current.keys() - baseline.keys()):
+        add(cell, "cell", "absent", _mark(current[cell]), False, NEW)
     diff = pd.DataFrame(rows, columns=["cell", "metric", "baseline", "current", "verdict"])
     return diff.sort_values("verdict", key=lambda v: v != "REGRESSION", kind="stable").reset_index(drop=True)
 
 
 def check_markdown(diff: pd.DataFrame, grids: dict[str, pd.DataFrame], sweep: str, baseline_file: Path, limits: str,
                    incomplete: list[str] = ()) -> str:
-    """The check as a CI job summary: verdict, regressions, the current grids, and every comparison."""
-    regressions = diff[diff["verdict"] == "REGRESSION"]
+    """The check as a CI job summary: verdict, regressions, new cells, the current grids, and every comparison."""
+    regressions, new = diff[diff["verdict"] == "REGRESSION"], diff[diff["verdict"] == NEW]
     head = (f"## runner check: FAILED, {len(regressions)} regression(s) in {regressions['cell'].nunique()} cell(s)"
             if len(regressions) else "## runner check: FAILED, incomplete sweep" if incomplete
             else "## runner check: passed, no regression")
-    parts = [head, *incomplete, f"Sweep `{sweep}` against baseline `{baseline_file}`. Limits: {limits}."]
+    parts = [head + (f"; {len(new)} new cell(s)" if len(new) else ""), *incomplete,
+             f"Sweep `{sweep}` against baseline `{baseline_file}`. Limits: {limits}."]
     if len(regressions):
         parts += ["### Regressions", to_markdown(regressions)]
+    if len(new):
+        parts += ["### New cells (not in the baseline, so not checked)", to_markdown(new)]
     parts += ["### Compatibility", grids_markdown(grids, level="####"),
               f"<details><summary>All {len(diff)} comparisons</summary>\n\n{to_markdown(diff)}\n\n</details>"]
     return "\n\n".join(parts) + "\n"
