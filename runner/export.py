@@ -23,7 +23,7 @@ from pathlib import Path
 
 import onnx
 
-from runner import cache
+from runner import cache, checkpoint
 from runner.results import OnnxArtifact, StageError
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,9 @@ def names_of(model: onnx.ModelProto) -> list[str]:
 
 
 def _local_copy(spec: ExportSpec, workdir: Path) -> Path:
-    """The weights as `workdir/model.pt`: loaded from there, whatever the user's file is called."""
-    local = workdir / "model.pt"
-    shutil.copyfile(spec.weights, local)
-    return local
+    """The weights as `workdir/model.pt`: loaded from there, whatever the user's file is called, once that copy
+    passed `checkpoint.verify`."""
+    return checkpoint.verified_copy(spec.weights, workdir / "model.pt", "export")
 
 
 def ultralytics_nms(end2end: bool, nms: bool) -> bool | None:

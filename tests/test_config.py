@@ -116,6 +116,18 @@ def test_a_segmentation_checkpoint_is_not_a_detector(tmp_path):
                                                        f"SegmentationModel, not a detection model; {CHECKPOINT}")
 
 
+def test_a_checkpoint_that_would_run_code_is_refused_before_any_work(tmp_path):
+    """Its `os.system` is named, never run: no marker file, no run folder (more cases: test_checkpoint.py)."""
+    from test_checkpoint import REFUSED, Shell, with_extra
+
+    marker = tmp_path / "marker"
+    bad = with_extra(tmp_path / "best.pt", Shell(marker))
+    proc = run_cli([f"model.weights={bad}", "data.limit=2", "bench=quick"], tmp_path / "outputs", timeout=120)
+    assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {bad} refers to "
+                                                       f"posix.system, {REFUSED}")
+    assert not marker.exists()
+
+
 def test_a_renamed_checkpoint_is_accepted_as_given(tmp_path):
     renamed = tmp_path / "weights.checkpoint"
     renamed.write_bytes(DEFAULT_WEIGHTS.read_bytes())

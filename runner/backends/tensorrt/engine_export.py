@@ -26,6 +26,7 @@ from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.build import EngineCache, heartbeat, inspect_plan
 from runner.backends.tensorrt.runtime import load_plan
 from runner.cache import file_sha256
+from runner.checkpoint import verified_copy
 from runner.export import ultralytics_nms
 from runner.results import BuildResult, StageError
 
@@ -102,8 +103,8 @@ def _export_and_store(trt, spec: EngineExportSpec, cache: EngineCache, key: str,
     work = cache.folder / f"{key}.work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    local = work / "model.pt"  # ultralytics writes model.onnx and model.engine next to the weights
-    shutil.copyfile(spec.weights, local)
+    # ultralytics writes model.onnx and model.engine next to the weights, loaded once that copy is verified
+    local = verified_copy(spec.weights, work / "model.pt", "build")
     result = BuildResult(tool="ultralytics", artifact="", profile=[], trt_version=trt.__version__, gpu=gpu,
                          log_path=str(cache.folder / f"{key}.log"))
     logger = compat.get_logger()
