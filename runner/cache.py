@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +32,24 @@ def file_sha256(path: str | Path, h=None):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h
+
+
+def unwritable(path: str | Path, folder: bool = True) -> str | None:
+    """Why `path` (a folder, or with `folder=False` a file) could not be made or written, or None. Tried by making
+    and removing a folder in its nearest existing parent, so nothing is left behind."""
+    target = Path(path).absolute()
+    found = next(p for p in (target, *target.parents) if p.exists())
+    if found != target and not found.is_dir():
+        return f"{found} is a file, not a folder"
+    if found == target and found.is_dir() != folder:
+        return f"it is a {'folder' if found.is_dir() else 'file'}"
+    if not found.is_dir():
+        return None if os.access(found, os.W_OK) else f"{found} cannot be written"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".runner-check-", dir=found))
+    except OSError as exc:
+        return f"cannot write in {found} ({exc.strerror or exc})"
+    return None
 
 
 def write_atomic(path: Path, data: bytes) -> None:

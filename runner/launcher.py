@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import traceback
 import typing
@@ -38,7 +37,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner import backends, config, gpus, inputs
+from runner import backends, cache, config, gpus, inputs
 from runner.config import BackendName, ConfigError, RunConfig
 from runner.isolate import run_isolated
 from runner.pipeline import new_result, run_variant
@@ -282,25 +281,10 @@ def _reopened(folder: Path, command: list[str], ids: list[str]) -> Sweep:
                      f"the same overrides to resume it")
 
 
-def _unwritable(folder: str) -> str | None:
-    """Why `folder` cannot be made or written in, or None; tried by making and removing a folder in it (or in
-    its nearest existing parent), so nothing is left behind."""
-    nearest = Path(folder).absolute()
-    try:
-        while not nearest.exists():
-            nearest = nearest.parent
-        if not nearest.is_dir():
-            return f"{nearest} is a file"
-        os.rmdir(tempfile.mkdtemp(prefix=".runner-check-", dir=nearest))
-    except OSError as exc:
-        return f"cannot write in {nearest} ({exc.strerror or exc})"
-    return None
-
-
 def _check_writable(variants: list[RunConfig]) -> None:
     """Refuse an `outputs` or `cache_dir` that runner could not write, before anything is made."""
     for key, folder in dict.fromkeys((k, getattr(v, k)) for v in variants for k in ("outputs", "cache_dir")):
-        problem = _unwritable(folder)
+        problem = cache.unwritable(folder)
         if problem:
             raise ConfigError(f"{key}: cannot make {folder}: {problem}; give a folder you can write ({key}=DIR)")
 

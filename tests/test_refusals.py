@@ -108,7 +108,7 @@ def test_a_folder_under_a_file_is_refused(tmp_path, refused, key):
     outputs = bad if key == "outputs" else tmp_path / "out"
     args = [f"cache_dir={bad}"] if key == "cache_dir" else []
     line = refused(["-m", "precision=fp32,fp16", *args], outputs)
-    assert line == f"{key}: cannot make {bad}: {tmp_path / 'afile'} is a file; give a folder you can write ({key}=DIR)"
+    assert line == f"{key}: cannot make {bad}: {tmp_path / 'afile'} is a file, not a folder; give a folder you can write ({key}=DIR)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 

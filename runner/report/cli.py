@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from runner.cache import unwritable
 from runner.report import gate, plots, render
 from runner.report.frame import SWEEP_TAG, ReportError, read_results, results_frame, runs_frame
 
@@ -155,19 +156,10 @@ def load(args) -> Source:
 
 
 def writable(path: Path, option: str, folder: bool = False) -> None:
-    """Refuse, before any work, an output `path` (a file, or with `folder` a folder) that cannot be made: below a
-    file, a folder where a file goes or the reverse, or where this user may not write. Nothing is created."""
-    target = path.absolute()
-    found = next(p for p in (target, *target.parents) if p.exists())
-    if found != target and not found.is_dir():
-        why = f"{found} is a file, not a folder"
-    elif found == target and found.is_dir() != folder:
-        why = f"it is a {'file' if folder else 'folder'}"
-    elif not os.access(found, os.W_OK | os.X_OK if found.is_dir() else os.W_OK):
-        why = f"{found} cannot be written"
-    else:
-        return
-    raise ReportError(f"{option} {path}: {why}; give a path that can be written")
+    """Refuse, before any work, an output `path` (a file, or with `folder` a folder) that cannot be made."""
+    problem = unwritable(path, folder)
+    if problem:
+        raise ReportError(f"{option} {path}: {problem}; give a path that can be written")
 
 
 def read_baseline(path: Path) -> dict[str, dict]:
