@@ -2,8 +2,10 @@
 
 A segfault, abort, CUDA error or timeout in the child becomes that variant's status; the sweep goes on,
 and the GPU memory goes back with the child. The child reports the stage it entered, its partial result
-and its log records over a pipe, so a crash still names the failing stage and the job's log (Hydra's,
-in the parent) holds everything the child said.
+and runner's log records over a pipe, so a crash still names the failing stage. Everything else the child
+says (its stdout and stderr, libraries' warnings) goes straight to the file this process logs to: under
+Hydra, the job's log, which so holds everything the child said. What onnxruntime's and TensorRT's C++
+loggers, ultralytics and torch print stays there, and the console shows runner's own lines.
 
 The child is a plain `subprocess` running `python -m runner.isolate`, not a `multiprocessing` process:
 launcher workers are often daemonic (joblib's loky, Ray actors), and those may not start multiprocessing
@@ -13,6 +15,7 @@ with its parent (Linux `PR_SET_PDEATHSIG`), so `kill -9` of a sweep leaves no or
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -27,18 +30,32 @@ from multiprocessing.connection import Connection
 from runner.results import VariantResult
 
 PR_SET_PDEATHSIG = 1
+STAMPED = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"  # as the job's log writes its lines
+
+
+def _is_runner(record: logging.LogRecord) -> bool:
+    return record.name.split(".")[0] == "runner"
 
 
 class _PipeHandler(logging.Handler):
-    """Sends runner's INFO records, and everyone's warnings and errors, to the parent."""
+    """Sends runner's records (INFO and up) to the parent."""
 
     def __init__(self, conn: Connection):
         super().__init__(logging.INFO)
         self.conn = conn
+        self.addFilter(_is_runner)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.WARNING or record.name.split(".")[0] == "runner":
-            self.conn.send(("log", (record.levelno, record.name, record.getMessage())))
+        self.conn.send(("log", (record.levelno, record.name, record.getMessage())))
+
+
+def _library_handler() -> logging.Handler:
+    """Writes other loggers' warnings and errors to stderr (the job's log, see `_job_log`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(STAMPED))
+    handler.addFilter(lambda record: not _is_runner(record))
+    return handler
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -52,7 +69,8 @@ def _child(fd: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     conn = Connection(fd, readable=False)
     root = logging.getLogger()
-    root.handlers, root.level = [_PipeHandler(conn)], logging.INFO
+    root.handlers, root.level = [_PipeHandler(conn), _library_handler()], logging.INFO
+    sys.stdout.reconfigure(line_buffering=True)  # a library's prints land in the log in order
     logging.captureWarnings(True)
     try:
         target, args = pickle.load(sys.stdin.buffer)
@@ -65,12 +83,22 @@ def _child(fd: int, parent_pid: int) -> None:
         conn.close()
 
 
+def _job_log() -> str | None:
+    """The file this process logs to, if any: the last file handler of the root logger (in a job, the only one:
+    Hydra's `<job folder>/<job name>.log`)."""
+    files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return files[-1] if files else None
+
+
 def _start(target, args: tuple, env: dict[str, str] | None) -> tuple[subprocess.Popen, Connection]:
     read_fd, write_fd = os.pipe()
     child_env = {**os.environ, **(env or {}),
                  "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the target imports as it does here
-    proc = subprocess.Popen([sys.executable, "-m", "runner.isolate", str(write_fd), str(os.getpid())],
-                            stdin=subprocess.PIPE, pass_fds=(write_fd,), env=child_env)
+    log_path = _job_log()
+    with open(log_path, "ab") if log_path else contextlib.nullcontext() as output:  # appended, as the parent does
+        proc = subprocess.Popen([sys.executable, "-m", "runner.isolate", str(write_fd), str(os.getpid())],
+                                stdin=subprocess.PIPE, stdout=output, stderr=output, pass_fds=(write_fd,),
+                                env=child_env)
     os.close(write_fd)
     try:
         proc.stdin.write(pickle.dumps((target, args)))
@@ -86,7 +114,8 @@ def run_isolated(target, args: tuple, timeout_s: float, base: VariantResult, log
     with `env` added to its environment.
 
     Always returns a result: a crash or timeout fails the latest partial result (else `base`) at the stage
-    the child was in. The child's log records are re-logged here, each message after `log_prefix`."""
+    the child was in. The child's runner records are re-logged here, each message after `log_prefix`; what
+    else it says goes to this process's log file (inherited stdout and stderr where there is none)."""
     proc, receiver = _start(target, args, env)
     stage, partial, deadline = "start", base.to_dict(), time.monotonic() + timeout_s
     outcome = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -34,6 +35,9 @@ from runner.report.frame import SWEEP_TAG, cell_tags, outcome_tags
 from runner.results import VariantResult
 from runner.sweep import JobRecord
 
+# MLflow says "Creating initial MLflow database tables" when it makes a sqlite store, on stderr through a handler
+# of its own (importing mlflow resets the levels set before): not the user's news. Its warnings still show.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 MAX_TAG = 5000
 RESULT_TAG = "runner.result_id"
 SERVER_START_S = 90

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 
 from runner.results import BuildVariant, Cell, OnnxVariant, VariantResult
 
@@ -27,6 +28,19 @@ def succeed(value, stage_started, publish):
     logging.getLogger("some.library").warning("a library warning")
     stage_started("validate")
     return result("ok", timings={"export": float(value)}, environment={"pid": os.getpid()})
+
+
+def say_everything(value, stage_started, publish):
+    """Say something in every way a variant's libraries do: runner's log, another logger, a Python warning, a
+    print, and a line written straight to fd 2 (as onnxruntime's and TensorRT's C++ loggers do)."""
+    stage_started("export")
+    logging.getLogger("runner.export").info("export: %d done", value)
+    logging.getLogger("some.library").info("chatter that stays in the child")
+    logging.getLogger("some.library").warning("a library warning")
+    warnings.warn("a library's Python warning")
+    print("a library's print")
+    os.write(2, b"[E:native] a C++ logger's line\n")
+    return result("ok")
 
 
 def segfault_in_build(stage_started, publish):

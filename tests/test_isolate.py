@@ -1,6 +1,7 @@
 """Process isolation with real spawned children: crashes and timeouts become the variant's result."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -25,13 +26,25 @@ def test_result_of_a_healthy_child_is_returned_as_is():
     assert result.environment["pid"] != os.getpid()  # it really ran in another process
 
 
-def test_child_log_records_reach_the_parent_with_the_prefix(caplog):
+def test_runner_records_reach_the_parent_and_the_rest_only_the_job_log(caplog, capfd, tmp_path):
+    job_log = tmp_path / "runner.log"
+    handler = logging.FileHandler(job_log)  # as Hydra's job logging has it, beside its console handler
+    logging.getLogger().addHandler(handler)
     caplog.set_level("INFO")
-    run_isolated(targets.succeed, (3,), 60, base(), log_prefix="  [v] ")
+    try:
+        assert run_isolated(targets.say_everything, (3,), 60, base(), log_prefix="  [v] ").status == "ok"
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
     said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
-    assert ("runner.export", "INFO", "  [v] export: 3 done") in said
-    assert ("some.library", "WARNING", "  [v] a library warning") in said
-    assert not any("chatter" in message for _, _, message in said)  # other libraries' INFO stays in the child
+    assert said == [("runner.export", "INFO", "  [v] export: 3 done")]  # what the console gets
+    console = capfd.readouterr()
+    logged = job_log.read_text()
+    for line in ("[some.library][WARNING] a library warning", "a library's Python warning", "a library's print",
+                 "[E:native] a C++ logger's line"):
+        assert line in logged and line not in console.out + console.err, (line, logged)
+    assert "export: 3 done" in logged  # runner's own lines too, through the parent's handler
+    assert "chatter" not in logged  # other libraries' INFO stays in the child
 
 
 def test_segfault_names_the_stage_and_keeps_the_partial_result():

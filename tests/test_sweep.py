@@ -180,3 +180,20 @@ def test_explicit_tensorrt_is_skipped_with_the_reason(tmp_path):
                                                                                 str(tmp_path))).read_text()))
     assert result.status == "skipped" and result.export is None and result.build is None
     assert "tensorrt is not installed" in result.error
+
+
+def test_console_shows_runner_lines_and_library_noise_goes_to_the_variant_log(tmp_path, export_cache):
+    """profile=seed's min shape (H of 1) makes onnxruntime refuse it, and its C++ logger print an error line; a new
+    sqlite store makes MLflow say it creates its tables. Neither reaches the console; onnxruntime's is in the log."""
+    outputs = tmp_path / "outputs"
+    proc = run_cli(["-m", "precision=fp32,fp16", "shape=dynamic", "profile=seed", "bench=quick", "data.limit=2",
+                    f"cache_dir={export_cache}"], outputs, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "validate: min skipped: [ONNXRuntimeError]" in proc.stdout  # runner's own line says why
+    for noise in ("[E:onnxruntime", "Creating initial MLflow database tables", "Updating database tables",
+                  "INFO  [alembic"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    assert proc.stderr == ""
+    sweep = Path(proc.stdout.rstrip().splitlines()[-1].split("summary in ", 1)[1])
+    for job in ("0", "1"):
+        assert "[E:onnxruntime" in (sweep / job / "runner.log").read_text()

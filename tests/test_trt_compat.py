@@ -1,18 +1,20 @@
 """CPU tests of the TensorRT glue. TensorRT cannot run here, so the capability gates are fed
 SimpleNamespace stand-ins that expose or lack the attributes TensorRT 8.6 / 10.x / 11.x differ in."""
+import enum
 import json
 import struct
+import sys
 from types import SimpleNamespace as NS
 
 import numpy as np
 import pytest
 
-from runner import backends
+from runner import backends, bench
 from runner.backends.tensorrt import compat as trt_compat
 from runner.backends.tensorrt.build import (BuildSpec, build_engine, cache_key, calibration_cache_path, heartbeat,
                                             timing_cache_path)
 from runner.backends.tensorrt.engine_export import observed_builder
-from runner.backends.tensorrt.runtime import load_plan
+from runner.backends.tensorrt.runtime import TrtRunner, load_plan
 
 # Stand-ins for the parts of the tensorrt module the gates look at.
 class Entropy2:
@@ -303,3 +305,95 @@ def test_observed_builder_keeps_the_default_level_and_restores_on_error():
             raise RuntimeError("export failed")
     assert seen == [{"optimization_level": 3, "fp16": False, "tf32": True}]
     assert trt.Builder is StandInBuilder
+
+
+class StandInContext:
+    """An execution context as TensorRT 8.6 makes them: on a dynamic engine the first one has profile 0 and later
+    ones none (-1) until they select one no other context uses; enqueueing without a profile fails (TensorRT's
+    `enqueueV3 ... mOptimizationProfile >= 0`)."""
+
+    def __init__(self, engine, profile: int):
+        self.engine, self.profile, self.shape = engine, profile, None
+
+    def set_optimization_profile_async(self, index, stream):
+        taken = {c.profile for c in self.engine.contexts if c is not self}
+        if index >= self.engine.num_optimization_profiles or index in taken:
+            return False
+        self.profile = index
+        return True
+
+    def set_input_shape(self, name, shape):
+        self.shape = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.shape
+
+    def set_tensor_address(self, name, address):
+        return True
+
+    def execute_async_v3(self, stream):
+        if self.profile < 0:
+            self.engine.logger.last_error = "IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime " \
+                                            "(mOptimizationProfile >= 0 failed)"
+            return False
+        return True
+
+
+class StandInEngine:
+    def __init__(self, input_shape, profiles: int):
+        self.input_shape, self.num_optimization_profiles = input_shape, profiles
+        self.contexts, self.logger = [], NS(last_error="")
+
+    def get_tensor_shape(self, name):
+        return self.input_shape
+
+    def create_execution_context(self):
+        dynamic = -1 in self.input_shape
+        self.contexts.append(StandInContext(self, -1 if dynamic and self.contexts else 0))
+        return self.contexts[-1]
+
+
+def _stand_in_runner(engine: StandInEngine) -> TrtRunner:
+    """A TrtRunner opened on `engine`, with cuda-python calls that succeed (a stream is an int)."""
+    runner = TrtRunner("engine.plan")
+    ok = lambda *args: (0, 1)  # noqa: E731 - (cudaSuccess, handle)
+    runner._rt = NS(cudaMalloc=ok, cudaFree=ok, cudaStreamCreate=ok, cudaStreamSynchronize=ok,
+                    cudaStreamDestroy=ok)
+    runner._engine, runner._logger, runner._graphs = engine, engine.logger, {}
+    runner._context = engine.create_execution_context()
+    runner.input_name, runner._dtypes = "images", {"images": np.dtype(np.float32), "output0": np.dtype(np.float32)}
+    return runner
+
+
+@pytest.mark.parametrize("input_shape, profiles, note", [
+    ((-1, 3, -1, -1), 1, "batch1_2streams: 2 streams on a dynamic engine need 2 optimization profiles (one per "
+                         "execution context); this engine has 1"),
+    ((-1, 3, -1, -1), 2, None),  # the second context selects profile 1
+    ((1, 3, 640, 640), 1, None),  # a static engine's contexts share its profile
+])
+def test_two_stream_throughput_gives_each_dynamic_context_a_profile_or_says_why_not(input_shape, profiles, note):
+    engine = StandInEngine(input_shape, profiles)
+    figures, said = bench.throughput(_stand_in_runner(engine), [1, 3, 640, 640], iters=10)
+    assert said == note
+    assert set(figures) == ({"opt_batch"} if note else {"opt_batch", "batch1_2streams"})
+    assert [c.profile for c in engine.contexts] == ([0] if note else [0, 1] if -1 in input_shape else [0, 0])
+
+
+def test_tensorrt_logger_logs_to_the_tensorrt_logger_not_stderr(monkeypatch, caplog, capfd):
+    class ILogger:
+        Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
+
+        def __init__(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "tensorrt", NS(ILogger=ILogger))
+    monkeypatch.setattr(trt_compat, "_LOGGER", None)
+    logger = trt_compat.get_logger()
+    for severity in ILogger.Severity:
+        logger.log(severity, f"a {severity.name} line")
+    said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("tensorrt", "ERROR", "a INTERNAL_ERROR line"), ("tensorrt", "ERROR", "a ERROR line"),
+                    ("tensorrt", "WARNING", "a WARNING line")]
+    assert logger.last_error == "a ERROR line"
+    assert capfd.readouterr().err == ""  # in a variant's child, the job's log takes these (runner.isolate)

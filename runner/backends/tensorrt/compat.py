@@ -9,7 +9,7 @@ stand-ins (tests/test_trt_compat.py), since no real 10.x/11.x could be had for t
 from __future__ import annotations
 
 import importlib
-import sys
+import logging
 
 import numpy as np
 
@@ -238,8 +238,9 @@ _LOGGER = None
 def get_logger():
     """The process-wide TensorRT logger (one instance: TensorRT keeps the first logger it is given).
 
-    Between ``start()`` and ``stop()`` it records INFO and above as (severity, message); otherwise it
-    prints WARNING and above to stderr. ``last_error`` keeps the latest error message either way.
+    Between ``start()`` and ``stop()`` it records INFO and above as (severity, message); otherwise it logs
+    WARNING and above to the ``tensorrt`` logger (in a variant's child process: to the job's log, not the
+    console; see runner.isolate). ``last_error`` keeps the latest error message either way.
     """
     global _LOGGER
     if _LOGGER is None:
@@ -261,7 +262,8 @@ def get_logger():
                     if sev != severity.VERBOSE:
                         self.records.append((name, msg))
                 elif sev not in (severity.VERBOSE, severity.INFO):
-                    print(f"[TRT] [{name}] {msg}", file=sys.stderr)
+                    level = logging.WARNING if sev == severity.WARNING else logging.ERROR
+                    logging.getLogger("tensorrt").log(level, msg)
 
             def start(self) -> None:
                 self.records = []

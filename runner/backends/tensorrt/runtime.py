@@ -44,6 +44,19 @@ def load_plan(path: str) -> tuple[bytes, dict | None]:
     return data, None
 
 
+def lane_profiles(dynamic: bool, profiles: int, streams: int) -> list[int | None]:
+    """The optimization profile each of `streams` concurrent execution contexts selects (None: it keeps the one it
+    has; the first context has profile 0). A static engine's contexts share its profile; a dynamic engine's need
+    one each (on TensorRT 8.6 a second context has none, and its enqueue fails). Raises ValueError where a dynamic
+    engine has fewer profiles than streams."""
+    if not dynamic:
+        return [None] * streams
+    if profiles < streams:
+        raise ValueError(f"{streams} streams on a dynamic engine need {streams} optimization profiles (one per "
+                         f"execution context); this engine has {profiles}")
+    return [None, *range(1, streams)]
+
+
 def engine_profile(engine, input_name: str) -> tuple[tuple[int, ...], ...]:
     """(min, opt, max) input shape of profile 0; a static engine's one shape three times."""
     static = tuple(engine.get_tensor_shape(input_name))
@@ -325,22 +338,27 @@ class TrtRunner(Runner):
 
     def throughput(self, shape: tuple[int, ...], streams: int, iters: int) -> float:
         """Images per second of the engine alone at `shape`, with `streams` execution contexts, each on its
-        own stream and buffers, enqueued round-robin with no copies and no graph."""
+        own stream, buffers and (on a dynamic engine) optimization profile, enqueued round-robin with no copies
+        and no graph. Raises ValueError, before any context is made, where the engine lacks the profiles."""
         rt, engine, batch = self._rt, self._engine, shape[0]
+        dynamic = -1 in tuple(engine.get_tensor_shape(self.input_name))
+        profiles = lane_profiles(dynamic, engine.num_optimization_profiles, streams)
         lanes = []
         try:
-            for _ in range(streams):
+            for profile in profiles:
                 context = engine.create_execution_context() if lanes else self._context
                 if context is None:
                     raise RuntimeError(f"cannot create another execution context: {self._logger.last_error}")
+                stream, buffers = cuda_call(rt.cudaStreamCreate), []
+                lanes.append((context, stream, buffers))
+                if profile is not None and not context.set_optimization_profile_async(profile, int(stream)):
+                    raise RuntimeError(f"cannot select optimization profile {profile}: {self._logger.last_error}")
                 if not context.set_input_shape(self.input_name, shape):
                     raise ShapeError(f"the engine does not take {list(shape)}: {self._logger.last_error}")
-                buffers = []
                 for name, dtype in self._dtypes.items():
                     buffers.append(cuda_call(rt.cudaMalloc, max(math.prod(context.get_tensor_shape(name)), 1)
                                              * dtype.itemsize))
                     context.set_tensor_address(name, buffers[-1])
-                lanes.append((context, cuda_call(rt.cudaStreamCreate), buffers))
             for round_ in range(iters + iters // 10):  # the first tenth warms up
                 if round_ == iters // 10:
                     for _, stream, _ in lanes:
