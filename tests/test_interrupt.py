@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, cli_env, run_module
@@ -51,7 +50,7 @@ class Launched:
             time.sleep(0.1)
 
     def alive(self) -> list[str]:
-        return [" ".join(p.cmdline()[:4]) for p in self.family if _running(p)]
+        return [_command(p) for p in self.family if _running(p)]
 
     def clean_up(self) -> None:
         """Leave nothing running, even where the test failed."""
@@ -65,6 +64,13 @@ def _running(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def _until(condition, limit_s: float) -> bool:
@@ -135,7 +141,8 @@ def test_sigterm_to_the_launching_process_stops_its_workers_and_their_children(t
     sweep = Launched([*SWEEP, *JOBLIB, f"cache_dir={export_cache}", f"outputs={outputs}"], tmp_path)
     try:
         sweep.wait_for(r"\] validate: ")
-        assert any("runner.isolate" in " ".join(p.cmdline()) for p in sweep.family)  # a variant's child measures
+        commands = [_command(p) for p in sweep.family]  # the loky workers, and a variant's child measuring
+        assert any("loky" in c for c in commands) and any(re.search(r"runner\.isolate \d", c) for c in commands)
         sweep.proc.send_signal(signal.SIGTERM)
         rc = sweep.proc.wait(timeout=120)
     finally:
