@@ -453,7 +453,17 @@ def sync(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """`runner [overrides]`: check the sweep, open it, launch it through Hydra, summarise it. The exit code."""
+    """`runner [overrides]`: check the sweep, open it, launch it through Hydra, summarise it. The exit code;
+    128 + the signal's number where SIGINT or SIGTERM stopped it."""
+    with stop_on_signals():
+        try:
+            return _main(argv)
+        except Interrupted as stop:  # while the sweep was checked or opened: no variant ran
+            print(f"runner: stopped by {stop.name} before any variant ran", file=sys.stderr, flush=True)
+            return 128 + stop.signum
+
+
+def _main(argv: list[str]) -> int:
     quiet_defaults()
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store-creation chatter is not the user's news
     config.register()
@@ -467,11 +477,10 @@ def main(argv: list[str]) -> int:
         print(f"runner: error: {exc}", file=sys.stderr)
         return USAGE_EXIT
     announce_backends(variants)
-    with stop_on_signals():
-        try:
-            return _launch(argv, launch)
-        except Interrupted as stop:
-            return stopped(launch.sweep, argv, stop)
+    try:
+        return _launch(argv, launch)
+    except Interrupted as stop:
+        return stopped(launch.sweep, argv, stop)
 
 
 def _launch(argv: list[str], launch: Launch) -> int:
