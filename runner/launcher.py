@@ -40,10 +40,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner import backends, cache, config, gpus, inputs
+from runner import backends, cache, config, gpus, preflight as files
 from runner.config import BackendName, ConfigError, RunConfig
 from runner.isolate import STOP_SIGNALS, Interrupted, run_isolated
-from runner.pipeline import new_result, run_variant
+from runner.variant import new_result, run_variant
 from runner.report.frame import results_frame
 from runner.report.render import first_line
 from runner.results import VariantResult
@@ -192,7 +192,7 @@ def preflight(argv: list[str]) -> list[RunConfig]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         variants = [_compose(list(combo)) for combo in combos]
     _check_distinct(combos, variants)
-    inputs.check_inputs(variants)
+    files.check_files(variants)
     return variants
 
 

@@ -27,7 +27,7 @@ from runner.results import DetectionMetrics, ShapeCheck, TensorMetrics, Validate
 log = logging.getLogger(__name__)
 
 
-def check_shapes(profile: list[list[int]], stride: int, non_square: bool) -> list[tuple[str, list[int]]]:
+def shapes_to_check(profile: list[list[int]], stride: int, non_square: bool) -> list[tuple[str, list[int]]]:
     """The shapes to check inside a (min, opt, max) profile: its one shape when static; else min, opt,
     max and one non-square shape."""
     lo, mid, hi = (list(s) for s in profile)

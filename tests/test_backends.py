@@ -12,7 +12,7 @@ from runner.backends.tensorrt import TensorrtBackend
 from runner.backends.tensorrt import compat as trt_compat
 from runner.backends.ultralytics import UltralyticsBackend
 from runner.launcher import preflight
-from runner.pipeline import cell_of
+from runner.variant import cell_of
 from runner.processing import preprocess
 
 TRT_MISSING = not trt_compat.trt_available()[0]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ASSETS, DEFAULT_WEIGHTS, IMGSZ, OPSETS, PRESETS
-from runner import checkpoint, inputs
+from runner import checkpoint, preflight
 from runner.backends.tensorrt.build import EngineCache
 from runner.backends.tensorrt.engine_export import EngineExportSpec, _export_and_store
 from runner.config import ConfigError
@@ -86,7 +86,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path, cls, 
     marker = tmp_path / "marker"
     bad = with_extra(tmp_path / "bad.pt", cls(marker), protocol)
     with pytest.raises(ConfigError) as info:
-        inputs.check_weights(str(bad))
+        preflight.check_weights(str(bad))
     assert str(info.value) == f"model.weights: {bad} {says}, {REFUSED}"
     assert not marker.exists()
 
@@ -120,7 +120,7 @@ def test_pickle_opcodes_touch_only_what_they_made(tmp_path, payload, says):
 def test_the_export_stage_refuses_a_file_swapped_after_preflight(tmp_path, tool):
     weights, marker = tmp_path / "best.pt", tmp_path / "marker"
     shutil.copyfile(DEFAULT_WEIGHTS, weights)
-    inputs.check_weights(str(weights))  # preflight passes
+    preflight.check_weights(str(weights))  # preflight passes
     with_extra(weights, Shell(marker))  # then the file changes
     spec = ExportSpec(weights=str(weights), tool=tool, dynamic=False, half=False, imgsz=IMGSZ, opset=OPSETS[tool],
                       simplify=True)

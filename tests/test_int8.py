@@ -17,7 +17,7 @@ from runner.config import ConfigError, Thresholds, ValidateConfig
 from runner.data import CALIBRATION_COUNT, HELD_OUT_COUNT, calibration_files, load_samples
 from runner.launcher import preflight
 from runner.metrics import box_iou, mean_average_precision
-from runner.pipeline import run_variant
+from runner.variant import run_variant
 from runner.prepost import Chain
 from runner.processing import ONE2MANY, postprocess, preprocess
 from runner.report import gate, render

@@ -21,7 +21,7 @@ from runner.config import Thresholds, ValidateConfig
 from runner.data import Sample, load_samples
 from runner.export import ExportSpec, export_onnx
 from runner.metrics import match_detections
-from runner.pipeline import output_head
+from runner.variant import output_head
 from runner.prepost import Chain
 from runner.processing import END2END, ONE2MANY, UnknownHead, head_format, postprocess, preprocess
 from runner.results import BuildResult, ExportResult, StageError

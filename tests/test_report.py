@@ -45,7 +45,7 @@ def stats(p50: float) -> Stats:
 
 def variant(onnx: str, build: str, status: str = "ok", failed_stage: str | None = None, error: str | None = None,
             infer_ms: float = 2.0, build_s: float = 30.0, model: str = "yolov8n") -> VariantResult:
-    """A variant result as `runner.pipeline.run_variant` leaves it, for the cell '<model> | <onnx> | <build>'."""
+    """A variant result as `runner.variant.run_variant` leaves it, for the cell '<model> | <onnx> | <build>'."""
     (tool, onnx_shape, onnx_precision, *e2e), (build_tool, shape, precision) = onnx.split(), build.split()
     cell = Cell(OnnxVariant(TOOLS[tool], SHAPES[onnx_shape], onnx_precision, "end2end" if e2e else "one2many"),
                 BuildVariant(TOOLS[build_tool], SHAPES[shape], precision), model)

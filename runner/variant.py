@@ -25,7 +25,7 @@ from runner.processing import UnknownHead, head_format
 from runner.quantize import calibration_set, quantize_qdq
 from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, StageError,
                             VariantResult)
-from runner.validate import check_shapes, validate
+from runner.validate import shapes_to_check, validate
 
 log = logging.getLogger(__name__)
 FP16_ONNX = ("fp16_onnx", "strongly_typed")  # the precision mechanisms that build or run an fp16 ONNX
@@ -158,7 +158,7 @@ def validate_stage(cfg: RunConfig, runner, pipeline, result: VariantResult, samp
                     and build.provider == REFERENCE_PROVIDER)
     reference = None if is_reference else open_reference(export.reference.path)
     try:
-        shapes = check_shapes(build.profile, cfg.model.stride, cfg.validate.non_square)
+        shapes = shapes_to_check(build.profile, cfg.model.stride, cfg.validate.non_square)
         thresholds = getattr(cfg.validate, cfg.precision.name.value)
         result.validate = validate(runner, pipeline, reference, samples, shapes, thresholds, cfg.validate,
                                    REFERENCE_PROVIDER, skipped, export.tested.names)

@@ -21,7 +21,7 @@ def check_weights(path: str) -> None:
     checkpoint.verify(path)
 
 
-def check_inputs(configs: list[RunConfig]) -> None:
+def check_files(configs: list[RunConfig]) -> None:
     """Check each distinct weights file and image folder of a sweep once. Raises ConfigError."""
     for weights in sorted({c.model.weights for c in configs}):
         check_weights(weights)
