@@ -14,12 +14,15 @@ def main(argv: list[str] | None = None) -> None:
         from runner.report.cli import main as report_main
 
         sys.exit(report_main(argv))
-    from runner import launcher
-
     if argv and argv[0] == "sync":
-        launcher.quiet_defaults()
-        sys.exit(launcher.sync(argv[1:]))
-    sys.exit(launcher.main(argv))
+        from runner import sync
+        from runner.environment import quiet_defaults
+
+        quiet_defaults()
+        sys.exit(sync.main(argv[1:]))
+    from runner import cli
+
+    sys.exit(cli.main(argv))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,18 @@ naming the key and what is allowed.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -31,6 +36,9 @@ def asset(name: str) -> str:
 
 
 OmegaConf.register_new_resolver("asset", asset, replace=True)  # in every process that resolves a config
+# Our launcher presets keep the plugins' names, so Hydra checks them against the plugins' schemas, and warns so
+# wherever it composes: the launching process, and the launcher's workers (which import this module first).
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 
 class ConfigError(ValueError):
@@ -258,6 +266,51 @@ class RunConfig:
 def register() -> None:
     """Register the schema so `conf/config.yaml` can name it first in its defaults list."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """A composed config (no `hydra` node: Hydra drops it from the job's config) as the typed, fully resolved
+    dataclass tree, checked; raises ConfigError."""
+    problem = unknown_key(cfg, RunConfig)
+    if problem:
+        raise ConfigError(problem)
+    try:
+        run = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(omegaconf_message(exc)) from None
+    check(run)
+    return run
+
+
+def to_plain(run: RunConfig) -> dict:
+    """The typed config as plain values (enums as their names): what a variant's record, params and identity hold."""
+    return OmegaConf.to_container(OmegaConf.structured(run), resolve=True, enum_to_str=True)
+
+
+def unknown_key(node: DictConfig, schema: type, prefix: str = "") -> str | None:
+    """A one-line complaint about the first key of `node` that `schema` (a dataclass) does not have, or None.
+
+    Hydra lets `+key=value` add keys even to a structured config, so a typo would run on defaults."""
+    fields = {f.name for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            where = f"'{prefix.rstrip('.')}'" if prefix else "the config"
+            return f"{prefix}{key}: not a key of {where}; {hint}allowed: {', '.join(sorted(fields))}"
+        if dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+            problem = unknown_key(node[key], hints[key], f"{prefix}{key}.")
+            if problem:
+                return problem
+    return None
+
+
+def omegaconf_message(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's complaint in one line, led by the key it names."""
+    key = getattr(exc, "full_key", None)
+    text = " ".join(str(getattr(exc, "msg", exc)).split("\n")[0].split())
+    return f"{key}: {text}" if key else text
 
 
 def _check_dims(key: str, dims: List[int]) -> None:

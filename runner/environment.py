@@ -1,6 +1,8 @@
-"""Provenance of a run: interpreter, package versions, CPU, GPU, driver and TensorRT."""
+"""The process environment: the defaults every runner process sets, and the provenance of a run
+(interpreter, package versions, CPU, GPU, driver and TensorRT)."""
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -9,6 +11,14 @@ from runner.backends.tensorrt import compat
 
 PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "ultralytics", "tensorrt", "cuda-python",
             "mlflow", "numpy", "opencv-python")
+
+
+def quiet_defaults() -> None:
+    """Environment defaults of every runner process: offline, quiet, and an MLflow that fails in seconds."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for a hub
+    os.environ.setdefault("YOLO_VERBOSE", "false")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the summary names the runs
 
 
 def _cpu() -> str:

@@ -57,6 +57,13 @@ def host_gpus(select: str | None = None) -> list[Gpu]:
     return [Gpu(*(part.strip() for part in line.split(","))) for line in out.splitlines() if line.strip()]
 
 
+def check_pool() -> None:
+    """Raise PoolError where this host's jobs will take GPU locks (it has GPUs, and no scheduler set
+    `CUDA_VISIBLE_DEVICES`) and the pool's lock folder is not ours; makes the folder where it is missing."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is None and host_gpus():
+        _lock_dir()
+
+
 def _lock_dir() -> Path:
     """The pool's folder in the host's temp folder, made 0700; raises PoolError where it is not a folder of ours."""
     folder = Path(tempfile.gettempdir()) / f"runner-gpus-{os.getuid()}"

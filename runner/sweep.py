@@ -1,11 +1,13 @@
 """A sweep as files: the sweep folder, its `sweep.json`, and one `result.json` per job folder.
 
-The launching process writes `sweep.json` (the parent MLflow run, the store, how many variants); each
-job writes its `result.json` into its own Hydra job folder before it tracks anything. Everything after
-(summary, `runner sync`, `resume=`, `runner table --results DIR`) reads these files, never a live process.
+The launching process writes `sweep.json` (the parent MLflow run, the store, how many variants, the server
+jobs log through); each job reads it, and writes its `result.json` into its own Hydra job folder before it
+tracks anything. Everything after (summary, `runner sync`, `resume=`, `runner table --results DIR`) reads
+these files, never a live process.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.cache import write_atomic
+from runner.config import RunConfig, TrackingConfig, to_plain
 from runner.results import VariantResult
 
 SWEEP_FILE = "sweep.json"
@@ -35,6 +38,11 @@ def identity(plain_config: dict) -> str:
     """sha256 of what a variant measures: its resolved config without the sweep, resume and tracking keys."""
     kept = {k: v for k, v in plain_config.items() if k not in NOT_IDENTITY}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def variant_id(run: RunConfig) -> str:
+    """`identity` of a typed variant: the `config_id` its job gives its result."""
+    return identity(to_plain(run))
 
 
 def new_folder(root: Path) -> Path:
@@ -70,22 +78,34 @@ class Sweep:
     folder: Path
     total: int
     overrides: list[str]
-    tracking: dict | None = None  # the store as the user named it (jobs may reach it through a server); None: off
+    tracking: TrackingConfig | None = None  # the store as the user named it; None: tracking off
     parent_run_id: str | None = None
     started: float = field(default_factory=time.time)
     variants: list[str] | None = None  # identity() of each variant in job order; None in a sweep.json made before
+    server_uri: str | None = None  # the loopback server the jobs log through while the sweep runs; None: the store
 
     @classmethod
     def read(cls, folder: Path) -> Sweep:
         try:
             data = json.loads((folder / SWEEP_FILE).read_text())
-            return cls(folder=folder, **{k: v for k, v in data.items() if k != "folder"})
+            tracking = data.pop("tracking", None)
+            return cls(folder=folder, tracking=tracking and TrackingConfig(**tracking),
+                       **{k: v for k, v in data.items() if k != "folder"})
         except (OSError, ValueError, TypeError) as exc:
             raise SweepError(f"cannot read {folder / SWEEP_FILE}: {exc}") from None
 
     def write(self) -> None:
         data = {k: v for k, v in self.__dict__.items() if k != "folder"}
+        data["tracking"] = self.tracking and dataclasses.asdict(self.tracking)
         write_json(self.folder / SWEEP_FILE, data)
+
+    def job_config(self, run: RunConfig) -> RunConfig:
+        """`run` as a job of this sweep runs it: the parent run and the count, and the store reached through the
+        loopback server where there is one."""
+        tracking = dataclasses.replace(run.tracking, uri=self.server_uri) if self.server_uri else run.tracking
+        return dataclasses.replace(run, tracking=tracking,
+                                   sweep=dataclasses.replace(run.sweep, parent_run_id=self.parent_run_id,
+                                                             total=self.total))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from runner.backends.onnxruntime import OnnxruntimeBackend, OrtRunner
 from runner.backends.tensorrt import TensorrtBackend
 from runner.backends.tensorrt import compat as trt_compat
 from runner.backends.ultralytics import UltralyticsBackend
-from runner.launcher import preflight
+from runner.preflight import preflight
 from runner.variant import cell_of
 from runner.processing import preprocess
 

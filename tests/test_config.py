@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from conftest import DEFAULT_WEIGHTS, REPO, mlflow_run_count, run_cli
 from runner.config import ConfigError
-from runner.launcher import CONF_DIR, preflight
+from runner.preflight import CONF_DIR, preflight
 
 USAGE_EXIT = 2
 

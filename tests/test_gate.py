@@ -13,9 +13,11 @@ from conftest import run_module
 from mlflow.tracking import MlflowClient
 from test_report import RESULTS, record, variant
 
-from runner import launcher
+from runner import sync
+from runner.config import TrackingConfig
 from runner.report import cli
 from runner.report.frame import runs_frame
+from runner.summary import LOST_EXIT
 from runner.sweep import Sweep, job_records
 from runner.track import Tracker
 
@@ -61,7 +63,7 @@ def test_metric_keys_are_distinct_and_names_mlflow_takes_keep_theirs():
 def write_sweep(outputs: Path, uri: str, artifact_root: Path, results: list) -> Path:
     """A sweep folder as a sweep leaves it when the store missed every result: sweep.json, one result.json per job."""
     folder = outputs / "sweeps" / "2025-01-01_00-00-00"
-    tracking = {"enabled": True, "uri": uri, "experiment": "runner", "artifact_root": str(artifact_root)}
+    tracking = TrackingConfig(enabled=True, uri=uri, experiment="runner", artifact_root=str(artifact_root))
     parent = Tracker(uri, "runner", str(artifact_root)).start_sweep("sweep", {"variants": len(results)})
     for i, result in enumerate(results):
         (folder / str(i)).mkdir(parents=True)
@@ -79,7 +81,7 @@ def test_a_failure_while_logging_leaves_no_running_run_and_sync_says_so_in_a_lin
     folder = write_sweep(outputs, uri, blocker / "art", results)
     argv = ["--sweep", str(folder), "--outputs", str(outputs)]
     capsys.readouterr()
-    assert launcher.sync(argv) == launcher.LOST_EXIT
+    assert sync.main(argv) == LOST_EXIT
     out, err = capsys.readouterr()
     assert "0 run(s) logged, 0 already there, 2 not logged" in out and "Traceback" not in out + err
     assert [line.split(" not logged: ")[0] for line in err.splitlines()] == [
@@ -88,7 +90,7 @@ def test_a_failure_while_logging_leaves_no_running_run_and_sync_says_so_in_a_lin
     assert not any(r.logged for r in job_records(folder))
 
     blocker.unlink()
-    assert launcher.sync(argv) == 0
+    assert sync.main(argv) == 0
     assert "2 run(s) logged, 0 already there\n" in capsys.readouterr().out
     runs = variant_runs(uri)
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]

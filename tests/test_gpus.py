@@ -274,3 +274,26 @@ def test_a_lock_folder_not_ours_is_refused(fake_smi, private_tmp, tmp_path, plan
     plant(folder, tmp_path)
     assert _refusal() == f"{folder} is not ours; remove it or set TMPDIR"
     assert not list(folder.iterdir())  # no lock made in it
+
+
+def test_a_lock_folder_not_ours_is_refused_in_preflight(fake_smi, private_tmp, tmp_path, capsys, monkeypatch):
+    """Before any work: one line, exit 2, nothing made; not where a scheduler chose the GPU, nor for jobs on
+    other hosts."""
+    from runner import cli
+    from runner.preflight import preflight
+
+    folder = lock_dir(private_tmp)
+    _link_to_a_folder(folder, tmp_path)
+    outputs, environ = tmp_path / "out", os.environ.copy()
+    try:
+        assert cli.main(["tracking.enabled=false", f"outputs={outputs}"]) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    said = capsys.readouterr()
+    assert said.err == (f"runner: error: backend.gpus: the GPU pool's lock folder {folder} is not ours; remove it or "
+                        f"set TMPDIR\n")
+    assert not outputs.exists() and not list(folder.iterdir())
+    assert len(preflight(["tracking.enabled=false", "hydra/launcher=submitit_slurm", f"outputs={outputs}"])) == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # as SLURM or Ray set it
+    assert len(preflight(["tracking.enabled=false", f"outputs={outputs}"])) == 1

@@ -42,7 +42,7 @@ def test_wheel_carries_every_config_and_the_default_model(wheel):
 
 def test_an_unpacked_wheel_finds_its_own_configs(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    probe = ("import runner.config as c, runner.launcher as l; "
+    probe = ("import runner.config as c, runner.preflight as l; "
              "print(c.__file__); print(l.CONF_DIR); print(len(l.preflight(['-m', 'precision=fp32,fp16'])))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})

@@ -15,7 +15,7 @@ from runner import synthetic
 from runner.backends.onnxruntime import OrtRunner, open_reference
 from runner.config import ConfigError, Thresholds, ValidateConfig
 from runner.data import CALIBRATION_COUNT, HELD_OUT_COUNT, calibration_files, load_samples
-from runner.launcher import preflight
+from runner.preflight import preflight
 from runner.metrics import box_iou, mean_average_precision
 from runner.variant import run_variant
 from runner.prepost import Chain

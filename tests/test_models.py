@@ -36,7 +36,7 @@ def samples(held_out_images) -> list[Sample]:
 
 
 def test_every_preset_composes_names_itself_and_ships_its_weights():
-    from runner.launcher import preflight
+    from runner.preflight import preflight
 
     configs = preflight([f"model={','.join(PRESETS)}", "-m"])
     assert [c.model.label for c in configs] == list(PRESETS)

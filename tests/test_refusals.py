@@ -2,7 +2,7 @@
 other variants than its sweep measured, folders that cannot be written, a store that cannot be opened, a
 sweep without -m, an empty sweep, a variant given twice, a name that is a path.
 
-`launcher.main` runs in this process (a subprocess would prove nothing more); every case then checks that
+`cli.main` runs in this process (a subprocess would prove nothing more); every case then checks that
 nothing was made under `outputs=`.
 """
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from runner import launcher
-from runner.sweep import SWEEP_FILE
+from runner import cli
+from runner.parent import open_sweep
+from runner.preflight import preflight
+from runner.sweep import SWEEP_FILE, variant_id
 
 USAGE_EXIT = 2
 UNTRACKED = "tracking.enabled=false"
@@ -24,13 +26,13 @@ RAN = ["-m", "export=ultralytics,torch", "precision=fp32,fp16"]
 @pytest.fixture
 def refused(capsys):
     """refused(args, outputs) -> the one error line of `runner <args> outputs=<outputs>`, after checking the
-    exit code and that `outputs` holds what it held before. The environment defaults launcher.main sets in
+    exit code and that `outputs` holds what it held before. The environment defaults cli.main sets in
     this process are undone after the test."""
     environ = os.environ.copy()
 
     def run(args: list[str], outputs: Path) -> str:
         before = sorted(outputs.rglob("*")) if outputs.exists() else None
-        code = launcher.main([*args, f"outputs={outputs}"])
+        code = cli.main([*args, f"outputs={outputs}"])
         said = capsys.readouterr()
         assert code == USAGE_EXIT, said.out + said.err
         (line,) = said.err.strip().splitlines()
@@ -46,7 +48,7 @@ def refused(capsys):
 def open_untracked_sweep(outputs: Path, args: list[str]) -> Path:
     """A sweep folder and its sweep.json, as `runner -m <args>` opens them before its first job."""
     argv = [*args, UNTRACKED, f"outputs={outputs}"]
-    return launcher.open_sweep(argv, launcher.preflight(argv)).sweep.folder
+    return open_sweep(argv, preflight(argv)).sweep.folder
 
 
 def test_resume_with_other_overrides_is_refused_naming_both(tmp_path, refused):
@@ -77,7 +79,7 @@ def test_resume_with_the_same_variants_reopens_the_sweep(tmp_path):
     sweep = json.loads((folder / SWEEP_FILE).read_text())
     assert sweep["overrides"][0] == "precision=fp16,fp32" and sweep["total"] == 2
     argv = ["-m", "precision=fp16,fp32", UNTRACKED, f"outputs={outputs}"]
-    assert sweep["variants"] == [launcher.variant_id(v) for v in launcher.preflight(argv)]
+    assert sweep["variants"] == [variant_id(v) for v in preflight(argv)]
 
 
 def test_a_sweep_json_without_variants_is_compared_by_its_overrides(tmp_path, refused):

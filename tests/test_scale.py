@@ -170,7 +170,7 @@ def test_tracking_server_killed_mid_sweep_then_sync_logs_each_run_once(tmp_path,
 @pytest.mark.parametrize("sweep, count", [("precision=glob(*)", 5), ("precision=glob(fp1*)", 1),
                                           ("bench.iters=range(10,40,10)", 3)])
 def test_glob_and_range_sweeps_expand_up_front(sweep, count):
-    from runner.launcher import preflight
+    from runner.preflight import preflight
 
     assert len(preflight(["-m", sweep, "backend=onnxruntime"])) == count
 

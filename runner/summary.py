@@ -1,0 +1,60 @@
+"""The end of a sweep, read from its job folders: the terminal table, `summary.csv`, `results.json`, the parent
+run closed with its counts. Whatever ran the jobs, this reads only the files they left.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from runner.parent import end_parent
+from runner.report.frame import results_frame
+from runner.report.render import first_line
+from runner.results import VariantResult
+from runner.sweep import Sweep, job_records
+
+LOST_EXIT = 1  # a variant has no result, or a result is not in MLflow
+SUMMARY = ["model", "onnx_label", "build_label", "status", "failed_stage", "validation", "rel_l2", "det_f1", "map50_95",
+           "infer_p50_ms", "e2e_p50_ms", "cuda_graph", "note"]
+SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "stage", "note": "error / note"}
+
+
+def summary_table(results: list[VariantResult]) -> pd.DataFrame:
+    table = results_frame(results)[SUMMARY].rename(columns=SUMMARY_NAMES)
+    return table.assign(**{"error / note": table["error / note"].map(lambda text: first_line(text, 70))})
+
+
+def finish_sweep(sweep: Sweep) -> int:
+    """Summarise a sweep from its job folders: terminal table, summary.csv, results.json, the parent run.
+    Returns the exit code: 0 when every variant has a result, else LOST_EXIT."""
+    records = job_records(sweep.folder)
+    table = summary_table([r.result for r in records])
+    files = [sweep.folder / "summary.csv", sweep.folder / "results.json"]
+    table.to_csv(files[0], index=False)
+    files[1].write_text(json.dumps([{**r.result.to_dict(), "mlflow_run_id": r.mlflow_run_id} for r in records],
+                                   indent=1, default=str))
+    tracked = bool(sweep.tracking and sweep.parent_run_id)
+    problem = end_parent(sweep, [r.result for r in records], files) if tracked else None
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        print("\n" + table.to_string(index=False) if len(table) else "no variant ran", flush=True)
+    ok = sum(r.result.status == "ok" for r in records)
+    parent = f"; sweep run {sweep.parent_run_id}" if sweep.parent_run_id else ""
+    print(f"\nrunner: {ok}/{len(records)} variants ok{parent}; summary in {shown(sweep.folder)}", flush=True)
+    unlogged = sum(not r.logged for r in records) if tracked else 0
+    if problem or unlogged:
+        print(f"runner: {unlogged} result(s) not yet in MLflow ({problem or 'see the jobs log'}); once the store is "
+              f"back: runner sync --sweep {shown(sweep.folder)}", flush=True)
+    if len(records) < sweep.total:
+        print(f"runner: incomplete sweep: {len(records)} of {sweep.total} variants have a result; run the rest "
+              f"with the same command and resume={shown(sweep.folder)}", flush=True)
+        return LOST_EXIT
+    return 0
+
+
+def shown(path: Path) -> Path:
+    """`path` relative to the working directory where it lies below it."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
