@@ -237,7 +237,7 @@ class TrackingConfig:
 
 @dataclass
 class SweepConfig:
-    """Set by `runner` for each job of a sweep, so a job needs nothing but its config."""
+    """Set in each job from its sweep folder's sweep.json (see `sweep.Sweep.job_config`)."""
     parent_run_id: Optional[str] = None  # the sweep's MLflow parent run
     total: int = 1  # variants in the sweep, for progress lines
 
