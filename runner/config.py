@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+MODELS = ("yolov5nu", "yolov8n", "yolov10n", "yolo11n", "yolo26n")  # the presets (conf/model/), oldest first
 
 
 def conf_dir() -> Path:
@@ -88,6 +89,17 @@ class Head(str, Enum):
     one2many = "one2many"
     end2end = "end2end"
     nms = "nms"  # ultralytics' export nms=True: the one-to-many head with NMS inside the graph, (B, max_det, 6)
+
+
+class Mechanism(str, Enum):
+    """How a backend makes the variant's precision, resolved where it runs (`resolved.precision_mechanism`)."""
+    none = "none"  # fp32
+    builder_flag = "builder_flag"  # fp16: BuilderFlag.FP16 on the fp32 ONNX
+    strongly_typed = "strongly_typed"  # fp16: a strongly typed network of the fp16 ONNX
+    fp16_onnx = "fp16_onnx"  # fp16: onnxruntime runs the fp16 ONNX
+    calibrator = "calibrator"  # int8: TensorRT's implicit calibration, in the build
+    qdq = "qdq"  # int8: a Q/DQ ONNX calibrated with onnxruntime
+    ultralytics = "ultralytics"  # build=ultralytics picks its own, recorded at build
 
 
 class BackendName(str, Enum):

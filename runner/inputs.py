@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner import checkpoint, data
-from runner.config import ConfigError, RunConfig
-from runner.results import MODELS
+from runner.config import MODELS, ConfigError, RunConfig
 
 def check_weights(path: str) -> None:
     """An ultralytics detection checkpoint that refers to nothing outside runner's allow-list (see

@@ -42,7 +42,7 @@ from runner.config import BackendName, ConfigError, RunConfig
 from runner.isolate import run_isolated
 from runner.pipeline import new_result, run_variant
 from runner.report.frame import results_frame
-from runner.report.render import first_line
+from runner.report.render import summary
 from runner.results import VariantResult
 from runner.sweep import JobRecord, Sweep, SweepError, find_folder, identity, job_records, new_folder
 
@@ -56,9 +56,6 @@ LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local", "ray")  # their jobs can
 # Our launcher presets keep the plugins' names on purpose, so Hydra checks them against the plugins' schemas. It
 # warns about that wherever it composes: here, and in the launcher's workers, which import this module first.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
-SUMMARY = ["model", "onnx_label", "build_label", "status", "failed_stage", "validation", "rel_l2", "det_f1", "map50_95",
-           "infer_p50_ms", "e2e_p50_ms", "cuda_graph", "note"]
-SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "stage", "note": "error / note"}
 
 
 def quiet_defaults() -> None:
@@ -376,8 +373,7 @@ def track(run_cfg: RunConfig, record: JobRecord) -> None:
 
 
 def summary_table(results: list[VariantResult]) -> pd.DataFrame:
-    table = results_frame(results)[SUMMARY].rename(columns=SUMMARY_NAMES)
-    return table.assign(**{"error / note": table["error / note"].map(lambda text: first_line(text, 70))})
+    return summary(results_frame(results))
 
 
 def _end_parent(sweep: Sweep, records: list[JobRecord], files: list[Path]) -> str | None:
