@@ -25,6 +25,7 @@ from pathlib import Path
 import onnx
 
 from runner import cache, checkpoint
+from runner.config import ExportTool
 from runner.results import OnnxArtifact, StageError
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ def _export_dynamo(spec: ExportSpec, workdir: Path) -> Path:
     return _finish(out, spec, metadata)
 
 
-EXPORTERS = {"ultralytics": _export_ultralytics, "torch": _export_torch, "dynamo": _export_dynamo}
+EXPORTERS = {ExportTool.ultralytics.value: _export_ultralytics, ExportTool.torch.value: _export_torch,
+             ExportTool.dynamo.value: _export_dynamo}
 
 
 def cached_onnx(folder: Path) -> OnnxArtifact | None:

@@ -15,10 +15,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-EXPORT_TOOLS = {"ultralytics": "ul", "torch": "tc", "dynamo": "dynamo"}  # each tool's word in a label
-BUILD_TOOLS = {"tensorrt_api": "trt", "ultralytics": "ul-trt", "onnxruntime": "ort"}
-SHAPES = {"static": "st", "dynamic": "dy"}
-HEADS = {"end2end": "e2e", "nms": "nms"}  # one2many, the default, is not named
+from runner.config import BackendName, BuildTool, ExportTool, Head, Mechanism, ShapeMode
+
+EXPORT_TOOLS = {ExportTool.ultralytics.value: "ul", ExportTool.torch.value: "tc",  # each tool's word in a label
+                ExportTool.dynamo.value: "dynamo"}
+BUILD_TOOLS = {BuildTool.tensorrt_api.value: "trt", BuildTool.ultralytics.value: "ul-trt",
+               BackendName.onnxruntime.value: "ort"}
+SHAPES = {ShapeMode.static.value: "st", ShapeMode.dynamic.value: "dy"}
+HEADS = {Head.end2end.value: "e2e", Head.nms.value: "nms"}  # one2many, the default, is not named
 PEER_PIPELINE = "predict"  # backend=ultralytics: YOLO(engine).predict, the row runner's own rows are held against
 NOT_IN_METRIC_KEY = re.compile(r"[^\w.\- ]")  # MLflow also takes `/` (a path) and `:` (not on Windows): left out
 MAX_METRIC_KEY = 200  # MLflow takes 250; the rest is room for the `metric_name.` tag that keeps the real name
@@ -110,7 +114,7 @@ class _Variant(Record):
 class OnnxVariant(_Variant):
     """The compatibility table's column: which tool made the ONNX, its shape mode, weight precision and head
     (one2many; the NMS-free end2end, labelled `e2e`; or one2many with NMS in the graph, labelled `nms`)."""
-    head: str = "one2many"
+    head: str = Head.one2many.value
     TOOLS: ClassVar[dict[str, str]] = EXPORT_TOOLS
 
     def _label_tail(self) -> tuple[str, ...]:
@@ -177,7 +181,7 @@ class BuildResult(Record):
     build_s: float = 0.0
     size_bytes: int = 0
     cache_hit: bool = False
-    precision_mechanism: str = "none"  # none | builder_flag | strongly_typed | fp16_onnx | calibrator | qdq
+    precision_mechanism: str = Mechanism.none.value
     optimization_level: int | None = None
     tf32: bool | None = None
     trt_version: str | None = None
@@ -250,7 +254,7 @@ class ValidateResult(Record):
     images: int
     skipped_images: list[str] = field(default_factory=list)
     reason: str | None = None  # why it failed or was unchecked, or what a pass did not measure
-    head: str = "one2many"  # the decode: one2many (with NMS) | end2end
+    head: str = Head.one2many.value  # the decode: one2many (with NMS) | end2end
     failed_metrics: list[str] = field(default_factory=list)
 
     def aggregate(self) -> dict[str, float]:
@@ -351,7 +355,7 @@ class VariantResult(Record):
             b = self.build
             m.update({"build.build_s": b.build_s, "build.cache_hit": float(b.cache_hit),
                       "build.num_layers": b.num_layers})
-            if b.tool != "onnxruntime":
+            if b.tool != BackendName.onnxruntime:
                 m["build.engine_mb"] = b.size_bytes / 1e6
         if self.validate:
             v = self.validate

@@ -6,6 +6,7 @@ import html
 
 import pandas as pd
 
+from runner.config import BackendName
 from runner.report.frame import METRICS
 from runner.report.order import build_key, model_key, onnx_key
 from runner.results import first_line
@@ -39,7 +40,7 @@ def matrix(frame: pd.DataFrame) -> pd.DataFrame:
     cols = {c.onnx.label: onnx_key(c.onnx) for c in frame["cell"]}
     grid = grid.reindex(index=sorted(grid.index, key=rows.get), columns=sorted(grid.columns, key=cols.get))
     grid = grid.fillna("-")
-    grid.index.name = "onnx\\trt" if set(frame["backend"]) == {"tensorrt"} else "onnx\\build"
+    grid.index.name = "onnx\\trt" if set(frame["backend"]) == {BackendName.tensorrt.value} else "onnx\\build"
     grid.columns.name = None
     return grid
 

@@ -19,6 +19,7 @@ from runner.backends import Runner
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.compat import cuda_call
 from runner.backends.tensorrt.kernels import FIT_FIELDS, ROW, Kernels
+from runner.config import BackendName
 from runner.processing import Letterbox, fit
 
 CANDIDATE_CAP = 1024  # rows per image the GPU filter copies back; more falls back to the whole output
@@ -70,7 +71,7 @@ class TrtRunner(Runner):
 
     Reads plain plans and ultralytics .engine files (JSON header + plan)."""
 
-    name = "tensorrt"
+    name = BackendName.tensorrt.value
 
     def __init__(self, engine_path: str, cuda_graph: bool = False):
         self.engine_path, self._want_graph = engine_path, cuda_graph
