@@ -1,14 +1,15 @@
-"""Bench stage: one harness for every pipeline, timing preprocess / infer / postprocess / end to end.
+"""Bench stage: one harness for every chain, timing preprocess / infer / postprocess / end to end.
 
-The pipeline (`pipelines`) says what each stage holds and times it: ours on the host clock after a synchronize,
+The chain (`prepost`) says what each stage holds and times it: ours on the host clock after a synchronize,
 infer with CUDA events on a GPU; the peer with its own speed dict and the wall time. Where there is a device, the
-copies inside pre and post are timed on their own with CUDA events (h2d, d2h). After the pipeline loop come the
+copies inside pre and post are timed on their own with CUDA events (h2d, d2h). After the chain loop comes the
 engine alone: the same number of back-to-back `execute()` calls (compute), and its throughput in images/s at the
-profile's opt batch on one stream and at batch 1 on two streams.
+profile's opt batch on one stream and at batch 1 on two streams, on the runner's lanes (`Runner.lanes`).
 """
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -25,13 +26,29 @@ def summarize(samples_ms: list[float]) -> Stats:
                  p99=float(np.percentile(a, 99)), std=float(a.std()), n=int(a.size))
 
 
+def images_per_second(runner, shape: tuple[int, ...], streams: int, iters: int) -> float | None:
+    """Images/s of the model alone at `shape` on `streams` lanes enqueued round-robin, `iters` rounds after a tenth
+    more that warm up, on the host clock; None where the runtime has no lanes."""
+    lanes = runner.lanes(shape, streams)
+    if lanes is None:
+        return None
+    with lanes:
+        for round_ in range(iters + iters // 10):
+            if round_ == iters // 10:
+                lanes.synchronize()
+                start = time.perf_counter()
+            lanes.enqueue()
+        lanes.synchronize()
+        return iters * streams * shape[0] / (time.perf_counter() - start)
+
+
 def throughput(runner, opt_shape: list[int], iters: int) -> tuple[dict[str, float], str | None]:
     """Images/s of the engine alone: at the opt shape on one stream, at batch 1 on two. (figures, note)."""
     shapes = {"opt_batch": tuple(opt_shape), "batch1_2streams": (1, *opt_shape[1:])}
     figures, notes = {}, []
     for name, streams in THROUGHPUT_LANES.items():
         try:
-            value = runner.throughput(shapes[name], streams, iters)
+            value = images_per_second(runner, shapes[name], streams, iters)
         except Exception as exc:  # the runtime's limit (a second context on a one-profile engine, say)
             notes.append(f"{name}: {str(exc).splitlines()[0][:200]}")
             continue
@@ -40,8 +57,8 @@ def throughput(runner, opt_shape: list[int], iters: int) -> tuple[dict[str, floa
     return figures, "; ".join(notes) or None
 
 
-def bench(runner, pipeline, images: list[np.ndarray], shape: list[int], warmup: int, iters: int) -> BenchResult:
-    """Time `pipeline` at `shape` (N, 3, H, W) over `images`, cycling through them."""
+def bench(runner, chain, images: list[np.ndarray], shape: list[int], warmup: int, iters: int) -> BenchResult:
+    """Time `chain` at `shape` (N, 3, H, W) over `images`, cycling through them."""
     batch, hw = shape[0], (shape[2], shape[3])
     runner.set_shape(tuple(shape))
     pinned = runner.pin(images)
@@ -49,14 +66,14 @@ def bench(runner, pipeline, images: list[np.ndarray], shape: list[int], warmup: 
     log.info("bench: %d warm-up + %d timed runs at %s...", warmup, iters, list(shape))
     for i in range(warmup + iters):
         frames = [images[(i * batch + k) % len(images)] for k in range(batch)]
-        _, stage_ms = pipeline.run(runner, frames, hw)
+        _, stage_ms = chain.run(runner, frames, hw)
         if i >= warmup:
             for stage, ms in stage_ms.items():
                 times.setdefault(stage, []).append(ms)
     compute = [runner.execute() for _ in range(iters)]
     figures, note = throughput(runner, shape, iters)
     settings = {"warmup": warmup, "iters": iters, "shape": list(shape), "images": len(images),
-                "source_pinned": pinned, **pipeline.settings(), **runner.settings()}
+                "source_pinned": pinned, **chain.settings(), **runner.settings()}
     if note:
         settings["throughput_note"] = note
     copies = {name: summarize(times[name]) for name in ("h2d", "d2h") if name in times}

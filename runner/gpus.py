@@ -5,16 +5,20 @@ and gives it back when the child ends. The child sees only that GPU (`CUDA_VISIB
 PCI order as nvidia-smi numbers them) and gets its share of the host's cores (`OMP_NUM_THREADS` for torch,
 `RUNNER_CPU_THREADS` for onnxruntime: ultralytics sets the former to 1 on import where it is unset), so four
 variants on four GPUs do not each spin a thread per core. A lock is an `flock` on a file in the host's temp
-folder, so a killed job frees its GPU with its process. Where a scheduler (SLURM, Ray) has already set
-`CUDA_VISIBLE_DEVICES`, that choice stands and no lock is taken.
+folder, so a killed job frees its GPU with its process. That folder is shared with every user of the host:
+runner makes it 0700 and refuses one it does not own, or a symbolic link, and never follows a link to a lock
+file. Where a scheduler (SLURM, Ray) has already set `CUDA_VISIBLE_DEVICES`, that choice stands and no lock is
+taken.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -23,6 +27,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0
+
+
+class PoolError(RuntimeError):
+    """The GPU pool's lock folder or a lock file is not ours, said in one line."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +58,28 @@ def host_gpus(select: str | None = None) -> list[Gpu]:
 
 
 def _lock_dir() -> Path:
+    """The pool's folder in the host's temp folder, made 0700; raises PoolError where it is not a folder of ours."""
     folder = Path(tempfile.gettempdir()) / f"runner-gpus-{os.getuid()}"
-    folder.mkdir(exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    found = os.lstat(folder)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():  # a link is no folder here
+        raise _not_ours(folder)
     return folder
+
+
+def _open_lock(path: Path) -> int:
+    """A lock file's descriptor: made 0600 where missing, never truncated, never through a symbolic link."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _not_ours(path) from None
+        raise
+
+
+def _not_ours(path: Path) -> PoolError:
+    return PoolError(f"{path} is not ours; remove it or set TMPDIR")
 
 
 @contextlib.contextmanager
@@ -78,16 +105,16 @@ def claim(wanted: str | list[int]):
     locks, waited = _lock_dir(), False
     while True:
         for gpu in pool:
-            handle = open(locks / f"gpu{gpu.index}.lock", "w")
+            handle = _open_lock(locks / f"gpu{gpu.index}.lock")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.close()
+                os.close(handle)
                 continue
             try:
                 yield gpu, {"CUDA_VISIBLE_DEVICES": gpu.index, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **share}
             finally:
-                handle.close()  # closing the file releases the lock
+                os.close(handle)  # closing the file releases the lock
             return
         if not waited:
             log.info("waiting for a free GPU (all %d taken)", len(pool))

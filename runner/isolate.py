@@ -12,6 +12,11 @@ launcher workers are often daemonic (joblib's loky, Ray actors), and those may n
 children. The target and its arguments go to the child pickled on stdin, so the target must be a
 module-level function of an importable module; the child sees the parent's `sys.path`. The child dies
 with its parent (Linux `PR_SET_PDEATHSIG`), so `kill -9` of a sweep leaves no orphan measuring on.
+
+SIGINT or SIGTERM (Ctrl-C reaches the whole process group) ends the child at once, with no result: an
+interruption is no verdict on the variant, so `run_isolated` raises `Interrupted` and the variant is measured
+again on `resume=`. `start_tethered` ties a helper's process group (the loopback tracking server) to this
+process the same way.
 """
 from __future__ import annotations
 
@@ -31,6 +36,20 @@ from runner.results import VariantResult
 
 PR_SET_PDEATHSIG = 1
 STAMPED = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"  # as the job's log writes its lines
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+GROUP_STOP_S = 10
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM stopped the sweep. Not an Exception, so no `except Exception` turns it into a result."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)  # args stay (signum,): it pickles across joblib's workers
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 def _is_runner(record: logging.LogRecord) -> bool:
@@ -58,14 +77,16 @@ def _library_handler() -> logging.Handler:
     return handler
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 
 
 def _child(fd: int, parent_pid: int) -> None:
+    for sig in STOP_SIGNALS:  # die of it, unreported: Python would make SIGINT a KeyboardInterrupt, a "result"
+        signal.signal(sig, signal.SIG_DFL)
     _die_with_parent(parent_pid)
     conn = Connection(fd, readable=False)
     root = logging.getLogger()
@@ -90,15 +111,18 @@ def _job_log() -> str | None:
     return files[-1] if files else None
 
 
+def _import_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment with `env` added, and this `sys.path`: a child imports runner as this process does."""
+    return {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+
+
 def _start(target, args: tuple, env: dict[str, str] | None) -> tuple[subprocess.Popen, Connection]:
     read_fd, write_fd = os.pipe()
-    child_env = {**os.environ, **(env or {}),
-                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the target imports as it does here
     log_path = _job_log()
     with open(log_path, "ab") if log_path else contextlib.nullcontext() as output:  # appended, as the parent does
         proc = subprocess.Popen([sys.executable, "-m", "runner.isolate", str(write_fd), str(os.getpid())],
                                 stdin=subprocess.PIPE, stdout=output, stderr=output, pass_fds=(write_fd,),
-                                env=child_env)
+                                env=_import_env(env))
     os.close(write_fd)
     try:
         proc.stdin.write(pickle.dumps((target, args)))
@@ -117,6 +141,16 @@ def run_isolated(target, args: tuple, timeout_s: float, base: VariantResult, log
     the child was in. The child's runner records are re-logged here, each message after `log_prefix`; what
     else it says goes to this process's log file (inherited stdout and stderr where there is none)."""
     proc, receiver = _start(target, args, env)
+    try:
+        return _follow(proc, receiver, timeout_s, base, log_prefix)
+    except BaseException:  # Interrupted, or a KeyboardInterrupt here: the child must not measure on
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _follow(proc: subprocess.Popen, receiver: Connection, timeout_s: float, base: VariantResult,
+            log_prefix: str) -> VariantResult:
     stage, partial, deadline = "start", base.to_dict(), time.monotonic() + timeout_s
     outcome = None
     try:
@@ -149,6 +183,8 @@ def run_isolated(target, args: tuple, timeout_s: float, base: VariantResult, log
         return VariantResult.from_dict(outcome[1])
     if outcome:
         return _failed(partial, stage, *outcome[1])
+    if -code in STOP_SIGNALS:
+        raise Interrupted(-code)
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     return _failed(partial, stage, f"crash: child process {how} in stage '{stage}'")
 
@@ -160,5 +196,38 @@ def _failed(partial: dict, stage: str, error: str, detail: str | None = None) ->
     return result
 
 
+def start_tethered(command: list[str], **popen_args) -> subprocess.Popen:
+    """Start `command` in a session of its own under a leader that takes that session's processes down when this
+    process dies, even of `kill -9`. SIGTERM to the group (`os.killpg(proc.pid, ...)`) stops it as before."""
+    return subprocess.Popen([sys.executable, "-m", "runner.isolate", "--lead", str(os.getpid()), *command],
+                            env=_import_env(), start_new_session=True, **popen_args)
+
+
+def _stop(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _lead(parent_pid: int, command: list[str]) -> None:
+    """The session leader of `start_tethered`: runs `command`; on SIGTERM (sent to the group, or by the kernel
+    when the parent dies) it passes SIGTERM to the whole group, then SIGKILL to what is left after GROUP_STOP_S."""
+    signal.signal(signal.SIGTERM, _stop)
+    _die_with_parent(parent_pid, signal.SIGTERM)
+    proc = None
+    try:
+        proc = subprocess.Popen(command)
+        sys.exit(proc.wait())
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.killpg(0, signal.SIGTERM)
+        try:
+            if proc:
+                proc.wait(GROUP_STOP_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(0, signal.SIGKILL)
+
+
 if __name__ == "__main__":
-    _child(int(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[1] == "--lead":
+        _lead(int(sys.argv[2]), sys.argv[3:])
+    else:
+        _child(int(sys.argv[1]), int(sys.argv[2]))

@@ -6,7 +6,8 @@ the sweep folder and the parent MLflow run and hands both to the jobs as config;
 it serves an embedded sqlite store through a loopback `mlflow server`. `task` is the job: config in,
 `result.json` and a child run out, with nothing shared with the launching process, so any launcher
 (joblib's loky workers, SLURM, Ray) can run it. `finish_sweep` summarises from the job folders; `sync`
-logs what a lost store missed.
+logs what a lost store missed. SIGINT or SIGTERM stops the sweep (`stopped`): the variant being measured
+gets no result, the runs are closed as KILLED, and the command to resume is printed.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import itertools
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 import time
 import traceback
@@ -39,7 +42,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner import backends, cache, config, gpus, inputs
 from runner.config import BackendName, ConfigError, RunConfig
-from runner.isolate import run_isolated
+from runner.isolate import STOP_SIGNALS, Interrupted, run_isolated
 from runner.pipeline import new_result, run_variant
 from runner.report.frame import results_frame
 from runner.report.render import summary
@@ -389,6 +392,52 @@ def _end_parent(sweep: Sweep, records: list[JobRecord], files: list[Path]) -> st
     return None
 
 
+def _kill_parent(sweep: Sweep) -> str | None:
+    """Close a stopped sweep's parent run, and its variant runs caught RUNNING, as KILLED; the reason where the
+    store is gone."""
+    from runner.track import Tracker, store_problem
+
+    tracking = sweep.tracking
+    try:
+        Tracker(tracking["uri"], tracking["experiment"], tracking["artifact_root"]).kill_sweep(sweep.parent_run_id)
+    except Exception as exc:  # resume= or `runner sync` closes them later
+        return store_problem(exc)
+    return None
+
+
+def stopped(sweep: Sweep, argv: list[str], stop: Interrupted) -> int:
+    """After SIGINT or SIGTERM: close the sweep's runs as KILLED and print how to resume it. Returns 128 + the
+    signal's number (130, 143), the shell's exit code for a command a signal ended."""
+    kept = len(job_records(sweep.folder))
+    problem = _kill_parent(sweep) if sweep.tracking and sweep.parent_run_id else None
+    parent = f"; sweep run {sweep.parent_run_id} closed as KILLED" if sweep.tracking and not problem else ""
+    print(f"\nrunner: stopped by {stop.name}: {kept} of {sweep.total} variants have a result{parent}", flush=True)
+    if problem:
+        print(f"runner: the sweep's runs stay RUNNING in MLflow ({problem}); resuming closes them", flush=True)
+    flags = [a for a in argv if a in MULTIRUN_FLAGS][:1]
+    rest = [a for a in argv if a not in MULTIRUN_FLAGS and not a.startswith("resume=")]
+    print(f"runner: resume with: python -m runner {shlex.join([*flags, *rest, f'resume={_shown(sweep.folder)}'])}",
+          flush=True)
+    return 128 + stop.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM raise Interrupted in this (the main) thread, even where the shell started runner with
+    SIGINT ignored (`&`); a repeat while stopping is ignored. The handlers before are restored on leaving."""
+    def handler(signum, frame):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    before = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
+
+
 def finish_sweep(sweep: Sweep) -> int:
     """Summarise a sweep from its job folders: terminal table, summary.csv, results.json, the parent run.
     Returns the exit code: 0 when every variant has a result, else 1."""
@@ -468,7 +517,17 @@ def sync(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """`runner [overrides]`: check the sweep, open it, launch it through Hydra, summarise it. The exit code."""
+    """`runner [overrides]`: check the sweep, open it, launch it through Hydra, summarise it. The exit code;
+    128 + the signal's number where SIGINT or SIGTERM stopped it."""
+    with stop_on_signals():
+        try:
+            return _main(argv)
+        except Interrupted as stop:  # while the sweep was checked or opened: no variant ran
+            print(f"runner: stopped by {stop.name} before any variant ran", file=sys.stderr, flush=True)
+            return 128 + stop.signum
+
+
+def _main(argv: list[str]) -> int:
     quiet_defaults()
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store-creation chatter is not the user's news
     config.register()
@@ -482,6 +541,13 @@ def main(argv: list[str]) -> int:
         print(f"runner: error: {exc}", file=sys.stderr)
         return USAGE_EXIT
     announce_backends(variants)
+    try:
+        return _launch(argv, launch)
+    except Interrupted as stop:
+        return stopped(launch.sweep, argv, stop)
+
+
+def _launch(argv: list[str], launch: Launch) -> int:
     try:
         with launch.server as server:
             if server:

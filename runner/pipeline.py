@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runner import backends
+from runner import backends, prepost
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
 from runner.config import BackendName, Device, Head, Mechanism, Precision, RunConfig, ShapeMode
@@ -41,13 +41,13 @@ def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
     calibrator = cfg.precision.calibrator.value
     onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision,
                        cfg.export.head.value, calibrator=calibrator if mechanism == Mechanism.qdq else "")
-    build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, pipeline_label(cfg, backend),
+    build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, prepost_label(cfg, backend),
                          calibrator=calibrator if mechanism == Mechanism.calibrator else "")  # calibrated in the build
     return Cell(onnx, build, cfg.model.label)
 
 
-def pipeline_label(cfg: RunConfig, backend: str) -> str:
-    """The build row's pipeline part: the peer's `predict`, and which ends run on the GPU (the peer skips those)."""
+def prepost_label(cfg: RunConfig, backend: str) -> str:
+    """The build row's chain part: the peer's `predict`, and which ends run on the GPU (the peer skips those)."""
     ends = (("pre", cfg.preprocess.device), ("post", cfg.postprocess.device))
     parts = [PEER_PIPELINE] if backend == BackendName.ultralytics else []
     return " ".join(parts + [f"gpu-{end}" for end, device in ends if device == Device.gpu])
@@ -91,7 +91,8 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         publish(result)
 
         clock.enter("build")
-        result.build = backend.build(cfg, result.export)
+        calibration = calibration_set(cfg) if mechanism == Mechanism.calibrator else None
+        result.build = backend.build(cfg, result.export, calibration)
         runner = backend.runner(cfg, result.build)
         try:
             runner.open()
@@ -101,11 +102,11 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         with runner:  # closes it
             clock.enter("validate")
             samples, skipped = load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs))
-            pipeline = backend.pipeline(cfg, output_head(result.build, result.export))
-            validate_stage(cfg, runner, pipeline, result, samples, skipped)
+            chain = prepost.chain(runner, cfg, output_head(result.build, result.export))
+            validate_stage(cfg, runner, chain, result, samples, skipped)
             publish(result)
             clock.enter("bench")
-            result.bench = bench(runner, pipeline, [s.image for s in samples], result.build.profile[1],
+            result.bench = bench(runner, chain, [s.image for s in samples], result.build.profile[1],
                                  cfg.bench.warmup, cfg.bench.iters)
     except StageError as exc:
         if exc.partial is not None:

@@ -31,6 +31,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from runner import cache
+from runner.isolate import start_tethered
 from runner.results import VariantResult
 from runner.sweep import JobRecord
 from runner.tags import KIND_TAG, RESULT_TAG, SWEEP, SWEEP_TAG, VARIANT, cell_tags, outcome_tags, query
@@ -103,6 +104,14 @@ class Tracker:
     def reopen_sweep(self, sweep_id: str) -> int:
         """Resume a sweep's parent run; close its variant runs a kill left RUNNING as KILLED. Returns how many."""
         self.client.update_run(sweep_id, status="RUNNING")
+        return self._kill_running_variants(sweep_id)
+
+    def kill_sweep(self, sweep_id: str) -> None:
+        """Close a stopped sweep's parent run, and its variant runs caught RUNNING (half logged), as KILLED."""
+        self._kill_running_variants(sweep_id)
+        self.client.set_terminated(sweep_id, "KILLED")
+
+    def _kill_running_variants(self, sweep_id: str) -> int:
         stale = self.client.search_runs([self.experiment_id],
                                         f"{query(VARIANT, sweep_id)} and attributes.status = 'RUNNING'")
         for run in stale:
@@ -214,7 +223,8 @@ class LoopbackServer:
     """`mlflow server` on 127.0.0.1 over a sqlite store, for the parallel jobs of one sweep; one worker writes.
 
     The experiment is created on the sqlite store first, so its artifacts stay where the embedded store
-    keeps them, and the jobs write them there directly."""
+    keeps them, and the jobs write them there directly. The server dies with the process that started it, even
+    of `kill -9` (`isolate.start_tethered`)."""
 
     def __init__(self, sqlite_uri: str, folder: Path):
         self.sqlite_uri, self.log_path = sqlite_uri, folder / "mlflow-server.log"
@@ -223,10 +233,10 @@ class LoopbackServer:
     def __enter__(self) -> LoopbackServer:
         port = self.url.rsplit(":", 1)[1]
         with open(self.log_path, "w") as out:
-            self.proc = subprocess.Popen(
+            self.proc = start_tethered(
                 [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
                  "--backend-store-uri", self.sqlite_uri], cwd=self.log_path.parent, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                stderr=subprocess.STDOUT)
         deadline = time.monotonic() + SERVER_START_S
         while not healthy(self.url):
             if self.proc.poll() is not None or time.monotonic() > deadline:

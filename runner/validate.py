@@ -2,7 +2,7 @@
 
 At each shape both backends see the same letterboxed batches. Tensors are compared per output
 (max/mean abs, rel-L2, cosine, atol/rtol pass rate): the engine's numerics alone. Detections go through the
-variant's own pipeline (GPU letterbox, GPU filter, or the peer's predict), matched by class-aware IoU against
+variant's own chain (`prepost`: GPU letterbox, GPU filter, or the peer's predict), matched by class-aware IoU against
 the reference's; a GPU letterbox is also compared with the CPU one (`input_max_abs`, within
 `GPU_LETTERBOX_TOLERANCE`); and, where the data has labels, mAP50 / mAP50-95 against ground truth. Where the reference
 finds nothing, detections are not measured ("no reference detections"), and a shape passes on what was.
@@ -76,12 +76,12 @@ def _detection_metrics(det_test: list[np.ndarray], det_ref: list[np.ndarray], ma
                             n_test=n_test, n_ref=n_ref)
 
 
-def validate_shape(runner, pipeline, reference, samples: list[Sample], shape: list[int], thresholds: Thresholds,
+def validate_shape(runner, chain, reference, samples: list[Sample], shape: list[int], thresholds: Thresholds,
                    v: ValidateConfig, names: list[str] = ()) -> ShapeCheck:
     """Metrics of one shape. `reference=None`: the runner is the reference (mAP only). A reference that
     cannot run at this shape makes it `skipped`; a model under test that cannot, `failed`; one that runs but
     misses a limit, `inaccurate`. `names`: the class names, for the per-class AP deltas."""
-    hw, head = (shape[2], shape[3]), pipeline.head
+    hw, head = (shape[2], shape[3]), chain.head
     outs_test, outs_ref, det_test, det_ref, gts, input_max_abs = {}, {}, [], [], [], None
     for chunk in _batches(samples, shape[0]):
         frames = [s.image for s in chunk]
@@ -93,12 +93,12 @@ def validate_shape(runner, pipeline, reference, samples: list[Sample], shape: li
                 return ShapeCheck(shape, "skipped", reason=f"reference failed: {_first_line(exc)}")
         try:
             test = runner.infer(blob)
-            dets = pipeline.detect(runner, frames, hw, boxes)
+            dets = chain.detect(runner, frames, hw, boxes)
         except Exception as exc:
             status = "skipped" if reference is None else "failed"
             return ShapeCheck(shape, status, reason=_first_line(exc))
         det_test += dets
-        deviation = pipeline.input_deviation(runner, blob)
+        deviation = chain.input_deviation(runner, blob)
         if deviation is not None:
             input_max_abs = max(input_max_abs or 0.0, deviation)
         if reference is not None:
@@ -157,17 +157,17 @@ def _misses(check: ShapeCheck, t: Thresholds) -> dict[str, str]:
     return misses
 
 
-def validate(runner, pipeline, reference, samples: list[Sample], shapes: list[tuple[str, list[int]]],
+def validate(runner, chain, reference, samples: list[Sample], shapes: list[tuple[str, list[int]]],
              thresholds: Thresholds, v: ValidateConfig, reference_provider: str, skipped_images: list[str],
              names: list[str] = ()) -> ValidateResult:
-    """Validate at every shape, detections through `pipeline`: passes when every shape the reference could run
+    """Validate at every shape, detections through `chain`: passes when every shape the reference could run
     passes; `inaccurate` when they all ran but one missed a limit. `reference=None` when the model under test is
     the reference itself."""
-    head = pipeline.head
+    head = chain.head
     per_shape = {}
     for label, shape in shapes:
         log.info("validate: %s %s on %d images...", label, shape, len(samples))
-        per_shape[label] = s = validate_shape(runner, pipeline, reference, samples, shape, thresholds, v, names)
+        per_shape[label] = s = validate_shape(runner, chain, reference, samples, shape, thresholds, v, names)
         scores = f"mAP50-95 {s.map50_95:.3f}" if s.map50_95 is not None else "no labels"
         if s.map_drop is not None:
             scores += f" (reference {s.ref_map50_95:.3f})"

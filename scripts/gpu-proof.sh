@@ -24,8 +24,9 @@
 #   bash scripts/gpu-proof.sh int8-static   # fp32, fp16, int8 calibrator and int8 Q/DQ, static, level 0, on the
 #   bash scripts/gpu-proof.sh int8-dynamic  #   whole held-out split; likewise dynamic
 #   bash scripts/gpu-proof.sh int8-table    # both as one table from the MLflow store
+#   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|pipeline|nms|int8-static|int8-dynamic|int8-table}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|pipeline|nms|int8-static|int8-dynamic|int8-table}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -85,6 +86,8 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
   seed)        args=(-m export=ultralytics,torch export.shape=static,dynamic "${seed[@]}") ;;
   seed-dynamo) args=(-m export=dynamo export.shape=static,dynamic "${seed[@]}") ;;
   seed-engine) args=(-m build=ultralytics export=ultralytics "${seed[@]}") ;;
+  console) args=(-m precision=fp32,fp16 shape=static,dynamic backend.builder_optimization_level=0 data.limit=8
+                  bench=quick) ;;
   matrix) args=(-m export=ultralytics,torch shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0) ;;
   pipeline-shapes|pipeline-bus)
     common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here

@@ -1,5 +1,6 @@
-"""The GPU pipeline's kernels on a real GPU: the letterbox against the CPU one, the score filter against the host
-decode. The engines are tiny ONNX graphs made here, so the kernels see exactly the buffers a YOLO engine gives."""
+"""The GPU chain's ends on a real GPU: the letterbox against the CPU one, the score filter against the host decode;
+and the throughput lanes. The engines are tiny ONNX graphs made here, so the kernels see exactly the buffers a YOLO
+engine gives."""
 import numpy as np
 import onnx
 import pytest
@@ -7,7 +8,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runner.backends.tensorrt import compat as trt_compat
 from runner.backends.tensorrt.build import BuildSpec, build_engine
-from runner.backends.tensorrt.runtime import CANDIDATE_CAP, ShapeError, TrtRunner
+from runner.backends.tensorrt.prepost import CANDIDATE_CAP
+from runner.backends.tensorrt.runtime import ShapeError, TrtRunner
+from runner.bench import images_per_second
 from runner.processing import decode, decode_candidates, preprocess
 from runner.validate import GPU_LETTERBOX_TOLERANCE
 
@@ -66,12 +69,13 @@ def test_gpu_letterbox_matches_the_cpu_one(tmp_path, fp16, graph):
     hw = tuple(INPUT[2:])
     with TrtRunner(engine(tmp_path, INPUT, fp16), cuda_graph=graph) as runner:
         runner.set_shape(tuple(INPUT))
+        letterbox = runner.gpu_letterbox()
         worst, differing, total = 0.0, 0, 0
         for batch in frames(0):
             blob, cpu_boxes = preprocess(batch, hw)
-            gpu_boxes = runner.letterbox(batch, hw)
+            gpu_boxes = letterbox.run(batch, hw)
             runner.sync()
-            got = runner.read_input()
+            got = letterbox.read_input()
             assert gpu_boxes == cpu_boxes
             diff = np.abs(got - blob)
             worst, differing, total = max(worst, float(diff.max())), differing + int((diff > 1e-3).sum()), \
@@ -91,11 +95,12 @@ def test_gpu_letterbox_from_pinned_frames(tmp_path):
     batch = frames(1)[0]
     with TrtRunner(engine(tmp_path, INPUT, False), cuda_graph=True) as runner:
         runner.set_shape(tuple(INPUT))
-        runner.letterbox(batch, hw)
-        before = runner.read_input()
+        letterbox = runner.gpu_letterbox()
+        letterbox.run(batch, hw)
+        before = letterbox.read_input()
         runner.pin(batch)
-        runner.letterbox(batch, hw)
-        np.testing.assert_array_equal(runner.read_input(), before)
+        letterbox.run(batch, hw)
+        np.testing.assert_array_equal(letterbox.read_input(), before)
         assert runner.copy_ms()["h2d"] > 0
 
 
@@ -106,6 +111,7 @@ def test_gpu_candidates_give_the_host_decode(tmp_path, fp16, graph):
     rng = np.random.default_rng(2)
     with TrtRunner(engine(tmp_path, HEAD_INPUT, fp16, HEAD), cuda_graph=graph) as runner:
         runner.set_shape(tuple(HEAD_INPUT))
+        score_filter = runner.gpu_score_filter()
         for trial in range(3):
             head = np.zeros(HEAD, np.float32)
             head[0, :2] = rng.uniform(0, 640, (2, HEAD[2]))  # cx, cy
@@ -115,22 +121,22 @@ def test_gpu_candidates_give_the_host_decode(tmp_path, fp16, graph):
             head[0, 4 + rng.integers(0, 20, 200), hits] = rng.uniform(0.2, 1, 200)
             runner.h2d(head.reshape(HEAD_INPUT))
             runner.execute()
-            rows, = runner.candidates(0.25)
+            rows, = score_filter.run(0.25)
             full = runner.d2h()["output0"]
             assert 0 < len(rows) <= CANDIDATE_CAP
             assert len(rows) == int((full[0, 4:].max(0) > 0.25).sum())
             np.testing.assert_allclose(decode_candidates(rows), decode(full)[0], rtol=0, atol=0)
-        assert runner.candidates(0.0) == [None]  # every anchor qualifies: more than the cap
+        assert score_filter.run(0.0) == [None]  # every anchor qualifies: more than the cap
 
 
 def test_throughput_on_one_and_two_streams(tmp_path):
     single = [1, *INPUT[1:]]
     with TrtRunner(engine(tmp_path, single, False)) as runner:
-        one = runner.throughput(tuple(single), 1, 200)
-        two = runner.throughput(tuple(single), 2, 200)
+        one = images_per_second(runner, tuple(single), 1, 200)
+        two = images_per_second(runner, tuple(single), 2, 200)
         x = np.random.default_rng(3).random(single, dtype=np.float32)
         np.testing.assert_allclose(runner.infer(x)["output0"], x)  # the runner still works afterwards
         with pytest.raises(ShapeError, match="does not take"):
-            runner.throughput((2, *INPUT[1:]), 1, 10)
+            images_per_second(runner, (2, *INPUT[1:]), 1, 10)
     print(f"throughput: {one:.0f} img/s on one stream, {two:.0f} img/s on two")
     assert one > 0 and two > 0

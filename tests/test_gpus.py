@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -223,3 +224,53 @@ def test_no_nvidia_smi_means_no_gpu(tmp_path, private_tmp, monkeypatch):
     assert _claim_once("auto") == (None, {})
     assert _claim_once([0, 1]) == (None, {})
     assert not lock_dir(private_tmp).exists()
+
+
+# The lock folder is in the host's shared temp folder: another user may have made it first, or planted links there.
+def test_the_lock_folder_is_private_and_the_locks_too(fake_smi, private_tmp):
+    with gpus.claim("auto"):
+        pass
+    folder = lock_dir(private_tmp)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "gpu0.lock").stat().st_mode) == 0o600
+
+
+def test_a_planted_link_is_refused_and_its_target_kept(fake_smi, private_tmp, tmp_path):
+    folder = lock_dir(private_tmp)
+    folder.mkdir(mode=0o700)
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    (folder / "gpu0.lock").symlink_to(victim)
+    refused = _refusal()
+    assert victim.read_text() == "keep me"  # not truncated through the link
+    assert refused == f"{folder / 'gpu0.lock'} is not ours; remove it or set TMPDIR"
+
+
+def _refusal() -> str | None:
+    """What claim() refuses with, or None where it claims a GPU."""
+    try:
+        _claim_once("auto")
+    except gpus.PoolError as exc:
+        return str(exc)
+    return None
+
+
+def _link_to_a_folder(folder: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    folder.symlink_to(elsewhere)
+
+
+def _owned_by_another_user(folder: Path, tmp_path: Path) -> None:
+    folder.mkdir(mode=0o700)
+    os.chown(folder, os.getuid() + 4242, os.getgid() + 4242)
+
+
+@pytest.mark.parametrize("plant", [
+    _link_to_a_folder,
+    pytest.param(_owned_by_another_user, marks=pytest.mark.skipif(os.getuid() != 0, reason="chown needs root"))])
+def test_a_lock_folder_not_ours_is_refused(fake_smi, private_tmp, tmp_path, plant):
+    folder = lock_dir(private_tmp)
+    plant(folder, tmp_path)
+    assert _refusal() == f"{folder} is not ours; remove it or set TMPDIR"
+    assert not list(folder.iterdir())  # no lock made in it

@@ -18,7 +18,7 @@ from runner.data import CALIBRATION_COUNT, HELD_OUT_COUNT, calibration_files, lo
 from runner.launcher import preflight
 from runner.metrics import box_iou, mean_average_precision
 from runner.pipeline import run_variant
-from runner.pipelines import Pipeline
+from runner.prepost import Chain
 from runner.processing import ONE2MANY, postprocess, preprocess
 from runner.report import gate, render
 from runner.report.frame import INACCURATE, results_frame
@@ -105,7 +105,7 @@ def test_an_int8_accuracy_miss_is_inaccurate_naming_the_metric(qdq_result, held_
     r, strict = qdq_result, Thresholds(0.5, 0.1, 0.25, 0.8, max_map_drop=-1.0)
     samples, _ = load_samples(str(held_out_images), None, 4, Path("unused"))
     with OrtRunner(r.export.tested.path) as runner, open_reference(r.export.reference.path) as reference:
-        result = validate(runner, Pipeline(False, False, 0.25, 0.7, 300, ONE2MANY), reference, samples,
+        result = validate(runner, Chain(None, None, 0.25, 0.7, 300, ONE2MANY), reference, samples,
                           [("static", [1, 3, 640, 640])], strict, ValidateConfig(), "CPUExecutionProvider", [],
                           r.export.tested.names)
     assert result.status == "inaccurate" and result.failed_metrics == ["mAP50-95"]

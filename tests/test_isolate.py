@@ -6,12 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import isolate_targets as targets
 from conftest import REPO, TESTS
-from runner.isolate import run_isolated
+from runner.isolate import Interrupted, run_isolated
 
 
 def base():
@@ -184,3 +187,20 @@ def test_env_reaches_the_child_and_only_the_child(monkeypatch):
     assert "RUNNER_TEST_VAR" not in os.environ  # the parent's environment is left as it was
     result = run_isolated(targets.report_env, ("RUNNER_TEST_VAR",), 60, base())
     assert result.environment["var"] is None  # nothing carried over from the last child
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_child_stopped_by_a_signal_is_no_result(tmp_path, sig):
+    """Ctrl-C reaches the variant's child too: it stops at once, and that is no verdict on the variant."""
+    pid_file = tmp_path / "child.pid"
+
+    def signal_the_child():
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(pid_file.read_text()), sig)
+
+    threading.Thread(target=signal_the_child, daemon=True).start()
+    with pytest.raises(Interrupted) as stopped:
+        run_isolated(targets.report_pid_then_sleep, (str(pid_file),), 60, base())
+    assert stopped.value.signum == sig

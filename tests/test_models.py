@@ -22,7 +22,7 @@ from runner.data import Sample, load_samples
 from runner.export import ExportSpec, export_onnx
 from runner.metrics import match_detections
 from runner.pipeline import output_head
-from runner.pipelines import Pipeline
+from runner.prepost import Chain
 from runner.processing import END2END, ONE2MANY, UnknownHead, head_format, postprocess, preprocess
 from runner.results import BuildResult, ExportResult, StageError
 from runner.validate import NO_REFERENCE_DETECTIONS, validate, validate_shape
@@ -153,10 +153,10 @@ def test_a_renamed_weights_file_exports_offline_as_given(tool, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "yolov5n.pt"]  # nothing fetched beside it
 
 
-def host(head: str) -> Pipeline:
-    """The host pipeline (pre and post on the CPU) with the default thresholds, decoding `head`."""
+def host(head: str) -> Chain:
+    """The host chain (pre and post on the CPU) with the default thresholds, decoding `head`."""
     v = ValidateConfig()
-    return Pipeline(False, False, v.conf, v.nms_iou, v.max_det, head)
+    return Chain(None, None, v.conf, v.nms_iou, v.max_det, head)
 
 
 def _blank(n: int) -> list[Sample]:

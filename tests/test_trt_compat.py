@@ -14,7 +14,7 @@ from runner.backends.tensorrt import compat as trt_compat
 from runner.backends.tensorrt.build import (BuildSpec, build_engine, cache_key, calibration_cache_path, heartbeat,
                                             timing_cache_path)
 from runner.backends.tensorrt.engine_export import observed_builder
-from runner.backends.tensorrt.runtime import TrtRunner, load_plan
+from runner.backends.tensorrt.runtime import CudaGraphs, TrtRunner, load_plan
 
 # Stand-ins for the parts of the tensorrt module the gates look at.
 class Entropy2:
@@ -358,11 +358,11 @@ def _stand_in_runner(engine: StandInEngine) -> TrtRunner:
     """A TrtRunner opened on `engine`, with cuda-python calls that succeed (a stream is an int)."""
     runner = TrtRunner("engine.plan")
     ok = lambda *args: (0, 1)  # noqa: E731 - (cudaSuccess, handle)
-    runner._rt = NS(cudaMalloc=ok, cudaFree=ok, cudaStreamCreate=ok, cudaStreamSynchronize=ok,
-                    cudaStreamDestroy=ok)
-    runner._engine, runner._logger, runner._graphs = engine, engine.logger, {}
+    runner.rt = NS(cudaMalloc=ok, cudaFree=ok, cudaStreamCreate=ok, cudaStreamSynchronize=ok, cudaStreamDestroy=ok)
+    runner.engine, runner.logger = engine, engine.logger
+    runner.graphs = CudaGraphs(runner.rt, 0, wanted=False, static=True)
     runner._context = engine.create_execution_context()
-    runner.input_name, runner._dtypes = "images", {"images": np.dtype(np.float32), "output0": np.dtype(np.float32)}
+    runner.input_name, runner.dtypes = "images", {"images": np.dtype(np.float32), "output0": np.dtype(np.float32)}
     return runner
 
 

@@ -2,17 +2,23 @@
 
 Every backend gives the build stage (`build`) and a `Runner`. Runners have one shape, after Polygraphy's:
 open -> (set_shape -> h2d -> execute -> d2h)* -> close, also as a context manager. `execute` returns
-milliseconds: CUDA events on a GPU, the host clock on the CPU. The pipeline never branches on a name.
+milliseconds: CUDA events on a GPU, the host clock on the CPU. What a runtime runs beside the model (GPU
+letterbox and score filter, throughput lanes) it hands out through the `Runner` methods that default to None; a
+`Predictor` also runs its own pre and post. The chains (`prepost`) and the bench never branch on a name.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runner.config import BackendName, Device, RunConfig
+from runner.config import BackendName, RunConfig
 from runner.results import BuildResult, ExportResult
+
+if TYPE_CHECKING:
+    from runner.quantize import CalibrationSet
 
 
 class Runner(ABC):
@@ -59,9 +65,20 @@ class Runner(ABC):
         """Device time of the last run's copies, {"h2d": ms, "d2h": ms}; empty where there is no device."""
         return {}
 
-    def throughput(self, shape: tuple[int, ...], streams: int, iters: int) -> float | None:
-        """Images per second of the model alone with `streams` concurrent streams; None where the runtime
-        has no streams."""
+    def gpu_letterbox(self):
+        """The letterbox into this runner's input on its device (`preprocess=gpu`): `run(frames, hw)` -> fits,
+        `read_input()`; closed with the runner. None where the runtime has none."""
+        return None
+
+    def gpu_score_filter(self):
+        """The score filter of this runner's one-to-many head output on its device (`postprocess=gpu`):
+        `run(conf)` -> per image the candidate rows, or None past its cap; closed with the runner. None where the
+        runtime has none."""
+        return None
+
+    def lanes(self, shape: tuple[int, ...], streams: int):
+        """`streams` concurrent lanes of the model alone at `shape` (`enqueue()` runs each once, `synchronize()`,
+        a context manager), for `bench.images_per_second`; None where the runtime has no streams."""
         return None
 
     def infer(self, blob: np.ndarray) -> dict[str, np.ndarray]:
@@ -76,6 +93,14 @@ class Runner(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Predictor(Runner):
+    """A runner that also preprocesses and postprocesses, as its library's users call it (the peer's `predict`)."""
+
+    @abstractmethod
+    def predict(self, frames: list[np.ndarray], hw: tuple[int, int], conf: float, iou: float, max_det: int):
+        """The library's own results for BGR `frames` at input size `hw`."""
 
 
 class Backend(ABC):
@@ -97,20 +122,13 @@ class Backend(ABC):
         """Why this variant makes no sense on this backend (it is skipped with that reason), or None."""
 
     @abstractmethod
-    def build(self, cfg: RunConfig, export: ExportResult) -> BuildResult:
-        """Make the model under test runnable. Raises StageError with the tool's own words."""
+    def build(self, cfg: RunConfig, export: ExportResult, calibration: CalibrationSet | None = None) -> BuildResult:
+        """Make the model under test runnable; `calibration`: the images of a build that calibrates (the
+        `calibrator` precision mechanism). Raises StageError with the tool's own words."""
 
     @abstractmethod
     def runner(self, cfg: RunConfig, build: BuildResult) -> Runner:
         """A runner for what `build` made (not opened yet)."""
-
-    def pipeline(self, cfg: RunConfig, head: str):
-        """What detections and timings go through: runner's own pipeline, with the configured pre/post devices."""
-        from runner.pipelines import Pipeline
-
-        v = cfg.validate
-        return Pipeline(cfg.preprocess.device == Device.gpu, cfg.postprocess.device == Device.gpu, v.conf,
-                        v.nms_iou, v.max_det, head)
 
 
 def _registry() -> dict[str, type[Backend]]:

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from runner.backends import Backend, Runner
 from runner.config import BackendName, BuildTool, Device, Int8Mode, Mechanism, Precision, RunConfig
 from runner.results import BuildResult, ExportResult, StageError
+
+if TYPE_CHECKING:
+    from runner.quantize import CalibrationSet
 
 REFERENCE_PROVIDER = "CPUExecutionProvider"
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -86,7 +90,7 @@ class OnnxruntimeBackend(Backend):
                     f"(use backend=tensorrt)")
         return None
 
-    def build(self, cfg: RunConfig, export: ExportResult) -> BuildResult:
+    def build(self, cfg: RunConfig, export: ExportResult, calibration: CalibrationSet | None = None) -> BuildResult:
         shapes = [list(cfg.shape.min), list(cfg.shape.opt), list(cfg.shape.max)]
         return BuildResult(tool=BackendName.onnxruntime.value, artifact=export.tested.path, profile=shapes,
                            size_bytes=export.tested.size_bytes, precision_mechanism=self.precision_mechanism(cfg),

@@ -1,8 +1,8 @@
 """The peer, `backend=ultralytics`: ultralytics' own `YOLO(engine).predict` on the TensorRT engine the variant
 builds (the same file the tensorrt backend runs, from either build tool) and the same in-memory frames.
 
-Its bench row is ultralytics' speed dict per stage plus the wall time of one `predict` call (`PeerPipeline`), so
-every sweep can hold runner's pipeline against it in the same run. Validation compares the engine's tensors
+Its bench row is ultralytics' speed dict per stage plus the wall time of one `predict` call (`prepost.PeerChain`), so
+every sweep can hold runner's chain against it in the same run. Validation compares the engine's tensors
 through ultralytics' AutoBackend, and the detections `predict` returns.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.backends import Runner
+from runner.backends import Predictor
 from runner.backends.tensorrt import TensorrtBackend
 from runner.config import BackendName, Device, RunConfig
 from runner.results import BuildResult
@@ -30,8 +30,8 @@ def engine_file(path: str) -> str:
     return str(link)
 
 
-class UltralyticsRunner(Runner):
-    """`YOLO(engine)`: `predict` for the pipeline; its predictor's AutoBackend for tensors. Times with CUDA events."""
+class UltralyticsRunner(Predictor):
+    """`YOLO(engine)`: `predict` for the chain; its predictor's AutoBackend for tensors. Times with CUDA events."""
 
     name = BackendName.ultralytics.value
 
@@ -110,9 +110,3 @@ class UltralyticsBackend(TensorrtBackend):
 
     def runner(self, cfg: RunConfig, build: BuildResult) -> UltralyticsRunner:
         return UltralyticsRunner(build.artifact, tuple(build.profile[1][2:]))
-
-    def pipeline(self, cfg: RunConfig, head: str):
-        from runner.pipelines import PeerPipeline
-
-        v = cfg.validate
-        return PeerPipeline(v.conf, v.nms_iou, v.max_det, head)

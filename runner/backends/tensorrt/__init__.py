@@ -1,11 +1,17 @@
 """TensorRT: the only package that imports `tensorrt`. `compat` holds every version difference, `build` the
-TensorRT API road, `engine_export` ultralytics' one-step road, `runtime` the cuda-python runner."""
+TensorRT API road, `engine_export` ultralytics' one-step road, `runtime` the cuda-python runner, `prepost` the GPU
+letterbox and score filter around it (`kernels` theirs), `throughput` its concurrent lanes."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from runner.backends import Backend
 from runner.config import (BackendName, BuildTool, ExportTool, Head, Mechanism, Precision, RunConfig,
                            ShapeMode)
 from runner.results import BuildResult, ExportResult
+
+if TYPE_CHECKING:
+    from runner.quantize import CalibrationSet
 
 
 class TensorrtBackend(Backend):
@@ -45,7 +51,7 @@ class TensorrtBackend(Backend):
                     f"export.shape={cfg.export.shape.value} with shape={cfg.shape.mode.value} does not apply")
         return None
 
-    def build(self, cfg: RunConfig, export: ExportResult) -> BuildResult:
+    def build(self, cfg: RunConfig, export: ExportResult, calibration: CalibrationSet | None = None) -> BuildResult:
         b = cfg.backend
         if cfg.build.tool == BuildTool.ultralytics:
             from runner.backends.tensorrt.engine_export import EngineExportSpec, export_engine
@@ -59,12 +65,8 @@ class TensorrtBackend(Backend):
                 use_engine_cache=b.engine_cache))
         from runner.backends.tensorrt.build import BuildSpec, build_engine
 
-        from runner.quantize import calibration_set
-
-        mechanism = self.precision_mechanism(cfg)
-        calibration = calibration_set(cfg) if mechanism == Mechanism.calibrator else None
         return build_engine(BuildSpec(
-            onnx_path=export.tested.path, precision=cfg.precision.name.value, mechanism=mechanism,
+            onnx_path=export.tested.path, precision=cfg.precision.name.value, mechanism=self.precision_mechanism(cfg),
             calibration=calibration, calibrator=cfg.precision.calibrator.value,
             min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
             optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,

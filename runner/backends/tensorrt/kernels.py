@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from functools import lru_cache
 
 from runner.backends.tensorrt.compat import cuda_call, cuda_driver, nvrtc
 
@@ -101,8 +102,10 @@ KERNELS = ("letterbox_float", "letterbox_half", "candidates_float", "candidates_
 BLOCK = 256
 
 
+@lru_cache(maxsize=None)
 def compile_ptx(arch: str) -> bytes:
-    """PTX of SOURCE for a virtual architecture such as compute_90. Raises RuntimeError with NVRTC's log."""
+    """PTX of SOURCE for a virtual architecture such as compute_90 (compiled once per process). Raises RuntimeError
+    with NVRTC's log."""
     nv = nvrtc()
     program = cuda_call(nv.nvrtcCreateProgram, SOURCE.encode(), b"runner_kernels.cu", 0, [], [])
     try:
@@ -122,7 +125,7 @@ def compile_ptx(arch: str) -> bytes:
 
 @dataclass
 class Kernels:
-    """The compiled kernels, loaded into the current CUDA context."""
+    """The compiled kernels, loaded into the current CUDA context (a module per owner: `prepost`'s ends)."""
     module: object
     functions: dict
 

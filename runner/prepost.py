@@ -1,14 +1,16 @@
-"""The pipelines the bench and the detections run through, one shape: `run(runner, frames, hw)` -> (detections in
-source pixels, stage times in ms). Chosen by config: `preprocess=cpu|gpu`, `postprocess=cpu|gpu`, and the peer.
+"""The pre -> infer -> post chains that the validate and bench stages run detections and timings through, one
+shape: `run(runner, frames, hw)` -> (detections in source pixels, stage times in ms). `chain` assembles a variant's
+from its runner and its config (`preprocess=cpu|gpu`, `postprocess=cpu|gpu`).
 
-- `Pipeline`, ours around `runner.execute()`:
+- `Chain`, ours around `runner.execute()`:
   - pre on cpu: letterbox + normalise on the host (OpenCV); the whole float input crosses to the device.
-  - pre on gpu: the uint8 source crosses; the letterbox runs on the device (`runner.letterbox`).
+  - pre on gpu: the uint8 source crosses; the runner's `gpu_letterbox` fits it on the device.
   - post on cpu: every output crosses back; decode + NMS on the host.
-  - post on gpu: the score filter runs on the device and only its candidates cross back (`runner.candidates`);
-    NMS on the host. An end-to-end output `(B, N, 6)` is small already: it is copied back as it is.
+  - post on gpu: the runner's `gpu_score_filter` runs on the device and only its candidates cross back; NMS on the
+    host. An end-to-end output `(B, N, 6)` is small already: it is copied back as it is.
   Stages are timed on the host after a synchronize; infer by the runner (CUDA events on a GPU).
-- `PeerPipeline`: ultralytics' own `predict` on the same engine and frames: its speed dict and the wall time.
+- `PeerChain`: a `Predictor`'s own `predict` (ultralytics' on the same engine and frames): its speed dict and the
+  wall time.
 """
 from __future__ import annotations
 
@@ -17,38 +19,42 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runner.backends import Predictor, Runner
+from runner.config import Device, RunConfig
 from runner.processing import ONE2MANY, decode_candidates, postprocess, preprocess, scale_all
 
 
 @dataclass
-class Pipeline:
-    pre_on_gpu: bool
-    post_on_gpu: bool
+class Chain:
+    """`letterbox` / `score_filter`: the runner's GPU ends (`Runner.gpu_letterbox`, `gpu_score_filter`); None runs
+    that end on the host."""
+    letterbox: object = None
+    score_filter: object = None
     conf: float = 0.25
     iou: float = 0.7
     max_det: int = 300
     head: str = ONE2MANY
 
-    def pre(self, runner, frames: list[np.ndarray], hw: tuple[int, int]):
+    def pre(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int]):
         """The input in place on the device; returns how each frame was fitted (`Letterbox`)."""
-        if self.pre_on_gpu:
-            boxes = runner.letterbox(frames, hw)
+        if self.letterbox is not None:
+            boxes = self.letterbox.run(frames, hw)
         else:
             blob, boxes = preprocess(frames, hw)
             runner.h2d(blob)
         runner.sync()
         return boxes
 
-    def post(self, runner, boxes) -> list[np.ndarray]:
+    def post(self, runner: Runner, boxes) -> list[np.ndarray]:
         """Detections [x1, y1, x2, y2, score, cls] in source pixels, per frame."""
-        if self.post_on_gpu and self.head == ONE2MANY:
-            rows = runner.candidates(self.conf)
+        if self.score_filter is not None and self.head == ONE2MANY:
+            rows = self.score_filter.run(self.conf)
             if all(r is not None for r in rows):
                 return scale_all([decode_candidates(r, self.conf, self.iou, self.max_det) for r in rows], boxes)
         outputs = runner.d2h()  # cpu post, an end-to-end output, or more candidates than the filter keeps
         return postprocess(next(iter(outputs.values())), boxes, self.conf, self.iou, self.max_det, self.head)
 
-    def run(self, runner, frames: list[np.ndarray], hw: tuple[int, int]) -> tuple[list[np.ndarray], dict]:
+    def run(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int]) -> tuple[list[np.ndarray], dict]:
         t0 = time.perf_counter()
         boxes = self.pre(runner, frames, hw)
         t1 = time.perf_counter()
@@ -60,36 +66,37 @@ class Pipeline:
                  "e2e": (t3 - t0) * 1e3}
         return dets, {**times, **runner.copy_ms()}
 
-    def detect(self, runner, frames: list[np.ndarray], hw: tuple[int, int], boxes) -> list[np.ndarray]:
+    def detect(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int], boxes) -> list[np.ndarray]:
         """The detections of `frames` right after `runner.infer` ran their CPU-letterboxed input (fitted as
         `boxes`): a host pre gives that same input, so only post runs; a GPU pre letterboxes and runs again."""
-        if self.pre_on_gpu:
+        if self.letterbox is not None:
             boxes = self.pre(runner, frames, hw)
             runner.execute()
         return self.post(runner, boxes)
 
-    def input_deviation(self, runner, blob: np.ndarray) -> float | None:
+    def input_deviation(self, runner: Runner, blob: np.ndarray) -> float | None:
         """Max |input on the device - `blob`| after `pre`, where the GPU letterboxed it; else None."""
-        return float(np.abs(runner.read_input() - blob).max()) if self.pre_on_gpu else None
+        return None if self.letterbox is None else float(np.abs(self.letterbox.read_input() - blob).max())
 
     def settings(self) -> dict:
         post = "host decode + NMS"
-        if self.post_on_gpu:
+        if self.score_filter is not None:
             post = ("gpu score filter, host NMS" if self.head == ONE2MANY else "end-to-end output copied as is")
-        return {"preprocess": "gpu letterbox (uint8 upload)" if self.pre_on_gpu else "host letterbox (float upload)",
-                "postprocess": post, "decode": self.head,
+        pre = "host letterbox (float upload)" if self.letterbox is None else "gpu letterbox (uint8 upload)"
+        return {"preprocess": pre, "postprocess": post, "decode": self.head,
                 "copies": "h2d in preprocess, d2h in postprocess, each between CUDA events where there is a device"}
 
 
 @dataclass
-class PeerPipeline:
-    """`YOLO(engine).predict` as its users call it, on in-memory BGR frames."""
+class PeerChain:
+    """`predict` as its users call it, on in-memory BGR frames."""
     conf: float = 0.25
     iou: float = 0.7
     max_det: int = 300
     head: str = ONE2MANY
 
-    def run(self, runner, frames: list[np.ndarray], hw: tuple[int, int]) -> tuple[list[np.ndarray], dict]:
+    def run(self, runner: Predictor, frames: list[np.ndarray], hw: tuple[int, int]
+            ) -> tuple[list[np.ndarray], dict]:
         t0 = time.perf_counter()
         results = runner.predict(frames, hw, self.conf, self.iou, self.max_det)
         wall = (time.perf_counter() - t0) * 1e3
@@ -99,14 +106,25 @@ class PeerPipeline:
                  "postprocess": speed["postprocess"] * n, "e2e": wall}
         return [r.boxes.data.float().cpu().numpy() for r in results], times
 
-    def detect(self, runner, frames: list[np.ndarray], hw: tuple[int, int], boxes) -> list[np.ndarray]:
+    def detect(self, runner: Predictor, frames: list[np.ndarray], hw: tuple[int, int], boxes) -> list[np.ndarray]:
         """predict's detections of `frames` (it letterboxes them itself)."""
         return self.run(runner, frames, hw)[0]
 
-    def input_deviation(self, runner, blob: np.ndarray) -> None:
+    def input_deviation(self, runner: Predictor, blob: np.ndarray) -> None:
         """predict's input is its own."""
         return None
 
     def settings(self) -> dict:
         return {"preprocess": "ultralytics predict", "postprocess": "ultralytics predict", "decode": self.head,
                 "timer": "ultralytics' speed dict per stage; e2e: wall time of one predict call"}
+
+
+def chain(runner: Runner, cfg: RunConfig, head: str) -> Chain | PeerChain:
+    """The chain of a variant whose opened `runner` decodes `head`: a `Predictor`'s own, else ours with the ends
+    the config puts on the GPU."""
+    v = cfg.validate
+    if isinstance(runner, Predictor):
+        return PeerChain(v.conf, v.nms_iou, v.max_det, head)
+    letterbox = runner.gpu_letterbox() if cfg.preprocess.device == Device.gpu else None
+    score_filter = runner.gpu_score_filter() if cfg.postprocess.device == Device.gpu else None
+    return Chain(letterbox, score_filter, v.conf, v.nms_iou, v.max_det, head)

@@ -1,0 +1,108 @@
+"""The GPU pipeline's two ends around a `TrtRunner`, on its stream, with the kernels of `kernels`.
+
+`GpuLetterbox` uploads uint8 source images and letterboxes them into the runner's input buffer; `GpuScoreFilter`
+filters the one-to-many head output by score before the copy back, so only the candidates cross to the host. Each
+owns its buffers and kernels and is closed with the runner that made it; its GPU work is a stage of the runner's
+`CudaGraphs` (set_shape moves the tensors they read and write), and its copies are timed as the runner's h2d / d2h.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from runner.backends.tensorrt.compat import cuda_call
+from runner.backends.tensorrt.kernels import FIT_FIELDS, ROW, Kernels
+from runner.backends.tensorrt.runtime import Buffers
+from runner.processing import Letterbox, fit
+
+CANDIDATE_CAP = 1024  # rows per image the GPU filter copies back; more falls back to the whole output
+
+
+class _End:
+    """Buffers and kernels of its own, on `runner`'s stream."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self._buffers = Buffers(runner.rt)
+        self._kernels: Kernels | None = None
+
+    def kernels(self) -> Kernels:
+        if self._kernels is None:
+            self._kernels = Kernels.load(self.runner.rt)
+        return self._kernels
+
+    def close(self) -> None:
+        if self._kernels is not None:
+            self._kernels.unload()
+        self._buffers.close()
+
+
+class GpuLetterbox(_End):
+    """Source images in, the runner's input out: the CPU path's geometry (`processing.fit`), resized on the GPU."""
+
+    def run(self, images: list[np.ndarray], hw: tuple[int, int]) -> list[Letterbox]:
+        """Upload uint8 BGR images and letterbox them into the input buffer, in its dtype. Asynchronous: the
+        runner's sync() before reading anything it wrote."""
+        runner, buffers = self.runner, self._buffers
+        batch, _, h, w = runner.shape
+        if len(images) != batch or (h, w) != tuple(hw):
+            raise ValueError(f"{len(images)} images at {list(hw)} do not fill the input shape {list(runner.shape)}")
+        total = sum(image.nbytes for image in images)
+        if buffers.ensure("source", total):
+            runner.graphs.drop("letterbox")  # it reads the old source buffer
+        buffers.ensure("fits", batch * FIT_FIELDS * 4)
+        fits = buffers.host_array("fits", np.int32, batch * FIT_FIELDS).reshape(batch, FIT_FIELDS)
+        staging = buffers.host_array("source", np.uint8, total)
+        boxes, offset = [], 0
+        with runner.timed("h2d"):
+            for n, image in enumerate(images):
+                image = np.ascontiguousarray(image)
+                (new_w, new_h), (top, _, left, _), box = fit(*image.shape[:2], (h, w))
+                fits[n] = offset, image.shape[1], image.shape[0], new_w, new_h, left, top, 0
+                source = image.ctypes.data
+                if not runner.pinned(image):  # through the pinned staging buffer
+                    staging[offset:offset + image.nbytes] = image.reshape(-1)
+                    source = buffers.host["source"] + offset
+                runner.copy(buffers.device["source"] + offset, source, image.nbytes, to_device=True)
+                boxes.append(box)
+                offset += image.nbytes
+        target, _, dtype = runner.tensor(runner.input_name)
+
+        def enqueue():
+            runner.copy(buffers.device["fits"], buffers.host["fits"], batch * FIT_FIELDS * 4, to_device=True)
+            self.kernels().letterbox(runner.stream, buffers.device["source"], buffers.device["fits"], target, batch,
+                                     (h, w), dtype == np.float16)
+
+        runner.graphs.launch("letterbox", enqueue)
+        return boxes
+
+    def read_input(self) -> np.ndarray:
+        """The input buffer as the GPU holds it (float32), after a sync: what the letterbox wrote."""
+        return self.runner.read(self.runner.input_name)
+
+
+class GpuScoreFilter(_End):
+    """The runner's first output, a one-to-many head `(B, 4 + nc, A)`, cut to its candidates on the GPU."""
+
+    def run(self, conf: float) -> list[np.ndarray | None]:
+        """Per image, the rows [cx, cy, w, h, score, class, anchor, 0] whose best class score is above `conf`:
+        only these cross to the host. None for an image with more than CANDIDATE_CAP of them (decode the whole
+        output instead)."""
+        runner, buffers = self.runner, self._buffers
+        head, (batch, channels, anchors), dtype = runner.tensor(runner.output_names[0])
+        buffers.ensure("counts", batch * 4)
+        buffers.ensure("rows", batch * CANDIDATE_CAP * ROW * 4)
+        counts, rows = buffers.device["counts"], buffers.device["rows"]
+
+        def enqueue():
+            cuda_call(runner.rt.cudaMemsetAsync, counts, 0, batch * 4, runner.stream)
+            self.kernels().candidates(runner.stream, head, batch, channels, anchors, conf, rows, counts,
+                                      CANDIDATE_CAP, dtype == np.float16)
+
+        runner.graphs.launch(f"candidates@{conf}", enqueue)
+        with runner.timed("d2h"):
+            runner.copy(buffers.host["counts"], counts, batch * 4, to_device=False)
+            runner.copy(buffers.host["rows"], rows, batch * CANDIDATE_CAP * ROW * 4, to_device=False)
+        runner.sync()
+        found = buffers.host_array("counts", np.int32, batch)
+        kept = buffers.host_array("rows", np.float32, batch * CANDIDATE_CAP * ROW).reshape(batch, CANDIDATE_CAP, ROW)
+        return [kept[n, :k].copy() if k <= CANDIDATE_CAP else None for n, k in enumerate(found.tolist())]
