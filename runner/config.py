@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+MODELS = ("yolov5nu", "yolov8n", "yolov10n", "yolo11n", "yolo26n")  # the presets (conf/model/), oldest first
 
 
 def conf_dir() -> Path:
@@ -98,6 +99,17 @@ class Head(str, Enum):
     nms = "nms"  # ultralytics' export nms=True: the one-to-many head with NMS inside the graph, (B, max_det, 6)
 
 
+class Mechanism(str, Enum):
+    """How a backend makes the variant's precision, resolved where it runs (`resolved.precision_mechanism`)."""
+    none = "none"  # fp32
+    builder_flag = "builder_flag"  # fp16: BuilderFlag.FP16 on the fp32 ONNX
+    strongly_typed = "strongly_typed"  # fp16: a strongly typed network of the fp16 ONNX
+    fp16_onnx = "fp16_onnx"  # fp16: onnxruntime runs the fp16 ONNX
+    calibrator = "calibrator"  # int8: TensorRT's implicit calibration, in the build
+    qdq = "qdq"  # int8: a Q/DQ ONNX calibrated with onnxruntime
+    ultralytics = "ultralytics"  # build=ultralytics picks its own, recorded at build
+
+
 class BackendName(str, Enum):
     auto = "auto"
     onnxruntime = "onnxruntime"
@@ -163,15 +175,16 @@ class ProfileConfig:
 
 @dataclass
 class BackendConfig:
-    name: BackendName = BackendName.auto
-    builder_optimization_level: Optional[int] = None  # null: TensorRT's default (3)
+    """Every backend's settings; `conf/backend/<name>.yaml` names the backend and nothing else."""
+    name: BackendName = BackendName.auto  # auto: TensorRT where it and a CUDA GPU are present, else onnxruntime
+    builder_optimization_level: Optional[int] = None  # null: TensorRT's default (3); 0 builds fastest
     workspace_gib: float = 4.0
-    tf32: bool = False  # allow TF32 in fp32 engines (TensorRT's own default is on)
+    tf32: bool = False  # TensorRT turns TF32 on for fp32 layers by default; fp32 here means IEEE fp32
     engine_cache: bool = True
     timing_cache: bool = True
-    ort_provider: str = "CPUExecutionProvider"
+    ort_provider: str = "CPUExecutionProvider"  # for backend=onnxruntime; the reference always runs on the CPU
     timeout_s: int = 1800  # per variant, in its child process
-    gpus: Any = "auto"  # auto: every GPU of the host, one variant per GPU at a time; or a list of indices
+    gpus: Any = "auto"  # auto: every GPU of the host, one variant per GPU at a time; or a list of indices, e.g. [0,1]
 
 
 @dataclass
@@ -201,6 +214,9 @@ class DataConfig:
 
 @dataclass
 class Thresholds:
+    """Limits of one precision against the fp32 onnxruntime reference on the same images. A miss is the table's
+    accuracy state: the variant built and ran. rel-L2 and atol/rtol: the raw outputs; det F1: detections matched
+    by IoU; max_map_drop: reference mAP50-95 minus the variant's."""
     atol: float = MISSING
     rtol: float = MISSING
     max_rel_l2: float = MISSING
@@ -212,19 +228,20 @@ class Thresholds:
 class ValidateConfig:
     conf: float = 0.25
     nms_iou: float = 0.7
-    match_iou: float = 0.5
+    match_iou: float = 0.5  # class-aware IoU for matching detections against the reference
     max_det: int = 300
     non_square: bool = True  # dynamic: also check one non-square shape inside the profile
     fp32: Thresholds = field(default_factory=lambda: Thresholds(1e-3, 1e-3, 1e-5, 0.99, 0.005))
     fp16: Thresholds = field(default_factory=lambda: Thresholds(5e-2, 5e-2, 5e-3, 0.9, 0.01))
+    # int8 moves raw outputs by design: it is judged on what it costs in detections and mAP
     int8: Thresholds = field(default_factory=lambda: Thresholds(0.5, 0.1, 0.25, 0.8, 0.02))
 
 
 @dataclass
 class BenchConfig:
-    warmup: int = 10
-    iters: int = 50
-    cuda_graph: bool = False
+    warmup: int = 20
+    iters: int = 200
+    cuda_graph: bool = False  # static TensorRT engines only
 
 
 @dataclass

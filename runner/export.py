@@ -4,9 +4,10 @@ exporter (`dynamo=False`) or the torch.export-based one (`dynamo=True`, torch's 
 Both tools load exactly the weights file named, from a copy called `model.pt`, so no file name makes
 ultralytics reach for a hub (it renames `yolov5n.pt` to `yolov5nu.pt` and downloads that). `end2end` exports
 the NMS-free one-to-one head of yolov10 / yolo26. Every ONNX carries ultralytics' metadata (class names,
-stride, end2end), is checked with `onnx.checker` and described by its signature. Exports are cached by a
-content key (weights bytes + export settings + tool versions), so a sweep exports each ONNX once. A cached
-export whose model.onnx or artifact.json does not match what was recorded is said, removed and made again.
+stride, end2end), is checked with `onnx.checker` and described by its signature. Exports run on the CPU and
+are cached by a content key (weights bytes + export settings + tool versions), so a sweep exports each ONNX
+once. A cached export whose model.onnx or artifact.json does not match what was recorded is said, removed and
+made again.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import onnx
 
 from runner import cache, checkpoint
+from runner.config import ExportTool
 from runner.results import OnnxArtifact, StageError
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,6 @@ class ExportSpec:
     simplify: bool
     end2end: bool = False  # the one-to-one head, (B, max_det, 6), NMS-free
     nms: bool = False  # the one-to-many head with NMS in the graph (ultralytics' nms=True), (B, max_det, 6)
-    device: str = "cpu"
 
     def key(self) -> str:
         h = hashlib.sha256(Path(self.weights).read_bytes())
@@ -113,7 +114,7 @@ def _export_ultralytics(spec: ExportSpec, workdir: Path) -> Path:
     _check_head(yolo.model, spec)
     out = yolo.export(format="onnx", imgsz=list(spec.imgsz), dynamic=spec.dynamic, simplify=spec.simplify,
                       opset=spec.opset, quantize=16 if spec.half else None, nms=ultralytics_nms(spec.end2end, spec.nms),
-                      device=spec.device, batch=1, verbose=False)
+                      device="cpu", batch=1, verbose=False)
     return Path(out)
 
 
@@ -123,7 +124,7 @@ def _torch_model(spec: ExportSpec, workdir: Path):
     import torch
     from ultralytics.nn.tasks import load_checkpoint
 
-    device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{spec.device}")
+    device = torch.device("cpu")
     if spec.nms:
         raise StageError("export", f"export.head=nms is ultralytics' export option (nms=True); export={spec.tool} "
                                    f"does not put NMS in the graph (use export=ultralytics)")
@@ -194,7 +195,8 @@ def _export_dynamo(spec: ExportSpec, workdir: Path) -> Path:
     return _finish(out, spec, metadata)
 
 
-EXPORTERS = {"ultralytics": _export_ultralytics, "torch": _export_torch, "dynamo": _export_dynamo}
+EXPORTERS = {ExportTool.ultralytics.value: _export_ultralytics, ExportTool.torch.value: _export_torch,
+             ExportTool.dynamo.value: _export_dynamo}
 
 
 def cached_onnx(folder: Path) -> OnnxArtifact | None:

@@ -18,8 +18,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf.errors import OmegaConfBaseException
 
 from runner import cache, checkpoint, config, data, gpus
-from runner.config import ConfigError, RunConfig, TrackingConfig, omegaconf_message, to_run_config
-from runner.results import MODELS
+from runner.config import MODELS, ConfigError, RunConfig, TrackingConfig, omegaconf_message, to_run_config
 from runner.sweep import variant_id
 
 CONF_DIR = config.conf_dir()

@@ -3,7 +3,8 @@
 Results cross process boundaries (the variant's child process) and disk (result.json, MLflow artifacts)
 as plain dicts through `to_dict` / `from_dict`. `VariantResult.metrics()` names every MLflow metric;
 `runner table` and `runner check` read the same names back. A compatibility cell is a `Cell` value
-(model, ONNX variant x build variant); its label is derived from it and never parsed back.
+(model, ONNX variant x build variant); its label, built from its parts, names the variant in files, runs and
+baselines, and is never parsed back.
 """
 from __future__ import annotations
 
@@ -14,16 +15,23 @@ import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-MODELS = ("yolov5nu", "yolov8n", "yolov10n", "yolo11n", "yolo26n")  # the presets (conf/model/), in table order
-UNNAMED_MODEL = "(unnamed)"  # results recorded before the model was part of a cell
-EXPORT_TOOLS = {"ultralytics": "ul", "torch": "tc", "dynamo": "dynamo"}  # table order and abbreviation
-BUILD_TOOLS = {"tensorrt_api": "trt", "ultralytics": "ul-trt", "onnxruntime": "ort"}
-SHAPES = {"static": "st", "dynamic": "dy"}
-PRECISIONS = ("fp32", "fp16", "int8", "qdq")  # a label's first word: "int8 entropy2", "qdq minmax"
-STATUSES = ("ok", "failed", "skipped")
+from runner.config import BackendName, BuildTool, ExportTool, Head, Mechanism, ShapeMode
+
+EXPORT_TOOLS = {ExportTool.ultralytics.value: "ul", ExportTool.torch.value: "tc",  # each tool's word in a label
+                ExportTool.dynamo.value: "dynamo"}
+BUILD_TOOLS = {BuildTool.tensorrt_api.value: "trt", BuildTool.ultralytics.value: "ul-trt",
+               BackendName.onnxruntime.value: "ort"}
+SHAPES = {ShapeMode.static.value: "st", ShapeMode.dynamic.value: "dy"}
+HEADS = {Head.end2end.value: "e2e", Head.nms.value: "nms"}  # one2many, the default, is not named
 PEER_PIPELINE = "predict"  # backend=ultralytics: YOLO(engine).predict, the row runner's own rows are held against
 NOT_IN_METRIC_KEY = re.compile(r"[^\w.\- ]")  # MLflow also takes `/` (a path) and `:` (not on Windows): left out
 MAX_METRIC_KEY = 200  # MLflow takes 250; the rest is room for the `metric_name.` tag that keeps the real name
+
+
+def first_line(text: str | None, width: int | None = None) -> str:
+    """The first line of `text`, stripped ("" where there is none), cut to `width` characters with "…"."""
+    line = text.strip().splitlines()[0] if text and text.strip() else ""
+    return line if width is None or len(line) <= width else line[:width - 1] + "…"
 
 
 class StageError(Exception):
@@ -85,45 +93,32 @@ def _metric_key(name: str) -> str:
     return NOT_IN_METRIC_KEY.sub("_", name)[:MAX_METRIC_KEY]
 
 
-def _rank(table, value) -> int:
-    order = list(table)
-    return order.index(value) if value in order else len(order)
-
-
-def model_order(model: str) -> tuple:
-    """Where a model's grid goes: the presets oldest first, then others by name."""
-    return _rank(MODELS, model), model
-
-
 @dataclass(frozen=True)
 class _Variant(Record):
     tool: str
     shape: str
-    precision: str
-    TOOLS: ClassVar[dict[str, str]] = {}  # tool -> abbreviation, in table order
+    precision: str  # fp32 | fp16 | int8, or qdq for a Q/DQ ONNX
+    calibrator: str = field(default="", kw_only=True)  # where the variant calibrates: entropy2 | minmax
+    TOOLS: ClassVar[dict[str, str]] = {}  # tool -> its word in a label
 
     @property
     def label(self) -> str:
-        return f"{self.TOOLS.get(self.tool, self.tool)} {SHAPES[self.shape]} {self.precision}"
+        return " ".join(filter(None, (self.TOOLS.get(self.tool, self.tool), SHAPES[self.shape], self.precision,
+                                      self.calibrator, *self._label_tail())))
 
-    def sort_key(self) -> tuple:
-        return (_rank(self.TOOLS, self.tool), _rank(PRECISIONS, self.precision.split()[0]), self.precision,
-                _rank(SHAPES, self.shape))
+    def _label_tail(self) -> tuple[str, ...]:
+        return ()
 
 
 @dataclass(frozen=True)
 class OnnxVariant(_Variant):
     """The compatibility table's column: which tool made the ONNX, its shape mode, weight precision and head
     (one2many; the NMS-free end2end, labelled `e2e`; or one2many with NMS in the graph, labelled `nms`)."""
-    head: str = "one2many"
+    head: str = Head.one2many.value
     TOOLS: ClassVar[dict[str, str]] = EXPORT_TOOLS
 
-    @property
-    def label(self) -> str:
-        return super().label + {"end2end": " e2e", "nms": " nms"}.get(self.head, "")
-
-    def sort_key(self) -> tuple:
-        return *super().sort_key(), self.head != "one2many"
+    def _label_tail(self) -> tuple[str, ...]:
+        return HEADS.get(self.head, ""),
 
 
 @dataclass(frozen=True)
@@ -133,12 +128,8 @@ class BuildVariant(_Variant):
     pipeline: str = ""
     TOOLS: ClassVar[dict[str, str]] = BUILD_TOOLS
 
-    @property
-    def label(self) -> str:
-        return f"{super().label} {self.pipeline}".rstrip()
-
-    def sort_key(self) -> tuple:
-        return *super().sort_key(), self.pipeline == PEER_PIPELINE, self.pipeline
+    def _label_tail(self) -> tuple[str, ...]:
+        return self.pipeline,
 
 
 @dataclass(frozen=True)
@@ -146,7 +137,7 @@ class Cell(Record):
     """A variant's place in the tables: its model's grid, ONNX column and build row."""
     onnx: OnnxVariant
     build: BuildVariant
-    model: str = UNNAMED_MODEL
+    model: str
 
     @property
     def key(self) -> str:
@@ -157,9 +148,6 @@ class Cell(Record):
     def name(self) -> str:
         """The variant's name: file and run names."""
         return f"{self.model}__{self.onnx.label}__{self.build.label}".replace(" ", "-")
-
-    def sort_key(self) -> tuple:
-        return model_order(self.model), self.onnx.sort_key(), self.build.sort_key()
 
 
 @dataclass
@@ -193,7 +181,7 @@ class BuildResult(Record):
     build_s: float = 0.0
     size_bytes: int = 0
     cache_hit: bool = False
-    precision_mechanism: str = "none"  # none | builder_flag | strongly_typed | fp16_onnx | calibrator | qdq
+    precision_mechanism: str = Mechanism.none.value
     optimization_level: int | None = None
     tf32: bool | None = None
     trt_version: str | None = None
@@ -266,7 +254,7 @@ class ValidateResult(Record):
     images: int
     skipped_images: list[str] = field(default_factory=list)
     reason: str | None = None  # why it failed or was unchecked, or what a pass did not measure
-    head: str = "one2many"  # the decode: one2many (with NMS) | end2end
+    head: str = Head.one2many.value  # the decode: one2many (with NMS) | end2end
     failed_metrics: list[str] = field(default_factory=list)
 
     def aggregate(self) -> dict[str, float]:
@@ -345,7 +333,7 @@ class VariantResult(Record):
             self.status, self.failed_stage, self.error, self.error_detail = "failed", stage, error, detail
 
     def first_error_line(self) -> str:
-        return self.error.strip().splitlines()[0] if self.error and self.error.strip() else ""
+        return first_line(self.error)
 
     def metrics(self) -> dict[str, float]:
         """The numeric outcome as MLflow metrics (stable names, read back by `runner table|check`), under keys
@@ -367,7 +355,7 @@ class VariantResult(Record):
             b = self.build
             m.update({"build.build_s": b.build_s, "build.cache_hit": float(b.cache_hit),
                       "build.num_layers": b.num_layers})
-            if b.tool != "onnxruntime":
+            if b.tool != BackendName.onnxruntime:
                 m["build.engine_mb"] = b.size_bytes / 1e6
         if self.validate:
             v = self.validate

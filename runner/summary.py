@@ -10,19 +10,15 @@ import pandas as pd
 
 from runner.parent import end_parent
 from runner.report.frame import results_frame
-from runner.report.render import first_line
+from runner.report.render import summary
 from runner.results import VariantResult
 from runner.sweep import Sweep, job_records
 
 LOST_EXIT = 1  # a variant has no result, or a result is not in MLflow
-SUMMARY = ["model", "onnx_label", "build_label", "status", "failed_stage", "validation", "rel_l2", "det_f1", "map50_95",
-           "infer_p50_ms", "e2e_p50_ms", "cuda_graph", "note"]
-SUMMARY_NAMES = {"onnx_label": "onnx", "build_label": "build", "failed_stage": "stage", "note": "error / note"}
 
 
 def summary_table(results: list[VariantResult]) -> pd.DataFrame:
-    table = results_frame(results)[SUMMARY].rename(columns=SUMMARY_NAMES)
-    return table.assign(**{"error / note": table["error / note"].map(lambda text: first_line(text, 70))})
+    return summary(results_frame(results))
 
 
 def finish_sweep(sweep: Sweep) -> int:

@@ -32,15 +32,14 @@ from mlflow.tracking import MlflowClient
 
 from runner import cache
 from runner.isolate import start_tethered
-from runner.report.frame import SWEEP_TAG, cell_tags, outcome_tags
 from runner.results import VariantResult
 from runner.sweep import JobRecord
+from runner.tags import KIND_TAG, RESULT_TAG, SWEEP, SWEEP_TAG, VARIANT, cell_tags, outcome_tags, query
 
 # MLflow says "Creating initial MLflow database tables" when it makes a sqlite store, on stderr through a handler
 # of its own (importing mlflow resets the levels set before): not the user's news. Its warnings still show.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 MAX_TAG = 5000
-RESULT_TAG = "runner.result_id"
 SERVER_START_S = 90
 PROBLEM_CHARS = 200
 
@@ -97,7 +96,7 @@ class Tracker:
                 self.experiment_id = found.experiment_id
 
     def start_sweep(self, name: str, params: dict) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={"runner.kind": "sweep"})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={KIND_TAG: SWEEP})
         self.client.set_tag(run.info.run_id, SWEEP_TAG, run.info.run_id)
         self._log_params(run.info.run_id, params)
         return run.info.run_id
@@ -113,8 +112,8 @@ class Tracker:
         self.client.set_terminated(sweep_id, "KILLED")
 
     def _kill_running_variants(self, sweep_id: str) -> int:
-        stale = self.client.search_runs([self.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}' and "
-                                        f"tags.`runner.kind` = 'variant' and attributes.status = 'RUNNING'")
+        stale = self.client.search_runs([self.experiment_id],
+                                        f"{query(VARIANT, sweep_id)} and attributes.status = 'RUNNING'")
         for run in stale:
             self.client.set_terminated(run.info.run_id, "KILLED")
         return len(stale)
@@ -137,9 +136,8 @@ class Tracker:
         if existing:
             return existing
         result = record.result
-        tags = {"mlflow.parentRunId": sweep_id, SWEEP_TAG: sweep_id, "runner.kind": "variant",
-                RESULT_TAG: record.result_id, "model": result.cell.model, "onnx_label": result.cell.onnx.label,
-                "build_label": result.cell.build.label, **cell_tags(result.cell), **outcome_tags(result),
+        tags = {"mlflow.parentRunId": sweep_id, SWEEP_TAG: sweep_id, KIND_TAG: VARIANT,
+                RESULT_TAG: record.result_id, **cell_tags(result.cell), **outcome_tags(result),
                 **{f"metric_name.{key}": name[:MAX_TAG] for key, name in result.metric_names().items()}}
         tags["error"] = tags["error"][:MAX_TAG]
         run_id = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags,

@@ -15,8 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from runner.config import ASSETS
-from runner.results import MODELS
+from runner.config import ASSETS, MODELS
 from runner.synthetic import VERSION, make_dataset
 
 

@@ -22,7 +22,7 @@ from runner.config import Thresholds, ValidateConfig
 from runner.data import Sample
 from runner.metrics import match_detections, mean_average_precision, tensor_metrics
 from runner.processing import END2END, postprocess, preprocess
-from runner.results import DetectionMetrics, ShapeCheck, TensorMetrics, ValidateResult
+from runner.results import DetectionMetrics, ShapeCheck, TensorMetrics, ValidateResult, first_line
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def _batches(samples: list[Sample], batch: int):
 
 NO_REFERENCE_DETECTIONS = "no reference detections"
 TENSORS_NOT_COMPARED = "tensors not compared (an end-to-end output is a ranked top-k)"
+REASON_CHARS = 500  # a shape's skip or failure reason
 GPU_LETTERBOX_TOLERANCE = 1 / 255 + 2 ** -10  # one level of the resize's rounding, plus an fp16 input's rounding
 
 
@@ -206,5 +207,5 @@ def _letterbox_miss(value: float) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]
+    """The first line of an exception's message (its type where it says nothing), up to REASON_CHARS."""
+    return (first_line(str(exc)) or type(exc).__name__)[:REASON_CHARS]

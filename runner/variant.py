@@ -17,7 +17,7 @@ from pathlib import Path
 from runner import backends, prepost
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
-from runner.config import Device, Head, RunConfig, ShapeMode
+from runner.config import BackendName, Device, Head, Mechanism, Precision, RunConfig, ShapeMode
 from runner.data import Sample, load_samples
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
@@ -28,30 +28,28 @@ from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, Expo
 from runner.validate import shapes_to_check, validate
 
 log = logging.getLogger(__name__)
-FP16_ONNX = ("fp16_onnx", "strongly_typed")  # the precision mechanisms that build or run an fp16 ONNX
-QDQ = "qdq"  # the precision mechanism that builds or runs a Q/DQ int8 ONNX
-ENGINE_BACKENDS = ("tensorrt", "ultralytics")  # backends that run a TensorRT engine: the row names its build tool
+FP16_ONNX = (Mechanism.fp16_onnx, Mechanism.strongly_typed)  # the precision mechanisms that build or run an fp16 ONNX
+ENGINE_BACKENDS = (BackendName.tensorrt, BackendName.ultralytics)  # run a TensorRT engine: the row names its build tool
 
 
 def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
     """The variant's compatibility cell: model, ONNX column x build row. With no mechanism known (the backend is not
     here to say), the ONNX is named by the variant's precision."""
     build_tool = cfg.build.tool.value if backend in ENGINE_BACKENDS else backend
-    onnx_precision = (cfg.precision.name.value if mechanism is None else "fp16" if mechanism in FP16_ONNX
-                      else f"qdq {cfg.precision.calibrator.value}" if mechanism == QDQ else "fp32")
-    build_precision = cfg.precision.name.value
-    if mechanism == "calibrator":  # the calibration happens in the build
-        build_precision += f" {cfg.precision.calibrator.value}"
+    onnx_precision = (cfg.precision.name if mechanism is None else Precision.fp16 if mechanism in FP16_ONNX
+                      else Mechanism.qdq if mechanism == Mechanism.qdq else Precision.fp32).value
+    calibrator = cfg.precision.calibrator.value
     onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision,
-                       cfg.export.head.value)
-    build = BuildVariant(build_tool, cfg.shape.mode.value, build_precision, prepost_label(cfg, backend))
+                       cfg.export.head.value, calibrator=calibrator if mechanism == Mechanism.qdq else "")
+    build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, prepost_label(cfg, backend),
+                         calibrator=calibrator if mechanism == Mechanism.calibrator else "")  # calibrated in the build
     return Cell(onnx, build, cfg.model.label)
 
 
 def prepost_label(cfg: RunConfig, backend: str) -> str:
     """The build row's chain part: the peer's `predict`, and which ends run on the GPU (the peer skips those)."""
     ends = (("pre", cfg.preprocess.device), ("post", cfg.postprocess.device))
-    parts = [PEER_PIPELINE] if backend == "ultralytics" else []
+    parts = [PEER_PIPELINE] if backend == BackendName.ultralytics else []
     return " ".join(parts + [f"gpu-{end}" for end, device in ends if device == Device.gpu])
 
 
@@ -93,7 +91,8 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         publish(result)
 
         clock.enter("build")
-        result.build = backend.build(cfg, result.export, calibration_set(cfg) if mechanism == "calibrator" else None)
+        calibration = calibration_set(cfg) if mechanism == Mechanism.calibrator else None
+        result.build = backend.build(cfg, result.export, calibration)
         runner = backend.runner(cfg, result.build)
         try:
             runner.open()
@@ -135,7 +134,7 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     tested = reference
     if mechanism in FP16_ONNX:
         tested = export_onnx(replace(spec, half=True), Path(cfg.cache_dir))
-    elif mechanism == QDQ:
+    elif mechanism == Mechanism.qdq:
         tested = quantize_qdq(reference, calibration_set(cfg), cfg.precision.calibrator.value, Path(cfg.cache_dir))
     return ExportResult(weights=weights, reference=reference, tested=tested)
 
@@ -154,7 +153,7 @@ def validate_stage(cfg: RunConfig, runner, pipeline, result: VariantResult, samp
     """Against the onnxruntime reference at every shape of the built profile. A shape that cannot run fails the
     variant at `validate`; a missed accuracy limit, at `accuracy`."""
     build, export = result.build, result.export
-    is_reference = (build.tool == "onnxruntime" and build.artifact == export.reference.path
+    is_reference = (build.tool == BackendName.onnxruntime and build.artifact == export.reference.path
                     and build.provider == REFERENCE_PROVIDER)
     reference = None if is_reference else open_reference(export.reference.path)
     try:

@@ -10,13 +10,12 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from runner.environment import environment
-from runner.report.frame import SWEEP_TAG
+from runner.tags import VARIANT, query
 
 
 def sweep(dest: Path, step: str, client: MlflowClient) -> dict:
     sweep_id = (dest / step / "sweep_id").read_text().strip()
-    runs = client.search_runs([client.get_run(sweep_id).info.experiment_id],
-                              f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`runner.kind` = 'variant'")
+    runs = client.search_runs([client.get_run(sweep_id).info.experiment_id], query(VARIANT, sweep_id))
     variants = [{"name": r.info.run_name, "status": r.data.tags["status"], "gpu_index": r.data.params.get("env.gpu.index"),
                  "gpu_uuid": r.data.params.get("env.gpu.uuid"), "build_s": r.data.metrics.get("build.build_s"),
                  "wall_s": (r.info.end_time - r.info.start_time) / 1000} for r in runs]

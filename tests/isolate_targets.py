@@ -13,7 +13,7 @@ import warnings
 
 from runner.results import BuildVariant, Cell, OnnxVariant, VariantResult
 
-CELL = Cell(OnnxVariant("ultralytics", "static", "fp32"), BuildVariant("tensorrt_api", "static", "fp32"))
+CELL = Cell(OnnxVariant("ultralytics", "static", "fp32"), BuildVariant("tensorrt_api", "static", "fp32"), "yolov8n")
 
 
 def result(status: str = "running", **fields) -> VariantResult:

@@ -44,6 +44,18 @@ def test_the_pipeline_is_part_of_the_row_and_the_gpu_ends_need_tensorrt(backend,
     assert (reason is None) if skip is None else (skip in reason)
 
 
+def test_the_cell_names_the_calibrator_where_it_calibrates():
+    """A Q/DQ ONNX names its calibrator in the column, implicit calibration names it in the row: kept as parts,
+    joined into the label in one place."""
+    qdq, = preflight(["precision=int8_qdq", "backend=onnxruntime"])
+    cell = cell_of(qdq, "onnxruntime", "qdq")
+    assert (cell.onnx.precision, cell.onnx.calibrator, cell.onnx.label) == ("qdq", "minmax", "ul st qdq minmax")
+    assert (cell.build.calibrator, cell.build.label) == ("", "ort st int8")
+    calibrated, = preflight(["precision=int8_calibrator", "backend=tensorrt"])
+    cell = cell_of(calibrated, "tensorrt", "calibrator")
+    assert (cell.onnx.label, cell.build.precision, cell.build.label) == ("ul st fp32", "int8", "trt st int8 entropy2")
+
+
 def test_ort_runner_has_the_runner_shape_and_matches_onnxruntime(export_model, held_out_images):
     import cv2
 

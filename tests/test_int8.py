@@ -21,7 +21,7 @@ from runner.variant import run_variant
 from runner.prepost import Chain
 from runner.processing import ONE2MANY, postprocess, preprocess
 from runner.report import gate, render
-from runner.report.frame import results_frame
+from runner.report.frame import INACCURATE, results_frame
 from runner.validate import validate
 from test_report import variant
 
@@ -118,7 +118,7 @@ def test_the_accuracy_state_in_the_grid_and_the_gate():
     inaccurate.validate.status, inaccurate.validate.failed_metrics = "inaccurate", ["mAP50-95"]
     frame = results_frame([inaccurate, variant("ul st fp32", "trt st fp32")])
     grid = render.matrix(frame)
-    assert grid.loc["trt st int8", "ul st qdq"] == render.INACCURATE and grid.loc["trt st fp32", "ul st fp32"] == "O"
+    assert grid.loc["trt st int8", "ul st qdq"] == INACCURATE and grid.loc["trt st fp32", "ul st fp32"] == "O"
     assert frame.loc[frame["build_label"] == "trt st int8", "accuracy_miss"].item() == "mAP50-95"
     baseline, current = gate.cells(results_frame([ok])), gate.cells(results_frame([inaccurate]))
     diff = gate.compare(baseline, current, 1.5, 0.02, 3.0)

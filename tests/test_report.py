@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -260,16 +261,14 @@ def test_o_to_x_pass_to_fail_and_missing_cells_are_regressions(sweep, tmp_path, 
     assert any("yolov8n | tc dy fp32 | trt st fp32" in line and "REGRESSION" in line for line in printed.splitlines())
 
 
-def test_a_baseline_without_models_is_refused_in_one_line(sweep, tmp_path, capsys):
-    def unnamed(cells):
-        for cell in cells.values():
-            del cell["cell"]["model"]
-
-    baseline = make_baseline(sweep, tmp_path, unnamed)
-    capsys.readouterr()
-    assert cli.main(["check", *mlflow_args(sweep, "--baseline", str(baseline))]) == 2
-    assert capsys.readouterr().err == (f"runner: error: baseline {baseline} was recorded before cells named their "
-                                       f"model; record it again with `runner baseline --out {baseline}`\n")
+def test_rows_sort_by_precision_then_calibrator():
+    results = []
+    for precision, calibrator in (("fp32", ""), ("int8", "minmax"), ("int8", ""), ("fp16", ""), ("int8", "entropy2")):
+        result = variant("ul st fp32", "trt st fp32")
+        result.cell = replace(result.cell, build=replace(result.cell.build, precision=precision, calibrator=calibrator))
+        results.append(result)
+    assert list(render.matrix(results_frame(results)).index) == ["trt st fp32", "trt st fp16", "trt st int8",
+                                                                 "trt st int8 entropy2", "trt st int8 minmax"]
 
 
 def test_user_errors_exit_2_with_one_line(sweep, tmp_path, capsys):

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, MlflowServer, cli_env, run_cli
-from runner.report.frame import SWEEP_TAG
+from runner.tags import SWEEP_TAG
 from runner.sweep import RESULT_FILE, JobRecord
 
 QUICK = ["backend=onnxruntime", "bench=quick", "data.limit=2"]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runner.config import RunConfig
+from runner.config import BackendName, RunConfig
 from runner.results import BuildResult, ExportResult
 
 if TYPE_CHECKING:
@@ -162,18 +162,19 @@ def resolve(cfg: RunConfig) -> tuple[Backend, str | None]:
     `auto` is TensorRT where it runs here, else onnxruntime. A variant is skipped when its backend cannot
     run here, or when it makes no sense on that backend (say build=ultralytics on onnxruntime)."""
     requested = cfg.backend.name.value
-    trt_missing = unavailable("tensorrt")
-    name = ("onnxruntime" if trt_missing else "tensorrt") if requested == "auto" else requested
+    trt_missing = unavailable(BackendName.tensorrt.value)
+    name = (BackendName.onnxruntime if trt_missing else BackendName.tensorrt).value if requested == BackendName.auto \
+        else requested
     backend = get(name)
     reason = unavailable(name) or backend.applies(cfg)
-    if reason and requested == "auto" and trt_missing:
+    if reason and requested == BackendName.auto and trt_missing:
         reason = f"{reason}; TensorRT unavailable here: {trt_missing}"
     return backend, reason
 
 
 def auto_choice() -> str:
     """What `backend=auto` picks here, said once per sweep."""
-    reason = unavailable("tensorrt")
+    reason = unavailable(BackendName.tensorrt.value)
     if reason is None:
         return "runner: backend=auto -> tensorrt"
     return (f"runner: backend=auto -> onnxruntime (TensorRT unavailable: {reason}; each variant's ONNX is tested "

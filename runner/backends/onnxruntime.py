@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runner.backends import Backend, Runner
-from runner.config import Device, Int8Mode, Precision, RunConfig
+from runner.config import BackendName, BuildTool, Device, Int8Mode, Mechanism, Precision, RunConfig
 from runner.results import BuildResult, ExportResult, StageError
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 class OrtRunner(Runner):
     """One onnxruntime session. `execute` returns host milliseconds (no device timer on this backend)."""
 
-    name = "onnxruntime"
+    name = BackendName.onnxruntime.value
 
     def __init__(self, onnx_path: str, provider: str = REFERENCE_PROVIDER):
         self.onnx_path, self.requested_provider = onnx_path, provider
@@ -68,15 +68,15 @@ class OnnxruntimeBackend(Backend):
     """The variant's ONNX run by onnxruntime: fp16 means the fp16 ONNX, int8 the Q/DQ ONNX. "Building" is only
     naming the file; onnxruntime gives its verdict when the runner opens the session (still the build stage)."""
 
-    name = "onnxruntime"
+    name = BackendName.onnxruntime.value
 
     def unavailable(self) -> str | None:
         return None
 
     def precision_mechanism(self, cfg: RunConfig) -> str:
         if cfg.precision.name == Precision.int8:  # a calibrator variant is skipped here (`applies`), named as it is
-            return "calibrator" if cfg.precision.int8_mode == Int8Mode.calibrator else "qdq"
-        return "fp16_onnx" if cfg.precision.name == Precision.fp16 else "none"
+            return (Mechanism.calibrator if cfg.precision.int8_mode == Int8Mode.calibrator else Mechanism.qdq).value
+        return (Mechanism.fp16_onnx if cfg.precision.name == Precision.fp16 else Mechanism.none).value
 
     def applies(self, cfg: RunConfig) -> str | None:
         if cfg.precision.name == Precision.int8 and cfg.precision.int8_mode == Int8Mode.calibrator:
@@ -85,14 +85,14 @@ class OnnxruntimeBackend(Backend):
         if Device.gpu in (cfg.preprocess.device, cfg.postprocess.device):
             return ("preprocess/postprocess=gpu run CUDA kernels around a TensorRT engine; backend=onnxruntime "
                     "pre/postprocesses on the host (use backend=tensorrt)")
-        if cfg.build.tool.value != "tensorrt_api":
+        if cfg.build.tool != BuildTool.tensorrt_api:
             return (f"build={cfg.build.tool.value} makes a TensorRT engine; backend=onnxruntime runs the ONNX "
                     f"(use backend=tensorrt)")
         return None
 
     def build(self, cfg: RunConfig, export: ExportResult, calibration: CalibrationSet | None = None) -> BuildResult:
         shapes = [list(cfg.shape.min), list(cfg.shape.opt), list(cfg.shape.max)]
-        return BuildResult(tool="onnxruntime", artifact=export.tested.path, profile=shapes,
+        return BuildResult(tool=BackendName.onnxruntime.value, artifact=export.tested.path, profile=shapes,
                            size_bytes=export.tested.size_bytes, precision_mechanism=self.precision_mechanism(cfg),
                            provider=cfg.backend.ort_provider)
 

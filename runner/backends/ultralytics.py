@@ -13,7 +13,7 @@ import numpy as np
 
 from runner.backends import Predictor
 from runner.backends.tensorrt import TensorrtBackend
-from runner.config import Device, RunConfig
+from runner.config import BackendName, Device, RunConfig
 from runner.results import BuildResult
 
 
@@ -33,7 +33,7 @@ def engine_file(path: str) -> str:
 class UltralyticsRunner(Predictor):
     """`YOLO(engine)`: `predict` for the chain; its predictor's AutoBackend for tensors. Times with CUDA events."""
 
-    name = "ultralytics"
+    name = BackendName.ultralytics.value
 
     def __init__(self, engine_path: str, imgsz: tuple[int, int]):
         self.engine_path, self.imgsz = engine_path, tuple(imgsz)
@@ -92,7 +92,7 @@ class UltralyticsRunner(Predictor):
 class UltralyticsBackend(TensorrtBackend):
     """Builds what the tensorrt backend builds; runs it with ultralytics."""
 
-    name = "ultralytics"
+    name = BackendName.ultralytics.value
 
     def unavailable(self) -> str | None:
         reason = super().unavailable()

@@ -22,7 +22,8 @@ import pandas as pd
 
 from runner.cache import unwritable
 from runner.report import gate, plots, render
-from runner.report.frame import SWEEP_TAG, ReportError, read_results, results_frame, runs_frame
+from runner.report.frame import ReportError, read_results, results_frame, runs_frame
+from runner.tags import SWEEP, VARIANT, query
 
 USAGE_EXIT = 2
 DEFAULT_URI = "sqlite:///outputs/mlflow.db"
@@ -81,12 +82,12 @@ class Store:
         if not sweep.isalnum():
             raise ReportError(f"bad sweep '{sweep}': give a sweep run id, or 'latest'")
         if sweep == "latest":
-            runs = self.search("tags.`runner.kind` = 'sweep'", order_by=["attributes.start_time DESC"],
+            runs = self.search(query(SWEEP), order_by=["attributes.start_time DESC"],
                                max_results=1)
             if not runs:
                 raise ReportError(f"no sweep in experiment '{self.experiment}'")
             return runs[0].info.run_id
-        if not self.search(f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`runner.kind` = 'sweep'"):
+        if not self.search(query(SWEEP, sweep)):
             raise ReportError(f"no sweep run '{sweep}' in experiment '{self.experiment}'")
         return sweep
 
@@ -96,8 +97,7 @@ class Store:
         return int(value) if value and value.isdigit() else None
 
     def variant_runs(self, sweep_id: str) -> list:
-        runs = self.search(f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`runner.kind` = 'variant'",
-                           order_by=["attributes.start_time ASC"], max_results=10000)
+        runs = self.search(query(VARIANT, sweep_id), order_by=["attributes.start_time ASC"], max_results=10000)
         if not runs:
             raise ReportError(f"sweep {sweep_id} has no variant runs")
         return runs
@@ -176,8 +176,6 @@ def read_baseline(path: Path) -> dict[str, dict]:
     for key, cell in cells.items():
         if problem := gate.cell_problem(cell):
             raise ReportError(f"baseline {path}: cell '{key}' {problem}; {again}")
-    if any("model" not in cell["cell"] for cell in cells.values()):
-        raise ReportError(f"baseline {path} was recorded before cells named their model; {again}")
     return cells
 
 
@@ -189,7 +187,7 @@ def write_report(frame: pd.DataFrame, out: Path, title: str) -> list[Path]:
     paths[0].write_text(f"# {title}\n\n{render.grids_markdown(grids)}\n\n{render.LEGEND}\n\n## Details\n\n"
                         f"{render.to_markdown(render.formatted(details))}\n")
     details.to_csv(paths[1], index=False)
-    paths[2].write_text(render.to_html(grids, details, title))
+    paths[2].write_text(render.to_html(grids, frame, title))
     plots.plot_matrix(grids, frame, paths[3], title)
     plots.plot_latency(frame, paths[4])
     return paths
@@ -255,8 +253,8 @@ def parser() -> argparse.ArgumentParser:
                        help="sweep (parent run) id, or 'latest' (the default); repeat to combine sweeps")
     which.add_argument("--results", type=Path, action="append",
                        help="a sweep folder (or its results.json) instead of MLflow; repeat to combine")
-    source.add_argument("--tracking-uri", default=DEFAULT_URI, help=f"MLflow tracking URI (default {DEFAULT_URI})")
-    source.add_argument("--experiment", default="runner", help="MLflow experiment (default runner)")
+    source.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow tracking URI (default %(default)s)")
+    source.add_argument("--experiment", default="runner", help="MLflow experiment (default %(default)s)")
 
     top = argparse.ArgumentParser(prog="runner", description="Report on sweeps: table, baseline, check.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -268,9 +266,10 @@ def parser() -> argparse.ArgumentParser:
     base.set_defaults(run=cmd_baseline)
     check = sub.add_parser("check", parents=[source], help="compare the sweep against a baseline; 1 on regression")
     check.add_argument("--baseline", type=Path, required=True, help="baseline JSON from `runner baseline`")
-    check.add_argument("--latency-ratio", type=float, default=1.15, help="max infer/e2e p50 growth (default 1.15)")
-    check.add_argument("--map-drop", type=float, default=0.02, help="max absolute mAP50-95 drop (default 0.02)")
-    check.add_argument("--build-ratio", type=float, default=2.0, help="max build time growth (default 2.0)")
+    check.add_argument("--latency-ratio", type=float, default=1.15,
+                       help="max infer/e2e p50 growth (default %(default)s)")
+    check.add_argument("--map-drop", type=float, default=0.02, help="max absolute mAP50-95 drop (default %(default)s)")
+    check.add_argument("--build-ratio", type=float, default=2.0, help="max build time growth (default %(default)s)")
     check.add_argument("--no-timing", action="store_true", help="skip the latency and build time checks")
     check.add_argument("--summary", type=Path, default=REPORTS / "check.md", help="Markdown summary to write")
     check.set_defaults(run=cmd_check)

@@ -1,67 +1,89 @@
 """A sweep as a table, one row per variant, from typed results (a sweep's results.json) or from MLflow runs.
 
-Both sources give the same columns: the cell's model, fields and labels, the outcome tags, and the metrics of
-`VariantResult.metrics()` under short names. The cell is stored as tags (`cell.model`, `cell.onnx.tool`, ...)
-and read back as a `Cell` value: labels are shown, never parsed.
+Both sources give the same columns: the cell's model, fields and labels, the outcome tags, the cell's mark
+(O, △, X, R or -), and the numbers of `METRICS`, each under its one frame column. The cell is read back
+from its tags (`runner.tags`) as a `Cell` value: labels are shown, never parsed.
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from runner.results import UNNAMED_MODEL, Cell, VariantResult
+from runner.report.order import cell_key
+from runner.results import VariantResult
+from runner.tags import OUTCOME, cell_from_tags, outcome_tags
 
-SWEEP_TAG = "runner.sweep_id"
-OUTCOME = ("status", "failed_stage", "error", "backend", "validation", "validation_note", "accuracy_miss")
-METRICS = {"build_s": "build.build_s", "engine_mb": "build.engine_mb", "infer_p50_ms": "bench.infer.p50",
-           "e2e_p50_ms": "bench.e2e.p50", "rel_l2": "val.rel_l2", "det_f1": "val.det_f1", "map50": "val.map50",
-           "map50_95": "val.map50_95", "val_passed": "val.passed", "preprocess_p50_ms": "bench.preprocess.p50",
-           "postprocess_p50_ms": "bench.postprocess.p50", "e2e_p90_ms": "bench.e2e.p90",
-           "cuda_graph": "bench.cuda_graph", "skipped_images": "data.skipped_images",
-           "h2d_p50_ms": "bench.h2d.p50", "d2h_p50_ms": "bench.d2h.p50", "img_s": "bench.throughput.opt_batch",
-           "map_drop": "val.map_drop", "ref_map50_95": "val.ref_map50_95"}
-COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, "note", *METRICS, "gpu"]
+
+@dataclass(frozen=True)
+class Metric:
+    """A number of the report: its name in `VariantResult.metrics()` (and MLflow), its frame column (and baseline
+    key), and where the details table shows it, its heading (name and unit) and format."""
+    key: str
+    column: str
+    name: str = ""  # "": not in the details table
+    unit: str = ""
+    format: str = ""
+
+    @property
+    def heading(self) -> str:
+        return f"{self.name} {self.unit}".strip()
+
+
+METRICS = (  # the details table's numbers first, in its order
+    Metric("build.build_s", "build_s", "build", "s", "{:.1f}"),
+    Metric("build.engine_mb", "engine_mb", "engine", "MB", "{:.1f}"),
+    Metric("bench.preprocess.p50", "preprocess_p50_ms", "pre p50", "ms", "{:.2f}"),
+    Metric("bench.infer.p50", "infer_p50_ms", "infer p50", "ms", "{:.2f}"),
+    Metric("bench.postprocess.p50", "postprocess_p50_ms", "post p50", "ms", "{:.2f}"),
+    Metric("bench.e2e.p50", "e2e_p50_ms", "e2e p50", "ms", "{:.2f}"),
+    Metric("bench.throughput.opt_batch", "img_s", "img/s", "", "{:.0f}"),
+    Metric("val.rel_l2", "rel_l2", "rel-L2", "", "{:.2e}"),
+    Metric("val.det_f1", "det_f1", "detection F1", "", "{:.3f}"),
+    Metric("val.map50_95", "map50_95", "mAP50-95", "", "{:.3f}"),
+    Metric("val.map_drop", "map_drop", "mAP drop", "", "{:.3f}"),
+    Metric("val.map50", "map50"),
+    Metric("val.passed", "val_passed"),
+    Metric("val.ref_map50_95", "ref_map50_95"),
+    Metric("bench.e2e.p90", "e2e_p90_ms"),
+    Metric("bench.h2d.p50", "h2d_p50_ms"),
+    Metric("bench.d2h.p50", "d2h_p50_ms"),
+    Metric("bench.cuda_graph", "cuda_graph"),
+    Metric("data.skipped_images", "skipped_images"),
+)
+MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
+INACCURATE = "△"  # built and ran, but missed an accuracy limit
+REFERENCE = "R"  # ran, and the model under test is the reference itself
+WHY_MARKS = (MARKS["failed"], INACCURATE)  # the marks shown with why: the failing stage, or the metric missed
+COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, "mark", "note", *(m.column for m in METRICS), "gpu"]
 
 
 class ReportError(Exception):
     """A problem the user can fix (no such sweep, unreadable file, unreachable store); one line, exit 2."""
 
 
-def cell_tags(cell: Cell) -> dict[str, str]:
-    """The cell as MLflow tags: cell.model, cell.onnx.tool, ..., cell.onnx.head, ..., cell.build.precision."""
-    return {"cell.model": cell.model, **{f"cell.{part}.{key}": value for part in ("onnx", "build")
-                                         for key, value in getattr(cell, part).to_dict().items()}}
+def mark(status: str, validation: str, failed_stage: str) -> str:
+    """A cell's mark in the grids: O ran and passed, △ missed an accuracy limit, X failed, R is the reference,
+    - skipped."""
+    if status == "failed" and failed_stage == "accuracy":
+        return INACCURATE
+    return REFERENCE if status == "ok" and validation == "reference" else MARKS.get(status, "-")
 
 
-def cell_from_tags(tags: dict) -> Cell:
-    parts = {part: {key[len(f"cell.{part}."):]: value for key, value in tags.items()
-                    if key.startswith(f"cell.{part}.")} for part in ("onnx", "build")}
-    return Cell.from_dict({"model": tags.get("cell.model", UNNAMED_MODEL), **parts})
-
-
-def outcome_tags(result: VariantResult) -> dict[str, str]:
-    """Status, failing stage, first error line, backend, validation verdict (and what a pass did not measure, or
-    the accuracy limits missed), as tags."""
-    v = result.validate
-    return {"status": result.status, "failed_stage": result.failed_stage or "", "error": result.error or "",
-            "backend": result.backend, "validation": v.status if v else "",
-            "validation_note": (v.reason or "") if v and v.status == "passed" else "",
-            "accuracy_miss": ", ".join(v.failed_metrics) if v and v.status == "inaccurate" else ""}
-
-
-def _row(cell: Cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
+def _row(cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
+    outcome = {k: tags.get(k) or "" for k in OUTCOME}
     return {"cell": cell, "model": cell.model, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
-            **{k: tags.get(k) or "" for k in OUTCOME},
+            **outcome, "mark": mark(outcome["status"], outcome["validation"], outcome["failed_stage"]),
             "note": tags.get("error") or tags.get("validation_note") or "",  # the error, or what a pass left out
-            **{col: metrics.get(name, math.nan) for col, name in METRICS.items()}, "gpu": gpu or ""}
+            **{m.column: metrics.get(m.key, math.nan) for m in METRICS}, "gpu": gpu or ""}
 
 
 def ordered(frame: pd.DataFrame) -> pd.DataFrame:
     """Variants in table order: by model, ONNX column, then build row."""
-    keys = [c.sort_key() for c in frame["cell"]]
+    keys = [cell_key(c) for c in frame["cell"]]
     return frame.iloc[sorted(range(len(frame)), key=keys.__getitem__)].reset_index(drop=True)
 
 
@@ -83,6 +105,12 @@ def read_results(path: str | Path) -> list[VariantResult]:
 
 def runs_frame(runs) -> pd.DataFrame:
     """One row per MLflow variant run."""
-    rows = [_row(cell_from_tags(r.data.tags), r.data.tags, r.data.metrics, r.data.params.get("env.gpu"))
-            for r in runs]
+    rows = [_row(_run_cell(r), r.data.tags, r.data.metrics, r.data.params.get("env.gpu")) for r in runs]
     return ordered(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def _run_cell(run):
+    try:
+        return cell_from_tags(run.data.tags)
+    except (KeyError, TypeError) as exc:
+        raise ReportError(f"run {run.info.run_id} lacks the cell tags of a variant run ({exc})") from None

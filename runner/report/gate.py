@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner.report.render import grids_markdown, mark, to_markdown
+from runner.report.frame import WHY_MARKS, mark
+from runner.report.render import grids_markdown, to_markdown
 
 MIN_BUILD_S = 1.0  # shorter baseline builds are cache hits: not compared
 COMPARABLE_VALIDATION = ("passed", "inaccurate", "failed")
@@ -42,7 +43,7 @@ def cell_problem(cell) -> str | None:
 
 def _mark(cell: dict) -> str:
     shown = mark(cell["status"], cell.get("validation") or "", cell.get("failed_stage") or "")
-    return f"{shown} ({cell['failed_stage']})" if shown in "X△" and cell.get("failed_stage") else shown
+    return f"{shown} ({cell['failed_stage']})" if shown in WHY_MARKS and cell.get("failed_stage") else shown
 
 
 def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: float, map_drop: float,

@@ -11,15 +11,16 @@ import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
+from runner.report.frame import INACCURATE, WHY_MARKS
 from runner.report.render import COLOURS, SEVERITY
 
 
 def plot_matrix(model_grids: dict[str, pd.DataFrame], frame: pd.DataFrame, path: Path, title: str) -> None:
     """One heatmap per model, stacked: green O, orange △ (with the metric it missed), red X (with its failing
     stage), blue R (reference), grey -."""
-    failed = frame[frame["status"] == "failed"]
-    why = [miss if stage == "accuracy" else stage
-           for stage, miss in zip(failed["failed_stage"], failed["accuracy_miss"])]
+    failed = frame[frame["mark"].isin(WHY_MARKS)]
+    why = [miss if shown == INACCURATE else stage
+           for shown, stage, miss in zip(failed["mark"], failed["failed_stage"], failed["accuracy_miss"])]
     stage_of = dict(zip(zip(failed["model"], failed["build_label"], failed["onnx_label"]), why))
     heights = [len(g.index) + 1.2 for g in model_grids.values()]
     cols = max(len(g.columns) for g in model_grids.values())
@@ -42,7 +43,7 @@ def _heatmap(ax, grid: pd.DataFrame, failed_stage) -> None:
     for i, build in enumerate(grid.index):
         for j, onnx in enumerate(grid.columns):
             mark = grid.iat[i, j]
-            text = f"{mark}\n{failed_stage(build, onnx) or '?'}" if mark in "X△" else mark
+            text = f"{mark}\n{failed_stage(build, onnx) or '?'}" if mark in WHY_MARKS else mark
             ax.text(j, i, text, ha="center", va="center", fontsize=10, fontweight="bold",
                     color="black" if mark == "-" else "white")
     ax.set_xticks(range(cols), grid.columns)

@@ -6,62 +6,60 @@ import html
 
 import pandas as pd
 
-from runner.results import model_order
+from runner.config import BackendName
+from runner.report.frame import METRICS
+from runner.report.order import build_key, model_key, onnx_key
+from runner.results import first_line
 
-MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
-INACCURATE = "△"  # built and ran, but missed an accuracy limit
 SEVERITY = "-RO△X"  # a cell run twice (e.g. two profiles) shows its worst outcome
 COLOURS = {"O": "#2e7d32", "X": "#c62828", "△": "#ef6c00", "R": "#1565c0", "-": "#bdbdbd"}
 LEGEND = ("O built, ran and passed validation; △ built and ran, but missed an accuracy limit against the fp32 "
           "reference (the metric is named); X failed (its stage is in the details); R ran, and the model under test "
           "is the reference itself, so its validation cannot fail; - skipped (the reason is in the details).")
 DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status",
-          "validation": "validation",
-          "failed_stage": "failing stage", "note": "error / note", "build_s": "build s", "engine_mb": "engine MB",
-          "preprocess_p50_ms": "pre p50 ms", "infer_p50_ms": "infer p50 ms", "postprocess_p50_ms": "post p50 ms",
-          "e2e_p50_ms": "e2e p50 ms", "img_s": "img/s", "rel_l2": "rel-L2", "det_f1": "detection F1",
-          "map50_95": "mAP50-95", "map_drop": "mAP drop"}
-FORMATS = {"build s": "{:.1f}", "engine MB": "{:.1f}", "pre p50 ms": "{:.2f}", "infer p50 ms": "{:.2f}",
-           "post p50 ms": "{:.2f}", "e2e p50 ms": "{:.2f}", "img/s": "{:.0f}", "rel-L2": "{:.2e}",
-           "detection F1": "{:.3f}", "mAP50-95": "{:.3f}", "mAP drop": "{:.3f}"}
-
-
-def mark(status: str, validation: str, failed_stage: str = "") -> str:
-    if status == "failed" and failed_stage == "accuracy":
-        return INACCURATE
-    return "R" if status == "ok" and validation == "reference" else MARKS.get(status, "-")
+          "validation": "validation", "failed_stage": "failing stage", "note": "error / note",
+          **{m.column: m.heading for m in METRICS if m.name}}
+FORMATS = {m.heading: m.format for m in METRICS if m.name}
+SUMMARY = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status", "failed_stage": "stage",
+           "validation": "validation", **{c: c for c in ("rel_l2", "det_f1", "map50_95", "infer_p50_ms", "e2e_p50_ms",
+                                                         "cuda_graph")}, "note": "error / note"}
+NOTE_CHARS = 120  # the error / note of the details table
+SUMMARY_NOTE_CHARS = 70  # the error / note of the terminal summary, a line shared with twelve other columns
 
 
 def grids(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """One compatibility grid per model, in table order."""
-    return {model: matrix(frame[frame["model"] == model]) for model in sorted(set(frame["model"]), key=model_order)}
+    return {model: matrix(frame[frame["model"] == model]) for model in sorted(set(frame["model"]), key=model_key)}
 
 
 def matrix(frame: pd.DataFrame) -> pd.DataFrame:
     """The compatibility grid of one model: rows = builds, columns = ONNX variants, cells O / △ / X / R / -."""
-    marks = frame.assign(mark=[mark(*row) for row in zip(frame["status"], frame["validation"], frame["failed_stage"])])
-    grid = marks.pivot_table(index="build_label", columns="onnx_label", values="mark",
+    grid = frame.pivot_table(index="build_label", columns="onnx_label", values="mark",
                              aggfunc=lambda m: max(m, key=SEVERITY.index))
-    rows = {c.build.label: c.build.sort_key() for c in frame["cell"]}
-    cols = {c.onnx.label: c.onnx.sort_key() for c in frame["cell"]}
+    rows = {c.build.label: build_key(c.build) for c in frame["cell"]}
+    cols = {c.onnx.label: onnx_key(c.onnx) for c in frame["cell"]}
     grid = grid.reindex(index=sorted(grid.index, key=rows.get), columns=sorted(grid.columns, key=cols.get))
     grid = grid.fillna("-")
-    grid.index.name = "onnx\\trt" if set(frame["backend"]) == {"tensorrt"} else "onnx\\build"
+    grid.index.name = "onnx\\trt" if set(frame["backend"]) == {BackendName.tensorrt.value} else "onnx\\build"
     grid.columns.name = None
     return grid
-
-
-def first_line(text: str, width: int = 120) -> str:
-    line = text.strip().splitlines()[0] if text and text.strip() else ""
-    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 def detail(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per variant: outcome, validation verdict, failing stage, first error line (or what a passing
     validation did not measure), key metrics."""
-    table = frame[list(DETAIL)].rename(columns=DETAIL)
-    table["error / note"] = table["error / note"].map(first_line)
-    return table
+    return _view(frame, DETAIL, NOTE_CHARS)
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """The sweep's terminal summary and summary.csv: one short row per variant."""
+    return _view(frame, SUMMARY, SUMMARY_NOTE_CHARS)
+
+
+def _view(frame: pd.DataFrame, columns: dict[str, str], note_chars: int) -> pd.DataFrame:
+    """`columns` of the frame under their names, the note cut to its first line of at most `note_chars`."""
+    table = frame[list(columns)].rename(columns=columns)
+    return table.assign(**{"error / note": table["error / note"].map(lambda text: first_line(text, note_chars))})
 
 
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
@@ -82,16 +80,15 @@ def grids_markdown(model_grids: dict[str, pd.DataFrame], level: str = "##") -> s
     return "\n\n".join(f"{level} {model}\n\n{to_markdown(grid.reset_index())}" for model, grid in model_grids.items())
 
 
-def to_html(model_grids: dict[str, pd.DataFrame], details: pd.DataFrame, title: str) -> str:
+def to_html(model_grids: dict[str, pd.DataFrame], frame: pd.DataFrame, title: str) -> str:
     def paint(value: str) -> str:
         colour = COLOURS.get(value)
         return f"background-color: {colour}; color: white; font-weight: bold" if value in "O△XR" and colour else ""
     grid_html = "".join(f"<h3>{html.escape(model)}</h3>" + grid.reset_index().style.hide(axis="index")
                         .format(escape="html").map(paint, subset=list(grid.columns)).to_html()
                         for model, grid in model_grids.items())
-    marks = details.apply(lambda r: mark(r["status"], r["validation"], r["failing stage"]), axis=1)
-    detail_html = (formatted(details).style.hide(axis="index").format(escape="html")
-                   .apply(lambda _: marks.map(paint), subset=["status"]).to_html())
+    detail_html = (formatted(detail(frame)).style.hide(axis="index").format(escape="html")
+                   .apply(lambda _: frame["mark"].map(paint), subset=["status"]).to_html())
     return ("<!doctype html><html><head><meta charset='utf-8'><title>{0}</title><style>"
             "body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1em}}"
             "th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}} th{{background:#f3f3f3}}"

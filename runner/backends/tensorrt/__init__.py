@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from runner.backends import Backend
-from runner.config import BuildTool, Head, Precision, RunConfig, ShapeMode
+from runner.config import (BackendName, BuildTool, ExportTool, Head, Mechanism, Precision, RunConfig,
+                           ShapeMode)
 from runner.results import BuildResult, ExportResult
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
 
 class TensorrtBackend(Backend):
-    name = "tensorrt"
+    name = BackendName.tensorrt.value
 
     def unavailable(self) -> str | None:
         from runner.backends.tensorrt import compat
@@ -26,9 +27,9 @@ class TensorrtBackend(Backend):
 
     def precision_mechanism(self, cfg: RunConfig) -> str:
         if cfg.precision.name == Precision.fp32:
-            return "none"
+            return Mechanism.none.value
         if cfg.build.tool == BuildTool.ultralytics:
-            return "ultralytics"  # it picks: BuilderFlag.FP16 (<= 10) or a ModelOpt fp16 ONNX (11); recorded at build
+            return Mechanism.ultralytics.value  # it picks: BuilderFlag.FP16 (<= 10) or a ModelOpt fp16 ONNX (11)
         import tensorrt as trt
 
         from runner.backends.tensorrt.compat import resolve_fp16_mode, resolve_int8_mode
@@ -42,7 +43,7 @@ class TensorrtBackend(Backend):
         if cfg.precision.name == Precision.int8:
             return ("build=ultralytics int8 calibrates with ultralytics' own data loader from a dataset yaml; runner "
                     "builds int8 with build=tensorrt_api (precision=int8_calibrator or int8_qdq)")
-        if cfg.export.tool.value != "ultralytics":
+        if cfg.export.tool != ExportTool.ultralytics:
             return (f"build=ultralytics exports its own ONNX with ultralytics; export={cfg.export.tool.value} "
                     f"does not apply")
         if cfg.export.shape not in (None, cfg.shape.mode):

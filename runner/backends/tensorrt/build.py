@@ -24,11 +24,14 @@ import numpy as np
 from runner import cache
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.runtime import engine_profile
+from runner.config import BuildTool, Mechanism, Precision
 from runner.quantize import CalibrationSet
 from runner.results import BuildResult, StageError
 
 log = logging.getLogger(__name__)
-MECHANISMS = {"fp32": ("none",), "fp16": ("builder_flag", "strongly_typed"), "int8": ("calibrator", "qdq")}
+MECHANISMS = {Precision.fp32.value: (Mechanism.none.value,),
+              Precision.fp16.value: (Mechanism.builder_flag.value, Mechanism.strongly_typed.value),
+              Precision.int8.value: (Mechanism.calibrator.value, Mechanism.qdq.value)}
 
 
 @dataclass
@@ -70,7 +73,7 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
 
 
 def _calibration_fields(spec: BuildSpec) -> dict | None:
-    if spec.mechanism != "calibrator":
+    if spec.mechanism != Mechanism.calibrator:
         return None
     return {"calibrator": spec.calibrator, "images": spec.calibration.key}
 
@@ -239,12 +242,13 @@ def build_engine(spec: BuildSpec) -> BuildResult:
     """Build (or fetch from the engine cache) the engine of `spec`. Raises StageError with TensorRT's words."""
     if spec.mechanism not in MECHANISMS.get(spec.precision, ()):
         raise ValueError(f"precision {spec.precision!r} with mechanism {spec.mechanism!r}: expected {MECHANISMS}")
-    if spec.mechanism == "calibrator" and spec.calibration is None:
+    if spec.mechanism == Mechanism.calibrator and spec.calibration is None:
         raise ValueError("mechanism 'calibrator' needs calibration images")
     import tensorrt as trt
 
     engines = EngineCache(spec.cache_dir)
-    result = BuildResult(tool="tensorrt_api", artifact="", profile=[spec.min_shape, spec.opt_shape, spec.max_shape],
+    result = BuildResult(tool=BuildTool.tensorrt_api.value, artifact="",
+                         profile=[spec.min_shape, spec.opt_shape, spec.max_shape],
                          precision_mechanism=spec.mechanism, tf32=spec.tf32, trt_version=trt.__version__,
                          gpu=compat.gpu_name())
     key = cache_key(spec, result.trt_version, result.gpu)
@@ -281,8 +285,8 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
     try:
         log.info("build: parsing")
         builder = trt.Builder(logger)
-        strongly_typed = (spec.mechanism == "strongly_typed"
-                          or (spec.mechanism == "qdq" and compat.qdq_strongly_typed(trt)))
+        strongly_typed = (spec.mechanism == Mechanism.strongly_typed
+                          or (spec.mechanism == Mechanism.qdq and compat.qdq_strongly_typed(trt)))
         network = builder.create_network(compat.network_flags(trt, strongly_typed))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(spec.onnx_path):
@@ -297,17 +301,17 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         if not spec.tf32:
             config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means IEEE fp32 unless asked
-        if spec.mechanism == "builder_flag":
+        if spec.mechanism == Mechanism.builder_flag:
             compat.enable_fp16_flag(trt, config)
         profile = builder.create_optimization_profile()
         shapes = [tuple(int(d) for d in s) for s in (spec.min_shape, spec.opt_shape, spec.max_shape)]
         profile.set_shape(network.get_input(0).name, *shapes)
         if config.add_optimization_profile(profile) < 0:
             raise failed("\n".join(logger.errors()) or "TensorRT rejected the optimization profile")
-        if spec.mechanism == "qdq" and not strongly_typed:
+        if spec.mechanism == Mechanism.qdq and not strongly_typed:
             compat.enable_int8_flags(trt, config)  # explicit quantization; fp16 where the Q/DQ ONNX has floats
         calibrator = None
-        if spec.mechanism == "calibrator":
+        if spec.mechanism == Mechanism.calibrator:
             calibrator = Calibrator(trt, spec, calibration_cache_path(spec, result.trt_version, result.gpu))
             compat.enable_int8_calibration(trt, config, calibrator.trt_calibrator, profile)
             result.calibration = calibrator.record

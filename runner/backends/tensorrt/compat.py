@@ -13,8 +13,10 @@ import logging
 
 import numpy as np
 
-FP16_MODES = ("auto", "builder_flag", "strongly_typed")
-INT8_MODES = ("auto", "calibrator", "qdq")
+from runner.config import Fp16Mode, Int8Mode, Mechanism
+
+FP16_MODES = tuple(mode.value for mode in Fp16Mode)
+INT8_MODES = tuple(mode.value for mode in Int8Mode)
 CALIBRATION_REMOVED = ("TensorRT {version} removed implicit INT8 calibration (IInt8Calibrator, BuilderFlag.INT8): "
                        "use precision=int8_qdq, an explicitly quantized ONNX")
 
@@ -136,9 +138,9 @@ def resolve_fp16_mode(trt, requested: str) -> str:
     """"auto" -> "builder_flag" where BuilderFlag.FP16 exists (8.6, 10.x) else "strongly_typed" (11.x)."""
     if requested not in FP16_MODES:
         raise ValueError(f"fp16_mode must be one of {FP16_MODES}, got {requested!r}")
-    if requested != "auto":
+    if requested != Fp16Mode.auto:
         return requested
-    return "builder_flag" if has_builder_fp16_flag(trt) else "strongly_typed"
+    return (Mechanism.builder_flag if has_builder_fp16_flag(trt) else Mechanism.strongly_typed).value
 
 
 def enable_fp16_flag(trt, config) -> None:
@@ -165,9 +167,9 @@ def resolve_int8_mode(trt, requested: str) -> str:
     """"auto" -> "calibrator" where TensorRT still calibrates implicitly (8.6, 10.x), else "qdq" (11.x)."""
     if requested not in INT8_MODES:
         raise ValueError(f"int8_mode must be one of {INT8_MODES}, got {requested!r}")
-    if requested != "auto":
+    if requested != Int8Mode.auto:
         return requested
-    return "calibrator" if has_implicit_int8(trt) else "qdq"
+    return (Mechanism.calibrator if has_implicit_int8(trt) else Mechanism.qdq).value
 
 
 def enable_int8_flags(trt, config) -> None:

@@ -27,6 +27,7 @@ from runner.backends.tensorrt.build import EngineCache, heartbeat, inspect_plan
 from runner.backends.tensorrt.runtime import load_plan
 from runner.cache import file_sha256
 from runner.checkpoint import verified_copy
+from runner.config import BuildTool, Mechanism
 from runner.export import ultralytics_nms
 from runner.results import BuildResult, StageError
 
@@ -105,8 +106,8 @@ def _export_and_store(trt, spec: EngineExportSpec, cache: EngineCache, key: str,
     work.mkdir(parents=True)
     # ultralytics writes model.onnx and model.engine next to the weights, loaded once that copy is verified
     local = verified_copy(spec.weights, work / "model.pt", "build")
-    result = BuildResult(tool="ultralytics", artifact="", profile=[], trt_version=trt.__version__, gpu=gpu,
-                         log_path=str(cache.folder / f"{key}.log"))
+    result = BuildResult(tool=BuildTool.ultralytics.value, artifact="", profile=[], trt_version=trt.__version__,
+                         gpu=gpu, log_path=str(cache.folder / f"{key}.log"))
     logger = compat.get_logger()
     logger.start()
     log.info("build: ultralytics model.export(format='engine', dynamic=%s, quantize=%s)...", spec.dynamic,
@@ -131,7 +132,8 @@ def _export_and_store(trt, spec: EngineExportSpec, cache: EngineCache, key: str,
     plan, result.metadata = load_plan(str(engine))
     built = seen[-1] if seen else {}
     result.optimization_level, result.tf32 = built.get("optimization_level"), built.get("tf32")
-    result.precision_mechanism = "builder_flag" if built.get("fp16") else ("strongly_typed" if spec.half else "none")
+    result.precision_mechanism = (Mechanism.builder_flag if built.get("fp16")
+                                  else Mechanism.strongly_typed if spec.half else Mechanism.none).value
     result.artifact, result.size_bytes = str(engine), engine.stat().st_size
     result.profile, result.layers_path, result.num_layers = inspect_plan(
         trt, logger, plan, cache.folder / f"{key}.layers.json")

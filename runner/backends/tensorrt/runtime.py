@@ -17,6 +17,7 @@ import numpy as np
 from runner.backends import Runner
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.compat import cuda_call
+from runner.config import BackendName
 
 
 class ShapeError(ValueError):
@@ -141,7 +142,7 @@ class TrtRunner(Runner):
     (`gpu_letterbox`, `gpu_score_filter`, `lanes`) takes `stream`, `graphs`, `timed` and `tensor` from it, and is
     closed with it."""
 
-    name = "tensorrt"
+    name = BackendName.tensorrt.value
 
     def __init__(self, engine_path: str, cuda_graph: bool = False):
         self.engine_path, self._want_graph = engine_path, cuda_graph

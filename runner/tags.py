@@ -1,0 +1,45 @@
+"""The MLflow tags of a sweep's runs: written by `runner.track`, read back by `runner.report`.
+
+A run is a sweep (the parent) or a variant (a child) by its `KIND_TAG`; every run of a sweep carries the
+parent's id as `SWEEP_TAG`. A variant run carries its cell as parts (`cell.model`, `cell.onnx.tool`, ...),
+read back as a `Cell` value, and its outcome as the `OUTCOME` tags.
+"""
+from __future__ import annotations
+
+from runner.results import Cell, VariantResult
+
+KIND_TAG = "runner.kind"
+SWEEP, VARIANT = "sweep", "variant"  # the values of KIND_TAG
+SWEEP_TAG = "runner.sweep_id"
+RESULT_TAG = "runner.result_id"  # the result.json a variant run was logged from
+OUTCOME = ("status", "failed_stage", "error", "backend", "validation", "validation_note", "accuracy_miss")
+
+
+def query(kind: str, sweep_id: str | None = None) -> str:
+    """The MLflow search filter of the runs of `kind`: all of them, or those of one sweep."""
+    of_kind = f"tags.`{KIND_TAG}` = '{kind}'"
+    return of_kind if sweep_id is None else f"tags.`{SWEEP_TAG}` = '{sweep_id}' and {of_kind}"
+
+
+def cell_tags(cell: Cell) -> dict[str, str]:
+    """The cell as tags: its labels (`model`, `onnx_label`, `build_label`, for the MLflow UI) and its parts
+    (cell.model, cell.onnx.tool, ..., cell.build.precision, read back by `cell_from_tags`)."""
+    return {"model": cell.model, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
+            "cell.model": cell.model, **{f"cell.{part}.{key}": value for part in ("onnx", "build")
+                                         for key, value in getattr(cell, part).to_dict().items()}}
+
+
+def cell_from_tags(tags: dict) -> Cell:
+    parts = {part: {key[len(f"cell.{part}."):]: value for key, value in tags.items()
+                    if key.startswith(f"cell.{part}.")} for part in ("onnx", "build")}
+    return Cell.from_dict({"model": tags["cell.model"], **parts})
+
+
+def outcome_tags(result: VariantResult) -> dict[str, str]:
+    """Status, failing stage, error, backend, validation verdict (and what a pass did not measure, or the accuracy
+    limits missed), as tags."""
+    v = result.validate
+    return {"status": result.status, "failed_stage": result.failed_stage or "", "error": result.error or "",
+            "backend": result.backend, "validation": v.status if v else "",
+            "validation_note": (v.reason or "") if v and v.status == "passed" else "",
+            "accuracy_miss": ", ".join(v.failed_metrics) if v and v.status == "inaccurate" else ""}
