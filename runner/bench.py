@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from runner.results import BENCH_STAGES as STAGES
-from runner.results import BenchResult, Stats
+from runner.results import BenchResult, Stats, first_line
 
 log = logging.getLogger(__name__)
 THROUGHPUT_LANES = {"opt_batch": 1, "batch1_2streams": 2}  # name -> streams
@@ -50,7 +50,7 @@ def throughput(runner, opt_shape: list[int], iters: int) -> tuple[dict[str, floa
         try:
             value = images_per_second(runner, shapes[name], streams, iters)
         except Exception as exc:  # the runtime's limit (a second context on a one-profile engine, say)
-            notes.append(f"{name}: {str(exc).splitlines()[0][:200]}")
+            notes.append(f"{name}: {first_line(str(exc))[:200]}")
             continue
         if value is not None:
             figures[name] = value

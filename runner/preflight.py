@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner import cache, checkpoint, config, data, gpus
 from runner.config import MODELS, ConfigError, RunConfig, TrackingConfig, omegaconf_message, to_run_config
+from runner.results import first_line
 from runner.sweep import variant_id
 
 CONF_DIR = config.conf_dir()
@@ -80,7 +81,7 @@ def _compose(overrides: list[str]) -> RunConfig:
             if (CONF_DIR / key).is_dir() and f"'{key}/{value}'" in str(exc):
                 raise ConfigError(f"{key}: unknown option '{value}'; allowed: {', '.join(_group_options(key))}") \
                     from None
-        raise ConfigError(str(exc).splitlines()[0]) from None
+        raise ConfigError(first_line(str(exc))) from None
     except ConfigCompositionException as exc:
         cause = exc.__cause__
         if isinstance(cause, OmegaConfBaseException):

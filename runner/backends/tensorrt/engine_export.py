@@ -1,4 +1,4 @@
-"""Build stage, build=ultralytics: the notes' second road, pt -> engine in one step with ultralytics'
+"""Build stage, build=ultralytics: pt -> engine in one step with ultralytics'
 `model.export(format="engine", dynamic=..., quantize=16, workspace=...)`.
 
 ultralytics exports its own ONNX (with the one-to-one head for export.head=end2end), builds it with the
