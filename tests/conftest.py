@@ -1,6 +1,10 @@
-"""Shared fixtures of the CPU suite: one session-wide export cache, the held-out split, and the CLI.
+"""Shared fixtures of the CPU suite: one export cache and one held-out split for the whole session (shared by
+pytest-xdist's workers), the CLI in a subprocess or in this process, and the runs of an MLflow store.
 
-Nothing here is autouse: the TensorRT tests (test_trt_*.py) and the report tests see no state of ours.
+Plumbing (sweeps, resume, tracking, caches, config errors) runs yolov8n at 128 px (`PLUMBING`): it exports as fast
+as any smaller net and still finds the larger shapes (mAP50-95 0.15 on the held-out split), so validation has
+detections to compare. 640 px stays where accuracy is the claim. Nothing here is autouse: the TensorRT tests
+(test_trt_*.py) and the report tests see no state of ours.
 """
 from __future__ import annotations
 
@@ -28,6 +32,15 @@ PRESETS = ("yolov8n", "yolo11n", "yolo26n", "yolov10n", "yolov5nu")  # conf/mode
 END2END_PRESETS = ("yolo26n", "yolov10n")  # with a one-to-one (NMS-free) head
 IMGSZ = (640, 640)
 OPSETS = {"ultralytics": 17, "torch": 17, "dynamo": 18}  # as the export presets have them
+SMALL_IMGSZ = (128, 128)
+# plumbing's variant: yolov8n at 128 px, a dynamic profile of 64..128, two images, 3 + 20 timed runs
+PLUMBING = ["model.imgsz=[128,128]", "profile.min=[1,3,64,64]", "profile.opt=[1,3,128,128]",
+            "profile.max=[1,3,128,128]", "bench=quick", "data.limit=2"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sweep-outputs", type=Path, help="run test_sweep.py's 12-variant sweep into this folder "
+                                                        "(emptied first), where `make gate-check` checks it")
 
 
 def cli_env() -> dict:
@@ -48,8 +61,41 @@ def run_cli(args: list[str], outputs: Path, timeout: float = 900) -> subprocess.
     return run_module([*args, f"outputs={outputs}"], timeout)
 
 
+@pytest.fixture
+def runner_main(capsys, monkeypatch):
+    """runner_main(args) -> CompletedProcess of `runner <args>` run in this process (`runner.__main__.main`), for
+    refusals, where a subprocess would prove nothing more. The environment defaults it sets are undone after."""
+    from runner.__main__ import main
+
+    environ = os.environ.copy()
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:
+            main(list(args))
+        said = capsys.readouterr()
+        return subprocess.CompletedProcess(args, done.value.code or 0, said.out, said.err)
+
+    yield run
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+def sweep_runs(uri: str) -> tuple[list, list]:
+    """(sweep parent runs, variant runs) of experiment 'runner' in the MLflow store at `uri`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("runner")
+    assert experiment is not None, f"no experiment 'runner' in {uri}"
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return ([r for r in runs if r.data.tags.get("runner.kind") == "sweep"],
+            [r for r in runs if r.data.tags.get("runner.kind") == "variant"])
+
+
 def mlflow_run_count(db: Path) -> int:
-    """Runs in an MLflow sqlite store (0 when the store was never created)."""
+    """Runs in an MLflow sqlite store (0 when the store was never created); reads the file, creates nothing."""
     if not db.exists():
         return 0
     with sqlite3.connect(db) as con:
@@ -57,9 +103,19 @@ def mlflow_run_count(db: Path) -> int:
         return con.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
 
 
+def export_spec(tool: str, dynamic: bool = False, half: bool = False, weights: str | Path = DEFAULT_WEIGHTS,
+                imgsz: tuple[int, int] = IMGSZ, opset: int | None = None, **head):
+    """The ExportSpec of `weights` (the default yolov8n) as the export presets make it; `head`: end2end, nms."""
+    from runner.export import ExportSpec
+
+    return ExportSpec(weights=str(weights), tool=tool, dynamic=dynamic, half=half, imgsz=imgsz,
+                      opset=opset or OPSETS[tool], simplify=True, **head)
+
+
 class MlflowServer:
     """A real `mlflow server` on loopback over a sqlite store in `root`; stop() and start() again keep the
-    port and the store, as a server restarted after a crash would."""
+    port and the store, as a server restarted after a crash would. Its job-execution consumers (half a dozen
+    processes that tracking never uses) are off."""
 
     STARTUP_LIMIT_S = 60
 
@@ -77,7 +133,8 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers",
              "1", "--backend-store-uri", f"sqlite:///{self.root}/store.db", "--artifacts-destination",
              str(self.root / "artifacts")],
-            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**cli_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         log.close()
         deadline = time.monotonic() + self.STARTUP_LIMIT_S
         while not healthy(self.url):
@@ -102,30 +159,41 @@ class MlflowServer:
         self.proc = None
 
 
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder of this session that pytest-xdist's workers share (their basetemps' common parent); the project's
+    own cache locks keep them from making one artifact twice."""
+    root = tmp_path_factory.getbasetemp()
+    folder = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def export_cache(tmp_path_factory) -> Path:
-    """One ONNX export cache for the whole session (the export stage caches by content key)."""
-    return tmp_path_factory.mktemp("export_cache")
+    """One ONNX export cache for the whole session (the export stage caches by content key, under a lock)."""
+    return shared_folder(tmp_path_factory, "export_cache")
 
 
 @pytest.fixture(scope="session")
 def export_model(export_cache):
     """export_model(tool, dynamic, half, model, end2end, nms) -> OnnxArtifact of a shipped model (the default
     yolov8n unless named), exported once per session."""
-    from runner.export import ExportSpec, export_onnx
+    from runner.export import export_onnx
 
     def _export(tool: str, dynamic: bool = False, half: bool = False, model: str = "yolov8n", end2end: bool = False,
                 nms: bool = False):
-        spec = ExportSpec(weights=str(ASSETS / f"{model}.pt"), tool=tool, dynamic=dynamic, half=half, imgsz=IMGSZ,
-                          opset=OPSETS[tool], simplify=True, end2end=end2end, nms=nms)
-        return export_onnx(spec, export_cache)
+        return export_onnx(export_spec(tool, dynamic, half, ASSETS / f"{model}.pt", end2end=end2end, nms=nms),
+                           export_cache)
 
     return _export
 
 
 @pytest.fixture(scope="session")
 def held_out_images(tmp_path_factory) -> Path:
-    """The default model's generated held-out split (images folder; labels in its YOLO sibling)."""
+    """The default model's generated held-out split (images folder; labels in its YOLO sibling), made once."""
+    from runner import cache
     from runner.data import held_out_split
 
-    return held_out_split(tmp_path_factory.mktemp("data") / "shapes")
+    folder = shared_folder(tmp_path_factory, "data")
+    with cache.locked(folder / "shapes.lock"):
+        return held_out_split(folder / "shapes")

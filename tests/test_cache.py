@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_WEIGHTS, IMGSZ, OPSETS, run_cli
+from conftest import PLUMBING, SMALL_IMGSZ, export_spec, run_cli
 from runner import cache
 from runner.backends.tensorrt.build import EngineCache, read_timing_cache
 from runner.export import ExportSpec, export_onnx
@@ -152,15 +152,14 @@ def test_invalid_engine_metadata_is_a_miss(tmp_path, caplog):
 # --- ONNX export cache: copies of the session's export
 
 def ul_spec() -> ExportSpec:
-    """The export the CLI's default variant asks for (ultralytics, static, fp32)."""
-    return ExportSpec(weights=str(DEFAULT_WEIGHTS), tool="ultralytics", dynamic=False, half=False, imgsz=IMGSZ,
-                      opset=OPSETS["ultralytics"], simplify=True)
+    """The export the CLI's plumbing variant asks for (ultralytics, static, fp32, 128 px)."""
+    return export_spec("ultralytics", imgsz=SMALL_IMGSZ)
 
 
 @pytest.fixture
-def copied_export(export_model, tmp_path) -> Path:
-    """A copy of the session's ultralytics export in a cache of this test; returns its folder."""
-    folder = Path(export_model("ultralytics").path).parent
+def copied_export(export_cache, tmp_path) -> Path:
+    """A copy of the session's ultralytics export at 128 px in a cache of this test; returns its folder."""
+    folder = Path(export_onnx(ul_spec(), export_cache).path).parent
     copy = tmp_path / "cache" / "onnx" / folder.name
     shutil.copytree(folder, copy)
     return copy
@@ -186,7 +185,7 @@ def test_invalid_artifact_json_is_exported_again(copied_export, caplog):
 
 def test_cli_exports_a_truncated_onnx_again_and_the_variant_passes(copied_export, tmp_path):
     truncate(copied_export / "model.onnx")
-    proc = run_cli(["backend=onnxruntime", "bench=quick", "data.limit=2", "tracking.enabled=false",
+    proc = run_cli([*PLUMBING, "backend=onnxruntime", "tracking.enabled=false",
                     f"cache_dir={copied_export.parent.parent}"], tmp_path / "outputs")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ASSETS, DEFAULT_WEIGHTS, IMGSZ, OPSETS, PRESETS
+from conftest import ASSETS, DEFAULT_WEIGHTS, IMGSZ, PRESETS, export_spec
 from runner import checkpoint, preflight
 from runner.backends.tensorrt.build import EngineCache
 from runner.backends.tensorrt.engine_export import EngineExportSpec, _export_and_store
 from runner.config import ConfigError
-from runner.export import ExportSpec, export_onnx
+from runner.export import export_onnx
 from runner.results import StageError
 
 REFUSED = "which runner does not load: it trusts only torch and ultralytics layers and models, tensors and plain data"
@@ -122,10 +122,8 @@ def test_the_export_stage_refuses_a_file_swapped_after_preflight(tmp_path, tool)
     shutil.copyfile(DEFAULT_WEIGHTS, weights)
     preflight.check_weights(str(weights))  # preflight passes
     with_extra(weights, Shell(marker))  # then the file changes
-    spec = ExportSpec(weights=str(weights), tool=tool, dynamic=False, half=False, imgsz=IMGSZ, opset=OPSETS[tool],
-                      simplify=True)
     with pytest.raises(StageError) as info:
-        export_onnx(spec, tmp_path / "cache")
+        export_onnx(export_spec(tool, weights=weights), tmp_path / "cache")
     assert info.value.stage == "export"
     assert info.value.message == f"model.weights: {weights} refers to posix.system, {REFUSED}"
     assert not marker.exists()

@@ -1,7 +1,8 @@
 """Configuration: every bad input is one line on stderr and exit 2, before any work; good ones compose.
 
-The CLI cases run the real `python -m runner` in a subprocess with a throw-away `outputs=` folder,
-then check that nothing was started: no MLflow store, no Hydra run folder, no export cache.
+The CLI cases run `runner` in this process (`runner.__main__.main`: a subprocess would prove nothing more) with a
+throw-away `outputs=` folder, then check that nothing was started: no MLflow store, no Hydra run folder, no export
+cache.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import DEFAULT_WEIGHTS, REPO, mlflow_run_count, run_cli
+from conftest import DEFAULT_WEIGHTS, PLUMBING, REPO, mlflow_run_count, run_cli, sweep_runs
 from runner.config import ConfigError
 from runner.preflight import CONF_DIR, preflight
 
@@ -48,6 +49,12 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture
+def cli(runner_main):
+    """cli(args, outputs) -> CompletedProcess of `runner <args> outputs=<outputs>`, run in this process."""
+    return lambda args, outputs: runner_main([*args, f"outputs={outputs}"])
+
+
 def assert_nothing_started(outputs: Path) -> None:
     assert mlflow_run_count(outputs / "mlflow.db") == 0
     assert not (outputs / "mlflow.db").exists(), "the MLflow store was created for a rejected config"
@@ -56,9 +63,9 @@ def assert_nothing_started(outputs: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides,key,allowed", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
-def test_bad_input_exits_2_with_one_line(tmp_path, overrides, key, allowed):
+def test_bad_input_exits_2_with_one_line(cli, tmp_path, overrides, key, allowed):
     outputs = tmp_path / "outputs"
-    proc = run_cli(overrides, outputs, timeout=120)
+    proc = cli(overrides, outputs)
     assert proc.returncode == USAGE_EXIT, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
@@ -80,49 +87,49 @@ def assert_one_line_exit_2(proc, outputs: Path, expected: str) -> None:
 CHECKPOINT = "expected an ultralytics detection checkpoint (.pt from training or export), or a model preset"
 
 
-def test_empty_weights_file_is_named_before_any_work(tmp_path):
+def test_empty_weights_file_is_named_before_any_work(cli, tmp_path):
     empty = tmp_path / "best.pt"
     empty.touch()
-    proc = run_cli([f"model.weights={empty}"], tmp_path / "outputs", timeout=120)
+    proc = cli([f"model.weights={empty}"], tmp_path / "outputs")
     assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {empty} is empty; {CHECKPOINT}")
 
 
-def test_weights_that_are_not_a_checkpoint_are_named(tmp_path):
+def test_weights_that_are_not_a_checkpoint_are_named(cli, tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    proc = run_cli([f"model.weights={text}"], tmp_path / "outputs", timeout=120)
+    proc = cli([f"model.weights={text}"], tmp_path / "outputs")
     assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {text} is not a PyTorch "
                                                        f"checkpoint (not a zip archive); {CHECKPOINT}")
 
 
-def test_a_bare_state_dict_is_not_an_ultralytics_model(tmp_path):
+def test_a_bare_state_dict_is_not_an_ultralytics_model(cli, tmp_path):
     import torch
 
     state = tmp_path / "state.pt"
     torch.save({"conv.weight": torch.zeros(2, 3)}, state)
-    proc = run_cli([f"model.weights={state}"], tmp_path / "outputs", timeout=120)
+    proc = cli([f"model.weights={state}"], tmp_path / "outputs")
     assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {state} holds no ultralytics "
                                                        f"model (a bare state_dict?); {CHECKPOINT}")
 
 
-def test_a_segmentation_checkpoint_is_not_a_detector(tmp_path):
+def test_a_segmentation_checkpoint_is_not_a_detector(cli, tmp_path):
     import torch
     from ultralytics.nn.tasks import SegmentationModel
 
     seg = tmp_path / "seg.pt"
     torch.save({"model": SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False)}, seg)
-    proc = run_cli([f"model.weights={seg}"], tmp_path / "outputs", timeout=120)
+    proc = cli([f"model.weights={seg}"], tmp_path / "outputs")
     assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {seg} holds a "
                                                        f"SegmentationModel, not a detection model; {CHECKPOINT}")
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_before_any_work(tmp_path):
+def test_a_checkpoint_that_would_run_code_is_refused_before_any_work(cli, tmp_path):
     """Its `os.system` is named, never run: no marker file, no run folder (more cases: test_checkpoint.py)."""
     from test_checkpoint import REFUSED, Shell, with_extra
 
     marker = tmp_path / "marker"
     bad = with_extra(tmp_path / "best.pt", Shell(marker))
-    proc = run_cli([f"model.weights={bad}", "data.limit=2", "bench=quick"], tmp_path / "outputs", timeout=120)
+    proc = cli([f"model.weights={bad}", "data.limit=2", "bench=quick"], tmp_path / "outputs")
     assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {bad} refers to "
                                                        f"posix.system, {REFUSED}")
     assert not marker.exists()
@@ -135,11 +142,11 @@ def test_a_renamed_checkpoint_is_accepted_as_given(tmp_path):
     assert cfg.model.weights == str(renamed)
 
 
-def test_empty_image_folder_is_named(tmp_path):
+def test_empty_image_folder_is_named(cli, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "readme.txt").write_text("no pictures here")
-    proc = run_cli([f"data.images={folder}"], tmp_path / "outputs", timeout=120)
+    proc = cli([f"data.images={folder}"], tmp_path / "outputs")
     assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: data.images: no images (.bmp, .jpeg, .jpg, "
                                                        f".png, .webp) in {folder}")
 
@@ -165,11 +172,11 @@ def small_dataset(root: Path, images: int = 3) -> Path:
     ("-1 0.5 0.5 0.2 0.2", "class -1 is not a non-negative integer"),
     ("0 50 60 20 20", "coordinates outside [0, 1] (labels must be normalised)"),
 ])
-def test_malformed_label_line_is_named_with_file_and_line(tmp_path, line, problem):
+def test_malformed_label_line_is_named_with_file_and_line(cli, tmp_path, line, problem):
     folder = small_dataset(tmp_path / "ds")
     label = tmp_path / "ds" / "labels" / "val" / "im1.txt"
     label.write_text(f"0 0.5 0.5 0.2 0.2\n\n{line}\n")
-    proc = run_cli([f"data.images={folder}"], tmp_path / "outputs", timeout=120)
+    proc = cli([f"data.images={folder}"], tmp_path / "outputs")
     assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: data.labels: {label} line 3: expected "
                                                        f"'class cx cy w h', got '{line}': {problem}")
 
@@ -178,24 +185,20 @@ def test_a_corrupt_image_is_skipped_said_and_counted(tmp_path):
     folder = small_dataset(tmp_path / "ds")
     (folder / "im0.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a JPEG")
     outputs = tmp_path / "outputs"
-    proc = run_cli(["backend=onnxruntime", f"data.images={folder}", "data.limit=2", "bench=quick", "bench.iters=3",
-                    "bench.warmup=1"], outputs, timeout=300)
+    proc = run_cli([*PLUMBING, "backend=onnxruntime", f"data.images={folder}", "bench.iters=3", "bench.warmup=1"],
+                   outputs, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "data: skipped 1 unreadable image(s): im0.jpg" in proc.stdout
     assert "on 2 images" in proc.stdout  # the limit is met with the next readable images
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{outputs}/mlflow.db")
-    child, = [r for r in client.search_runs([client.get_experiment_by_name("runner").experiment_id])
-              if r.data.tags["runner.kind"] == "variant"]
+    _, (child,) = sweep_runs(f"sqlite:///{outputs}/mlflow.db")
     assert child.data.metrics["data.skipped_images"] == 1 and child.data.metrics["data.images"] == 2
 
 
-def test_images_path_that_is_a_file_is_rejected(tmp_path):
+def test_images_path_that_is_a_file_is_rejected(cli, tmp_path):
     not_a_folder = tmp_path / "images.txt"
     not_a_folder.write_text("not images")
     outputs = tmp_path / "outputs"
-    proc = run_cli([f"data.images={not_a_folder}"], outputs, timeout=120)
+    proc = cli([f"data.images={not_a_folder}"], outputs)
     assert proc.returncode == USAGE_EXIT
     assert proc.stderr.strip().splitlines() == [f"runner: error: data.images: not a readable folder: {not_a_folder}"]
     assert_nothing_started(outputs)
@@ -278,8 +281,8 @@ def test_every_group_option_composes(group, option):
         assert node[key] == value, f"{group}={option}: {key} composed as {node[key]!r}, the yaml says {value!r}"
 
 
-def test_help_lists_the_subcommands_and_every_config_group(tmp_path):
-    proc = run_cli(["--help"], tmp_path / "outputs", timeout=120)
+def test_help_lists_the_subcommands_and_every_config_group(cli, tmp_path):
+    proc = cli(["--help"], tmp_path / "outputs")
     assert proc.returncode == 0, proc.stderr
     for command in ("runner table", "runner baseline", "runner check", "runner -m"):
         assert command in proc.stdout
@@ -339,45 +342,45 @@ def assert_one_error_line(proc, outputs: Path, start: str) -> str:
 
 
 @pytest.mark.parametrize("value", ["foo", "[]"])
-def test_bad_gpus_value_exits_2_naming_backend_gpus(tmp_path, value):
+def test_bad_gpus_value_exits_2_naming_backend_gpus(cli, tmp_path, value):
     outputs = tmp_path / "outputs"
-    proc = run_cli([f"backend.gpus={value}"], outputs, timeout=120)
+    proc = cli([f"backend.gpus={value}"], outputs)
     line = assert_one_error_line(proc, outputs, "runner: error: backend.gpus:")
     assert "'auto' or a list of GPU indices" in line
     assert_nothing_started(outputs)
 
 
-def test_resume_of_a_folder_that_is_no_sweep_exits_2(tmp_path):
+def test_resume_of_a_folder_that_is_no_sweep_exits_2(cli, tmp_path):
     outputs = tmp_path / "outputs"
-    proc = run_cli(["resume=/nonexistent/folder"], outputs, timeout=120)
+    proc = cli(["resume=/nonexistent/folder"], outputs)
     line = assert_one_error_line(proc, outputs, "runner: error: resume:")
     assert "/nonexistent/folder is not a sweep folder" in line
     assert_nothing_started(outputs)
 
 
-def test_resume_latest_without_any_sweep_exits_2(tmp_path):
+def test_resume_latest_without_any_sweep_exits_2(cli, tmp_path):
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    proc = run_cli(["-m", "precision=fp32,fp16", "resume=latest"], outputs, timeout=120)
+    proc = cli(["-m", "precision=fp32,fp16", "resume=latest"], outputs)
     line = assert_one_error_line(proc, outputs, "runner: error: resume:")
     assert f"no sweep under {outputs / 'sweeps'}" in line
     assert_nothing_started(outputs)
     assert list(outputs.iterdir()) == []
 
 
-def test_other_host_launcher_with_the_embedded_store_exits_2(tmp_path):
+def test_other_host_launcher_with_the_embedded_store_exits_2(cli, tmp_path):
     """SLURM jobs run on other hosts: the default sqlite store cannot be shared with them."""
     outputs = tmp_path / "outputs"
-    proc = run_cli(["-m", "precision=fp32,fp16", "hydra/launcher=submitit_slurm"], outputs, timeout=120)
+    proc = cli(["-m", "precision=fp32,fp16", "hydra/launcher=submitit_slurm"], outputs)
     line = assert_one_error_line(proc, outputs, "runner: error: ")
     assert "cannot share the embedded store" in line and "tracking=server" in line
     assert "submitit_slurm" in line
 
 
-def test_other_host_launcher_refused_before_any_mlflow_run(tmp_path):
+def test_other_host_launcher_refused_before_any_mlflow_run(cli, tmp_path):
     """The refusal comes before the sweep is opened: no parent run left RUNNING, no empty sweep folder."""
     outputs = tmp_path / "outputs"
-    proc = run_cli(["-m", "precision=fp32,fp16", "hydra/launcher=submitit_slurm"], outputs, timeout=120)
+    proc = cli(["-m", "precision=fp32,fp16", "hydra/launcher=submitit_slurm"], outputs)
     assert proc.returncode == USAGE_EXIT, proc.stdout + proc.stderr
     left = [f"{mlflow_run_count(outputs / 'mlflow.db')} MLflow run(s)" if (outputs / "mlflow.db").exists() else "",
             f"sweep folder(s) {sorted(p.name for p in (outputs / 'sweeps').iterdir())}"
@@ -387,24 +390,18 @@ def test_other_host_launcher_refused_before_any_mlflow_run(tmp_path):
     assert_nothing_started(outputs)
 
 
-def test_sync_without_any_sweep_exits_2_with_one_line(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import cli_env
-
+def test_sync_without_any_sweep_exits_2_with_one_line(tmp_path, runner_main):
     outputs = tmp_path / "empty"
     outputs.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "runner", "sync", "--sweep", "latest", "--outputs", str(outputs)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
+    proc = runner_main(["sync", "--sweep", "latest", "--outputs", str(outputs)])
     assert proc.returncode == USAGE_EXIT, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines() == [f"runner: error: no sweep under {outputs / 'sweeps'} to resume or sync"]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert list(outputs.iterdir()) == []
 
 
-def test_help_names_the_launchers_resume_and_sync(tmp_path):
-    proc = run_cli(["--help"], tmp_path / "outputs", timeout=120)
+def test_help_names_the_launchers_resume_and_sync(cli, tmp_path):
+    proc = cli(["--help"], tmp_path / "outputs")
     assert proc.returncode == 0, proc.stderr
     for text in ("hydra/launcher=joblib", "resume=", "runner sync"):
         assert text in proc.stdout, text

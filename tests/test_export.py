@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import DEFAULT_WEIGHTS, IMGSZ, OPSETS
-from runner.export import ExportSpec, export_onnx
+from conftest import DEFAULT_WEIGHTS, IMGSZ, OPSETS, SMALL_IMGSZ, export_spec
+from runner.export import export_onnx
 from runner.metrics import tensor_metrics
 from runner.processing import preprocess
 from runner.results import StageError
@@ -22,11 +22,7 @@ TOOLS = ("ultralytics", "torch", "dynamo")
 VARIANTS = [(tool, dynamic, half) for tool in TOOLS for dynamic in (False, True) for half in (False, True)]
 IDS = [f"{t}-{'dy' if d else 'st'}-{'fp16' if h else 'fp32'}" for t, d, h in VARIANTS]
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
-
-
-def spec(tool: str, dynamic: bool = False, half: bool = False, opset: int | None = None, weights=DEFAULT_WEIGHTS):
-    return ExportSpec(weights=str(weights), tool=tool, dynamic=dynamic, half=half, imgsz=IMGSZ,
-                      opset=opset or OPSETS[tool], simplify=True)
+SMALL = {"imgsz": SMALL_IMGSZ}  # the cache and failure tests need no 640 px
 
 
 def run(path: str, blob: np.ndarray) -> np.ndarray:
@@ -119,19 +115,19 @@ def test_static_export_rejects_other_shapes(export_model, held_out_images):
 def test_second_export_is_cached(tmp_path, caplog):
     cache = tmp_path / "cache"
     caplog.set_level("INFO", logger="runner.export")
-    first = export_onnx(spec("torch"), cache)
+    first = export_onnx(export_spec("torch", **SMALL), cache)
     assert first.cached is False
     assert any("export: done" in m for m in caplog.messages)
     mtime = Path(first.path).stat().st_mtime_ns
     caplog.clear()
-    second = export_onnx(spec("torch"), cache)
+    second = export_onnx(export_spec("torch", **SMALL), cache)
     assert second.cached is True
     assert caplog.messages and all("cached" in m for m in caplog.messages)
     assert second.path == first.path and Path(second.path).stat().st_mtime_ns == mtime  # not rewritten
     assert second.signature == first.signature and second.size_bytes == first.size_bytes
     assert json.loads((Path(first.path).parent / "artifact.json").read_text())["cached"] is False
     # a different export setting is a different cache entry
-    other = export_onnx(spec("torch", dynamic=True), cache)
+    other = export_onnx(export_spec("torch", dynamic=True, **SMALL), cache)
     assert other.cached is False and Path(other.path).parent != Path(first.path).parent
     assert len([p for p in (cache / "onnx").iterdir() if p.is_dir()]) == 2  # beside them: their lock files
 
@@ -139,19 +135,19 @@ def test_second_export_is_cached(tmp_path, caplog):
 def test_cache_key_follows_weight_bytes_and_settings(tmp_path):
     copy = tmp_path / "copy.pt"
     shutil.copyfile(DEFAULT_WEIGHTS, copy)
-    assert spec("torch", weights=copy).key() == spec("torch").key()  # content, not path
+    assert export_spec("torch", weights=copy).key() == export_spec("torch").key()  # content, not path
     changed = tmp_path / "changed.pt"
     changed.write_bytes(DEFAULT_WEIGHTS.read_bytes() + b"\0")
-    assert spec("torch", weights=changed).key() != spec("torch").key()
-    keys = {spec("torch").key(), spec("ultralytics").key(), spec("torch", dynamic=True).key(),
-            spec("torch", half=True).key(), spec("torch", opset=18).key()}
+    assert export_spec("torch", weights=changed).key() != export_spec("torch").key()
+    keys = {export_spec("torch").key(), export_spec("ultralytics").key(), export_spec("torch", dynamic=True).key(),
+            export_spec("torch", half=True).key(), export_spec("torch", opset=18).key()}
     assert len(keys) == 5
 
 
 def test_ultralytics_failure_is_a_stage_error_with_its_message(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(StageError) as info:
-        export_onnx(spec("ultralytics", opset=1), cache)
+        export_onnx(export_spec("ultralytics", opset=1, **SMALL), cache)
     message = info.value.message
     assert info.value.stage == "export"
     assert message.startswith("ultralytics: AssertionError: ")
@@ -162,7 +158,7 @@ def test_ultralytics_failure_is_a_stage_error_with_its_message(tmp_path):
 def test_torch_failure_is_a_stage_error_with_its_message(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(StageError) as info:
-        export_onnx(spec("torch", opset=1), cache)
+        export_onnx(export_spec("torch", opset=1, **SMALL), cache)
     assert info.value.stage == "export"
     assert "Unsupported: ONNX export of operator" in info.value.message
     assert [p.name for p in (cache / "onnx").iterdir() if p.suffix != ".lock"] == []
@@ -170,4 +166,4 @@ def test_torch_failure_is_a_stage_error_with_its_message(tmp_path):
 
 def test_missing_weights_is_an_error_before_any_export(tmp_path):
     with pytest.raises(FileNotFoundError):
-        export_onnx(spec("torch", weights=tmp_path / "missing.pt"), tmp_path / "cache")
+        export_onnx(export_spec("torch", weights=tmp_path / "missing.pt"), tmp_path / "cache")

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_module
-from mlflow.tracking import MlflowClient
+from conftest import run_module, sweep_runs
 from test_report import RESULTS, record, variant
 
 from runner import sync
@@ -32,18 +31,12 @@ def per_class(result, deltas: dict[str, float]):
     return result
 
 
-def variant_runs(uri: str) -> list:
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("runner").experiment_id
-    return client.search_runs([experiment], "tags.`runner.kind` = 'variant'")
-
-
 def test_a_class_name_mlflow_refuses_is_logged_under_a_key_it_takes(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "runner", str(tmp_path / "art"))
     result = per_class(variant("ul st fp32", "trt st fp32"), {ODD_CLASS: -0.02, "circle": 0.0})
     tracker.log_variant(tracker.start_sweep("sweep", {}), record(result, tmp_path, {}))
-    (run,) = variant_runs(uri)
+    (run,) = sweep_runs(uri)[1]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["val.ap_delta.rectangle _big_"] == pytest.approx(-0.02)
     assert run.data.metrics["val.ap_delta.circle"] == 0.0 and run.data.metrics["val.map50_95"] == 0.93
@@ -86,13 +79,13 @@ def test_a_failure_while_logging_leaves_no_running_run_and_sync_says_so_in_a_lin
     assert "0 run(s) logged, 0 already there, 2 not logged" in out and "Traceback" not in out + err
     assert [line.split(" not logged: ")[0] for line in err.splitlines()] == [
         f"runner: warning: {r.name}" for r in results]
-    assert variant_runs(uri) == []  # none left RUNNING, half-logged
+    assert sweep_runs(uri)[1] == []  # none left RUNNING, half-logged
     assert not any(r.logged for r in job_records(folder))
 
     blocker.unlink()
     assert sync.main(argv) == 0
     assert "2 run(s) logged, 0 already there\n" in capsys.readouterr().out
-    runs = variant_runs(uri)
+    runs = sweep_runs(uri)[1]
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     assert {r.info.run_id for r in runs} == {r.mlflow_run_id for r in job_records(folder)}
     assert any("val.ap_delta.rectangle _big_" in r.data.metrics for r in runs)

@@ -2,7 +2,8 @@
 
 Each sweep runs `python -m runner` in a session of its own, as a terminal runs a command; the signal goes where a
 terminal (Ctrl-C: the whole process group) or a scheduler (SIGTERM: the launching process alone) sends it, once
-a variant is being measured. Two variants, `data.limit=2 bench=quick`: a variant measures for a few seconds.
+a variant is being measured. Two variants, `data.limit=2 bench=quick` at 640 px: a variant measures for a few
+seconds. Stopping a measuring sweep and resuming it takes minutes of real processes: those tests are `slow`.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import time
 from pathlib import Path
 
 import psutil
-from mlflow.tracking import MlflowClient
+import pytest
 
-from conftest import REPO, cli_env, run_module
+from conftest import REPO, cli_env, run_module, sweep_runs
 from runner.track import healthy
 
 SWEEP = ["-m", "precision=fp32,fp16", "bench=quick", "data.limit=2"]
@@ -96,15 +97,7 @@ def _stopped(sweep: Launched, rc: int, signum: int) -> tuple[str, Path, int]:
     return resume.group(1), Path(resume.group(2)), int(kept.group(1))
 
 
-def _runs(outputs: Path) -> tuple:
-    """(the parent run, the variant runs) of the one sweep in `outputs`' embedded store."""
-    client = MlflowClient(f"sqlite:///{outputs}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
-    parents = [r for r in runs if r.data.tags["runner.kind"] == "sweep"]
-    assert len(parents) == 1
-    return parents[0], [r for r in runs if r.data.tags["runner.kind"] == "variant"]
-
-
+@pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_resume_measures_the_variant_again(tmp_path, export_cache):
     """SIGINT to the process group (Ctrl-C) while the second variant measures: the sweep stops there, the variant
     gets no result (no false failure), the parent run is KILLED, and the printed command finishes the sweep."""
@@ -121,7 +114,7 @@ def test_ctrl_c_stops_the_sweep_and_resume_measures_the_variant_again(tmp_path, 
     assert resume_args == shlex.join([*args, f"resume={folder}"])
     assert kept == 1 and (folder / "0" / "result.json").is_file()
     assert not (folder / "1" / "result.json").exists()  # interrupted: nothing to keep, so resume measures it
-    parent, children = _runs(outputs)
+    (parent,), children = sweep_runs(f"sqlite:///{outputs}/mlflow.db")
     assert parent.info.status == "KILLED"
     assert [(c.info.run_name, c.info.status) for c in children] == [("yolov8n__ul-st-fp32__ort-st-fp32", "FINISHED")]
 
@@ -130,10 +123,11 @@ def test_ctrl_c_stops_the_sweep_and_resume_measures_the_variant_again(tmp_path, 
     assert "[1/2] yolov8n__ul-st-fp32__ort-st-fp32: kept from" in resumed.stdout
     assert "[2/2] yolov8n__ul-st-fp16__ort-st-fp16 (onnxruntime)" in resumed.stdout
     assert "runner: 2/2 variants ok" in resumed.stdout
-    parent, children = _runs(outputs)
+    (parent,), children = sweep_runs(f"sqlite:///{outputs}/mlflow.db")
     assert parent.info.status == "FINISHED" and sorted(c.info.status for c in children) == ["FINISHED"] * 2
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launching_process_stops_its_workers_and_their_children(tmp_path, export_cache):
     """SIGTERM to the launching process alone (as a scheduler sends it) of a joblib sweep: the loky workers, the
     variants' children and the loopback server all stop with it; nothing measured half is kept."""
@@ -150,7 +144,7 @@ def test_sigterm_to_the_launching_process_stops_its_workers_and_their_children(t
     _, folder, kept = _stopped(sweep, rc, signal.SIGTERM)
     results = sorted(folder.glob("*/result.json"))
     assert kept == len(results) < 2
-    parent, children = _runs(outputs)
+    (parent,), children = sweep_runs(f"sqlite:///{outputs}/mlflow.db")
     assert parent.info.status == "KILLED"
     assert [c.info.status for c in children] == ["FINISHED"] * kept
 

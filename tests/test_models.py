@@ -15,11 +15,11 @@ import onnx
 import pandas as pd
 import pytest
 
-from conftest import ASSETS, END2END_PRESETS, IMGSZ, OPSETS, PRESETS, run_cli, run_module
+from conftest import ASSETS, END2END_PRESETS, IMGSZ, PRESETS, SMALL_IMGSZ, export_spec, run_cli, run_module
 from runner.backends.onnxruntime import open_reference
 from runner.config import Thresholds, ValidateConfig
 from runner.data import Sample, load_samples
-from runner.export import ExportSpec, export_onnx
+from runner.export import export_onnx
 from runner.metrics import match_detections
 from runner.variant import output_head
 from runner.prepost import Chain
@@ -104,10 +104,8 @@ def test_our_decode_matches_ultralytics_predict_on_the_same_onnx(export_model, s
 
 @pytest.mark.parametrize("tool", ["ultralytics", "torch"])
 def test_end2end_export_of_a_model_without_a_one_to_one_head_fails_in_one_line(tool, tmp_path):
-    spec = ExportSpec(weights=str(ASSETS / "yolo11n.pt"), tool=tool, dynamic=False, half=False, imgsz=IMGSZ,
-                      opset=OPSETS[tool], simplify=True, end2end=True)
     with pytest.raises(StageError) as failed:
-        export_onnx(spec, tmp_path)
+        export_onnx(export_spec(tool, weights=ASSETS / "yolo11n.pt", end2end=True), tmp_path)
     assert failed.value.stage == "export"
     assert failed.value.message.startswith("yolo11n.pt has no one-to-one (NMS-free) head; export.head=end2end")
 
@@ -132,10 +130,8 @@ def test_an_export_with_nms_in_the_graph_gives_the_host_nms_detections(export_mo
 
 @pytest.mark.parametrize("tool", ["torch", "dynamo"])
 def test_an_nms_export_by_another_tool_fails_in_one_line(tmp_path, tool):
-    spec = ExportSpec(weights=str(ASSETS / "yolov8n.pt"), tool=tool, dynamic=False, half=False, imgsz=IMGSZ,
-                      opset=OPSETS[tool], simplify=True, nms=True)
     with pytest.raises(StageError) as failed:
-        export_onnx(spec, tmp_path)
+        export_onnx(export_spec(tool, nms=True), tmp_path)
     assert failed.value.stage == "export"
     assert failed.value.message.startswith(f"export.head=nms is ultralytics' export option (nms=True); export={tool}")
 
@@ -146,9 +142,7 @@ def test_a_renamed_weights_file_exports_offline_as_given(tool, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     shutil.copyfile(ASSETS / "yolov5nu.pt", "yolov5n.pt")
-    spec = ExportSpec(weights="yolov5n.pt", tool=tool, dynamic=False, half=False, imgsz=IMGSZ, opset=OPSETS[tool],
-                      simplify=True)
-    artifact = export_onnx(spec, tmp_path / "cache")
+    artifact = export_onnx(export_spec(tool, weights="yolov5n.pt", imgsz=SMALL_IMGSZ), tmp_path / "cache")
     assert artifact.names == ["circle", "rectangle", "triangle"]  # our 3-class model, not a COCO download
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "yolov5n.pt"]  # nothing fetched beside it
 
@@ -192,6 +186,7 @@ def test_an_end2end_output_is_compared_as_detections(export_model, samples):
     assert "tensors not compared" in result.reason
 
 
+@pytest.mark.slow
 def test_a_sweep_of_every_preset_through_both_exporters(tmp_path, export_cache):
     """The issue's sweep on onnxruntime: every cell named by its model, one grid per model, keys per model."""
     outputs = tmp_path / "outputs"

@@ -1,6 +1,7 @@
-"""Sweeps that scale out and lose nothing, run for real on the CPU: a joblib sweep through the loopback
-tracking server, `kill -9` then `resume=`, a tracking server killed mid-sweep then `runner sync`, and the
-sweep values Hydra's basic sweeper takes or refuses.
+"""Sweeps that scale out and lose nothing, run for real on the CPU (yolov8n at 128 px): a joblib sweep through the
+loopback tracking server, `kill -9` then `resume=`, a tracking server killed mid-sweep then `runner sync` (these two
+`slow`: minutes of real processes killed and started again), and the sweep values Hydra's basic sweeper takes or
+refuses.
 """
 from __future__ import annotations
 
@@ -16,21 +17,13 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, MlflowServer, cli_env, run_cli
+from conftest import PLUMBING, REPO, MlflowServer, cli_env, run_cli, sweep_runs
 from runner.tags import SWEEP_TAG
 from runner.sweep import RESULT_FILE, JobRecord
 
-QUICK = ["backend=onnxruntime", "bench=quick", "data.limit=2"]
+QUICK = [*PLUMBING, "backend=onnxruntime"]
 TWO = ["precision=fp32,fp16"]
 FOUR = ["export=ultralytics,torch", "precision=fp32,fp16"]
-
-
-def runs_by_kind(uri: str) -> tuple[list, list]:
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("runner")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    return ([r for r in runs if r.data.tags.get("runner.kind") == "sweep"],
-            [r for r in runs if r.data.tags.get("runner.kind") == "variant"])
 
 
 def sweep_folder(outputs: Path) -> Path:
@@ -68,7 +61,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_under_one_parent(tmp_path, export_ca
     assert "[1/2] " in said and "[2/2] " in said  # progress numbered by hydra.job.num, in the workers
     assert "parallel jobs log through http://127.0.0.1:" in proc.stdout
     folder = sweep_folder(outputs)
-    parents, children = runs_by_kind(f"sqlite:///{outputs}/mlflow.db")
+    parents, children = sweep_runs(f"sqlite:///{outputs}/mlflow.db")
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert parents[0].info.status == "FINISHED" and parents[0].data.metrics["variants.ok"] == 2
@@ -81,7 +74,8 @@ def test_joblib_sweep_runs_jobs_in_parallel_under_one_parent(tmp_path, export_ca
     assert b.started_ms < a.ended_ms, "the two jobs ran one after the other"
 
 
-def test_kill_9_then_resume_measures_nothing_twice(tmp_path, export_cache):
+@pytest.mark.slow
+def test_kill_9_then_resume_measures_nothing_twice(tmp_path, export_cache, runner_main):
     outputs = tmp_path / "out"
     args = ["-m", *FOUR, *QUICK, f"cache_dir={export_cache}"]
     proc = start_cli(args, outputs)
@@ -93,20 +87,17 @@ def test_kill_9_then_resume_measures_nothing_twice(tmp_path, export_cache):
     kept = {r.config_id: r.result_id for r in records(folder)}
     assert 1 <= len(kept) < 4
     uri = f"sqlite:///{outputs}/mlflow.db"
-    (parent,), children = runs_by_kind(uri)
+    (parent,), children = sweep_runs(uri)
     assert parent.info.status == "RUNNING"
 
     # a killed sweep says it is incomplete, in the table and in the gate
-    table = subprocess.run([sys.executable, "-m", "runner", "table", "--tracking-uri", uri, "--out",
-                            str(tmp_path / "report")], cwd=REPO, capture_output=True, text=True, env=cli_env())
+    table = runner_main(["table", "--tracking-uri", uri, "--out", str(tmp_path / "report")])
     assert table.returncode == 0, table.stderr
     assert f"is incomplete: {len(children)} of 4 variants" in table.stderr
-    from_folder = subprocess.run([sys.executable, "-m", "runner", "table", "--results", str(folder), "--out",
-                                  str(tmp_path / "report2")], cwd=REPO, capture_output=True, text=True, env=cli_env())
+    from_folder = runner_main(["table", "--results", str(folder), "--out", str(tmp_path / "report2")])
     assert f"is incomplete: {len(kept)} of 4 variants" in from_folder.stderr
-    gate = subprocess.run([sys.executable, "-m", "runner", "check", "--no-timing", "--results", str(folder),
-                           "--baseline", str(REPO / "results" / "baseline-cpu.json"), "--summary",
-                           str(tmp_path / "check.md")], cwd=REPO, capture_output=True, text=True, env=cli_env())
+    gate = runner_main(["check", "--no-timing", "--results", str(folder), "--baseline",
+                        str(REPO / "results" / "baseline-cpu.json"), "--summary", str(tmp_path / "check.md")])
     assert gate.returncode == 1 and f"is incomplete: {len(kept)} of 4 variants" in gate.stderr
     assert "incomplete" in (tmp_path / "check.md").read_text()
 
@@ -125,7 +116,7 @@ def test_kill_9_then_resume_measures_nothing_twice(tmp_path, export_cache):
     assert len(final) == 4 and all(r.logged for r in final)
     assert {r.config_id: r.result_id for r in final if r.config_id in kept} == kept  # not measured again
     assert json.loads((folder / "sweep.json").read_text())["variants"] == [r.config_id for r in final]  # job order
-    (parent,), children = runs_by_kind(uri)
+    (parent,), children = sweep_runs(uri)
     assert parent.info.status == "FINISHED"
     live = [c for c in children if c.info.status != "KILLED"]
     assert len(live) == 4 and len({c.data.tags["runner.result_id"] for c in live}) == 4
@@ -133,7 +124,8 @@ def test_kill_9_then_resume_measures_nothing_twice(tmp_path, export_cache):
     assert len(list((outputs / "sweeps").iterdir())) == 1  # resumed in place
 
 
-def test_tracking_server_killed_mid_sweep_then_sync_logs_each_run_once(tmp_path, export_cache):
+@pytest.mark.slow
+def test_tracking_server_killed_mid_sweep_then_sync_logs_each_run_once(tmp_path, export_cache, runner_main):
     (tmp_path / "server").mkdir()
     server = MlflowServer(tmp_path / "server").start()
     outputs = tmp_path / "out"
@@ -154,12 +146,11 @@ def test_tracking_server_killed_mid_sweep_then_sync_logs_each_run_once(tmp_path,
 
         server.start()
         for attempt in range(2):  # a second sync finds everything there
-            sync = subprocess.run([sys.executable, "-m", "runner", "sync", "--sweep", "latest", "--outputs",
-                                   str(outputs)], cwd=REPO, capture_output=True, text=True, env=cli_env())
+            sync = runner_main(["sync", "--sweep", "latest", "--outputs", str(outputs)])
             assert sync.returncode == 0, sync.stdout + sync.stderr
             logged = len(unlogged) if attempt == 0 else 0
             assert f"{logged} run(s) logged, {4 - logged} already there" in sync.stdout
-        (parent,), children = runs_by_kind(server.url)
+        (parent,), children = sweep_runs(server.url)
         assert len(children) == 4 and len({c.data.tags["runner.result_id"] for c in children}) == 4
         assert {c.info.run_id for c in children} == {r.mlflow_run_id for r in records(folder)}
         assert parent.info.status == "FINISHED" and parent.data.metrics["variants.ok"] == 4
@@ -179,8 +170,8 @@ def test_glob_and_range_sweeps_expand_up_front(sweep, count):
     ("bench.warmup=interval(0,5)", "bench.warmup: interval() needs an optimizing sweeper"),
     ("bench.iters=glob(*)", "bench.iters: glob() selects options of a config group"),
 ])
-def test_sweeps_the_basic_sweeper_cannot_run_are_refused_in_one_line(tmp_path, sweep, said):
-    proc = run_cli(["-m", sweep], tmp_path / "out")
+def test_sweeps_the_basic_sweeper_cannot_run_are_refused_in_one_line(tmp_path, runner_main, sweep, said):
+    proc = runner_main(["-m", sweep, f"outputs={tmp_path / 'out'}"])
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"runner: error: {said}")
