@@ -81,8 +81,13 @@ def qdq_result(export_cache, tmp_path_factory):
 
 
 def test_the_qdq_onnx_is_made_and_validated_with_onnxruntime(qdq_result):
-    r = qdq_result
-    assert r.status == "ok" or r.failed_stage == "accuracy", r.error  # it runs; only its accuracy may fail it
+    r, limits = qdq_result, ValidateConfig().int8
+    check = r.validate.shapes["static"]
+    # its verdict is its accuracy against the int8 limits; on these 8 images minmax Q/DQ costs 0.015 mAP50-95
+    within = (check.map_drop <= limits.max_map_drop and check.detections.f1 >= limits.min_det_f1
+              and check.rel_l2 <= limits.max_rel_l2)
+    assert within and (r.status, r.failed_stage, r.validate.status) == ("ok", None, "passed"), \
+        (r.error, check.map_drop, check.detections.f1, check.rel_l2)
     assert r.build.precision_mechanism == "qdq" and r.export.tested.precision == "int8"
     assert r.cell.onnx.label == "ul st qdq minmax" and r.cell.build.label == "ort st int8"
     model = onnx.load(r.export.tested.path)
@@ -90,7 +95,6 @@ def test_the_qdq_onnx_is_made_and_validated_with_onnxruntime(qdq_result):
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric int8
     assert {n.op_type for n in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv"}
     assert {p.key for p in model.metadata_props} >= {"names", "stride"}
-    check = r.validate.shapes["static"]
     assert check.ref_map50_95 > 0.5 and check.map_drop == pytest.approx(check.ref_map50_95 - check.map50_95)
     assert set(check.class_ap_delta) == {"circle", "rectangle", "triangle"}
     assert 0.5 < check.detections.f1 < 1.0 and 1e-3 < check.rel_l2 < 0.25  # int8 moves the outputs, not the boxes

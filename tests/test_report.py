@@ -192,8 +192,12 @@ def test_two_sweeps_make_one_table(sweep, tmp_path, capsys):
     grid = pd.read_csv(out / "table.csv")
     assert len(grid) == len(RESULTS) + 1
     assert "|dynamo st fp32|" in capsys.readouterr().out
-    assert cli.main(["table", "--results", str(results_file), "--results", str(results_file), "--out",
-                     str(tmp_path / "files")]) == 0
+    second_file = tmp_path / "second" / "results.json"  # the second sweep as its folder keeps it
+    second_file.parent.mkdir()
+    second_file.write_text(json.dumps([extra.to_dict()]))
+    files = tmp_path / "files"
+    assert cli.main(["table", "--results", str(results_file), "--results", str(second_file), "--out", str(files)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(files / "table.csv"), grid)  # the two files make the same one table
 
 
 def make_baseline(sweep, tmp_path, edit=lambda cells: None) -> Path:

@@ -2,12 +2,17 @@
 
 Here there is no TensorRT and no GPU, so `backend=auto` runs each variant's ONNX on onnxruntime and
 says so once. An fp32 variant then runs the reference ONNX on the reference runtime: its validation is
-`reference`, not a pass. `backend=tensorrt` asked for explicitly is `skipped` with the reason, and no numbers.
+`reference`, not a pass, and its mAP is the one the fp16 variant of its ONNX was compared with. `backend=tensorrt`
+asked for explicitly is `skipped` with the reason, and no numbers.
+
+The 12-variant sweep is yolov8n at 640 (the README's `make run`, bench=quick data.limit=4): its tests are `slow`.
+`make test-all` runs it into outputs/ci (`--sweep-outputs`), where the CPU gate (`make gate-check`) checks it.
 """
 from __future__ import annotations
 
 import json
 import platform
+import shutil
 import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -18,7 +23,7 @@ import pytest
 import ultralytics
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import mlflow_run_count, run_cli, sweep_runs
 from runner.results import VariantResult
 
 SWEEP = ["-m", "export=ultralytics,torch,dynamo", "precision=fp32,fp16", "shape=static,dynamic", "bench=quick",
@@ -28,33 +33,26 @@ METRICS = ("val.map50_95", "bench.infer.p50", "bench.e2e.p90", "export.onnx_mb")
 COMPARED = ("val.rel_l2", "val.det_f1", "val.passed")  # only where the model under test is not the reference
 
 
-def runs_of(uri: str, experiment: str = "runner"):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no experiment '{experiment}' in {uri}"
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
-
-
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, export_cache):
-    outputs = tmp_path_factory.mktemp("sweep_outputs")
+def sweep(request, tmp_path_factory, export_cache):
+    kept = request.config.getoption("--sweep-outputs")
+    if kept:
+        shutil.rmtree(kept, ignore_errors=True)
+    outputs = kept.resolve() if kept else tmp_path_factory.mktemp("sweep_outputs")
     # the export cache is shared with test_export/test_processing (same content keys): each ONNX is made once
     proc = run_cli([*SWEEP, f"cache_dir={export_cache}"], outputs, timeout=900)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-5000:]}"
     uri = f"sqlite:///{outputs}/mlflow.db"
-    client, runs = runs_of(uri)
-    return {"proc": proc, "outputs": outputs, "uri": uri, "client": client, "runs": runs}
+    parents, children = sweep_runs(uri)
+    return {"proc": proc, "outputs": outputs, "uri": uri, "client": MlflowClient(uri), "parents": parents,
+            "children": children}
 
 
-def split(runs):
-    parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("runner.kind") == "variant"]
-    return parents, children
-
-
+@pytest.mark.slow
 def test_one_parent_and_twelve_nested_children(sweep):
-    parents, children = split(sweep["runs"])
-    assert len(parents) == 1 and len(children) == 12 and len(sweep["runs"]) == 13
+    parents, children = sweep["parents"], sweep["children"]
+    assert len(parents) == 1 and len(children) == 12
+    assert mlflow_run_count(sweep["outputs"] / "mlflow.db") == 13  # and no run of another kind
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert {c.data.tags["onnx_label"] for c in children} == ONNX_LABELS
@@ -66,9 +64,10 @@ def test_one_parent_and_twelve_nested_children(sweep):
     assert {a.path for a in sweep["client"].list_artifacts(parent.info.run_id)} >= {"summary.csv", "results.json"}
 
 
+@pytest.mark.slow
 def test_every_child_has_tags_params_metrics_artifacts(sweep):
     client = sweep["client"]
-    _, children = split(sweep["runs"])
+    children = sweep["children"]
     for child in children:
         tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
         name = child.info.run_name
@@ -88,8 +87,10 @@ def test_every_child_has_tags_params_metrics_artifacts(sweep):
         assert artifacts >= {"result.json", "config.yaml", "onnx_signature.json"}, (name, artifacts)
 
 
+@pytest.mark.slow
 def test_reference_cells_say_so_and_fp16_cells_are_compared(sweep):
-    _, children = split(sweep["runs"])
+    children = sweep["children"]
+    reference_maps = {}  # (tool, shape) -> the fp32 cell's mAP50-95 at each shape
     for child in children:
         m, tags, name = child.data.metrics, child.data.tags, child.info.run_name
         dynamic = tags["cell.build.shape"] == "dynamic"
@@ -101,16 +102,25 @@ def test_reference_cells_say_so_and_fp16_cells_are_compared(sweep):
             assert tags["validation"] == "reference", name
             assert not any(k in m for k in COMPARED), (name, sorted(m))
             assert child.data.params["resolved.precision_mechanism"] == "none"
+            reference_maps[tags["cell.onnx.tool"], tags["cell.build.shape"]] = {
+                m[f"val.{shape}.map50_95"] for shape in shapes}
         else:
             assert tags["validation"] == "passed", name
             assert m["val.passed"] == 1.0
             assert m["val.rel_l2"] > 0, name  # the fp16 ONNX really differs from the reference
             assert 0.9 <= m["val.det_f1"] <= 1.0
             assert child.data.params["resolved.precision_mechanism"] == "fp16_onnx"
+    for child in children:  # a reference cell's mAP is the one its ONNX's fp16 cell was compared with
+        m, tags = child.data.metrics, child.data.tags
+        if tags["cell.onnx.precision"] == "fp16":
+            references = reference_maps[tags["cell.onnx.tool"], tags["cell.build.shape"]]
+            assert any(m["val.ref_map50_95"] == pytest.approx(r, abs=1e-9) for r in references), \
+                (child.info.run_name, m["val.ref_map50_95"], references)
 
 
+@pytest.mark.slow
 def test_backend_is_onnxruntime_and_said_once(sweep):
-    _, children = split(sweep["runs"])
+    children = sweep["children"]
     for child in children:
         assert child.data.tags["backend"] == "onnxruntime"
         assert child.data.params["resolved.backend"] == "onnxruntime"
@@ -128,6 +138,7 @@ def test_backend_is_onnxruntime_and_said_once(sweep):
     assert "runner: backend=auto -> onnxruntime" in out
 
 
+@pytest.mark.slow
 def test_stdout_ends_with_summary_table(sweep):
     lines = sweep["proc"].stdout.rstrip().splitlines()
     assert re.fullmatch(r"runner: 12/12 variants ok; sweep run [0-9a-f]{32}; summary in .+", lines[-1]), lines[-1]
@@ -146,8 +157,9 @@ def test_stdout_ends_with_summary_table(sweep):
     assert (summary_dir / "0" / "runner.log").read_text().count("] validate: ") >= 2  # Hydra's per-job log
 
 
+@pytest.mark.slow
 def test_artifacts_are_stored_under_outputs(sweep):
-    _, children = split(sweep["runs"])
+    children = sweep["children"]
     root = sweep["outputs"] / "mlartifacts"
     for child in children:
         assert child.info.artifact_uri.startswith(root.resolve().as_uri())
@@ -166,8 +178,8 @@ def test_explicit_tensorrt_is_skipped_with_the_reason(tmp_path):
     assert "export:" not in proc.stdout  # no work was started for a backend that is not there
     assert "tensorrt is not installed" in proc.stdout  # the reason, in the summary table
     assert proc.stdout.rstrip().splitlines()[-1].startswith("runner: 0/1 variants ok")
-    client, runs = runs_of(f"sqlite:///{outputs}/mlflow.db")
-    parents, children = split(runs)
+    uri = f"sqlite:///{outputs}/mlflow.db"
+    client, (parents, children) = MlflowClient(uri), sweep_runs(uri)
     assert len(parents) == 1 and len(children) == 1
     child = children[0]
     assert child.data.tags["status"] == "skipped"
