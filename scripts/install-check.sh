@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project as a user installs it: build the wheel, check that it carries every module, config and the default
 # model, install it with its dependencies into a fresh virtual environment outside the checkout, and from there
-# run --help, one onnxruntime variant on the configs it carries, and the table.
+# compose a sweep from the configs it carries, run --help, one onnxruntime variant and the table.
 set -euo pipefail
 PY=${PY:-python3}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,8 +26,9 @@ cd "$work"
 venv/bin/python - <<PY
 import runner, pathlib
 assert pathlib.Path(runner.__file__).is_relative_to("$work/venv"), runner.__file__
-from runner.config import conf_dir
-assert pathlib.Path(conf_dir()) == pathlib.Path(runner.__file__).parent / "conf", conf_dir()
+from runner.preflight import CONF_DIR, preflight
+assert CONF_DIR == pathlib.Path(runner.__file__).parent / "conf", CONF_DIR
+assert len(preflight(["-m", "precision=fp32,fp16"])) == 2  # a sweep composes from the configs the wheel carries
 PY
 venv/bin/runner --help > help.txt && grep -q "runner table" help.txt
 venv/bin/runner backend=onnxruntime bench=quick data.limit=2 outputs=out
