@@ -2,18 +2,16 @@
 other variants than its sweep measured, folders that cannot be written, a store that cannot be opened, a
 sweep without -m, an empty sweep, a variant given twice, a name that is a path.
 
-`cli.main` runs in this process (a subprocess would prove nothing more); every case then checks that
-nothing was made under `outputs=`.
+`runner` runs in this process (conftest's `runner_main`: a subprocess would prove nothing more); every case then
+checks that nothing was made under `outputs=`.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from runner import cli
 from runner.parent import open_sweep
 from runner.preflight import preflight
 from runner.sweep import SWEEP_FILE, variant_id
@@ -24,25 +22,20 @@ RAN = ["-m", "export=ultralytics,torch", "precision=fp32,fp16"]
 
 
 @pytest.fixture
-def refused(capsys):
+def refused(runner_main):
     """refused(args, outputs) -> the one error line of `runner <args> outputs=<outputs>`, after checking the
-    exit code and that `outputs` holds what it held before. The environment defaults cli.main sets in
-    this process are undone after the test."""
-    environ = os.environ.copy()
+    exit code and that `outputs` holds what it held before."""
 
     def run(args: list[str], outputs: Path) -> str:
         before = sorted(outputs.rglob("*")) if outputs.exists() else None
-        code = cli.main([*args, f"outputs={outputs}"])
-        said = capsys.readouterr()
-        assert code == USAGE_EXIT, said.out + said.err
-        (line,) = said.err.strip().splitlines()
-        assert line.startswith("runner: error: ") and "Traceback" not in said.out + said.err
+        said = runner_main([*args, f"outputs={outputs}"])
+        assert said.returncode == USAGE_EXIT, said.stdout + said.stderr
+        (line,) = said.stderr.strip().splitlines()
+        assert line.startswith("runner: error: ") and "Traceback" not in said.stdout + said.stderr
         assert (sorted(outputs.rglob("*")) if outputs.exists() else None) == before, "the refused command made files"
         return line.removeprefix("runner: error: ")
 
-    yield run
-    os.environ.clear()
-    os.environ.update(environ)
+    return run
 
 
 def open_untracked_sweep(outputs: Path, args: list[str]) -> Path:

@@ -4,14 +4,13 @@ The variant results are typed `VariantResult`s built by hand and logged with the
 report reads exactly what a sweep leaves behind.
 """
 import json
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_module
 from mlflow.tracking import MlflowClient
 
 from runner.report import cli, gate, render
@@ -287,7 +286,6 @@ def test_user_errors_exit_2_with_one_line(sweep, tmp_path, capsys):
 
 def test_module_entry_point_reads_a_results_file(sweep, tmp_path):
     out = tmp_path / "from-file"
-    done = subprocess.run([sys.executable, "-m", "runner", "table", "--results", str(sweep[2]), "--out", str(out)],
-                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    done = run_module(["table", "--results", str(sweep[2]), "--out", str(out)])
     assert done.returncode == 0, done.stderr
     assert EXPECTED_MATRIX in done.stdout and (out / "table.png").is_file()
