@@ -23,7 +23,7 @@ import pytest
 import ultralytics
 from mlflow.tracking import MlflowClient
 
-from conftest import mlflow_run_count, run_cli, sweep_runs
+from conftest import REPO, mlflow_run_count, run_cli, sweep_runs
 from runner.results import VariantResult
 
 SWEEP = ["-m", "export=ultralytics,torch,dynamo", "precision=fp32,fp16", "shape=static,dynamic", "bench=quick",
@@ -148,7 +148,7 @@ def test_stdout_ends_with_summary_table(sweep):
     assert all(" ok " in f" {row} " and row.split()[0] == "yolov8n" for row in rows)
     for col in ("validation", "rel_l2", "det_f1", "map50_95", "infer_p50_ms", "e2e_p50_ms"):
         assert col in lines[header]
-    summary_dir = Path(lines[-1].split("summary in ", 1)[1])
+    summary_dir = REPO / lines[-1].split("summary in ", 1)[1]  # shown relative to the CLI's folder where under it
     assert summary_dir.is_relative_to(sweep["outputs"])  # nothing outside outputs=
     table = pd.read_csv(summary_dir / "summary.csv")
     assert len(table) == 12 and set(table["status"]) == {"ok"}
