@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CI_OUT := outputs/ci
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-all test-gpu table check cpu-gate gate-check install-check ui clean
+.PHONY: help setup run test test-slow test-gpu table check cpu-gate gate-check install-check ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,8 +21,8 @@ run: ## The default sweep: export x precision x shape, 12 variants, logged to ou
 test: ## The test suite less its slow tests (GPU tests skip with the reason when TensorRT or a GPU is absent)
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow"
 
-test-all: ## Every test, the slow ones too (the user's 12-variant sweep, left in outputs/ci for gate-check)
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope --sweep-outputs $(CI_OUT)
+test-slow: ## The slow tests (the user's 12-variant sweep, left in outputs/ci for gate-check; kill, resume, restart)
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m slow --sweep-outputs $(CI_OUT)
 
 test-gpu: ## Only the GPU tests (TensorRT and a CUDA GPU needed)
 	$(BIN)/python -m pytest -q -m gpu
@@ -39,7 +39,7 @@ cpu-gate: ## CPU regression gate: the user's 12-variant sweep (bench=quick data.
 		bench=quick data.limit=4 outputs=$(CI_OUT)
 	$(MAKE) gate-check
 
-gate-check: ## Check the sweep in outputs/ci (from cpu-gate or test-all) on statuses and validation only
+gate-check: ## Check the sweep in outputs/ci (from cpu-gate or test-slow) on statuses and validation only
 	$(BIN)/runner check --no-timing --sweep latest --tracking-uri sqlite:///$(CI_OUT)/mlflow.db \
 		--baseline results/baseline-cpu.json --summary $(CI_OUT)/check.md
 

@@ -6,7 +6,7 @@ says so once. An fp32 variant then runs the reference ONNX on the reference runt
 asked for explicitly is `skipped` with the reason, and no numbers.
 
 The 12-variant sweep is yolov8n at 640 (the README's `make run`, bench=quick data.limit=4): its tests are `slow`.
-`make test-all` runs it into outputs/ci (`--sweep-outputs`), where the CPU gate (`make gate-check`) checks it.
+`make test-slow` runs it into outputs/ci (`--sweep-outputs`), where the CPU gate (`make gate-check`) checks it.
 """
 from __future__ import annotations
 

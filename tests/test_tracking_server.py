@@ -34,7 +34,7 @@ def test_sweep_logs_to_a_tracking_server(mlflow_server, tmp_path, export_cache):
     assert child.data.tags["status"] == "ok", child.data.tags.get("error")
     assert child.data.tags["onnx_label"] == "ul st fp32"
     assert child.data.tags["validation"] == "reference"  # onnxruntime running the reference ONNX itself
-    assert "val.rel_l2" not in child.data.metrics and child.data.metrics["val.map50_95"] > 0
+    assert "val.rel_l2" not in child.data.metrics and child.data.metrics["val.map50_95"] > 0.1
     assert child.data.metrics["bench.infer.p50"] > 0
     assert parent.data.metrics["variants.ok"] == 1
     assert parent.info.status == child.info.status == "FINISHED"
