@@ -83,7 +83,7 @@ def track(run: RunConfig, record: JobRecord) -> None:
 
     tracking = run.tracking
     try:
-        tracker = Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
+        tracker = Tracker.of(tracking)
         record.mlflow_run_id, record.tracking_error = tracker.log_variant(run.sweep.parent_run_id, record), None
     except Exception as exc:  # the measured result must outlive any tracking failure
         record.tracking_error = store_problem(exc)

@@ -89,7 +89,7 @@ def _open_tracker(tracking: TrackingConfig):
     from runner.track import Tracker, store_problem
 
     try:
-        return Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
+        return Tracker.of(tracking)
     except Exception as exc:  # MLflow's errors vary by store; the user needs the URI and the reason
         raise ConfigError(f"tracking.uri: cannot open {tracking.uri}: {store_problem(exc)}; start the server, or "
                           f"use the embedded store (tracking=sqlite)") from None
@@ -107,26 +107,23 @@ def _shared_store(uri: str, launcher: str, sweep: Sweep) -> contextlib.AbstractC
 
 
 def end_parent(sweep: Sweep, results: list[VariantResult], files: list[Path]) -> str | None:
-    """Close the sweep's parent run with its counts and summary files; the reason where the store is gone."""
-    from runner.track import Tracker, store_problem
-
-    tracking = sweep.tracking
-    try:
-        Tracker(tracking.uri, tracking.experiment, tracking.artifact_root).end_sweep(
-            sweep.parent_run_id, results, sweep.total, files)
-    except Exception as exc:  # the summary files are written; the store can catch up with `runner sync`
-        return store_problem(exc)
-    return None
+    """Close the sweep's parent run with its counts and summary files; the reason where the store is gone (the
+    summary files are written: `runner sync` catches up)."""
+    return _on_parent(sweep, lambda tracker: tracker.end_sweep(sweep.parent_run_id, results, sweep.total, files))
 
 
 def kill_parent(sweep: Sweep) -> str | None:
     """Close a stopped sweep's parent run, and its variant runs caught RUNNING, as KILLED; the reason where the
-    store is gone."""
+    store is gone (resume= or `runner sync` closes them later)."""
+    return _on_parent(sweep, lambda tracker: tracker.kill_sweep(sweep.parent_run_id))
+
+
+def _on_parent(sweep: Sweep, call) -> str | None:
+    """`call(tracker)` on the sweep's store; None, or why the store could not be used."""
     from runner.track import Tracker, store_problem
 
-    tracking = sweep.tracking
     try:
-        Tracker(tracking.uri, tracking.experiment, tracking.artifact_root).kill_sweep(sweep.parent_run_id)
-    except Exception as exc:  # resume= or `runner sync` closes them later
+        call(Tracker.of(sweep.tracking))
+    except Exception as exc:  # MLflow's errors vary by store
         return store_problem(exc)
     return None

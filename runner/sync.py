@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
         return USAGE_EXIT
     tracking = dataclasses.replace(sweep.tracking, uri=args.tracking_uri or sweep.tracking.uri)
     try:
-        tracker = Tracker(tracking.uri, tracking.experiment, tracking.artifact_root)
+        tracker = Tracker.of(tracking)
     except Exception as exc:  # MLflow's errors vary by store
         print(f"runner: error: cannot open {tracking.uri}: {store_problem(exc)}", file=sys.stderr)
         return USAGE_EXIT

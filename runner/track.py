@@ -95,6 +95,11 @@ class Tracker:
             else:
                 self.experiment_id = found.experiment_id
 
+    @classmethod
+    def of(cls, tracking) -> Tracker:
+        """The Tracker of a `TrackingConfig`."""
+        return cls(tracking.uri, tracking.experiment, tracking.artifact_root)
+
     def start_sweep(self, name: str, params: dict) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={KIND_TAG: SWEEP})
         self.client.set_tag(run.info.run_id, SWEEP_TAG, run.info.run_id)
