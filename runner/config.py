@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODELS = ("yolov5nu", "yolov8n", "yolov10n", "yolo11n", "yolo26n")  # the presets (conf/model/), oldest first
+DETR_MODELS = ("rtdetr-n",)  # the RT-DETR presets (runner/assets/<name>.yaml)
 
 
 def conf_dir() -> Path:

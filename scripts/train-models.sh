@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# Train the shipped models on the GPU machine: one architecture per GPU, all in parallel (runner.train, 100
-# epochs), each on its own copy of the generated data. Leaves <arch>.pt, <arch>.json (figures), <arch>.csv
-# (per epoch) and <arch>.log in $DEST.
-#   DEST=$OUT bash scripts/train-models.sh yolo11n yolo26n yolov10n yolov5nu
+# Train the shipped models on the GPU machine: one architecture per GPU (round robin over GPUS), all in parallel
+# (runner.train), each on its own copy of the generated data. Leaves <arch>.pt, <arch>.json (figures),
+# <arch>.csv (per epoch) and <arch>.log in $DEST. A run cut by TIMEOUT continues where it stopped with RESUME=1;
+# HOURS fits the epochs to a time budget for the whole training instead of EPOCHS.
+#   DEST=$OUT EPOCHS=30 bash scripts/train-models.sh yolo11n yolo26n yolov10n yolov5nu
+#   DEST=$OUT HOURS=0.3 GPUS=0 bash scripts/train-models.sh rtdetr-n; then RESUME=1 ... again
 set -euo pipefail
 DEST=${DEST:?where the weights and figures go}
 EPOCHS=${EPOCHS:-100}
 export YOLO_OFFLINE=1 PYTHONUNBUFFERED=1
-gpus=$(nvidia-smi -L | wc -l)
-workers=$(( $(nproc) / $# ))
+read -r -a gpus <<< "${GPUS:-$(seq -s ' ' 0 $(( $(nvidia-smi -L | wc -l) - 1 )))}"
+workers=${WORKERS:-$(( $(nproc) / $# ))}
+extra=()
+[[ -n ${HOURS:-} ]] && extra+=(--hours "$HOURS")
+[[ -n ${RESUME:-} ]] && extra+=(--resume)
 mkdir -p "$DEST"
 i=0
 for arch in "$@"; do
-  CUDA_VISIBLE_DEVICES=$((i % gpus)) timeout 560 python3 -m runner.train --arch "$arch" --device 0 \
-    --epochs "$EPOCHS" --workers "$workers" --data-root "/tmp/runner-train/$arch" --out "$DEST/$arch.pt" \
-    --summary "$DEST/$arch.json" > "$DEST/$arch.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=${gpus[$((i % ${#gpus[@]}))]} timeout "${TIMEOUT:-560}" python3 -m runner.train --arch "$arch" \
+    --device 0 --epochs "$EPOCHS" --workers "$workers" --data-root "/tmp/runner-train/$arch" --out "$DEST/$arch.pt" \
+    --summary "$DEST/$arch.json" "${extra[@]}" >> "$DEST/$arch.log" 2>&1 &
   i=$((i + 1))
 done
 status=0
