@@ -26,6 +26,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from runner import heads
 from runner.config import ConfigError
 from runner.results import StageError
 
@@ -224,9 +225,10 @@ def _unpickled(file: Path, shown: str):
         raise ConfigError(f"model.weights: {shown} is a damaged checkpoint ({reason}); {EXPECTED}") from None
 
 
-def verify(path: str | Path, shown: str | None = None) -> None:
+def verify(path: str | Path, shown: str | None = None) -> str:
     """The file at `path` (`shown` in messages) is an ultralytics detection checkpoint that refers to nothing
-    outside the allow-list; else ConfigError of one line saying what it is instead."""
+    outside the allow-list and whose head runner decodes (`heads.check_model`): returns that head's class name;
+    else ConfigError of one line saying what it is instead."""
     import torch
 
     file, shown = Path(path), shown or str(path)
@@ -239,8 +241,10 @@ def verify(path: str | Path, shown: str | None = None) -> None:
     model = next((m for m in (ckpt.get("ema"), ckpt.get("model")) if isinstance(m, torch.nn.Module)), None)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model.weights: {shown} holds no ultralytics model (a bare state_dict?); {EXPECTED}")
-    if not type(model).__name__.endswith("DetectionModel"):
-        raise ConfigError(f"model.weights: {shown} holds a {type(model).__name__}, not a detection model; {EXPECTED}")
+    try:
+        return heads.check_model(model)
+    except heads.UnsupportedHead as exc:
+        raise ConfigError(f"model.weights: {shown} {exc}") from None
 
 
 def verified_copy(source: str, local: Path, stage: str) -> Path:

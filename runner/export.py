@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 
-from runner import cache, checkpoint
+from runner import cache, checkpoint, heads
 from runner.config import ExportTool
 from runner.results import OnnxArtifact, StageError
 
@@ -100,7 +100,12 @@ def ultralytics_nms(end2end: bool, nms: bool) -> bool | None:
 
 
 def _check_head(model, spec: ExportSpec) -> None:
-    """Refuse an end2end export of a model without a one-to-one head, in one line."""
+    """Refuse, in one line, export.head=end2end or nms for RT-DETR (NMS-free by itself: its own head is the
+    only one), and end2end for a model without a one-to-one head."""
+    if type(model.model[-1]).__name__ == heads.RTDETR_HEAD and (spec.end2end or spec.nms):
+        raise StageError("export", f"{Path(spec.weights).name} is an RT-DETR, NMS-free by itself: export.head="
+                                   f"{'end2end' if spec.end2end else 'nms'} applies to YOLO heads; export.head="
+                                   f"one2many exports its own head")
     if spec.end2end and getattr(model.model[-1], "one2one_cv2", None) is None:
         raise StageError("export", f"{Path(spec.weights).name} has no one-to-one (NMS-free) head; export.head="
                                    f"end2end needs a yolov10 or yolo26 style model, export.head=one2many exports "
@@ -125,11 +130,11 @@ def _torch_model(spec: ExportSpec, workdir: Path):
     from ultralytics.nn.tasks import load_checkpoint
 
     device = torch.device("cpu")
+    model = load_checkpoint(str(_local_copy(spec, workdir)), device=device, inplace=True, fuse=False)[0]
+    _check_head(model, spec)
     if spec.nms:
         raise StageError("export", f"export.head=nms is ultralytics' export option (nms=True); export={spec.tool} "
                                    f"does not put NMS in the graph (use export=ultralytics)")
-    model = load_checkpoint(str(_local_copy(spec, workdir)), device=device, inplace=True, fuse=False)[0]
-    _check_head(model, spec)
     if hasattr(model, "end2end"):
         model.end2end = spec.end2end  # chosen before fusing, which drops the other head
     model = model.fuse(verbose=False).float().eval()
@@ -147,7 +152,8 @@ def _torch_model(spec: ExportSpec, workdir: Path):
         def forward(self, x):
             return self.inner(x)[0]
 
-    metadata = {"stride": int(max(model.stride)), "task": "detect", "batch": 1, "imgsz": list(spec.imgsz),
+    metadata = {"stride": int(max(model.stride)), "task": "detect", "head": type(model.model[-1]).__name__,
+                "batch": 1, "imgsz": list(spec.imgsz),
                  "names": dict(model.names), "end2end": bool(getattr(model, "end2end", False)),
                  "args": {"dynamic": spec.dynamic, "half": spec.half}}
     return FirstOutput(model).eval(), dummy, metadata
@@ -184,6 +190,9 @@ def _export_dynamo(spec: ExportSpec, workdir: Path) -> Path:
     import torch
 
     model, dummy, metadata = _torch_model(spec, workdir)
+    if spec.dynamic and metadata["head"] == heads.RTDETR_HEAD:
+        raise StageError("export", "export=dynamo cannot export RT-DETR with a dynamic shape (torch.export fails "
+                                   "tracing its decoder); use export=torch or export=ultralytics, or shape=static")
     out = workdir / "model.onnx"
     dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
     with torch.no_grad(), warnings.catch_warnings():

@@ -18,7 +18,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf.errors import OmegaConfBaseException
 
 from runner import cache, checkpoint, config, data, gpus
-from runner.config import MODELS, ConfigError, RunConfig, TrackingConfig, omegaconf_message, to_run_config
+from runner.config import DETR_MODELS, MODELS, ConfigError, RunConfig, TrackingConfig, omegaconf_message, to_run_config
 from runner.results import first_line
 from runner.sweep import variant_id
 
@@ -135,7 +135,7 @@ def check_weights(path: str) -> None:
     `runner.checkpoint`), or ConfigError saying what the file is instead."""
     if not Path(path).is_file():
         raise ConfigError(f"model.weights: file not found: {path} (a .pt file, loaded as given: nothing is "
-                          f"downloaded; or a preset: model={'|'.join(MODELS)})")
+                          f"downloaded; or a preset: model={'|'.join(MODELS + DETR_MODELS)})")
     checkpoint.verify(path)
 
 

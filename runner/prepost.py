@@ -3,8 +3,10 @@ shape: `run(runner, frames, hw)` -> (detections in source pixels, stage times in
 from its runner and its config (`preprocess=cpu|gpu`, `postprocess=cpu|gpu`).
 
 - `Chain`, ours around `runner.execute()`:
-  - pre on cpu: letterbox + normalise on the host (OpenCV); the whole float input crosses to the device.
-  - pre on gpu: the uint8 source crosses; the runner's `gpu_letterbox` fits it on the device.
+  - pre on cpu: letterbox (RT-DETR: stretch) + normalise on the host (OpenCV); the whole float input crosses to
+    the device.
+  - pre on gpu: the uint8 source crosses; the runner's `gpu_letterbox` fits it on the device, with the same
+    geometry (`processing.geometry` of the decode).
   - post on cpu: every output crosses back; decode + NMS on the host.
   - post on gpu: the runner's `gpu_score_filter` runs on the device and only its candidates cross back; NMS on the
     host. An end-to-end output `(B, N, 6)` is small already: it is copied back as it is.
@@ -21,7 +23,7 @@ import numpy as np
 
 from runner.backends import Predictor, Runner
 from runner.config import Device, RunConfig
-from runner.processing import ONE2MANY, decode_candidates, postprocess, preprocess, scale_all
+from runner.processing import ONE2MANY, RTDETR, decode_candidates, geometry, postprocess, preprocess, scale_all
 
 
 @dataclass
@@ -38,9 +40,9 @@ class Chain:
     def pre(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int]):
         """The input in place on the device; returns how each frame was fitted (`Letterbox`)."""
         if self.letterbox is not None:
-            boxes = self.letterbox.run(frames, hw)
+            boxes = self.letterbox.run(frames, hw, geometry(self.head))
         else:
-            blob, boxes = preprocess(frames, hw)
+            blob, boxes = preprocess(frames, hw, head=self.head)
             runner.h2d(blob)
         runner.sync()
         return boxes
@@ -82,7 +84,8 @@ class Chain:
         post = "host decode + NMS"
         if self.score_filter is not None:
             post = ("gpu score filter, host NMS" if self.head == ONE2MANY else "end-to-end output copied as is")
-        pre = "host letterbox (float upload)" if self.letterbox is None else "gpu letterbox (uint8 upload)"
+        fitting = "stretch" if self.head == RTDETR else "letterbox"
+        pre = f"host {fitting} (float upload)" if self.letterbox is None else f"gpu {fitting} (uint8 upload)"
         return {"preprocess": pre, "postprocess": post, "decode": self.head,
                 "copies": "h2d in preprocess, d2h in postprocess, each between CUDA events where there is a device"}
 

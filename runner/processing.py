@@ -1,9 +1,12 @@
 """Pre- and postprocessing shared by every backend (numpy + OpenCV, no torch).
 
-Letterbox and box scaling follow ultralytics' `LetterBox` and `ops.scale_boxes`. Two head formats are decoded,
-chosen by `head_format` from the output's shape and the class count: the one-to-many `(B, 4 + nc, anchors)`
-with class-aware NMS, as `ops.non_max_suppression` (single label per box); and the end-to-end
-`(B, N, 6)` [x1, y1, x2, y2, score, class] of an NMS-free head or an export with NMS inside, by its score alone.
+Letterbox and box scaling follow ultralytics' `LetterBox` and `ops.scale_boxes`. Three decodes, which
+`runner.heads` picks from what the model says it is:
+- YOLO one-to-many `(B, 4 + nc, anchors)`: class-aware NMS, as `ops.non_max_suppression` (single label per box);
+- YOLO end-to-end `(B, N, 6)` [x1, y1, x2, y2, score, class] in input pixels (an NMS-free head, or an export with
+  NMS inside): by its score alone;
+- RT-DETR `(B, N, 6)` [cx, cy, w, h] normalised to 0-1, score, class: by its score alone, on an image stretched
+  to the input (ultralytics' `LetterBox(scale_fill=True)`, as `RTDETRPredictor` fits it), never letterboxed.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import numpy as np
 
 PAD_VALUE = (114, 114, 114)
 MAX_NMS = 30000
+ONE2MANY, END2END, RTDETR = "one2many", "end2end", "rtdetr"  # the decodes
+RANKED = (END2END, RTDETR)  # a top-k output: near-equal scores reorder its rows, so it is compared as detections
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,23 @@ def fit(h: int, w: int, new_shape: tuple[int, int], auto: bool = False, stride: 
     return new_unpad, (top, bottom, left, right), Letterbox((new_unpad[0] / w, new_unpad[1] / h), (left, top), (h, w))
 
 
+def stretch_fit(h: int, w: int, new_shape: tuple[int, int]
+                ) -> tuple[tuple[int, int], tuple[int, int, int, int], Letterbox]:
+    """`fit`'s geometry for RT-DETR: the h x w image resized to `new_shape` (h, w) on each axis, no padding."""
+    return (new_shape[1], new_shape[0]), (0, 0, 0, 0), Letterbox((new_shape[1] / w, new_shape[0] / h), (0, 0), (h, w))
+
+
+def geometry(head: str):
+    """How a decode's input is fitted: `stretch_fit` for RT-DETR, else `fit` (letterbox)."""
+    return stretch_fit if head == RTDETR else fit
+
+
+def stretch(img: np.ndarray, new_shape: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """Resize to `new_shape` (h, w) without keeping the aspect ratio, as RT-DETR's predictor does."""
+    new_size, _, box = stretch_fit(*img.shape[:2], new_shape)
+    return cv2.resize(img, new_size, interpolation=cv2.INTER_LINEAR) if new_size != img.shape[1::-1] else img, box
+
+
 def letterbox(img: np.ndarray, new_shape: tuple[int, int], auto: bool = False, stride: int = 32,
               scaleup: bool = True) -> tuple[np.ndarray, Letterbox]:
     """Resize keeping aspect ratio and pad to `new_shape` (h, w); `auto` pads only to a stride multiple."""
@@ -56,10 +78,11 @@ def to_blob(images: list[np.ndarray]) -> np.ndarray:
     return cv2.dnn.blobFromImages(images, scalefactor=1 / 255.0, swapRB=True)
 
 
-def preprocess(images: list[np.ndarray], hw: tuple[int, int], auto: bool = False, stride: int = 32
-               ) -> tuple[np.ndarray, list[Letterbox]]:
-    """Letterbox each image to `hw`, then normalise, BGR->RGB and HWC->CHW into one batch."""
-    boxed = [letterbox(im, hw, auto=auto, stride=stride) for im in images]
+def preprocess(images: list[np.ndarray], hw: tuple[int, int], auto: bool = False, stride: int = 32,
+               head: str = ONE2MANY) -> tuple[np.ndarray, list[Letterbox]]:
+    """Letterbox (stretch, for the RT-DETR `head`) each image to `hw`, then normalise, BGR->RGB and HWC->CHW into
+    one batch."""
+    boxed = [stretch(im, hw) if head == RTDETR else letterbox(im, hw, auto=auto, stride=stride) for im in images]
     return to_blob([b[0] for b in boxed]), [b[1] for b in boxed]
 
 
@@ -73,7 +96,6 @@ def scale_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
     return out
 
 
-ONE2MANY, END2END = "one2many", "end2end"
 
 
 class UnknownHead(ValueError):
@@ -102,6 +124,21 @@ def decode_end2end(pred: np.ndarray, conf: float = 0.25, max_det: int = 300) -> 
     for p in np.asarray(pred, dtype=np.float32):
         p = p[p[:, 4] > conf]
         results.append(p[np.argsort(-p[:, 4], kind="stable")][:max_det])
+    return results
+
+
+def decode_rtdetr(pred: np.ndarray, boxes: list[Letterbox], conf: float = 0.25, max_det: int = 300
+                  ) -> list[np.ndarray]:
+    """(B, N, 6) RT-DETR output of stretched images, best first -> per image (n, 6) [x1, y1, x2, y2, score, cls]
+    above `conf` in source pixels, as `RTDETRPredictor.postprocess` makes them; then clipped to the image, as
+    ultralytics' validator clips every box."""
+    results = []
+    for p, lb in zip(np.asarray(pred, dtype=np.float32), boxes):
+        p = p[p[:, 4] > conf][:max_det]
+        h, w = lb.orig_shape
+        xyxy = np.concatenate([p[:, :2] - p[:, 2:4] / 2, p[:, :2] + p[:, 2:4] / 2], 1) * np.float32([w, h, w, h])
+        xyxy[:, [0, 2]], xyxy[:, [1, 3]] = xyxy[:, [0, 2]].clip(0, w), xyxy[:, [1, 3]].clip(0, h)
+        results.append(np.concatenate([xyxy, p[:, 4:6]], 1))
     return results
 
 
@@ -147,5 +184,7 @@ def scale_all(dets: list[np.ndarray], boxes: list[Letterbox]) -> list[np.ndarray
 def postprocess(pred: np.ndarray, boxes: list[Letterbox], conf: float = 0.25, iou: float = 0.7,
                 max_det: int = 300, head: str = ONE2MANY) -> list[np.ndarray]:
     """Decode (with NMS for a one-to-many head) and scale back to each source image."""
+    if head == RTDETR:
+        return decode_rtdetr(pred, boxes, conf, max_det)
     dets = decode_end2end(pred, conf, max_det) if head == END2END else decode(pred, conf, iou, max_det)
     return scale_all(dets, boxes)

@@ -6,8 +6,8 @@ variant's own chain (`prepost`: GPU letterbox, GPU filter, or the peer's predict
 the reference's; a GPU letterbox is also compared with the CPU one (`input_max_abs`, within
 `GPU_LETTERBOX_TOLERANCE`); and, where the data has labels, mAP50 / mAP50-95 against ground truth. Where the reference
 finds nothing, detections are not measured ("no reference detections"), and a shape passes on what was.
-An end-to-end output `(B, N, 6)` is a ranked top-k, whose rows near-equal scores reorder: it is compared
-as detections only.
+An end-to-end or RT-DETR output `(B, N, 6)` is a ranked top-k, whose rows near-equal scores reorder: it is
+compared as detections only.
 When the model under test is the reference itself (onnxruntime on the CPU running the reference ONNX),
 nothing is compared, since nothing could differ: the result says `reference` and reports only mAP.
 """
@@ -21,7 +21,7 @@ import numpy as np
 from runner.config import Thresholds, ValidateConfig
 from runner.data import Sample
 from runner.metrics import match_detections, mean_average_precision, tensor_metrics
-from runner.processing import END2END, postprocess, preprocess
+from runner.processing import RANKED, postprocess, preprocess
 from runner.results import DetectionMetrics, ShapeCheck, TensorMetrics, ValidateResult, first_line
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def validate_shape(runner, chain, reference, samples: list[Sample], shape: list[
     outs_test, outs_ref, det_test, det_ref, gts, input_max_abs = {}, {}, [], [], [], None
     for chunk in _batches(samples, shape[0]):
         frames = [s.image for s in chunk]
-        blob, boxes = preprocess(frames, hw)
+        blob, boxes = preprocess(frames, hw, head=head)
         if reference is not None:
             try:
                 ref = reference.infer(blob)
@@ -118,7 +118,7 @@ def validate_shape(runner, chain, reference, samples: list[Sample], shape: list[
         check.ref_map50_95 = ref_accuracy.get("map50_95")
         check.class_ap_delta = {_name(names, c): accuracy["per_class"].get(c, 0.0) - ap
                                 for c, ap in ref_accuracy.get("per_class", {}).items()}
-    if head != END2END:  # a top-k output's rows are ranked, and near-equal scores reorder them: detections only
+    if head not in RANKED:  # a top-k output's rows are ranked, and near-equal scores reorder them: detections only
         check.tensors = {name: TensorMetrics(**tensor_metrics(np.concatenate(outs_test[name]),
                                                               np.concatenate(outs_ref[name]),
                                                               thresholds.atol, thresholds.rtol)) for name in outs_ref}
@@ -193,7 +193,7 @@ def validate(runner, chain, reference, samples: list[Sample], shapes: list[tuple
     elif status == "passed":
         unmeasured = [k for k, s in checked.items() if s.detections is None]
         notes = [f"detections not measured, {NO_REFERENCE_DETECTIONS}: {', '.join(unmeasured)}"] if unmeasured else []
-        if head == END2END:
+        if head in RANKED:
             notes.append(TENSORS_NOT_COMPARED)
         reason = "; ".join(notes) or None
     missed = list(dict.fromkeys(m for s in checked.values() for m in s.failed_metrics))

@@ -14,14 +14,13 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runner import backends, prepost
+from runner import backends, checkpoint, heads, prepost
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
 from runner.config import BackendName, Device, Head, Mechanism, Precision, RunConfig, ShapeMode
 from runner.data import Sample, load_samples
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
-from runner.processing import UnknownHead, head_format
 from runner.quantize import calibration_set, quantize_qdq
 from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, StageError,
                             VariantResult)
@@ -88,6 +87,7 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         mechanism = backend.precision_mechanism(cfg)
         result.cell = cell_of(cfg, backend_name, mechanism)
         result.export = export_stage(cfg, mechanism)
+        output_head(result.export)  # a head runner cannot decode goes no further
         publish(result)
 
         clock.enter("build")
@@ -102,7 +102,7 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         with runner:  # closes it
             clock.enter("validate")
             samples, skipped = load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs))
-            chain = prepost.chain(runner, cfg, output_head(result.build, result.export))
+            chain = prepost.chain(runner, cfg, output_head(result.export, result.build))
             validate_stage(cfg, runner, chain, result, samples, skipped)
             publish(result)
             clock.enter("bench")
@@ -139,13 +139,18 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     return ExportResult(weights=weights, reference=reference, tested=tested)
 
 
-def output_head(build: BuildResult, export: ExportResult) -> str:
-    """The decode of the model under test, from its ONNX's first output and class count. Raises StageError."""
-    signature = build.onnx_signature or export.tested.signature
+def output_head(export: ExportResult, build: BuildResult | None = None) -> str:
+    """The decode of the model under test (`heads.decode`): its head from the reference ONNX's metadata, its
+    layout from the first output of the ONNX built (build=ultralytics makes its own) or tested. Raises StageError
+    of the export stage before a build, else of validate."""
+    signature = (build and build.onnx_signature) or export.tested.signature
+    metadata = heads.onnx_metadata(export.reference.path)
+    if "head" not in metadata:  # a torch export cached before the exporter wrote its head: the checkpoint says it
+        metadata["head"] = checkpoint.verify(export.weights)
     try:
-        return head_format(signature["outputs"][0]["shape"], len(export.tested.names) or None)
-    except UnknownHead as exc:
-        raise StageError("validate", f"{signature['outputs'][0]['name']}: {exc}") from None
+        return heads.decode(metadata, signature["outputs"][0], len(export.tested.names) or None)
+    except heads.UnsupportedHead as exc:
+        raise StageError("export" if build is None else "validate", str(exc)) from None
 
 
 def validate_stage(cfg: RunConfig, runner, pipeline, result: VariantResult, samples: list[Sample],

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import DEFAULT_WEIGHTS, PLUMBING, REPO, mlflow_run_count, run_cli, sweep_runs
 from runner.config import ConfigError
+from runner.heads import DECODED
 from runner.preflight import CONF_DIR, preflight
 
 USAGE_EXIT = 2
@@ -120,7 +121,7 @@ def test_a_segmentation_checkpoint_is_not_a_detector(cli, tmp_path):
     torch.save({"model": SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False)}, seg)
     proc = cli([f"model.weights={seg}"], tmp_path / "outputs")
     assert_one_line_exit_2(proc, tmp_path / "outputs", f"runner: error: model.weights: {seg} holds a "
-                                                       f"SegmentationModel, not a detection model; {CHECKPOINT}")
+                                                       f"SegmentationModel (task segment, head Segment); {DECODED}")
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_before_any_work(cli, tmp_path):

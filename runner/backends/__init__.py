@@ -66,8 +66,8 @@ class Runner(ABC):
         return {}
 
     def gpu_letterbox(self):
-        """The letterbox into this runner's input on its device (`preprocess=gpu`): `run(frames, hw)` -> fits,
-        `read_input()`; closed with the runner. None where the runtime has none."""
+        """The letterbox into this runner's input on its device (`preprocess=gpu`): `run(frames, hw, geometry)` ->
+        fits, `read_input()`; closed with the runner. None where the runtime has none."""
         return None
 
     def gpu_score_filter(self):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runner import checkpoint, heads
 from runner.backends import Predictor
 from runner.backends.tensorrt import TensorrtBackend
 from runner.config import BackendName, Device, RunConfig
@@ -31,20 +32,22 @@ def engine_file(path: str) -> str:
 
 
 class UltralyticsRunner(Predictor):
-    """`YOLO(engine)`: `predict` for the chain; its predictor's AutoBackend for tensors. Times with CUDA events."""
+    """`YOLO(engine)` (`RTDETR(engine)` for an RT-DETR): `predict` for the chain; its predictor's AutoBackend for
+    tensors. Times with CUDA events."""
 
     name = BackendName.ultralytics.value
 
-    def __init__(self, engine_path: str, imgsz: tuple[int, int]):
-        self.engine_path, self.imgsz = engine_path, tuple(imgsz)
+    def __init__(self, engine_path: str, imgsz: tuple[int, int], rtdetr: bool = False):
+        self.engine_path, self.imgsz, self.rtdetr = engine_path, tuple(imgsz), rtdetr
         self.model = None
 
     def open(self) -> None:
         import torch
-        from ultralytics import YOLO
+        from ultralytics import RTDETR, YOLO
 
-        self._torch = torch
-        self.model = YOLO(engine_file(self.engine_path), task="detect")
+        self._torch = torch  # RT-DETR's own predictor stretches the image and decodes its head
+        self.model = RTDETR(engine_file(self.engine_path)) if self.rtdetr else YOLO(engine_file(self.engine_path),
+                                                                                     task="detect")
         blank = np.full((*self.imgsz, 3), 114, np.uint8)
         self.model.predict(blank, imgsz=self.imgsz, device=0, verbose=False)  # sets up the predictor and its engine
         self.backend = self.model.predictor.model
@@ -109,4 +112,5 @@ class UltralyticsBackend(TensorrtBackend):
         return super().applies(cfg)
 
     def runner(self, cfg: RunConfig, build: BuildResult) -> UltralyticsRunner:
-        return UltralyticsRunner(build.artifact, tuple(build.profile[1][2:]))
+        rtdetr = checkpoint.verify(cfg.model.weights) == heads.RTDETR_HEAD  # what the engine was built from
+        return UltralyticsRunner(build.artifact, tuple(build.profile[1][2:]), rtdetr)

@@ -1,11 +1,11 @@
 """Table order: a model's grid, an ONNX column and a build row sort by the cell's parts, never by its labels.
 
-Models: the presets oldest first, then others by name. Within a tool: precision, calibrator, shape; ONNX
+Models: the YOLO presets oldest first, then the RT-DETR ones, then others by name. Within a tool: precision, calibrator, shape; ONNX
 columns with a head other than one2many after the rest, build rows of the peer after runner's own.
 """
 from __future__ import annotations
 
-from runner.config import MODELS, BackendName, BuildTool, ExportTool, Head, Mechanism, Precision, ShapeMode
+from runner.config import DETR_MODELS, MODELS, BackendName, BuildTool, ExportTool, Head, Mechanism, Precision, ShapeMode
 from runner.results import PEER_PIPELINE, BuildVariant, Cell, OnnxVariant
 
 EXPORT_TOOLS = (ExportTool.ultralytics, ExportTool.torch, ExportTool.dynamo)
@@ -19,7 +19,7 @@ def _rank(order: tuple, value: str) -> int:
 
 
 def model_key(model: str) -> tuple:
-    return _rank(MODELS, model), model
+    return _rank(MODELS + DETR_MODELS, model), model
 
 
 def _variant_key(variant: OnnxVariant | BuildVariant, tools: tuple) -> tuple:

@@ -1,7 +1,8 @@
 """The GPU pipeline's two ends around a `TrtRunner`, on its stream, with the kernels of `kernels`.
 
-`GpuLetterbox` uploads uint8 source images and letterboxes them into the runner's input buffer; `GpuScoreFilter`
-filters the one-to-many head output by score before the copy back, so only the candidates cross to the host. Each
+`GpuLetterbox` uploads uint8 source images and letterboxes (for RT-DETR: stretches) them into the runner's input
+buffer; `GpuScoreFilter` filters the one-to-many head output by score before the copy back, so only the candidates
+cross to the host. Each
 owns its buffers and kernels and is closed with the runner that made it; its GPU work is a stage of the runner's
 `CudaGraphs` (set_shape moves the tensors they read and write), and its copies are timed as the runner's h2d / d2h.
 """
@@ -37,11 +38,13 @@ class _End:
 
 
 class GpuLetterbox(_End):
-    """Source images in, the runner's input out: the CPU path's geometry (`processing.fit`), resized on the GPU."""
+    """Source images in, the runner's input out: the CPU path's geometry (`processing.fit` or `stretch_fit`),
+    resized on the GPU."""
 
-    def run(self, images: list[np.ndarray], hw: tuple[int, int]) -> list[Letterbox]:
-        """Upload uint8 BGR images and letterbox them into the input buffer, in its dtype. Asynchronous: the
-        runner's sync() before reading anything it wrote."""
+    def run(self, images: list[np.ndarray], hw: tuple[int, int], geometry=fit) -> list[Letterbox]:
+        """Upload uint8 BGR images and fit them into the input buffer, in its dtype, by `geometry` (`fit`, or
+        `stretch_fit` for RT-DETR: the kernel resizes each axis by its own scale). Asynchronous: the runner's sync()
+        before reading anything it wrote."""
         runner, buffers = self.runner, self._buffers
         batch, _, h, w = runner.shape
         if len(images) != batch or (h, w) != tuple(hw):
@@ -56,7 +59,7 @@ class GpuLetterbox(_End):
         with runner.timed("h2d"):
             for n, image in enumerate(images):
                 image = np.ascontiguousarray(image)
-                (new_w, new_h), (top, _, left, _), box = fit(*image.shape[:2], (h, w))
+                (new_w, new_h), (top, _, left, _), box = geometry(*image.shape[:2], (h, w))
                 fits[n] = offset, image.shape[1], image.shape[0], new_w, new_h, left, top, 0
                 source = image.ctypes.data
                 if not runner.pinned(image):  # through the pinned staging buffer
