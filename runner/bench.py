@@ -4,7 +4,9 @@ The chain (`prepost`) says what each stage holds and times it: ours on the host 
 infer with CUDA events on a GPU; the peer with its own speed dict and the wall time. Where there is a device, the
 copies inside pre and post are timed on their own with CUDA events (h2d, d2h). After the chain loop comes the
 engine alone: the same number of back-to-back `execute()` calls (compute), and its throughput in images/s at the
-profile's opt batch on one stream and at batch 1 on two streams, on the runner's lanes (`Runner.lanes`).
+timed shape on one stream (`opt_batch`) and at batch 1 on two streams, on the runner's lanes (`Runner.lanes`).
+Every variant of a sweep is timed at one shape, the static variant's (`RunConfig.timed_shape`); each figure is per
+batch of its first dim (`BenchResult.per_image` divides it).
 """
 from __future__ import annotations
 
@@ -42,9 +44,9 @@ def images_per_second(runner, shape: tuple[int, ...], streams: int, iters: int) 
         return iters * streams * shape[0] / (time.perf_counter() - start)
 
 
-def throughput(runner, opt_shape: list[int], iters: int) -> tuple[dict[str, float], str | None]:
-    """Images/s of the engine alone: at the opt shape on one stream, at batch 1 on two. (figures, note)."""
-    shapes = {"opt_batch": tuple(opt_shape), "batch1_2streams": (1, *opt_shape[1:])}
+def throughput(runner, shape: list[int], iters: int) -> tuple[dict[str, float], str | None]:
+    """Images/s of the engine alone: at `shape` on one stream, at batch 1 on two. (figures, note)."""
+    shapes = {"opt_batch": tuple(shape), "batch1_2streams": (1, *shape[1:])}
     figures, notes = {}, []
     for name, streams in THROUGHPUT_LANES.items():
         try:

@@ -242,6 +242,7 @@ class ValidateConfig:
 class BenchConfig:
     warmup: int = 20
     iters: int = 200
+    batch: int = 1  # every variant is timed at [batch, 3, *model.imgsz]: the static variant's shape
     cuda_graph: bool = False  # static TensorRT engines only
 
 
@@ -279,6 +280,11 @@ class RunConfig:
     resume: Optional[str] = None  # latest, or a sweep folder: keep its finished variants, run the rest
     outputs: str = "outputs"
     cache_dir: str = "${outputs}/cache"
+
+    @property
+    def timed_shape(self) -> list[int]:
+        """The input shape every variant of a sweep is timed at: the static shape at the bench batch."""
+        return [self.bench.batch, 3, *self.model.imgsz]
 
 
 def register() -> None:
@@ -373,6 +379,19 @@ def _check_name(key: str, name: Optional[str]) -> None:
         raise ConfigError(f"{key}: a name, not a path: no '/' or '\\', not '.' or '..'; got {name!r}")
 
 
+def _check_timed_shape(cfg: RunConfig) -> None:
+    """Every variant is timed at the same shape, so each variant's shapes must hold it."""
+    if cfg.bench.batch <= 0:
+        raise ConfigError(f"bench.batch: must be a positive integer, got {cfg.bench.batch}")
+    timed, lo, hi = cfg.timed_shape, list(cfg.shape.min), list(cfg.shape.max)
+    if not all(a <= t <= b for a, t, b in zip(lo, timed, hi)):
+        key = "model.imgsz" if lo[0] <= timed[0] <= hi[0] else "bench.batch"
+        other = ("'shape.opt=[" + ",".join(map(str, timed)) + "]'" if cfg.shape.mode == ShapeMode.static
+                 else "profile.min / profile.max")
+        raise ConfigError(f"{key}: every variant is timed at [bench.batch, 3, *model.imgsz] = {timed}, outside "
+                          f"shape={cfg.shape.mode.value} {lo}..{hi}; set {key} or {other}")
+
+
 def check(cfg: RunConfig) -> None:
     """Cross-field rules the schema cannot express. Raises ConfigError with a one-line message."""
     for key, name in (("model.name", cfg.model.name), ("data.name", cfg.data.name),
@@ -400,6 +419,7 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
     if cfg.bench.warmup < 0:
         raise ConfigError(f"bench.warmup: must be >= 0, got {cfg.bench.warmup}")
+    _check_timed_shape(cfg)
     level = cfg.backend.builder_optimization_level
     if level is not None and not 0 <= level <= 5:
         raise ConfigError(f"backend.builder_optimization_level: must be 0..5 or null, got {level}")

@@ -256,18 +256,31 @@ class ValidateResult(Record):
     reason: str | None = None  # why it failed or was unchecked, or what a pass did not measure
     head: str = Head.one2many.value  # the decode: one2many (with NMS) | end2end
     failed_metrics: list[str] = field(default_factory=list)
+    headline_shape: list[int] | None = None  # where the headline mAP is measured: the static variant's shape
+
+    def headline(self) -> tuple[str, ShapeCheck] | None:
+        """(label, check) of the shape the headline mAP is measured at, where it was scored."""
+        return next(((k, s) for k, s in self.shapes.items()
+                     if s.shape == self.headline_shape and s.map50_95 is not None), None)
+
+    def worst_map(self) -> tuple[str, ShapeCheck] | None:
+        """(label, check) of the shape with the lowest mAP50-95, where any was scored."""
+        scored = [(k, s) for k, s in self.shapes.items() if s.map50_95 is not None]
+        return min(scored, key=lambda item: item[1].map50_95, default=None)
 
     def aggregate(self) -> dict[str, float]:
-        """The worst value of each measure over the shapes where it was measured."""
+        """The worst value of each measure over the shapes where it was measured; mAP at the headline shape
+        (`map50`, `map50_95`), its lowest over the shapes beside it (`map50_95_worst`)."""
         out = {}
         if tensors := [t for s in self.shapes.values() for t in s.tensors.values()]:
             out.update(rel_l2=max(t.rel_l2 for t in tensors), max_abs=max(t.max_abs for t in tensors),
                        cosine=min(t.cosine for t in tensors), allclose_rate=min(t.allclose_rate for t in tensors))
         if matched := [s.detections for s in self.shapes.values() if s.detections]:
             out.update(det_f1=min(d.f1 for d in matched), det_mean_iou=min(d.mean_iou for d in matched))
-        scored = [s for s in self.shapes.values() if s.map50_95 is not None]
-        if scored:
-            out.update(map50=min(s.map50 for s in scored), map50_95=min(s.map50_95 for s in scored))
+        if headline := self.headline():
+            out.update(map50=headline[1].map50, map50_95=headline[1].map50_95)
+        if lowest := self.worst_map():
+            out["map50_95_worst"] = lowest[1].map50_95
         if compared := [s for s in self.shapes.values() if s.map_drop is not None]:
             worst = max(compared, key=lambda s: s.map_drop)
             out.update(ref_map50_95=worst.ref_map50_95, map_drop=worst.map_drop,
@@ -303,6 +316,17 @@ class BenchResult(Record):
     @property
     def infer_over_compute(self) -> float:
         return self.infer.p50 / self.compute.p50
+
+    @property
+    def shape(self) -> list[int]:
+        """The input shape timed, [batch, 3, H, W]: every stage's figure is per batch of `shape[0]` images."""
+        return list(self.settings["shape"])
+
+    def per_image(self) -> dict[str, float]:
+        """Per-image figures beside the per-batch ones: infer and end-to-end p50 ms per image, end-to-end images/s."""
+        batch = self.shape[0]
+        return {"infer_p50_ms": self.infer.p50 / batch, "e2e_p50_ms": self.e2e.p50 / batch,
+                "e2e_img_s": batch * 1000 / self.e2e.p50}
 
 
 @dataclass
@@ -376,6 +400,8 @@ class VariantResult(Record):
                 if getattr(self.bench, copy) is not None:
                     m[f"bench.{copy}.p50"] = getattr(self.bench, copy).p50
             m.update({f"bench.throughput.{k}": v for k, v in self.bench.throughput.items()})
+            m.update({f"bench.per_image.{k}": v for k, v in self.bench.per_image().items()})
+            m["bench.batch"] = self.bench.shape[0]
             m["bench.infer_over_compute"] = self.bench.infer_over_compute
             m["bench.cuda_graph"] = float(bool(self.bench.settings.get("cuda_graph")))  # as run, not as asked
         return {k: float(v) for k, v in m.items() if v is not None}

@@ -2,7 +2,8 @@
 
 A run is a sweep (the parent) or a variant (a child) by its `KIND_TAG`; every run of a sweep carries the
 parent's id as `SWEEP_TAG`. A variant run carries its cell as parts (`cell.model`, `cell.onnx.tool`, ...),
-read back as a `Cell` value, and its outcome as the `OUTCOME` tags.
+read back as a `Cell` value, its outcome as the `OUTCOME` tags, and the shapes its figures were measured at as the
+`SHAPES` tags.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ SWEEP, VARIANT = "sweep", "variant"  # the values of KIND_TAG
 SWEEP_TAG = "runner.sweep_id"
 RESULT_TAG = "runner.result_id"  # the result.json a variant run was logged from
 OUTCOME = ("status", "failed_stage", "error", "backend", "validation", "validation_note", "accuracy_miss")
+SHAPES = ("timed_shape", "map_shape", "map_worst_shape")  # where the figures were measured, as `shape_text` says
 
 
 def query(kind: str, sweep_id: str | None = None) -> str:
@@ -43,3 +45,18 @@ def outcome_tags(result: VariantResult) -> dict[str, str]:
             "backend": result.backend, "validation": v.status if v else "",
             "validation_note": (v.reason or "") if v and v.status == "passed" else "",
             "accuracy_miss": ", ".join(v.failed_metrics) if v and v.status == "inaccurate" else ""}
+
+
+def shape_text(shape: list[int] | None, label: str = "") -> str:
+    """A shape as the tables show it: `1x3x640x640`, after its label where it has one (`min 1x3x320x320`)."""
+    return " ".join(filter(None, (label, "x".join(map(str, shape or ())))))
+
+
+def shape_tags(result: VariantResult) -> dict[str, str]:
+    """The shape the bench timed (its first dim is the batch every timing is per), the shape of the headline mAP and
+    the shape with the lowest mAP50-95, as tags ("" where not measured)."""
+    v, b = result.validate, result.bench
+    headline, worst = (v.headline(), v.worst_map()) if v else (None, None)
+    return {"timed_shape": shape_text(b.shape) if b else "",
+            "map_shape": shape_text(headline[1].shape) if headline else "",
+            "map_worst_shape": shape_text(worst[1].shape, worst[0]) if worst else ""}

@@ -6,9 +6,9 @@ by a kill is replaced. Parallel jobs reach an embedded sqlite store through a lo
 (`LoopbackServer`), one writer, so no job meets "database is locked".
 
 A variant's run carries the flattened config as params, provenance (`env.*`) and what was resolved at
-run time (`resolved.*`), `VariantResult.metrics()` as metrics, the cell and the outcome as tags (read
-back by `runner table|check`), and as artifacts the result JSON, the resolved config, the ONNX
-signatures, the build log and layers, and the traceback of an unexpected error.
+run time (`resolved.*`, the timed shape among them), `VariantResult.metrics()` as metrics, the cell, the outcome
+and the measured shapes as tags (read back by `runner table|check`), and as artifacts the result JSON, the
+resolved config, the ONNX signatures, the build log and layers, and the traceback of an unexpected error.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from runner import cache
 from runner.isolate import start_tethered
 from runner.results import VariantResult
 from runner.sweep import JobRecord
-from runner.tags import KIND_TAG, RESULT_TAG, SWEEP, SWEEP_TAG, VARIANT, cell_tags, outcome_tags, query
+from runner.tags import (KIND_TAG, RESULT_TAG, SWEEP, SWEEP_TAG, VARIANT, cell_tags, outcome_tags, query, shape_tags,
+                         shape_text)
 
 # MLflow says "Creating initial MLflow database tables" when it makes a sqlite store, on stderr through a handler
 # of its own (importing mlflow resets the levels set before): not the user's news. Its warnings still show.
@@ -78,7 +79,7 @@ def _metric(key: str, value: float):
 
 
 def _profile_text(profile: list[list[int]]) -> str:
-    return " / ".join("x".join(map(str, s)) for s in profile)
+    return " / ".join(shape_text(s) for s in profile)
 
 
 class Tracker:
@@ -142,7 +143,7 @@ class Tracker:
             return existing
         result = record.result
         tags = {"mlflow.parentRunId": sweep_id, SWEEP_TAG: sweep_id, KIND_TAG: VARIANT,
-                RESULT_TAG: record.result_id, **cell_tags(result.cell), **outcome_tags(result),
+                RESULT_TAG: record.result_id, **cell_tags(result.cell), **outcome_tags(result), **shape_tags(result),
                 **{f"metric_name.{key}": name[:MAX_TAG] for key, name in result.metric_names().items()}}
         tags["error"] = tags["error"][:MAX_TAG]
         run_id = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags,
@@ -165,6 +166,8 @@ class Tracker:
                              "resolved.profile": _profile_text(result.build.profile),
                              "resolved.optimization_level": result.build.optimization_level,
                              "resolved.tf32": result.build.tf32})
+        if result.bench:
+            resolved["resolved.timed_shape"] = shape_text(result.bench.shape)
         env = {f"env.{k}": v for k, v in result.environment.items()}
         self._log_params(run_id, {**flatten(record.config), **env,
                                   **{k: v for k, v in resolved.items() if v is not None}})

@@ -27,13 +27,24 @@ from runner.results import DetectionMetrics, ShapeCheck, TensorMetrics, Validate
 log = logging.getLogger(__name__)
 
 
-def shapes_to_check(profile: list[list[int]], stride: int, non_square: bool) -> list[tuple[str, list[int]]]:
+def headline_shape(profile: list[list[int]], imgsz: list[int]) -> list[int] | None:
+    """Where a row's headline mAP is measured: the static variant's shape, `imgsz` at the profile's smallest batch;
+    None where the profile does not hold it."""
+    lo, _, hi = profile
+    shape = [lo[0], 3, *imgsz]
+    return shape if all(a <= s <= b for a, s, b in zip(lo, shape, hi)) else None
+
+
+def shapes_to_check(profile: list[list[int]], stride: int, non_square: bool,
+                    imgsz: list[int]) -> list[tuple[str, list[int]]]:
     """The shapes to check inside a (min, opt, max) profile: its one shape when static; else min, opt,
-    max and one non-square shape."""
+    max, one non-square shape and the headline shape (`headline_shape`, labelled `imgsz`)."""
     lo, mid, hi = (list(s) for s in profile)
     if lo == hi:
         return [("static", mid)]
     shapes = [("min", lo), ("opt", mid), ("max", hi)]
+    if headline := headline_shape(profile, imgsz):
+        shapes.append(("imgsz", headline))
     if non_square:
         h = max(lo[2], (hi[2] * 3 // 4) // stride * stride)
         candidate = [mid[0], 3, h, hi[3]]
@@ -159,10 +170,10 @@ def _misses(check: ShapeCheck, t: Thresholds) -> dict[str, str]:
 
 def validate(runner, chain, reference, samples: list[Sample], shapes: list[tuple[str, list[int]]],
              thresholds: Thresholds, v: ValidateConfig, reference_provider: str, skipped_images: list[str],
-             names: list[str] = ()) -> ValidateResult:
+             names: list[str] = (), headline: list[int] | None = None) -> ValidateResult:
     """Validate at every shape, detections through `chain`: passes when every shape the reference could run
     passes; `inaccurate` when they all ran but one missed a limit. `reference=None` when the model under test is
-    the reference itself."""
+    the reference itself. `headline`: the shape of the headline mAP."""
     head = chain.head
     per_shape = {}
     for label, shape in shapes:
@@ -199,7 +210,8 @@ def validate(runner, chain, reference, samples: list[Sample], shapes: list[tuple
     missed = list(dict.fromkeys(m for s in checked.values() for m in s.failed_metrics))
     return ValidateResult(status=status, shapes=per_shape, thresholds=asdict(thresholds),
                           reference_provider=reference_provider, images=len(samples),
-                          skipped_images=list(skipped_images), reason=reason, head=head, failed_metrics=missed)
+                          skipped_images=list(skipped_images), reason=reason, head=head, failed_metrics=missed,
+                          headline_shape=headline)
 
 
 def _letterbox_miss(value: float) -> str:

@@ -24,7 +24,7 @@ from runner.export import ExportSpec, export_onnx
 from runner.quantize import calibration_set, quantize_qdq
 from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, StageError,
                             VariantResult)
-from runner.validate import shapes_to_check, validate
+from runner.validate import headline_shape, shapes_to_check, validate
 
 log = logging.getLogger(__name__)
 FP16_ONNX = (Mechanism.fp16_onnx, Mechanism.strongly_typed)  # the precision mechanisms that build or run an fp16 ONNX
@@ -106,7 +106,7 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
             validate_stage(cfg, runner, chain, result, samples, skipped)
             publish(result)
             clock.enter("bench")
-            result.bench = bench(runner, chain, [s.image for s in samples], result.build.profile[1],
+            result.bench = bench(runner, chain, [s.image for s in samples], timed_shape(cfg, result.build),
                                  cfg.bench.warmup, cfg.bench.iters)
     except StageError as exc:
         if exc.partial is not None:
@@ -153,6 +153,15 @@ def output_head(export: ExportResult, build: BuildResult | None = None) -> str:
         raise StageError("export" if build is None else "validate", str(exc)) from None
 
 
+def timed_shape(cfg: RunConfig, build: BuildResult) -> list[int]:
+    """The sweep's one timed shape (`RunConfig.timed_shape`), which the built profile must hold. Raises StageError."""
+    shape, (lo, _, hi) = cfg.timed_shape, build.profile
+    if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+        raise StageError("bench", f"the timed shape {shape} (bench.batch, model.imgsz) is outside the built profile "
+                                  f"{lo}..{hi}")
+    return shape
+
+
 def validate_stage(cfg: RunConfig, runner, pipeline, result: VariantResult, samples: list[Sample],
                    skipped: list[str]) -> None:
     """Against the onnxruntime reference at every shape of the built profile. A shape that cannot run fails the
@@ -162,10 +171,11 @@ def validate_stage(cfg: RunConfig, runner, pipeline, result: VariantResult, samp
                     and build.provider == REFERENCE_PROVIDER)
     reference = None if is_reference else open_reference(export.reference.path)
     try:
-        shapes = shapes_to_check(build.profile, cfg.model.stride, cfg.validate.non_square)
+        shapes = shapes_to_check(build.profile, cfg.model.stride, cfg.validate.non_square, cfg.model.imgsz)
         thresholds = getattr(cfg.validate, cfg.precision.name.value)
         result.validate = validate(runner, pipeline, reference, samples, shapes, thresholds, cfg.validate,
-                                   REFERENCE_PROVIDER, skipped, export.tested.names)
+                                   REFERENCE_PROVIDER, skipped, export.tested.names,
+                                   headline_shape(build.profile, cfg.model.imgsz))
     finally:
         if reference is not None:
             reference.close()

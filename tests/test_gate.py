@@ -106,9 +106,10 @@ def test_a_metric_the_baseline_has_and_the_sweep_lacks_is_a_regression(tmp_path,
     assert cli.main(["check", "--results", str(results_file), "--baseline", str(baseline), "--summary",
                      str(summary)]) == 1
     text = summary.read_text()
-    for metric, before in (("mAP50-95", "0.930"), ("infer p50", "1.90 ms"), ("e2e p50", "3.30 ms")):
+    for metric, before in (("mAP50-95", "0.930"), ("mAP50-95 worst", "0.930"), ("infer p50", "1.90 ms"),
+                           ("e2e p50", "3.30 ms")):
         assert f"|{KEPT.replace('|', chr(92) + '|')}|{metric}|{before}|missing|REGRESSION|" in text
-    assert "3 regression(s) in 1 cell(s)" in text and "3 regression(s)" in capsys.readouterr().out
+    assert "4 regression(s) in 1 cell(s)" in text and "4 regression(s)" in capsys.readouterr().out
 
 
 def results_and_baseline(tmp_path) -> tuple[Path, dict]:

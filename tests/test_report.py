@@ -76,10 +76,11 @@ def variant(onnx: str, build: str, status: str = "ok", failed_stage: str | None 
         check.tensors = {"output0": TensorMetrics(0.01, 0.001, 1e-6 if passed else 0.2, 1.0, 1.0)}
         check.detections = DetectionMetrics(1.0, 1.0, 1.0 if passed else 0.6, 0.99, 0.01, 40, 40)
     result.validate = ValidateResult(status=check.status, shapes={"static": check}, thresholds={},
-                                     reference_provider="CPUExecutionProvider", images=16)
+                                     reference_provider="CPUExecutionProvider", images=16,
+                                     headline_shape=[1, 3, 640, 640])
     result.bench = BenchResult(preprocess=stats(0.8), infer=stats(infer_ms), postprocess=stats(0.5),
                                e2e=stats(infer_ms + 1.4), compute=stats(infer_ms * 0.95),
-                               settings={"warmup": 20, "iters": 200, "cuda_graph": False})
+                               settings={"warmup": 20, "iters": 200, "cuda_graph": False, "shape": [1, 3, 640, 640]})
     return result
 
 
@@ -124,6 +125,18 @@ def record(result, folder, config: dict) -> JobRecord:
 def mlflow_args(sweep, *more) -> list[str]:
     uri, _, _ = sweep
     return ["--tracking-uri", uri, *more]
+
+
+def test_a_batch_is_timed_per_batch_and_per_image_beside_it():
+    result = variant("ul dy fp32", "trt dy fp32", infer_ms=8.0)
+    result.bench.settings["shape"] = [4, 3, 640, 640]
+    metrics = result.metrics()
+    assert metrics["bench.batch"] == 4 and metrics["bench.infer.p50"] == 8.0
+    assert metrics["bench.per_image.infer_p50_ms"] == 2.0
+    assert metrics["bench.per_image.e2e_p50_ms"] == pytest.approx(9.4 / 4)
+    assert metrics["bench.per_image.e2e_img_s"] == pytest.approx(4 * 1000 / 9.4)
+    row = results_frame([result]).iloc[0]
+    assert row["timed_shape"] == "4x3x640x640" and row["e2e_ms_per_img"] == pytest.approx(9.4 / 4)
 
 
 def test_typed_results_survive_json():

@@ -1,8 +1,10 @@
 """A sweep as a table, one row per variant, from typed results (a sweep's results.json) or from MLflow runs.
 
 Both sources give the same columns: the cell's model, fields and labels, the outcome tags, the cell's mark
-(O, △, X, R or -), and the numbers of `METRICS`, each under its one frame column. The cell is read back
-from its tags (`runner.tags`) as a `Cell` value: labels are shown, never parsed.
+(O, △, X, R or -), the shapes the figures were measured at (`SHAPES`: a timing is per batch of the timed shape's
+first dim; mAP50-95 is at the static variant's shape, its worst shape beside it), and the numbers of `METRICS`,
+each under its one frame column. The cell is read back from its tags (`runner.tags`) as a `Cell` value: labels
+are shown, never parsed.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pandas as pd
 
 from runner.report.order import cell_key
 from runner.results import VariantResult
-from runner.tags import OUTCOME, cell_from_tags, outcome_tags
+from runner.tags import OUTCOME, SHAPES, cell_from_tags, outcome_tags, shape_tags
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,14 @@ METRICS = (  # the details table's numbers first, in its order
     Metric("bench.infer.p50", "infer_p50_ms", "infer p50", "ms", "{:.2f}"),
     Metric("bench.postprocess.p50", "postprocess_p50_ms", "post p50", "ms", "{:.2f}"),
     Metric("bench.e2e.p50", "e2e_p50_ms", "e2e p50", "ms", "{:.2f}"),
+    Metric("bench.per_image.infer_p50_ms", "infer_ms_per_img", "infer p50/img", "ms", "{:.2f}"),
+    Metric("bench.per_image.e2e_p50_ms", "e2e_ms_per_img", "e2e p50/img", "ms", "{:.2f}"),
+    Metric("bench.per_image.e2e_img_s", "e2e_img_s", "e2e img/s", "", "{:.1f}"),
     Metric("bench.throughput.opt_batch", "img_s", "img/s", "", "{:.0f}"),
     Metric("val.rel_l2", "rel_l2", "rel-L2", "", "{:.2e}"),
     Metric("val.det_f1", "det_f1", "detection F1", "", "{:.3f}"),
     Metric("val.map50_95", "map50_95", "mAP50-95", "", "{:.3f}"),
+    Metric("val.map50_95_worst", "map50_95_worst", "mAP50-95 worst", "", "{:.3f}"),
     Metric("val.map_drop", "map_drop", "mAP drop", "", "{:.3f}"),
     Metric("val.map50", "map50"),
     Metric("val.passed", "val_passed"),
@@ -53,12 +59,14 @@ METRICS = (  # the details table's numbers first, in its order
     Metric("bench.d2h.p50", "d2h_p50_ms"),
     Metric("bench.cuda_graph", "cuda_graph"),
     Metric("data.skipped_images", "skipped_images"),
+    Metric("bench.batch", "batch"),
 )
 MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
 INACCURATE = "△"  # built and ran, but missed an accuracy limit
 REFERENCE = "R"  # ran, and the model under test is the reference itself
 WHY_MARKS = (MARKS["failed"], INACCURATE)  # the marks shown with why: the failing stage, or the metric missed
-COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, "mark", "note", *(m.column for m in METRICS), "gpu"]
+COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, "mark", "note", *SHAPES,
+           *(m.column for m in METRICS), "gpu"]
 
 
 class ReportError(Exception):
@@ -78,6 +86,7 @@ def _row(cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
     return {"cell": cell, "model": cell.model, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
             **outcome, "mark": mark(outcome["status"], outcome["validation"], outcome["failed_stage"]),
             "note": tags.get("error") or tags.get("validation_note") or "",  # the error, or what a pass left out
+            **{k: tags.get(k) or "" for k in SHAPES},
             **{m.column: metrics.get(m.key, math.nan) for m in METRICS}, "gpu": gpu or ""}
 
 
@@ -88,7 +97,7 @@ def ordered(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def results_frame(results: list[VariantResult]) -> pd.DataFrame:
-    rows = [_row(r.cell, outcome_tags(r), r.metrics(), r.environment.get("gpu")) for r in results]
+    rows = [_row(r.cell, {**outcome_tags(r), **shape_tags(r)}, r.metrics(), r.environment.get("gpu")) for r in results]
     return ordered(pd.DataFrame(rows, columns=COLUMNS))
 
 

@@ -1,10 +1,11 @@
 """The regression gate: a sweep's cells as a baseline, and a current sweep checked against one.
 
-A cell regresses when it goes O -> X or △, its validation goes passed -> inaccurate or failed, its mAP50-95
-drops by more than `map_drop`, its infer or end-to-end p50 grows by more than `latency_ratio`, or its build takes more
-than `build_ratio` as long, or it lacks a metric the baseline has (`missing`: not measured, or not logged). A cell the
-baseline lacks is `new`, listed apart. A `reference` cell (the model under test is the reference) has no validation
-that could fail, so its validation is listed but never compared.
+A cell regresses when it goes O -> X or △, its validation goes passed -> inaccurate or failed, its mAP50-95 (at
+the static variant's shape) or its worst shape's mAP50-95 drops by more than `map_drop`, its infer or end-to-end p50
+grows by more than `latency_ratio`, or its build takes more than `build_ratio` as long, or it lacks a metric the
+baseline has (`missing`: not measured, or not logged). A cell the baseline lacks is `new`, listed apart. A
+`reference` cell (the model under test is the reference) has no validation that could fail, so its validation is
+listed but never compared.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ MIN_BUILD_S = 1.0  # shorter baseline builds are cache hits: not compared
 COMPARABLE_VALIDATION = ("passed", "inaccurate", "failed")
 MISSING = "missing"  # a cell, or a metric, the baseline has and the sweep lacks
 NEW = "new"  # the verdict of a cell the baseline lacks
-NUMBERS = ("map50_95", "infer_p50_ms", "e2e_p50_ms", "build_s")  # a cell's measures: a number, or null
+NUMBERS = ("map50_95", "map50_95_worst", "infer_p50_ms", "e2e_p50_ms", "build_s")  # a cell's measures, or null
+MAPS = {"map50_95": "mAP50-95", "map50_95_worst": "mAP50-95 worst"}  # at the static variant's shape; at the worst one
 
 
 def _number(value) -> float | None:
@@ -71,10 +73,11 @@ def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: 
             add(cell, "validation", before, after, before == "passed" and after != "passed")
         elif before or after:
             add(cell, "validation", before or "-", after or "-", False, "not compared (no validation that can fail)")
-        if old.get("map50_95") is not None:
-            now = new["map50_95"]
-            add(cell, "mAP50-95", f"{old['map50_95']:.3f}", MISSING if now is None else f"{now:.3f}",
-                now is None or old["map50_95"] - now > map_drop)
+        for key, name in MAPS.items():
+            if old.get(key) is not None:
+                now = new[key]
+                add(cell, name, f"{old[key]:.3f}", MISSING if now is None else f"{now:.3f}",
+                    now is None or old[key] - now > map_drop)
         if timing:
             ratio(cell, "infer p50", old.get("infer_p50_ms"), new["infer_p50_ms"], latency_ratio, " ms")
             ratio(cell, "e2e p50", old.get("e2e_p50_ms"), new["e2e_p50_ms"], latency_ratio, " ms")

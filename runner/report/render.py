@@ -18,13 +18,15 @@ LEGEND = ("O built, ran and passed validation; △ built and ran, but missed an 
           "is the reference itself, so its validation cannot fail; - skipped (the reason is in the details).")
 DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status",
           "validation": "validation", "failed_stage": "failing stage", "note": "error / note",
-          **{m.column: m.heading for m in METRICS if m.name}}
+          "timed_shape": "timed at", **{m.column: m.heading for m in METRICS if m.name},
+          "map_shape": "mAP at", "map_worst_shape": "worst mAP at"}
 FORMATS = {m.heading: m.format for m in METRICS if m.name}
 SUMMARY = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status", "failed_stage": "stage",
-           "validation": "validation", **{c: c for c in ("rel_l2", "det_f1", "map50_95", "infer_p50_ms", "e2e_p50_ms",
-                                                         "cuda_graph")}, "note": "error / note"}
+           "validation": "validation", **{c: c for c in ("rel_l2", "det_f1", "map50_95", "map50_95_worst",
+                                                         "timed_shape", "infer_p50_ms", "e2e_p50_ms", "e2e_ms_per_img",
+                                                         "e2e_img_s", "cuda_graph")}, "note": "error / note"}
 NOTE_CHARS = 120  # the error / note of the details table
-SUMMARY_NOTE_CHARS = 70  # the error / note of the terminal summary, a line shared with twelve other columns
+SUMMARY_NOTE_CHARS = 70  # the error / note of the terminal summary, a line shared with sixteen other columns
 
 
 def grids(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
