@@ -29,9 +29,11 @@ def architecture(arch: str) -> str:
 
 
 def train(arch: str, data_root: Path, out: Path, epochs: int, imgsz: int, batch: int, device: str,
-          workers: int, resume: bool = False, hours: float | None = None) -> tuple[dict, Path]:
+          workers: int, resume: bool = False, hours: float | None = None, init: Path | None = None
+          ) -> tuple[dict, Path]:
     """Train `arch` (or resume its last epoch), copy its best weights to `out`; returns its held-out figures and
-    its per-epoch CSV. `hours` bounds the whole training (ultralytics fits the epochs to it, across resumes)."""
+    its per-epoch CSV. `hours` bounds the whole training (ultralytics fits the epochs to it, across resumes);
+    `init` starts every layer whose name and shape match from those weights (rtdetr-n: the yolov8n backbone)."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     # ultralytics logs training to MLflow where it is installed: keep that store, artifacts too, beside the runs
     os.environ.setdefault("MLFLOW_TRACKING_URI", (data_root / "train" / "mlruns").resolve().as_uri())
@@ -46,17 +48,19 @@ def train(arch: str, data_root: Path, out: Path, epochs: int, imgsz: int, batch:
         model.train(resume=True)
     else:
         model = family(architecture(arch))
+        if init:
+            model.load(str(init))
         model.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers,
-                    project=str(data_root / "train"), name=arch, exist_ok=True, plots=False, amp=False,
+                    project=str((data_root / "train").resolve()), name=arch, exist_ok=True, plots=False, amp=False,
                     seed=0, deterministic=True, close_mosaic=max(epochs // 6, 1), patience=0, time=hours)
     best = Path(model.trainer.best)
     metrics = family(str(best)).val(data=str(data_yaml), imgsz=imgsz, batch=batch, device=device, plots=False,
-                                  project=str(data_root / "train"), name=f"{arch}-val", exist_ok=True)
+                                  project=str((data_root / "train").resolve()), name=f"{arch}-val", exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best, out)
     summary = {"arch": arch, "yaml": Path(architecture(arch)).name, "weights": out.name, "generator": VERSION,
                "train_images": len(list((data_root / "images" / "train").iterdir())), "epochs": model.trainer.epochs,
-               "resumed": resume, "imgsz": imgsz,
+               "resumed": resume, "init": init.name if init else None, "imgsz": imgsz,
                "device": device, "train_s": round(time.perf_counter() - start, 1),
                "map50": float(metrics.box.map50), "map50_95": float(metrics.box.map),
                "per_class_map50_95": {metrics.names[int(c)]: float(v) for c, v in
@@ -78,9 +82,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--resume", action="store_true", help="continue the run under --data-root from last.pt")
     parser.add_argument("--hours", type=float, help="train for this long in all (ultralytics' time), not --epochs")
+    parser.add_argument("--init", type=Path, help="weights to start the matching layers from (e.g. a backbone)")
     args = parser.parse_args()
     summary, per_epoch = train(args.arch, args.data_root, args.out or ASSETS / f"{args.arch}.pt", args.epochs,
-                               args.imgsz, args.batch, args.device, args.workers, args.resume, args.hours)
+                               args.imgsz, args.batch, args.device, args.workers, args.resume, args.hours, args.init)
     if args.summary:  # the figures, and the per-epoch losses and metrics beside them
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(per_epoch, args.summary.with_suffix(".csv"))

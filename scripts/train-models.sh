@@ -2,9 +2,10 @@
 # Train the shipped models on the GPU machine: one architecture per GPU (round robin over GPUS), all in parallel
 # (runner.train), each on its own copy of the generated data. Leaves <arch>.pt, <arch>.json (figures),
 # <arch>.csv (per epoch) and <arch>.log in $DEST. A run cut by TIMEOUT continues where it stopped with RESUME=1;
-# HOURS fits the epochs to a time budget for the whole training instead of EPOCHS.
+# HOURS fits the epochs to a time budget for the whole training instead of EPOCHS; INIT starts the layers that
+# match from other weights (rtdetr-n from the yolov8n preset's backbone).
 #   DEST=$OUT EPOCHS=30 bash scripts/train-models.sh yolo11n yolo26n yolov10n yolov5nu
-#   DEST=$OUT HOURS=0.3 GPUS=0 bash scripts/train-models.sh rtdetr-n; then RESUME=1 ... again
+#   DEST=$OUT HOURS=0.14 INIT=runner/assets/yolov8n.pt bash scripts/train-models.sh rtdetr-n
 set -euo pipefail
 DEST=${DEST:?where the weights and figures go}
 EPOCHS=${EPOCHS:-100}
@@ -14,6 +15,7 @@ workers=${WORKERS:-$(( $(nproc) / $# ))}
 extra=()
 [[ -n ${HOURS:-} ]] && extra+=(--hours "$HOURS")
 [[ -n ${RESUME:-} ]] && extra+=(--resume)
+[[ -n ${INIT:-} ]] && extra+=(--init "$INIT")
 mkdir -p "$DEST"
 i=0
 for arch in "$@"; do
