@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CI_OUT := outputs/ci
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-slow test-gpu table check cpu-gate gate-check install-check ui clean
+.PHONY: help setup run test test-slow test-cluster test-gpu table check cpu-gate gate-check install-check ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,10 +19,13 @@ run: ## The default sweep: export x precision x shape, 12 variants, logged to ou
 	$(BIN)/python -m runner -m export=ultralytics,torch,dynamo precision=fp32,fp16 shape=static,dynamic
 
 test: ## The test suite less its slow tests (GPU tests skip with the reason when TensorRT or a GPU is absent)
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow and not cluster"
 
 test-slow: ## The slow tests (the user's 12-variant sweep, left in outputs/ci for gate-check; kill, resume, restart)
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m slow --sweep-outputs $(CI_OUT)
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow and not cluster" --sweep-outputs $(CI_OUT)
+
+test-cluster: ## The cluster tests: a one-host SLURM and PostgreSQL they start (apt-get installs them as root)
+	$(BIN)/python -m pytest -q -m cluster --durations=0
 
 test-gpu: ## Only the GPU tests (TensorRT and a CUDA GPU needed)
 	$(BIN)/python -m pytest -q -m gpu

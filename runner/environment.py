@@ -19,6 +19,9 @@ def quiet_defaults() -> None:
     os.environ.setdefault("YOLO_VERBOSE", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the summary names the runs
+    # MLflow's telemetry thread, failing to reach its endpoint, deletes an environment variable while a request
+    # reads the environment for proxies: that request fails with KeyError('_MLFLOW_TELEMETRY_SESSION_ID')
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def _cpu() -> str:

@@ -38,6 +38,7 @@ PR_SET_PDEATHSIG = 1
 STAMPED = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"  # as the job's log writes its lines
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 GROUP_STOP_S = 10
+EXIT_S = 30  # a child that closed its pipe and lingers longer (its interpreter's teardown, on a loaded host) is killed
 
 
 class Interrupted(BaseException):
@@ -178,7 +179,7 @@ def _follow(proc: subprocess.Popen, receiver: Connection, timeout_s: float, base
                                                f"(backend.timeout_s)")
     finally:
         receiver.close()
-    code = proc.wait(30)
+    code = _exit_code(proc)
     if outcome and outcome[0] == "result":
         return VariantResult.from_dict(outcome[1])
     if outcome:
@@ -187,6 +188,15 @@ def _follow(proc: subprocess.Popen, receiver: Connection, timeout_s: float, base
         raise Interrupted(-code)
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     return _failed(partial, stage, f"crash: child process {how} in stage '{stage}'")
+
+
+def _exit_code(proc: subprocess.Popen) -> int:
+    """The child's exit code, once its pipe is closed; past EXIT_S it is killed, so a result it sent still counts."""
+    try:
+        return proc.wait(EXIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def _failed(partial: dict, stage: str, error: str, detail: str | None = None) -> VariantResult:

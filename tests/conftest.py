@@ -113,16 +113,18 @@ def export_spec(tool: str, dynamic: bool = False, half: bool = False, weights: s
 
 
 class MlflowServer:
-    """A real `mlflow server` on loopback over a sqlite store in `root`; stop() and start() again keep the
-    port and the store, as a server restarted after a crash would. Its job-execution consumers (half a dozen
+    """A real `mlflow server` on loopback over a sqlite store in `root` (or the database at `store_uri`), its
+    artifacts served from `root`; stop() and start() again keep the port and the store, as a server restarted
+    after a crash would. Its job-execution consumers (half a dozen
     processes that tracking never uses) are off."""
 
     STARTUP_LIMIT_S = 60
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, store_uri: str | None = None):
         from runner.track import free_port
 
         self.root, self.port = root, free_port()
+        self.store_uri = store_uri or f"sqlite:///{root}/store.db"
         self.url, self.proc = f"http://127.0.0.1:{self.port}", None
 
     def start(self) -> MlflowServer:
@@ -131,7 +133,7 @@ class MlflowServer:
         log = open(self.root / "server.log", "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers",
-             "1", "--backend-store-uri", f"sqlite:///{self.root}/store.db", "--artifacts-destination",
+             "1", "--backend-store-uri", self.store_uri, "--artifacts-destination",
              str(self.root / "artifacts")],
             cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**cli_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})

@@ -5,6 +5,7 @@ by name and the child imports this module (tests/ is on sys.path, see conftest.p
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -141,3 +142,9 @@ def isolate_in_daemonic_worker(queue):
     outcome = run_isolated(succeed, (5,), 60, result("failed"))
     queue.put((multiprocessing.current_process().daemon, os.getpid(), outcome.status,
                outcome.environment.get("pid"), outcome.error, refused))
+
+
+def succeed_then_linger(value, stage_started, publish):
+    """Return a result, then take an hour to exit (as an interpreter's teardown can on a loaded host)."""
+    atexit.register(time.sleep, 3600)
+    return result("ok", timings={"export": float(value)})

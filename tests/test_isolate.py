@@ -50,6 +50,14 @@ def test_runner_records_reach_the_parent_and_the_rest_only_the_job_log(caplog, c
     assert "chatter" not in logged  # other libraries' INFO stays in the child
 
 
+def test_a_result_sent_counts_though_the_child_lingers_at_exit(monkeypatch):
+    monkeypatch.setattr("runner.isolate.EXIT_S", 1)
+    start = time.monotonic()
+    result = run_isolated(targets.succeed_then_linger, (7,), 60, base())
+    assert result.status == "ok" and result.timings["export"] == 7.0, result.error
+    assert time.monotonic() - start < 30
+
+
 def test_segfault_names_the_stage_and_keeps_the_partial_result():
     result = run_isolated(targets.segfault_in_build, (), 60, base())
     assert result.status == "failed"

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
-from conftest import PLUMBING, MlflowServer, mlflow_run_count, run_cli, sweep_runs
+from conftest import PLUMBING, REPO, MlflowServer, cli_env, mlflow_run_count, run_cli, sweep_runs
 from mlflow.tracking import MlflowClient
 from runner.track import free_port
 
@@ -65,3 +67,15 @@ def test_unreachable_tracking_server_fails_before_any_work(tmp_path, runner_main
     assert "export:" not in proc.stdout, "variants ran although nothing could be tracked"
     assert proc.returncode != 0
     assert f"127.0.0.1:{port}" in proc.stderr
+
+
+def test_mlflow_telemetry_is_off_in_runner_processes():
+    """MLflow's telemetry thread, failing to reach its endpoint, pops an environment variable while a request
+    iterates the environment: a run then fails to log with KeyError('_MLFLOW_TELEMETRY_SESSION_ID'). MLflow turns
+    telemetry off by itself under pytest and CI, so the child runs without their variables, as a user's does."""
+    code = ("from runner.environment import quiet_defaults; quiet_defaults(); import mlflow; "
+            "from mlflow.telemetry.utils import is_telemetry_disabled; print(is_telemetry_disabled())")
+    env = {k: v for k, v in cli_env().items() if k not in ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS")}
+    said = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert said.returncode == 0, said.stderr[-3000:]
+    assert said.stdout.strip() == "True"
