@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CI_OUT := outputs/ci
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-slow test-gpu table check cpu-gate gate-check install-check ui clean
+.PHONY: help setup run test test-slow test-cluster test-gpu table check cpu-gate gate-check install-check ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,6 +23,10 @@ test: ## The test suite less its slow tests (GPU tests skip with the reason when
 
 test-slow: ## The slow tests (the user's 12-variant sweep, left in outputs/ci for gate-check; kill, resume, restart)
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m slow --sweep-outputs $(CI_OUT)
+
+test-cluster: ## The cluster tests (two Ray nodes on this host; installs the ray extra), in a loopback-only network namespace
+	$(BIN)/pip install -q -e ".[ray]"
+	unshare --net sh -c 'ip link set lo up && $(BIN)/python -m pytest -q -m cluster'
 
 test-gpu: ## Only the GPU tests (TensorRT and a CUDA GPU needed)
 	$(BIN)/python -m pytest -q -m gpu
