@@ -24,8 +24,12 @@ test: ## The test suite less its slow tests (GPU tests skip with the reason when
 test-slow: ## The slow tests (the user's 12-variant sweep, left in outputs/ci for gate-check; kill, resume, restart)
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow and not cluster" --sweep-outputs $(CI_OUT)
 
-test-cluster: ## The cluster tests: a one-host SLURM and PostgreSQL they start (apt-get installs them as root)
-	$(BIN)/python -m pytest -q -m cluster --durations=0
+test-cluster: ## The cluster tests: a one-host SLURM and PostgreSQL they start (apt-get as root), two Ray nodes (the ray extra)
+	$(BIN)/pip install -q -e ".[ray]"
+	$(BIN)/python -m pytest -q -m cluster --durations=0 tests/test_cluster.py
+	if unshare --net true 2>/dev/null; then \
+		unshare --net sh -c 'ip link set lo up && $(BIN)/python -m pytest -q -m cluster --durations=0 tests/test_ray_cluster.py'; \
+	else $(BIN)/python -m pytest -q -m cluster tests/test_ray_cluster.py; fi  # outside a loopback-only namespace it skips
 
 test-gpu: ## Only the GPU tests (TensorRT and a CUDA GPU needed)
 	$(BIN)/python -m pytest -q -m gpu

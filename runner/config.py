@@ -256,9 +256,11 @@ class TrackingConfig:
 
 @dataclass
 class SweepConfig:
-    """Set in each job from its sweep folder's sweep.json (see `sweep.Sweep.job_config`)."""
+    """Given to each job by the launching process as overrides (see `sweep.Sweep.job_overrides`): a job on another
+    host cannot read the sweep folder."""
     parent_run_id: Optional[str] = None  # the sweep's MLflow parent run
     total: int = 1  # variants in the sweep, for progress lines
+    server_uri: Optional[str] = None  # the loopback server the jobs log through; None: tracking.uri
 
 
 @dataclass
@@ -288,8 +290,11 @@ class RunConfig:
 
 
 def register() -> None:
-    """Register the schema so `conf/config.yaml` can name it first in its defaults list."""
+    """Register the schema so `conf/config.yaml` can name it first in its defaults list, and runner's sweeper
+    (`runner.sweeper`) as `hydra/sweeper: runner`."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    ConfigStore.instance().store(group="hydra/sweeper", name="runner",
+                                 node={"_target_": "hydra_plugins.runner_sweeper.CostOrderSweeper"})
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -1,14 +1,17 @@
-"""The Hydra job: one variant, config in; `result.json` in the job folder and a child run out.
+"""The Hydra job: one variant, config in; `result.json` in the job folder, a child run, and the record handed
+back to the launching process out.
 
-Nothing is shared with the launching process but files, so any launcher (joblib's loky workers, SLURM, Ray)
-can run it: Hydra composes the job's config where the job runs, once, into the typed `RunConfig`, and what
-the launching process opened (the parent run, the count, the loopback server) comes from the sweep folder's
-`sweep.json`. A job never raises over its variant: a failure is the variant's result, so no launcher aborts
-the sweep over one variant.
+Nothing is shared with the launching process but the job's config and its return value, so any launcher
+(joblib's loky workers, SLURM, Ray on other hosts) can run it: Hydra composes the job's config once into the
+typed `RunConfig`, and what the launching process opened (the parent run, the count, the loopback server) comes
+in as its `sweep` keys. The job folder may lie on another host's disk: `resume=` keeps what this host's copy of
+the sweep folder holds. A job never raises over its variant: a failure is the variant's result, so no launcher
+aborts the sweep over one variant.
 """
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -21,20 +24,21 @@ from runner import backends, gpus
 from runner.config import RunConfig, to_plain, to_run_config
 from runner.environment import quiet_defaults
 from runner.isolate import run_isolated
-from runner.sweep import JobRecord, Sweep, identity, job_records
+from runner.sweep import JobRecord, identity, job_config, job_records
 from runner.variant import new_result, run_variant
 
 log = logging.getLogger("runner")
 
 
-def task(cfg: DictConfig) -> str:
-    """Measure the variant (or keep the sweep's earlier result of it), then log it; returns its status."""
+def task(cfg: DictConfig) -> dict:
+    """Measure the variant (or keep the sweep's earlier result of it), then log it; returns its record
+    (`JobRecord.to_dict`) for the launching process."""
     quiet_defaults()
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     sweep_dir = Path(hydra_cfg.sweep.dir) if multirun else job_dir
-    run = Sweep.read(sweep_dir).job_config(to_run_config(cfg))
+    run = job_config(to_run_config(cfg))
     progress = f"[{(hydra_cfg.job.num if multirun else 0) + 1}/{run.sweep.total}]"
     plain = to_plain(run)
     config_id = identity(plain)
@@ -45,12 +49,12 @@ def task(cfg: DictConfig) -> str:
         record = measure(run, JobRecord(job_dir, new_result(run, "-", None), config_id, plain), progress)
     if run.tracking.enabled and run.sweep.parent_run_id and not record.logged:
         track(run, record)
-    return record.result.status
+    return record.to_dict()
 
 
 def measure(run: RunConfig, record: JobRecord, progress: str) -> JobRecord:
     """Run the variant in its child process on a GPU of its own; its result.json is written before returning."""
-    record.started_ms = int(time.time() * 1000)
+    record.started_ms, record.ran_in = int(time.time() * 1000), f"{socket.gethostname()}:{record.folder.resolve()}"
     try:
         backend, skip_reason = backends.resolve(run)
         available = backends.unavailable(backend.name) is None  # skipped as not applying: it can still say how

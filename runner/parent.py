@@ -1,8 +1,9 @@
 """The sweep's parent, in the launching process: its folder and `sweep.json`, its MLflow parent run, and the
 loopback server parallel jobs log through; opened before the first job, closed after the last.
 
-Jobs learn what was opened from `sweep.json` (see `sweep.Sweep.job_config`), never from argv. An embedded
-sqlite store is served through a loopback `mlflow server` when jobs run in parallel, so one process writes it.
+Jobs learn what was opened from the `sweep` overrides added to their config (`sweep.Sweep.job_overrides`), since
+a job on another host cannot read the sweep folder. An embedded sqlite store is served through a loopback
+`mlflow server` when jobs run in parallel, so one process writes it.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ SERIAL_LAUNCHERS = ("basic",)
 
 @dataclass
 class Launch:
-    """What the launching process set up: the sweep (folder, parent run), where Hydra puts its job folders, and
-    the loopback tracking server, if any."""
+    """What the launching process set up: the sweep (folder, parent run), the overrides it adds for Hydra (where
+    the job folders go, what each job must know of the sweep), and the loopback tracking server, if any."""
     sweep: Sweep
     overrides: list[str]
     server: contextlib.AbstractContextManager
@@ -53,7 +54,7 @@ def open_sweep(argv: list[str], variants: list[RunConfig]) -> Launch:
     else:
         print("runner: tracking disabled (tracking.enabled=false): results stay in the sweep folder", flush=True)
     sweep.write()
-    return Launch(sweep, [f"{dir_key}={sweep.folder}"], server)
+    return Launch(sweep, [f"{dir_key}={sweep.folder}", *sweep.job_overrides()], server)
 
 
 def _start_parent(tracker, sweep: Sweep) -> None:

@@ -21,6 +21,7 @@ from runner import cache, checkpoint, config, data, gpus
 from runner.config import DETR_MODELS, MODELS, ConfigError, RunConfig, TrackingConfig, omegaconf_message, to_run_config
 from runner.results import first_line
 from runner.sweep import variant_id
+from runner.sweeper import launch_key
 
 CONF_DIR = config.conf_dir()
 USAGE_EXIT = 2  # a command line refused in preflight
@@ -39,20 +40,29 @@ def launcher_of(argv: list[str]) -> str:
     return hydra_value(argv, "hydra/launcher") or "basic"
 
 
+def jobs_stay_here(argv: list[str]) -> bool:
+    """Whether the command line's launcher runs every job on this host: Ray joining a cluster
+    (`hydra.launcher.ray.init.address` set) does not."""
+    if launcher_of(argv) == "ray":
+        return hydra_value(argv, "hydra.launcher.ray.init.address") in (None, "null")
+    return launcher_of(argv) in LOCAL_LAUNCHERS
+
+
 def preflight(argv: list[str]) -> list[RunConfig]:
     """Compose and check every variant the command line describes, and what they need. Raises ConfigError."""
     variants = compose_variants(argv)
     check_files(variants)
-    launcher = launcher_of(argv)
-    _check_shared_store(variants[0].tracking, launcher)
+    local = jobs_stay_here(argv)
+    _check_shared_store(variants[0].tracking, launcher_of(argv), local)
     _check_writable(variants)
-    if launcher in LOCAL_LAUNCHERS:
+    if local:
         _check_gpu_pool()
     return variants
 
 
 def compose_variants(argv: list[str]) -> list[RunConfig]:
-    """Every variant of the command line's sweep, typed, in job order. Raises ConfigError."""
+    """Every variant of the command line's sweep, typed, in job order: runner's sweeper launches the longest
+    expected build first (`sweeper.launch_key`). Raises ConfigError."""
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -66,7 +76,7 @@ def compose_variants(argv: list[str]) -> list[RunConfig]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         variants = [_compose(list(combo)) for combo in combos]
     _check_distinct(combos, variants)
-    return variants
+    return [v for _, v in sorted(zip(combos, variants), key=lambda cv: launch_key(cv[1], cv[0]))]
 
 
 def _group_options(group: str) -> list[str]:
@@ -152,11 +162,11 @@ def check_files(configs: list[RunConfig]) -> None:
             raise ConfigError(f"data.labels: not a readable folder: {labels}")
 
 
-def _check_shared_store(tracking: TrackingConfig, launcher: str) -> None:
+def _check_shared_store(tracking: TrackingConfig, launcher: str, local: bool) -> None:
     """Refuse an embedded store that jobs on other hosts would have to share."""
     from runner.track import sqlite_path
 
-    if tracking.enabled and sqlite_path(tracking.uri) and launcher not in LOCAL_LAUNCHERS:
+    if tracking.enabled and sqlite_path(tracking.uri) and not local:
         raise ConfigError(f"tracking: jobs of hydra/launcher={launcher} run on other hosts and cannot share the "
                           f"embedded store {tracking.uri}; use tracking=server tracking.uri=http://<host>:<port>")
 

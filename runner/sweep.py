@@ -1,9 +1,11 @@
 """A sweep as files: the sweep folder, its `sweep.json`, and one `result.json` per job folder.
 
 The launching process writes `sweep.json` (the parent MLflow run, the store, how many variants, the server
-jobs log through); each job reads it, and writes its `result.json` into its own Hydra job folder before it
-tracks anything. Everything after (summary, `runner sync`, `resume=`, `runner table --results DIR`) reads
-these files, never a live process.
+jobs log through) and gives each job what it needs of it as overrides. A job writes its `result.json` into
+its own Hydra job folder before it tracks anything, and hands the record back to the launching process, which
+writes it into its sweep folder (`runner.sweeper`): a job folder on another host is a copy, not the source.
+Everything after (summary, `runner sync`, `resume=`, `runner table --results DIR`) reads the sweep folder's
+files, never a live process.
 """
 from __future__ import annotations
 
@@ -99,13 +101,19 @@ class Sweep:
         data["tracking"] = self.tracking and dataclasses.asdict(self.tracking)
         write_json(self.folder / SWEEP_FILE, data)
 
-    def job_config(self, run: RunConfig) -> RunConfig:
-        """`run` as a job of this sweep runs it: the parent run and the count, and the store reached through the
-        loopback server where there is one."""
-        tracking = dataclasses.replace(run.tracking, uri=self.server_uri) if self.server_uri else run.tracking
-        return dataclasses.replace(run, tracking=tracking,
-                                   sweep=dataclasses.replace(run.sweep, parent_run_id=self.parent_run_id,
-                                                             total=self.total))
+    def job_overrides(self) -> list[str]:
+        """What each job must know of this sweep, as overrides of its `sweep` keys: the parent run, the count,
+        the loopback server. They travel with the job's config to whichever host runs it."""
+        values = {"parent_run_id": self.parent_run_id, "total": self.total, "server_uri": self.server_uri}
+        return [f"sweep.{key}={'null' if value is None else value if isinstance(value, int) else repr(value)}"
+                for key, value in values.items()]
+
+
+def job_config(run: RunConfig) -> RunConfig:
+    """`run` as a job of its sweep runs it: the store reached through the loopback server where there is one."""
+    if not run.sweep.server_uri:
+        return run
+    return dataclasses.replace(run, tracking=dataclasses.replace(run.tracking, uri=run.sweep.server_uri))
 
 
 @dataclass
@@ -120,26 +128,40 @@ class JobRecord:
     ended_ms: int = 0
     mlflow_run_id: str | None = None  # set once the run is logged, complete
     tracking_error: str | None = None
+    ran_in: str = ""  # host:folder where the job measured it; on another host, this record is a copy
+
 
     @property
     def logged(self) -> bool:
         return self.mlflow_run_id is not None
 
-    def write(self) -> None:
-        data = {"format": FORMAT, **{k: v for k, v in self.__dict__.items() if k not in ("folder", "result")},
+    def to_dict(self) -> dict:
+        """The record as `result.json` holds it, and as a job hands it back to the launching process."""
+        return {"format": FORMAT, **{k: v for k, v in self.__dict__.items() if k not in ("folder", "result")},
                 "result": self.result.to_dict()}
-        write_json(self.folder / RESULT_FILE, data)
+
+    def write(self) -> None:
+        write_json(self.folder / RESULT_FILE, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict, folder: Path) -> JobRecord | None:
+        """The record `to_dict` made, kept in `folder`; None where it is partial or of another format."""
+        try:
+            data = dict(data)
+            if data.pop("format") != FORMAT:
+                return None
+            return cls(folder=folder, result=VariantResult.from_dict(data.pop("result")), **data)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
 
     @classmethod
     def read(cls, path: Path) -> JobRecord | None:
         """The record in `path`, or None where it is missing, partial or of another format."""
         try:
             data = json.loads(path.read_text())
-            if data.pop("format") != FORMAT:
-                return None
-            return cls(folder=path.parent, result=VariantResult.from_dict(data.pop("result")), **data)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except (OSError, ValueError):
             return None
+        return cls.from_dict(data, path.parent) if isinstance(data, dict) else None
 
 
 def job_records(folder: Path) -> list[JobRecord]:

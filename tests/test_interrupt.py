@@ -116,12 +116,12 @@ def test_ctrl_c_stops_the_sweep_and_resume_measures_the_variant_again(tmp_path, 
     assert not (folder / "1" / "result.json").exists()  # interrupted: nothing to keep, so resume measures it
     (parent,), children = sweep_runs(f"sqlite:///{outputs}/mlflow.db")
     assert parent.info.status == "KILLED"
-    assert [(c.info.run_name, c.info.status) for c in children] == [("yolov8n__ul-st-fp32__ort-st-fp32", "FINISHED")]
+    assert [(c.info.run_name, c.info.status) for c in children] == [("yolov8n__ul-st-fp16__ort-st-fp16", "FINISHED")]
 
     resumed = run_module(shlex.split(resume_args), timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "[1/2] yolov8n__ul-st-fp32__ort-st-fp32: kept from" in resumed.stdout
-    assert "[2/2] yolov8n__ul-st-fp16__ort-st-fp16 (onnxruntime)" in resumed.stdout
+    assert "[1/2] yolov8n__ul-st-fp16__ort-st-fp16: kept from" in resumed.stdout  # fp16 launches first
+    assert "[2/2] yolov8n__ul-st-fp32__ort-st-fp32 (onnxruntime)" in resumed.stdout
     assert "runner: 2/2 variants ok" in resumed.stdout
     (parent,), children = sweep_runs(f"sqlite:///{outputs}/mlflow.db")
     assert parent.info.status == "FINISHED" and sorted(c.info.status for c in children) == ["FINISHED"] * 2

@@ -55,12 +55,13 @@ def test_resume_with_other_overrides_is_refused_naming_both(tmp_path, refused):
     assert (folder / SWEEP_FILE).read_text() == kept
 
 
-def test_resume_in_another_order_is_refused(tmp_path, refused):
-    """Job folders are numbered in sweep order: another order would measure into another variant's folder."""
+def test_resume_typed_in_another_order_reopens_the_sweep(tmp_path):
+    """Jobs are numbered in launch order, the longest build first, whatever order typed: the same variants in
+    another order are the same sweep."""
     outputs = tmp_path / "out"
-    open_untracked_sweep(outputs, RAN)
-    line = refused(["-m", "export=ultralytics,torch", "precision=fp16,fp32", UNTRACKED, "resume=latest"], outputs)
-    assert "this command asks `export=ultralytics,torch precision=fp16,fp32" in line
+    folder = open_untracked_sweep(outputs, RAN)
+    again = open_untracked_sweep(outputs, ["-m", "precision=fp16,fp32", "export=torch,ultralytics", "resume=latest"])
+    assert again == folder and [p.name for p in (outputs / "sweeps").iterdir()] == [folder.name]
 
 
 def test_resume_with_the_same_variants_reopens_the_sweep(tmp_path):
