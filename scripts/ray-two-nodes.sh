@@ -6,13 +6,14 @@
 # folder's records. Everything lands in OUT (default outputs/ray-two-nodes); every process started here is
 # stopped on exit.
 set -euo pipefail
-if [ -z "${RAY_TWO_NODES_NETNS:-}" ]; then  # loopback only: Ray nodes talk over no outward address
+if [ -z "${RAY_TWO_NODES_NETNS:-}" ] && unshare --net true 2>/dev/null; then  # loopback only, where permitted
   exec unshare --net env RAY_TWO_NODES_NETNS=1 bash -c 'ip link set lo up && exec bash "$0" "$@"' "$0" "$@"
 fi
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PY:-$REPO/.venv/bin/python}
-RAY=$(dirname "$PY")/ray
+RAY=${RAY:-$(dirname "$PY")/ray}
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 OUT=$(realpath -m "${OUT:-outputs/ray-two-nodes}")
 SWEEP=${*:-precision=fp16,fp32 export=ultralytics,torch shape=static,dynamic backend.builder_optimization_level=0}
 PORT=${PORT:-6390}
@@ -32,7 +33,7 @@ node() {  # node FOLDER GPU ARGS...: a Ray node in its own session, cwd, HOME an
   local folder=$OUT/$1 gpu=$2
   shift 2
   mkdir -p "$folder/home"
-  (cd "$folder" && CUDA_VISIBLE_DEVICES=$gpu HOME=$folder/home PYTHONPATH=$REPO \
+  (cd "$folder" && CUDA_VISIBLE_DEVICES=$gpu HOME=$folder/home \
     setsid "$RAY" start --block --num-gpus=1 --num-cpus="${CPUS_PER_NODE:-8}" --node-ip-address=127.0.0.1 \
     --temp-dir="$folder/tmp" "$@" >"$folder/ray.log" 2>&1) &
   PIDS+=($!)
@@ -55,7 +56,7 @@ echo "ray-two-nodes: $nodes Ray nodes up; sweep: $SWEEP"
 
 start=$(date +%s)
 # shellcheck disable=SC2086
-(cd "$OUT/launching" && RAY_ADDRESS=127.0.0.1:$PORT PYTHONPATH=$REPO "$PY" -m runner -m $SWEEP \
+(cd "$OUT/launching" && RAY_ADDRESS=127.0.0.1:$PORT "$PY" -m runner -m $SWEEP \
   hydra/launcher=ray hydra.launcher.ray.init.address=auto hydra.launcher.ray.remote.num_gpus=1 \
   tracking=server "tracking.uri=http://127.0.0.1:$MLFLOW_PORT" outputs=outputs) | tee "$OUT/sweep.log"
 echo "ray-two-nodes: wall $(( $(date +%s) - start )) s"
