@@ -25,6 +25,7 @@ import shutil
 import sys
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 from runner import heads
 from runner.config import ConfigError
@@ -225,10 +226,15 @@ def _unpickled(file: Path, shown: str):
         raise ConfigError(f"model.weights: {shown} is a damaged checkpoint ({reason}); {EXPECTED}") from None
 
 
-def verify(path: str | Path, shown: str | None = None) -> str:
-    """The file at `path` (`shown` in messages) is an ultralytics detection checkpoint that refers to nothing
-    outside the allow-list and whose head runner decodes (`heads.check_model`): returns that head's class name;
-    else ConfigError of one line saying what it is instead."""
+class Verified(NamedTuple):
+    head: str  # the class name of the model's last module (Detect, v10Detect, RTDETRDecoder)
+    names: list[str]  # the class names by id ([] where the checkpoint names none)
+
+
+def verify(path: str | Path, shown: str | None = None) -> Verified:
+    """The head and class names of the file at `path` (`shown` in messages), an ultralytics detection checkpoint
+    that refers to nothing outside the allow-list and whose head runner decodes (`heads.check_model`); else
+    ConfigError of one line saying what it is instead."""
     import torch
 
     file, shown = Path(path), shown or str(path)
@@ -242,9 +248,11 @@ def verify(path: str | Path, shown: str | None = None) -> str:
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model.weights: {shown} holds no ultralytics model (a bare state_dict?); {EXPECTED}")
     try:
-        return heads.check_model(model)
+        head = heads.check_model(model)
     except heads.UnsupportedHead as exc:
         raise ConfigError(f"model.weights: {shown} {exc}") from None
+    names = getattr(model, "names", None)
+    return Verified(head, [str(names[i]) for i in range(len(names))] if isinstance(names, (dict, list)) else [])
 
 
 def verified_copy(source: str, local: Path, stage: str) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -37,7 +37,13 @@ def asset(name: str) -> str:
     return str(ASSETS / name)
 
 
+def side(imgsz, index: int) -> int:
+    """`${side:${model.imgsz},0}` in a config: H (0) or W (1) of `model.imgsz`, a square int or [H, W]."""
+    return int(imgsz) if isinstance(imgsz, int) else int(imgsz[index])
+
+
 OmegaConf.register_new_resolver("asset", asset, replace=True)  # in every process that resolves a config
+OmegaConf.register_new_resolver("side", side, replace=True)
 # Our launcher presets keep the plugins' names, so Hydra checks them against the plugins' schemas, and warns so
 # wherever it composes: the launching process, and the launcher's workers (which import this module first).
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
@@ -127,7 +133,7 @@ class Device(str, Enum):
 class ModelConfig:
     weights: str = MISSING  # an ultralytics .pt, loaded exactly as given (the presets ship theirs)
     name: Optional[str] = None  # in every variant name and table; null: the weights file's name
-    imgsz: List[int] = field(default_factory=lambda: [640, 640])  # H, W of export and static shapes
+    imgsz: Any = field(default_factory=lambda: [640, 640])  # [H, W] of export and static shapes; an int N: [N, N]
     stride: int = 32
 
     @property
@@ -206,8 +212,10 @@ class PostprocessConfig:
 class DataConfig:
     name: str = "shapes"
     images: Optional[str] = None  # null: the generated held-out split of the default model
-    labels: Optional[str] = None  # YOLO .txt labels; null: images/../labels/<split> when present
+    labels: Optional[str] = None  # YOLO .txt labels; null: as ultralytics finds them (the last /images/ -> /labels/)
     limit: int = 16
+    names: Optional[List[str]] = None  # the class names of data.images' labels, by id, checked against the model's;
+    #   null: not checked (the generated data's are synthetic.CLASSES)
     calibration: Optional[str] = None  # int8 calibration images; null: the generated calibration split, or with
     #   data.images set, that folder's images past the ones validated on
     calibration_limit: int = 32
@@ -304,11 +312,26 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     if problem:
         raise ConfigError(problem)
     try:
+        imgsz = _imgsz(cfg.model)  # before the shapes that interpolate it resolve
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(omegaconf_message(exc)) from None
+    run.model.imgsz = imgsz
     check(run)
     return run
+
+
+def _imgsz(model: DictConfig) -> list[int]:
+    """`model.imgsz` as [H, W], positive multiples of the stride; an int N is [N, N], as ultralytics takes it.
+    Raises ConfigError."""
+    stride, value = model.stride, model.imgsz
+    if stride <= 0:
+        raise ConfigError(f"model.stride: must be a positive integer, got {stride}")
+    hw = [value, value] if isinstance(value, int) else list(value) if isinstance(value, ListConfig) else value
+    if not (isinstance(hw, list) and len(hw) == 2 and all(isinstance(v, int) and v > 0 and not v % stride for v in hw)):
+        raise ConfigError(f"model.imgsz: expected [H, W] or one int for both, positive multiples of the stride "
+                          f"{stride}, got {value}")
+    return hw
 
 
 def to_plain(run: RunConfig) -> dict:
@@ -403,20 +426,15 @@ def check(cfg: RunConfig) -> None:
                       ("profile.name", cfg.profile.name)):
         _check_name(key, name)
     stride = cfg.model.stride
-    if stride <= 0:
-        raise ConfigError(f"model.stride: must be a positive integer, got {stride}")
-    if len(cfg.model.imgsz) != 2 or any(v <= 0 or v % stride for v in cfg.model.imgsz):
-        raise ConfigError(f"model.imgsz: expected [H, W], positive multiples of the stride {stride}, "
-                          f"got {list(cfg.model.imgsz)}")
     _check_range("profile", cfg.profile.min, cfg.profile.opt, cfg.profile.max)
     _check_range("shape", cfg.shape.min, cfg.shape.opt, cfg.shape.max)
     if cfg.shape.mode == ShapeMode.static:
         if not (list(cfg.shape.min) == list(cfg.shape.opt) == list(cfg.shape.max)):
             raise ConfigError(f"shape: a static shape needs min = opt = max, got min={list(cfg.shape.min)} "
                               f"max={list(cfg.shape.max)}; use shape=dynamic for a range")
-        if any(v % stride for v in cfg.shape.opt[2:]):
-            raise ConfigError(f"shape.opt: static H and W must be multiples of the stride {stride}, "
-                              f"got {list(cfg.shape.opt)}")
+    if any(v % stride for v in cfg.shape.opt[2:]):  # the shape timed, and validated in every mode
+        raise ConfigError(f"shape.opt: H and W must be multiples of the stride {stride}, got {list(cfg.shape.opt)}"
+                          f"{'' if cfg.shape.mode == ShapeMode.static else ' (profile.opt)'}")
     _check_validate(cfg.validate)
     for key, value in (("data.limit", cfg.data.limit), ("data.calibration_limit", cfg.data.calibration_limit),
                        ("bench.iters", cfg.bench.iters)):

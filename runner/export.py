@@ -44,6 +44,7 @@ class ExportSpec:
     simplify: bool
     end2end: bool = False  # the one-to-one head, (B, max_det, 6), NMS-free
     nms: bool = False  # the one-to-many head with NMS in the graph (ultralytics' nms=True), (B, max_det, 6)
+    batch: int = 1  # a static ONNX's batch (a dynamic one's is dynamic)
 
     def key(self) -> str:
         h = hashlib.sha256(Path(self.weights).read_bytes())
@@ -119,7 +120,7 @@ def _export_ultralytics(spec: ExportSpec, workdir: Path) -> Path:
     _check_head(yolo.model, spec)
     out = yolo.export(format="onnx", imgsz=list(spec.imgsz), dynamic=spec.dynamic, simplify=spec.simplify,
                       opset=spec.opset, quantize=16 if spec.half else None, nms=ultralytics_nms(spec.end2end, spec.nms),
-                      device="cpu", batch=1, verbose=False)
+                      device="cpu", batch=spec.batch, verbose=False)
     return Path(out)
 
 
@@ -139,7 +140,7 @@ def _torch_model(spec: ExportSpec, workdir: Path):
         model.end2end = spec.end2end  # chosen before fusing, which drops the other head
     model = model.fuse(verbose=False).float().eval()
     model.model[-1].dynamic = spec.dynamic  # the head rebuilds its anchors from the input shape each call
-    dummy = torch.zeros(1, 3, *spec.imgsz, device=device)
+    dummy = torch.zeros(spec.batch, 3, *spec.imgsz, device=device)
     if spec.half:
         model, dummy = model.half(), dummy.half()
 
@@ -153,7 +154,7 @@ def _torch_model(spec: ExportSpec, workdir: Path):
             return self.inner(x)[0]
 
     metadata = {"stride": int(max(model.stride)), "task": "detect", "head": type(model.model[-1]).__name__,
-                "batch": 1, "imgsz": list(spec.imgsz),
+                "batch": spec.batch, "imgsz": list(spec.imgsz),
                  "names": dict(model.names), "end2end": bool(getattr(model, "end2end", False)),
                  "args": {"dynamic": spec.dynamic, "half": spec.half}}
     return FirstOutput(model).eval(), dummy, metadata

@@ -18,10 +18,12 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf.errors import OmegaConfBaseException
 
 from runner import cache, checkpoint, config, data, gpus
-from runner.config import DETR_MODELS, MODELS, ConfigError, RunConfig, TrackingConfig, omegaconf_message, to_run_config
+from runner.config import (DETR_MODELS, MODELS, ConfigError, RunConfig, ShapeMode, TrackingConfig, omegaconf_message,
+                           to_run_config)
 from runner.results import first_line
 from runner.sweep import variant_id
 from runner.sweeper import launch_key
+from runner.validate import off_stride
 
 CONF_DIR = config.conf_dir()
 USAGE_EXIT = 2  # a command line refused in preflight
@@ -49,15 +51,34 @@ def jobs_stay_here(argv: list[str]) -> bool:
 
 
 def preflight(argv: list[str]) -> list[RunConfig]:
-    """Compose and check every variant the command line describes, and what they need. Raises ConfigError."""
+    """Compose and check every variant the command line describes, and what they need, then say what will not be
+    checked (`cautions`). Raises ConfigError."""
     variants = compose_variants(argv)
-    check_files(variants)
+    names = check_files(variants)
     local = jobs_stay_here(argv)
     _check_shared_store(variants[0].tracking, launcher_of(argv), local)
     _check_writable(variants)
     if local:
         _check_gpu_pool()
+    for line in cautions(variants, names):
+        print(f"runner: warning: {line}", flush=True)
     return variants
+
+
+def cautions(variants: list[RunConfig], names: dict[str, list[str]]) -> list[str]:
+    """One line for each thing the sweep will run but cannot check: a model whose class names are not the data's,
+    a profile bound off the stride (built, never validated)."""
+    lines = []
+    for v in variants:
+        mismatch = data.names_mismatch(names[v.model.weights], data.class_names(v.data.images, v.data.names))
+        if mismatch:
+            lines.append(f"{v.model.label}: {mismatch}")
+        for bound in ("min", "max"):
+            shape = list(getattr(v.shape, bound))
+            if v.shape.mode == ShapeMode.dynamic and off_stride(shape, v.model.stride):
+                lines.append(f"profile {v.profile.name}: {bound} {shape}: {off_stride(shape, v.model.stride)}: "
+                             f"built, but not validated there (the row's note names it)")
+    return list(dict.fromkeys(lines))
 
 
 def compose_variants(argv: list[str]) -> list[RunConfig]:
@@ -67,7 +88,7 @@ def compose_variants(argv: list[str]) -> list[RunConfig]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as exc:
-        raise ConfigError(" ".join(str(exc).split())) from None
+        raise ConfigError(" ".join(str(exc).split()) + _quoting_hint(overrides)) from None
     _check_multirun(argv, parsed)
     choices = [_sweep_values(o) if o.is_sweep_override() else [o.input_line] for o in parsed]
     combos = list(itertools.product(*choices))
@@ -77,6 +98,17 @@ def compose_variants(argv: list[str]) -> list[RunConfig]:
         variants = [_compose(list(combo)) for combo in combos]
     _check_distinct(combos, variants)
     return [v for _, v in sorted(zip(combos, variants), key=lambda cv: launch_key(cv[1], cv[0]))]
+
+
+def _quoting_hint(overrides: list[str]) -> str:
+    """How to quote the first override whose value Hydra's lexer cannot read unquoted (non-ASCII, a space...)."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        try:
+            OverridesParser.create().parse_overrides([override])
+        except OverrideParseException:
+            return f"; quote the value for Hydra and the shell: '{key}=\"{value}\"'" if value else ""
+    return ""
 
 
 def _group_options(group: str) -> list[str]:
@@ -140,26 +172,38 @@ def _check_distinct(combos: list[tuple[str, ...]], variants: list[RunConfig]) ->
             raise ConfigError(f"sweep: {one} and {other} make the same variant; keep one of them")
 
 
-def check_weights(path: str) -> None:
-    """An ultralytics detection checkpoint that refers to nothing outside runner's allow-list (see
-    `runner.checkpoint`), or ConfigError saying what the file is instead."""
+def check_weights(path: str) -> list[str]:
+    """The class names of an ultralytics detection checkpoint that refers to nothing outside runner's allow-list
+    (see `runner.checkpoint`), or ConfigError saying what the file is instead."""
     if not Path(path).is_file():
         raise ConfigError(f"model.weights: file not found: {path} (a .pt file, loaded as given: nothing is "
                           f"downloaded; or a preset: model={'|'.join(MODELS + DETR_MODELS)})")
-    checkpoint.verify(path)
+    return checkpoint.verify(path).names
 
 
-def check_files(configs: list[RunConfig]) -> None:
+def check_files(configs: list[RunConfig]) -> dict[str, list[str]]:
     """Each distinct weights file and image folder of a sweep, checked once (the labels' line, where one is
-    wrong). Raises ConfigError."""
-    for weights in sorted({c.model.weights for c in configs}):
-        check_weights(weights)
-    for images, labels, limit in sorted({(c.data.images, c.data.labels, c.data.limit) for c in configs
-                                         if c.data.images is not None}):
-        data.select(images, labels, limit)
+    wrong or has a class id the model lacks). Returns each weights file's class names. Raises ConfigError."""
+    names = {weights: check_weights(weights) for weights in sorted({c.model.weights for c in configs})}
+    for images, labels, limit, weights in sorted({(c.data.images, c.data.labels, c.data.limit, c.model.weights)
+                                                  for c in configs if c.data.images is not None}):
+        data.select(images, labels, limit, len(names[weights]) or None)
+    for c in configs:
+        _check_generated_classes(c, names[c.model.weights])
     for labels in sorted({c.data.labels for c in configs if c.data.images is None and c.data.labels is not None}):
         if not Path(labels).is_dir():
             raise ConfigError(f"data.labels: not a readable folder: {labels}")
+    return names
+
+
+def _check_generated_classes(c: RunConfig, names: list[str]) -> None:
+    """Refuse the generated data for a model with fewer classes than its labels have."""
+    generated = data.class_names(None, None)
+    if c.data.images is None and names and len(names) < len(generated):
+        raise ConfigError(f"data: the generated data's labels have {len(generated)} classes "
+                          f"({', '.join(generated)}), model {c.model.label} has {len(names)} ({', '.join(names)}); "
+                          f"give data.images of its classes (YOLO labels as ultralytics finds them), or data=bus to "
+                          f"time it without labels")
 
 
 def _check_shared_store(tracking: TrackingConfig, launcher: str, local: bool) -> None:

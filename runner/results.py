@@ -268,6 +268,11 @@ class ValidateResult(Record):
         scored = [(k, s) for k, s in self.shapes.items() if s.map50_95 is not None]
         return min(scored, key=lambda item: item[1].map50_95, default=None)
 
+    @property
+    def unvalidated(self) -> list[str]:
+        """The shapes of the profile that were not validated (skipped), by label."""
+        return [label for label, s in self.shapes.items() if s.status == "skipped"]
+
     def aggregate(self) -> dict[str, float]:
         """The worst value of each measure over the shapes where it was measured; mAP at the headline shape
         (`map50`, `map50_95`), its lowest over the shapes beside it (`map50_95_worst`)."""
@@ -352,9 +357,13 @@ class VariantResult(Record):
         return self.cell.name
 
     def fail(self, stage: str, error: str, detail: str | None = None) -> None:
-        """Mark the variant failed at `stage`, unless an earlier stage already failed it."""
+        """Mark the variant failed at `stage`, unless an earlier stage already failed it; a later stage's error is
+        kept in `error_detail`, after the first one's."""
         if self.status != "failed":
             self.status, self.failed_stage, self.error, self.error_detail = "failed", stage, error, detail
+            return
+        later = f"then {stage}: {error}" + (f"\n{detail}" if detail else "")
+        self.error_detail = f"{self.error_detail}\n\n{later}" if self.error_detail else later
 
     def first_error_line(self) -> str:
         return first_line(self.error)

@@ -22,7 +22,7 @@ from runner.config import Thresholds, ValidateConfig
 from runner.data import Sample
 from runner.metrics import match_detections, mean_average_precision, tensor_metrics
 from runner.processing import RANKED, postprocess, preprocess
-from runner.results import DetectionMetrics, ShapeCheck, TensorMetrics, ValidateResult, first_line
+from runner.results import DetectionMetrics, ShapeCheck, TensorMetrics, ValidateResult
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def headline_shape(profile: list[list[int]], imgsz: list[int]) -> list[int] | No
 def shapes_to_check(profile: list[list[int]], stride: int, non_square: bool,
                     imgsz: list[int]) -> list[tuple[str, list[int]]]:
     """The shapes to check inside a (min, opt, max) profile: its one shape when static; else min, opt,
-    max, one non-square shape and the headline shape (`headline_shape`, labelled `imgsz`)."""
+    max, one non-square shape on the stride and the headline shape (`headline_shape`, labelled `imgsz`)."""
     lo, mid, hi = (list(s) for s in profile)
     if lo == hi:
         return [("static", mid)]
@@ -46,8 +46,8 @@ def shapes_to_check(profile: list[list[int]], stride: int, non_square: bool,
     if headline := headline_shape(profile, imgsz):
         shapes.append(("imgsz", headline))
     if non_square:
-        h = max(lo[2], (hi[2] * 3 // 4) // stride * stride)
-        candidate = [mid[0], 3, h, hi[3]]
+        h = max(-(-lo[2] // stride) * stride, (hi[2] * 3 // 4) // stride * stride)  # on the stride, inside the range
+        candidate = [mid[0], 3, h, hi[3] // stride * stride]
         if all(a <= c <= b for a, c, b in zip(lo, candidate, hi)) and candidate[2] != candidate[3]:
             shapes.append(("non_square", candidate))
     seen, unique = set(), []
@@ -56,6 +56,13 @@ def shapes_to_check(profile: list[list[int]], stride: int, non_square: bool,
             seen.add(tuple(shape))
             unique.append((label, shape))
     return unique
+
+
+def off_stride(shape: list[int], stride: int) -> str | None:
+    """Why a model cannot be validated at `shape`: its H or W is not a multiple of the stride, so the feature maps
+    of its levels do not line up (onnxruntime refuses it). None where it can."""
+    off = [f"{dim} {size}" for dim, size in zip("HW", shape[2:]) if size % stride]
+    return f"{' and '.join(off)} not a multiple of the stride {stride}" if off else None
 
 
 def _batches(samples: list[Sample], batch: int):
@@ -101,13 +108,13 @@ def validate_shape(runner, chain, reference, samples: list[Sample], shape: list[
             try:
                 ref = reference.infer(blob)
             except Exception as exc:  # the reference's own limit at this shape
-                return ShapeCheck(shape, "skipped", reason=f"reference failed: {_first_line(exc)}")
+                return ShapeCheck(shape, "skipped", reason=f"reference failed: {_message(exc)}")
         try:
             test = runner.infer(blob)
             dets = chain.detect(runner, frames, hw, boxes)
         except Exception as exc:
             status = "skipped" if reference is None else "failed"
-            return ShapeCheck(shape, status, reason=_first_line(exc))
+            return ShapeCheck(shape, status, reason=_message(exc))
         det_test += dets
         deviation = chain.input_deviation(runner, blob)
         if deviation is not None:
@@ -170,15 +177,20 @@ def _misses(check: ShapeCheck, t: Thresholds) -> dict[str, str]:
 
 def validate(runner, chain, reference, samples: list[Sample], shapes: list[tuple[str, list[int]]],
              thresholds: Thresholds, v: ValidateConfig, reference_provider: str, skipped_images: list[str],
-             names: list[str] = (), headline: list[int] | None = None) -> ValidateResult:
+             names: list[str] = (), headline: list[int] | None = None, stride: int = 32,
+             data_notes: list[str] = ()) -> ValidateResult:
     """Validate at every shape, detections through `chain`: passes when every shape the reference could run
     passes; `inaccurate` when they all ran but one missed a limit. `reference=None` when the model under test is
-    the reference itself. `headline`: the shape of the headline mAP."""
+    the reference itself. `headline`: the shape of the headline mAP. A shape skipped off the `stride` says so. A
+    pass names what it did not check: each shape skipped, then `data_notes` (what the data could not give), then
+    what it did not measure."""
     head = chain.head
     per_shape = {}
     for label, shape in shapes:
         log.info("validate: %s %s on %d images...", label, shape, len(samples))
         per_shape[label] = s = validate_shape(runner, chain, reference, samples, shape, thresholds, v, names)
+        if s.status == "skipped" and off_stride(shape, stride):
+            s.reason = f"{off_stride(shape, stride)}: {s.reason}"
         scores = f"mAP50-95 {s.map50_95:.3f}" if s.map50_95 is not None else "no labels"
         if s.map_drop is not None:
             scores += f" (reference {s.ref_map50_95:.3f})"
@@ -201,10 +213,13 @@ def validate(runner, chain, reference, samples: list[Sample], shapes: list[tuple
         reason = "; ".join(f"{k} {s.shape}: {s.reason}" for k, s in checked.items() if s.status == status)
     elif status == "unchecked":
         reason = "no shape could be checked: " + "; ".join(f"{k}: {s.reason}" for k, s in per_shape.items())
-    elif status == "passed":
+    elif status in ("passed", "reference"):
+        notes = [f"not validated: {k} {s.shape} ({s.reason})" for k, s in per_shape.items() if s.status == "skipped"]
+        notes += data_notes
         unmeasured = [k for k, s in checked.items() if s.detections is None]
-        notes = [f"detections not measured, {NO_REFERENCE_DETECTIONS}: {', '.join(unmeasured)}"] if unmeasured else []
-        if head in RANKED:
+        if status == "passed" and unmeasured:
+            notes.append(f"detections not measured, {NO_REFERENCE_DETECTIONS}: {', '.join(unmeasured)}")
+        if status == "passed" and head in RANKED:
             notes.append(TENSORS_NOT_COMPARED)
         reason = "; ".join(notes) or None
     missed = list(dict.fromkeys(m for s in checked.values() for m in s.failed_metrics))
@@ -218,6 +233,7 @@ def _letterbox_miss(value: float) -> str:
     return f"GPU letterbox differs from the CPU one by {value:.2e} (limit {GPU_LETTERBOX_TOLERANCE:.2e})"
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type where it says nothing), up to REASON_CHARS."""
-    return (first_line(str(exc)) or type(exc).__name__)[:REASON_CHARS]
+def _message(exc: BaseException) -> str:
+    """An exception's message on one line (onnxruntime says which dim it refused on the next lines), or its type
+    where it says nothing, up to REASON_CHARS."""
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:REASON_CHARS]

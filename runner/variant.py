@@ -17,8 +17,8 @@ from pathlib import Path
 from runner import backends, checkpoint, heads, prepost
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
-from runner.config import BackendName, Device, Head, Mechanism, Precision, RunConfig, ShapeMode
-from runner.data import Sample, load_samples
+from runner.config import BackendName, ConfigError, Device, Head, Mechanism, Precision, RunConfig, ShapeMode
+from runner.data import Sample, Selection, class_names, load_samples, names_mismatch
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
 from runner.quantize import calibration_set, quantize_qdq
@@ -101,9 +101,9 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         publish(result)
         with runner:  # closes it
             clock.enter("validate")
-            samples, skipped = load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs))
+            samples, selection = validation_data(cfg, result.export)
             chain = prepost.chain(runner, cfg, output_head(result.export, result.build))
-            validate_stage(cfg, runner, chain, result, samples, skipped)
+            validate_stage(cfg, runner, chain, result, samples, selection)
             publish(result)
             clock.enter("bench")
             result.bench = bench(runner, chain, [s.image for s in samples], timed_shape(cfg, result.build),
@@ -126,10 +126,11 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     """The fp32 reference ONNX, and the ONNX under test: the fp16 one, or the Q/DQ int8 one calibrated on the CPU,
     where the mechanism needs it."""
     weights = cfg.model.weights
-    spec = ExportSpec(weights=weights, tool=cfg.export.tool.value,
-                      dynamic=(cfg.export.shape or cfg.shape.mode) == ShapeMode.dynamic, half=False,
+    dynamic = (cfg.export.shape or cfg.shape.mode) == ShapeMode.dynamic
+    spec = ExportSpec(weights=weights, tool=cfg.export.tool.value, dynamic=dynamic, half=False,
                       imgsz=tuple(cfg.model.imgsz), opset=cfg.export.opset, simplify=cfg.export.simplify,
-                      end2end=cfg.export.head == Head.end2end, nms=cfg.export.head == Head.nms)
+                      end2end=cfg.export.head == Head.end2end, nms=cfg.export.head == Head.nms,
+                      batch=1 if dynamic else cfg.shape.opt[0])  # a static ONNX at the batch it is built for
     reference = export_onnx(spec, Path(cfg.cache_dir))
     tested = reference
     if mechanism in FP16_ONNX:
@@ -146,7 +147,7 @@ def output_head(export: ExportResult, build: BuildResult | None = None) -> str:
     signature = (build and build.onnx_signature) or export.tested.signature
     metadata = heads.onnx_metadata(export.reference.path)
     if "head" not in metadata:  # a torch export cached before the exporter wrote its head: the checkpoint says it
-        metadata["head"] = checkpoint.verify(export.weights)
+        metadata["head"] = checkpoint.verify(export.weights).head
     try:
         return heads.decode(metadata, signature["outputs"][0], len(export.tested.names) or None)
     except heads.UnsupportedHead as exc:
@@ -162,8 +163,25 @@ def timed_shape(cfg: RunConfig, build: BuildResult) -> list[int]:
     return shape
 
 
+def validation_data(cfg: RunConfig, export: ExportResult) -> tuple[list[Sample], Selection]:
+    """The images and labels validated on, each label's class id one of the model's. Raises StageError."""
+    try:
+        return load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs),
+                            len(export.tested.names) or None)
+    except ConfigError as exc:  # labels that do not fit the model: preflight checks the user's, not generated ones
+        raise StageError("validate", str(exc)) from None
+
+
+def data_notes(cfg: RunConfig, export: ExportResult, selection: Selection) -> list[str]:
+    """What the data could not give a row: labels, and class names that match the model's."""
+    mismatch = names_mismatch(export.tested.names, class_names(cfg.data.images, cfg.data.names))
+    if mismatch:
+        log.warning("data: %s", mismatch)
+    return [note for note in (selection.note, mismatch) if note]
+
+
 def validate_stage(cfg: RunConfig, runner, pipeline, result: VariantResult, samples: list[Sample],
-                   skipped: list[str]) -> None:
+                   selection: Selection) -> None:
     """Against the onnxruntime reference at every shape of the built profile. A shape that cannot run fails the
     variant at `validate`; a missed accuracy limit, at `accuracy`."""
     build, export = result.build, result.export
@@ -174,8 +192,9 @@ def validate_stage(cfg: RunConfig, runner, pipeline, result: VariantResult, samp
         shapes = shapes_to_check(build.profile, cfg.model.stride, cfg.validate.non_square, cfg.model.imgsz)
         thresholds = getattr(cfg.validate, cfg.precision.name.value)
         result.validate = validate(runner, pipeline, reference, samples, shapes, thresholds, cfg.validate,
-                                   REFERENCE_PROVIDER, skipped, export.tested.names,
-                                   headline_shape(build.profile, cfg.model.imgsz))
+                                   REFERENCE_PROVIDER, selection.skipped, export.tested.names,
+                                   headline_shape(build.profile, cfg.model.imgsz), cfg.model.stride,
+                                   data_notes(cfg, export, selection))
     finally:
         if reference is not None:
             reference.close()

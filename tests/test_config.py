@@ -28,6 +28,9 @@ BAD_INPUTS = {
     "profile-zero-dim": (["profile.min=[1,3,0,640]"], "profile.min", r"every dim must be a positive integer"),
     "imgsz-not-stride": (["model.imgsz=[650,640]"], "model.imgsz", r"multiples of the stride 32"),
     "static-shape-not-stride": (["shape.opt=[1,3,650,640]"], "shape.opt", r"multiples of the stride 32"),
+    "dynamic-opt-not-stride": (["shape=dynamic", "profile.opt=[1,3,500,640]"], "shape.opt",
+                               r"H and W must be multiples of the stride 32, got \[1, 3, 500, 640\] \(profile.opt\)"),
+    "imgsz-int-not-stride": (["model.imgsz=650"], "model.imgsz", r"\[H, W\] or one int for both.*got 650$"),
     "static-min-ne-max": (["shape.max=[1,3,1280,1280]"], "shape", r"min = opt = max.*shape=dynamic"),
     "unknown-precision": (["precision=fp8"], "precision", r"unknown option 'fp8'; allowed: fp16, fp32"),
     "unknown-export": (["export=onnx2"], "export", r"unknown option 'onnx2'; allowed: dynamo, torch, ultralytics"),
@@ -232,6 +235,18 @@ def test_seed_profile_dynamic_is_accepted():
 def test_static_shape_follows_imgsz():
     cfg, = preflight(["model.imgsz=[480,640]"])
     assert list(cfg.shape.min) == list(cfg.shape.opt) == list(cfg.shape.max) == [1, 3, 480, 640]
+
+
+def test_a_square_imgsz_int_is_h_and_w_as_ultralytics_takes_it():
+    cfg, = preflight(["model.imgsz=320"])
+    assert cfg.model.imgsz == [320, 320] and list(cfg.shape.opt) == [1, 3, 320, 320]
+
+
+def test_an_unquoted_unicode_path_gets_the_quoting_hint(cli, tmp_path):
+    proc = cli(["data.images=/data/données/images"], tmp_path / "outputs")
+    assert proc.returncode == USAGE_EXIT and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.strip().endswith("""quote the value for Hydra and the shell: 'data.images="/data/données/images"'""")
+    assert_nothing_started(tmp_path / "outputs")
 
 
 def test_sweep_expands_to_every_combination():

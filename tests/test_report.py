@@ -21,7 +21,7 @@ from runner.sweep import JobRecord
 from runner.track import Tracker
 
 EXPECTED_MATRIX = """\
-|onnx\\build|ul st fp32|ul dy fp32|ul st fp16|tc st fp32|tc dy fp32|tc dy fp16|dynamo dy fp32|
+|build ↓ onnx →|ul st fp32|ul dy fp32|ul st fp16|tc st fp32|tc dy fp32|tc dy fp16|dynamo dy fp32|
 |---|---|---|---|---|---|---|---|
 |trt st fp32|O|O|-|O|X|-|-|
 |trt dy fp32|-|O|-|-|-|-|O|
@@ -30,7 +30,7 @@ EXPECTED_MATRIX = """\
 |ul-trt dy fp16|-|O|-|-|-|-|-|
 |ort st fp32|R|-|-|-|-|-|-|"""
 EXPECTED_SECOND_MODEL = """\
-|onnx\\trt|ul st fp32|ul st fp32 e2e|
+|trt ↓ onnx →|ul st fp32|ul st fp32 e2e|
 |---|---|---|
 |trt st fp32|O|O|"""
 BUILD_ERROR = "[TRT] Error Code 4: Internal Error (profile has no dimensions for input 'images')\nsecond line"

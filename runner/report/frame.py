@@ -62,7 +62,7 @@ METRICS = (  # the details table's numbers first, in its order
     Metric("bench.batch", "batch"),
 )
 MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
-INACCURATE = "△"  # built and ran, but missed an accuracy limit
+INACCURATE = "△"  # built and ran, but missed an accuracy limit, or some shapes of its profile were not validated
 REFERENCE = "R"  # ran, and the model under test is the reference itself
 WHY_MARKS = (MARKS["failed"], INACCURATE)  # the marks shown with why: the failing stage, or the metric missed
 COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, "mark", "note", *SHAPES,
@@ -73,10 +73,10 @@ class ReportError(Exception):
     """A problem the user can fix (no such sweep, unreadable file, unreachable store); one line, exit 2."""
 
 
-def mark(status: str, validation: str, failed_stage: str) -> str:
-    """A cell's mark in the grids: O ran and passed, △ missed an accuracy limit, X failed, R is the reference,
-    - skipped."""
-    if status == "failed" and failed_stage == "accuracy":
+def mark(status: str, validation: str, failed_stage: str, unvalidated: str = "") -> str:
+    """A cell's mark in the grids: O ran and passed, △ missed an accuracy limit or ran with `unvalidated` shapes
+    (partly checked), X failed, R is the reference, - skipped."""
+    if status == "failed" and failed_stage == "accuracy" or status == "ok" and unvalidated:
         return INACCURATE
     return REFERENCE if status == "ok" and validation == "reference" else MARKS.get(status, "-")
 
@@ -84,7 +84,8 @@ def mark(status: str, validation: str, failed_stage: str) -> str:
 def _row(cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
     outcome = {k: tags.get(k) or "" for k in OUTCOME}
     return {"cell": cell, "model": cell.model, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
-            **outcome, "mark": mark(outcome["status"], outcome["validation"], outcome["failed_stage"]),
+            **outcome, "mark": mark(outcome["status"], outcome["validation"], outcome["failed_stage"],
+                                    outcome["unvalidated_shapes"]),
             "note": tags.get("error") or tags.get("validation_note") or "",  # the error, or what a pass left out
             **{k: tags.get(k) or "" for k in SHAPES},
             **{m.column: metrics.get(m.key, math.nan) for m in METRICS}, "gpu": gpu or ""}

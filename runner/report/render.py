@@ -14,7 +14,7 @@ from runner.results import first_line
 SEVERITY = "-RO△X"  # a cell run twice (e.g. two profiles) shows its worst outcome
 COLOURS = {"O": "#2e7d32", "X": "#c62828", "△": "#ef6c00", "R": "#1565c0", "-": "#bdbdbd"}
 LEGEND = ("O built, ran and passed validation; △ built and ran, but missed an accuracy limit against the fp32 "
-          "reference (the metric is named); X failed (its stage is in the details); R ran, and the model under test "
+          "reference (the metric is named), or was partly checked (the shapes not validated are named); X failed (its stage is in the details); R ran, and the model under test "
           "is the reference itself, so its validation cannot fail; - skipped (the reason is in the details).")
 DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status",
           "validation": "validation", "failed_stage": "failing stage", "note": "error / note",
@@ -42,7 +42,8 @@ def matrix(frame: pd.DataFrame) -> pd.DataFrame:
     cols = {c.onnx.label: onnx_key(c.onnx) for c in frame["cell"]}
     grid = grid.reindex(index=sorted(grid.index, key=rows.get), columns=sorted(grid.columns, key=cols.get))
     grid = grid.fillna("-")
-    grid.index.name = "onnx\\trt" if set(frame["backend"]) == {BackendName.tensorrt.value} else "onnx\\build"
+    built_by = "trt" if set(frame["backend"]) == {BackendName.tensorrt.value} else "build"
+    grid.index.name = f"{built_by} ↓ onnx →"  # the corner says what the rows and the columns are
     grid.columns.name = None
     return grid
 

@@ -61,7 +61,7 @@ class TensorrtBackend(Backend):
                 half=cfg.precision.name == Precision.fp16, workspace_gib=b.workspace_gib,
                 optimization_level=b.builder_optimization_level, opset=cfg.export.opset,
                 simplify=cfg.export.simplify, end2end=export.tested.end2end, nms=cfg.export.head == Head.nms,
-                cache_dir=cfg.cache_dir,
+                batch=1 if cfg.shape.mode == ShapeMode.dynamic else cfg.shape.opt[0], cache_dir=cfg.cache_dir,
                 use_engine_cache=b.engine_cache))
         from runner.backends.tensorrt.build import BuildSpec, build_engine
 

@@ -47,6 +47,7 @@ class EngineExportSpec:
     cache_dir: str
     end2end: bool = False  # the NMS-free one-to-one head (ultralytics' nms=False)
     nms: bool = False  # NMS in the graph (ultralytics' nms=True)
+    batch: int = 1  # a static engine's batch
     use_engine_cache: bool = True
 
     def key(self, trt_version: str, gpu: str) -> str:
@@ -120,7 +121,7 @@ def _export_and_store(trt, spec: EngineExportSpec, cache: EngineCache, key: str,
             produced = YOLO(str(local)).export(
                 format="engine", imgsz=list(spec.imgsz), dynamic=spec.dynamic, quantize=16 if spec.half else None,
                 workspace=spec.workspace_gib, opset=spec.opset, simplify=spec.simplify,
-                nms=ultralytics_nms(spec.end2end, spec.nms), batch=1, device=0, verbose=False)
+                nms=ultralytics_nms(spec.end2end, spec.nms), batch=spec.batch, device=0, verbose=False)
     except Exception as exc:  # ultralytics' own failure is the verdict; TensorRT's words come with it
         raise StageError("build", "\n".join([f"ultralytics: {type(exc).__name__}: {exc}", *logger.errors()]),
                          partial=result) from None
