@@ -106,7 +106,7 @@ def test_class_names_that_differ_and_bounds_off_the_stride_are_said_before_any_w
 
 
 def test_the_non_square_shape_is_on_the_stride():
-    shapes = dict(shapes_to_check([[1, 3, 321, 320], [1, 3, 640, 640], [1, 3, 640, 650]], 32, True))
+    shapes = dict(shapes_to_check([[1, 3, 321, 320], [1, 3, 640, 640], [1, 3, 640, 650]], 32, True, [640, 640]))
     assert shapes["non_square"] == [1, 3, 480, 640]
 
 
@@ -166,7 +166,7 @@ def test_a_row_names_what_it_could_not_check(tmp_path, capsys):
 
 
 def test_a_static_batch_above_one_is_exported_validated_and_timed_at_that_batch(tmp_path):
-    result, row = run(["shape=static", "shape.opt=[4,3,128,128]"], tmp_path / "outputs")
+    result, row = run(["shape=static", "shape.opt=[4,3,128,128]", "bench.batch=4"], tmp_path / "outputs")
     assert (result.status, row["status"]) == ("ok", "ok")
     assert result.export.tested.signature["inputs"][0]["shape"] == [4, 3, 128, 128]
     assert result.validate.shapes["static"].shape == [4, 3, 128, 128] and result.validate.shapes["static"].map50_95
