@@ -66,9 +66,11 @@ def off_stride(shape: list[int], stride: int) -> str | None:
 
 
 def _batches(samples: list[Sample], batch: int):
+    """(chunk, real): `batch` samples at a time, the last chunk padded with its final sample to fill the input's
+    batch; only its first `real` count, so no image is scored twice."""
     for i in range(0, len(samples), batch):
         chunk = samples[i:i + batch]
-        yield chunk + [chunk[-1]] * (batch - len(chunk))
+        yield chunk + [chunk[-1]] * (batch - len(chunk)), len(chunk)
 
 
 NO_REFERENCE_DETECTIONS = "no reference detections"
@@ -101,7 +103,7 @@ def validate_shape(runner, chain, reference, samples: list[Sample], shape: list[
     misses a limit, `inaccurate`. `names`: the class names, for the per-class AP deltas."""
     hw, head = (shape[2], shape[3]), chain.head
     outs_test, outs_ref, det_test, det_ref, gts, input_max_abs = {}, {}, [], [], [], None
-    for chunk in _batches(samples, shape[0]):
+    for chunk, real in _batches(samples, shape[0]):
         frames = [s.image for s in chunk]
         blob, boxes = preprocess(frames, hw, head=head)
         if reference is not None:
@@ -115,7 +117,7 @@ def validate_shape(runner, chain, reference, samples: list[Sample], shape: list[
         except Exception as exc:
             status = "skipped" if reference is None else "failed"
             return ShapeCheck(shape, status, reason=_message(exc))
-        det_test += dets
+        det_test += dets[:real]
         deviation = chain.input_deviation(runner, blob)
         if deviation is not None:
             input_max_abs = max(input_max_abs or 0.0, deviation)
@@ -123,8 +125,8 @@ def validate_shape(runner, chain, reference, samples: list[Sample], shape: list[
             for name, value in ref.items():
                 outs_ref.setdefault(name, []).append(value)
                 outs_test.setdefault(name, []).append(test[name])
-            det_ref += postprocess(ref[next(iter(ref))], boxes, v.conf, v.nms_iou, v.max_det, head)
-        gts += [(s.gt_cls, s.gt_boxes) for s in chunk]
+            det_ref += postprocess(ref[next(iter(ref))], boxes, v.conf, v.nms_iou, v.max_det, head)[:real]
+        gts += [(s.gt_cls, s.gt_boxes) for s in chunk[:real]]
     labelled = [i for i, g in enumerate(gts) if g[0] is not None]
     accuracy = _accuracy([det_test[i] for i in labelled], [gts[i] for i in labelled])
     check = ShapeCheck(shape, "reference", map50=accuracy.get("map50"), map50_95=accuracy.get("map50_95"),

@@ -123,6 +123,19 @@ def test_a_refused_input_reaches_the_row_whole(export_cache, held_out_images):
     assert "index: 0 Got: 4 Expected: 1" in result.reason
 
 
+def test_a_padded_batch_scores_each_image_once(export_cache, held_out_images):
+    """3 images at batch 2: the last input is padded with the third image, which counts once, as at batch 1."""
+    from runner.data import load_samples
+    from runner.validate import validate_shape
+
+    onnx = export_onnx(export_spec("ultralytics", dynamic=True, imgsz=(128, 128)), export_cache)
+    samples, _ = load_samples(str(held_out_images), None, 3, Path("unused"))
+    chain, v = Chain(None, None, 0.25, 0.7, 300, ONE2MANY), ValidateConfig()
+    with OrtRunner(onnx.path) as runner:
+        one, two = (validate_shape(runner, chain, None, samples, [b, 3, 128, 128], v.fp32, v) for b in (1, 2))
+    assert one.map50_95 is not None and two.map50_95 == one.map50_95
+
+
 def test_a_later_stage_error_is_kept_in_error_detail():
     result = VariantResult.from_dict(json.loads(json.dumps(FAILED)))
     result.fail("bench", "RuntimeError: no session", "Traceback ...")
