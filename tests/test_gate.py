@@ -112,6 +112,19 @@ def test_a_metric_the_baseline_has_and_the_sweep_lacks_is_a_regression(tmp_path,
     assert "4 regression(s) in 1 cell(s)" in text and "4 regression(s)" in capsys.readouterr().out
 
 
+def test_a_cell_that_ran_with_a_shape_unchecked_is_a_regression_from_a_fully_checked_one(tmp_path):
+    results_file, _ = results_and_baseline(tmp_path)
+    partly = [r.to_dict() for r in RESULTS]
+    kept = next(r for r in partly if f"{r['cell']['model']} | ul st fp32 | trt st fp32" == KEPT)
+    kept["validate"]["shapes"]["min"] = {**kept["validate"]["shapes"]["static"], "status": "skipped",
+                                         "reason": "reference failed: H 1 not a multiple of the stride 32"}
+    results_file.write_text(json.dumps(partly))
+    summary = tmp_path / "check.md"
+    assert cli.main(["check", "--results", str(results_file), "--baseline", str(tmp_path / "recorded.json"),
+                     "--summary", str(summary)]) == 1
+    assert f"|{KEPT.replace('|', chr(92) + '|')}|status|O|△|REGRESSION|" in summary.read_text()
+
+
 def results_and_baseline(tmp_path) -> tuple[Path, dict]:
     results_file = tmp_path / "results.json"
     results_file.write_text(json.dumps([r.to_dict() for r in RESULTS]))

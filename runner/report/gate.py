@@ -31,7 +31,8 @@ def _number(value) -> float | None:
 def cells(frame: pd.DataFrame) -> dict[str, dict]:
     """What `check` compares, per cell key "<model> | <onnx label> | <build label>"."""
     return {r.cell.key: {"cell": r.cell.to_dict(), "status": r.status, "failed_stage": r.failed_stage,
-                         "validation": r.validation, **{k: _number(getattr(r, k)) for k in NUMBERS}}
+                         "validation": r.validation, "unvalidated_shapes": r.unvalidated_shapes,
+                         **{k: _number(getattr(r, k)) for k in NUMBERS}}
             for r in frame.itertuples(index=False)}
 
 
@@ -44,7 +45,8 @@ def cell_problem(cell) -> str | None:
 
 
 def _mark(cell: dict) -> str:
-    shown = mark(cell["status"], cell.get("validation") or "", cell.get("failed_stage") or "")
+    shown = mark(cell["status"], cell.get("validation") or "", cell.get("failed_stage") or "",
+                 cell.get("unvalidated_shapes") or "")
     return f"{shown} ({cell['failed_stage']})" if shown in WHY_MARKS and cell.get("failed_stage") else shown
 
 
@@ -67,7 +69,8 @@ def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: 
         if new is None:
             add(cell, "cell", _mark(old), MISSING, True)
             continue
-        add(cell, "status", _mark(old), _mark(new), old["status"] == "ok" and new["status"] != "ok")
+        partly = not old.get("unvalidated_shapes") and bool(new.get("unvalidated_shapes"))  # O -> △: a shape unchecked
+        add(cell, "status", _mark(old), _mark(new), old["status"] == "ok" and (new["status"] != "ok" or partly))
         before, after = old.get("validation") or "", new.get("validation") or ""
         if before in COMPARABLE_VALIDATION and after in COMPARABLE_VALIDATION:
             add(cell, "validation", before, after, before == "passed" and after != "passed")
