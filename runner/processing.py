@@ -96,8 +96,6 @@ def scale_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
     return out
 
 
-
-
 class UnknownHead(ValueError):
     """An output shape that neither decoder knows."""
 
