@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The TensorRT proof sweeps, one step per command: each fits a 10-minute slot on a warm machine that keeps
 # $CACHE and $RUNS (engine/ONNX/timing caches, the MLflow store) between steps. MLflow is on, as users run it.
-# Each step leaves $DEST/<step>/{run.log,results.json,summary.csv,sweep_id}.
+# Each step leaves $DEST/<step>/{run.log,results.json,summary.csv,sweep_id}. TIMEOUT=<s> stops a sweep step
+# after that many seconds (SIGTERM); the same step with resume=latest finishes it.
 #   bash scripts/gpu-proof.sh tests         # the GPU tests (pytest -m gpu)
 #   bash scripts/gpu-proof.sh seed          # the notes' table: ultralytics/torch export x ONNX shape x engine shape
 #                                           #   x precision under the seed profile, TensorRT API, level 0
@@ -13,9 +14,11 @@
 #   bash scripts/gpu-proof.sh scale-1       # the matrix under hydra/launcher=joblib on GPU 0 only, cold caches
 #   bash scripts/gpu-proof.sh scale-all     # the same on every GPU of the host, one variant per GPU, cold caches
 #   bash scripts/gpu-proof.sh scale-table   # both as one table from the MLflow store, and their wall times
-#   bash scripts/gpu-proof.sh models        # the five model presets x shape x precision, level 0, every GPU
+#   bash scripts/gpu-proof.sh models        # the six model presets x shape x precision, level 0, every GPU
 #   bash scripts/gpu-proof.sh models-e2e    # yolo26n and yolov10n exported end to end (one-to-one head), likewise
-#   bash scripts/gpu-proof.sh models-table  # both as one table (a grid per model) from the MLflow store
+#   bash scripts/gpu-proof.sh models-table  # the models sweep (and models-e2e, where it ran) as one table from the
+#                                           #   MLflow store, a grid per model
+#   bash scripts/gpu-proof.sh batch4        # yolov8n static at batch 4: exported, validated and timed at [4,3,640,640]
 #   bash scripts/gpu-proof.sh pipeline      # yolov8n fp16 static, default level: runner's pipeline with pre/post on
 #                                           #   cpu|gpu in a CUDA graph, beside the peer (backend=ultralytics),
 #                                           #   on the held-out set, then on bus.jpg; a table and chart for each
@@ -26,7 +29,7 @@
 #   bash scripts/gpu-proof.sh int8-table    # both as one table from the MLflow store
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|pipeline|nms|int8-static|int8-dynamic|int8-table}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -43,7 +46,7 @@ case $step in
   tests)
     python3 -c "import datetime, json; from runner.environment import environment
 print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)}, indent=1))" > "$DEST/environment.json"
-    python3 -m pytest -q -s -m gpu tests/test_trt_gpu.py tests/test_gpu_pipeline.py 2>&1 | tee "$DEST/$step/run.log"
+    python3 -m pytest -q -s -m gpu tests/test_trt_gpu.py tests/test_gpu_pipeline.py tests/test_heads.py 2>&1 | tee "$DEST/$step/run.log"
     exit "${PIPESTATUS[0]}" ;;
   pipeline)
     for data in shapes bus; do
@@ -74,10 +77,13 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     args=(-m precision=fp32,fp16,int8_calibrator,int8_qdq "shape=${step#int8-}" backend.builder_optimization_level=0
           data.limit=64 bench.warmup=20 bench.iters=200) ;;
   models-table)
-    python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$(cat "$DEST/models/sweep_id")" \
-      --sweep "$(cat "$DEST/models-e2e/sweep_id")" --out "$DEST/$step" 2>&1 | tee "$DEST/$step/run.log"
+    sweeps=()
+    for s in models models-e2e; do [[ -s $DEST/$s/sweep_id ]] && sweeps+=(--sweep "$(cat "$DEST/$s/sweep_id")"); done
+    python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" "${sweeps[@]}" --out "$DEST/$step" 2>&1 \
+      | tee "$DEST/$step/run.log"
     exit "${PIPESTATUS[0]}" ;;
-  models)     args=(-m precision=fp16,fp32 model=yolov8n,yolo11n,yolo26n,yolov10n,yolov5nu shape=static,dynamic
+  models)     args=(-m precision=fp16,fp32 model=yolov8n,yolo11n,yolo26n,yolov10n,yolov5nu,rtdetr-n
+                    shape=static,dynamic
                     "${every_gpu[@]}" hydra.launcher.n_jobs=$(gpu_count)) ;;
   models-e2e) args=(-m precision=fp16,fp32 model=yolo26n,yolov10n export.head=end2end shape=static,dynamic
                     "${every_gpu[@]}" hydra.launcher.n_jobs=$(gpu_count)) ;;
@@ -93,13 +99,15 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
     args=(-m model=yolov8n precision=fp16 shape=static backend=tensorrt,ultralytics preprocess=cpu,gpu
           postprocess=cpu,gpu bench.cuda_graph=true bench.warmup=50 bench.iters=300 data=${step#pipeline-}) ;;
+  batch4) args=(-m model=yolov8n shape=static 'shape.opt=[4,3,640,640]' bench.batch=4 precision=fp32,fp16
+                backend.builder_optimization_level=0) ;;
   nms) args=(-m export.head=nms shape=static,dynamic precision=fp32,fp16 build=tensorrt_api,ultralytics
              backend.builder_optimization_level=0) ;;
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 start=$(date +%s.%N)
-python3 -m runner "${common[@]}" "${args[@]}" "${@:2}" 2>&1 | tee "$DEST/$step/run.log"
+${TIMEOUT:+timeout "$TIMEOUT"} python3 -m runner "${common[@]}" "${args[@]}" "${@:2}" 2>&1 | tee "$DEST/$step/run.log"
 python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)" \
   > "$DEST/$step/wall_s"
 echo "$step: $(cat "$DEST/$step/wall_s") s wall: python3 -m runner ${common[*]} ${args[*]} ${*:2}" | tee -a "$DEST/$step/run.log"
