@@ -1,4 +1,5 @@
-"""Bench stage: one harness for every chain, timing preprocess / infer / postprocess / end to end.
+"""Bench stage: one harness for every chain, timing preprocess / infer / postprocess / end to end, and the scenarios
+MLPerf names.
 
 The chain (`prepost`) says what each stage holds and times it: ours on the host clock after a synchronize,
 infer with CUDA events on a GPU; the peer with its own speed dict and the wall time. Where there is a device, the
@@ -7,6 +8,11 @@ engine alone: the same number of back-to-back `execute()` calls (compute), and i
 timed shape on one stream (`opt_batch`) and at batch 1 on two streams, on the runner's lanes (`Runner.lanes`).
 Every variant of a sweep is timed at one shape, the static variant's (`RunConfig.timed_shape`); each figure is per
 batch of its first dim (`BenchResult.per_image` divides it).
+
+Scenarios: the chain loop is single-stream at batch 1 (multi-stream at a larger `bench.batch`): one query after
+another, latency percentiles. Offline: images/s end to end (frames in, detections out, the variant's own chain) and
+of the engine alone, at each batch of `bench.offline_batches` that the built profile holds. Server (where
+`bench.server_rate` is set): Poisson arrivals served one at a time at batch 1, latency from arrival.
 """
 from __future__ import annotations
 
@@ -15,11 +21,14 @@ import time
 
 import numpy as np
 
+from runner.config import BenchConfig
+from runner.processing import preprocess
 from runner.results import BENCH_STAGES as STAGES
-from runner.results import BenchResult, Stats, first_line
+from runner.results import BenchResult, OfflinePoint, ServerResult, Stats, first_line
 
 log = logging.getLogger(__name__)
 THROUGHPUT_LANES = {"opt_batch": 1, "batch1_2streams": 2}  # name -> streams
+OFFLINE_MIN_RUNS = 3  # timed batches per offline point, however large the batch
 
 
 def summarize(samples_ms: list[float]) -> Stats:
@@ -59,13 +68,105 @@ def throughput(runner, shape: list[int], iters: int) -> tuple[dict[str, float], 
     return figures, "; ".join(notes) or None
 
 
-def bench(runner, chain, images: list[np.ndarray], shape: list[int], warmup: int, iters: int) -> BenchResult:
-    """Time `chain` at `shape` (N, 3, H, W) over `images`, cycling through them."""
-    batch, hw = shape[0], (shape[2], shape[3])
+def latency_scenario(batch: int) -> str:
+    """MLPerf's name for queries timed one after another: single-stream (one image each), multi-stream (a batch)."""
+    return "single-stream" if batch == 1 else "multi-stream"
+
+
+def offline_batches(wanted: list[int], profile: list[list[int]]) -> tuple[list[int], dict[str, str]]:
+    """The offline scenario's batches: those of `wanted` that the built profile (min, opt, max) holds, else its max
+    batch (a static engine's own); and each batch of `wanted` left out, with why. Nothing where `wanted` is empty."""
+    if not wanted:
+        return [], {}
+    lo, hi = profile[0][0], profile[2][0]
+    batches = sorted({b for b in wanted if lo <= b <= hi}) or [hi]
+    held = f"batch {lo} only" if lo == hi else f"batches {lo}..{hi}"
+    return batches, {str(b): f"the built profile holds {held}" for b in wanted if b not in batches}
+
+
+def runs_per_batch(batch: int, images: int) -> int:
+    """Timed runs of an offline point: about `images` images, at least OFFLINE_MIN_RUNS batches."""
+    return max(OFFLINE_MIN_RUNS, -(-images // batch))
+
+
+def offline_point(runner, chain, images: list[np.ndarray], shape: tuple[int, ...], runs: int) -> OfflinePoint:
+    """`runs` batches at `shape` through the chain after a tenth more that warm up, then the engine alone on the
+    last batch's input."""
+    batch, hw = shape[0], shape[2:]
+    runner.set_shape(shape)
+    warmup, e2e = max(1, runs // 10), []
+    for i in range(warmup + runs):
+        frames = [images[(i * batch + k) % len(images)] for k in range(batch)]
+        _, stage_ms = chain.run(runner, frames, hw)
+        if i >= warmup:
+            e2e.append(stage_ms["e2e"])
+    return OfflinePoint(batch=batch, e2e_img_s=batch * runs * 1e3 / sum(e2e),
+                        engine_img_s=engine_images_per_second(runner, chain, frames, shape, runs),
+                        e2e_ms_per_batch=float(np.percentile(e2e, 50)), runs=runs)
+
+
+def engine_images_per_second(runner, chain, frames: list[np.ndarray], shape: tuple[int, ...], iters: int) -> float:
+    """Images/s of the engine alone at `shape`: on one lane where the runtime has lanes, else back-to-back
+    `execute()` calls on `frames`' host-preprocessed input, on the host clock."""
+    value = images_per_second(runner, shape, 1, iters)
+    if value is not None:
+        return value
+    runner.set_shape(shape)
+    runner.h2d(preprocess(frames, shape[2:], head=chain.head)[0])
+    start = time.perf_counter()
+    for _ in range(iters):
+        runner.execute()
+    return iters * shape[0] / (time.perf_counter() - start)
+
+
+def offline(runner, chain, images: list[np.ndarray], hw: tuple[int, int], batches: list[int],
+            images_per_batch: int) -> tuple[list[OfflinePoint], dict[str, str]]:
+    """The offline scenario's point at each of `batches`; a batch the runtime refuses (memory, say) is named with
+    its error instead. (points, failed batch -> why)."""
+    points, failed = [], {}
+    for batch in batches:
+        runs = runs_per_batch(batch, images_per_batch)
+        try:
+            points.append(offline_point(runner, chain, images, (batch, 3, *hw), runs))
+        except Exception as exc:  # the runtime's limit at this batch; the other batches still count
+            failed[str(batch)] = f"failed: {first_line(str(exc), 200)}"
+            log.warning("offline: batch %d: %s", batch, failed[str(batch)])
+            continue
+        log.info("offline: batch %d: %.1f img/s end to end, %.1f img/s engine alone (%d runs)", batch,
+                 points[-1].e2e_img_s, points[-1].engine_img_s, runs)
+    return points, failed
+
+
+def server(runner, chain, images: list[np.ndarray], hw: tuple[int, int], rate: float, queries: int,
+           seed: int = 0) -> ServerResult:
+    """`queries` images arriving as a Poisson process at `rate` images/s (exponential gaps, seeded), served one at a
+    time at batch 1 in arrival order, on the host clock: an idle worker sleeps until the next arrival, a busy one
+    takes the next query as soon as it is done."""
+    arrivals = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, queries))
+    runner.set_shape((1, 3, *hw))
+    chain.run(runner, [images[0]], hw)  # warm at this shape
+    latencies, start = [], time.perf_counter()
+    for n, arrival in enumerate(arrivals):
+        idle = arrival - (time.perf_counter() - start)
+        if idle > 0:
+            time.sleep(idle)
+        chain.run(runner, [images[n % len(images)]], hw)
+        latencies.append((time.perf_counter() - start - arrival) * 1e3)
+    achieved = queries / (time.perf_counter() - start - arrivals[0])
+    log.info("server: %d queries at %.1f img/s (achieved %.1f): latency p50 %.2f / p99 %.2f ms", queries, rate,
+             achieved, np.percentile(latencies, 50), np.percentile(latencies, 99))
+    return ServerResult(target_rate=rate, achieved_rate=achieved, queries=queries, latency=summarize(latencies))
+
+
+def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchConfig,
+          profile: list[list[int]]) -> BenchResult:
+    """Time `chain` at `shape` (N, 3, H, W) over `images`, cycling through them; then the scenarios of `cfg` that
+    the built `profile` (min, opt, max) holds."""
+    batch, hw, warmup, iters = shape[0], (shape[2], shape[3]), cfg.warmup, cfg.iters
     runner.set_shape(tuple(shape))
     pinned = runner.pin(images)
     times: dict[str, list[float]] = {}
-    log.info("bench: %d warm-up + %d timed runs at %s...", warmup, iters, list(shape))
+    log.info("bench: %s, %d warm-up + %d timed runs at %s...", latency_scenario(batch), warmup, iters, list(shape))
     for i in range(warmup + iters):
         frames = [images[(i * batch + k) % len(images)] for k in range(batch)]
         _, stage_ms = chain.run(runner, frames, hw)
@@ -74,8 +175,8 @@ def bench(runner, chain, images: list[np.ndarray], shape: list[int], warmup: int
                 times.setdefault(stage, []).append(ms)
     compute = [runner.execute() for _ in range(iters)]
     figures, note = throughput(runner, shape, iters)
-    settings = {"warmup": warmup, "iters": iters, "shape": list(shape), "images": len(images),
-                "source_pinned": pinned, **chain.settings(), **runner.settings()}
+    settings = {"scenario": latency_scenario(batch), "warmup": warmup, "iters": iters, "shape": list(shape),
+                "images": len(images), "source_pinned": pinned, **chain.settings(), **runner.settings()}
     if note:
         settings["throughput_note"] = note
     copies = {name: summarize(times[name]) for name in ("h2d", "d2h") if name in times}
@@ -83,4 +184,12 @@ def bench(runner, chain, images: list[np.ndarray], shape: list[int], warmup: int
                          settings=settings, throughput=figures, **copies)
     log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms%s", *(getattr(result, s).p50 for s in STAGES),
              "".join(f"; {k} {v:.0f} img/s" for k, v in figures.items()))
+    batches, result.offline_skipped = offline_batches(list(cfg.offline_batches), profile)
+    result.offline, failed = offline(runner, chain, images, hw, batches, cfg.offline_images)
+    result.offline_skipped.update(failed)
+    if cfg.server_rate is not None:
+        if profile[0][0] > 1:
+            settings["server_note"] = f"not run: the built profile's batches start at {profile[0][0]}, not 1"
+        else:
+            result.server = server(runner, chain, images, hw, cfg.server_rate, cfg.server_queries)
     return result

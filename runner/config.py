@@ -252,6 +252,13 @@ class BenchConfig:
     iters: int = 200
     batch: int = 1  # every variant is timed at [batch, 3, *model.imgsz]: the static variant's shape
     cuda_graph: bool = False  # static TensorRT engines only
+    # offline scenario: images/s end to end and of the engine alone at each of these batches the profile holds
+    # (else at its max batch), about `offline_images` images per batch; [] leaves it out
+    offline_batches: List[int] = field(default_factory=lambda: [1, 8, 32])
+    offline_images: int = 512
+    # server scenario: Poisson arrivals at this many images/s, one worker at batch 1; null leaves it out
+    server_rate: Optional[float] = None
+    server_queries: int = 200
 
 
 @dataclass
@@ -420,6 +427,18 @@ def _check_timed_shape(cfg: RunConfig) -> None:
                           f"shape={cfg.shape.mode.value} {lo}..{hi}; set {key} or {other}")
 
 
+def _check_scenarios(b: BenchConfig) -> None:
+    if not all(isinstance(n, int) and n > 0 for n in b.offline_batches):
+        raise ConfigError(f"bench.offline_batches: a list of positive batch sizes such as [1,8,32] ([] for none), "
+                          f"got {list(b.offline_batches)}")
+    for key in ("offline_images", "server_queries"):
+        if getattr(b, key) <= 0:
+            raise ConfigError(f"bench.{key}: must be a positive integer, got {getattr(b, key)}")
+    if b.server_rate is not None and not b.server_rate > 0:
+        raise ConfigError(f"bench.server_rate: images/s, a positive number (null: no server scenario), "
+                          f"got {b.server_rate}")
+
+
 def check(cfg: RunConfig) -> None:
     """Cross-field rules the schema cannot express. Raises ConfigError with a one-line message."""
     for key, name in (("model.name", cfg.model.name), ("data.name", cfg.data.name),
@@ -442,6 +461,7 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
     if cfg.bench.warmup < 0:
         raise ConfigError(f"bench.warmup: must be >= 0, got {cfg.bench.warmup}")
+    _check_scenarios(cfg.bench)
     _check_timed_shape(cfg)
     level = cfg.backend.builder_optimization_level
     if level is not None and not 0 <= level <= 5:

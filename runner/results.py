@@ -304,6 +304,29 @@ class Stats(Record):
 
 
 BENCH_STAGES = ("preprocess", "infer", "postprocess", "e2e")
+OFFLINE_FIGURES = ("e2e_img_s", "engine_img_s", "e2e_ms_per_batch")  # per batch, in MLflow as bench.offline.b<N>.*
+
+
+@dataclass
+class OfflinePoint(Record):
+    """The offline scenario at one batch: images/s end to end (frames in, detections out, over the wall time of
+    `runs` batches back to back) and of the engine alone on the same input, and one batch's end-to-end p50 in ms."""
+    batch: int
+    e2e_img_s: float
+    engine_img_s: float
+    e2e_ms_per_batch: float
+    runs: int
+
+
+@dataclass
+class ServerResult(Record):
+    """The server scenario: `queries` single images arriving as a Poisson process at `target_rate` images/s, served
+    one at a time in arrival order. `latency`: arrival to detections out, queueing included; `achieved_rate`: the
+    queries over the time from the first arrival to the last answer."""
+    target_rate: float
+    achieved_rate: float
+    queries: int
+    latency: Stats
 
 
 @dataclass
@@ -317,6 +340,13 @@ class BenchResult(Record):
     h2d: Stats | None = None  # the copies inside preprocess / postprocess, CUDA events (a device only)
     d2h: Stats | None = None
     throughput: dict[str, float] = field(default_factory=dict)  # images/s of the engine: opt_batch, batch1_2streams
+    offline: list[OfflinePoint] = field(default_factory=list)  # the offline scenario, by batch
+    offline_skipped: dict[str, str] = field(default_factory=dict)  # batch -> why it has no offline point
+    server: ServerResult | None = None
+
+    def offline_best(self) -> OfflinePoint | None:
+        """The offline point with the most images/s end to end, where there is one."""
+        return max(self.offline, key=lambda p: p.e2e_img_s, default=None)
 
     @property
     def infer_over_compute(self) -> float:
@@ -410,7 +440,22 @@ class VariantResult(Record):
                     m[f"bench.{copy}.p50"] = getattr(self.bench, copy).p50
             m.update({f"bench.throughput.{k}": v for k, v in self.bench.throughput.items()})
             m.update({f"bench.per_image.{k}": v for k, v in self.bench.per_image().items()})
+            m.update(self._scenario_metrics())
             m["bench.batch"] = self.bench.shape[0]
             m["bench.infer_over_compute"] = self.bench.infer_over_compute
             m["bench.cuda_graph"] = float(bool(self.bench.settings.get("cuda_graph")))  # as run, not as asked
         return {k: float(v) for k, v in m.items() if v is not None}
+
+    def _scenario_metrics(self) -> dict[str, float]:
+        """The offline scenario at its best batch and at every batch, and the server scenario."""
+        m, bench = {}, self.bench
+        if best := bench.offline_best():
+            m.update({"bench.offline.e2e_img_s": best.e2e_img_s, "bench.offline.engine_img_s": best.engine_img_s,
+                      "bench.offline.best_batch": best.batch})
+        for point in bench.offline:
+            m.update({f"bench.offline.b{point.batch}.{k}": getattr(point, k) for k in OFFLINE_FIGURES})
+        if server := bench.server:
+            m.update({"bench.server.p50": server.latency.p50, "bench.server.p99": server.latency.p99,
+                      "bench.server.target_rate": server.target_rate, "bench.server.achieved_rate":
+                      server.achieved_rate})
+        return m

@@ -106,8 +106,8 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
             validate_stage(cfg, runner, chain, result, samples, selection)
             publish(result)
             clock.enter("bench")
-            result.bench = bench(runner, chain, [s.image for s in samples], timed_shape(cfg, result.build),
-                                 cfg.bench.warmup, cfg.bench.iters)
+            result.bench = bench(runner, chain, [s.image for s in samples], timed_shape(cfg, result.build), cfg.bench,
+                                 result.build.profile)
     except StageError as exc:
         if exc.partial is not None:
             setattr(result, exc.stage, exc.partial)

@@ -3,6 +3,8 @@ with a dynamic profile whose opt batch is 2, so that each variant's own opt shap
 
 Both variants are timed at the static shape [bench.batch, 3, *imgsz], and say so in the summary, the table and
 MLflow; the headline mAP50-95 is measured at that shape too, and the dynamic row's worst shape is its own column.
+The offline scenario sweeps the batches each profile holds (static: 1; dynamic: 1 and 2, not 8), and its best batch
+reaches results.json, MLflow, the summary and the table under the names `runner pick` reads.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from runner.results import VariantResult
 
 STATIC_SHAPE = [1, 3, 128, 128]
 SWEEP = ["-m", "shape=static,dynamic", "backend=onnxruntime", "model.imgsz=[128,128]", "profile.min=[1,3,64,64]",
-         "profile.opt=[2,3,128,128]", "profile.max=[2,3,128,128]", "bench=quick", "data.limit=2"]
+         "profile.opt=[2,3,128,128]", "profile.max=[2,3,128,128]", "bench=quick", "data.limit=2",
+         "bench.offline_batches=[1,2,8]"]
+OFFLINE = {"static": ([1], {"2", "8"}), "dynamic": ([1, 2], {"8"})}  # batches run, batches skipped
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +75,28 @@ def test_headline_map_is_at_the_static_shape_and_the_worst_shape_is_beside_it(sw
     assert dynamic.metrics()["val.map50_95_worst"] == worst.map50_95
     assert sweep["runs"]["dynamic"].data.tags["map_worst_shape"] == f"{label} {'x'.join(map(str, worst.shape))}"
     assert static.metrics()["val.map50_95_worst"] == static.metrics()["val.map50_95"]  # one shape
+
+
+def test_offline_runs_the_batches_each_profile_holds_and_is_recorded(sweep):
+    with open(sweep["folder"] / "summary.csv") as f:
+        rows = {r["build"]: r for r in csv.DictReader(f)}
+    for mode, result in sweep["results"].items():
+        bench, (batches, skipped) = result.bench, OFFLINE[mode]
+        assert [p.batch for p in bench.offline] == batches and set(bench.offline_skipped) == skipped
+        best = bench.offline_best()
+        metrics = sweep["runs"][mode].data.metrics
+        assert metrics["bench.offline.e2e_img_s"] == pytest.approx(best.e2e_img_s)
+        assert metrics["bench.offline.engine_img_s"] == pytest.approx(best.engine_img_s)
+        assert metrics["bench.offline.best_batch"] == best.batch
+        for point in bench.offline:
+            assert metrics[f"bench.offline.b{point.batch}.e2e_img_s"] == pytest.approx(point.e2e_img_s)
+        row = rows[result.cell.build.label]
+        assert float(row["offline_e2e_img_s"]) == pytest.approx(best.e2e_img_s)
+        assert float(row["offline_engine_img_s"]) == pytest.approx(best.engine_img_s)
+        assert int(float(row["offline_batch"])) == best.batch
+    assert "offline_e2e_img_s" in sweep["proc"].stdout  # the terminal summary
+    out = sweep["outputs"] / "report-offline"
+    assert cli.main(["table", "--tracking-uri", f"sqlite:///{sweep['outputs']}/mlflow.db", "--out", str(out)]) == 0
+    with open(out / "table.csv") as f:
+        details = list(csv.DictReader(f))
+    assert all(float(r["offline e2e img/s"]) > 0 and float(r["offline engine img/s"]) > 0 for r in details)

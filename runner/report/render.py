@@ -24,7 +24,8 @@ FORMATS = {m.heading: m.format for m in METRICS if m.name}
 SUMMARY = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status", "failed_stage": "stage",
            "validation": "validation", **{c: c for c in ("rel_l2", "det_f1", "map50_95", "map50_95_worst",
                                                          "timed_shape", "infer_p50_ms", "e2e_p50_ms", "e2e_ms_per_img",
-                                                         "e2e_img_s", "cuda_graph")}, "note": "error / note"}
+                                                         "e2e_img_s", "offline_e2e_img_s", "offline_engine_img_s",
+                                                         "offline_batch", "cuda_graph")}, "note": "error / note"}
 NOTE_CHARS = 120  # the error / note of the details table
 SUMMARY_NOTE_CHARS = 70  # the error / note of the terminal summary, a line shared with sixteen other columns
 

@@ -1,0 +1,103 @@
+"""The scenarios on onnxruntime on the CPU: single-stream, offline (a batch sweep end to end and of the engine alone,
+limited to the batches the built profile holds) and server (Poisson arrivals, one worker), on yolov8n's dynamic
+128-px ONNX and real frames. The records of a sweep (results.json, MLflow, summary) are in test_comparable.py."""
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+from conftest import ASSETS, SMALL_IMGSZ, export_spec
+
+from runner.backends.onnxruntime import OrtRunner
+from runner.bench import bench, offline_batches, runs_per_batch
+from runner.config import BenchConfig
+from runner.export import export_onnx
+from runner.prepost import Chain
+from runner.results import BenchResult
+
+PROFILE = [[1, 3, 64, 64], [1, 3, 128, 128], [4, 3, 128, 128]]
+SHAPE = [1, 3, *SMALL_IMGSZ]
+
+
+class CountingChain(Chain):
+    """Our chain, saying how many frames each run was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches: list[int] = []
+
+    def run(self, runner, frames, hw):
+        self.batches.append(len(frames))
+        return super().run(runner, frames, hw)
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    bus = cv2.imread(str(ASSETS / "images" / "bus.jpg"))
+    return [bus, cv2.resize(bus, (320, 240)), np.ascontiguousarray(bus[100:500, 50:700])]
+
+
+@pytest.fixture(scope="module")
+def onnx_path(export_cache) -> str:
+    return export_onnx(export_spec("ultralytics", dynamic=True, imgsz=SMALL_IMGSZ), export_cache).path
+
+
+def test_offline_batches_are_those_the_profile_holds():
+    assert offline_batches([1, 8, 32], [[1, 3, 64, 64], [4, 3, 128, 128], [8, 3, 128, 128]]) == \
+        ([1, 8], {"32": "the built profile holds batches 1..8"})
+    static = [[4, 3, 128, 128]] * 3
+    assert offline_batches([1, 8], static) == ([4], {"1": "the built profile holds batch 4 only",
+                                                     "8": "the built profile holds batch 4 only"})
+    assert offline_batches([], static) == ([], {})
+    assert [runs_per_batch(b, 512) for b in (1, 8, 32, 512)] == [512, 64, 16, 3]
+
+
+def test_offline_sweeps_the_batches_end_to_end_and_the_engine_alone(onnx_path, frames):
+    cfg = BenchConfig(warmup=1, iters=3, offline_batches=[4, 1, 2, 16], offline_images=8)
+    chain = CountingChain()
+    with OrtRunner(onnx_path) as runner:
+        result = bench(runner, chain, frames, SHAPE, cfg, PROFILE)
+    assert result.settings["scenario"] == "single-stream" and result.e2e.n == 3
+    assert [p.batch for p in result.offline] == [1, 2, 4]
+    assert result.offline_skipped == {"16": "the built profile holds batches 1..4"}
+    runs = [8, 4, 3]
+    assert [p.runs for p in result.offline] == runs
+    warmups = [max(1, n // 10) for n in runs]
+    offline_runs = chain.batches[1 + 3:]  # after the single-stream warm-up and timed runs
+    assert offline_runs == [b for b, n, w in zip((1, 2, 4), runs, warmups) for _ in range(n + w)]
+    for point in result.offline:
+        assert all(math.isfinite(v) and v > 0 for v in (point.e2e_img_s, point.engine_img_s, point.e2e_ms_per_batch))
+    best = result.offline_best()
+    assert best.e2e_img_s == max(p.e2e_img_s for p in result.offline)
+    assert BenchResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_a_static_profile_gives_its_own_batch_and_no_list_none(onnx_path, frames):
+    with OrtRunner(onnx_path) as runner:
+        static = bench(runner, Chain(), frames, [2, 3, *SMALL_IMGSZ], BenchConfig(
+            warmup=0, iters=1, offline_batches=[1, 8], offline_images=4), [[2, 3, *SMALL_IMGSZ]] * 3)
+        off = bench(runner, Chain(), frames, SHAPE, BenchConfig(warmup=0, iters=1, offline_batches=[]), PROFILE)
+    assert static.settings["scenario"] == "multi-stream"
+    assert [(p.batch, p.runs) for p in static.offline] == [(2, 3)]
+    assert set(static.offline_skipped) == {"1", "8"}
+    assert off.offline == [] and off.offline_skipped == {} and off.offline_best() is None
+
+
+def test_server_queues_poisson_arrivals_behind_one_worker(onnx_path, frames):
+    """Below capacity the worker waits for each arrival; far above it queries queue and latency grows."""
+    queries = 12
+    with OrtRunner(onnx_path) as runner:
+        calm = bench(runner, Chain(), frames, SHAPE, BenchConfig(warmup=1, iters=5, offline_batches=[],
+                                                                 server_rate=40.0, server_queries=queries), PROFILE)
+        flooded = bench(runner, Chain(), frames, SHAPE, BenchConfig(warmup=1, iters=5, offline_batches=[],
+                                                                    server_rate=1e6, server_queries=queries), PROFILE)
+    arrivals = np.cumsum(np.random.default_rng(0).exponential(1 / 40.0, queries))
+    assert calm.server.queries == queries and calm.server.latency.n == queries
+    assert calm.server.achieved_rate <= queries / (arrivals[-1] - arrivals[0])  # never ahead of the arrivals
+    service = flooded.e2e.p50
+    assert flooded.server.achieved_rate < 1e6 / 100
+    assert flooded.server.latency.p99 > 5 * service  # the last queries waited for the ones before them
+    assert calm.server.latency.p50 < flooded.server.latency.p50
