@@ -10,7 +10,9 @@ from runner.backends.tensorrt import compat as trt_compat
 from runner.backends.tensorrt.build import BuildSpec, build_engine
 from runner.backends.tensorrt.prepost import CANDIDATE_CAP
 from runner.backends.tensorrt.runtime import ShapeError, TrtRunner
-from runner.bench import images_per_second
+from runner.bench import bench, images_per_second
+from runner.config import BenchConfig
+from runner.prepost import Chain
 from runner.processing import decode, decode_candidates, preprocess
 from runner.validate import GPU_LETTERBOX_TOLERANCE
 
@@ -25,7 +27,8 @@ HEAD_INPUT, HEAD = [1, 3, 16, 1024], [1, 24, 2048]  # reshaped to a one-to-many 
 
 
 def onnx_model(path, in_shape, fp16: bool, reshape_to=None) -> str:
-    """images -> Mul(1) -> output0, reshaped to `reshape_to` if given: the output is the input, as a head."""
+    """images -> Mul(1) -> output0, reshaped to `reshape_to` if given: the output is the input, as a head. A batch
+    dim given as a name (and -1 in `reshape_to`) makes the batch dynamic."""
     dtype, elem = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
     nodes = [helper.make_node("Mul", ["images", "one"], ["scaled"])]
     inits = [numpy_helper.from_array(np.ones(1, dtype), "one")]
@@ -33,7 +36,7 @@ def onnx_model(path, in_shape, fp16: bool, reshape_to=None) -> str:
     if reshape_to:
         nodes.append(helper.make_node("Reshape", ["scaled", "to"], ["output0"]))
         inits.append(numpy_helper.from_array(np.asarray(reshape_to, np.int64), "to"))
-        out_shape = reshape_to
+        out_shape = [in_shape[0] if d == -1 else d for d in reshape_to]
     else:
         nodes.append(helper.make_node("Identity", ["scaled"], ["output0"]))
     graph = helper.make_graph(nodes, "io", [helper.make_tensor_value_info("images", elem, in_shape)],
@@ -44,11 +47,14 @@ def onnx_model(path, in_shape, fp16: bool, reshape_to=None) -> str:
     return str(path)
 
 
-def engine(tmp_path, in_shape, fp16, reshape_to=None) -> str:
-    path = onnx_model(tmp_path / f"m{fp16}{bool(reshape_to)}.onnx", in_shape, fp16, reshape_to)
+def engine(tmp_path, in_shape, fp16, reshape_to=None, batches: tuple[int, int, int] | None = None) -> str:
+    """A static engine at `in_shape`, or with `batches` (min, opt, max) one dynamic in its batch."""
+    onnx_shape = ["N", *in_shape[1:]] if batches else in_shape
+    path = onnx_model(tmp_path / f"m{fp16}{bool(reshape_to)}{bool(batches)}.onnx", onnx_shape, fp16, reshape_to)
+    lo, opt, hi = ([b, *in_shape[1:]] for b in batches) if batches else (in_shape,) * 3
     result = build_engine(BuildSpec(onnx_path=path, precision="fp16" if fp16 else "fp32",
-                                    mechanism="builder_flag" if fp16 else "none", min_shape=in_shape,
-                                    opt_shape=in_shape, max_shape=in_shape, optimization_level=0, workspace_gib=1.0,
+                                    mechanism="builder_flag" if fp16 else "none", min_shape=lo, opt_shape=opt,
+                                    max_shape=hi, optimization_level=0, workspace_gib=1.0,
                                     cache_dir=str(tmp_path / "cache")))
     return result.artifact
 
@@ -127,6 +133,72 @@ def test_gpu_candidates_give_the_host_decode(tmp_path, fp16, graph):
             assert len(rows) == int((full[0, 4:].max(0) > 0.25).sum())
             np.testing.assert_allclose(decode_candidates(rows), decode(full)[0], rtol=0, atol=0)
         assert score_filter.run(0.0) == [None]  # every anchor qualifies: more than the cap
+
+
+def test_gpu_letterbox_at_every_batch_of_a_dynamic_engine(tmp_path):
+    """set_shape to batches 3, 1, 4, 2 in turn: each batch, part pinned and part staged, letterboxes as the CPU does,
+    and the engine reads it."""
+    hw, rng = tuple(INPUT[2:]), np.random.default_rng(4)
+    pool = [image for batch in frames(5) for image in batch]
+    with TrtRunner(engine(tmp_path, INPUT, True, batches=(1, 2, 4))) as runner:
+        letterbox = runner.gpu_letterbox()
+        runner.pin(pool[3:5])  # the two largest: the others upload through the staging buffer
+        for batch in (3, 1, 4, 2):
+            runner.set_shape((batch, *INPUT[1:]))
+            chosen = [pool[i] for i in rng.choice(len(pool), batch, replace=False)]
+            blob, cpu_boxes = preprocess(chosen, hw)
+            assert letterbox.run(chosen, hw) == cpu_boxes
+            runner.sync()
+            got = letterbox.read_input()
+            assert got.shape == blob.shape
+            assert float(np.abs(got - blob).max()) <= GPU_LETTERBOX_TOLERANCE
+            runner.execute()
+            np.testing.assert_allclose(runner.d2h()["output0"], got, atol=1e-3)
+
+
+def test_gpu_candidates_per_image_at_batch_on_a_dynamic_engine(tmp_path):
+    """Batch 3 of heads with their own candidate counts, one past the cap: the others still match the host decode."""
+    rng, batch = np.random.default_rng(6), 3
+    heads = np.zeros((batch, *HEAD[1:]), np.float32)
+    heads[:, :2] = rng.uniform(0, 640, (batch, 2, HEAD[2]))
+    heads[:, 2:4] = rng.uniform(4, 60, (batch, 2, HEAD[2]))
+    heads[:, 4:] = rng.uniform(0, 0.2, (batch, 20, HEAD[2]))
+    for n, hits in enumerate((50, 300, CANDIDATE_CAP + 100)):
+        anchors = rng.choice(HEAD[2], hits, replace=False)
+        heads[n, 4 + rng.integers(0, 20, hits), anchors] = rng.uniform(0.3, 1, hits)
+    with TrtRunner(engine(tmp_path, HEAD_INPUT, False, [-1, *HEAD[1:]], batches=(1, 2, 4))) as runner:
+        score_filter = runner.gpu_score_filter()
+        runner.set_shape((1, *HEAD_INPUT[1:]))
+        runner.h2d(heads[:1].reshape(1, *HEAD_INPUT[1:]))
+        runner.execute()
+        assert len(score_filter.run(0.25)) == 1
+        runner.set_shape((batch, *HEAD_INPUT[1:]))
+        runner.h2d(heads.reshape(batch, *HEAD_INPUT[1:]))
+        runner.execute()
+        rows = score_filter.run(0.25)
+        full = runner.d2h()["output0"]
+    assert rows[2] is None  # past the cap: the chain decodes the whole output
+    for n in (0, 1):
+        assert len(rows[n]) == int((full[n, 4:].max(0) > 0.25).sum())
+        np.testing.assert_allclose(decode_candidates(rows[n]), decode(full)[n], rtol=0, atol=0)
+
+
+def test_offline_on_a_dynamic_engine_with_both_gpu_ends(tmp_path):
+    """The offline scenario at batches 1, 2 and 4 of a dynamic engine through the GPU letterbox and score filter:
+    8 is past the profile; the engine alone outruns the chain that waits for the host's NMS."""
+    batches = frames(7)
+    images = [batches[1][1], batches[2][0]]  # 810x1080 noise, a 480x640 gradient
+    cfg = BenchConfig(warmup=2, iters=5, offline_batches=[1, 2, 4, 8], offline_images=16)
+    profile = [[b, *HEAD_INPUT[1:]] for b in (1, 2, 4)]
+    with TrtRunner(engine(tmp_path, HEAD_INPUT, True, [-1, *HEAD[1:]], batches=(1, 2, 4))) as runner:
+        chain = Chain(runner.gpu_letterbox(), runner.gpu_score_filter())
+        result = bench(runner, chain, images, list(HEAD_INPUT), cfg, profile)
+    assert [p.batch for p in result.offline] == [1, 2, 4]
+    assert result.offline_skipped == {"8": "the built profile holds batches 1..4"}
+    for point in result.offline:
+        assert 0 < point.e2e_img_s < point.engine_img_s
+    print("offline:", ", ".join(f"batch {p.batch}: {p.e2e_img_s:.0f} img/s e2e, {p.engine_img_s:.0f} engine"
+                                for p in result.offline))
 
 
 def test_throughput_on_one_and_two_streams(tmp_path):

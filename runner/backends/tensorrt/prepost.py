@@ -1,10 +1,11 @@
 """The GPU pipeline's two ends around a `TrtRunner`, on its stream, with the kernels of `kernels`.
 
-`GpuLetterbox` uploads uint8 source images and letterboxes (for RT-DETR: stretches) them into the runner's input
-buffer; `GpuScoreFilter` filters the one-to-many head output by score before the copy back, so only the candidates
-cross to the host. Each
-owns its buffers and kernels and is closed with the runner that made it; its GPU work is a stage of the runner's
-`CudaGraphs` (set_shape moves the tensors they read and write), and its copies are timed as the runner's h2d / d2h.
+`GpuLetterbox` uploads a batch of uint8 source images (from their own memory where the runner pinned them, else
+through a pinned staging buffer, in one copy) and letterboxes (for RT-DETR: stretches) them into the runner's input
+buffer in one launch; `GpuScoreFilter` filters the one-to-many head output by score before the copy back, so only
+the candidates cross to the host. Each owns its buffers and kernels and is closed with the runner that made it; its
+GPU work is a stage of the runner's `CudaGraphs` (set_shape moves the tensors they read and write), and its copies
+are timed as the runner's h2d / d2h.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from runner.backends.tensorrt.runtime import Buffers
 from runner.processing import Letterbox, fit
 
 CANDIDATE_CAP = 1024  # rows per image the GPU filter copies back; more falls back to the whole output
+MAX_SOURCE_BYTES = 2**31 - 1  # a batch's source images: the letterbox kernel reads their offsets as int32
 
 
 class _End:
@@ -37,9 +39,38 @@ class _End:
         self._buffers.close()
 
 
+def fit_table(images: list[np.ndarray], hw: tuple[int, int], geometry=fit) -> tuple[np.ndarray, list[Letterbox]]:
+    """The letterbox kernel's parameters for `images` packed back to back in one source buffer, a `Fit` row per
+    image [offset, w, h, new_w, new_h, left, top, 0] (int32), and the `Letterbox` of each. Raises ValueError where
+    the batch's sources pass what an int32 offset reaches."""
+    total = sum(image.nbytes for image in images)
+    if total > MAX_SOURCE_BYTES:
+        raise ValueError(f"{len(images)} source images of {total / 2**30:.1f} GiB in one batch: the GPU letterbox "
+                         f"takes at most 2 GiB; use a smaller batch or preprocess=cpu")
+    fits, boxes, offset = np.zeros((len(images), FIT_FIELDS), np.int32), [], 0
+    for n, image in enumerate(images):
+        h, w = image.shape[:2]
+        (new_w, new_h), (top, _, left, _), box = geometry(h, w, hw)
+        fits[n] = offset, w, h, new_w, new_h, left, top, 0
+        boxes.append(box)
+        offset += image.nbytes
+    return fits, boxes
+
+
+def coalesced(copies: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(dst, src, nbytes) copies in order, each run of them contiguous at both ends merged into one copy."""
+    merged: list[tuple[int, int, int]] = []
+    for dst, src, nbytes in copies:
+        if merged and merged[-1][0] + merged[-1][2] == dst and merged[-1][1] + merged[-1][2] == src:
+            merged[-1] = merged[-1][0], merged[-1][1], merged[-1][2] + nbytes
+        else:
+            merged.append((dst, src, nbytes))
+    return merged
+
+
 class GpuLetterbox(_End):
     """Source images in, the runner's input out: the CPU path's geometry (`processing.fit` or `stretch_fit`),
-    resized on the GPU."""
+    resized on the GPU, a batch in one kernel launch."""
 
     def run(self, images: list[np.ndarray], hw: tuple[int, int], geometry=fit) -> list[Letterbox]:
         """Upload uint8 BGR images and fit them into the input buffer, in its dtype, by `geometry` (`fit`, or
@@ -49,34 +80,37 @@ class GpuLetterbox(_End):
         batch, _, h, w = runner.shape
         if len(images) != batch or (h, w) != tuple(hw):
             raise ValueError(f"{len(images)} images at {list(hw)} do not fill the input shape {list(runner.shape)}")
-        total = sum(image.nbytes for image in images)
-        if buffers.ensure("source", total):
+        images = [np.ascontiguousarray(image) for image in images]
+        fits, boxes = fit_table(images, (h, w), geometry)
+        if buffers.ensure("source", sum(image.nbytes for image in images)):
             runner.graphs.drop("letterbox")  # it reads the old source buffer
-        buffers.ensure("fits", batch * FIT_FIELDS * 4)
-        fits = buffers.host_array("fits", np.int32, batch * FIT_FIELDS).reshape(batch, FIT_FIELDS)
-        staging = buffers.host_array("source", np.uint8, total)
-        boxes, offset = [], 0
+        buffers.ensure("fits", fits.nbytes)
+        buffers.host_array("fits", np.int32, fits.size)[:] = fits.reshape(-1)
         with runner.timed("h2d"):
-            for n, image in enumerate(images):
-                image = np.ascontiguousarray(image)
-                (new_w, new_h), (top, _, left, _), box = geometry(*image.shape[:2], (h, w))
-                fits[n] = offset, image.shape[1], image.shape[0], new_w, new_h, left, top, 0
-                source = image.ctypes.data
-                if not runner.pinned(image):  # through the pinned staging buffer
-                    staging[offset:offset + image.nbytes] = image.reshape(-1)
-                    source = buffers.host["source"] + offset
-                runner.copy(buffers.device["source"] + offset, source, image.nbytes, to_device=True)
-                boxes.append(box)
-                offset += image.nbytes
+            for dst, src, nbytes in coalesced(self._uploads(images, fits[:, 0].tolist())):
+                runner.copy(dst, src, nbytes, to_device=True)
         target, _, dtype = runner.tensor(runner.input_name)
 
         def enqueue():
-            runner.copy(buffers.device["fits"], buffers.host["fits"], batch * FIT_FIELDS * 4, to_device=True)
+            runner.copy(buffers.device["fits"], buffers.host["fits"], fits.nbytes, to_device=True)
             self.kernels().letterbox(runner.stream, buffers.device["source"], buffers.device["fits"], target, batch,
                                      (h, w), dtype == np.float16)
 
         runner.graphs.launch("letterbox", enqueue)
         return boxes
+
+    def _uploads(self, images: list[np.ndarray], offsets: list[int]) -> list[tuple[int, int, int]]:
+        """Each image's copy to its offset in the device source buffer, as (dst, src, nbytes): straight from its own
+        memory where the runner pinned it, else through the pinned staging buffer, written here."""
+        buffers, copies = self._buffers, []
+        staging = buffers.host_array("source", np.uint8, offsets[-1] + images[-1].nbytes)
+        for image, offset in zip(images, offsets):
+            source = image.ctypes.data
+            if not self.runner.pinned(image):
+                staging[offset:offset + image.nbytes] = image.reshape(-1)
+                source = buffers.host["source"] + offset
+            copies.append((buffers.device["source"] + offset, source, image.nbytes))
+        return copies
 
     def read_input(self) -> np.ndarray:
         """The input buffer as the GPU holds it (float32), after a sync: what the letterbox wrote."""
