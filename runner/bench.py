@@ -153,9 +153,11 @@ def server(runner, chain, images: list[np.ndarray], hw: tuple[int, int], rate: f
         chain.run(runner, [images[n % len(images)]], hw)
         latencies.append((time.perf_counter() - start - arrival) * 1e3)
     achieved = queries / (time.perf_counter() - start - arrivals[0])
-    log.info("server: %d queries at %.1f img/s (achieved %.1f): latency p50 %.2f / p99 %.2f ms", queries, rate,
-             achieved, np.percentile(latencies, 50), np.percentile(latencies, 99))
-    return ServerResult(target_rate=rate, achieved_rate=achieved, queries=queries, latency=summarize(latencies))
+    offered = queries / (arrivals[-1] - arrivals[0])
+    log.info("server: %d queries at %.1f img/s (offered %.1f, achieved %.1f): latency p50 %.2f / p99 %.2f ms",
+             queries, rate, offered, achieved, np.percentile(latencies, 50), np.percentile(latencies, 99))
+    return ServerResult(target_rate=rate, offered_rate=offered, achieved_rate=achieved, queries=queries,
+                        latency=summarize(latencies))
 
 
 def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchConfig,
@@ -185,6 +187,9 @@ def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchC
     log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms%s", *(getattr(result, s).p50 for s in STAGES),
              "".join(f"; {k} {v:.0f} img/s" for k, v in figures.items()))
     batches, result.offline_skipped = offline_batches(list(cfg.offline_batches), profile)
+    if batches:
+        log.info("offline: batches %s%s", batches, "".join(f"; not {b}: {why}" for b, why in
+                                                           result.offline_skipped.items()))
     result.offline, failed = offline(runner, chain, images, hw, batches, cfg.offline_images)
     result.offline_skipped.update(failed)
     if cfg.server_rate is not None:

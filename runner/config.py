@@ -256,7 +256,8 @@ class BenchConfig:
     # (else at its max batch), about `offline_images` images per batch; [] leaves it out
     offline_batches: List[int] = field(default_factory=lambda: [1, 8, 32])
     offline_images: int = 512
-    # server scenario: Poisson arrivals at this many images/s, one worker at batch 1; null leaves it out
+    # server scenario: Poisson arrivals at this many images/s, one worker at batch 1, for about
+    # server_queries / server_rate seconds; null leaves it out
     server_rate: Optional[float] = None
     server_queries: int = 200
 

@@ -321,9 +321,11 @@ class OfflinePoint(Record):
 @dataclass
 class ServerResult(Record):
     """The server scenario: `queries` single images arriving as a Poisson process at `target_rate` images/s, served
-    one at a time in arrival order. `latency`: arrival to detections out, queueing included; `achieved_rate`: the
-    queries over the time from the first arrival to the last answer."""
+    one at a time in arrival order. `latency`: arrival to detections out, queueing included; `offered_rate`: the
+    queries over the time from the first arrival to the last (the draw's own rate); `achieved_rate`: over the time
+    from the first arrival to the last answer (the offered rate where the worker keeps up, less where it cannot)."""
     target_rate: float
+    offered_rate: float
     achieved_rate: float
     queries: int
     latency: Stats
@@ -456,6 +458,6 @@ class VariantResult(Record):
             m.update({f"bench.offline.b{point.batch}.{k}": getattr(point, k) for k in OFFLINE_FIGURES})
         if server := bench.server:
             m.update({"bench.server.p50": server.latency.p50, "bench.server.p99": server.latency.p99,
-                      "bench.server.target_rate": server.target_rate, "bench.server.achieved_rate":
+                      "bench.server.offered_rate": server.offered_rate, "bench.server.achieved_rate":
                       server.achieved_rate})
         return m

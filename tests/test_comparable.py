@@ -4,7 +4,8 @@ with a dynamic profile whose opt batch is 2, so that each variant's own opt shap
 Both variants are timed at the static shape [bench.batch, 3, *imgsz], and say so in the summary, the table and
 MLflow; the headline mAP50-95 is measured at that shape too, and the dynamic row's worst shape is its own column.
 The offline scenario sweeps the batches each profile holds (static: 1; dynamic: 1 and 2, not 8), and its best batch
-reaches results.json, MLflow, the summary and the table under the names `runner pick` reads.
+reaches results.json, MLflow, the summary and the table under the names `runner pick` reads; the server
+scenario's latency and rates reach MLflow.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from runner.results import VariantResult
 STATIC_SHAPE = [1, 3, 128, 128]
 SWEEP = ["-m", "shape=static,dynamic", "backend=onnxruntime", "model.imgsz=[128,128]", "profile.min=[1,3,64,64]",
          "profile.opt=[2,3,128,128]", "profile.max=[2,3,128,128]", "bench=quick", "data.limit=2",
-         "bench.offline_batches=[1,2,8]"]
+         "bench.offline_batches=[1,2,8]", "bench.server_rate=50", "bench.server_queries=5"]
 OFFLINE = {"static": ([1], {"2", "8"}), "dynamic": ([1, 2], {"8"})}  # batches run, batches skipped
 
 
@@ -90,6 +91,9 @@ def test_offline_runs_the_batches_each_profile_holds_and_is_recorded(sweep):
         assert metrics["bench.offline.best_batch"] == best.batch
         for point in bench.offline:
             assert metrics[f"bench.offline.b{point.batch}.e2e_img_s"] == pytest.approx(point.e2e_img_s)
+        assert bench.server.queries == 5
+        assert metrics["bench.server.p99"] == pytest.approx(bench.server.latency.p99)
+        assert metrics["bench.server.achieved_rate"] == pytest.approx(bench.server.achieved_rate)
         row = rows[result.cell.build.label]
         assert float(row["offline_e2e_img_s"]) == pytest.approx(best.e2e_img_s)
         assert float(row["offline_engine_img_s"]) == pytest.approx(best.engine_img_s)
