@@ -91,7 +91,8 @@ def runs_per_batch(batch: int, images: int) -> int:
 
 def offline_point(runner, chain, images: list[np.ndarray], shape: tuple[int, ...], runs: int) -> OfflinePoint:
     """`runs` batches at `shape` through the chain after a tenth more that warm up, then the engine alone on the
-    last batch's input."""
+    last batch's input. End to end, images/s is the batch over its p50 (as `BenchResult.per_image`): a synchronous
+    chain's throughput, robust to a host busy with other work for part of the runs."""
     batch, hw = shape[0], shape[2:]
     runner.set_shape(shape)
     warmup, e2e = max(1, runs // 10), []
@@ -100,23 +101,21 @@ def offline_point(runner, chain, images: list[np.ndarray], shape: tuple[int, ...
         _, stage_ms = chain.run(runner, frames, hw)
         if i >= warmup:
             e2e.append(stage_ms["e2e"])
-    return OfflinePoint(batch=batch, e2e_img_s=batch * runs * 1e3 / sum(e2e),
+    p50 = float(np.percentile(e2e, 50))
+    return OfflinePoint(batch=batch, e2e_img_s=batch * 1e3 / p50,
                         engine_img_s=engine_images_per_second(runner, chain, frames, shape, runs),
-                        e2e_ms_per_batch=float(np.percentile(e2e, 50)), runs=runs)
+                        e2e_ms_per_batch=p50, runs=runs)
 
 
 def engine_images_per_second(runner, chain, frames: list[np.ndarray], shape: tuple[int, ...], iters: int) -> float:
-    """Images/s of the engine alone at `shape`: on one lane where the runtime has lanes, else back-to-back
-    `execute()` calls on `frames`' host-preprocessed input, on the host clock."""
+    """Images/s of the engine alone at `shape`: on one lane where the runtime has lanes, else from the p50 of
+    back-to-back `execute()` calls on `frames`' host-preprocessed input."""
     value = images_per_second(runner, shape, 1, iters)
     if value is not None:
         return value
     runner.set_shape(shape)
     runner.h2d(preprocess(frames, shape[2:], head=chain.head)[0])
-    start = time.perf_counter()
-    for _ in range(iters):
-        runner.execute()
-    return iters * shape[0] / (time.perf_counter() - start)
+    return shape[0] * 1e3 / float(np.percentile([runner.execute() for _ in range(iters)], 50))
 
 
 def offline(runner, chain, images: list[np.ndarray], hw: tuple[int, int], batches: list[int],
@@ -188,8 +187,11 @@ def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchC
              "".join(f"; {k} {v:.0f} img/s" for k, v in figures.items()))
     batches, result.offline_skipped = offline_batches(list(cfg.offline_batches), profile)
     if batches:
-        log.info("offline: batches %s%s", batches, "".join(f"; not {b}: {why}" for b, why in
-                                                           result.offline_skipped.items()))
+        left_out: dict[str, list[str]] = {}
+        for b, why in result.offline_skipped.items():
+            left_out.setdefault(why, []).append(b)
+        log.info("offline: batches %s%s", batches,
+                 "".join(f"; not {', '.join(b)}: {why}" for why, b in left_out.items()))
     result.offline, failed = offline(runner, chain, images, hw, batches, cfg.offline_images)
     result.offline_skipped.update(failed)
     if cfg.server_rate is not None:

@@ -309,8 +309,8 @@ OFFLINE_FIGURES = ("e2e_img_s", "engine_img_s", "e2e_ms_per_batch")  # per batch
 
 @dataclass
 class OfflinePoint(Record):
-    """The offline scenario at one batch: images/s end to end (frames in, detections out, over the wall time of
-    `runs` batches back to back) and of the engine alone on the same input, and one batch's end-to-end p50 in ms."""
+    """The offline scenario at one batch: images/s end to end (frames in, detections out: the batch over the p50 of
+    `runs` batches, `e2e_ms_per_batch`) and of the engine alone on the same input."""
     batch: int
     e2e_img_s: float
     engine_img_s: float
