@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from runner.report.frame import MARKS, REFERENCE, ReportError
+from runner.report.plots import plot_pareto
 
 OK_MARKS = (MARKS["ok"], REFERENCE)  # `--status ok`: ran and passed validation, or is the reference
 OFFLINE_E2E, SINGLE_E2E = "offline_e2e_img_s", "e2e_img_s"  # end-to-end images/s: offline (best batch), single stream
@@ -189,17 +190,14 @@ def to_html(choice: Pick, title: str, picture: Path) -> str:
         reasons=others["reasons"].map("; ".join)).rename(columns={"onnx_label": "onnx", "build_label": "build",
                                                                   "mark": "status", "reasons": "why not"})
     image = base64.b64encode(picture.read_bytes()).decode()
+    limits = f"{choice.budget_text()}; img/s is {rate_text(choice)}"
     return ("<!doctype html><html><head><meta charset='utf-8'><title>{0}</title><style>"
             "body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1em}}"
             "th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}} th{{background:#f3f3f3}}"
             "</style></head><body><h1>{0}</h1><p>{1}</p><p><b>{2}</b></p><h2>Qualifying, ranked</h2>{3}"
             "<h2>Not qualifying</h2>{4}<h2>Pareto fronts</h2><img src='data:image/png;base64,{5}' alt='{0}'>"
-            "</body></html>").format(html.escape(title), html.escape(choice.budget_text() + "; img/s is "
-                                                                      + rate_text(choice)),
-                                     html.escape(choice.count_line()),
-                                     table(choice.chosen).to_html(index=False, escape=True),
-                                     rest.to_html(index=False, escape=True), image)
-
+            "</body></html>").format(html.escape(title), html.escape(limits), html.escape(choice.count_line()),
+                                     table(choice.chosen).to_html(index=False), rest.to_html(index=False), image)
 
 
 def labels(frame: pd.DataFrame) -> pd.Series:
@@ -215,8 +213,6 @@ def labels(frame: pd.DataFrame) -> pd.Series:
 def write(choice: Pick, out: Path, title: str) -> list[Path]:
     """pick.png (the Pareto fronts), pick.html and pick.csv (every variant, with why it does not qualify) under
     `out`; returns their paths."""
-    from runner.report.plots import plot_pareto
-
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / name for name in FILES]
     bounds = {limit.column: choice.budget.get(limit.dest) for limit in LIMITS}
