@@ -1,11 +1,11 @@
 """`runner [overrides]` / `python -m runner [overrides]` sweeps the matrix; `runner sync` logs what a lost
-tracking store missed; `runner table|baseline|check` report on finished sweeps; `runner --help` lists them
+tracking store missed; `runner table|baseline|check|pick` report on finished sweeps; `runner --help` lists them
 all and every config group."""
 from __future__ import annotations
 
 import sys
 
-REPORT_COMMANDS = ("table", "baseline", "check")
+REPORT_COMMANDS = ("table", "baseline", "check", "pick")
 
 
 def main(argv: list[str] | None = None) -> None:

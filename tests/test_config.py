@@ -310,7 +310,7 @@ def test_every_group_option_composes(group, option):
 def test_help_lists_the_subcommands_and_every_config_group(cli, tmp_path):
     proc = cli(["--help"], tmp_path / "outputs")
     assert proc.returncode == 0, proc.stderr
-    for command in ("runner table", "runner baseline", "runner check", "runner -m"):
+    for command in ("runner table", "runner baseline", "runner check", "runner pick", "runner -m"):
         assert command in proc.stdout
     for group, option in GROUP_OPTIONS:
         line = next(line for line in proc.stdout.splitlines() if line.startswith(f"{group}: "))

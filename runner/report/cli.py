@@ -1,5 +1,5 @@
-"""`runner table|baseline|check`: the compatibility table of one or more sweeps, their baseline, and
-regressions against one.
+"""`runner table|baseline|check|pick`: the compatibility table of one or more sweeps, their baseline,
+regressions against one, and the variants that meet a budget.
 
 Sweeps are read from MLflow (`--sweep ID|latest`, repeatable) or from sweep folders (`--results DIR`, or
 its results.json, repeatable); both give the same frame (runner.report.frame). A sweep that was killed,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import ssl
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from runner.cache import unwritable
-from runner.report import gate, plots, render
+from runner.report import gate, pick, plots, render
 from runner.report.frame import ReportError, read_results, results_frame, runs_frame
 from runner.tags import SWEEP, VARIANT, query
 
@@ -246,6 +247,40 @@ def cmd_check(args) -> int:
     return 1 if len(regressions) or source.incomplete else 0
 
 
+def cmd_pick(args) -> int:
+    writable(args.out or REPORTS, "--out", folder=True)
+    source = load(args)
+    choice = pick.pick(source.frame, {limit.dest: getattr(args, limit.dest) for limit in pick.LIMITS}, args.status,
+                       args.by, args.timed_at)
+    out = args.out or REPORTS / source.name / "pick"
+    paths = pick.write(choice, out, f"Pick from {source.name}")
+    for parent in source.parents:
+        source.store.log_artifacts(parent, paths, "pick")
+    print(f"runner: {pick.header(choice, source.name)}\n")
+    with pd.option_context("display.width", 200, "display.max_rows", None):
+        print(pick.table(choice.chosen).to_string(index=False) if len(choice.chosen) else "no variant qualifies")
+    logged = f" (logged to run {', '.join(source.parents)}, artifacts pick/)" if source.parents else ""
+    print(f"\nrunner: {choice.count_line()}; Pareto fronts in {out}{logged}")
+    source.warn()
+    return 0 if len(choice.chosen) else 1
+
+
+def bounded(low: float, high: float | None = None):
+    """An argparse type: a number in [low, high]."""
+    def number(text: str) -> float:
+        value = float(text)
+        if not low <= value <= (math.inf if high is None else high):
+            raise argparse.ArgumentTypeError(f"{text} is not in [{low:g}, {math.inf if high is None else high:g}]")
+        return value
+    return number
+
+
+def shape(text: str) -> str:
+    if not all(part.isdigit() for part in text.split("x")):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1x3x640x640")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     source = argparse.ArgumentParser(add_help=False)
     which = source.add_mutually_exclusive_group()
@@ -256,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow tracking URI (default %(default)s)")
     source.add_argument("--experiment", default="runner", help="MLflow experiment (default %(default)s)")
 
-    top = argparse.ArgumentParser(prog="runner", description="Report on sweeps: table, baseline, check.")
+    top = argparse.ArgumentParser(prog="runner", description="Report on sweeps: table, baseline, check, pick.")
     sub = top.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", parents=[source], help="compatibility table, detail table and plots")
     table.add_argument("--out", type=Path, help="output folder (default outputs/reports/<sweep>)")
@@ -273,11 +308,24 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--no-timing", action="store_true", help="skip the latency and build time checks")
     check.add_argument("--summary", type=Path, default=REPORTS / "check.md", help="Markdown summary to write")
     check.set_defaults(run=cmd_check)
+    choose = sub.add_parser("pick", parents=[source], help="rank the variants within a budget, draw the Pareto "
+                                                           "fronts; 1 when none qualifies")
+    for limit in pick.LIMITS:
+        top_value = 1.0 if "map" in limit.dest else None
+        choose.add_argument(limit.option, type=bounded(0.0, top_value), metavar="N",
+                            help=f"{'most' if limit.upper else 'least'} {limit.heading} a variant may have")
+    choose.add_argument("--status", choices=("ok", "any"), default="ok",
+                        help="ok: only O and R variants qualify (the default); any: △ and X too, with their figures")
+    choose.add_argument("--by", choices=tuple(pick.RANKS), default="latency", help="rank by (default %(default)s)")
+    choose.add_argument("--timed-at", type=shape, metavar="SHAPE",
+                        help="keep the variants timed at this shape (e.g. 1x3x640x640); needed where they differ")
+    choose.add_argument("--out", type=Path, help="output folder (default outputs/reports/<sweep>/pick)")
+    choose.set_defaults(run=cmd_pick)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `table`, `baseline` or `check` (argv starts with the subcommand); returns the exit code."""
+    """Run `table`, `baseline`, `check` or `pick` (argv starts with the subcommand); returns the exit code."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # as a sweep has it: a lost store fails in seconds
     try:
         args = parser().parse_args(sys.argv[1:] if argv is None else argv)

@@ -90,3 +90,68 @@ def plot_latency(frame: pd.DataFrame, path: Path) -> None:
     ax.set_title(title, fontsize=10, pad=24)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_pareto(points: pd.DataFrame, path: Path, title: str, panels: list[tuple[str, str, str, float | None]],
+                min_map: float | None) -> None:
+    """mAP50-95 against each panel's figure, a panel being (front name, column, axis label, bound or None):
+    qualifying points filled and ranked, the others hollow, the panel's Pareto front drawn, the budget dashed,
+    every point labelled in a column beside the axes (a leader line to each, no label over another)."""
+    height = max(4.5, 0.16 * len(points) + 1.5)
+    fig = Figure(figsize=(11, 2 * height + 0.6))
+    fig.subplots_adjust(left=0.08, right=0.7, top=1 - 0.9 / fig.get_figheight(), bottom=0.45 / fig.get_figheight(),
+                        hspace=0.9 / height)
+    for ax, (front, column, label, bound) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        _pareto_panel(ax, points.dropna(subset=[column, "map50_95"]), front, column, bound, min_map)
+        ax.set_xlabel(label)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+
+
+def _pareto_panel(ax, points: pd.DataFrame, front: str, column: str, bound: float | None,
+                  min_map: float | None) -> None:
+    if points.empty:
+        ax.text(0.5, 0.5, "no variant has this figure and an mAP50-95", ha="center", transform=ax.transAxes)
+        return
+    chosen = points["qualifies"]
+    ax.scatter(points.loc[chosen, column], points.loc[chosen, "map50_95"], color=COLOURS["O"], zorder=3,
+               label="qualifies")
+    ax.scatter(points.loc[~chosen, column], points.loc[~chosen, "map50_95"], facecolors="none",
+               edgecolors="#757575", zorder=3, label="does not qualify")
+    on = points[points["front"].isin([front, "both"])].sort_values(column)
+    ax.plot(on[column], on["map50_95"], color=COLOURS["R"], lw=1.2, zorder=2, label=f"Pareto front ({front})")
+    for value, line in ((bound, ax.axvline), (min_map, ax.axhline)):
+        if value is not None:
+            line(value, color="#c62828", ls="--", lw=0.8, zorder=1)
+    ax.margins(0.08)
+    ax.set_ylabel("mAP50-95 (headline shape)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
+    _label_column(ax, points[column], points["map50_95"], points["label"], chosen)
+
+
+def _label_column(ax, xs: pd.Series, ys: pd.Series, labels: pd.Series, chosen: pd.Series, size: float = 7) -> None:
+    """Each label in a column right of the axes, at its point's height where there is room, spread apart where
+    there is not, joined to its point by a thin line."""
+    y0, y1 = ax.get_ylim()
+    heights = (ys - y0) / (y1 - y0)
+    gap = size * 1.4 / (ax.get_position().height * ax.figure.get_figheight() * 72)
+    order = heights.sort_values(kind="stable").index
+    for i, at in zip(order, _spread(list(heights[order]), gap)):
+        ax.annotate(labels[i], (xs[i], ys[i]), xytext=(1.03, at), textcoords="axes fraction", va="center",
+                    fontsize=size, color=COLOURS["O"] if chosen[i] else "#616161", annotation_clip=False,
+                    arrowprops={"arrowstyle": "-", "color": "#bdbdbd", "lw": 0.5, "shrinkA": 0, "shrinkB": 3})
+
+
+def _spread(heights: list[float], gap: float) -> list[float]:
+    """Sorted heights in [0, 1] moved apart to at least `gap`, as little as may be; evenly spaced where they do not
+    fit."""
+    if len(heights) * gap > 1:
+        return [i / max(len(heights) - 1, 1) for i in range(len(heights))]
+    spread = list(heights)
+    for i in range(1, len(spread)):
+        spread[i] = max(spread[i], spread[i - 1] + gap)
+    spread[-1] = min(spread[-1], 1.0)
+    for i in range(len(spread) - 2, -1, -1):
+        spread[i] = min(spread[i], spread[i + 1] - gap)
+    return spread
