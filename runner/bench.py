@@ -185,18 +185,30 @@ def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchC
                          settings=settings, throughput=figures, **copies)
     log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms%s", *(getattr(result, s).p50 for s in STAGES),
              "".join(f"; {k} {v:.0f} img/s" for k, v in figures.items()))
+    scenarios(runner, chain, images, hw, cfg, profile, result)
+    return result
+
+
+def scenarios(runner, chain, images: list[np.ndarray], hw: tuple[int, int], cfg: BenchConfig,
+              profile: list[list[int]], result: BenchResult) -> None:
+    """The offline scenario, and the server one where `cfg` sets its rate, into `result`, as the profile holds
+    them; what was left out is named (`offline_skipped`, `settings["server_note"]`)."""
     batches, result.offline_skipped = offline_batches(list(cfg.offline_batches), profile)
     if batches:
-        left_out: dict[str, list[str]] = {}
-        for b, why in result.offline_skipped.items():
-            left_out.setdefault(why, []).append(b)
-        log.info("offline: batches %s%s", batches,
-                 "".join(f"; not {', '.join(b)}: {why}" for why, b in left_out.items()))
+        log.info("offline: batches %s%s", batches, said_left_out(result.offline_skipped))
     result.offline, failed = offline(runner, chain, images, hw, batches, cfg.offline_images)
     result.offline_skipped.update(failed)
-    if cfg.server_rate is not None:
-        if profile[0][0] > 1:
-            settings["server_note"] = f"not run: the built profile's batches start at {profile[0][0]}, not 1"
-        else:
-            result.server = server(runner, chain, images, hw, cfg.server_rate, cfg.server_queries)
-    return result
+    if cfg.server_rate is None:
+        return
+    if profile[0][0] > 1:
+        result.settings["server_note"] = f"not run: the built profile's batches start at {profile[0][0]}, not 1"
+    else:
+        result.server = server(runner, chain, images, hw, cfg.server_rate, cfg.server_queries)
+
+
+def said_left_out(skipped: dict[str, str]) -> str:
+    """The log's `; not 4, 8: why`, once per reason in `skipped` (batch -> why)."""
+    batches: dict[str, list[str]] = {}
+    for batch, why in skipped.items():
+        batches.setdefault(why, []).append(batch)
+    return "".join(f"; not {', '.join(b)}: {why}" for why, b in batches.items())

@@ -76,13 +76,17 @@ def test_offline_sweeps_the_batches_end_to_end_and_the_engine_alone(onnx_path, f
 
 
 def test_a_static_profile_gives_its_own_batch_and_no_list_none(onnx_path, frames):
+    """A profile of batch 2 only: offline at 2, the listed batches named, no server (it serves batch 1)."""
     with OrtRunner(onnx_path) as runner:
         static = bench(runner, Chain(), frames, [2, 3, *SMALL_IMGSZ], BenchConfig(
-            warmup=0, iters=1, offline_batches=[1, 8], offline_images=4), [[2, 3, *SMALL_IMGSZ]] * 3)
+            warmup=0, iters=1, offline_batches=[1, 8], offline_images=4, server_rate=100.0),
+            [[2, 3, *SMALL_IMGSZ]] * 3)
         off = bench(runner, Chain(), frames, SHAPE, BenchConfig(warmup=0, iters=1, offline_batches=[]), PROFILE)
     assert static.settings["scenario"] == "multi-stream"
     assert [(p.batch, p.runs) for p in static.offline] == [(2, 3)]
     assert set(static.offline_skipped) == {"1", "8"}
+    assert static.server is None and static.settings["server_note"] == \
+        "not run: the built profile's batches start at 2, not 1"
     assert off.offline == [] and off.offline_skipped == {} and off.offline_best() is None
 
 
