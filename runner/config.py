@@ -250,8 +250,6 @@ class ValidateConfig:
 class BenchConfig:
     warmup: int = 20
     iters: int = 200
-    batch: int = 1  # every variant is timed at [batch, 3, *model.imgsz]: the static variant's shape
-    cuda_graph: bool = False  # static TensorRT engines only
     # offline scenario: images/s end to end and of the engine alone at each of these batches the profile holds
     # (else at its max batch), about `offline_images` images per batch; [] leaves it out
     offline_batches: List[int] = field(default_factory=lambda: [1, 8, 32])
@@ -260,6 +258,8 @@ class BenchConfig:
     # server_queries / server_rate seconds; null leaves it out
     server_rate: Optional[float] = None
     server_queries: int = 200
+    batch: int = 1  # every variant is timed at [batch, 3, *model.imgsz]: the static variant's shape
+    cuda_graph: bool = False  # static TensorRT engines only
 
 
 @dataclass
@@ -462,8 +462,8 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
     if cfg.bench.warmup < 0:
         raise ConfigError(f"bench.warmup: must be >= 0, got {cfg.bench.warmup}")
-    _check_scenarios(cfg.bench)
     _check_timed_shape(cfg)
+    _check_scenarios(cfg.bench)
     level = cfg.backend.builder_optimization_level
     if level is not None and not 0 <= level <= 5:
         raise ConfigError(f"backend.builder_optimization_level: must be 0..5 or null, got {level}")
