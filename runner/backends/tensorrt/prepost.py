@@ -1,11 +1,13 @@
 """The GPU pipeline's two ends around a `TrtRunner`, on its stream, with the kernels of `kernels`.
 
-`GpuLetterbox` uploads a batch of uint8 source images (from their own memory where the runner pinned them, else
-through a pinned staging buffer, in one copy) and letterboxes (for RT-DETR: stretches) them into the runner's input
-buffer in one launch; `GpuScoreFilter` filters the one-to-many head output by score before the copy back, so only
-the candidates cross to the host. Each owns its buffers and kernels and is closed with the runner that made it; its
-GPU work is a stage of the runner's `CudaGraphs` (set_shape moves the tensors they read and write), and its copies
-are timed as the runner's h2d / d2h.
+`GpuLetterbox` uploads a batch of uint8 source images (each from its own memory where the runner pinned it, else
+through a pinned staging buffer, contiguous copies merged into one) and letterboxes (for RT-DETR: stretches) them
+into the runner's input buffer in one launch; `GpuScoreFilter` filters the one-to-many head output by score before
+the copy back, so only the candidates
+cross to the host. Each
+owns its buffers and kernels and is closed with the runner that made it; its GPU work is a stage of the runner's
+`CudaGraphs` (a graph per shape; growing a buffer of its own drops the stage's graphs), and its copies are timed as
+the runner's h2d / d2h.
 """
 from __future__ import annotations
 
@@ -82,9 +84,9 @@ class GpuLetterbox(_End):
             raise ValueError(f"{len(images)} images at {list(hw)} do not fill the input shape {list(runner.shape)}")
         images = [np.ascontiguousarray(image) for image in images]
         fits, boxes = fit_table(images, (h, w), geometry)
-        if buffers.ensure("source", sum(image.nbytes for image in images)):
-            runner.graphs.drop("letterbox")  # it reads the old source buffer
-        buffers.ensure("fits", fits.nbytes)
+        total = sum(image.nbytes for image in images)
+        if buffers.ensure("source", total) | buffers.ensure("fits", batch * FIT_FIELDS * 4):
+            runner.graphs.drop("letterbox")  # its graphs read the old buffers
         buffers.host_array("fits", np.int32, fits.size)[:] = fits.reshape(-1)
         with runner.timed("h2d"):
             for dst, src, nbytes in coalesced(self._uploads(images, fits[:, 0].tolist())):
