@@ -39,6 +39,8 @@ BAD_INPUTS = {
     "missing-images": (["data.images=/nonexistent"], "data.images", r"not a readable folder: /nonexistent"),
     "zero-iters": (["bench.iters=0"], "bench.iters", r"must be a positive integer, got 0"),
     "zero-batch": (["bench.batch=0"], "bench.batch", r"must be a positive integer, got 0"),
+    "cuda-graph-not-a-switch": (["bench.cuda_graph=sometimes"], "bench.cuda_graph",
+                                r"true, false or auto, got 'sometimes'"),
     "timed-batch-outside-static": (["bench.batch=2"], "bench.batch",
                                    r"timed at .* = \[2, 3, 640, 640\], outside shape=static \[1, 3, 640, 640\]"),
     "timed-imgsz-outside-dynamic": (["shape=dynamic", "model.imgsz=[704,704]"], "model.imgsz",
