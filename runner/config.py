@@ -446,7 +446,7 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
     if cfg.bench.warmup < 0:
         raise ConfigError(f"bench.warmup: must be >= 0, got {cfg.bench.warmup}")
-    if cfg.bench.cuda_graph not in (True, False, AUTO):
+    if not (isinstance(cfg.bench.cuda_graph, bool) or cfg.bench.cuda_graph == AUTO):
         raise ConfigError(f"bench.cuda_graph: true, false or auto, got {cfg.bench.cuda_graph!r}")
     _check_timed_shape(cfg)
     level = cfg.backend.builder_optimization_level

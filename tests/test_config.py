@@ -41,6 +41,7 @@ BAD_INPUTS = {
     "zero-batch": (["bench.batch=0"], "bench.batch", r"must be a positive integer, got 0"),
     "cuda-graph-not-a-switch": (["bench.cuda_graph=sometimes"], "bench.cuda_graph",
                                 r"true, false or auto, got 'sometimes'"),
+    "cuda-graph-a-number": (["bench.cuda_graph=1"], "bench.cuda_graph", r"true, false or auto, got 1$"),
     "timed-batch-outside-static": (["bench.batch=2"], "bench.batch",
                                    r"timed at .* = \[2, 3, 640, 640\], outside shape=static \[1, 3, 640, 640\]"),
     "timed-imgsz-outside-dynamic": (["shape=dynamic", "model.imgsz=[704,704]"], "model.imgsz",
