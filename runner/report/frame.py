@@ -85,8 +85,8 @@ def mark(status: str, validation: str, failed_stage: str, unvalidated: str = "")
 def _row(cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
     outcome = {k: tags.get(k) or "" for k in OUTCOME}
     return {"cell": cell, "model": cell.model, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
-            AUTO: tags.get(AUTO) or "", **outcome,
-            "mark": mark(outcome["status"], outcome["validation"], outcome["failed_stage"], outcome["unvalidated_shapes"]),
+            AUTO: tags.get(AUTO) or "", **outcome, "mark": mark(outcome["status"], outcome["validation"],
+                                                                outcome["failed_stage"], outcome["unvalidated_shapes"]),
             "note": tags.get("error") or tags.get("validation_note") or "",  # the error, or what a pass left out
             **{k: tags.get(k) or "" for k in SHAPES},
             **{m.column: metrics.get(m.key, math.nan) for m in METRICS}, "gpu": gpu or ""}
