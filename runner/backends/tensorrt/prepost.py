@@ -4,7 +4,8 @@
 buffer; `GpuScoreFilter` filters the one-to-many head output by score before the copy back, so only the candidates
 cross to the host. Each
 owns its buffers and kernels and is closed with the runner that made it; its GPU work is a stage of the runner's
-`CudaGraphs` (set_shape moves the tensors they read and write), and its copies are timed as the runner's h2d / d2h.
+`CudaGraphs` (a graph per shape; growing a buffer of its own drops the stage's graphs), and its copies are timed as
+the runner's h2d / d2h.
 """
 from __future__ import annotations
 
@@ -50,9 +51,8 @@ class GpuLetterbox(_End):
         if len(images) != batch or (h, w) != tuple(hw):
             raise ValueError(f"{len(images)} images at {list(hw)} do not fill the input shape {list(runner.shape)}")
         total = sum(image.nbytes for image in images)
-        if buffers.ensure("source", total):
-            runner.graphs.drop("letterbox")  # it reads the old source buffer
-        buffers.ensure("fits", batch * FIT_FIELDS * 4)
+        if buffers.ensure("source", total) | buffers.ensure("fits", batch * FIT_FIELDS * 4):
+            runner.graphs.drop("letterbox")  # its graphs read the old buffers
         fits = buffers.host_array("fits", np.int32, batch * FIT_FIELDS).reshape(batch, FIT_FIELDS)
         staging = buffers.host_array("source", np.uint8, total)
         boxes, offset = [], 0
@@ -92,8 +92,8 @@ class GpuScoreFilter(_End):
         output instead)."""
         runner, buffers = self.runner, self._buffers
         head, (batch, channels, anchors), dtype = runner.tensor(runner.output_names[0])
-        buffers.ensure("counts", batch * 4)
-        buffers.ensure("rows", batch * CANDIDATE_CAP * ROW * 4)
+        if buffers.ensure("counts", batch * 4) | buffers.ensure("rows", batch * CANDIDATE_CAP * ROW * 4):
+            runner.graphs.drop("candidates")  # its graphs write the old buffers
         counts, rows = buffers.device["counts"], buffers.device["rows"]
 
         def enqueue():
@@ -101,7 +101,7 @@ class GpuScoreFilter(_End):
             self.kernels().candidates(runner.stream, head, batch, channels, anchors, conf, rows, counts,
                                       CANDIDATE_CAP, dtype == np.float16)
 
-        runner.graphs.launch(f"candidates@{conf}", enqueue)
+        runner.graphs.launch("candidates", enqueue, conf)
         with runner.timed("d2h"):
             runner.copy(buffers.host["counts"], counts, batch * 4, to_device=False)
             runner.copy(buffers.host["rows"], rows, batch * CANDIDATE_CAP * ROW * 4, to_device=False)
