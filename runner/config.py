@@ -49,6 +49,9 @@ OmegaConf.register_new_resolver("side", side, replace=True)
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 
+AUTO = "auto"  # a setting resolved per variant once its backend is known (`backends.resolve_auto`)
+
+
 class ConfigError(ValueError):
     """A bad configuration, reported as one line before any work starts."""
 
@@ -125,6 +128,7 @@ class BackendName(str, Enum):
 
 
 class Device(str, Enum):
+    auto = "auto"  # resolved per variant once its backend is known (`backends.resolve_auto`)
     cpu = "cpu"
     gpu = "gpu"
 
@@ -197,15 +201,15 @@ class BackendConfig:
 @dataclass
 class PreprocessConfig:
     """cpu: letterbox and normalise on the host, upload floats. gpu: upload the uint8 image, letterbox on the GPU
-    into the engine's input (TensorRT)."""
-    device: Device = Device.cpu
+    into the engine's input (TensorRT). auto: gpu on TensorRT, else cpu."""
+    device: Device = Device.auto
 
 
 @dataclass
 class PostprocessConfig:
     """cpu: copy every output back, decode on the host. gpu: filter by score on the GPU, copy back only the
-    candidates, NMS on the host (TensorRT)."""
-    device: Device = Device.cpu
+    candidates, NMS on the host (TensorRT). auto: gpu on TensorRT, else cpu."""
+    device: Device = Device.auto
 
 
 @dataclass
@@ -259,7 +263,7 @@ class BenchConfig:
     server_rate: Optional[float] = None
     server_queries: int = 200
     batch: int = 1  # every variant is timed at [batch, 3, *model.imgsz]: the static variant's shape
-    cuda_graph: bool = False  # static TensorRT engines only
+    cuda_graph: Any = AUTO  # true | false | auto: on with TensorRT (a graph per shape), n/a elsewhere
 
 
 @dataclass
@@ -462,6 +466,8 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
     if cfg.bench.warmup < 0:
         raise ConfigError(f"bench.warmup: must be >= 0, got {cfg.bench.warmup}")
+    if not (isinstance(cfg.bench.cuda_graph, bool) or cfg.bench.cuda_graph == AUTO):
+        raise ConfigError(f"bench.cuda_graph: true, false or auto, got {cfg.bench.cuda_graph!r}")
     _check_timed_shape(cfg)
     _check_scenarios(cfg.bench)
     level = cfg.backend.builder_optimization_level

@@ -59,7 +59,8 @@ def measure(run: RunConfig, record: JobRecord, progress: str) -> JobRecord:
         backend, skip_reason = backends.resolve(run)
         available = backends.unavailable(backend.name) is None  # skipped as not applying: it can still say how
         mechanism = backend.precision_mechanism(run) if available else None
-        result = new_result(run, backend.name, mechanism, "skipped" if skip_reason else "failed")
+        variant, resolved = backends.resolve_auto(run, backend)
+        result = new_result(variant, backend.name, mechanism, "skipped" if skip_reason else "failed", resolved)
         log.info("%s %s (%s)", progress, result.name, backend.name)
         if skip_reason:
             result.error = skip_reason

@@ -367,6 +367,23 @@ class BenchResult(Record):
 
 
 @dataclass
+class Resolved(Record):
+    """How the variant pre/postprocesses and whether it replays CUDA graphs, as resolved on its backend, and which
+    of these the config left to `auto` (`backends.resolve_auto`)."""
+    preprocess: str  # cpu | gpu
+    postprocess: str
+    cuda_graph: bool | None  # None: the backend has no CUDA graph
+    auto: list[str] = field(default_factory=list)  # of preprocess, postprocess, cuda_graph
+
+    def auto_text(self) -> str:
+        """What `auto` became, as the tables show it: `pre gpu, post gpu, graph on`; "" where nothing was auto."""
+        graph = "n/a" if self.cuda_graph is None else "on" if self.cuda_graph else "off"
+        words = {"preprocess": f"pre {self.preprocess}", "postprocess": f"post {self.postprocess}",
+                 "cuda_graph": f"graph {graph}"}
+        return ", ".join(words[key] for key in words if key in self.auto)
+
+
+@dataclass
 class VariantResult(Record):
     """Everything one variant did. `status`: running | ok | failed | skipped."""
     cell: Cell
@@ -383,6 +400,7 @@ class VariantResult(Record):
     build: BuildResult | None = None
     validate: ValidateResult | None = None
     bench: BenchResult | None = None
+    resolved: Resolved | None = None  # pre/post devices and CUDA graph on the variant's backend
 
     @property
     def name(self) -> str:

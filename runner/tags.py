@@ -2,8 +2,8 @@
 
 A run is a sweep (the parent) or a variant (a child) by its `KIND_TAG`; every run of a sweep carries the
 parent's id as `SWEEP_TAG`. A variant run carries its cell as parts (`cell.model`, `cell.onnx.tool`, ...),
-read back as a `Cell` value, its outcome as the `OUTCOME` tags, and the shapes its figures were measured at as the
-`SHAPES` tags.
+read back as a `Cell` value, its outcome as the `OUTCOME` tags, the shapes its figures were measured at as the
+`SHAPES` tags, and what its `auto` settings became as the `AUTO` tag.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ RESULT_TAG = "runner.result_id"  # the result.json a variant run was logged from
 OUTCOME = ("status", "failed_stage", "error", "backend", "validation", "validation_note", "accuracy_miss",
            "unvalidated_shapes")
 SHAPES = ("timed_shape", "map_shape", "map_worst_shape")  # where the figures were measured, as `shape_text` says
+AUTO = "auto"  # the tag of what the variant's `auto` settings became (`Resolved.auto_text`)
 
 
 def query(kind: str, sweep_id: str | None = None) -> str:
@@ -47,6 +48,12 @@ def outcome_tags(result: VariantResult) -> dict[str, str]:
             "validation_note": (v.reason or "") if v and v.status in ("passed", "reference") else "",
             "accuracy_miss": ", ".join(v.failed_metrics) if v and v.status == "inaccurate" else "",
             "unvalidated_shapes": ", ".join(v.unvalidated) if v else ""}
+
+
+def auto_tags(result: VariantResult) -> dict[str, str]:
+    """What the variant's `auto` pre/post devices and CUDA graph became on its backend, as a tag ("" where none
+    was auto)."""
+    return {AUTO: result.resolved.auto_text() if result.resolved else ""}
 
 
 def shape_text(shape: list[int] | None, label: str = "") -> str:

@@ -34,8 +34,8 @@ from runner import cache
 from runner.isolate import start_tethered
 from runner.results import VariantResult
 from runner.sweep import JobRecord
-from runner.tags import (KIND_TAG, RESULT_TAG, SWEEP, SWEEP_TAG, VARIANT, cell_tags, outcome_tags, query, shape_tags,
-                         shape_text)
+from runner.tags import (KIND_TAG, RESULT_TAG, SWEEP, SWEEP_TAG, VARIANT, auto_tags, cell_tags, outcome_tags, query,
+                         shape_tags, shape_text)
 
 # MLflow says "Creating initial MLflow database tables" when it makes a sqlite store, on stderr through a handler
 # of its own (importing mlflow resets the levels set before): not the user's news. Its warnings still show.
@@ -144,6 +144,7 @@ class Tracker:
         result = record.result
         tags = {"mlflow.parentRunId": sweep_id, SWEEP_TAG: sweep_id, KIND_TAG: VARIANT,
                 RESULT_TAG: record.result_id, **cell_tags(result.cell), **outcome_tags(result), **shape_tags(result),
+                **auto_tags(result),
                 **{f"metric_name.{key}": name[:MAX_TAG] for key, name in result.metric_names().items()}}
         tags["error"] = tags["error"][:MAX_TAG]
         run_id = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags,
@@ -168,6 +169,10 @@ class Tracker:
                              "resolved.tf32": result.build.tf32})
         if result.bench:
             resolved["resolved.timed_shape"] = shape_text(result.bench.shape)
+        if result.resolved:  # beside the config's preprocess.device=auto, bench.cuda_graph=auto: what they became
+            r = result.resolved
+            resolved.update({"resolved.preprocess": r.preprocess, "resolved.postprocess": r.postprocess,
+                             "resolved.cuda_graph": "n/a" if r.cuda_graph is None else r.cuda_graph})
         env = {f"env.{k}": v for k, v in result.environment.items()}
         self._log_params(run_id, {**flatten(record.config), **env,
                                   **{k: v for k, v in resolved.items() if v is not None}})

@@ -22,8 +22,8 @@ from runner.data import Sample, Selection, class_names, load_samples, names_mism
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
 from runner.quantize import calibration_set, quantize_qdq
-from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, StageError,
-                            VariantResult)
+from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, Resolved,
+                            StageError, VariantResult)
 from runner.validate import headline_shape, shapes_to_check, validate
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,12 @@ def prepost_label(cfg: RunConfig, backend: str) -> str:
     return " ".join(parts + [f"gpu-{end}" for end, device in ends if device == Device.gpu])
 
 
-def new_result(cfg: RunConfig, backend: str, mechanism: str | None, status: str = "running") -> VariantResult:
-    """A result with no stage run yet: what a skipped variant, or a crash before any stage, reports."""
+def new_result(cfg: RunConfig, backend: str, mechanism: str | None, status: str = "running",
+               resolved: Resolved | None = None) -> VariantResult:
+    """A result with no stage run yet: what a skipped variant, or a crash before any stage, reports. `cfg` as
+    `resolved` on the backend (`backends.resolve_auto`), where it is known."""
     return VariantResult(cell=cell_of(cfg, backend, mechanism), backend=backend, profile=cfg.profile.name,
-                         status=status)
+                         status=status, resolved=resolved)
 
 
 class StageClock:
@@ -76,9 +78,11 @@ class StageClock:
 
 def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: None,
                 publish=lambda result: None) -> VariantResult:
-    """Run every stage of one variant. `publish` receives the partial result after each stage."""
+    """Run every stage of one variant, its `auto` settings resolved on the backend. `publish` receives the partial
+    result after each stage."""
     backend = backends.get(backend_name)
-    result = new_result(cfg, backend_name, None)
+    cfg, resolved = backends.resolve_auto(cfg, backend)
+    result = new_result(cfg, backend_name, None, resolved=resolved)
     result.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result.environment = environment(cfg.export.opset)
     clock = StageClock(result, stage_started)

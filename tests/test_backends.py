@@ -28,8 +28,8 @@ def test_backends_are_chosen_by_name():
 
 
 @pytest.mark.parametrize("backend, overrides, label, skip", [
-    ("tensorrt", [], "trt st fp16", None),
-    ("tensorrt", ["preprocess=gpu"], "trt st fp16 gpu-pre", None),
+    ("tensorrt", ["preprocess=cpu", "postprocess=cpu"], "trt st fp16", None),
+    ("tensorrt", ["preprocess=gpu", "postprocess=cpu"], "trt st fp16 gpu-pre", None),
     ("tensorrt", ["preprocess=gpu", "postprocess=gpu"], "trt st fp16 gpu-pre gpu-post", None),
     ("ultralytics", [], "trt st fp16 predict", None),
     ("ultralytics", ["postprocess=gpu"], "trt st fp16 predict gpu-post", "predict's own pre/postprocessing"),
@@ -39,9 +39,44 @@ def test_the_pipeline_is_part_of_the_row_and_the_gpu_ends_need_tensorrt(backend,
     """preprocess/postprocess=gpu and the peer are build rows of their own; where they cannot apply, the variant
     is skipped with the reason (whatever this machine has)."""
     cfg, = preflight(["precision=fp16", f"backend={backend}", *overrides])
+    cfg, _ = backends.resolve_auto(cfg, backends.get(backend))
     assert cell_of(cfg, backend, "builder_flag").build.label == label
     reason = backends.get(backend).applies(cfg)
     assert (reason is None) if skip is None else (skip in reason)
+
+
+@pytest.mark.parametrize("backend, overrides, ends, graph, auto, label", [
+    ("tensorrt", [], ("gpu", "gpu"), True, ["preprocess", "postprocess", "cuda_graph"], "trt st fp16 gpu-pre gpu-post"),
+    ("onnxruntime", [], ("cpu", "cpu"), None, ["preprocess", "postprocess", "cuda_graph"], "ort st fp16"),
+    ("ultralytics", [], ("cpu", "cpu"), None, ["preprocess", "postprocess", "cuda_graph"], "trt st fp16 predict"),
+    ("tensorrt", ["preprocess=cpu", "bench.cuda_graph=false"], ("cpu", "gpu"), False, ["postprocess"],
+     "trt st fp16 gpu-post"),
+    ("tensorrt", ["postprocess=cpu", "bench.cuda_graph=true"], ("gpu", "cpu"), True, ["preprocess"],
+     "trt st fp16 gpu-pre"),
+    ("onnxruntime", ["preprocess=cpu", "postprocess=cpu", "bench.cuda_graph=true"], ("cpu", "cpu"), None, [],
+     "ort st fp16"),
+])
+def test_auto_is_the_fastest_path_of_the_backend_and_explicit_values_stay(backend, overrides, ends, graph, auto,
+                                                                          label):
+    """The defaults (`auto`): GPU pre/post and CUDA graphs on TensorRT, the host elsewhere (no graph there); never
+    a reason to skip. What is given explicitly is kept, and the record says which values came from `auto`."""
+    requested, = preflight(["precision=fp16", f"backend={backend}", *overrides])
+    cfg, resolved = backends.resolve_auto(requested, backends.get(backend))
+    assert (cfg.preprocess.device.value, cfg.postprocess.device.value) == ends == (resolved.preprocess,
+                                                                                  resolved.postprocess)
+    assert (resolved.cuda_graph, resolved.auto) == (graph, auto)
+    assert cfg.bench.cuda_graph is bool(graph)  # what the runner is given: a switch, never "auto"
+    assert cell_of(cfg, backend, "builder_flag").build.label == label
+    assert backends.get(backend).applies(cfg) is None
+    assert backends.resolve_auto(cfg, backends.get(backend))[0] == cfg  # a resolved config has nothing left to resolve
+
+
+def test_auto_text_says_what_auto_became():
+    requested, = preflight(["preprocess=cpu"])
+    assert backends.resolve_auto(requested, backends.get("tensorrt"))[1].auto_text() == "post gpu, graph on"
+    assert backends.resolve_auto(requested, backends.get("onnxruntime"))[1].auto_text() == "post cpu, graph n/a"
+    explicit, = preflight(["preprocess=cpu", "postprocess=cpu", "bench.cuda_graph=false"])
+    assert backends.resolve_auto(explicit, backends.get("tensorrt"))[1].auto_text() == ""
 
 
 def test_the_cell_names_the_calibrator_where_it_calibrates():

@@ -95,6 +95,35 @@ def test_gpu_letterbox_matches_the_cpu_one(tmp_path, fp16, graph):
     assert differing / total < 0.1  # uniform noise, downscaled: the worst case for OpenCV's fixed-point rounding
 
 
+def test_gpu_letterbox_and_engine_replay_a_graph_per_shape_on_a_dynamic_engine(tmp_path):
+    """On a dynamic engine, the letterbox and the engine keep a CUDA graph per shape: two shapes alternating, each
+    visit run twice (plain, then replayed), give the CPU letterbox's input and the engine reads what it wrote."""
+    lo, hi = [1, 3, 64, 64], [2, 3, 96, 128]
+    path = onnx_model(tmp_path / "dynamic.onnx", ["batch", 3, "height", "width"], False)
+    built = build_engine(BuildSpec(onnx_path=path, precision="fp32", mechanism="none", min_shape=lo, opt_shape=hi,
+                                   max_shape=hi, optimization_level=0, workspace_gib=1.0,
+                                   cache_dir=str(tmp_path / "cache")))
+    batches = frames(4)
+    with TrtRunner(built.artifact, cuda_graph=True) as runner:
+        letterbox = None
+        for visit, shape in enumerate([hi, lo, hi, lo]):
+            runner.set_shape(tuple(shape))
+            letterbox = letterbox or runner.gpu_letterbox()
+            hw = tuple(shape[2:])
+            for batch in batches[visit % 2:visit % 2 + 2]:
+                batch = (batch * 2)[:shape[0]]
+                blob, cpu_boxes = preprocess(batch, hw)
+                assert letterbox.run(batch, hw) == cpu_boxes
+                runner.sync()
+                got = letterbox.read_input()
+                assert got.shape == blob.shape and float(np.abs(got - blob).max()) <= GPU_LETTERBOX_TOLERANCE
+                runner.execute()
+                np.testing.assert_allclose(runner.d2h()["output0"], got, atol=1e-6)
+        settings = runner.settings()
+        assert settings["cuda_graph"] is True and "cuda_graph_note" not in settings, settings
+        assert len(runner.graphs) == 4  # letterbox and engine, at each shape
+
+
 def test_gpu_letterbox_from_pinned_frames(tmp_path):
     """Frames page-locked once (bench does) upload straight from their own memory, with the same result."""
     hw = tuple(INPUT[2:])

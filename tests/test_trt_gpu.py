@@ -254,10 +254,26 @@ def test_cuda_graph_same_outputs(static_engine):
     assert not np.array_equal(out2, out)  # the graph reads the new input
 
 
-def test_cuda_graph_off_for_dynamic_engine(models, tmp_path):
+def test_cuda_graphs_per_shape_on_a_dynamic_engine(models, tmp_path):
+    """A dynamic engine replays a graph per shape. Two shapes alternate, twice each visit (the first run after a
+    shape change is plain, the second replays): every output is the plain runner's, whether the larger shape moved
+    the buffers (the graphs are dropped and captured again) or not (the other shape's graph is kept and replayed)."""
     res = build_ok(spec(models["dynamic"], tmp_path, DYN_MIN, DYN_OPT, DYN_MAX))
-    with TrtRunner(res.artifact, cuda_graph=True) as runner:
-        assert runner.settings()["cuda_graph"] is False
+    rng = np.random.default_rng(3)
+    visits = [DYN_OPT, DYN_MAX, DYN_OPT, DYN_MAX, DYN_OPT]  # the first MAX grows the buffers; after it none moves
+    inputs = [[rng.random(shape, dtype=np.float32) for _ in range(2)] for shape in visits]
+    with TrtRunner(res.artifact) as plain:
+        expected = [[plain.infer(x)["output0"] for x in pair] for pair in inputs]
+    with TrtRunner(res.artifact, cuda_graph=True) as graphed:
+        for pair, wanted in zip(inputs, expected):
+            for x, ref in zip(pair, wanted):
+                out = graphed.infer(x)["output0"]
+                assert out.shape == ref.shape
+                np.testing.assert_allclose(out, ref, atol=1e-6)
+        settings = graphed.settings()
+        assert settings["cuda_graph"] is True and "cuda_graph_note" not in settings, settings
+        assert len(graphed.graphs) == 2  # the engine's graph at each shape, kept
+    np.testing.assert_allclose(expected[0][0], ort_run(models["dynamic"], inputs[0][0]), atol=1e-3)
 
 
 def test_execute_returns_positive_ms(static_engine):

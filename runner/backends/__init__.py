@@ -8,14 +8,15 @@ letterbox and score filter, throughput lanes) it hands out through the `Runner` 
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runner.config import BackendName, RunConfig
-from runner.results import BuildResult, ExportResult
+from runner.config import AUTO, BackendName, Device, RunConfig
+from runner.results import BuildResult, ExportResult, Resolved
 
 if TYPE_CHECKING:
     from runner.quantize import CalibrationSet
@@ -104,9 +105,11 @@ class Predictor(Runner):
 
 
 class Backend(ABC):
-    """A runtime for the model under test."""
+    """A runtime for the model under test. `gpu_ends`: its runner has the GPU letterbox and score filter and replays
+    CUDA graphs, so `auto` puts pre/post on the GPU and graphs on."""
 
     name: str
+    gpu_ends: bool = False
 
     @abstractmethod
     def unavailable(self) -> str | None:
@@ -160,16 +163,36 @@ def resolve(cfg: RunConfig) -> tuple[Backend, str | None]:
     """(the backend the variant runs on, why it is skipped or None).
 
     `auto` is TensorRT where it runs here, else onnxruntime. A variant is skipped when its backend cannot
-    run here, or when it makes no sense on that backend (say build=ultralytics on onnxruntime)."""
+    run here, or when it makes no sense on that backend (say build=ultralytics on onnxruntime), its `auto`
+    settings resolved (`resolve_auto`)."""
     requested = cfg.backend.name.value
     trt_missing = unavailable(BackendName.tensorrt.value)
     name = (BackendName.onnxruntime if trt_missing else BackendName.tensorrt).value if requested == BackendName.auto \
         else requested
     backend = get(name)
-    reason = unavailable(name) or backend.applies(cfg)
+    reason = unavailable(name) or backend.applies(resolve_auto(cfg, backend)[0])
     if reason and requested == BackendName.auto and trt_missing:
         reason = f"{reason}; TensorRT unavailable here: {trt_missing}"
     return backend, reason
+
+
+def resolve_auto(cfg: RunConfig, backend: Backend) -> tuple[RunConfig, Resolved]:
+    """`cfg` with `preprocess`, `postprocess` and `bench.cuda_graph` resolved on `backend`, and the record of it.
+
+    `auto` is the fastest path the backend has: GPU pre/post and CUDA graphs where it has GPU ends (TensorRT, which
+    runs only on a CUDA GPU), else host pre/post. A backend without graphs has none, whatever was asked (None).
+    Values given explicitly stay as they are."""
+    device = Device.gpu if backend.gpu_ends else Device.cpu
+    pre, post, graph = cfg.preprocess.device, cfg.postprocess.device, cfg.bench.cuda_graph
+    resolved = Resolved(preprocess=(device if pre == Device.auto else pre).value,
+                        postprocess=(device if post == Device.auto else post).value,
+                        cuda_graph=(graph == AUTO or graph) if backend.gpu_ends else None,
+                        auto=[key for key, value in (("preprocess", pre), ("postprocess", post), ("cuda_graph", graph))
+                              if value == AUTO])
+    return dataclasses.replace(
+        cfg, preprocess=dataclasses.replace(cfg.preprocess, device=Device(resolved.preprocess)),
+        postprocess=dataclasses.replace(cfg.postprocess, device=Device(resolved.postprocess)),
+        bench=dataclasses.replace(cfg.bench, cuda_graph=bool(resolved.cuda_graph))), resolved
 
 
 def auto_choice() -> str:

@@ -96,6 +96,7 @@ class UltralyticsBackend(TensorrtBackend):
     """Builds what the tensorrt backend builds; runs it with ultralytics."""
 
     name = BackendName.ultralytics.value
+    gpu_ends = False  # predict runs its own pre/postprocessing; runner's CUDA graphs do not apply
 
     def unavailable(self) -> str | None:
         reason = super().unavailable()

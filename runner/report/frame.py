@@ -1,6 +1,7 @@
 """A sweep as a table, one row per variant, from typed results (a sweep's results.json) or from MLflow runs.
 
-Both sources give the same columns: the cell's model, fields and labels, the outcome tags, the cell's mark
+Both sources give the same columns: the cell's model, fields and labels, what its `auto` settings became (`AUTO`:
+the label names the GPU ends that ran, this says which came from `auto`), the outcome tags, the cell's mark
 (O, △, X, R or -), the shapes the figures were measured at (`SHAPES`: a timing is per batch of the timed shape's
 first dim; mAP50-95 is at the static variant's shape, its worst shape beside it), and the numbers of `METRICS`,
 each under its one frame column. The cell is read back from its tags (`runner.tags`) as a `Cell` value: labels
@@ -17,7 +18,7 @@ import pandas as pd
 
 from runner.report.order import cell_key
 from runner.results import VariantResult
-from runner.tags import OUTCOME, SHAPES, cell_from_tags, outcome_tags, shape_tags
+from runner.tags import AUTO, OUTCOME, SHAPES, auto_tags, cell_from_tags, outcome_tags, shape_tags
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
 INACCURATE = "△"  # built and ran, but missed an accuracy limit, or some shapes of its profile were not validated
 REFERENCE = "R"  # ran, and the model under test is the reference itself
 WHY_MARKS = (MARKS["failed"], INACCURATE)  # the marks shown with why: the failing stage, or the metric missed
-COLUMNS = ["cell", "model", "onnx_label", "build_label", *OUTCOME, "mark", "note", *SHAPES,
+COLUMNS = ["cell", "model", "onnx_label", "build_label", AUTO, *OUTCOME, "mark", "note", *SHAPES,
            *(m.column for m in METRICS), "gpu"]
 
 
@@ -87,8 +88,8 @@ def mark(status: str, validation: str, failed_stage: str, unvalidated: str = "")
 def _row(cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
     outcome = {k: tags.get(k) or "" for k in OUTCOME}
     return {"cell": cell, "model": cell.model, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
-            **outcome, "mark": mark(outcome["status"], outcome["validation"], outcome["failed_stage"],
-                                    outcome["unvalidated_shapes"]),
+            AUTO: tags.get(AUTO) or "", **outcome, "mark": mark(outcome["status"], outcome["validation"],
+                                                                outcome["failed_stage"], outcome["unvalidated_shapes"]),
             "note": tags.get("error") or tags.get("validation_note") or "",  # the error, or what a pass left out
             **{k: tags.get(k) or "" for k in SHAPES},
             **{m.column: metrics.get(m.key, math.nan) for m in METRICS}, "gpu": gpu or ""}
@@ -101,7 +102,8 @@ def ordered(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def results_frame(results: list[VariantResult]) -> pd.DataFrame:
-    rows = [_row(r.cell, {**outcome_tags(r), **shape_tags(r)}, r.metrics(), r.environment.get("gpu")) for r in results]
+    rows = [_row(r.cell, {**outcome_tags(r), **shape_tags(r), **auto_tags(r)}, r.metrics(), r.environment.get("gpu"))
+            for r in results]
     return ordered(pd.DataFrame(rows, columns=COLUMNS))
 
 

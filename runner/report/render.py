@@ -16,7 +16,7 @@ COLOURS = {"O": "#2e7d32", "X": "#c62828", "△": "#ef6c00", "R": "#1565c0", "-"
 LEGEND = ("O built, ran and passed validation; △ built and ran, but missed an accuracy limit against the fp32 "
           "reference (the metric is named), or was partly checked (the shapes not validated are named); X failed (its stage is in the details); R ran, and the model under test "
           "is the reference itself, so its validation cannot fail; - skipped (the reason is in the details).")
-DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "status": "status",
+DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "auto": "auto", "status": "status",
           "validation": "validation", "failed_stage": "failing stage", "note": "error / note",
           "timed_shape": "timed at", **{m.column: m.heading for m in METRICS if m.name},
           "map_shape": "mAP at", "map_worst_shape": "worst mAP at"}
@@ -25,7 +25,7 @@ SUMMARY = {"model": "model", "onnx_label": "onnx", "build_label": "build", "stat
            "validation": "validation", **{c: c for c in ("rel_l2", "det_f1", "map50_95", "map50_95_worst",
                                                          "timed_shape", "infer_p50_ms", "e2e_p50_ms", "e2e_ms_per_img",
                                                          "e2e_img_s", "offline_e2e_img_s", "offline_engine_img_s",
-                                                         "offline_batch", "cuda_graph")}, "note": "error / note"}
+                                                         "offline_batch", "cuda_graph", "auto")}, "note": "error / note"}
 NOTE_CHARS = 120  # the error / note of the details table
 SUMMARY_NOTE_CHARS = 70  # the error / note of the terminal summary, a line shared with sixteen other columns
 

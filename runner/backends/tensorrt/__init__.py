@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 class TensorrtBackend(Backend):
     name = BackendName.tensorrt.value
+    gpu_ends = True
 
     def unavailable(self) -> str | None:
         from runner.backends.tensorrt import compat

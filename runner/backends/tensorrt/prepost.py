@@ -128,8 +128,8 @@ class GpuScoreFilter(_End):
         output instead)."""
         runner, buffers = self.runner, self._buffers
         head, (batch, channels, anchors), dtype = runner.tensor(runner.output_names[0])
-        buffers.ensure("counts", batch * 4)
-        buffers.ensure("rows", batch * CANDIDATE_CAP * ROW * 4)
+        if buffers.ensure("counts", batch * 4) | buffers.ensure("rows", batch * CANDIDATE_CAP * ROW * 4):
+            runner.graphs.drop("candidates")  # its graphs write the old buffers
         counts, rows = buffers.device["counts"], buffers.device["rows"]
 
         def enqueue():
@@ -137,7 +137,7 @@ class GpuScoreFilter(_End):
             self.kernels().candidates(runner.stream, head, batch, channels, anchors, conf, rows, counts,
                                       CANDIDATE_CAP, dtype == np.float16)
 
-        runner.graphs.launch(f"candidates@{conf}", enqueue)
+        runner.graphs.launch("candidates", enqueue, conf)
         with runner.timed("d2h"):
             runner.copy(buffers.host["counts"], counts, batch * 4, to_device=False)
             runner.copy(buffers.host["rows"], rows, batch * CANDIDATE_CAP * ROW * 4, to_device=False)

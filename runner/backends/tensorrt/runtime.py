@@ -3,7 +3,8 @@
 `TrtRunner` only opens an engine, runs it on its input and closes it. What runs around it on the same stream lives
 apart and borrows what it needs from the runner: the GPU letterbox and score filter in `prepost` (kernels in
 `kernels`), the throughput lanes in `throughput`. With `cuda_graph`, each stage's GPU work (letterbox, engine,
-filter) is a CUDA graph captured on first use (`CudaGraphs`); copies stay outside, between CUDA events.
+filter) is a CUDA graph per input shape, captured on first use at it (`CudaGraphs`); copies stay outside, between
+CUDA events.
 """
 from __future__ import annotations
 
@@ -92,24 +93,41 @@ class Buffers:
 
 
 class CudaGraphs:
-    """Each stage's GPU work on one stream as a CUDA graph, captured on first use and replayed after. The stages
-    of one runner share one switch: a failed capture turns graphs off for all of them, and `note` says why."""
+    """Each stage's GPU work on one stream as CUDA graphs, one per input shape: captured on first use at a shape and
+    replayed while that shape repeats, so a dynamic engine replays graphs too. A graph holds the shape and the
+    addresses it was captured with: it is only replayed at its shape (`at`), and moving a buffer drops it. The first
+    run of every stage after each shape change is plain: it flushes TensorRT's deferred updates for that shape, which
+    a replay would skip. The stages of one runner share one switch: a failed capture turns graphs off for all of
+    them, and `note` says why."""
 
-    def __init__(self, rt, stream, wanted: bool, static: bool):
+    def __init__(self, rt, stream, wanted: bool):
         self._rt, self._stream = rt, stream
-        self.on = wanted and static
-        self.note = "" if self.on or not wanted else "dynamic engine: no CUDA graph"
-        self._graphs: dict[str, tuple] = {}  # stage -> (graph, executable graph)
+        self.on, self.note = wanted, ""
+        self._graphs: dict[tuple, tuple] = {}  # (stage, shape, variant) -> (graph, executable graph)
+        self._shape: tuple[int, ...] | None = None
+        self._ran: set[str] = set()  # the stages run since the shape was last set
 
-    def launch(self, stage: str, enqueue) -> None:
-        """Queue `enqueue`'s GPU work: replayed as the stage's graph where graphs are on. The first run is plain (it
-        flushes TensorRT's deferred updates). On a failed capture it falls back to plain runs."""
-        if self.on and stage in self._graphs:
-            cuda_call(self._rt.cudaGraphLaunch, self._graphs[stage][1], self._stream)
+    def at(self, shape: tuple[int, ...] | None, moved: bool) -> None:
+        """The runner set its input `shape` (None: unbound); `moved`: it reallocated a buffer, which every graph
+        held."""
+        if moved:
+            self.drop()
+        self._shape, self._ran = shape, set()
+
+    def launch(self, stage: str, enqueue, variant=None) -> None:
+        """Queue `enqueue`'s GPU work: replayed as the stage's graph at the shape set (and `variant`, a value baked
+        into it) where graphs are on; plain on the stage's first run at the shape, captured then where no graph is
+        kept for it. On a failed capture it falls back to plain runs."""
+        key = (stage, self._shape, variant)
+        if self.on and stage in self._ran and key in self._graphs:
+            cuda_call(self._rt.cudaGraphLaunch, self._graphs[key][1], self._stream)
             return
         enqueue()
-        if not self.on:
-            return
+        self._ran.add(stage)
+        if self.on and key not in self._graphs:
+            self._capture(key, enqueue)
+
+    def _capture(self, key: tuple, enqueue) -> None:
         rt = self._rt
         cuda_call(rt.cudaStreamSynchronize, self._stream)
         graph = None
@@ -119,20 +137,24 @@ class CudaGraphs:
                 enqueue()
             finally:
                 graph = cuda_call(rt.cudaStreamEndCapture, self._stream)
-            self._graphs[stage] = graph, cuda_call(rt.cudaGraphInstantiate, graph, 0)
+            self._graphs[key] = graph, cuda_call(rt.cudaGraphInstantiate, graph, 0)
         except RuntimeError as exc:
             if graph is not None:
                 cuda_call(rt.cudaGraphDestroy, graph)
             self.drop()
-            self.on, self.note = False, f"CUDA graph capture failed ({stage}): {exc}"
+            self.on, self.note = False, f"CUDA graph capture failed ({key[0]} at {list(key[1] or ())}): {exc}"
+
+    def __len__(self) -> int:
+        """The graphs kept, over every stage and shape."""
+        return len(self._graphs)
 
     def drop(self, *stages: str) -> None:
-        """Destroy the graphs of `stages` (all when none is named): they hold the addresses they were captured with."""
-        for stage in stages or list(self._graphs):
-            if stage in self._graphs:
-                graph, executable = self._graphs.pop(stage)
-                cuda_call(self._rt.cudaGraphExecDestroy, executable)
-                cuda_call(self._rt.cudaGraphDestroy, graph)
+        """Destroy the graphs of `stages` at every shape (all graphs when none is named): they hold the addresses
+        they were captured with."""
+        for key in [k for k in self._graphs if not stages or k[0] in stages]:
+            graph, executable = self._graphs.pop(key)
+            cuda_call(self._rt.cudaGraphExecDestroy, executable)
+            cuda_call(self._rt.cudaGraphDestroy, graph)
 
 
 class TrtRunner(Runner):
@@ -173,7 +195,7 @@ class TrtRunner(Runner):
         self.input_dtype = self.dtypes[self.input_name]
         self.profile = engine_profile(eng, self.input_name)
         self.stream = cuda_call(rt.cudaStreamCreate)
-        self.graphs = CudaGraphs(rt, self.stream, self._want_graph, self.profile[0] == self.profile[2])
+        self.graphs = CudaGraphs(rt, self.stream, self._want_graph)
         self._buffers = Buffers(rt)
         self._views: dict[str, np.ndarray] = {}
         self._ends: list = []  # what runs around the engine on its stream, closed with it
@@ -199,17 +221,17 @@ class TrtRunner(Runner):
             )
         if not self._context.set_input_shape(self.input_name, shape):
             raise ShapeError(f"TensorRT rejected input shape {list(shape)}: {self.logger.last_error}")
-        buffers = self._buffers
+        buffers, moved = self._buffers, False
         for name, dtype in self.dtypes.items():
             tshape = tuple(self._context.get_tensor_shape(name))
             if any(d < 0 for d in tshape):
                 raise RuntimeError(f"shape of '{name}' unresolved after set_input_shape: {tshape}")
-            buffers.ensure(name, math.prod(tshape) * dtype.itemsize)
+            moved |= buffers.ensure(name, math.prod(tshape) * dtype.itemsize)
             self._views[name] = buffers.host_array(name, dtype, math.prod(tshape)).reshape(tshape)
             if not self._context.set_tensor_address(name, buffers.device[name]):
                 raise RuntimeError(f"set_tensor_address('{name}') failed: {self.logger.last_error}")
         self.shape = shape
-        self.graphs.drop()  # they hold the old addresses
+        self.graphs.at(shape, moved)
 
     def tensor(self, name: str) -> tuple[int, tuple[int, ...], np.dtype]:
         """I/O tensor `name` at the shape set: (device address, shape, dtype)."""
@@ -314,7 +336,7 @@ class TrtRunner(Runner):
         """The runner's own execution context, for a lane that binds it elsewhere (a dynamic engine's profile 0 is
         held by it): the next set_shape() binds it again."""
         self.shape = None
-        self.graphs.drop()
+        self.graphs.at(None, moved=True)
         return self._context
 
     def settings(self) -> dict:
