@@ -165,24 +165,26 @@ def test_gpu_candidates_give_the_host_decode(tmp_path, fp16, graph):
 
 
 def test_gpu_letterbox_at_every_batch_of_a_dynamic_engine(tmp_path):
-    """set_shape to batches 3, 1, 4, 2 in turn: each batch, part pinned and part staged, letterboxes as the CPU does,
-    and the engine reads it."""
+    """set_shape to batches 3, 1, 4, 2 in turn, two batches of frames each (plain, then a graph replayed): each batch,
+    part pinned and part staged, letterboxes as the CPU does, and the engine reads it."""
     hw, rng = tuple(INPUT[2:]), np.random.default_rng(4)
     pool = [image for batch in frames(5) for image in batch]
-    with TrtRunner(engine(tmp_path, INPUT, True, batches=(1, 2, 4))) as runner:
+    with TrtRunner(engine(tmp_path, INPUT, True, batches=(1, 2, 4)), cuda_graph=True) as runner:
         letterbox = runner.gpu_letterbox()
         runner.pin(pool[3:5])  # the two largest: the others upload through the staging buffer
         for batch in (3, 1, 4, 2):
             runner.set_shape((batch, *INPUT[1:]))
-            chosen = [pool[i] for i in rng.choice(len(pool), batch, replace=False)]
-            blob, cpu_boxes = preprocess(chosen, hw)
-            assert letterbox.run(chosen, hw) == cpu_boxes
-            runner.sync()
-            got = letterbox.read_input()
-            assert got.shape == blob.shape
-            assert float(np.abs(got - blob).max()) <= GPU_LETTERBOX_TOLERANCE
-            runner.execute()
-            np.testing.assert_allclose(runner.d2h()["output0"], got, atol=1e-3)
+            for _ in range(2):
+                chosen = [pool[i] for i in rng.choice(len(pool), batch, replace=False)]
+                blob, cpu_boxes = preprocess(chosen, hw)
+                assert letterbox.run(chosen, hw) == cpu_boxes
+                runner.sync()
+                got = letterbox.read_input()
+                assert got.shape == blob.shape
+                assert float(np.abs(got - blob).max()) <= GPU_LETTERBOX_TOLERANCE
+                runner.execute()
+                np.testing.assert_allclose(runner.d2h()["output0"], got, atol=1e-3)
+        assert runner.settings()["cuda_graph"] is True
 
 
 def test_gpu_candidates_per_image_at_batch_on_a_dynamic_engine(tmp_path):
