@@ -360,7 +360,7 @@ def _stand_in_runner(engine: StandInEngine) -> TrtRunner:
     ok = lambda *args: (0, 1)  # noqa: E731 - (cudaSuccess, handle)
     runner.rt = NS(cudaMalloc=ok, cudaFree=ok, cudaStreamCreate=ok, cudaStreamSynchronize=ok, cudaStreamDestroy=ok)
     runner.engine, runner.logger = engine, engine.logger
-    runner.graphs = CudaGraphs(runner.rt, 0, wanted=False, static=True)
+    runner.graphs = CudaGraphs(runner.rt, 0, wanted=False)
     runner._context = engine.create_execution_context()
     runner.input_name, runner.dtypes = "images", {"images": np.dtype(np.float32), "output0": np.dtype(np.float32)}
     return runner
