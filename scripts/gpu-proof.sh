@@ -18,6 +18,9 @@
 #   bash scripts/gpu-proof.sh models-e2e    # yolo26n and yolov10n exported end to end (one-to-one head), likewise
 #   bash scripts/gpu-proof.sh models-table  # the models sweep (and models-e2e, where it ran) as one table from the
 #                                           #   MLflow store, a grid per model
+#   bash scripts/gpu-proof.sh fast          # yolov8n fp16 static/dynamic (batch 1..64) with the defaults, beside the
+#                                           #   peer (backend=ultralytics): single-stream, offline up to batch 64,
+#                                           #   server at 1000 img/s; then runner table and runner pick of the sweep
 #   bash scripts/gpu-proof.sh batch4        # yolov8n static at batch 4: exported, validated and timed at [4,3,640,640]
 #   bash scripts/gpu-proof.sh pipeline      # yolov8n fp16 static, default level: runner's pipeline with pre/post on
 #                                           #   cpu|gpu in a CUDA graph, beside the peer (backend=ultralytics),
@@ -29,7 +32,7 @@
 #   bash scripts/gpu-proof.sh int8-table    # both as one table from the MLflow store
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -48,6 +51,14 @@ case $step in
 print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)}, indent=1))" > "$DEST/environment.json"
     python3 -m pytest -q -s -m gpu tests/test_trt_gpu.py tests/test_gpu_pipeline.py tests/test_heads.py 2>&1 | tee "$DEST/$step/run.log"
     exit "${PIPESTATUS[0]}" ;;
+  fast)
+    DEST=$DEST/$step bash "$0" fast-sweep "${@:2}" || exit
+    id=$(cat "$DEST/$step/fast-sweep/sweep_id")
+    python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$id" --out "$DEST/$step/table" \
+      2>&1 | tee "$DEST/$step/table.log"
+    python3 -m runner pick --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$id" --max-e2e-ms 1.0 \
+      --max-map-drop 0.01 --out "$DEST/$step/pick" 2>&1 | tee "$DEST/$step/pick.log"
+    exit 0 ;;
   pipeline)
     for data in shapes bus; do
       DEST=$DEST/$step bash "$0" "pipeline-$data" "${@:2}" || exit
@@ -99,6 +110,12 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
     args=(-m model=yolov8n precision=fp16 shape=static backend=tensorrt,ultralytics preprocess=cpu,gpu
           postprocess=cpu,gpu bench.cuda_graph=true bench.warmup=50 bench.iters=300 data=${step#pipeline-}) ;;
+  fast-sweep)
+    common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
+    args=(-m model=yolov8n precision=fp16 shape=static,dynamic backend=tensorrt,ultralytics
+          backend.builder_optimization_level=0 'profile.opt=[8,3,640,640]' 'profile.max=[64,3,640,640]'
+          'bench.offline_batches=[1,8,32,64]' bench.server_rate=1000 bench.warmup=50 bench.iters=300
+          "${every_gpu[@]}" hydra.launcher.n_jobs=$(gpu_count)) ;;
   batch4) args=(-m model=yolov8n shape=static 'shape.opt=[4,3,640,640]' bench.batch=4 precision=fp32,fp16
                 backend.builder_optimization_level=0) ;;
   nms) args=(-m export.head=nms shape=static,dynamic precision=fp32,fp16 build=tensorrt_api,ultralytics
