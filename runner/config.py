@@ -165,6 +165,7 @@ class PrecisionConfig:
     fp16_mode: Fp16Mode = Fp16Mode.auto
     int8_mode: Int8Mode = Int8Mode.auto
     calibrator: Calibrator = Calibrator.entropy2
+    keep_float: List[str] = field(default_factory=list)  # fnmatch patterns on ONNX node names kept out of int8
 
 
 @dataclass

@@ -18,8 +18,9 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
@@ -97,18 +98,27 @@ class _Without(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def quantize_qdq(reference: OnnxArtifact, calibration: CalibrationSet, method: str, cache_dir: Path) -> OnnxArtifact:
-    """The Q/DQ int8 ONNX of the fp32 `reference`, calibrated with `method` (entropy2 | minmax). Cached."""
+def quantize_qdq(reference: OnnxArtifact, calibration: CalibrationSet, method: str, cache_dir: Path,
+                 keep_float: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS) -> OnnxArtifact:
+    """The Q/DQ int8 ONNX of the fp32 `reference`, calibrated with `method` (entropy2 | minmax), the inputs of `ops`
+    quantized, nodes whose name matches a `keep_float` fnmatch pattern left in float. Cached by all of these."""
+    keep_float, ops = sorted(keep_float), sorted(ops)
     h = cache.file_sha256(reference.path)
-    h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": QUANTIZED_OPS,
+    h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": ops, "keep_float": keep_float,
                          "onnxruntime": version("onnxruntime")}).encode())
     name = f"{Path(reference.path).parent.name}-qdq-{method}-{h.hexdigest()[:16]}"
     folder = Path(cache_dir).absolute() / "onnx" / name
     with cache.locked(folder.with_name(folder.name + ".lock")):
-        return cached_onnx(folder) or _quantize(reference, calibration, method, folder)
+        return cached_onnx(folder) or _quantize(reference, calibration, method, folder, keep_float, ops)
 
 
-def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str, folder: Path) -> OnnxArtifact:
+def excluded_nodes(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
+    """The names of the graph's nodes that match any fnmatch pattern (case-sensitive): the nodes kept in float."""
+    return [n.name for n in model.graph.node if any(fnmatchcase(n.name, p) for p in patterns)]
+
+
+def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str, folder: Path,
+              keep_float: Sequence[str], ops: Sequence[str]) -> OnnxArtifact:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -121,11 +131,13 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     logging.getLogger().addFilter(quiet)
     try:
         quantize_static(reference.path, path, _reader(calibration, reference.signature["inputs"][0]["name"]),
-                        quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ops), per_channel=True,
+                        nodes_to_exclude=excluded_nodes(onnx.load(reference.path, load_external_data=False),
+                                                        keep_float),
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, METHODS[method]),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                                       "AddQDQPairToWeight": True, "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS})
+                                       "AddQDQPairToWeight": True, "OpTypesToExcludeOutputQuantization": list(ops)})
     except Exception as exc:  # onnxruntime's verdict on this graph
         shutil.rmtree(folder, ignore_errors=True)
         raise StageError("export", f"onnxruntime quantize_static: {type(exc).__name__}: {exc}") from exc
