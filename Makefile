@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CI_OUT := outputs/ci
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-slow test-cluster test-gpu table check cpu-gate gate-check install-check ui clean
+.PHONY: help setup run test test-slow test-cluster test-gpu table check cpu-gate gate-check int8-ort install-check ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ cpu-gate: ## CPU regression gate: the user's 12-variant sweep (bench=quick data.
 gate-check: ## Check the sweep in outputs/ci (from cpu-gate or test-slow) on statuses and validation only
 	$(BIN)/runner check --no-timing --sweep latest --tracking-uri sqlite:///$(CI_OUT)/mlflow.db \
 		--baseline results/baseline-cpu.json --summary $(CI_OUT)/check.md
+
+int8-ort: ## int8 Q/DQ on the CPU (onnxruntime), yolov8n 640, whole held-out split: placement before/after x calibrator
+	PY=$(BIN)/python bash scripts/int8-ort.sh
 
 install-check: ## Build the wheel, install it into a fresh virtual environment outside the checkout, run from there
 	PY=$(PY) bash scripts/install-check.sh

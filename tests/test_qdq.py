@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -13,7 +14,8 @@ from conftest import SMALL_IMGSZ, export_spec
 from runner.data import calibration_files
 from runner.export import export_onnx
 from runner.preflight import preflight
-from runner.quantize import CalibrationSet, qdq_folder, quantize_qdq
+from runner.quantize import CalibrationSet, calibrate, qdq_folder, quantize_qdq
+from runner.results import OnnxArtifact
 
 HEAD = "/model.22"  # yolov8n's Detect module
 FINAL_CONVS = [f"{HEAD}/cv{b}.{i}/cv{b}.{i}.2/Conv" for i in range(3) for b in (2, 3)]  # box and class logits
@@ -71,11 +73,12 @@ def test_residual_adds_and_concats_get_qdq_on_their_inputs_the_heads_decode_does
     decode = [n for n in dq if n.startswith(f"{HEAD}/") and n.split("/")[-1].startswith(("Add", "Concat"))]
     assert len(decode) == 6 and not any(any(dq[n]) for n in decode)
     assert after.quantization["quantized"] == {"Add": 6, "Concat": 13, "Conv": 57}
-    assert not any(any(fed_by_dq(onnx.load(before.path))[n]) for n in residual + concats)
+    dq_before = fed_by_dq(onnx.load(before.path))  # Conv-only: an input shared with a Conv is its Q/DQ's output
+    assert not any(all(dq_before[n]) for n in residual + concats)
     assert before.quantization["quantized"] == {"Conv": 64}
 
 
-def test_the_qdq_cache_is_named_by_keep_float_ops_calibration_count_and_source(small, export_cache, tmp_path,
+def test_the_qdq_cache_is_named_by_keep_float_ops_calibration_count_and_source(small, export_cache,
                                                                                  held_out_images):
     reference, calibration = small
 
@@ -83,7 +86,7 @@ def test_the_qdq_cache_is_named_by_keep_float_ops_calibration_count_and_source(s
         return qdq_folder(reference, calibration, "minmax", export_cache, keep, ops)
 
     other_source = CalibrationSet(tuple(sorted(held_out_images.iterdir())[:2]), calibration.shape)
-    three = CalibrationSet(tuple(calibration_files(None, None, 2, 3, tmp_path)), calibration.shape)
+    three = CalibrationSet(tuple(sorted(calibration.files[0].parent.iterdir())[:3]), calibration.shape)
     base = folder()
     assert folder(ops=("Add", "Conv")) == base and folder(keep=["*/dfl/*"]) == base  # order and type do not count
     others = {folder(keep=()), folder(keep=("*/dfl/*", "*cv2.*.2/Conv")), folder(ops=("Conv",)),
@@ -101,7 +104,7 @@ def test_a_second_quantization_with_the_same_settings_is_the_cached_one(small, p
 def test_percentile_is_refused_for_tensorrts_calibrator_in_one_line(runner_main, tmp_path):
     said = runner_main(["precision=int8_calibrator", "precision.calibrator=percentile", f"outputs={tmp_path}"])
     assert said.returncode == 2 and not list(tmp_path.iterdir())
-    assert said.err.strip() == ("runner: error: precision.calibrator=percentile: TensorRT's calibrator has none "
+    assert said.stderr.strip() == ("runner: error: precision.calibrator=percentile: TensorRT's calibrator has none "
                                 "(entropy2, minmax); use precision=int8_qdq for onnxruntime's percentile calibration")
     assert default_int8("precision.calibrator=percentile").calibrator == "percentile"  # onnxruntime has it
 
@@ -113,15 +116,15 @@ def test_percentile_is_refused_for_tensorrts_calibrator_in_one_line(runner_main,
 ])
 def test_bad_int8_settings_are_refused_naming_the_key(runner_main, tmp_path, override, message):
     said = runner_main(["precision=int8_qdq", override, f"outputs={tmp_path}"])
-    assert said.returncode == 2 and said.err.strip() == f"runner: error: {message}"
+    assert said.returncode == 2 and said.stderr.strip() == f"runner: error: {message}"
 
 
 def test_too_few_calibration_images_in_the_source_is_refused_before_work(runner_main, tmp_path, held_out_images):
     said = runner_main(["precision=int8_qdq", f"precision.calibration_source={held_out_images}",
-                        "precision.calibration_images=60", "data.limit=8", f"outputs={tmp_path}"])
-    assert said.returncode == 2 and len(said.err.strip().splitlines()) == 1
-    assert said.err.startswith(f"runner: error: precision.calibration_images=60: {held_out_images} has 56 images "
-                               f"apart from the 8 validated on")
+                        "precision.calibration_images=70", "data.limit=8", f"outputs={tmp_path}"])
+    assert said.returncode == 2 and len(said.stderr.strip().splitlines()) == 1
+    assert said.stderr.startswith(f"runner: error: precision.calibration_images=70: {held_out_images} has 64 "
+                                  f"images apart from the 8 validated on")
 
 
 def test_the_calibration_settings_are_swept_as_dimensions():
@@ -140,6 +143,39 @@ def test_the_settings_and_what_they_touched_are_recorded(placed):
     json.dumps(q)  # goes into result.json as it is
 
 
+def tiny_conv(folder: Path) -> OnnxArtifact:
+    """A one-Conv ONNX (3 -> 4 channels, ReLU after it) at 32 px, as the export stage records one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w"], ["conv"], name="/conv/Conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["conv"], ["output0"], name="/act/Relu")], "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 4, 32, 32])], [weight])
+    path = folder / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return OnnxArtifact(path=str(path), tool="onnx", dynamic=False, precision="fp32",
+                        signature={"inputs": [{"name": "images"}]}, checker="ok", size_bytes=0, export_s=0,
+                        cached=False)
+
+
+def test_entropy2_and_percentile_search_a_histogram_minmax_does_not(tmp_path):
+    """With quantize_static's own 128 bins, entropy2 had one candidate, the min-max range: its ONNX was minmax's."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    reference = tiny_conv(tmp_path)
+    calibration = CalibrationSet(tuple(calibration_files(None, None, 2, 2, tmp_path)), (1, 3, 32, 32))
+    highest = {}
+    for method in ("minmax", "entropy2", "percentile"):
+        (tmp_path / method).mkdir()
+        ranges = load_tensors_data(calibrate(reference, calibration, method, ["Conv"], tmp_path / method))
+        highest[method] = float(np.abs(np.asarray(ranges["conv"].range_value, dtype=np.float64)).max())
+    assert highest["entropy2"] < 0.95 * highest["minmax"] and highest["percentile"] < highest["minmax"], highest
+
+
+@pytest.mark.slow
 def test_each_calibrator_gives_its_own_ranges(small, placed, export_cache):
     """entropy2 and percentile search a 2048-bin histogram as TensorRT's entropy calibrator does: with
     quantize_static's own 128 bins entropy2 had one candidate, the min-max range, and made minmax's ONNX."""
