@@ -405,3 +405,18 @@ def test_int8_qdq_onnx_builds_and_matches_onnxruntime(models, calibration_images
         out = runner.infer(x)["output0"]
     assert rel_l2(out, ort_run(qdq.path, x)) < 0.05  # the same quantized model on both
     assert rel_l2(out, ort_run(models["static"], x)) < 0.1  # and close to fp32
+
+
+def test_int8_calibrator_builds_the_pinned_layers_in_fp16(models, calibration_images, tmp_path):
+    """keep_float="*": every float layer pinned to fp16 with constraints obeyed, so no layer of the engine is int8."""
+    import tensorrt as trt
+
+    from runner.quantize import CalibrationSet
+
+    if not trt_compat.has_implicit_int8(trt):
+        pytest.skip(f"TensorRT {trt.__version__} has no implicit calibration to pin layers in")
+    res = build_ok(spec(models["static"], tmp_path, STATIC, precision="int8", mechanism="calibrator",
+                        calibration=CalibrationSet(calibration_images, tuple(STATIC)), keep_float=("*",)))
+    assert len(res.calibration["fp16_layers"]) >= 3 and res.calibration["keep_float"] == ["*"]
+    layers = json.loads(Path(res.layers_path).read_text())["Layers"]
+    assert layers and not any("int8" in json.dumps(layer.get("Outputs", [])).lower() for layer in layers)
