@@ -16,6 +16,7 @@ from runner.export import export_onnx
 from runner.preflight import preflight
 from runner.quantize import CalibrationSet, calibrate, qdq_folder, quantize_qdq
 from runner.results import OnnxArtifact
+from runner.variant import run_variant
 
 HEAD = "/model.22"  # yolov8n's Detect module
 FINAL_CONVS = [f"{HEAD}/cv{b}.{i}/cv{b}.{i}.2/Conv" for i in range(3) for b in (2, 3)]  # box and class logits
@@ -199,3 +200,17 @@ def activation_scales(path: str) -> dict[str, float]:
 
     return {i.name: float(numpy_helper.to_array(i)) for i in onnx.load(path).graph.initializer
             if i.name.endswith("_scale") and not i.dims}
+
+
+@pytest.mark.slow
+def test_placement_and_pins_bring_the_int8_drop_within_001_on_the_whole_held_out_split(export_cache, tmp_path):
+    """yolov8n, 640, the 64 held-out images, percentile, onnxruntime: the presets' placement and pins against Conv
+    inputs only without pins (results/int8-ort/: 0.004 against 0.018)."""
+    drops = {}
+    for name, overrides in {"before": ["precision.qdq_ops=[Conv]", "precision.keep_float=[]"], "after": []}.items():
+        cfg, = preflight(["precision=int8_qdq", "precision.calibrator=percentile", "backend=onnxruntime",
+                          "data.limit=64", "bench=quick", "bench.offline_batches=[]", "tracking.enabled=false",
+                          f"outputs={tmp_path}", f"cache_dir={export_cache}", *overrides])
+        check = run_variant(cfg, "onnxruntime").validate.shapes["static"]
+        drops[name] = check.ref_map50_95 - check.map50_95
+    assert drops["after"] <= 0.008 and drops["before"] >= drops["after"] + 0.01, drops

@@ -317,8 +317,11 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
         if spec.mechanism == Mechanism.calibrator:
             calibrator = Calibrator(trt, spec, calibration_cache_path(spec, result.trt_version, result.gpu))
             compat.enable_int8_calibration(trt, config, calibrator.trt_calibrator, profile)
-            result.calibration = {**calibrator.record, "keep_float": list(spec.keep_float),
-                                  "fp16_layers": compat.pin_fp16(trt, network, config, spec.keep_float)}
+            pinned = compat.pin_fp16(trt, network, config, spec.keep_float)
+            if spec.keep_float and not pinned:
+                log.warning("build: no layer matches precision.keep_float %s: nothing is kept in fp16",
+                            list(spec.keep_float))
+            result.calibration = {**calibrator.record, "keep_float": list(spec.keep_float), "fp16_layers": pinned}
         timing_path = _load_timing_cache(spec, config, result)
         first_record = len(logger.records)
 
