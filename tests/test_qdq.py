@@ -177,32 +177,6 @@ def test_entropy2_and_percentile_search_a_histogram_minmax_does_not(tmp_path):
 
 
 @pytest.mark.slow
-def test_each_calibrator_gives_its_own_ranges(small, placed, export_cache):
-    """entropy2 and percentile search a 2048-bin histogram as TensorRT's entropy calibrator does: with
-    quantize_static's own 128 bins entropy2 had one candidate, the min-max range, and made minmax's ONNX."""
-    reference, calibration = small
-    p = default_int8()
-    scales = {}
-    for method in ("entropy2", "percentile"):
-        artifact = quantize_qdq(reference, calibration, method, export_cache, p.keep_float, p.qdq_ops)
-        scales[method] = activation_scales(artifact.path)
-    scales["minmax"] = activation_scales(placed[0].path)
-    tensors = set(scales["minmax"])
-    assert all(set(s) == tensors for s in scales.values()) and len(tensors) > 50
-    for method in ("entropy2", "percentile"):  # the tighter ranges of most tensors: outliers clipped
-        tighter = sum(scales[method][t] < 0.99 * scales["minmax"][t] for t in tensors)
-        assert tighter > len(tensors) / 2, (method, tighter, len(tensors))
-
-
-def activation_scales(path: str) -> dict[str, float]:
-    """The per-tensor (activation) scales of a Q/DQ ONNX by tensor name."""
-    from onnx import numpy_helper
-
-    return {i.name: float(numpy_helper.to_array(i)) for i in onnx.load(path).graph.initializer
-            if i.name.endswith("_scale") and not i.dims}
-
-
-@pytest.mark.slow
 def test_placement_and_pins_bring_the_int8_drop_within_001_on_the_whole_held_out_split(export_cache, tmp_path):
     """yolov8n, 640, the 64 held-out images, percentile, onnxruntime: the presets' placement and pins against Conv
     inputs only without pins (results/int8-ort/: 0.004 against 0.018)."""
