@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import os
 import shlex
 import sys
@@ -38,7 +37,6 @@ from runner.metrics import mean_average_precision
 from runner.processing import postprocess, preprocess
 from runner.results import ExportResult, StageError
 
-log = logging.getLogger(__name__)
 USAGE_EXIT, NOT_MET_EXIT = 2, 1
 CONFIG_NAME = "int8_qdq_pinned"  # the precision option written: precision=int8_qdq_pinned
 DEFAULTS = ["precision=int8_qdq", f"data.limit={HELD_OUT_COUNT}"]  # before the user's overrides
@@ -393,7 +391,7 @@ def summary_line(o: Outcome) -> str:
 def kept_table(o: Outcome) -> str:
     """Markdown: each node kept, its sensitivity, and the mAP after keeping it, on the ranking images."""
     by_name = {la.name: la for la in o.ranked}
-    lines = [f"| layer kept in float | op | recovers alone (mAP50-95) | mAP50-95 after keeping | drop |",
+    lines = ["| layer kept in float | op | recovers alone (mAP50-95) | mAP50-95 after keeping | drop |",
              "|---|---|---|---|---|",
              f"| (none: all quantized) | | | {o.quantized.map50_95:.4f} | "
              f"{o.reference_map50_95 - o.quantized.map50_95:.4f} |"]
@@ -523,9 +521,10 @@ def main(argv: list[str]) -> int:
     print(f"\n{kept_table(outcome)}\n\nrunner: {summary_line(outcome)}")
     if outcome.differs:
         print(f"runner: warning: {outcome.differs}: the confirmed figure is the quantizer's", file=sys.stderr)
-    print(f"runner: {len(outcome.ranked)} {args.group}s ranked on {outcome.images} images, {outcome.evals} evaluations, "
-          f"{outcome.seconds:.0f} s; files in {out}")
+    print(f"runner: {len(outcome.ranked)} {args.group}s ranked on {outcome.images} images, {outcome.evals} "
+          f"evaluations, {outcome.seconds:.0f} s; files in {out}")
     if args.tracking_uri:
-        print(f"runner: logged to run {log_mlflow(outcome, paths, args.tracking_uri, args.experiment, cfg.tracking.artifact_root)}")
+        run_id = log_mlflow(outcome, paths, args.tracking_uri, args.experiment, cfg.tracking.artifact_root)
+        print(f"runner: logged to run {run_id} (experiment '{args.experiment}', artifacts sensitivity/)")
     print(f"runner: sweep it: {sweep_command(out, overrides)}")
     return 0 if outcome.met else NOT_MET_EXIT

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,7 +32,8 @@ def outputs_of(model: onnx.ModelProto | str, blob: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny_qdq(export_cache, held_out_images):
     """(fp32 reference, its Q/DQ int8 ONNX) of yolov8n at 128 px, calibrated on 4 held-out images."""
-    reference = export_onnx(export_spec("ultralytics", dynamic=True, imgsz=SMALL_IMGSZ), export_cache)  # as test_scenarios
+    # dynamic, as test_scenarios exports it: one export for both
+    reference = export_onnx(export_spec("ultralytics", dynamic=True, imgsz=SMALL_IMGSZ), export_cache)
     files = tuple(select(held_out_images, None, 4).files)
     return reference, quantize_qdq(reference, CalibrationSet(files, (1, 3, *SMALL_IMGSZ)), "minmax", export_cache)
 
@@ -66,7 +66,7 @@ def test_search_ranks_stops_and_writes_a_config_that_composes(tmp_path, runner_m
     out, budget = tmp_path / "found", 21
     said = runner_main(["sensitivity", *TINY, f"data.images={held_out_images}", f"outputs={tmp_path}",
                         "--group", "block", "--images", "4", "--limit", "0.0001", "--max-evals", str(budget),
-                        "--out", str(out)])
+                        "--out", str(out), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     assert said.returncode in (0, 1), said.stdout + said.stderr
     result = json.loads((out / "sensitivity.json").read_text())
     ranked = result["ranked"]
@@ -87,6 +87,15 @@ def test_search_ranks_stops_and_writes_a_config_that_composes(tmp_path, runner_m
     assert config["keep_float"] == result["keep_float"] == [f"{name}*" for name in result["kept"]]
     for name in result["kept"]:
         assert f"| `{name}` |" in said.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+    assert run.data.tags["runner.kind"] == "sensitivity" and run.data.metrics["drop"] == pytest.approx(result["drop"])
+    assert json.loads(run.data.params["keep_float"]) == result["keep_float"]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "sensitivity")) == \
+        ["sensitivity/int8_qdq_pinned.yaml", "sensitivity/sensitivity.csv", "sensitivity/sensitivity.json"]
 
     composed = runner_main(["--cfg", "job", f"hydra.searchpath=[file://{out}]", "precision=int8_qdq_pinned"])
     precision = yaml.safe_load(composed.stdout)["precision"]
