@@ -76,7 +76,9 @@ def test_search_ranks_stops_and_writes_a_config_that_composes(tmp_path, runner_m
     progress = [line for line in said.stdout.splitlines() if line.startswith("sensitivity: [")]
     assert sum(" rank " in line for line in progress) == 17
     assert len(progress) == 17 + len(result["kept"])
-    drops = [result["reference_map50_95"] - r["kept_map50_95"] for r in ranked[:len(result["kept"])]]
+    reference = {result["images"]: result["reference_map50_95"],
+                 result["confirm_images"]: result["confirmed_reference_map50_95"]}
+    drops = [reference[r["kept_images"]] - r["kept_map50_95"] for r in ranked[:len(result["kept"])]]
     if result["stopped_by"] == "limit":
         assert (drops or [result["reference_map50_95"] - result["quantized"]["map50_95"]])[-1] <= 0.0001
         assert all(d > 0.0001 for d in drops[:-1])
