@@ -96,9 +96,10 @@ class Int8Mode(str, Enum):
 
 class Calibrator(str, Enum):
     """The calibration algorithm: TensorRT's IInt8EntropyCalibrator2 / IInt8MinMaxCalibrator, or onnxruntime's
-    CalibrationMethod.Entropy / MinMax for a Q/DQ ONNX."""
+    CalibrationMethod.Entropy / MinMax / Percentile for a Q/DQ ONNX (TensorRT has no percentile calibrator)."""
     entropy2 = "entropy2"
     minmax = "minmax"
+    percentile = "percentile"
 
 
 class Head(str, Enum):
@@ -165,7 +166,11 @@ class PrecisionConfig:
     fp16_mode: Fp16Mode = Fp16Mode.auto
     int8_mode: Int8Mode = Int8Mode.auto
     calibrator: Calibrator = Calibrator.entropy2
-    keep_float: List[str] = field(default_factory=list)  # fnmatch patterns on ONNX node names kept out of int8
+    keep_float: List[str] = field(default_factory=list)  # int8: fnmatch patterns on ONNX node names kept in float
+    qdq_ops: List[str] = field(default_factory=lambda: ["Conv", "Add", "Concat"])  # Q/DQ: the op types quantized
+    calibration_images: int = 32  # int8: how many calibration images
+    calibration_source: Optional[str] = None  # int8: a folder of calibration images; null: the generated
+    #   calibration split, or with data.images set, that folder's images past the ones validated on
 
 
 @dataclass
@@ -221,9 +226,6 @@ class DataConfig:
     limit: int = 16
     names: Optional[List[str]] = None  # the class names of data.images' labels, by id, checked against the model's;
     #   null: not checked (the generated data's are synthetic.CLASSES)
-    calibration: Optional[str] = None  # int8 calibration images; null: the generated calibration split, or with
-    #   data.images set, that folder's images past the ones validated on
-    calibration_limit: int = 32
 
 
 @dataclass
@@ -445,6 +447,24 @@ def _check_scenarios(b: BenchConfig) -> None:
                           f"got {b.server_rate}")
 
 
+QDQ_OPS = ("Conv", "Add", "Concat", "MatMul", "Gemm")  # the op types precision.qdq_ops may name
+TRT_CALIBRATORS = (Calibrator.entropy2, Calibrator.minmax)  # the algorithms TensorRT's calibrator has
+NO_TRT_CALIBRATOR = ("precision.calibrator={algorithm}: TensorRT's calibrator has none (entropy2, minmax); use "
+                     "precision=int8_qdq for onnxruntime's percentile calibration")
+
+
+def _check_precision(p: PrecisionConfig) -> None:
+    """The calibration and Q/DQ settings: what the mechanism has, well-formed."""
+    if p.calibrator not in TRT_CALIBRATORS and p.int8_mode == Int8Mode.calibrator:
+        raise ConfigError(NO_TRT_CALIBRATOR.format(algorithm=p.calibrator.value))
+    unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]
+    if not p.qdq_ops or unknown:
+        raise ConfigError(f"precision.qdq_ops: a list of op types from {', '.join(QDQ_OPS)}, got {list(p.qdq_ops)}")
+    if not all(isinstance(k, str) and k for k in p.keep_float):
+        raise ConfigError(f"precision.keep_float: a list of fnmatch patterns on ONNX node names such as "
+                          f"'*/dfl/*', got {list(p.keep_float)}")
+
+
 def check(cfg: RunConfig) -> None:
     """Cross-field rules the schema cannot express. Raises ConfigError with a one-line message."""
     for key, name in (("model.name", cfg.model.name), ("data.name", cfg.data.name),
@@ -461,7 +481,8 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"shape.opt: H and W must be multiples of the stride {stride}, got {list(cfg.shape.opt)}"
                           f"{'' if cfg.shape.mode == ShapeMode.static else ' (profile.opt)'}")
     _check_validate(cfg.validate)
-    for key, value in (("data.limit", cfg.data.limit), ("data.calibration_limit", cfg.data.calibration_limit),
+    for key, value in (("data.limit", cfg.data.limit), ("precision.calibration_images",
+                                                          cfg.precision.calibration_images),
                        ("bench.iters", cfg.bench.iters)):
         if value <= 0:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
@@ -471,6 +492,7 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"bench.cuda_graph: true, false or auto, got {cfg.bench.cuda_graph!r}")
     _check_timed_shape(cfg)
     _check_scenarios(cfg.bench)
+    _check_precision(cfg.precision)
     level = cfg.backend.builder_optimization_level
     if level is not None and not 0 <= level <= 5:
         raise ConfigError(f"backend.builder_optimization_level: must be 0..5 or null, got {level}")

@@ -84,7 +84,7 @@ def _listed(names: list[str], shown: int = 4) -> str:
 def _generated_split(root: Path, split: str, count: int, seed: int) -> Path:
     """The images folder of a generated split under `root`, generated once."""
     images = root / "images" / split
-    if not (images.is_dir() and len(list(images.iterdir())) == count):
+    if not (images.is_dir() and len(list(images.iterdir())) >= count):
         synthetic.write_split(root, split, count, seed)
     return images
 
@@ -94,26 +94,28 @@ def held_out_split(root: Path) -> Path:
     return _generated_split(root, "val", HELD_OUT_COUNT, HELD_OUT_SEED)
 
 
-def calibration_split(root: Path) -> Path:
-    """The generated INT8 calibration split (its own seed: apart from the training and held-out images)."""
-    return _generated_split(root, "calib", CALIBRATION_COUNT, CALIBRATION_SEED)
+def calibration_split(root: Path, count: int = CALIBRATION_COUNT) -> Path:
+    """The generated INT8 calibration split, at least `count` images (its own seed: apart from the training and
+    held-out images; image i is the same whatever the count)."""
+    return _generated_split(root, "calib", max(count, CALIBRATION_COUNT), CALIBRATION_SEED)
 
 
 def calibration_files(images_dir: str | None, calibration_dir: str | None, validated: int, limit: int,
                       outputs: Path) -> list[Path]:
-    """The INT8 calibration images, never one that validation uses. Raises ConfigError.
+    """Exactly `limit` INT8 calibration images, never one that validation uses. Raises ConfigError.
 
     `calibration_dir` set: its first `limit` readable images (those of the validated folder excepted).
     Else, with `images_dir` set: that folder's images past the first `validated`; else the generated split."""
     if calibration_dir is None and images_dir is None:
-        return select(calibration_split(outputs / "data" / GENERATED), None, limit).files
+        return select(calibration_split(outputs / "data" / GENERATED, limit), None, limit).files
     folder = calibration_dir or images_dir
     validation = {p.resolve() for p in select(images_dir or held_out_split(outputs / "data" / GENERATED), None,
                                               validated).files}
     files = [p for p in select(folder, None, limit + validated).files if p.resolve() not in validation][:limit]
-    if not files:
-        raise ConfigError(f"data.calibration: no images in {folder} apart from the {len(validation)} validated "
-                          f"on; set data.calibration to a folder of other images, or lower data.limit")
+    if len(files) < limit:
+        raise ConfigError(f"precision.calibration_images={limit}: {folder} has {len(files)} images apart from the "
+                          f"{len(validation)} validated on; lower it, or set precision.calibration_source to a "
+                          f"folder of other images")
     return files
 
 

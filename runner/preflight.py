@@ -18,8 +18,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf.errors import OmegaConfBaseException
 
 from runner import cache, checkpoint, config, data, gpus
-from runner.config import (DETR_MODELS, MODELS, ConfigError, RunConfig, ShapeMode, TrackingConfig, omegaconf_message,
-                           to_run_config)
+from runner.config import (DETR_MODELS, MODELS, ConfigError, Precision, RunConfig, ShapeMode, TrackingConfig,
+                           omegaconf_message, to_run_config)
 from runner.results import first_line
 from runner.sweep import variant_id
 from runner.sweeper import launch_key
@@ -192,6 +192,11 @@ def check_files(configs: list[RunConfig]) -> dict[str, list[str]]:
         data.select(images, labels, limit, len(names[weights]) or None)
     for c in configs:
         _check_generated_classes(c, names[c.model.weights])
+    for images, source, limit, count in sorted({(c.data.images, c.precision.calibration_source, c.data.limit,
+                                                 c.precision.calibration_images) for c in configs
+                                                if c.precision.name == Precision.int8
+                                                and (c.data.images or c.precision.calibration_source)}):
+        data.calibration_files(images, source, limit, count, Path(configs[0].outputs))  # enough images apart
     for labels in sorted({c.data.labels for c in configs if c.data.images is None and c.data.labels is not None}):
         if not Path(labels).is_dir():
             raise ConfigError(f"data.labels: not a readable folder: {labels}")

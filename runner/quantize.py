@@ -1,15 +1,20 @@
 """INT8 calibration data, and the explicitly quantized (Q/DQ) ONNX made from the fp32 one on the CPU.
 
 The Q/DQ ONNX comes from onnxruntime's `quantize_static`: QDQ format, symmetric int8 activations and weights
-(zero point 0), per-channel weights, Conv inputs quantized (not their outputs: TensorRT fuses the activation
-that follows, and places Q/DQ as pytorch-quantization does); weights stay float behind a Quantize/Dequantize pair,
+(zero point 0), per-channel weights. Inputs are quantized, not outputs (TensorRT fuses the activation that
+follows, and places Q/DQ as pytorch-quantization does): those of every Conv, and, after TensorRT's Q/DQ placement
+recommendations, those of the residual Adds and the Concats whose output goes only into quantized nodes, so int8
+flows from one convolution into the next without an int8<->float reformat around them; an Add or Concat that feeds
+float (the head's decode) stays float. Nodes matching a `keep_float` pattern (fnmatch on ONNX node names) are left
+unquantized: the presets keep the Detect head's last convolutions (box and class logits), the DFL and RT-DETR's
+decoder in float, where int8 costs the most mAP. Weights stay float behind a Quantize/Dequantize pair,
 as pytorch-quantization exports them, and biases stay float (TensorRT 8.6 refuses an int32 bias behind a
 DequantizeLinear). That is the form TensorRT 8.6, 10 and 11 build (explicit quantization), and
 onnxruntime runs it too. NVIDIA ModelOpt's ONNX PTQ would do the same job, but
 `nvidia-modelopt[onnx]` 0.47 pins onnx 1.21 and brings onnxruntime-gpu 1.24 beside our onnxruntime (both own the
 `onnxruntime` package) and cupy for CUDA 12; onnxruntime's quantizer needs nothing we do not have.
 Quantized ONNX are cached like exports: by the fp32 ONNX's bytes, the calibration images and shape, the
-algorithm and the onnxruntime version.
+algorithm, the quantized op types, the keep_float patterns and the onnxruntime version.
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -37,8 +44,10 @@ from runner.processing import preprocess
 from runner.results import OnnxArtifact, StageError
 
 log = logging.getLogger(__name__)
-QUANTIZED_OPS = ["Conv"]  # TensorRT fuses each with its activation; the head's decode stays in float
-METHODS = {"entropy2": "Entropy", "minmax": "MinMax"}  # onnxruntime's CalibrationMethod by our calibrator names
+QUANTIZED_OPS = ("Conv", "Add", "Concat")  # the op types whose inputs get Q/DQ
+FLOW_OPS = ("Add", "Concat")  # quantized only where int8 flows on: their output goes into quantized nodes alone
+METHODS = {"entropy2": "Entropy", "minmax": "MinMax", "percentile": "Percentile"}  # onnxruntime's CalibrationMethod
+HISTOGRAM = {"num_bins": 2048, "num_quantized_bins": 128}  # entropy2, percentile: as TensorRT's entropy calibrator
 
 
 @dataclass(frozen=True)
@@ -69,9 +78,10 @@ class CalibrationSet:
 
 
 def calibration_set(cfg: RunConfig) -> CalibrationSet:
-    """The variant's calibration images (`data.calibration*`, never its validation images), at the opt shape."""
-    d = cfg.data
-    files = calibration_files(d.images, d.calibration, d.limit, d.calibration_limit, Path(cfg.outputs))
+    """The variant's calibration images (`precision.calibration_*`, never its validation images), at the opt shape.
+    Raises ConfigError."""
+    d, p = cfg.data, cfg.precision
+    files = calibration_files(d.images, p.calibration_source, d.limit, p.calibration_images, Path(cfg.outputs))
     return CalibrationSet(tuple(files), tuple(int(v) for v in cfg.shape.opt))
 
 
@@ -100,21 +110,69 @@ class _Without(logging.Filter):
 
 def quantize_qdq(reference: OnnxArtifact, calibration: CalibrationSet, method: str, cache_dir: Path,
                  keep_float: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS) -> OnnxArtifact:
-    """The Q/DQ int8 ONNX of the fp32 `reference`, calibrated with `method` (entropy2 | minmax), the inputs of `ops`
-    quantized, nodes whose name matches a `keep_float` fnmatch pattern left in float. Cached by all of these."""
+    """The Q/DQ int8 ONNX of the fp32 `reference`, calibrated with `method` (entropy2 | minmax | percentile), the
+    inputs of the `ops` nodes quantized (`quantized_nodes`), nodes whose name matches a `keep_float` fnmatch pattern
+    left in float. Cached by all of these; `quantization` records them and the nodes each touched."""
     keep_float, ops = sorted(keep_float), sorted(ops)
-    h = cache.file_sha256(reference.path)
-    h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": ops, "keep_float": keep_float,
-                         "onnxruntime": version("onnxruntime")}).encode())
-    name = f"{Path(reference.path).parent.name}-qdq-{method}-{h.hexdigest()[:16]}"
-    folder = Path(cache_dir).absolute() / "onnx" / name
+    folder = qdq_folder(reference, calibration, method, cache_dir, keep_float, ops)
     with cache.locked(folder.with_name(folder.name + ".lock")):
         return cached_onnx(folder) or _quantize(reference, calibration, method, folder, keep_float, ops)
 
 
-def excluded_nodes(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
+def qdq_folder(reference: OnnxArtifact, calibration: CalibrationSet, method: str, cache_dir: Path,
+               keep_float: Sequence[str], ops: Sequence[str]) -> Path:
+    """The cache folder of a Q/DQ ONNX, named by what it depends on: the fp32 ONNX's bytes, the calibration images
+    (`CalibrationSet.key`: their bytes, so their count and source), the algorithm, the ops, the keep_float
+    patterns and onnxruntime's version."""
+    h = cache.file_sha256(reference.path)
+    h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": sorted(ops),
+                         "keep_float": sorted(keep_float), "onnxruntime": version("onnxruntime")}).encode())
+    return Path(cache_dir).absolute() / "onnx" / f"{Path(reference.path).parent.name}-qdq-{method}-{h.hexdigest()[:16]}"
+
+
+def kept_float(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
     """The names of the graph's nodes that match any fnmatch pattern (case-sensitive): the nodes kept in float."""
     return [n.name for n in model.graph.node if any(fnmatchcase(n.name, p) for p in patterns)]
+
+
+def quantized_nodes(model: onnx.ModelProto, ops: Sequence[str], keep_float: Sequence[str]) -> list[str]:
+    """The nodes whose inputs get Q/DQ: those of `ops` not kept in float, less each Add or Concat (`FLOW_OPS`)
+    whose output reaches a node that is not quantized, or the graph's output."""
+    kept = set(kept_float(model, keep_float))
+    chosen = {n.name: n for n in model.graph.node if n.op_type in ops and n.name not in kept}
+    consumers: dict[str, list[str]] = defaultdict(list)
+    for node in model.graph.node:
+        for tensor in node.input:
+            consumers[tensor].append(node.name)
+    for output in model.graph.output:
+        consumers[output.name].append("")  # the graph's output: float
+    dropped = True
+    while dropped:  # dropping one may strand the Add or Concat that feeds it
+        stranded = [name for name, node in chosen.items() if node.op_type in FLOW_OPS
+                    and any(c not in chosen for t in node.output for c in consumers[t])]
+        for name in stranded:
+            del chosen[name]
+        dropped = bool(stranded)
+    return [n.name for n in model.graph.node if n.name in chosen]
+
+
+def calibrate(reference: OnnxArtifact, calibration: CalibrationSet, method: str, ops: Sequence[str],
+              folder: Path) -> Path:
+    """The activation ranges of the `ops` nodes' tensors over the calibration images, as onnxruntime's calibration
+    cache (`ranges.json` in `folder`). The histogram methods get TensorRT's entropy calibrator's resolution
+    (`HISTOGRAM`): `quantize_static` alone gives Entropy 128 bins, as many as it quantizes to, so its one candidate
+    threshold is the min-max range and entropy2 would be minmax under another name."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    ranges = folder / "ranges.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(Path(reference.path), list(ops), str(Path(tmp) / "augmented.onnx"),
+                                       getattr(CalibrationMethod, METHODS[method]),
+                                       extra_options={} if method == "minmax" else HISTOGRAM)
+        calibrator.collect_data(_reader(calibration, reference.signature["inputs"][0]["name"]))
+        save_tensors_data(calibrator.compute_data(), ranges)
+    return ranges
 
 
 def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str, folder: Path,
@@ -124,16 +182,21 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     path = folder / "model.onnx"
-    log.info("export: quantizing to Q/DQ int8 (%s) on %d images at %s, %d batches...", method,
-             len(calibration.files), list(calibration.shape), calibration.batches_total)
+    fp32 = onnx.load(reference.path, load_external_data=False)
+    quantized, kept = quantized_nodes(fp32, ops, keep_float), kept_float(fp32, keep_float)
+    if keep_float and not kept:
+        log.warning("export: no node matches precision.keep_float %s: nothing is kept in float", list(keep_float))
+    log.info("export: quantizing to Q/DQ int8 (%s) on %d images at %s, %d batches: the inputs of %d nodes (%s), "
+             "%d kept in float...", method, len(calibration.files), list(calibration.shape),
+             calibration.batches_total, len(quantized), "/".join(ops), len(kept))
     start = time.perf_counter()
     quiet = _Without("pre-processing")  # onnxruntime's advice to run its optimizer first: not for TensorRT's graph
     logging.getLogger().addFilter(quiet)
     try:
-        quantize_static(reference.path, path, _reader(calibration, reference.signature["inputs"][0]["name"]),
+        ranges = calibrate(reference, calibration, method, ops, folder)
+        quantize_static(reference.path, path, None, calibration_cache_path=ranges,
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ops), per_channel=True,
-                        nodes_to_exclude=excluded_nodes(onnx.load(reference.path, load_external_data=False),
-                                                        keep_float),
+                        nodes_to_quantize=quantized, nodes_to_exclude=kept,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, METHODS[method]),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
@@ -151,7 +214,13 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     artifact = OnnxArtifact(path=str(path), tool=reference.tool, dynamic=reference.dynamic, precision="int8",
                             signature=signature(model), checker=checker_verdict(model),
                             size_bytes=path.stat().st_size, export_s=time.perf_counter() - start, cached=False,
-                            end2end=reference.end2end, names=reference.names)
+                            end2end=reference.end2end, names=reference.names,
+                            quantization={"calibrator": method, "images": len(calibration.files),
+                                          "source": str(Path(calibration.files[0]).parent), "ops": list(ops),
+                                          "keep_float": list(keep_float), "quantized_nodes": len(quantized),
+                                          "quantized": dict(Counter(n.op_type for n in fp32.graph.node
+                                                                    if n.name in set(quantized))),
+                                          "kept_float_nodes": kept})
     store_onnx(folder, artifact)
     log.info("export: Q/DQ ONNX in %.1f s, %d QuantizeLinear nodes, %.1f MB", artifact.export_s, qdq,
              artifact.size_bytes / 1e6)

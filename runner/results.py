@@ -163,6 +163,7 @@ class OnnxArtifact(Record):
     cached: bool
     end2end: bool = False  # the NMS-free one-to-one head
     names: list[str] = field(default_factory=list)  # class names by index, from its metadata; [] if it has none
+    quantization: dict | None = None  # a Q/DQ ONNX: calibrator, images, source, ops, keep_float, nodes touched
 
 
 @dataclass

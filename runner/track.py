@@ -78,6 +78,21 @@ def _metric(key: str, value: float):
     return mlflow.entities.Metric(key, value, int(time.time() * 1000), 0)
 
 
+def int8_params(result: VariantResult) -> dict:
+    """What an int8 variant's settings touched, beside the config's: the Q/DQ ONNX's quantized nodes by op type and
+    its nodes kept in float, or the calibrated engine's layers pinned to fp16."""
+    q = result.export.tested.quantization if result.export else None
+    calibration = result.build.calibration if result.build else None
+    params = {}
+    if q:
+        params.update({"resolved.qdq_quantized": ", ".join(f"{op} {n}" for op, n in sorted(q["quantized"].items())),
+                       "resolved.kept_float_nodes": len(q["kept_float_nodes"]),
+                       "resolved.calibration_images": q["images"], "resolved.calibration_source": q["source"]})
+    if calibration and "fp16_layers" in calibration:
+        params["resolved.fp16_layers"] = len(calibration["fp16_layers"])
+    return params
+
+
 def _profile_text(profile: list[list[int]]) -> str:
     return " / ".join(shape_text(s) for s in profile)
 
@@ -173,6 +188,7 @@ class Tracker:
             r = result.resolved
             resolved.update({"resolved.preprocess": r.preprocess, "resolved.postprocess": r.postprocess,
                              "resolved.cuda_graph": "n/a" if r.cuda_graph is None else r.cuda_graph})
+        resolved.update(int8_params(result))
         env = {f"env.{k}": v for k, v in result.environment.items()}
         self._log_params(run_id, {**flatten(record.config), **env,
                                   **{k: v for k, v in resolved.items() if v is not None}})

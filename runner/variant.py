@@ -140,7 +140,9 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     if mechanism in FP16_ONNX:
         tested = export_onnx(replace(spec, half=True), Path(cfg.cache_dir))
     elif mechanism == Mechanism.qdq:
-        tested = quantize_qdq(reference, calibration_set(cfg), cfg.precision.calibrator.value, Path(cfg.cache_dir))
+        p = cfg.precision
+        tested = quantize_qdq(reference, calibration_set(cfg), p.calibrator.value, Path(cfg.cache_dir), p.keep_float,
+                              p.qdq_ops)
     return ExportResult(weights=weights, reference=reference, tested=tested)
 
 

@@ -22,6 +22,7 @@ from runner.prepost import Chain
 from runner.processing import ONE2MANY, postprocess, preprocess
 from runner.report import gate, render
 from runner.report.frame import INACCURATE, results_frame
+from runner.track import int8_params
 from runner.validate import validate
 from test_report import variant
 
@@ -69,16 +70,28 @@ def test_calibration_images_never_include_validation_images(tmp_path, held_out_i
     validated = {p.name for p in sorted(held_out_images.iterdir())[:16]}
     mine = calibration_files(str(held_out_images), None, 16, 8, tmp_path)  # the folder past the validated images
     assert len(mine) == 8 and not validated & {p.name for p in mine}
-    same_folder = calibration_files(str(held_out_images), str(held_out_images), 16, 100, tmp_path)
+    same_folder = calibration_files(str(held_out_images), str(held_out_images), 16, HELD_OUT_COUNT - 16, tmp_path)
     assert len(same_folder) == HELD_OUT_COUNT - 16 and not validated & {p.name for p in same_folder}
-    with pytest.raises(ConfigError, match=r"^data.calibration: no images in .* apart from the 64 validated on"):
+    with pytest.raises(ConfigError, match=r"^precision.calibration_images=49: .* has 48 images apart from the 16 "
+                                          r"validated on; lower it, or set precision.calibration_source"):
+        calibration_files(str(held_out_images), str(held_out_images), 16, HELD_OUT_COUNT - 15, tmp_path)
+    with pytest.raises(ConfigError, match=r"^precision.calibration_images=8: .* has 0 images apart from the 64"):
         calibration_files(str(held_out_images), None, HELD_OUT_COUNT, 8, tmp_path)
+
+
+def test_more_calibration_images_than_the_generated_split_holds_grow_it(tmp_path):
+    """Asked for more than the split's 64, the generated split grows to the count; its first images stay the same."""
+    first = calibration_files(None, None, 16, 8, tmp_path)
+    before = [p.read_bytes() for p in first]
+    more = calibration_files(None, None, 16, CALIBRATION_COUNT + 4, tmp_path)
+    assert len(more) == CALIBRATION_COUNT + 4 and more[:8] == first and [p.read_bytes() for p in first] == before
+    assert len(calibration_files(None, None, 16, 8, tmp_path)) == 8  # the grown split serves a smaller count
 
 
 @pytest.fixture(scope="module")
 def qdq_result(export_cache, tmp_path_factory):
     outputs = tmp_path_factory.mktemp("int8")
-    cfg, = preflight(["precision=int8_qdq", "backend=onnxruntime", "data.limit=8", "data.calibration_limit=8",
+    cfg, = preflight(["precision=int8_qdq", "backend=onnxruntime", "data.limit=8", "precision.calibration_images=8",
                       "bench=quick", f"outputs={outputs}", f"cache_dir={export_cache}"])
     return run_variant(cfg, "onnxruntime")
 
@@ -92,6 +105,11 @@ def test_the_qdq_onnx_is_made_and_validated_with_onnxruntime(qdq_result):
     assert within and (r.status, r.failed_stage, r.validate.status) == ("ok", None, "passed"), \
         (r.error, check.map_drop, check.detections.f1, check.rel_l2)
     assert r.build.precision_mechanism == "qdq" and r.export.tested.precision == "int8"
+    q = r.export.tested.quantization  # the settings in result.json, what they touched in the MLflow params
+    assert (q["calibrator"], q["images"], q["ops"], len(q["kept_float_nodes"])) == ("minmax", 8,
+                                                                                    ["Add", "Concat", "Conv"], 11)
+    assert int8_params(r) == {"resolved.qdq_quantized": "Add 6, Concat 13, Conv 57", "resolved.kept_float_nodes": 11,
+                              "resolved.calibration_images": 8, "resolved.calibration_source": q["source"]}
     assert r.cell.onnx.label == "ul st qdq minmax" and r.cell.build.label == "ort st int8"
     model = onnx.load(r.export.tested.path)
     zero_points = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_zero_point")]

@@ -102,6 +102,35 @@ def test_calibrators_on_86_and_10_and_one_line_on_11():
                                   "BuilderFlag.INT8): use precision=int8_qdq, an explicitly quantized ONNX")
 
 
+def test_percentile_has_no_tensorrt_calibrator_in_one_line():
+    with pytest.raises(trt_compat.Unsupported) as none:
+        trt_compat.calibrator_base(TRT86, "percentile")
+    assert str(none.value) == ("precision.calibrator=percentile: TensorRT's calibrator has none (entropy2, minmax); "
+                               "use precision=int8_qdq for onnxruntime's percentile calibration")
+
+
+class StandInLayer:
+    def __init__(self, name: str, dtype: str = "f"):
+        self.name, self.num_outputs, self.precision, self.dtype = name, 1, None, dtype
+
+    def get_output(self, i):
+        return NS(dtype=self.dtype)
+
+
+def test_keep_float_pins_the_matching_float_layers_to_fp16_with_constraints_obeyed():
+    trt = NS(**{**vars(TRT86), "BuilderFlag": NS(FP16="FP16", INT8="INT8", OBEY_PRECISION_CONSTRAINTS="OBEY")})
+    layers = [StandInLayer("/model.22/cv2.0/cv2.0.2/Conv"), StandInLayer("/model.22/cv2.0/cv2.0.1/conv/Conv"),
+              StandInLayer("/model.22/dfl/Softmax"), StandInLayer("/model.22/dfl/Shape", "i32"),
+              StandInLayer("/model.2/m.0/Add")]
+    network, config = NS(num_layers=len(layers), get_layer=layers.__getitem__), RecordingConfig()
+    pinned = trt_compat.pin_fp16(trt, network, config, ["*cv2.*.2/Conv", "*/dfl/*"])
+    assert pinned == ["/model.22/cv2.0/cv2.0.2/Conv", "/model.22/dfl/Softmax"]  # shape arithmetic keeps int32
+    assert [layer.precision for layer in layers] == ["h", None, "h", None, None] and config.flags == ["OBEY"]
+    assert trt_compat.pin_fp16(trt, network, RecordingConfig(), []) == []
+    with pytest.raises(trt_compat.Unsupported, match="11.0.0.*no BuilderFlag.OBEY_PRECISION_CONSTRAINTS"):
+        trt_compat.pin_fp16(TRT11, network, config, ["*/dfl/*"])
+
+
 def test_int8_calibration_sets_flags_calibrator_and_profile():
     config, calibrator, profile = RecordingConfig(), object(), object()
     trt_compat.enable_int8_calibration(TRT86, config, calibrator, profile)
@@ -196,6 +225,7 @@ def test_cache_key_stable_and_sensitive(tmp_path):
         cache_key(int8_spec(tmp_path, "entropy2"), "8.6.0", "NVIDIA H100"),
         cache_key(int8_spec(tmp_path, "minmax"), "8.6.0", "NVIDIA H100"),
         cache_key(int8_spec(tmp_path, "minmax", images=1), "8.6.0", "NVIDIA H100"),
+        cache_key(int8_spec(tmp_path, "minmax", keep_float=("*/dfl/*",)), "8.6.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path), "10.9.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H200"),
     ]
@@ -204,7 +234,7 @@ def test_cache_key_stable_and_sensitive(tmp_path):
     assert cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H100") != key
 
 
-def int8_spec(tmp_path, calibrator: str, images: int = 2) -> BuildSpec:
+def int8_spec(tmp_path, calibrator: str, images: int = 2, keep_float: tuple[str, ...] = ()) -> BuildSpec:
     """An implicitly calibrated int8 spec over `images` generated pictures."""
     import cv2
 
@@ -216,7 +246,7 @@ def int8_spec(tmp_path, calibrator: str, images: int = 2) -> BuildSpec:
     for i in range(images):
         paths.append(tmp_path / f"calib{i}.jpg")
         cv2.imwrite(str(paths[-1]), make_image(rng)[0])
-    return _spec(tmp_path, precision="int8", mechanism="calibrator", calibrator=calibrator,
+    return _spec(tmp_path, precision="int8", mechanism="calibrator", calibrator=calibrator, keep_float=keep_float,
                  calibration=CalibrationSet(tuple(paths), (1, 3, 640, 640)))
 
 

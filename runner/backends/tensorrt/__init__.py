@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from runner.backends import Backend
-from runner.config import (BackendName, BuildTool, ExportTool, Head, Mechanism, Precision, RunConfig,
-                           ShapeMode)
+from runner.config import (NO_TRT_CALIBRATOR, TRT_CALIBRATORS, BackendName, BuildTool, ExportTool, Head, Mechanism,
+                           Precision, RunConfig, ShapeMode)
 from runner.results import BuildResult, ExportResult
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class TensorrtBackend(Backend):
 
     def applies(self, cfg: RunConfig) -> str | None:
         if cfg.build.tool != BuildTool.ultralytics:
-            return None
+            return self._calibrator_refusal(cfg)
         if cfg.precision.name == Precision.int8:
             return ("build=ultralytics int8 calibrates with ultralytics' own data loader from a dataset yaml; runner "
                     "builds int8 with build=tensorrt_api (precision=int8_calibrator or int8_qdq)")
@@ -50,6 +50,13 @@ class TensorrtBackend(Backend):
         if cfg.export.shape not in (None, cfg.shape.mode):
             return (f"build=ultralytics makes the ONNX and the engine with one `dynamic` flag; "
                     f"export.shape={cfg.export.shape.value} with shape={cfg.shape.mode.value} does not apply")
+        return None
+
+    def _calibrator_refusal(self, cfg: RunConfig) -> str | None:
+        """Where int8_mode=auto resolves to TensorRT's calibrator: an algorithm it lacks (percentile)."""
+        if (cfg.precision.name == Precision.int8 and cfg.precision.calibrator not in TRT_CALIBRATORS
+                and self.precision_mechanism(cfg) == Mechanism.calibrator):
+            return NO_TRT_CALIBRATOR.format(algorithm=cfg.precision.calibrator.value)
         return None
 
     def build(self, cfg: RunConfig, export: ExportResult, calibration: CalibrationSet | None = None) -> BuildResult:
@@ -69,6 +76,7 @@ class TensorrtBackend(Backend):
         return build_engine(BuildSpec(
             onnx_path=export.tested.path, precision=cfg.precision.name.value, mechanism=self.precision_mechanism(cfg),
             calibration=calibration, calibrator=cfg.precision.calibrator.value,
+            keep_float=tuple(cfg.precision.keep_float),
             min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
             optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,
             use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32))

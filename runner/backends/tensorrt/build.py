@@ -50,6 +50,8 @@ class BuildSpec:
     tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default
     calibration: CalibrationSet | None = None  # mechanism=calibrator: the images, at the opt shape
     calibrator: str = "entropy2"  # mechanism=calibrator: entropy2 | minmax
+    keep_float: tuple[str, ...] = ()  # mechanism=calibrator: fnmatch patterns on layer names built in fp16 (the
+    #   engine's, not the calibration table's: calibrated ranges do not depend on them)
 
 
 def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
@@ -58,6 +60,7 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
         "precision": spec.precision,
         "mechanism": spec.mechanism,
         "calibration": _calibration_fields(spec),
+        "keep_float": sorted(spec.keep_float) if spec.mechanism == Mechanism.calibrator else None,
         "min_shape": list(spec.min_shape),
         "opt_shape": list(spec.opt_shape),
         "max_shape": list(spec.max_shape),
@@ -314,7 +317,8 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
         if spec.mechanism == Mechanism.calibrator:
             calibrator = Calibrator(trt, spec, calibration_cache_path(spec, result.trt_version, result.gpu))
             compat.enable_int8_calibration(trt, config, calibrator.trt_calibrator, profile)
-            result.calibration = calibrator.record
+            result.calibration = {**calibrator.record, "keep_float": list(spec.keep_float),
+                                  "fp16_layers": compat.pin_fp16(trt, network, config, spec.keep_float)}
         timing_path = _load_timing_cache(spec, config, result)
         first_record = len(logger.records)
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+from fnmatch import fnmatchcase
 
 import numpy as np
 
-from runner.config import Fp16Mode, Int8Mode, Mechanism
+from runner.config import NO_TRT_CALIBRATOR, Fp16Mode, Int8Mode, Mechanism
 
 FP16_MODES = tuple(mode.value for mode in Fp16Mode)
 INT8_MODES = tuple(mode.value for mode in Int8Mode)
+CALIBRATORS = {"entropy2": "IInt8EntropyCalibrator2", "minmax": "IInt8MinMaxCalibrator"}
 CALIBRATION_REMOVED = ("TensorRT {version} removed implicit INT8 calibration (IInt8Calibrator, BuilderFlag.INT8): "
                        "use precision=int8_qdq, an explicitly quantized ONNX")
 
@@ -180,10 +182,41 @@ def enable_int8_flags(trt, config) -> None:
 
 
 def calibrator_base(trt, algorithm: str):
-    """The TensorRT calibrator class to subclass: entropy2 or minmax. Unsupported on 11.x, which removed them."""
+    """The TensorRT calibrator class to subclass: entropy2 or minmax. Unsupported on 11.x, which removed them, and
+    for percentile, which TensorRT has no calibrator for."""
     if not has_implicit_int8(trt):
         raise Unsupported(CALIBRATION_REMOVED.format(version=getattr(trt, "__version__", "?")))
-    return {"entropy2": trt.IInt8EntropyCalibrator2, "minmax": trt.IInt8MinMaxCalibrator}[algorithm]
+    if algorithm not in CALIBRATORS:
+        raise Unsupported(NO_TRT_CALIBRATOR.format(algorithm=algorithm))
+    return getattr(trt, CALIBRATORS[algorithm])
+
+
+def has_obey_precision(trt) -> bool:
+    """BuilderFlag.OBEY_PRECISION_CONSTRAINTS: 8.6 and 10.x (weakly typed networks); gone on 11.x, where a strongly
+    typed network takes each layer's type from the ONNX."""
+    return hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS")
+
+
+def pin_fp16(trt, network, config, patterns) -> list[str]:
+    """The layers whose name matches an fnmatch pattern (the ONNX parser names a layer after its node) run in fp16,
+    precision constraints obeyed; layers with a non-float output (shape arithmetic) keep theirs. Returns the names
+    pinned. Unsupported on 11.x, which has no such flag."""
+    if not patterns:
+        return []
+    if not has_obey_precision(trt):
+        raise Unsupported(f"this TensorRT ({getattr(trt, '__version__', '?')}) has no "
+                          f"BuilderFlag.OBEY_PRECISION_CONSTRAINTS to keep layers in fp16; use precision=int8_qdq")
+    floats = (trt.DataType.FLOAT, trt.DataType.HALF)
+    pinned = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if (any(fnmatchcase(layer.name, p) for p in patterns)
+                and all(layer.get_output(j).dtype in floats for j in range(layer.num_outputs))):
+            layer.precision = trt.DataType.HALF
+            pinned.append(layer.name)
+    if pinned:
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    return pinned
 
 
 def enable_int8_calibration(trt, config, calibrator, profile) -> None:
