@@ -111,15 +111,6 @@ class Outcome:
         return self.confirmed is not None and self.drop <= self.limit
 
 
-def candidates(model: onnx.ModelProto, ops: list[str]) -> list[tuple[str, str]]:
-    """(name, op) of each node of `ops` (those the quantizer quantizes and keep_float leaves out) with an input
-    behind a Quantize/Dequantize pair, in graph order. Other ops can read a pair too (onnxruntime's quantizer feeds
-    every reader of a quantized tensor from its one pair), but keep_float does not reach them."""
-    pairs = _pairs(model)
-    return [(n.name, n.op_type) for n in model.graph.node
-            if n.op_type in ops and any(i in pairs for i in n.input)]
-
-
 def layers(nodes: list[tuple[str, str]], group: str) -> list[Layer]:
     """The candidates searched: each node, or each block (ultralytics names a node `/model.<i>/...`; a node named
     otherwise is its own block)."""
@@ -287,18 +278,19 @@ def load_images(cfg: RunConfig, names: list[str], head: str) -> Images:
 def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str = "node",
            latency: bool = False) -> Outcome:
     """Rank, keep greedily, confirm with the real quantizer; see the module's docstring."""
-    from runner.quantize import QUANTIZED_OPS, calibration_set, excluded_nodes, quantize_qdq
+    from runner.quantize import calibration_set, kept_float, quantize_qdq, quantized_nodes
     from runner.variant import export_stage, output_head
 
     reference = export_stage(cfg, Mechanism.none).reference
-    pinned = list(cfg.precision.keep_float)
+    pinned, ops = list(cfg.precision.keep_float), list(cfg.precision.qdq_ops)
     method, cache_dir = cfg.precision.calibrator.value, Path(cfg.cache_dir)
     calibration = calibration_set(cfg)
-    quantized_onnx = quantize_qdq(reference, calibration, method, cache_dir, keep_float=pinned)
+    quantized_onnx = quantize_qdq(reference, calibration, method, cache_dir, pinned, ops)
     head = output_head(ExportResult(cfg.model.weights, reference, quantized_onnx))
     model = onnx.load(quantized_onnx.path)
-    pinned_nodes = set(excluded_nodes(model, pinned))
-    searched = layers([c for c in candidates(model, QUANTIZED_OPS) if c[0] not in pinned_nodes], group)
+    pinned_nodes = set(kept_float(model, pinned))
+    quantized_names = set(quantized_nodes(onnx.load(reference.path), ops, pinned))
+    searched = layers([(n.name, n.op_type) for n in model.graph.node if n.name in quantized_names], group)
     evaluator = Evaluator(cfg, head)
     every = load_images(cfg, reference.names, head)
     every.reference = evaluator.outputs(Path(reference.path).read_bytes(), every)
@@ -315,7 +307,7 @@ def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str
                       [], [], estimate, evaluator.map50_95(every.reference, every))
     while True:
         outcome.kept, outcome.keep_float = [la.name for la in kept], pinned + [la.pattern for la in kept]
-        final = quantize_qdq(reference, calibration, method, cache_dir, keep_float=outcome.keep_float)
+        final = quantize_qdq(reference, calibration, method, cache_dir, outcome.keep_float, ops)
         outcome.confirmed = evaluator.score(Path(final.path).read_bytes(), every, counted=False)
         print(f"sensitivity: confirm {len(kept)} layer(s) in float on {len(every)} images: drop {outcome.drop:.4f}",
               flush=True)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import shlex
+from fnmatch import fnmatchcase
 
 import numpy as np
 import onnx
 import pytest
 import yaml
 
-from conftest import SMALL_IMGSZ, export_spec
+from conftest import REPO, SMALL_IMGSZ, export_spec
 from runner.data import select
 from runner.export import export_onnx
 from runner.preflight import compose_variants
-from runner.quantize import QUANTIZED_OPS, CalibrationSet, quantize_qdq
-from runner.sensitivity import _pairs, candidates, keep_in_float
+from runner.quantize import QUANTIZED_OPS, CalibrationSet, quantize_qdq, quantized_nodes
+from runner.sensitivity import _pairs, keep_in_float
 
 USAGE_EXIT = 2
 TINY = ["model.imgsz=[128,128]", "data.limit=8"]
@@ -29,23 +30,31 @@ def outputs_of(model: onnx.ModelProto | str, blob: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: blob})[0]
 
 
+def reading_pairs(model: onnx.ModelProto, names: list[str]) -> list[str]:
+    """Those of the `names` nodes with an input behind a Quantize/Dequantize pair, in graph order."""
+    pairs = _pairs(model)
+    return [n.name for n in model.graph.node if n.name in names and set(n.input) & set(pairs)]
+
+
 @pytest.fixture(scope="module")
 def tiny_qdq(export_cache, held_out_images):
     """(fp32 reference, its Q/DQ int8 ONNX) of yolov8n at 128 px, calibrated on 4 held-out images."""
     # dynamic, as test_scenarios exports it: one export for both
     reference = export_onnx(export_spec("ultralytics", dynamic=True, imgsz=SMALL_IMGSZ), export_cache)
     files = tuple(select(held_out_images, None, 4).files)
-    return reference, quantize_qdq(reference, CalibrationSet(files, (1, 3, *SMALL_IMGSZ)), "minmax", export_cache)
+    return reference, quantize_qdq(reference, CalibrationSet(files, (1, 3, *SMALL_IMGSZ)), "minmax", export_cache,
+                                   keep_float=[])
 
 
 def test_keeping_nodes_in_float_rewires_them_past_their_pairs(tiny_qdq):
-    """Every node kept in float gives back the fp32 model's outputs; one Conv kept reads float inputs and leaves the
-    search's candidates, the others keep theirs."""
+    """Every node kept in float gives back the fp32 model's outputs; one Conv kept reads float inputs, the other
+    quantized nodes keep their pairs."""
     reference, qdq = tiny_qdq
     model = onnx.load(qdq.path)
-    convs = [n.name for n in onnx.load(reference.path).graph.node if n.op_type == "Conv"]
-    searched = [name for name, _ in candidates(model, QUANTIZED_OPS)]
-    assert searched == convs
+    quantized = quantized_nodes(onnx.load(reference.path), QUANTIZED_OPS, [])
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert set(convs) <= set(quantized)
+    assert quantized == reading_pairs(model, quantized)  # every node the quantizer chose reads a pair
     blob = np.random.default_rng(0).random((1, 3, *SMALL_IMGSZ), np.float32)
     fp32, int8 = outputs_of(reference.path, blob), outputs_of(model, blob)
     assert np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32) > 1e-3  # quantization moves the outputs
@@ -55,7 +64,7 @@ def test_keeping_nodes_in_float_rewires_them_past_their_pairs(tiny_qdq):
     one = keep_in_float(model, {convs[3]})
     node = next(n for n in one.graph.node if n.name == convs[3])
     assert not set(node.input) & set(_pairs(one))
-    assert [name for name, _ in candidates(one, QUANTIZED_OPS)] == convs[:3] + convs[4:]
+    assert reading_pairs(one, quantized) == [name for name in quantized if name != convs[3]]
     assert not np.array_equal(outputs_of(one, blob), int8)
 
 
@@ -63,19 +72,22 @@ def test_keeping_nodes_in_float_rewires_them_past_their_pairs(tiny_qdq):
 def test_search_ranks_stops_and_writes_a_config_that_composes(tmp_path, runner_main, held_out_images):
     """Ranked by mAP recovered, greedy to the limit or the budget (a progress line per evaluation), and the config
     written holds exactly the layers reported: `runner --cfg job` and the printed sweep compose it."""
-    out, budget = tmp_path / "found", 21
+    out, budget = tmp_path / "found", 25
     said = runner_main(["sensitivity", *TINY, f"data.images={held_out_images}", f"outputs={tmp_path}",
                         "--group", "block", "--images", "4", "--limit", "0.0001", "--max-evals", str(budget),
                         "--out", str(out), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     assert said.returncode in (0, 1), said.stdout + said.stderr
     result = json.loads((out / "sensitivity.json").read_text())
     ranked = result["ranked"]
-    assert len(ranked) == 17 and all(r["name"].startswith("/model.") for r in ranked)  # yolov8n's quantized blocks
+    # yolov8n's 21 blocks with quantized nodes; none of the nodes the preset keeps in float is searched
+    assert len(ranked) == 21 and all(r["name"].startswith("/model.") for r in ranked)
+    pins = yaml.safe_load((REPO / "conf" / "precision" / "int8_qdq.yaml").read_text())["keep_float"]
+    assert not [n for r in ranked for n in r["nodes"] if any(fnmatchcase(n, p) for p in pins)]
     assert [(-r["recovered"], r["alone_float"]["rel_l2"]) for r in ranked] == \
         sorted((-r["recovered"], r["alone_float"]["rel_l2"]) for r in ranked)
     progress = [line for line in said.stdout.splitlines() if line.startswith("sensitivity: [")]
-    assert sum(" rank " in line for line in progress) == 17
-    assert len(progress) == 17 + len(result["kept"])
+    assert sum(" rank " in line for line in progress) == 21
+    assert len(progress) == 21 + len(result["kept"])
     reference = {result["images"]: result["reference_map50_95"],
                  result["confirm_images"]: result["confirmed_reference_map50_95"]}
     drops = [reference[r["kept_images"]] - r["kept_map50_95"] for r in ranked[:len(result["kept"])]]
@@ -86,7 +98,7 @@ def test_search_ranks_stops_and_writes_a_config_that_composes(tmp_path, runner_m
         assert result["stopped_by"] == "budget: evals" and result["evals"] == budget
     assert result["kept"] == [r["name"] for r in ranked[:len(result["kept"])]]
     config = yaml.safe_load((out / "precision" / "int8_qdq_pinned.yaml").read_text())
-    assert config["keep_float"] == result["keep_float"] == [f"{name}*" for name in result["kept"]]
+    assert config["keep_float"] == result["keep_float"] == pins + [f"{name}*" for name in result["kept"]]
     for name in result["kept"]:
         assert f"| `{name}` |" in said.stdout
 
@@ -104,7 +116,7 @@ def test_search_ranks_stops_and_writes_a_config_that_composes(tmp_path, runner_m
     assert precision["int8_mode"] == "qdq" and precision["keep_float"] == result["keep_float"]
     (sweep,) = [line.split("sweep it: ")[1] for line in said.stdout.splitlines() if "sweep it: " in line]
     variants = compose_variants(shlex.split(sweep)[3:])
-    assert sorted(list(v.precision.keep_float) for v in variants) == sorted([[], result["keep_float"]])
+    assert sorted(list(v.precision.keep_float) for v in variants) == sorted([pins, result["keep_float"]])
 
 
 @pytest.mark.parametrize("args, says", [
@@ -126,5 +138,5 @@ def test_preflight_composes_a_precision_option_from_hydra_searchpath(tmp_path):
     """The sweep `runner sensitivity` prints names its config by `hydra.searchpath`, which preflight must see too."""
     (tmp_path / "precision").mkdir()
     (tmp_path / "precision" / "mine.yaml").write_text("name: int8\nint8_mode: qdq\nkeep_float: ['/model.22/*']\n")
-    variants = compose_variants(["-m", f"hydra.searchpath=[file://{tmp_path}]", "precision=int8_qdq,mine"])
-    assert sorted(list(v.precision.keep_float) for v in variants) == [[], ["/model.22/*"]]
+    variants = compose_variants(["-m", f"hydra.searchpath=[file://{tmp_path}]", "precision=fp32,mine"])
+    assert [list(v.precision.keep_float) for v in variants] == [["/model.22/*"], []]
