@@ -533,5 +533,8 @@ def main(argv: list[str]) -> int:
     if args.tracking_uri:
         run_id = log_mlflow(outcome, paths, args.tracking_uri, args.experiment, cfg.tracking.artifact_root)
         print(f"runner: logged to run {run_id} (experiment '{args.experiment}', artifacts sensitivity/)")
-    print(f"runner: sweep it: {sweep_command(out, overrides)}")
+    if outcome.kept:
+        print(f"runner: sweep it: {sweep_command(out, overrides)}")
+    else:
+        print("runner: no layer kept beyond precision.keep_float: the config written is the one searched")
     return 0 if outcome.met else NOT_MET_EXIT
