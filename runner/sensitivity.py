@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import yaml
 
-from runner.config import BackendName, ConfigError, Int8Mode, Mechanism, Precision, RunConfig
+from runner.config import BackendName, ConfigError, Int8Mode, Mechanism, Precision, RunConfig, to_plain
 from runner.data import HELD_OUT_COUNT, load_samples
 from runner.metrics import mean_average_precision
 from runner.processing import postprocess, preprocess
@@ -101,6 +102,7 @@ class Outcome:
     evals: int = 0
     seconds: float = 0.0
     differs: str = ""  # where the real quantizer's model for `kept` is not the one searched, how
+    precision: dict = field(default_factory=dict)  # the precision config searched, as plain values
 
     @property
     def drop(self) -> float:
@@ -316,6 +318,7 @@ def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str
         kept, _, stopped_by = greedy(evaluator, model, pinned_nodes, every, ranked,
                                      outcome.confirmed_reference_map50_95, outcome.confirmed, limit, budget, kept)
     outcome.stopped_by, outcome.evals = stopped_by, evaluator.count
+    outcome.precision = to_plain(cfg)["precision"]
     outcome.differs = _differs(evaluator, keep_in_float(model, pinned_nodes | nodes_of(kept)), final.path, subset)
     if latency:
         outcome.latency = measure_latency(cfg, reference, model, pinned_nodes, kept)
@@ -367,9 +370,9 @@ def write(outcome: Outcome, out: Path, command: str) -> list[Path]:
     sensitivity.csv under `out`; returns their paths."""
     config = out / "precision" / f"{CONFIG_NAME}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    keep = "".join(f"  - '{p}'\n" for p in outcome.keep_float)
-    config.write_text(f"# {command}\n# {summary_line(outcome)}\nname: int8\nint8_mode: qdq\n"
-                      f"calibrator: {outcome.calibrator}\nkeep_float:{' []' if not keep else ''}\n{keep}")
+    searched = {key: value for key, value in outcome.precision.items() if key != "keep_float"}
+    config.write_text(f"# {command}\n# {summary_line(outcome)}\n"
+                      + yaml.safe_dump({**searched, "keep_float": outcome.keep_float}, sort_keys=False))
     report = out / "sensitivity.json"
     report.write_text(json.dumps({"command": command, "met": outcome.met, "drop": outcome.drop,
                                   **asdict(outcome)}, indent=1) + "\n")
