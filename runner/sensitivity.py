@@ -274,7 +274,7 @@ def load_images(cfg: RunConfig, names: list[str], head: str) -> Images:
         raise ConfigError(f"data: no labelled images among the first {cfg.data.limit} of "
                           f"{cfg.data.images or 'the held-out split'}; mAP needs labels (data.labels=DIR)")
     blobs, boxes = zip(*(preprocess([s.image], tuple(cfg.model.imgsz), head=head) for s in samples))
-    return Images(list(blobs), [b for bs in boxes for b in [bs]], [(s.gt_cls, s.gt_boxes) for s in samples])
+    return Images(list(blobs), list(boxes), [(s.gt_cls, s.gt_boxes) for s in samples])
 
 
 def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str = "node",
