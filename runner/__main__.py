@@ -1,6 +1,6 @@
 """`runner [overrides]` / `python -m runner [overrides]` sweeps the matrix; `runner sync` logs what a lost
-tracking store missed; `runner table|baseline|check|pick` report on finished sweeps; `runner --help` lists them
-all and every config group."""
+tracking store missed; `runner table|baseline|check|pick` report on finished sweeps; `runner sensitivity` finds
+the nodes a Q/DQ int8 model keeps in float; `runner --help` lists them all and every config group."""
 from __future__ import annotations
 
 import sys
@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> None:
 
         quiet_defaults()
         sys.exit(sync.main(argv[1:]))
+    if argv and argv[0] == "sensitivity":
+        from runner import sensitivity
+
+        sys.exit(sensitivity.main(argv[1:]))
     from runner import cli
 
     sys.exit(cli.main(argv))

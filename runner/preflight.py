@@ -28,6 +28,7 @@ from runner.validate import off_stride
 CONF_DIR = config.conf_dir()
 USAGE_EXIT = 2  # a command line refused in preflight
 MULTIRUN_FLAGS = ("-m", "--multirun")
+SEARCHPATH = "hydra.searchpath="  # Hydra's folders of more config-group options, e.g. [file://DIR]
 LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local", "ray")  # their jobs run on this host
 
 
@@ -85,6 +86,7 @@ def compose_variants(argv: list[str]) -> list[RunConfig]:
     """Every variant of the command line's sweep, typed, in job order: runner's sweeper launches the longest
     expected build first (`sweeper.launch_key`). Raises ConfigError."""
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
+    searchpath = [a for a in argv if a.startswith(SEARCHPATH)]  # config groups of the user's own (sensitivity's)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as exc:
@@ -95,7 +97,7 @@ def compose_variants(argv: list[str]) -> list[RunConfig]:
     config.register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        variants = [_compose(list(combo)) for combo in combos]
+        variants = [_compose([*searchpath, *combo]) for combo in combos]
     _check_distinct(combos, variants)
     return [v for _, v in sorted(zip(combos, variants), key=lambda cv: launch_key(cv[1], cv[0]))]
 

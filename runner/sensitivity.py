@@ -1,0 +1,543 @@
+"""`runner sensitivity`: the fewest layers to keep in float so that a Q/DQ int8 model stays within an mAP50-95
+limit of its fp32 reference, written as a precision config a sweep can take.
+
+Runs on the CPU with onnxruntime, which runs the Q/DQ ONNX in int8. The model is calibrated once: every candidate
+is that all-quantized ONNX with the inputs of the chosen nodes taken from before their QuantizeLinear (the node runs
+in float), so a candidate costs an inference pass, not a calibration.
+
+- Sensitivity of a node: the mAP50-95 it recovers when it alone is kept in float, on the first `--images` images.
+  The other measure (the drop when only it is quantized) costs the same pass per node; this one is taken where the
+  greedy starts, so its first pick is exact, while single-node drops of an otherwise float model sit below what
+  mAP on a few images resolves. Ties (many on few images) go to the larger cut in the outputs' rel-L2 against fp32.
+- Greedy: nodes in ranked order are kept in float until the drop on those images is within `--limit`, or
+  `--max-evals` evaluations or `--max-minutes` are spent (a line per evaluation).
+- Confirm: the set found is quantized for real (`quantize_qdq(keep_float=...)`, as a sweep makes it) and measured
+  on the variant's validation images (`data.limit`, the whole held-out split by default here). Where it misses the
+  limit there, the greedy goes on on those images, within the same budget, and confirms again.
+Latency per node needs TensorRT (`--latency`, per greedy step, with the variant's TensorRT build); without it the
+result says it was not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import yaml
+
+from runner.config import BackendName, ConfigError, Int8Mode, Mechanism, Precision, RunConfig, to_plain
+from runner.data import HELD_OUT_COUNT, load_samples
+from runner.metrics import mean_average_precision
+from runner.processing import postprocess, preprocess
+from runner.results import ExportResult, StageError
+
+USAGE_EXIT, NOT_MET_EXIT = 2, 1
+CONFIG_NAME = "int8_qdq_pinned"  # the precision option written: precision=int8_qdq_pinned
+DEFAULTS = ["precision=int8_qdq", f"data.limit={HELD_OUT_COUNT}"]  # before the user's overrides
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass
+class Images:
+    """Letterboxed inputs, their boxes, labels, and the fp32 reference's first output on each."""
+    blobs: list[np.ndarray]
+    boxes: list
+    truth: list[tuple[np.ndarray, np.ndarray]]
+    reference: list[np.ndarray] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def head(self, count: int) -> Images:
+        return Images(self.blobs[:count], self.boxes[:count], self.truth[:count], self.reference[:count])
+
+
+@dataclass
+class Score:
+    map50_95: float
+    rel_l2: float  # of the first output against the fp32 reference's
+
+
+@dataclass
+class Layer:
+    """One quantized node, or a block of them (`--group block`): its mAP50-95 with it alone kept in float, what
+    that recovers, and after the greedy kept it, the mAP with every layer up to it in float."""
+    name: str
+    op: str  # the node's op; a block's ops, counted
+    nodes: list[str]
+    pattern: str  # its keep_float entry
+    alone_float: Score | None = None
+    recovered: float | None = None
+    kept_map50_95: float | None = None
+    kept_images: int = 0  # the images `kept_map50_95` is measured on
+    images: int = 0  # the images `alone_float` is measured on
+    latency_ms: float | None = None  # with every node up to it in float (TensorRT, --latency)
+
+
+@dataclass
+class Outcome:
+    model: str
+    limit: float
+    images: int
+    confirm_images: int
+    calibrator: str
+    reference_map50_95: float
+    quantized: Score  # all candidates quantized, on the ranking images
+    ranked: list[Layer]
+    kept: list[str]  # the layers kept in float, in the order the greedy took them
+    keep_float: list[str]  # the config's patterns: precision.keep_float given, then one per layer kept
+    estimate: Score  # with the greedy's first set in float, on the ranking images
+    confirmed_reference_map50_95: float
+    confirmed: Score | None = None  # the real quantize_qdq(keep_float=kept), on the confirm images
+    stopped_by: str = ""  # limit | budget: evals | budget: minutes | no nodes left
+    latency: str = "not measured: TensorRT is not here"
+    evals: int = 0
+    seconds: float = 0.0
+    differs: str = ""  # where the real quantizer's model for `kept` is not the one searched, how
+    precision: dict = field(default_factory=dict)  # the precision config searched, as plain values
+
+    @property
+    def drop(self) -> float:
+        return self.confirmed_reference_map50_95 - self.confirmed.map50_95
+
+    @property
+    def met(self) -> bool:
+        return self.confirmed is not None and self.drop <= self.limit
+
+
+def layers(nodes: list[tuple[str, str]], group: str) -> list[Layer]:
+    """The candidates searched: each node, or each block (ultralytics names a node `/model.<i>/...`; a node named
+    otherwise is its own block)."""
+    if group == "node":
+        return [Layer(name, op, [name], pattern(name)) for name, op in nodes]
+    blocks: dict[str, list[tuple[str, str]]] = {}
+    for name, op in nodes:
+        parts = name.split("/")
+        blocks.setdefault(f"/{parts[1]}/" if name.startswith("/") and len(parts) > 2 else name, []).append((name, op))
+    return [Layer(block, ", ".join(f"{sum(o == op for _, o in members)} {op}"
+                                   for op in dict.fromkeys(o for _, o in members)),
+                  [n for n, _ in members], pattern(block) + "*" if block.endswith("/") else pattern(block))
+            for block, members in blocks.items()]
+
+
+def _pairs(model: onnx.ModelProto) -> dict[str, str]:
+    """DequantizeLinear output -> the float tensor its QuantizeLinear reads."""
+    quantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    return {n.output[0]: quantized[n.input[0]] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in quantized}
+
+
+def keep_in_float(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of the Q/DQ `model` in which the `names` nodes read float inputs; pairs nothing reads any more go."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    pairs = _pairs(out)
+    for node in out.graph.node:
+        if node.name in names:
+            for i, name in enumerate(node.input):
+                node.input[i] = pairs.get(name, name)
+    _prune(out.graph)
+    return out
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop Q/DQ nodes whose outputs nothing reads, then initializers nothing reads."""
+    while True:
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in QDQ and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+
+
+def pattern(name: str) -> str:
+    """An fnmatch pattern that matches exactly `name` (keep_float entries are patterns)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+class Evaluator:
+    """mAP50-95 and rel-L2 of ONNX models (bytes) on `Images`, with the variant's decode and thresholds."""
+
+    def __init__(self, cfg: RunConfig, head: str):
+        self.v, self.head, self.count = cfg.validate, head, 0
+
+    def outputs(self, model: bytes, images: Images) -> list[np.ndarray]:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(os.environ.get("RUNNER_CPU_THREADS", 0))
+        options.log_severity_level = 3  # an unused initializer's warning says nothing here
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return [session.run(None, {name: blob})[0] for blob in images.blobs]
+
+    def score(self, model: bytes, images: Images, counted: bool = True) -> Score:
+        """`counted`: one of the search's evaluations, which the budget bounds (confirming is not)."""
+        self.count += counted
+        outs = self.outputs(model, images)
+        return Score(self.map50_95(outs, images), _rel_l2(outs, images.reference))
+
+    def map50_95(self, outs: list[np.ndarray], images: Images) -> float:
+        dets = [d for out, boxes in zip(outs, images.boxes)
+                for d in postprocess(out, boxes, self.v.conf, self.v.nms_iou, self.v.max_det, self.head)]
+        return mean_average_precision(dets, images.truth).get("map50_95", 0.0)
+
+
+def _rel_l2(outs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    test, ref = np.concatenate([o.ravel() for o in outs]), np.concatenate([r.ravel() for r in reference])
+    return float(np.linalg.norm(test - ref) / max(np.linalg.norm(ref), 1e-12))
+
+
+@dataclass
+class Budget:
+    evals: int
+    minutes: float
+    start: float = field(default_factory=time.monotonic)
+
+    def spent(self, evals: int) -> str | None:
+        if evals >= self.evals:
+            return "budget: evals"
+        if time.monotonic() - self.start >= self.minutes * 60:
+            return "budget: minutes"
+        return None
+
+
+def rank(evaluator: Evaluator, model: onnx.ModelProto, pinned: set[str], images: Images, quantized: Score,
+         searched: list[Layer], budget: Budget) -> tuple[list[Layer], str | None]:
+    """The `searched` layers with their sensitivity, most sensitive first; the budget line where it ran out
+    before all were measured."""
+    for i, layer in enumerate(searched, 1):
+        if stop := budget.spent(evaluator.count):
+            print(f"sensitivity: {stop} spent after ranking {i - 1} of {len(searched)}", flush=True)
+            return _ranked(searched), stop
+        layer.alone_float = evaluator.score(keep_in_float(model, pinned | set(layer.nodes)).SerializeToString(),
+                                            images)
+        layer.recovered, layer.images = layer.alone_float.map50_95 - quantized.map50_95, len(images)
+        _progress(f"rank {i}/{len(searched)}", layer.name, layer.alone_float, evaluator, budget,
+                  f"recovers {layer.recovered:+.4f}")
+    return _ranked(searched), None
+
+
+def _ranked(layers: list[Layer]) -> list[Layer]:
+    measured = [la for la in layers if la.alone_float is not None]
+    return sorted(measured, key=lambda la: (-la.recovered, la.alone_float.rel_l2))
+
+
+def greedy(evaluator: Evaluator, model: onnx.ModelProto, pinned: set[str], images: Images, ranked: list[Layer],
+           reference_map: float, score: Score, limit: float, budget: Budget, kept: list[Layer] = ()
+           ) -> tuple[list[Layer], Score, str]:
+    """Keep ranked layers in float, in order, after those `kept` (whose `score` it is), until the drop on `images` is
+    within `limit`: (kept, its score, why it stopped)."""
+    kept = list(kept)
+    for layer in (la for la in ranked if la not in kept):
+        if reference_map - score.map50_95 <= limit:
+            return kept, score, "limit"
+        if stop := budget.spent(evaluator.count):
+            return kept, score, stop
+        kept.append(layer)
+        reuse = len(kept) == 1 and len(images) == layer.images  # the ranking measured this very model
+        score = layer.alone_float if reuse else evaluator.score(
+            keep_in_float(model, pinned | nodes_of(kept)).SerializeToString(), images)
+        layer.kept_map50_95, layer.kept_images = score.map50_95, len(images)
+        _progress(f"keep {len(kept)} on {len(images)} images", layer.name, score, evaluator, budget,
+                  f"drop {reference_map - score.map50_95:.4f}")
+    return kept, score, "limit" if reference_map - score.map50_95 <= limit else "no layers left"
+
+
+def nodes_of(kept: list[Layer]) -> set[str]:
+    return {n for layer in kept for n in layer.nodes}
+
+
+def _progress(step: str, name: str, score: Score, evaluator: Evaluator, budget: Budget, extra: str) -> None:
+    print(f"sensitivity: [{evaluator.count}/{budget.evals} evals, {time.monotonic() - budget.start:.0f} s] {step}: "
+          f"{name} float: mAP50-95 {score.map50_95:.4f}, {extra}, rel-L2 {score.rel_l2:.3e}", flush=True)
+
+
+def load_images(cfg: RunConfig, names: list[str], head: str) -> Images:
+    """The variant's validation images (`data.limit`), letterboxed at `model.imgsz`; only labelled ones count."""
+    samples, _ = load_samples(cfg.data.images, cfg.data.labels, cfg.data.limit, Path(cfg.outputs),
+                              len(names) or None)
+    samples = [s for s in samples if s.gt_cls is not None]
+    if not samples:
+        raise ConfigError(f"data: no labelled images among the first {cfg.data.limit} of "
+                          f"{cfg.data.images or 'the held-out split'}; mAP needs labels (data.labels=DIR)")
+    blobs, boxes = zip(*(preprocess([s.image], tuple(cfg.model.imgsz), head=head) for s in samples))
+    return Images(list(blobs), list(boxes), [(s.gt_cls, s.gt_boxes) for s in samples])
+
+
+def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str = "node",
+           latency: bool = False) -> Outcome:
+    """Rank, keep greedily, confirm with the real quantizer; see the module's docstring."""
+    from runner.quantize import calibration_set, kept_float, quantize_qdq, quantized_nodes
+    from runner.variant import export_stage, output_head
+
+    reference = export_stage(cfg, Mechanism.none).reference
+    pinned, ops = list(cfg.precision.keep_float), list(cfg.precision.qdq_ops)
+    method, cache_dir = cfg.precision.calibrator.value, Path(cfg.cache_dir)
+    calibration = calibration_set(cfg)
+    quantized_onnx = quantize_qdq(reference, calibration, method, cache_dir, pinned, ops)
+    head = output_head(ExportResult(cfg.model.weights, reference, quantized_onnx))
+    model = onnx.load(quantized_onnx.path)
+    pinned_nodes = set(kept_float(model, pinned))
+    quantized_names = set(quantized_nodes(onnx.load(reference.path), ops, pinned))
+    searched = layers([(n.name, n.op_type) for n in model.graph.node if n.name in quantized_names], group)
+    evaluator = Evaluator(cfg, head)
+    every = load_images(cfg, reference.names, head)
+    every.reference = evaluator.outputs(Path(reference.path).read_bytes(), every)
+    subset = every.head(images)
+    reference_map = evaluator.map50_95(subset.reference, subset)
+    quantized = evaluator.score(model.SerializeToString(), subset)
+    print(f"sensitivity: {cfg.model.label} on {len(subset)} images: fp32 mAP50-95 {reference_map:.4f}, Q/DQ int8 "
+          f"{quantized.map50_95:.4f} (drop {reference_map - quantized.map50_95:.4f}, limit {limit}); "
+          f"{len(searched)} {group}s to rank", flush=True)
+    ranked, stop = rank(evaluator, model, pinned_nodes, subset, quantized, searched, budget)
+    kept, estimate, stopped_by = ([], quantized, stop) if stop else greedy(
+        evaluator, model, pinned_nodes, subset, ranked, reference_map, quantized, limit, budget)
+    outcome = Outcome(cfg.model.label, limit, len(subset), len(every), method, reference_map, quantized, ranked,
+                      [], [], estimate, evaluator.map50_95(every.reference, every))
+    while True:
+        outcome.kept, outcome.keep_float = [la.name for la in kept], pinned + [la.pattern for la in kept]
+        final = quantize_qdq(reference, calibration, method, cache_dir, outcome.keep_float, ops)
+        outcome.confirmed = evaluator.score(Path(final.path).read_bytes(), every, counted=False)
+        print(f"sensitivity: confirm {len(kept)} layer(s) in float on {len(every)} images: drop {outcome.drop:.4f}",
+              flush=True)
+        if outcome.met or stopped_by != "limit" or len(subset) == len(every):
+            break
+        kept, _, stopped_by = greedy(evaluator, model, pinned_nodes, every, ranked,
+                                     outcome.confirmed_reference_map50_95, outcome.confirmed, limit, budget, kept)
+    outcome.stopped_by, outcome.evals = stopped_by, evaluator.count
+    outcome.precision = to_plain(cfg)["precision"]
+    outcome.differs = _differs(evaluator, keep_in_float(model, pinned_nodes | nodes_of(kept)), final.path, subset)
+    if latency:
+        outcome.latency = measure_latency(cfg, reference, model, pinned_nodes, kept)
+    outcome.seconds = time.monotonic() - budget.start
+    return outcome
+
+
+def _differs(evaluator: Evaluator, searched: onnx.ModelProto, final: str, images: Images) -> str:
+    """Where the quantizer's model for the set found computes otherwise than the model the search measured, how
+    much (the rel-L2 between their outputs); '' where they agree."""
+    ours, real = (evaluator.outputs(m, images) for m in (searched.SerializeToString(), Path(final).read_bytes()))
+    gap = _rel_l2(real, ours)
+    return f"quantize_qdq(keep_float) makes another model than the one searched (rel-L2 {gap:.2e})" if gap > 1e-6 \
+        else ""
+
+
+def measure_latency(cfg: RunConfig, reference, model: onnx.ModelProto, pinned: set[str], kept: list[Layer]) -> str:
+    """TensorRT infer p50 of each greedy step's ONNX (the variant's build settings), into its `Layer`; returns
+    what was measured, or why not."""
+    from runner import backends
+    from runner.export import signature
+
+    if problem := backends.unavailable(BackendName.tensorrt.value):
+        return f"not measured: {problem}"
+    backend = backends.get(BackendName.tensorrt.value)
+    trt_cfg, _ = backends.resolve_auto(replace(cfg, backend=replace(cfg.backend, name=BackendName.tensorrt)),
+                                       backend)
+    folder = Path(cfg.outputs) / "sensitivity" / cfg.model.label / "latency"
+    folder.mkdir(parents=True, exist_ok=True)
+    for step in range(len(kept) + 1):
+        path = folder / f"keep{step}.onnx"
+        step_model = keep_in_float(model, pinned | nodes_of(kept[:step]))
+        onnx.save(step_model, str(path))
+        tested = replace(reference, path=str(path), precision=Precision.int8.value, signature=signature(step_model))
+        build = backend.build(trt_cfg, ExportResult(cfg.model.weights, reference, tested))
+        with backend.runner(trt_cfg, build) as runner:
+            runner.set_shape(tuple(build.profile[1]))
+            runner.h2d(np.zeros(build.profile[1], np.float32))
+            times = [runner.execute() for _ in range(cfg.bench.warmup + cfg.bench.iters)][cfg.bench.warmup:]
+        ms = float(np.median(times))
+        if step:
+            kept[step - 1].latency_ms = ms
+        print(f"sensitivity: latency with {step} layer(s) in float: infer p50 {ms:.3f} ms", flush=True)
+    return "TensorRT infer p50 per greedy step"
+
+
+def write(outcome: Outcome, out: Path, command: str) -> list[Path]:
+    """precision/<CONFIG_NAME>.yaml (a config group Hydra finds with `hydra.searchpath`), sensitivity.json and
+    sensitivity.csv under `out`; returns their paths."""
+    config = out / "precision" / f"{CONFIG_NAME}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    searched = {key: value for key, value in outcome.precision.items() if key != "keep_float"}
+    config.write_text(f"# {command}\n# {summary_line(outcome)}\n"
+                      + yaml.safe_dump({**searched, "keep_float": outcome.keep_float}, sort_keys=False))
+    report = out / "sensitivity.json"
+    report.write_text(json.dumps({"command": command, "met": outcome.met, "drop": outcome.drop,
+                                  **asdict(outcome)}, indent=1) + "\n")
+    table = out / "sensitivity.csv"
+    with table.open("w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["rank", "layer", "op", "map50_95_alone_float", "recovered", "rel_l2_alone_float", "kept",
+                       "map50_95_after_keeping", "on_images", "latency_ms"])
+        for i, la in enumerate(outcome.ranked, 1):
+            rows.writerow([i, la.name, la.op, f"{la.alone_float.map50_95:.4f}", f"{la.recovered:.4f}",
+                           f"{la.alone_float.rel_l2:.4e}", la.name in outcome.kept,
+                           "" if la.kept_map50_95 is None else f"{la.kept_map50_95:.4f}", la.kept_images or "",
+                           "" if la.latency_ms is None else f"{la.latency_ms:.3f}"])
+    return [config, report, table]
+
+
+def summary_line(o: Outcome) -> str:
+    verdict = "limit met" if o.met else "limit NOT met"
+    return (f"{verdict}: {len(o.kept)} layer(s) kept in float, mAP50-95 drop {o.drop:.4f} (limit {o.limit}) on "
+            f"{o.confirm_images} images, fp32 {o.confirmed_reference_map50_95:.4f} -> int8 "
+            f"{o.confirmed.map50_95:.4f}; stopped by {o.stopped_by}; latency {o.latency}")
+
+
+def kept_table(o: Outcome) -> str:
+    """Markdown: each node kept, its sensitivity, and the mAP after keeping it, on the ranking images."""
+    by_name = {la.name: la for la in o.ranked}
+    lines = ["| layer kept in float | op | recovers alone (mAP50-95) | mAP50-95 after keeping | drop |",
+             "|---|---|---|---|---|",
+             f"| (none: all quantized) | | | {o.quantized.map50_95:.4f} on {o.images} | "
+             f"{o.reference_map50_95 - o.quantized.map50_95:.4f} |"]
+    for name in o.kept:
+        la = by_name[name]
+        reference = o.reference_map50_95 if la.kept_images == o.images else o.confirmed_reference_map50_95
+        lines.append(f"| `{name}` | {la.op} | {la.recovered:+.4f} | {la.kept_map50_95:.4f} on {la.kept_images} | "
+                     f"{reference - la.kept_map50_95:.4f} |")
+    return "\n".join(lines)
+
+
+def sweep_command(out: Path, overrides: list[str]) -> str:
+    """The command that sweeps the config written beside the Q/DQ int8 one it was searched from."""
+    rest = [o for o in overrides if not o.startswith(("precision=", "precision.keep_float="))]
+    return shlex.join(["python", "-m", "runner", "-m", f"hydra.searchpath=[file://{out}]",
+                       f"precision=int8_qdq,{CONFIG_NAME}", *rest])
+
+
+def log_mlflow(outcome: Outcome, paths: list[Path], uri: str, experiment: str, artifact_root: str) -> str:
+    """A run of kind `sensitivity` with the outcome's figures and files; returns its id."""
+    from mlflow.entities import Metric, Param
+
+    from runner.tags import KIND_TAG
+    from runner.track import Tracker
+
+    tracker = Tracker(uri, experiment, artifact_root)
+    client = tracker.client
+    run = client.create_run(tracker.experiment_id, run_name=f"sensitivity-{outcome.model}",
+                            tags={KIND_TAG: "sensitivity", "model": outcome.model})
+    run_id, now = run.info.run_id, int(time.time() * 1000)
+    params = {"model": outcome.model, "limit": outcome.limit, "images": outcome.images, "calibrator":
+              outcome.calibrator, "confirm_images": outcome.confirm_images, "stopped_by": outcome.stopped_by,
+              "keep_float": json.dumps(outcome.keep_float)[:6000]}
+    metrics = {"drop": outcome.drop, "met": float(outcome.met), "kept_layers": len(outcome.kept),
+               "map50_95": outcome.confirmed.map50_95, "reference_map50_95": outcome.confirmed_reference_map50_95,
+               "quantized_drop_ranking": outcome.reference_map50_95 - outcome.quantized.map50_95,
+               "evals": outcome.evals, "seconds": outcome.seconds}
+    steps = [Metric("map50_95_after_keeping", la.kept_map50_95, now, step)
+             for step, la in enumerate((la for la in outcome.ranked if la.kept_map50_95 is not None), 1)]
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()] + steps,
+                     params=[Param(k, str(v)) for k, v in params.items()])
+    for path in paths:
+        client.log_artifact(run_id, str(path), "sensitivity")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def positive(kind):
+    def number(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not > 0")
+        return value
+    return number
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="runner sensitivity", description=(
+        "Find the fewest nodes to keep in float so that the Q/DQ int8 model stays within --limit mAP50-95 of fp32 "
+        "(onnxruntime, CPU); write them as a precision config to sweep."))
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="the variant, as for `runner` (one variant; e.g. model=yolo11n precision.calibrator=minmax)")
+    p.add_argument("--weights", help="an ultralytics .pt (the same as model.weights=PATH)")
+    p.add_argument("--images", type=positive(int), default=16,
+                   help="images the nodes are ranked on, the first of data.limit (default %(default)s)")
+    p.add_argument("--limit", type=positive(float), default=0.01,
+                   help="the mAP50-95 drop to reach (default %(default)s)")
+    p.add_argument("--max-evals", type=positive(int), default=200,
+                   help="evaluations at most: the all-quantized model's, ranking and greedy; confirming is "
+                        "extra (default %(default)s)")
+    p.add_argument("--max-minutes", type=positive(float), default=15.0,
+                   help="minutes for ranking and greedy at most (default %(default)s)")
+    p.add_argument("--group", choices=("node", "block"), default="node",
+                   help="rank each quantized node, or each block of them (/model.<i>/: fewer evaluations)")
+    p.add_argument("--latency", action="store_true", help="time each greedy step with TensorRT (needs a GPU)")
+    p.add_argument("--out", type=Path, help="output folder (default <outputs>/sensitivity/<model>)")
+    p.add_argument("--tracking-uri", help="log a run to this MLflow store (default: not logged)")
+    p.add_argument("--experiment", default="runner", help="MLflow experiment (default %(default)s)")
+    return p
+
+
+def prepare(args) -> tuple[RunConfig, Path, list[str]]:
+    """The one variant of the arguments, checked, its output folder, and the overrides. Raises ConfigError."""
+    from runner import preflight
+    from runner.cache import unwritable
+
+    overrides = list(args.overrides) + ([f"model.weights={args.weights}"] if args.weights else [])
+    if args.limit >= 1:
+        raise ConfigError(f"--limit: an mAP50-95 drop below 1, e.g. 0.01; got {args.limit}")
+    variants = preflight.compose_variants(["-m", *DEFAULTS, *overrides])
+    if len(variants) != 1:
+        raise ConfigError(f"{len(variants)} variants: the search takes one; give one value per key")
+    cfg = variants[0]
+    if cfg.precision.name != Precision.int8 or cfg.precision.int8_mode != Int8Mode.qdq:
+        raise ConfigError(f"precision: the search makes a Q/DQ int8 model; drop precision={cfg.precision.name.value}"
+                          f" (precision.calibrator=... and precision.keep_float=[...] apply)")
+    if args.images > cfg.data.limit:
+        raise ConfigError(f"--images {args.images}: more than data.limit={cfg.data.limit}, the images confirmed on")
+    preflight.check_files(variants)
+    out = args.out or Path(cfg.outputs) / "sensitivity" / cfg.model.label
+    if problem := unwritable(out, True):
+        raise ConfigError(f"--out {out}: {problem}; give a folder you can write")
+    return cfg, out, overrides
+
+
+def main(argv: list[str]) -> int:
+    """0 when the set found meets the limit on the confirm images, 1 when not, 2 on a refusal."""
+    from runner.config import register
+    from runner.environment import quiet_defaults
+
+    quiet_defaults()
+    register()
+    try:
+        args = parser().parse_intermixed_args(argv)
+        cfg, out, overrides = prepare(args)
+    except SystemExit as exc:  # argparse has printed its usage line
+        return exc.code if isinstance(exc.code, int) else USAGE_EXIT
+    except ConfigError as exc:
+        print(f"runner: error: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+    try:
+        outcome = search(cfg, args.images, args.limit, Budget(args.max_evals, args.max_minutes), args.group,
+                         args.latency)
+    except StageError as exc:
+        print(f"runner: error: {exc.stage}: {exc.message}", file=sys.stderr)
+        return NOT_MET_EXIT
+    command = shlex.join(["runner", "sensitivity", *argv])
+    paths = write(outcome, out, command)
+    print(f"\n{kept_table(outcome)}\n\nrunner: {summary_line(outcome)}")
+    if outcome.differs:
+        print(f"runner: warning: {outcome.differs}: the confirmed figure is the quantizer's", file=sys.stderr)
+    print(f"runner: {len(outcome.ranked)} {args.group}s ranked on {outcome.images} images, {outcome.evals} "
+          f"evaluations, {outcome.seconds:.0f} s; files in {out}")
+    if args.tracking_uri:
+        run_id = log_mlflow(outcome, paths, args.tracking_uri, args.experiment, cfg.tracking.artifact_root)
+        print(f"runner: logged to run {run_id} (experiment '{args.experiment}', artifacts sensitivity/)")
+    if outcome.kept:
+        print(f"runner: sweep it: {sweep_command(out, overrides)}")
+    else:
+        print("runner: no layer kept beyond precision.keep_float: the config written is the one searched")
+    return 0 if outcome.met else NOT_MET_EXIT
