@@ -44,6 +44,7 @@ from runner.processing import preprocess
 from runner.results import OnnxArtifact, StageError
 
 log = logging.getLogger(__name__)
+QDQ = ("QuantizeLinear", "DequantizeLinear")
 QUANTIZED_OPS = ("Conv", "Add", "Concat")  # the op types whose inputs get Q/DQ
 FLOW_OPS = ("Add", "Concat")  # quantized only where int8 flows on: their output goes into quantized nodes alone
 METHODS = {"entropy2": "Entropy", "minmax": "MinMax", "percentile": "Percentile"}  # onnxruntime's CalibrationMethod
@@ -175,6 +176,40 @@ def calibrate(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     return ranges
 
 
+def qdq_pairs(model: onnx.ModelProto) -> dict[str, str]:
+    """DequantizeLinear output -> the float tensor its QuantizeLinear reads."""
+    quantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    return {n.output[0]: quantized[n.input[0]] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in quantized}
+
+
+def keep_in_float(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of the Q/DQ `model` in which the `names` nodes read float inputs; pairs nothing reads any more go."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    pairs = qdq_pairs(out)
+    for node in out.graph.node:
+        if node.name in names:
+            for i, name in enumerate(node.input):
+                node.input[i] = pairs.get(name, name)
+    _prune(out.graph)
+    return out
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop Q/DQ nodes whose outputs nothing reads, then initializers nothing reads."""
+    while True:
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in QDQ and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+
+
 def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str, folder: Path,
               keep_float: Sequence[str], ops: Sequence[str]) -> OnnxArtifact:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -206,10 +241,12 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
         raise StageError("export", f"onnxruntime quantize_static: {type(exc).__name__}: {exc}") from exc
     finally:
         logging.getLogger().removeFilter(quiet)
-    model = onnx.load(str(path))
+    # quantize_static feeds every reader of a quantized tensor from one Q/DQ pair: a kept node reads float only
+    # once rewired past it
+    model = keep_in_float(onnx.load(str(path)), set(kept))
     if not model.metadata_props:  # ultralytics' metadata (class names, stride), as the fp32 ONNX has it
         model.metadata_props.extend(onnx.load(reference.path).metadata_props)
-        onnx.save(model, str(path))
+    onnx.save(model, str(path))
     qdq = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
     artifact = OnnxArtifact(path=str(path), tool=reference.tool, dynamic=reference.dynamic, precision="int8",
                             signature=signature(model), checker=checker_verdict(model),

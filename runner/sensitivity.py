@@ -37,12 +37,12 @@ from runner.config import BackendName, ConfigError, Int8Mode, Mechanism, Precisi
 from runner.data import HELD_OUT_COUNT, load_samples
 from runner.metrics import mean_average_precision
 from runner.processing import postprocess, preprocess
+from runner.quantize import calibration_set, keep_in_float, kept_float, quantize_qdq, quantized_nodes
 from runner.results import ExportResult, StageError
 
 USAGE_EXIT, NOT_MET_EXIT = 2, 1
 CONFIG_NAME = "int8_qdq_pinned"  # the precision option written: precision=int8_qdq_pinned
 DEFAULTS = ["precision=int8_qdq", f"data.limit={HELD_OUT_COUNT}"]  # before the user's overrides
-QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 @dataclass
@@ -126,40 +126,6 @@ def layers(nodes: list[tuple[str, str]], group: str) -> list[Layer]:
                                    for op in dict.fromkeys(o for _, o in members)),
                   [n for n, _ in members], pattern(block) + "*" if block.endswith("/") else pattern(block))
             for block, members in blocks.items()]
-
-
-def _pairs(model: onnx.ModelProto) -> dict[str, str]:
-    """DequantizeLinear output -> the float tensor its QuantizeLinear reads."""
-    quantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    return {n.output[0]: quantized[n.input[0]] for n in model.graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] in quantized}
-
-
-def keep_in_float(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of the Q/DQ `model` in which the `names` nodes read float inputs; pairs nothing reads any more go."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    pairs = _pairs(out)
-    for node in out.graph.node:
-        if node.name in names:
-            for i, name in enumerate(node.input):
-                node.input[i] = pairs.get(name, name)
-    _prune(out.graph)
-    return out
-
-
-def _prune(graph: onnx.GraphProto) -> None:
-    """Drop Q/DQ nodes whose outputs nothing reads, then initializers nothing reads."""
-    while True:
-        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type in QDQ and not any(o in read for o in n.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    read = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name not in read]:
-        graph.initializer.remove(init)
 
 
 def pattern(name: str) -> str:
@@ -280,7 +246,6 @@ def load_images(cfg: RunConfig, names: list[str], head: str) -> Images:
 def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str = "node",
            latency: bool = False) -> Outcome:
     """Rank, keep greedily, confirm with the real quantizer; see the module's docstring."""
-    from runner.quantize import calibration_set, kept_float, quantize_qdq, quantized_nodes
     from runner.variant import export_stage, output_head
 
     reference = export_stage(cfg, Mechanism.none).reference

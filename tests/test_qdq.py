@@ -64,6 +64,20 @@ def test_the_default_pins_keep_exactly_the_heads_last_convs_and_the_dfl_in_float
     assert all(fed_by_dq(onnx.load(before.path))[name][:2] == [True, True] for name in FINAL_CONVS)
 
 
+def test_a_kept_node_whose_input_a_quantized_node_also_reads_reads_it_in_float(small, export_cache):
+    """quantize_static feeds every reader of a quantized tensor from one Q/DQ pair: the head's first box conv
+    shares its input with the class branch and the next block, and read int8 while pinned."""
+    reference, calibration = small
+    kept = "/model.22/cv2.0/cv2.0.0/conv/Conv"
+    artifact = quantize_qdq(reference, calibration, "minmax", export_cache, [kept], ["Conv"])
+    model = onnx.load(artifact.path)
+    dq = fed_by_dq(model)
+    shared = next(n.input[0] for n in model.graph.node if n.name == kept)
+    assert artifact.quantization["kept_float_nodes"] == [kept] and not any(dq[kept])
+    assert any(n.name != kept and shared in n.input for n in model.graph.node)  # the float tensor is shared
+    assert dq["/model.22/cv3.0/cv3.0.0/conv/Conv"][:2] == [True, True]  # its sibling still reads int8
+
+
 def test_residual_adds_and_concats_get_qdq_on_their_inputs_the_heads_decode_does_not(placed):
     after, before = placed
     dq = fed_by_dq(onnx.load(after.path))

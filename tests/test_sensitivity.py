@@ -16,7 +16,7 @@ from runner.data import select
 from runner.export import export_onnx
 from runner.preflight import compose_variants
 from runner.quantize import QUANTIZED_OPS, CalibrationSet, quantize_qdq, quantized_nodes
-from runner.sensitivity import _pairs, keep_in_float
+from runner.quantize import keep_in_float, qdq_pairs
 
 USAGE_EXIT = 2
 TINY = ["model.imgsz=[128,128]", "data.limit=8"]
@@ -32,7 +32,7 @@ def outputs_of(model: onnx.ModelProto | str, blob: np.ndarray) -> np.ndarray:
 
 def reading_pairs(model: onnx.ModelProto, names: list[str]) -> list[str]:
     """Those of the `names` nodes with an input behind a Quantize/Dequantize pair, in graph order."""
-    pairs = _pairs(model)
+    pairs = qdq_pairs(model)
     return [n.name for n in model.graph.node if n.name in names and set(n.input) & set(pairs)]
 
 
@@ -63,7 +63,7 @@ def test_keeping_nodes_in_float_rewires_them_past_their_pairs(tiny_qdq):
     np.testing.assert_allclose(outputs_of(every, blob), fp32, rtol=1e-5, atol=1e-5)
     one = keep_in_float(model, {convs[3]})
     node = next(n for n in one.graph.node if n.name == convs[3])
-    assert not set(node.input) & set(_pairs(one))
+    assert not set(node.input) & set(qdq_pairs(one))
     assert reading_pairs(one, quantized) == [name for name in quantized if name != convs[3]]
     assert not np.array_equal(outputs_of(one, blob), int8)
 
