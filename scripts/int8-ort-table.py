@@ -6,6 +6,8 @@ on the same images, per placement and calibrator.
 import json
 import sys
 
+from markdown_table import print_table
+
 
 def rows(path: str):
     for r in json.load(open(path)):
@@ -21,10 +23,7 @@ def rows(path: str):
 def main(paths: list[str]) -> None:
     header = ["placement", "calibrator", "quantized nodes", "kept float", "fp32 mAP50-95", "int8 mAP50-95",
               "drop", "det F1", "status"]
-    print("|" + "|".join(header) + "|\n|" + "---|" * len(header))
-    for path in paths:
-        for row in rows(path):
-            print("|" + "|".join(str(v) for v in row) + "|")
+    print_table(header, (row for path in paths for row in rows(path)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 import json
 import sys
 
+from markdown_table import print_table
+
 STAGES = ("preprocess", "infer", "postprocess", "e2e", "h2d", "d2h", "compute")
 
 
@@ -25,10 +27,7 @@ def rows(path: str):
 
 def main(paths: list[str]) -> None:
     header = ["pipeline", "images", *STAGES, "img/s opt batch", "img/s batch 1, 2 streams", "CUDA graph"]
-    print("|" + "|".join(header) + "|\n|" + "---|" * len(header))
-    for path in paths:
-        for row in rows(path):
-            print("|" + "|".join(str(v) for v in row) + "|")
+    print_table(header, (row for path in paths for row in rows(path)))
 
 
 if __name__ == "__main__":
