@@ -8,6 +8,7 @@ detections to compare. 640 px stays where accuracy is the claim. Nothing here is
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sqlite3
@@ -64,11 +65,15 @@ def run_cli(args: list[str], outputs: Path, timeout: float = 900) -> subprocess.
 @pytest.fixture
 def runner_main(capsys, monkeypatch):
     """runner_main(args) -> CompletedProcess of `runner <args>` run in this process (`runner.__main__.main`), for
-    refusals, where a subprocess would prove nothing more. The environment defaults it sets are undone after."""
+    refusals, where a subprocess would prove nothing more. The environment defaults it sets, and the root logging
+    handlers Hydra's job logging adds (on this test's captured stream, closed after it), are undone after."""
     from runner.__main__ import main
 
     environ = os.environ.copy()
     monkeypatch.setattr(sys, "argv", [sys.argv[0]])
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
 
     def run(args: list[str]) -> subprocess.CompletedProcess:
         capsys.readouterr()
