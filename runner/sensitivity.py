@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shlex
 import sys
 import time
@@ -35,7 +34,8 @@ import yaml
 
 from runner.config import BackendName, ConfigError, Int8Mode, Mechanism, Precision, RunConfig, to_plain
 from runner.data import HELD_OUT_COUNT, load_samples
-from runner.metrics import mean_average_precision
+from runner.backends.onnxruntime import session_options
+from runner.metrics import mean_average_precision, tensor_metrics
 from runner.processing import postprocess, preprocess
 from runner.quantize import calibration_set, keep_in_float, kept_float, quantize_qdq, quantized_nodes
 from runner.results import ExportResult, StageError
@@ -142,8 +142,7 @@ class Evaluator:
     def outputs(self, model: bytes, images: Images) -> list[np.ndarray]:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(os.environ.get("RUNNER_CPU_THREADS", 0))
+        options = session_options()
         options.log_severity_level = 3  # an unused initializer's warning says nothing here
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
@@ -162,8 +161,8 @@ class Evaluator:
 
 
 def _rel_l2(outs: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    test, ref = np.concatenate([o.ravel() for o in outs]), np.concatenate([r.ravel() for r in reference])
-    return float(np.linalg.norm(test - ref) / max(np.linalg.norm(ref), 1e-12))
+    return tensor_metrics(np.concatenate([o.ravel() for o in outs]), np.concatenate([r.ravel() for r in reference]),
+                          0.0, 0.0)["rel_l2"]
 
 
 @dataclass

@@ -18,6 +18,16 @@ REFERENCE_PROVIDER = "CPUExecutionProvider"
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def session_options():
+    """onnxruntime's session options as runner runs it: a variant sharing its host with others gets a share of the
+    cores (runner.gpus); 0 is onnxruntime's own pick."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(os.environ.get("RUNNER_CPU_THREADS", 0))
+    return options
+
+
 class OrtRunner(Runner):
     """One onnxruntime session. `execute` returns host milliseconds (no device timer on this backend)."""
 
@@ -32,10 +42,7 @@ class OrtRunner(Runner):
     def open(self) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        # a variant sharing its host with others gets a share of the cores (runner.gpus); 0: onnxruntime's own pick
-        options.intra_op_num_threads = int(os.environ.get("RUNNER_CPU_THREADS", 0))
-        self.session = ort.InferenceSession(self.onnx_path, options, providers=[self.requested_provider])
+        self.session = ort.InferenceSession(self.onnx_path, session_options(), providers=[self.requested_provider])
         self.provider = self.session.get_providers()[0]
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
