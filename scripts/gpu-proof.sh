@@ -43,6 +43,8 @@ scale=(-m precision=fp16,fp32 export=ultralytics,torch shape=static,dynamic back
        hydra/launcher=joblib)
 gpu_count() { nvidia-smi -L | wc -l; }
 every_gpu=(backend.builder_optimization_level=0 hydra/launcher=joblib backend.gpus=auto)  # + n_jobs=$(gpu_count)
+batch32=(shape=dynamic 'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[32,3,640,640]'
+         'bench.offline_batches=[1,8,32]' data.limit=64 hydra/launcher=joblib backend.gpus=auto)  # default level
 seed=(profile=seed shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0)
 mkdir -p "$DEST/$step"
 case $step in
@@ -120,6 +122,9 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
                 backend.builder_optimization_level=0) ;;
   nms) args=(-m export.head=nms shape=static,dynamic precision=fp32,fp16 build=tensorrt_api,ultralytics
              backend.builder_optimization_level=0) ;;
+  int8-pays-a) args=(-m model=yolov8n precision=fp16,int8_calibrator,int8_qdq "${batch32[@]}" hydra.launcher.n_jobs=$(gpu_count)) ;;
+  int8-pays-b) args=(-m model=yolov8n precision=int8_qdq precision.calibrator=minmax,percentile "${batch32[@]}"
+                     hydra.launcher.n_jobs=$(gpu_count)) ;;
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
