@@ -45,10 +45,11 @@ def select(results: list[VariantResult], selector: str, option: str) -> tuple[in
             raise ReportError(f"{option} {selector}: the sweep has variants #0..#{len(results) - 1}: {listing}")
         return int(selector), results[int(selector)]
     found = [(i, r) for i, r in enumerate(results) if selector.lower() in r.cell.key.lower()]
-    if len(found) != 1:
-        named = "; ".join(f"#{i} {r.cell.key}" for i, r in found) if found else listing
-        raise ReportError(f"{option} '{selector}' names {len(found) or 'no'} variant{'s' * (len(found) != 1)}: "
-                          f"{named}; give more of its cell, or its number")
+    if not found:
+        raise ReportError(f"{option} '{selector}' names no variant; the sweep has: {listing}")
+    if len(found) > 1:
+        raise ReportError(f"{option} '{selector}' names {len(found)} variants: "
+                          f"{'; '.join(f'#{i} {r.cell.key}' for i, r in found)}; give more of its cell, or its number")
     return found[0]
 
 
