@@ -16,7 +16,7 @@ from runner import forensics
 from runner.backends.onnxruntime import OrtRunner
 from runner.bench import layer_profile
 from runner.report import cli, layers
-from runner.report.frame import read_results
+from runner.report.frame import read_results, results_frame
 from runner.results import VariantResult
 from runner.sweep import JobRecord
 from runner.track import Tracker
@@ -138,6 +138,9 @@ def test_a_profile_travels_in_the_result_and_its_metrics(sweep):
     assert VariantResult.from_dict(result.to_dict()) == result and len(result.bench.layers.rows) == 5
     metrics = result.metrics()
     assert metrics["layers.total_ms"] == pytest.approx(0.76) and metrics["layers.fp16.ms"] == pytest.approx(0.04)
+    details = results_frame(read_results(sweep))  # the details table (`runner table`) shows the profiled ones
+    assert details.loc[details["build_label"] == "trt st fp16", "layers_ms"].notna().sum() == 1
+    assert details["reformats"].max() == 2 and details["layers_ms"].max() == pytest.approx(0.76)
 
 
 def test_layers_sets_two_variants_side_by_side(sweep, tmp_path, capsys):
