@@ -111,8 +111,8 @@ def sections(sides: list[Side], top: int) -> list[tuple[str, pd.DataFrame]]:
     a, b = sides
     return [("Where the time goes", totals(sides)), ("By layer type", by_type(sides)),
             *((f"Reformats of {s.tag}", reformats(s)) for s in sides),
-            (f"The {top} slowest layers of A, and what they became in B", slowest(a, b, top)),
-            (f"The {top} slowest layers of B, and what they became in A", slowest(b, a, top))]
+            (f"The slowest layers of A (at most {top}), and what they became in B", slowest(a, b, top)),
+            (f"The slowest layers of B (at most {top}), and what they became in A", slowest(b, a, top))]
 
 
 def legend(sides: list[Side]) -> list[str]:
