@@ -27,7 +27,7 @@ DATATYPES = {"fp32": "fp32", "float": "fp32", "fp16": "fp16", "half": "fp16", "b
              "int8": "int8", "int32": "int32", "int64": "int64", "uint8": "uint8", "bool": "bool"}
 DATATYPE = re.compile(rf"\b({'|'.join(DATATYPES)})\b", re.IGNORECASE)
 ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]\x1e\x1f]+)\]")
-NAME_NODE = re.compile(r"[^\s,()+\x1e\x1f]*/[^\s,()+\x1e\x1f]+")  # a node name in a fused layer's name: /model.0/conv/Conv
+NAME_NODE = re.compile(r"[^\s,()+\x1e\x1f]*/[^\s,()+\x1e\x1f]+")  # a node inside a fused layer's name
 CONTROL = re.compile(r"[\x00-\x1f]")
 CSV_COLUMNS = ("name", "type", "precision", "input_precision", "tactic", "ms", "share", "reformat", "onnx_nodes")
 

@@ -165,7 +165,8 @@ def test_layers_refuses_in_one_line(sweep, tmp_path, capsys):
         assert err.count("\n") == 1
         return err
 
-    assert "A 'yolov8n | ul st fp32 | trt st' names 2 variants: #3 yolov8n | ul st fp32 | trt st fp16; #15" in refused("yolov8n | ul st fp32 | trt st", "2")
+    assert "A 'yolov8n | ul st fp32 | trt st' names 2 variants: #3 yolov8n | ul st fp32 | trt st fp16; #15" in \
+        refused("yolov8n | ul st fp32 | trt st", "2")
     assert "'fp64' names no variant; the sweep has: #0 rtdetr-n" in refused("fp64", "3")
     assert "has variants #0..#23" in refused("3", "99")
     assert "A and B both name variant #3" in refused("3", "yolov8n | ul st fp32 | trt st fp16")

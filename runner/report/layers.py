@@ -149,8 +149,8 @@ def plot(sides: list[Side], path: Path, title: str) -> None:
     for y, seg in enumerate(segments):
         left = 0.0
         for name in names:
-            top.barh(y, seg.get(name, 0.0), left=left, color=PRECISION_COLOURS.get(name, "#9e9e9e"),
-                     edgecolor="white", hatch="//" if name == REFORMAT_SEGMENT else None, label=name if y == 0 else None)
+            top.barh(y, seg.get(name, 0.0), left=left, color=PRECISION_COLOURS.get(name, "#9e9e9e"), edgecolor="white",
+                     hatch="//" if name == REFORMAT_SEGMENT else None, label=name if y == 0 else None)
             left += seg.get(name, 0.0)
         top.text(left, y, f"  {left:.3f} ms", va="center", fontsize=9)
     top.set_yticks(range(len(sides)), [f"{s.tag}: {s.cell}" for s in sides], fontsize=8)
