@@ -1,11 +1,11 @@
 """`runner [overrides]` / `python -m runner [overrides]` sweeps the matrix; `runner sync` logs what a lost
-tracking store missed; `runner table|baseline|check|pick` report on finished sweeps; `runner sensitivity` finds
-the nodes a Q/DQ int8 model keeps in float; `runner --help` lists them all and every config group."""
+tracking store missed; `runner table|baseline|check|pick|layers` report on finished sweeps; `runner sensitivity`
+finds the nodes a Q/DQ int8 model keeps in float; `runner --help` lists them all and every config group."""
 from __future__ import annotations
 
 import sys
 
-REPORT_COMMANDS = ("table", "baseline", "check", "pick")
+REPORT_COMMANDS = ("table", "baseline", "check", "pick", "layers")
 
 
 def main(argv: list[str] | None = None) -> None:

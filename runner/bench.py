@@ -13,6 +13,9 @@ Scenarios: the chain loop is single-stream at batch 1 (multi-stream at a larger 
 another, latency percentiles. Offline: images/s end to end (frames in, detections out, the variant's own chain) and
 of the engine alone, at each batch of `bench.offline_batches` that the built profile holds. Server (where
 `bench.server_rate` is set): Poisson arrivals served one at a time at batch 1, latency from arrival.
+
+Last, after everything timed, each layer's time at the timed shape where the runtime has a per-layer profiler
+(`Runner.layer_times`): a profiler slows the runs it watches, so no figure above is taken with one.
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ import time
 
 import numpy as np
 
+from runner import forensics
 from runner.config import BenchConfig
 from runner.processing import preprocess
 from runner.results import BENCH_STAGES as STAGES
-from runner.results import BenchResult, OfflinePoint, ServerResult, Stats, first_line
+from runner.results import BenchResult, LayerProfile, OfflinePoint, ServerResult, Stats, first_line
 
 log = logging.getLogger(__name__)
 THROUGHPUT_LANES = {"opt_batch": 1, "batch1_2streams": 2}  # name -> streams
@@ -159,10 +163,30 @@ def server(runner, chain, images: list[np.ndarray], hw: tuple[int, int], rate: f
                         latency=summarize(latencies))
 
 
+def layer_profile(runner, shape: list[int], iters: int,
+                  layers_path: str | None) -> tuple[LayerProfile | None, str | None]:
+    """Each layer's mean time at `shape` over `iters` profiled runs, joined with the engine inspector's layers at
+    `layers_path` (`forensics`). (profile, None); (None, None) where the runtime has no per-layer profiler;
+    (None, why) where profiling failed, the variant's other figures standing."""
+    try:
+        times = runner.layer_times(tuple(shape), iters)
+        layers = forensics.read_layers(layers_path) if times and layers_path else []
+    except Exception as exc:  # the runtime's or the file's problem, said; never the variant's failure
+        log.warning("bench: layer profile: %s", exc)
+        return None, f"not profiled: {first_line(f'{type(exc).__name__}: {exc}', 200)}"
+    if times is None:
+        return None, None
+    if not times:
+        return None, "not profiled: the profiler reported no layer"
+    note = None if layers_path else "no engine inspector JSON: the layers' types and precisions are unknown"
+    return forensics.join(layers, times, shape, iters), note
+
+
 def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchConfig,
-          profile: list[list[int]]) -> BenchResult:
+          profile: list[list[int]], layers_path: str | None = None) -> BenchResult:
     """Time `chain` at `shape` (N, 3, H, W) over `images`, cycling through them; then the scenarios of `cfg` that
-    the built `profile` (min, opt, max) holds."""
+    the built `profile` (min, opt, max) holds; last, untimed, each layer's time at `shape` where the runtime
+    profiles layers (`layers_path`: the engine inspector's JSON)."""
     batch, hw, warmup, iters = shape[0], (shape[2], shape[3]), cfg.warmup, cfg.iters
     runner.set_shape(tuple(shape))
     pinned = runner.pin(images)
@@ -186,6 +210,12 @@ def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchC
     log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms%s", *(getattr(result, s).p50 for s in STAGES),
              "".join(f"; {k} {v:.0f} img/s" for k, v in figures.items()))
     scenarios(runner, chain, images, hw, cfg, profile, result)
+    result.layers, note = layer_profile(runner, shape, iters, layers_path)
+    if note:
+        result.settings["layers_note"] = note
+    if result.layers:
+        log.info("bench: %d layers profiled, %.2f ms in all, %d reformats", len(result.layers.rows),
+                 result.layers.total_ms, len(result.layers.reformats))
     return result
 
 

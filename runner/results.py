@@ -333,6 +333,56 @@ class ServerResult(Record):
 
 
 @dataclass
+class LayerRow(Record):
+    """One layer of a built engine (`runner.forensics`): the engine inspector's name, type, precision (its first
+    output's datatype; its first input's beside it) and tactic, the ONNX nodes it holds, and its mean time."""
+    name: str
+    type: str  # the inspector's LayerType: CaskConvolution, Reformat, ...; "unknown" without DETAILED verbosity
+    precision: str  # fp32 | fp16 | int8 | int32 | ... | unknown
+    input_precision: str
+    tactic: str
+    ms: float | None  # mean per run; None: the profiler reported no time for it
+    reformat: bool  # a copy between formats or precisions, TensorRT's own or an unfused Quantize/Dequantize
+    onnx_nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LayerProfile(Record):
+    """Where the engine's time goes: every layer at the timed `shape`, times averaged over `runs` profiled runs
+    (TensorRT's IProfiler, after the timed loops). `unmatched`: layers profiled that the inspector did not list."""
+    shape: list[int]
+    runs: int
+    rows: list[LayerRow]
+    unmatched: int = 0
+
+    @property
+    def total_ms(self) -> float:
+        """The sum of the layers' mean times: the engine's time as profiled, a little above its CUDA-event time."""
+        return sum(r.ms or 0.0 for r in self.rows)
+
+    def by(self, key: str) -> dict[str, tuple[float, int]]:
+        """{value of `key` (precision, type): (ms, layers)}, the most time first."""
+        groups: dict[str, tuple[float, int]] = {}
+        for row in self.rows:
+            ms, count = groups.get(getattr(row, key), (0.0, 0))
+            groups[getattr(row, key)] = ms + (row.ms or 0.0), count + 1
+        return dict(sorted(groups.items(), key=lambda item: -item[1][0]))
+
+    @property
+    def reformats(self) -> list[LayerRow]:
+        return [r for r in self.rows if r.reformat]
+
+    def metrics(self) -> dict[str, float]:
+        """The summary as MLflow metrics, under `layers.`: total, counts, reformats, and ms and layers by precision."""
+        m = {"layers.total_ms": self.total_ms, "layers.count": len(self.rows),
+             "layers.reformats": len(self.reformats), "layers.reformat_ms": sum(r.ms or 0.0 for r in self.reformats),
+             "layers.unprofiled": sum(r.ms is None for r in self.rows), "layers.unmatched": self.unmatched}
+        for precision, (ms, count) in self.by("precision").items():
+            m.update({f"layers.{precision}.ms": ms, f"layers.{precision}.count": count})
+        return m
+
+
+@dataclass
 class BenchResult(Record):
     preprocess: Stats
     infer: Stats
@@ -346,6 +396,7 @@ class BenchResult(Record):
     offline: list[OfflinePoint] = field(default_factory=list)  # the offline scenario, by batch
     offline_skipped: dict[str, str] = field(default_factory=dict)  # batch -> why it has no offline point
     server: ServerResult | None = None
+    layers: LayerProfile | None = None  # each layer's time, precision and tactic (TensorRT only)
 
     def offline_best(self) -> OfflinePoint | None:
         """The offline point with the most images/s end to end, where there is one."""
@@ -465,6 +516,8 @@ class VariantResult(Record):
             m["bench.batch"] = self.bench.shape[0]
             m["bench.infer_over_compute"] = self.bench.infer_over_compute
             m["bench.cuda_graph"] = float(bool(self.bench.settings.get("cuda_graph")))  # as run, not as asked
+            if self.bench.layers:
+                m.update(self.bench.layers.metrics())
         return {k: float(v) for k, v in m.items() if v is not None}
 
     def _scenario_metrics(self) -> dict[str, float]:

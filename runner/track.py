@@ -8,7 +8,8 @@ by a kill is replaced. Parallel jobs reach an embedded sqlite store through a lo
 A variant's run carries the flattened config as params, provenance (`env.*`) and what was resolved at
 run time (`resolved.*`, the timed shape among them), `VariantResult.metrics()` as metrics, the cell, the outcome
 and the measured shapes as tags (read back by `runner table|check`), and as artifacts the result JSON, the
-resolved config, the ONNX signatures, the build log and layers, and the traceback of an unexpected error.
+resolved config, the ONNX signatures, the build log and layers, each layer's time (layers/layers.csv, .json) where
+the runtime profiled them, and the traceback of an unexpected error.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import yaml
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from runner import cache
+from runner import cache, forensics
 from runner.isolate import start_tethered
 from runner.results import VariantResult
 from runner.sweep import JobRecord
@@ -206,6 +207,8 @@ class Tracker:
                 (folder / "onnx_signature.json").write_text(json.dumps(signatures, indent=1))
             if result.error_detail:
                 (folder / "error.txt").write_text(result.error_detail)
+            if result.bench and result.bench.layers:
+                forensics.write(result.bench.layers, folder / "layers")
             self.client.log_artifacts(run_id, str(folder))
         if result.build:
             for path in (result.build.log_path, result.build.layers_path):

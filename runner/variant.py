@@ -111,7 +111,7 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
             publish(result)
             clock.enter("bench")
             result.bench = bench(runner, chain, [s.image for s in samples], timed_shape(cfg, result.build), cfg.bench,
-                                 result.build.profile)
+                                 result.build.profile, result.build.layers_path)
     except StageError as exc:
         if exc.partial is not None:
             setattr(result, exc.stage, exc.partial)

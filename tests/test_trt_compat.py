@@ -156,6 +156,45 @@ def test_set_optimization_level():
         trt_compat.set_optimization_level(NS(), 2)
 
 
+class ProfiledContext:
+    """An execution context's profiler slot; `emits`: it has the `enqueue_emits_profile` switch (8.6, 10.x, 11.x),
+    off here to show that profiling turns it on."""
+
+    def __init__(self, emits: bool):
+        self.profiler, self.attached = None, []
+        if emits:
+            self.enqueue_emits_profile = False
+
+    def __setattr__(self, name, value):
+        if name == "profiler" and value is not None:
+            self.attached.append(value)
+        super().__setattr__(name, value)
+
+
+@pytest.mark.parametrize("emits", [True, False])
+def test_a_profiler_is_attached_for_the_block_only_even_when_it_fails(emits):
+    class Profiler:
+        def __init__(self):
+            self.reported = []
+
+    context, profiler = ProfiledContext(emits), Profiler()
+    with pytest.raises(RuntimeError, match="enqueue failed"), trt_compat.profiling(context, profiler):
+        assert context.profiler is profiler and getattr(context, "enqueue_emits_profile", True) is True
+        raise RuntimeError("enqueue failed")
+    assert context.profiler is None and context.attached == [profiler]
+
+
+def test_the_layer_profiler_reports_each_layer_to_its_caller():
+    class IProfiler:  # TensorRT's base: the subclass must call its __init__
+        def __init__(self):
+            self.base_initialised = True
+
+    reported = []
+    profiler = trt_compat.layer_profiler(NS(IProfiler=IProfiler), lambda name, ms: reported.append((name, ms)))
+    profiler.report_layer_time("/model.0/conv/Conv", 0.25)
+    assert profiler.base_initialised and reported == [("/model.0/conv/Conv", 0.25)]
+
+
 def test_dtype_to_numpy():
     assert trt_compat.dtype_to_numpy(TRT86, "f") == np.float32
     assert trt_compat.dtype_to_numpy(TRT86, "h") == np.float16

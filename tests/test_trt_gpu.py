@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import isolate_targets  # tests/ is on sys.path (conftest.py): spawned children import it by name
+from runner import forensics
 from runner.backends.tensorrt import compat as trt_compat
 from runner.backends.tensorrt.build import BuildSpec, build_engine
 from runner.backends.tensorrt.runtime import ShapeError, TrtRunner
@@ -120,6 +121,27 @@ def test_static_fp32_matches_onnxruntime(models, static_engine):
         assert runner.profile == (tuple(STATIC),) * 3
         out = runner.infer(x)["output0"]
     np.testing.assert_allclose(out, ort_run(models["static"], x), atol=1e-3)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_layer_times_name_every_profiled_layer_of_the_inspector_and_leave_the_runner_as_it_was(
+        models, tmp_path, cuda_graph):
+    engine = build_ok(spec(models["dynamic"], tmp_path, DYN_MIN, DYN_OPT, DYN_MAX))
+    inspected = {layer["Name"] for layer in forensics.read_layers(engine.layers_path)}
+    x = rand(DYN_OPT)
+    with TrtRunner(engine.artifact, cuda_graph=cuda_graph) as runner:
+        before = runner.infer(x)["output0"]
+        times = runner.layer_times(tuple(DYN_OPT), 20)
+        assert times and set(times) <= inspected and all(ms > 0 for ms in times.values())
+        assert runner._context.profiler is None  # detached: the runs after are not profiled
+        runner.set_shape(tuple(DYN_OPT))
+        for _ in range(3):  # replays where graphs are on: captured after the profiler left
+            runner.h2d(x)
+            assert runner.execute() > 0
+        np.testing.assert_allclose(runner.d2h()["output0"], before, atol=1e-5)
+        assert runner.graphs.on == cuda_graph
+    profile = forensics.join(forensics.read_layers(engine.layers_path), times, DYN_OPT, 20)
+    assert profile.unmatched == 0 and profile.total_ms > 0 and "fp32" in profile.by("precision")
 
 
 def test_dynamic_profile_shapes(models, tmp_path):

@@ -3,7 +3,7 @@
 Every backend gives the build stage (`build`) and a `Runner`. Runners have one shape, after Polygraphy's:
 open -> (set_shape -> h2d -> execute -> d2h)* -> close, also as a context manager. `execute` returns
 milliseconds: CUDA events on a GPU, the host clock on the CPU. What a runtime runs beside the model (GPU
-letterbox and score filter, throughput lanes) it hands out through the `Runner` methods that default to None; a
+letterbox and score filter, throughput lanes, per-layer times) it hands out through the `Runner` methods that default to None; a
 `Predictor` also runs its own pre and post. The chains (`prepost`) and the bench never branch on a name.
 """
 from __future__ import annotations
@@ -80,6 +80,11 @@ class Runner(ABC):
     def lanes(self, shape: tuple[int, ...], streams: int):
         """`streams` concurrent lanes of the model alone at `shape` (`enqueue()` runs each once, `synchronize()`,
         a context manager), for `bench.images_per_second`; None where the runtime has no streams."""
+        return None
+
+    def layer_times(self, shape: tuple[int, ...], iters: int) -> dict[str, float] | None:
+        """Each layer's mean time in ms at `shape` over `iters` runs, by the engine's layer names (`forensics`
+        joins them with the engine inspector's layers); None where the runtime has no per-layer profiler."""
         return None
 
     def infer(self, blob: np.ndarray) -> dict[str, np.ndarray]:

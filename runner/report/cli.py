@@ -1,5 +1,5 @@
-"""`runner table|baseline|check|pick`: the compatibility table of one or more sweeps, their baseline,
-regressions against one, and the variants that meet a budget.
+"""`runner table|baseline|check|pick|layers`: the compatibility table of one or more sweeps, their baseline,
+regressions against one, the variants that meet a budget, and two variants' engines side by side, layer by layer.
 
 Sweeps are read from MLflow (`--sweep ID|latest`, repeatable) or from sweep folders (`--results DIR`, or
 its results.json, repeatable); both give the same frame (runner.report.frame). A sweep that was killed,
@@ -13,6 +13,7 @@ import math
 import os
 import ssl
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from pathlib import Path
 import pandas as pd
 
 from runner.cache import unwritable
-from runner.report import gate, pick, plots, render
+from runner.report import gate, layers, pick, plots, render
 from runner.report.frame import ReportError, read_results, results_frame, runs_frame
+from runner.results import VariantResult
 from runner.tags import SWEEP, VARIANT, query
 
 USAGE_EXIT = 2
@@ -102,6 +104,12 @@ class Store:
         if not runs:
             raise ReportError(f"sweep {sweep_id} has no variant runs")
         return runs
+
+    def result(self, run) -> VariantResult:
+        """The result a variant run holds (its result.json artifact)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self._call(self.client.download_artifacts, run.info.run_id, "result.json", tmp)
+            return VariantResult.from_dict(json.loads(Path(path).read_text()))
 
     def log_artifacts(self, run_id: str, paths: list[Path], folder: str) -> None:
         for path in paths:
@@ -265,6 +273,35 @@ def cmd_pick(args) -> int:
     return 0 if len(choice.chosen) else 1
 
 
+def sweep_results(args) -> tuple[list, str, Store | None, str | None]:
+    """The variant results of the one sweep the arguments name, in job order: (results, name, store, parent run)."""
+    if len(args.results or args.sweep or []) > 1:
+        raise ReportError("give one sweep (one --results or --sweep): two variants of it are compared")
+    if args.results:
+        path = args.results[0]
+        return _read_folder(path)[0], (path.name if path.is_dir() else path.parent.name) or path.stem, None, None
+    store = Store(args.tracking_uri, args.experiment)
+    sweep_id = store.resolve((args.sweep or ["latest"])[0])
+    return [store.result(run) for run in store.variant_runs(sweep_id)], sweep_id, store, sweep_id
+
+
+def cmd_layers(args) -> int:
+    writable(args.out or REPORTS, "--out", folder=True)
+    results, name, store, parent = sweep_results(args)
+    chosen = [layers.select(results, selector, tag) for selector, tag in ((args.a, "A"), (args.b, "B"))]
+    if chosen[0][0] == chosen[1][0]:
+        raise ReportError(f"A and B both name variant #{chosen[0][0]} {chosen[0][1].cell.key}; give two variants")
+    sides = [layers.side(tag, number, result) for tag, (number, result) in zip(layers.SIDES, chosen)]
+    out = args.out or REPORTS / name / "layers"
+    paths = layers.write(sides, out, f"Layers of sweep {name}: A against B", args.top)
+    if store:
+        store.log_artifacts(parent, paths, "layers")
+    print(paths[0].read_text())
+    logged = f" (logged to run {parent}, artifacts layers/)" if store else ""
+    print(f"runner: layers of #{chosen[0][0]} and #{chosen[1][0]} side by side in {out}{logged}")
+    return 0
+
+
 def bounded(low: float, high: float | None = None):
     """An argparse type: a number in [low, high]."""
     def number(text: str) -> float:
@@ -273,6 +310,13 @@ def bounded(low: float, high: float | None = None):
             raise argparse.ArgumentTypeError(f"{text} is not in [{low:g}, {math.inf if high is None else high:g}]")
         return value
     return number
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number above 0."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number above 0")
+    return int(text)
 
 
 def shape(text: str) -> str:
@@ -291,7 +335,7 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow tracking URI (default %(default)s)")
     source.add_argument("--experiment", default="runner", help="MLflow experiment (default %(default)s)")
 
-    top = argparse.ArgumentParser(prog="runner", description="Report on sweeps: table, baseline, check, pick.")
+    top = argparse.ArgumentParser(prog="runner", description="Report on sweeps: table, baseline, check, pick, layers.")
     sub = top.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", parents=[source], help="compatibility table, detail table and plots")
     table.add_argument("--out", type=Path, help="output folder (default outputs/reports/<sweep>)")
@@ -321,11 +365,20 @@ def parser() -> argparse.ArgumentParser:
                         help="keep the variants timed at this shape (e.g. 1x3x640x640); needed where they differ")
     choose.add_argument("--out", type=Path, help="output folder (default outputs/reports/<sweep>/pick)")
     choose.set_defaults(run=cmd_pick)
+    side = sub.add_parser("layers", parents=[source], help="two variants' engines side by side, layer by layer: "
+                                                           "time by precision and layer type, reformats, slowest")
+    side.add_argument("a", metavar="A", help="a variant: a piece of its cell (model | onnx | build), or its number")
+    side.add_argument("b", metavar="B", help="the variant to set beside it, named the same way")
+    side.add_argument("--top", type=positive, default=10, metavar="N", help="slowest layers shown of each (default "
+                                                                      "%(default)s)")
+    side.add_argument("--out", type=Path, help="output folder (default outputs/reports/<sweep>/layers)")
+    side.set_defaults(run=cmd_layers)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `table`, `baseline`, `check` or `pick` (argv starts with the subcommand); returns the exit code."""
+    """Run `table`, `baseline`, `check`, `pick` or `layers` (argv starts with the subcommand); returns the exit
+    code."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # as a sweep has it: a lost store fails in seconds
     try:
         args = parser().parse_args(sys.argv[1:] if argv is None else argv)

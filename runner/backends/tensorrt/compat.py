@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 
 import numpy as np
@@ -244,6 +245,33 @@ def set_workspace(config, nbytes: int) -> None:
     import tensorrt as trt
 
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(nbytes))
+
+
+def layer_profiler(trt, record):
+    """A trt.IProfiler that calls `record(layer_name, ms)` for each layer of each run it is told of (8.6, 10.x,
+    11.x alike: the subclass calls the base __init__ and overrides `report_layer_time`)."""
+    class Profiler(trt.IProfiler):
+        def __init__(self):
+            trt.IProfiler.__init__(self)
+
+        def report_layer_time(self, layer_name, ms):
+            record(layer_name, ms)
+
+    return Profiler()
+
+
+@contextmanager
+def profiling(context, profiler):
+    """`profiler` attached to the execution `context` inside the block only, each enqueue reporting to it: with
+    `enqueue_emits_profile` on where the context has the switch (8.6, 10.x, 11.x; off, only `report_to_profiler`
+    would report). Detached on leaving (None), so no later run or CUDA graph capture is profiled."""
+    if hasattr(context, "enqueue_emits_profile"):
+        context.enqueue_emits_profile = True
+    context.profiler = profiler
+    try:
+        yield
+    finally:
+        context.profiler = None
 
 
 _NUMPY_DTYPES = {

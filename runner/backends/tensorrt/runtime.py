@@ -332,6 +332,19 @@ class TrtRunner(Runner):
 
         return Lanes(self, shape, streams)
 
+    def layer_times(self, shape: tuple[int, ...], iters: int) -> dict[str, float]:
+        """Each layer's mean time in ms at `shape` over `iters` plain runs, each synchronized, as TensorRT's IProfiler
+        reports them (the first profiled run is left out: it warms the profiler up). The profiler is attached to the
+        runner's context for these runs only: call it after the timed loops; no CUDA graph is captured meanwhile."""
+        self.set_shape(shape)
+        reported: dict[str, list[float]] = {}
+        profiler = compat.layer_profiler(self._trt, lambda name, ms: reported.setdefault(name, []).append(ms))
+        with compat.profiling(self._context, profiler):
+            for _ in range(iters + 1):
+                self._enqueue()
+                self.sync()
+        return {name: float(np.mean(times[1:] or times)) for name, times in reported.items()}
+
     def lend_context(self):
         """The runner's own execution context, for a lane that binds it elsewhere (a dynamic engine's profile 0 is
         held by it): the next set_shape() binds it again."""

@@ -1,0 +1,196 @@
+"""Engine forensics without TensorRT: the engine inspector's JSON joined with per-layer times (`runner.forensics`),
+the layer profile in the bench stage, the result and MLflow, and `runner layers` setting two variants side by side.
+
+`INSPECTOR` is written in TensorRT 8.6's own form: a raw \\x1e between the ONNX nodes of a fused layer's Metadata
+(which a strict JSON parser refuses), "Format/Datatype" texts as 8.6 words them, a reformat TensorRT inserted and
+an unfused Quantize layer of a Q/DQ engine."""
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from runner import forensics
+from runner.backends.onnxruntime import OrtRunner
+from runner.bench import layer_profile
+from runner.report import cli, layers
+from runner.report.frame import read_results, results_frame
+from runner.results import VariantResult
+from runner.sweep import JobRecord
+from runner.track import Tracker
+
+GPU_MODELS = Path(__file__).parents[1] / "results/gpu/2026-11-30-h200x2-trt8.6.0-models/models/results.json"
+CONV = "/model.0/conv/Conv + PWN(PWN(/model.0/act/Sigmoid), PWN(/model.0/act/Mul))"
+INSPECTOR = ('{"Layers": [{"Name": "Reformatting CopyNode for Input Tensor 0 to ' + CONV + '", "LayerType": "Reformat",'
+             ' "Inputs": [{"Name": "images", "Format/Datatype": "Row major linear FP32"}],'
+             ' "Outputs": [{"Name": "images copy", "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],'
+             ' "ParameterType": "Reformat", "Origin": "REFORMAT", "TacticValue": "0x00000000000003e8"},'
+             ' {"Name": "' + CONV + '", "LayerType": "CaskConvolution",'
+             ' "Inputs": [{"Name": "images copy", "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],'
+             ' "Outputs": [{"Name": "/model.0/act/Mul_output_0", "Format/Datatype": "Thirty-two wide channel vectorized'
+             ' row major Int8 format"}], "Metadata": "[ONNX Layer: /model.0/conv/Conv]\x1e[ONNX Layer: /model.0/act/'
+             'Sigmoid]\x1e[ONNX Layer: /model.0/act/Mul]", "TacticName": "sm90_xmma_fprop_implicit_gemm_f16f16",'
+             ' "TacticValue": "0x1"},'
+             ' {"Name": "/model.1/conv/Conv_quantize", "LayerType": "Reformat", "Origin": "QDQ",'
+             ' "Inputs": [{"Name": "a", "Format/Datatype": "Row major linear FP16 format"}],'
+             ' "Outputs": [{"Name": "b", "Format/Datatype": "Row major Int8 format"}], "TacticValue": "0x2"},'
+             ' {"Name": "/model.22/Concat_3", "LayerType": "NoOp", "Inputs": [], "Outputs": []}]}')
+TIMES = {f"Reformatting CopyNode for Input Tensor 0 to {CONV}": 0.02, CONV: 0.3, "/model.1/conv/Conv_quantize": 0.05,
+         "a layer the inspector did not list": 0.01}
+
+
+@pytest.fixture
+def inspector(tmp_path) -> Path:
+    path = tmp_path / "engine.layers.json"
+    path.write_text(INSPECTOR)
+    return path
+
+
+def test_precisions_read_from_tensorrt_format_texts():
+    texts = {"Row major linear FP32": "fp32", "Channel major FP16 format where channel % 8 == 0": "fp16",
+             "Thirty-two wide channel vectorized row major Int8 format": "int8", "Row major linear Int32": "int32",
+             "Row major linear BFloat16 format": "bf16", "Channel major UInt8 format": "uint8", "Half": "fp16",
+             "Row major linear BOOL": "bool", "Unknown format": "unknown"}
+    assert {text: forensics.precision({"Format/Datatype": text}) for text in texts} == texts
+
+
+def test_the_inspector_and_the_times_join_into_one_table(inspector):
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(INSPECTOR)  # 8.6's raw control characters: only a non-strict parse reads it
+    profile = forensics.join(forensics.read_layers(inspector), TIMES, [1, 3, 640, 640], 50)
+    rows = {r.name: r for r in profile.rows}
+    copy, conv, quantize = rows[next(iter(TIMES))], rows[CONV], rows["/model.1/conv/Conv_quantize"]
+    assert (copy.type, copy.input_precision, copy.precision, copy.reformat, copy.onnx_nodes) == (
+        "Reformat", "fp32", "fp16", True, [])  # a reformat does not hold the layer its name says it feeds
+    assert (conv.precision, conv.input_precision, conv.tactic, conv.reformat, conv.ms) == (
+        "int8", "fp16", "sm90_xmma_fprop_implicit_gemm_f16f16", False, 0.3)
+    assert conv.onnx_nodes == ["/model.0/conv/Conv", "/model.0/act/Sigmoid", "/model.0/act/Mul"]
+    assert quantize.reformat and (quantize.input_precision, quantize.precision) == ("fp16", "int8")
+    assert rows["/model.22/Concat_3"].ms is None and rows["/model.22/Concat_3"].precision == "unknown"
+    assert rows["a layer the inspector did not list"].type == "unknown" and profile.unmatched == 1
+    assert profile.total_ms == pytest.approx(0.38)
+    assert profile.by("precision") == {"int8": (pytest.approx(0.35), 2), "fp16": (0.02, 1),
+                                       "unknown": (pytest.approx(0.01), 2)}
+    metrics = profile.metrics()
+    assert metrics["layers.reformats"] == 2 and metrics["layers.reformat_ms"] == pytest.approx(0.07)
+    assert (metrics["layers.unprofiled"], metrics["layers.unmatched"], metrics["layers.int8.count"]) == (1, 1, 2)
+
+
+def test_names_only_inspector_gives_unknown_types(tmp_path):
+    path = tmp_path / "names.json"
+    path.write_text(json.dumps({"Layers": [CONV, "Reformatting CopyNode for Output Tensor 0 to x"]}))
+    rows = forensics.join(forensics.read_layers(path), {CONV: 0.5}, [1, 3, 64, 64], 3).rows
+    assert [(r.type, r.precision, r.reformat) for r in rows] == [("unknown", "unknown", False),
+                                                                ("unknown", "unknown", True)]
+    assert rows[0].onnx_nodes == ["/model.0/conv/Conv", "/model.0/act/Sigmoid", "/model.0/act/Mul"]
+
+
+class ProfilingRunner:
+    """A runtime with a per-layer profiler, standing in for TensorRT's (absent here): `times` as it reports them,
+    or the error it raises."""
+
+    def __init__(self, times):
+        self.times = times
+
+    def layer_times(self, shape, iters):
+        if isinstance(self.times, Exception):
+            raise self.times
+        return self.times
+
+
+def test_the_bench_profiles_layers_where_the_runtime_can_and_says_why_not(inspector, tmp_path):
+    profile, note = layer_profile(ProfilingRunner(TIMES), [1, 3, 640, 640], 20, str(inspector))
+    assert note is None and profile.runs == 20 and len(profile.rows) == 5
+    assert layer_profile(OrtRunner("unopened.onnx"), [1, 3, 64, 64], 20, None) == (None, None)  # nothing, silently
+    failed = layer_profile(ProfilingRunner(RuntimeError("enqueue failed\nmore")), [1, 3, 64, 64], 20, str(inspector))
+    assert failed == (None, "not profiled: RuntimeError: enqueue failed")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    assert layer_profile(ProfilingRunner(TIMES), [1, 3, 64, 64], 20, str(broken))[1].startswith(
+        "not profiled: JSONDecodeError")
+    profile, note = layer_profile(ProfilingRunner(TIMES), [1, 3, 64, 64], 20, None)
+    assert len(profile.rows) == 4 and note.startswith("no engine inspector JSON")
+
+
+def profiled(result: VariantResult, inspector: Path, scale: float) -> VariantResult:
+    """`result` with a layer profile: the test inspector's layers, every time times `scale`."""
+    result.bench.layers = forensics.join(forensics.read_layers(inspector),
+                                         {k: v * scale for k, v in TIMES.items()}, result.bench.shape, 20)
+    return result
+
+
+@pytest.fixture
+def sweep(tmp_path, inspector) -> Path:
+    """The committed GPU sweep's results, its two yolov8n TensorRT variants (#2 dynamic, #3 static) profiled."""
+    results = read_results(GPU_MODELS)
+    profiled(results[2], inspector, 1.0)
+    profiled(results[3], inspector, 2.0)
+    path = tmp_path / "sweep" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps([r.to_dict() for r in results]))
+    return path
+
+
+def test_a_profile_travels_in_the_result_and_its_metrics(sweep):
+    result = read_results(sweep)[3]
+    assert VariantResult.from_dict(result.to_dict()) == result and len(result.bench.layers.rows) == 5
+    metrics = result.metrics()
+    assert metrics["layers.total_ms"] == pytest.approx(0.76) and metrics["layers.fp16.ms"] == pytest.approx(0.04)
+    details = results_frame(read_results(sweep))  # the details table (`runner table`) shows the profiled ones
+    assert details.loc[details["build_label"] == "trt st fp16", "layers_ms"].notna().sum() == 1
+    assert details["reformats"].max() == 2 and details["layers_ms"].max() == pytest.approx(0.76)
+
+
+def test_layers_sets_two_variants_side_by_side(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cli.main(["layers", "--results", str(sweep), "yolov8n | ul st fp32 | trt st fp16", "2", "--top", "2",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "A: yolov8n | ul st fp32 | trt st fp16" in printed and "#3 and #2 side by side" in printed
+    assert {p.name for p in out.iterdir()} == set(layers.FILES)
+    assert (out / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "layers.md").read_text()
+    assert "|A|1x3x640x640|20|0.760|5|0.700 (2)|0.040 (1)|0.020 (2)|0.140 (2)|" in page  # int8, fp16, unknown
+    assert f"|Reformatting CopyNode for Input Tensor 0 to {CONV}|0.0400|fp32|fp16|" in page  # between precisions
+    assert f"|1|{CONV}|CaskConvolution|int8|0.6000|78.9%|{CONV} (int8, 0.3000 ms)|" in page  # what it became in B
+    assert "<img src='data:image/png;base64," in (out / "layers.html").read_text()
+
+
+def test_layers_refuses_in_one_line(sweep, tmp_path, capsys):
+    def refused(*args) -> str:
+        assert cli.main(["layers", "--results", str(sweep), *args, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        return err
+
+    assert "A 'yolov8n | ul st fp32 | trt st' names 2 variants: #3 yolov8n | ul st fp32 | trt st fp16; #15" in \
+        refused("yolov8n | ul st fp32 | trt st", "2")
+    assert "'fp64' names no variant; the sweep has: #0 rtdetr-n" in refused("fp64", "3")
+    assert "has variants #0..#23" in refused("3", "99")
+    assert "A and B both name variant #3" in refused("3", "yolov8n | ul st fp32 | trt st fp16")
+    assert "variant #0 rtdetr-n | ul dy fp32 | trt dy fp16 has no layer profile" in refused("0", "3")
+    assert cli.main(["layers", "--results", str(sweep), "2", "3", "--top", "0"]) == 2  # argparse's usage, then why
+    assert "--top: '0' is not a whole number above 0" in capsys.readouterr().err
+
+
+def test_from_mlflow_the_layers_are_artifacts_of_the_variant_and_the_sweep(sweep, tmp_path, capsys):
+    results = read_results(sweep)[:4]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "runner", str(tmp_path / "mlartifacts"))
+    sweep_id = tracker.start_sweep("profiled", {})
+    now = int(time.time() * 1000)
+    runs = [tracker.log_variant(sweep_id, JobRecord(tmp_path, r, config_id=r.cell.key, config={}, started_ms=now + i,
+                                                    ended_ms=now + i)) for i, r in enumerate(results)]
+    tracker.end_sweep(sweep_id, results, len(results), [])
+    client = MlflowClient(uri)
+    assert {Path(f.path).name for f in client.list_artifacts(runs[3], "layers")} == {"layers.csv", "layers.json"}
+    assert not client.list_artifacts(runs[0], "layers")  # not profiled: no artifact
+    table = pd.read_csv(client.download_artifacts(runs[3], "layers/layers.csv", str(tmp_path)))
+    assert list(table.columns) == list(forensics.CSV_COLUMNS) and table["share"].sum() == pytest.approx(1.0)
+    assert client.get_run(runs[3]).data.metrics["layers.reformats"] == 2
+    out = tmp_path / "report"
+    assert cli.main(["layers", "--tracking-uri", uri, "--sweep", sweep_id, "3", "2", "--out", str(out)]) == 0
+    assert f"logged to run {sweep_id}, artifacts layers/" in capsys.readouterr().out
+    assert {Path(f.path).name for f in client.list_artifacts(sweep_id, "layers")} == set(layers.FILES)
