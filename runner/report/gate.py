@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner.report.frame import WHY_MARKS, mark
+from runner.report.frame import WHY_MARKS, ReportError, mark
 from runner.report.render import grids_markdown, to_markdown
 
 MIN_BUILD_S = 1.0  # shorter baseline builds are cache hits: not compared
@@ -29,7 +29,14 @@ def _number(value) -> float | None:
 
 
 def cells(frame: pd.DataFrame) -> dict[str, dict]:
-    """What `check` compares, per cell key "<model> | <onnx label> | <build label>"."""
+    """What `check` compares, per cell key "<model> | <onnx label> | <build label>". ReportError where variants share
+    a key their configs do not tell apart (`frame.told_apart`): a check would compare one of them, unsaid."""
+    keys = frame["cell"].map(lambda c: c.key)
+    if keys.duplicated().any():
+        twice = keys[keys.duplicated()].iloc[0]
+        raise ReportError(f"cell '{twice}' holds {(keys == twice).sum()} variants whose recorded configs do not tell "
+                          f"them apart (one variant in two sweeps, or a results.json without configs); give one "
+                          f"sweep, or its sweep folder")
     return {r.cell.key: {"cell": r.cell.to_dict(), "status": r.status, "failed_stage": r.failed_stage,
                          "validation": r.validation, "unvalidated_shapes": r.unvalidated_shapes,
                          **{k: _number(getattr(r, k)) for k in NUMBERS}}
