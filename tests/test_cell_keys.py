@@ -57,3 +57,18 @@ def test_a_variant_the_configs_cannot_tell_apart_is_refused_by_the_gate(pinned, 
     said = capsys.readouterr().err
     assert said.startswith("runner: error: cell 'yolov8n | ul st qdq minmax ") and "holds 2 variants" in said
     assert len(said.strip().splitlines()) == 1 and not (tmp_path / "baseline.json").exists()
+
+
+def test_another_variant_under_the_baseline_label_is_a_regression(pinned, tmp_path, capsys):
+    folder, _ = pinned
+    baseline = tmp_path / "baseline.json"
+    assert cli.main(["baseline", "--results", str(folder), "--out", str(baseline)]) == 0
+    data = json.loads(baseline.read_text())
+    key = next(k for k in data["cells"] if "'*/dfl/*'" in k)
+    data["cells"][key]["cell"]["onnx"]["keep_float"] = '["*/enc_*"]'  # also `keep 1`: another Q/DQ ONNX
+    baseline.write_text(json.dumps(data))
+    assert cli.main(["check", "--results", str(folder), "--baseline", str(baseline), "--no-timing",
+                     "--summary", str(tmp_path / "check.md")]) == 1
+    escaped = key.replace("|", "\\|")
+    assert f"|{escaped}|variant|the baseline's|another, of other int8 settings|REGRESSION|" in \
+        (tmp_path / "check.md").read_text()
