@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -347,6 +348,13 @@ def _imgsz(model: DictConfig) -> list[int]:
         raise ConfigError(f"model.imgsz: expected [H, W] or one int for both, positive multiples of the stride "
                           f"{stride}, got {value}")
     return hw
+
+
+@functools.cache
+def shipped_precision(option: str) -> PrecisionConfig:
+    """The precision preset `conf/precision/<option>.yaml` as shipped, on the schema's defaults."""
+    preset = OmegaConf.load(conf_dir() / "precision" / f"{option}.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrecisionConfig), preset))
 
 
 def to_plain(run: RunConfig) -> dict:

@@ -9,10 +9,12 @@ baselines, and is never parsed back.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from runner.config import BackendName, BuildTool, ExportTool, Head, Mechanism, ShapeMode
@@ -95,16 +97,30 @@ def _metric_key(name: str) -> str:
 
 @dataclass(frozen=True)
 class _Variant(Record):
+    """Where the variant calibrates, its int8 settings that make another ONNX or engine, each "" where it is the
+    precision preset's: the patterns kept in float (JSON), the op types Q/DQ quantizes, the calibration images' count
+    and folder."""
     tool: str
     shape: str
     precision: str  # fp32 | fp16 | int8, or qdq for a Q/DQ ONNX
     calibrator: str = field(default="", kw_only=True)  # where the variant calibrates: entropy2 | minmax
+    keep_float: str = field(default="", kw_only=True)  # e.g. '["*/dfl/*"]'; labelled `keep 1`, or `keep none`
+    qdq_ops: str = field(default="", kw_only=True)  # e.g. `Conv+Add`; labelled `ops Conv+Add`
+    calibration_images: str = field(default="", kw_only=True)  # e.g. `256`; labelled `cal 256`
+    calibration_source: str = field(default="", kw_only=True)  # a folder; labelled `cal from <its name>`
     TOOLS: ClassVar[dict[str, str]] = {}  # tool -> its word in a label
 
     @property
     def label(self) -> str:
         return " ".join(filter(None, (self.TOOLS.get(self.tool, self.tool), SHAPES[self.shape], self.precision,
-                                      self.calibrator, *self._label_tail())))
+                                      self.calibrator, *self._int8_words(), *self._label_tail())))
+
+    def _int8_words(self) -> tuple[str, ...]:
+        kept = len(json.loads(self.keep_float)) if self.keep_float else None
+        source = f"from {Path(self.calibration_source).name}" if self.calibration_source else ""
+        calibration = " ".join(filter(None, (self.calibration_images, source)))
+        return ("" if kept is None else f"keep {kept or 'none'}", self.qdq_ops and f"ops {self.qdq_ops}",
+                calibration and f"cal {calibration}")
 
     def _label_tail(self) -> tuple[str, ...]:
         return ()
@@ -126,10 +142,11 @@ class BuildVariant(_Variant):
     """The compatibility table's row: what built the model under test, for which shapes and precision, and the
     pipeline around it where it is not the host one: `gpu-pre`, `gpu-post`, or the peer's `predict`."""
     pipeline: str = ""
+    setting: str = ""  # set by the report where variants of one cell differ: the settings that tell them apart
     TOOLS: ClassVar[dict[str, str]] = BUILD_TOOLS
 
     def _label_tail(self) -> tuple[str, ...]:
-        return self.pipeline,
+        return self.pipeline, self.setting
 
 
 @dataclass(frozen=True)

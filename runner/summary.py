@@ -17,19 +17,19 @@ from runner.sweep import Sweep, job_records
 LOST_EXIT = 1  # a variant has no result, or a result is not in MLflow
 
 
-def summary_table(results: list[VariantResult]) -> pd.DataFrame:
-    return summary(results_frame(results))
+def summary_table(results: list[VariantResult], configs: list[dict] | None = None) -> pd.DataFrame:
+    return summary(results_frame(results, configs))
 
 
 def finish_sweep(sweep: Sweep) -> int:
     """Summarise a sweep from its job folders: terminal table, summary.csv, results.json, the parent run.
     Returns the exit code: 0 when every variant has a result, else LOST_EXIT."""
     records = job_records(sweep.folder)
-    table = summary_table([r.result for r in records])
+    table = summary_table([r.result for r in records], [r.config for r in records])
     files = [sweep.folder / "summary.csv", sweep.folder / "results.json"]
     table.to_csv(files[0], index=False)
-    files[1].write_text(json.dumps([{**r.result.to_dict(), "mlflow_run_id": r.mlflow_run_id} for r in records],
-                                   indent=1, default=str))
+    files[1].write_text(json.dumps([{**r.result.to_dict(), "mlflow_run_id": r.mlflow_run_id, "config": r.config}
+                                    for r in records], indent=1, default=str))
     tracked = bool(sweep.tracking and sweep.parent_run_id)
     problem = end_parent(sweep, [r.result for r in records], files) if tracked else None
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):

@@ -7,6 +7,7 @@ own words. Anything else is a bug: it fails the variant at the stage it hit, and
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -17,7 +18,8 @@ from pathlib import Path
 from runner import backends, checkpoint, heads, prepost
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
-from runner.config import BackendName, ConfigError, Device, Head, Mechanism, Precision, RunConfig, ShapeMode
+from runner.config import (BackendName, ConfigError, Device, Head, Mechanism, Precision, RunConfig, ShapeMode,
+                           shipped_precision)
 from runner.data import Sample, Selection, class_names, load_samples, names_mismatch
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
@@ -27,6 +29,7 @@ from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, Expo
 from runner.validate import headline_shape, shapes_to_check, validate
 
 log = logging.getLogger(__name__)
+INT8_PRESETS = {Mechanism.qdq: "int8_qdq", Mechanism.calibrator: "int8_calibrator"}  # each mechanism's defaults
 FP16_ONNX = (Mechanism.fp16_onnx, Mechanism.strongly_typed)  # the precision mechanisms that build or run an fp16 ONNX
 ENGINE_BACKENDS = (BackendName.tensorrt, BackendName.ultralytics)  # run a TensorRT engine: the row names its build tool
 
@@ -37,12 +40,25 @@ def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
     build_tool = cfg.build.tool.value if backend in ENGINE_BACKENDS else backend
     onnx_precision = (cfg.precision.name if mechanism is None else Precision.fp16 if mechanism in FP16_ONNX
                       else Mechanism.qdq if mechanism == Mechanism.qdq else Precision.fp32).value
-    calibrator = cfg.precision.calibrator.value
     onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision,
-                       cfg.export.head.value, calibrator=calibrator if mechanism == Mechanism.qdq else "")
+                       cfg.export.head.value, **int8_settings(cfg, mechanism, Mechanism.qdq))
     build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, prepost_label(cfg, backend),
-                         calibrator=calibrator if mechanism == Mechanism.calibrator else "")  # calibrated in the build
+                         **int8_settings(cfg, mechanism, Mechanism.calibrator))  # calibrated in the build
     return Cell(onnx, build, cfg.model.label)
+
+
+def int8_settings(cfg: RunConfig, mechanism: str | None, where: Mechanism) -> dict[str, str]:
+    """The calibrator, and the int8 settings that differ from the shipped preset of the mechanism (`INT8_PRESETS`),
+    as `OnnxVariant`/`BuildVariant` fields: for the part the `where` mechanism makes; none for the other part."""
+    if mechanism != where:
+        return {}
+    p, shipped = cfg.precision, shipped_precision(INT8_PRESETS[where])
+    differs = {"keep_float": sorted(p.keep_float) != sorted(shipped.keep_float) and json.dumps(list(p.keep_float)),
+               "qdq_ops": where == Mechanism.qdq and sorted(p.qdq_ops) != sorted(shipped.qdq_ops)
+               and "+".join(p.qdq_ops),
+               "calibration_images": p.calibration_images != shipped.calibration_images and str(p.calibration_images),
+               "calibration_source": p.calibration_source != shipped.calibration_source and p.calibration_source}
+    return {"calibrator": p.calibrator.value, **{key: value or "" for key, value in differs.items()}}
 
 
 def prepost_label(cfg: RunConfig, backend: str) -> str:

@@ -110,7 +110,7 @@ def test_the_qdq_onnx_is_made_and_validated_with_onnxruntime(qdq_result):
                                                                                     ["Add", "Concat", "Conv"], 11)
     assert int8_params(r) == {"resolved.qdq_quantized": "Add 6, Concat 13, Conv 57", "resolved.kept_float_nodes": 11,
                               "resolved.calibration_images": 8, "resolved.calibration_source": q["source"]}
-    assert r.cell.onnx.label == "ul st qdq minmax" and r.cell.build.label == "ort st int8"
+    assert r.cell.onnx.label == "ul st qdq minmax cal 8" and r.cell.build.label == "ort st int8"  # 8 images, not 32
     model = onnx.load(r.export.tested.path)
     zero_points = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_zero_point")]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric int8

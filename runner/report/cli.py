@@ -24,7 +24,7 @@ import pandas as pd
 
 from runner.cache import unwritable
 from runner.report import gate, layers, pick, plots, render
-from runner.report.frame import ReportError, read_results, results_frame, runs_frame
+from runner.report.frame import ReportError, read_results_configs, results_frame, runs_frame
 from runner.results import VariantResult
 from runner.tags import SWEEP, VARIANT, query
 
@@ -137,25 +137,27 @@ def _incomplete(name: str, found: int, expected: int | None) -> list[str]:
     return [f"sweep {name} is incomplete: {found} of {expected} variants (killed, or still running)"]
 
 
-def _read_folder(path: Path) -> tuple[list, list[str]]:
-    """The results of a sweep folder (or of its results.json), and its incompleteness."""
+def _read_folder(path: Path) -> tuple[list, list, list[str]]:
+    """The results of a sweep folder (or of its results.json), their configs (None where unknown), and its
+    incompleteness."""
     from runner.sweep import Sweep, SweepError, job_records
 
     if not path.is_dir():
-        return read_results(path), []
+        return *read_results_configs(path), []
     try:
         records, sweep = job_records(path), Sweep.read(path)
     except SweepError as exc:
         raise ReportError(str(exc)) from None
-    return [r.result for r in records], _incomplete(str(path), len(records), sweep.total)
+    return [r.result for r in records], [r.config for r in records], _incomplete(str(path), len(records), sweep.total)
 
 
 def load(args) -> Source:
     if args.results:
         read = [_read_folder(path) for path in args.results]
-        return Source(results_frame([r for results, _ in read for r in results]),
+        return Source(results_frame([r for results, _, _ in read for r in results],
+                                    [c for _, configs, _ in read for c in configs]),
                       "+".join((p.name if p.is_dir() else p.parent.name) or p.stem for p in args.results),
-                      incomplete=[line for _, lines in read for line in lines])
+                      incomplete=[line for _, _, lines in read for line in lines])
     store = Store(args.tracking_uri, args.experiment)
     ids = list(dict.fromkeys(store.resolve(s) for s in (args.sweep or ["latest"])))
     runs = {sweep_id: store.variant_runs(sweep_id) for sweep_id in ids}

@@ -5,19 +5,21 @@ the label names the GPU ends that ran, this says which came from `auto`), the ou
 (O, △, X, R or -), the shapes the figures were measured at (`SHAPES`: a timing is per batch of the timed shape's
 first dim; mAP50-95 is at the static variant's shape, its worst shape beside it), and the numbers of `METRICS`,
 each under its one frame column. The cell is read back from its tags (`runner.tags`) as a `Cell` value: labels
-are shown, never parsed.
+are shown, never parsed. Variants of one cell whose configs differ are told apart on their build row by the settings
+that differ (`told_apart`), so no row hides another.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
 from runner.report.order import cell_key
-from runner.results import VariantResult
+from runner.results import Cell, VariantResult
+from runner.sweep import NOT_IDENTITY
 from runner.tags import AUTO, OUTCOME, SHAPES, auto_tags, cell_from_tags, outcome_tags, shape_tags
 
 
@@ -72,6 +74,8 @@ MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
 INACCURATE = "△"  # built and ran, but missed an accuracy limit, or some shapes of its profile were not validated
 REFERENCE = "R"  # ran, and the model under test is the reference itself
 WHY_MARKS = (MARKS["failed"], INACCURATE)  # the marks shown with why: the failing stage, or the metric missed
+NOT_SETTINGS = (*NOT_IDENTITY, "outputs", "cache_dir")  # where a variant ran and was logged, not what it measured
+RUN_PARAMS = ("env", "resolved")  # a variant run's params beside its config
 COLUMNS = ["cell", "model", "onnx_label", "build_label", AUTO, *OUTCOME, "mark", "note", *SHAPES,
            *(m.column for m in METRICS), "gpu"]
 
@@ -98,23 +102,69 @@ def _row(cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
             **{m.column: metrics.get(m.key, math.nan) for m in METRICS}, "gpu": gpu or ""}
 
 
+def settings(config: dict | None) -> dict[str, str] | None:
+    """A variant's config as MLflow's params hold it (`key.sub: text`), less where and how it ran and was logged
+    (`NOT_SETTINGS`); None where its config is unknown."""
+    if config is None:
+        return None
+    from runner.track import flatten  # imports MLflow: only where a config is given
+
+    return {key: str(value) for key, value in flatten(config).items() if key.split(".")[0] not in NOT_SETTINGS}
+
+
+def run_settings(params: dict[str, str]) -> dict[str, str]:
+    """The config part of a variant run's params (`runner.track` adds `env.*` and `resolved.*` beside it)."""
+    return {key: value for key, value in params.items()
+            if key.split(".")[0] not in (*NOT_SETTINGS, *RUN_PARAMS)}
+
+
+def told_apart(cells: list[Cell], configs: list[dict[str, str] | None]) -> list[Cell]:
+    """Each cell, where others share its key but their configs differ, with the settings that differ named on its build
+    row (`BuildVariant.setting`: `backend.builder_optimization_level=3`; a config group whose name differs, as
+    `profile=batch`). Cells whose configs are unknown or the same keep their key."""
+    groups: dict[str, list[int]] = {}
+    for i, cell in enumerate(cells):
+        groups.setdefault(cell.key, []).append(i)
+    out = list(cells)
+    for rows in groups.values():
+        known = [configs[i] for i in rows]
+        if len(rows) < 2 or None in known:
+            continue
+        differing = sorted(k for k in set().union(*known) if len({c.get(k, "") for c in known}) > 1)
+        named = {k.rsplit(".", 1)[0] for k in differing if k.endswith(".name")}  # a group's name stands for it
+        shown = [k for k in differing if k.rsplit(".", 1)[0] not in named or k.endswith(".name")]
+        for i in rows:
+            text = ", ".join(f"{k.removesuffix('.name')}={configs[i].get(k, '')}" for k in shown)
+            out[i] = replace(cells[i], build=replace(cells[i].build, setting=text))
+    return out
+
+
 def ordered(frame: pd.DataFrame) -> pd.DataFrame:
     """Variants in table order: by model, ONNX column, then build row."""
     keys = [cell_key(c) for c in frame["cell"]]
     return frame.iloc[sorted(range(len(frame)), key=keys.__getitem__)].reset_index(drop=True)
 
 
-def results_frame(results: list[VariantResult]) -> pd.DataFrame:
-    rows = [_row(r.cell, {**outcome_tags(r), **shape_tags(r), **auto_tags(r)}, r.metrics(), r.environment.get("gpu"))
-            for r in results]
+def results_frame(results: list[VariantResult], configs: list[dict | None] | None = None) -> pd.DataFrame:
+    """One row per variant result; `configs`, each result's config where known, tell apart the variants of one
+    cell (`told_apart`)."""
+    known = [settings(c) for c in configs] if configs is not None else [None] * len(results)
+    cells = told_apart([r.cell for r in results], known)
+    rows = [_row(cell, {**outcome_tags(r), **shape_tags(r), **auto_tags(r)}, r.metrics(), r.environment.get("gpu"))
+            for cell, r in zip(cells, results)]
     return ordered(pd.DataFrame(rows, columns=COLUMNS))
 
 
 def read_results(path: str | Path) -> list[VariantResult]:
     """The variant results of a sweep's results.json."""
+    return read_results_configs(path)[0]
+
+
+def read_results_configs(path: str | Path) -> tuple[list[VariantResult], list[dict | None]]:
+    """The variant results of a sweep's results.json, and each one's config (None where the file has none)."""
     try:
         data = json.loads(Path(path).read_text())
-        return [VariantResult.from_dict(r) for r in data]
+        return [VariantResult.from_dict(r) for r in data], [r.get("config") for r in data]
     except (OSError, ValueError) as exc:
         raise ReportError(f"cannot read results file {path}: {exc}") from None
     except (TypeError, KeyError, AttributeError) as exc:
@@ -122,8 +172,9 @@ def read_results(path: str | Path) -> list[VariantResult]:
 
 
 def runs_frame(runs) -> pd.DataFrame:
-    """One row per MLflow variant run."""
-    rows = [_row(_run_cell(r), r.data.tags, r.data.metrics, r.data.params.get("env.gpu")) for r in runs]
+    """One row per MLflow variant run; the variants of one cell told apart by their config params (`told_apart`)."""
+    cells = told_apart([_run_cell(r) for r in runs], [run_settings(r.data.params) for r in runs])
+    rows = [_row(cell, r.data.tags, r.data.metrics, r.data.params.get("env.gpu")) for cell, r in zip(cells, runs)]
     return ordered(pd.DataFrame(rows, columns=COLUMNS))
 
 

@@ -3,7 +3,8 @@
 A cell regresses when it goes O -> X or △, its validation goes passed -> inaccurate or failed, its mAP50-95 (at
 the static variant's shape) or its worst shape's mAP50-95 drops by more than `map_drop`, its infer or end-to-end p50
 grows by more than `latency_ratio`, or its build takes more than `build_ratio` as long, or it lacks a metric the
-baseline has (`missing`: not measured, or not logged). A cell the baseline lacks is `new`, listed apart. A
+baseline has (`missing`: not measured, or not logged), or is another variant under the baseline's label (its int8
+settings differ where the label shows only their count, `variant`). A cell the baseline lacks is `new`, listed apart. A
 `reference` cell (the model under test is the reference) has no validation that could fail, so its validation is
 listed but never compared.
 """
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner.report.frame import WHY_MARKS, mark
+from runner.report.frame import WHY_MARKS, ReportError, mark
 from runner.report.render import grids_markdown, to_markdown
+from runner.results import Cell
 
 MIN_BUILD_S = 1.0  # shorter baseline builds are cache hits: not compared
 COMPARABLE_VALIDATION = ("passed", "inaccurate", "failed")
@@ -29,7 +31,14 @@ def _number(value) -> float | None:
 
 
 def cells(frame: pd.DataFrame) -> dict[str, dict]:
-    """What `check` compares, per cell key "<model> | <onnx label> | <build label>"."""
+    """What `check` compares, per cell key "<model> | <onnx label> | <build label>". ReportError where variants share
+    a key their configs do not tell apart (`frame.told_apart`): a check would compare one of them, unsaid."""
+    keys = frame["cell"].map(lambda c: c.key)
+    if keys.duplicated().any():
+        twice = keys[keys.duplicated()].iloc[0]
+        raise ReportError(f"cell '{twice}' holds {(keys == twice).sum()} variants whose recorded configs do not tell "
+                          f"them apart (one variant in two sweeps, or a results.json without configs); give one "
+                          f"sweep, or its sweep folder")
     return {r.cell.key: {"cell": r.cell.to_dict(), "status": r.status, "failed_stage": r.failed_stage,
                          "validation": r.validation, "unvalidated_shapes": r.unvalidated_shapes,
                          **{k: _number(getattr(r, k)) for k in NUMBERS}}
@@ -68,6 +77,9 @@ def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: 
         new = current.get(cell)
         if new is None:
             add(cell, "cell", _mark(old), MISSING, True)
+            continue
+        if Cell.from_dict(old["cell"]) != Cell.from_dict(new["cell"]):  # one label, other settings: not comparable
+            add(cell, "variant", "the baseline's", "another, of other int8 settings", True)
             continue
         partly = not old.get("unvalidated_shapes") and bool(new.get("unvalidated_shapes"))  # O -> △: a shape unchecked
         add(cell, "status", _mark(old), _mark(new), old["status"] == "ok" and (new["status"] != "ok" or partly))

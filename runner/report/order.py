@@ -1,7 +1,8 @@
 """Table order: a model's grid, an ONNX column and a build row sort by the cell's parts, never by its labels.
 
-Models: the YOLO presets oldest first, then the RT-DETR ones, then others by name. Within a tool: precision, calibrator, shape; ONNX
-columns with a head other than one2many after the rest, build rows of the peer after runner's own.
+Models: the YOLO presets oldest first, then the RT-DETR ones, then others by name. Within a tool: precision,
+calibrator, shape, int8 settings; ONNX columns with a head other than one2many after the rest, build rows of the peer
+after runner's own, then by the settings that tell variants of one cell apart.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def model_key(model: str) -> tuple:
 
 def _variant_key(variant: OnnxVariant | BuildVariant, tools: tuple) -> tuple:
     return (_rank(tools, variant.tool), _rank(PRECISIONS, variant.precision), variant.precision, variant.calibrator,
-            _rank(SHAPES, variant.shape))
+            _rank(SHAPES, variant.shape), variant.keep_float, variant.qdq_ops, variant.calibration_images,
+            variant.calibration_source)
 
 
 def onnx_key(onnx: OnnxVariant) -> tuple:
@@ -32,7 +34,7 @@ def onnx_key(onnx: OnnxVariant) -> tuple:
 
 
 def build_key(build: BuildVariant) -> tuple:
-    return *_variant_key(build, BUILD_TOOLS), build.pipeline == PEER_PIPELINE, build.pipeline
+    return *_variant_key(build, BUILD_TOOLS), build.pipeline == PEER_PIPELINE, build.pipeline, build.setting
 
 
 def cell_key(cell: Cell) -> tuple:
