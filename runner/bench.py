@@ -166,11 +166,12 @@ def server(runner, chain, images: list[np.ndarray], hw: tuple[int, int], rate: f
 def layer_profile(runner, shape: list[int], iters: int,
                   layers_path: str | None) -> tuple[LayerProfile | None, str | None]:
     """Each layer's mean time at `shape` over `iters` profiled runs, joined with the engine inspector's layers at
-    `layers_path` (`forensics`). (profile, None); (None, None) where the runtime has no per-layer profiler;
+    that shape where the runtime has an inspector, else those at `layers_path` (`forensics`). (profile, None); (None, None) where the runtime has no per-layer profiler;
     (None, why) where profiling failed, the variant's other figures standing."""
     try:
         times = runner.layer_times(tuple(shape), iters)
-        layers = forensics.read_layers(layers_path) if times and layers_path else []
+        layers = (runner.layer_info(tuple(shape)) or (forensics.read_layers(layers_path) if layers_path else [])
+                  if times else [])
     except Exception as exc:  # the runtime's or the file's problem, said; never the variant's failure
         log.warning("bench: layer profile: %s", exc)
         return None, f"not profiled: {first_line(f'{type(exc).__name__}: {exc}', 200)}"
@@ -178,7 +179,7 @@ def layer_profile(runner, shape: list[int], iters: int,
         return None, None
     if not times:
         return None, "not profiled: the profiler reported no layer"
-    note = None if layers_path else "no engine inspector JSON: the layers' types and precisions are unknown"
+    note = None if layers else "no engine inspector JSON: the layers' types and precisions are unknown"
     return forensics.join(layers, times, shape, iters), note
 
 

@@ -34,9 +34,14 @@ CSV_COLUMNS = ("name", "type", "precision", "input_precision", "tactic", "ms", "
 
 def read_layers(path: str | Path) -> list:
     """The inspector's layers at `path`: dicts at DETAILED verbosity, names only otherwise."""
-    layers = json.loads(Path(path).read_text(), strict=False).get("Layers")
+    return parse_layers(Path(path).read_text(), str(path))
+
+
+def parse_layers(text: str, source: str) -> list:
+    """The layers of the inspector's JSON `text` (from `source`, for the error)."""
+    layers = json.loads(text, strict=False).get("Layers")
     if not isinstance(layers, list):
-        raise ValueError(f"{path} has no 'Layers' list: not the engine inspector's JSON")
+        raise ValueError(f"{source} has no 'Layers' list: not the engine inspector's JSON")
     return layers
 
 

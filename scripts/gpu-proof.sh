@@ -30,9 +30,12 @@
 #   bash scripts/gpu-proof.sh int8-static   # fp32, fp16, int8 calibrator and int8 Q/DQ, static, level 0, on the
 #   bash scripts/gpu-proof.sh int8-dynamic  #   whole held-out split; likewise dynamic
 #   bash scripts/gpu-proof.sh int8-table    # both as one table from the MLflow store
+#   bash scripts/gpu-proof.sh int8-layers   # yolov8n fp16, int8 calibrator, int8 Q/DQ and the Q/DQ placement before, dynamic
+#                                           #   to batch 32, level 1, the whole held-out split, offline batches 1/8/32
+#   bash scripts/gpu-proof.sh int8-report   # its table, and the layers of fp16 against each int8 side by side
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -43,6 +46,7 @@ scale=(-m precision=fp16,fp32 export=ultralytics,torch shape=static,dynamic back
        hydra/launcher=joblib)
 gpu_count() { nvidia-smi -L | wc -l; }
 every_gpu=(backend.builder_optimization_level=0 hydra/launcher=joblib backend.gpus=auto)  # + n_jobs=$(gpu_count)
+LAYERS=results/gpu/2026-11-30-h200x2-trt8.6.0-int8-layers  # its precision/ holds the placement before, for comparison
 batch32=(shape=dynamic 'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[32,3,640,640]'
          'bench.offline_batches=[1,8,32]' data.limit=64 hydra/launcher=joblib backend.gpus=auto)  # default level
 seed=(profile=seed shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0)
@@ -82,6 +86,15 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
       --out "$DEST/$step/all-gpus" 2>&1 | tee -a "$DEST/$step/run.log"
     python3 scripts/scale-summary.py "$DEST" "sqlite:///$RUNS/mlflow.db" | tee "$DEST/$step/scale.json"
     exit "${PIPESTATUS[0]}" ;;
+  int8-report)  # the table of int8-layers, and its variants' layers side by side
+    id=$(cat "$DEST/int8-layers/sweep_id") uri=sqlite:///$RUNS/mlflow.db
+    python3 -m runner table --tracking-uri "$uri" --sweep "$id" --out "$DEST/$step/table" 2>&1 | tee "$DEST/$step/run.log"
+    for pair in "trt dy fp16|qdq percentile" "trt dy fp16|int8 entropy2" "ops Conv|qdq percentile"; do
+      out=$DEST/$step/$(echo "${pair%|*}-vs-${pair#*|}" | tr ' ' '-')
+      python3 -m runner layers --tracking-uri "$uri" --sweep "$id" "${pair%|*}" "${pair#*|}" --out "$out" 2>&1 \
+        | tee -a "$DEST/$step/run.log"
+    done
+    exit 0 ;;
   int8-table)
     python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$(cat "$DEST/int8-static/sweep_id")" \
       --sweep "$(cat "$DEST/int8-dynamic/sweep_id")" --out "$DEST/$step" 2>&1 | tee "$DEST/$step/run.log"
@@ -122,9 +135,8 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
                 backend.builder_optimization_level=0) ;;
   nms) args=(-m export.head=nms shape=static,dynamic precision=fp32,fp16 build=tensorrt_api,ultralytics
              backend.builder_optimization_level=0) ;;
-  int8-pays-a) args=(-m model=yolov8n precision=fp16,int8_calibrator,int8_qdq "${batch32[@]}" hydra.launcher.n_jobs=$(gpu_count)) ;;
-  int8-pays-b) args=(-m model=yolov8n precision=int8_qdq precision.calibrator=minmax,percentile "${batch32[@]}"
-                     hydra.launcher.n_jobs=$(gpu_count)) ;;
+  int8-layers) args=(-m "hydra.searchpath=[file://$LAYERS]" precision=fp16,int8_calibrator,int8_qdq,int8_qdq_conv_only
+                     "${batch32[@]}" backend.builder_optimization_level=1 hydra.launcher.n_jobs=$(gpu_count)) ;;
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -14,7 +14,7 @@ from conftest import PLUMBING, REPO, run_cli
 from runner.report import cli
 
 PINS = 'precision.keep_float=[],["*/dfl/*"],["*cv2.*.2/Conv"]'  # none; and two lists of one pattern each
-ONNX = {"ul st qdq minmax keep none cal 8", "ul st qdq minmax keep 1 cal 8"}  # 8 calibration images, not 32
+ONNX = {"ul st qdq percentile keep none cal 8", "ul st qdq percentile keep 1 cal 8"}  # 8 calibration images, not 32
 BUILDS = {"ort st int8", "ort st int8 precision.keep_float=['*/dfl/*']",
           "ort st int8 precision.keep_float=['*cv2.*.2/Conv']"}
 
@@ -55,7 +55,7 @@ def test_a_variant_the_configs_cannot_tell_apart_is_refused_by_the_gate(pinned, 
     capsys.readouterr()
     assert cli.main(["baseline", *twice, "--out", str(tmp_path / "baseline.json")]) == 2
     said = capsys.readouterr().err
-    assert said.startswith("runner: error: cell 'yolov8n | ul st qdq minmax ") and "holds 2 variants" in said
+    assert said.startswith("runner: error: cell 'yolov8n | ul st qdq percentile ") and "holds 2 variants" in said
     assert len(said.strip().splitlines()) == 1 and not (tmp_path / "baseline.json").exists()
 
 

@@ -89,10 +89,13 @@ def test_names_only_inspector_gives_unknown_types(tmp_path):
 
 class ProfilingRunner:
     """A runtime with a per-layer profiler, standing in for TensorRT's (absent here): `times` as it reports them,
-    or the error it raises."""
+    or the error it raises; `layers`, its inspector's at the profiled shape, or None (the build's JSON stands in)."""
 
-    def __init__(self, times):
-        self.times = times
+    def __init__(self, times, layers=None):
+        self.times, self.layers = times, layers
+
+    def layer_info(self, shape):
+        return self.layers
 
     def layer_times(self, shape, iters):
         if isinstance(self.times, Exception):
@@ -112,6 +115,9 @@ def test_the_bench_profiles_layers_where_the_runtime_can_and_says_why_not(inspec
         "not profiled: JSONDecodeError")
     profile, note = layer_profile(ProfilingRunner(TIMES), [1, 3, 64, 64], 20, None)
     assert len(profile.rows) == 4 and note.startswith("no engine inspector JSON")
+    at_shape = forensics.read_layers(inspector)  # the runtime's inspector at the shape, before the build's JSON
+    profile, note = layer_profile(ProfilingRunner(TIMES, at_shape), [1, 3, 64, 64], 20, str(broken))
+    assert note is None and len(profile.rows) == 5
 
 
 def profiled(result: VariantResult, inspector: Path, scale: float) -> VariantResult:

@@ -87,6 +87,11 @@ class Runner(ABC):
         joins them with the engine inspector's layers); None where the runtime has no per-layer profiler."""
         return None
 
+    def layer_info(self, shape: tuple[int, ...]) -> list | None:
+        """The engine inspector's layers at `shape`, with the formats and precisions that shape gives; None where the
+        runtime has no inspector (the build's JSON stands in)."""
+        return None
+
     def infer(self, blob: np.ndarray) -> dict[str, np.ndarray]:
         self.set_shape(tuple(blob.shape))
         self.h2d(blob)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from runner import forensics
 from runner.backends import Runner
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.compat import cuda_call
@@ -344,6 +345,17 @@ class TrtRunner(Runner):
                 self._enqueue()
                 self.sync()
         return {name: float(np.mean(times[1:] or times)) for name, times in reported.items()}
+
+    def layer_info(self, shape: tuple[int, ...]) -> list | None:
+        """The inspector's layers with this context bound, so a dynamic engine's formats and precisions are those
+        of `shape` (unbound, TensorRT 8.6 says "N/A due to dynamic shapes"); None where it has no inspector."""
+        self.set_shape(shape)
+        if not hasattr(self.engine, "create_engine_inspector"):
+            return None
+        inspector = self.engine.create_engine_inspector()
+        inspector.execution_context = self._context
+        text = inspector.get_engine_information(self._trt.LayerInformationFormat.JSON)
+        return forensics.parse_layers(text, "the engine inspector")
 
     def lend_context(self):
         """The runner's own execution context, for a lane that binds it elsewhere (a dynamic engine's profile 0 is
