@@ -133,7 +133,7 @@ def test_layer_times_name_every_profiled_layer_of_the_inspector_and_leave_the_ru
         before = runner.infer(x)["output0"]
         times = runner.layer_times(tuple(DYN_OPT), 20)
         assert times and set(times) <= inspected and all(ms > 0 for ms in times.values())
-        assert runner._context.profiler is None  # detached: the runs after are not profiled
+        assert runner._context.profiler is None  # a new context: the runs after are not profiled
         runner.set_shape(tuple(DYN_OPT))
         for _ in range(3):  # replays where graphs are on: captured after the profiler left
             runner.h2d(x)

@@ -313,7 +313,7 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
             raise failed("\n".join(logger.errors()) or "TensorRT rejected the optimization profile")
         if spec.mechanism == Mechanism.qdq and not strongly_typed:
             compat.enable_int8_flags(trt, config)  # explicit quantization; fp16 where the Q/DQ ONNX has floats
-        calibrator = None
+        calibrator, pinned = None, []
         if spec.mechanism == Mechanism.calibrator:
             calibrator = Calibrator(trt, spec, calibration_cache_path(spec, result.trt_version, result.gpu))
             compat.enable_int8_calibration(trt, config, calibrator.trt_calibrator, profile)
@@ -321,7 +321,6 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
             if spec.keep_float and not pinned:
                 log.warning("build: no layer matches precision.keep_float %s: nothing is kept in fp16",
                             list(spec.keep_float))
-            result.calibration = {**calibrator.record, "keep_float": list(spec.keep_float), "fp16_layers": pinned}
         timing_path = _load_timing_cache(spec, config, result)
         first_record = len(logger.records)
 
@@ -332,8 +331,9 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
             with heartbeat("still building"):
                 plan = builder.build_serialized_network(network, config)
         finally:
-            if calibrator is not None:
+            if calibrator is not None:  # its record after the build: whether TensorRT read the cached table
                 calibrator.free()
+                result.calibration = {**calibrator.record, "keep_float": list(spec.keep_float), "fp16_layers": pinned}
         result.build_s = time.perf_counter() - t0
     except RuntimeError as exc:  # compat.Unsupported, or a TensorRT binding error
         raise failed("\n".join(logger.errors()) or str(exc)) from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-from contextlib import contextmanager
 from fnmatch import fnmatchcase
 
 import numpy as np
@@ -260,18 +259,14 @@ def layer_profiler(trt, record):
     return Profiler()
 
 
-@contextmanager
-def profiling(context, profiler):
-    """`profiler` attached to the execution `context` inside the block only, each enqueue reporting to it: with
-    `enqueue_emits_profile` on where the context has the switch (8.6, 10.x, 11.x; off, only `report_to_profiler`
-    would report). Detached on leaving (None), so no later run or CUDA graph capture is profiled."""
+def attach_profiler(context, profiler) -> None:
+    """`profiler` on the execution `context`, each enqueue reporting to it: `enqueue_emits_profile` on where the
+    context has the switch (8.6, 10.x, 11.x; off, only `report_to_profiler` would report). It stays: TensorRT 8.6
+    refuses a null profiler ("Parameter check failed ... (profiler) != nullptr"), so a profiled context is
+    thrown away after its profiled runs."""
     if hasattr(context, "enqueue_emits_profile"):
         context.enqueue_emits_profile = True
     context.profiler = profiler
-    try:
-        yield
-    finally:
-        context.profiler = None
 
 
 _NUMPY_DTYPES = {

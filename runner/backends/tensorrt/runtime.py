@@ -335,16 +335,30 @@ class TrtRunner(Runner):
 
     def layer_times(self, shape: tuple[int, ...], iters: int) -> dict[str, float]:
         """Each layer's mean time in ms at `shape` over `iters` plain runs, each synchronized, as TensorRT's IProfiler
-        reports them (the first profiled run is left out: it warms the profiler up). The profiler is attached to the
-        runner's context for these runs only: call it after the timed loops; no CUDA graph is captured meanwhile."""
+        reports them (the first profiled run is left out: it warms the profiler up). A profiler cannot be taken off a
+        context (8.6), so the runner goes on with a new context after: its CUDA graphs are captured again."""
         self.set_shape(shape)
         reported: dict[str, list[float]] = {}
-        profiler = compat.layer_profiler(self._trt, lambda name, ms: reported.setdefault(name, []).append(ms))
-        with compat.profiling(self._context, profiler):
+        compat.attach_profiler(self._context, compat.layer_profiler(
+            self._trt, lambda name, ms: reported.setdefault(name, []).append(ms)))
+        try:
             for _ in range(iters + 1):
                 self._enqueue()
                 self.sync()
+        finally:
+            self._new_context()
         return {name: float(np.mean(times[1:] or times)) for name, times in reported.items()}
+
+    def _new_context(self) -> None:
+        """Replace the execution context, the old one released first (a dynamic engine's profile 0 serves one
+        context); the next set_shape() binds the new one."""
+        self.sync()
+        self._context = None
+        self._context = self.engine.create_execution_context()
+        if self._context is None:
+            raise RuntimeError(f"cannot create an execution context: {self.logger.last_error}")
+        self.shape = None
+        self.graphs.at(None, moved=True)
 
     def layer_info(self, shape: tuple[int, ...]) -> list | None:
         """The inspector's layers with this context bound, so a dynamic engine's formats and precisions are those
