@@ -6,10 +6,11 @@ No TensorRT here: the inspector's JSON is read as a file (`BuildResult.layers_pa
 writes raw control characters inside its strings (a \\x1e between the ONNX nodes of a fused layer's Metadata),
 so the JSON is parsed non-strictly and names are shown with them as " + ". A layer's precision is its first
 output's datatype, read from the inspector's `Format/Datatype` text ("Row major linear FP32", "Channel major FP16
-format where channel % 8 == 0", "Thirty-two wide channel vectorized row major Int8 format"). A reformat is a layer
-of type Reformat: TensorRT's own copies between formats or precisions ("Reformatting CopyNode for ...") and the
-Quantize/Dequantize layers of a Q/DQ engine it did not fuse. An engine built without DETAILED profiling verbosity
-lists names only: its layers' type and precision are "unknown".
+format where channel % 8 == 0", "Thirty-two wide channel vectorized row major Int8 format"); a dynamic engine's
+are only known from an inspector bound to a context at a shape (`Runner.layer_info`). A reformat is a layer of
+type Reformat: TensorRT's own copies between formats or precisions ("Reformatting CopyNode for ..."); a
+requantize (`LayerRow.requantize`) is what is left of Q/DQ nodes TensorRT did not fuse (8.6: type Scale). An
+engine built without DETAILED profiling verbosity lists names only: its layers' type and precision are "unknown".
 """
 from __future__ import annotations
 

@@ -65,6 +65,8 @@ def _decode(tp, value):
         return {k: _decode(args[1], v) for k, v in value.items()}
     return value
 
+QDQ_NODE = re.compile(r"(Dequantize|Quantize)Linear(_clone_\d+)?$")  # a Q/DQ node's name (onnxruntime's, TensorRT's clones)
+
 
 class Record:
     """`to_dict` / `from_dict` for the result dataclasses."""
@@ -359,8 +361,14 @@ class LayerRow(Record):
     input_precision: str
     tactic: str
     ms: float | None  # mean per run; None: the profiler reported no time for it
-    reformat: bool  # a copy between formats or precisions, TensorRT's own or an unfused Quantize/Dequantize
+    reformat: bool  # a copy between formats or precisions that TensorRT inserted
     onnx_nodes: list[str] = field(default_factory=list)
+
+    @property
+    def requantize(self) -> bool:
+        """A layer made of Quantize/Dequantize nodes only (TensorRT 8.6: type Scale): int8 rescaled to another
+        scale, as where a Concat's inputs are quantized apart from its output."""
+        return bool(self.onnx_nodes) and all(QDQ_NODE.search(node) for node in self.onnx_nodes)
 
 
 @dataclass
@@ -387,7 +395,8 @@ class LayerProfile(Record):
 
     @property
     def reformats(self) -> list[LayerRow]:
-        return [r for r in self.rows if r.reformat]
+        """The layers that only convert: TensorRT's reformats, and the requantizations left of Q/DQ pairs."""
+        return [r for r in self.rows if r.reformat or r.requantize]
 
     def metrics(self) -> dict[str, float]:
         """The summary as MLflow metrics, under `layers.`: total, counts, reformats, and ms and layers by precision."""

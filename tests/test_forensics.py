@@ -159,7 +159,7 @@ def test_layers_sets_two_variants_side_by_side(sweep, tmp_path, capsys):
     assert (out / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "layers.md").read_text()
     assert "|A|1x3x640x640|20|0.760|5|0.700 (2)|0.040 (1)|0.020 (2)|0.140 (2)|" in page  # int8, fp16, unknown
-    assert f"|Reformatting CopyNode for Input Tensor 0 to {CONV}|0.0400|fp32|fp16|" in page  # between precisions
+    assert f"|Reformatting CopyNode for Input Tensor 0 to {CONV}|reformat|0.0400|fp32|fp16|" in page  # precisions
     assert f"|1|{CONV}|CaskConvolution|int8|0.6000|78.9%|{CONV} (int8, 0.3000 ms)|" in page  # what it became in B
     assert "<img src='data:image/png;base64," in (out / "layers.html").read_text()
 
@@ -200,3 +200,21 @@ def test_from_mlflow_the_layers_are_artifacts_of_the_variant_and_the_sweep(sweep
     assert cli.main(["layers", "--tracking-uri", uri, "--sweep", sweep_id, "3", "2", "--out", str(out)]) == 0
     assert f"logged to run {sweep_id}, artifacts layers/" in capsys.readouterr().out
     assert {Path(f.path).name for f in client.list_artifacts(sweep_id, "layers")} == set(layers.FILES)
+
+
+H200_INT8 = Path(__file__).parents[1] / "results/gpu/2026-11-30-h200x2-trt8.6.0-int8-layers/int8-layers/results.json"
+
+
+def test_the_h200_int8_sweep_shows_the_requantizes_at_concat_inputs(tmp_path, capsys):
+    """The committed TensorRT 8.6 sweep: the Q/DQ engine's Scale layers made of Q/DQ nodes only are requantizes;
+    a convolution that holds its weights' QuantizeLinear is not."""
+    by_cell = {r.cell.key: r for r in read_results(H200_INT8)}
+    qdq = by_cell["yolov8n | ul dy qdq percentile | trt dy int8 gpu-pre gpu-post"].bench.layers
+    requantizes = [r for r in qdq.rows if r.requantize]
+    assert len(requantizes) == 26 and {r.type for r in requantizes} == {"Scale"}
+    assert all(r in qdq.reformats for r in requantizes)
+    assert not any(r.requantize for r in qdq.rows if r.type == "CaskConvolution")
+    assert cli.main(["layers", "--results", str(H200_INT8), "trt dy fp16", "qdq percentile", "--out",
+                     str(tmp_path)]) == 0
+    said = (tmp_path / "layers.md").read_text()
+    assert "|Concat_output_0_QuantizeLinear" not in said and "|requantize|" in said and "0.427 (71)|" in said

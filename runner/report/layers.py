@@ -24,7 +24,7 @@ from runner.results import LayerProfile, VariantResult
 
 FILES = ("layers.md", "layers.html", "layers.png")
 SIDES = ("A", "B")
-REFORMAT_SEGMENT = "reformat"
+REFORMAT_SEGMENT = "reformat, requantize"
 PRECISION_COLOURS = {"int8": "#2e7d32", "fp16": "#1565c0", "fp32": "#ef6c00", "int32": "#6a1b9a",
                      REFORMAT_SEGMENT: "#c62828"}
 
@@ -89,8 +89,9 @@ def by_type(sides: list[Side]) -> pd.DataFrame:
 
 def reformats(s: Side) -> pd.DataFrame:
     """Each reformat of a variant in engine order: its name, ms, and the precisions it converts between."""
-    return pd.DataFrame([{"layer": forensics.shown(r.name), "ms": _ms(r.ms), "from": r.input_precision,
-                          "to": r.precision} for r in s.profile.reformats], columns=["layer", "ms", "from", "to"])
+    return pd.DataFrame([{"layer": forensics.shown(r.name), "kind": "requantize" if r.requantize else "reformat",
+                          "ms": _ms(r.ms), "from": r.input_precision, "to": r.precision} for r in s.profile.reformats],
+                        columns=["layer", "kind", "ms", "from", "to"])
 
 
 def slowest(s: Side, other: Side, top: int) -> pd.DataFrame:
@@ -119,7 +120,7 @@ def legend(sides: list[Side]) -> list[str]:
     return [f"{s.tag}: {s.cell}" for s in sides] + [
         "Times: mean ms per run at the timed shape, TensorRT's IProfiler attached (their sum is a little above the "
         "engine's own time). Precision: a layer's first output's datatype. A reformat converts between formats or "
-        "precisions (TensorRT's copies, or Quantize/Dequantize layers it did not fuse)."]
+        "precisions (TensorRT's copies); a requantize rescales int8 (Quantize/Dequantize nodes TensorRT did not fuse)."]
 
 
 def markdown(sides: list[Side], top: int, title: str) -> str:
@@ -157,7 +158,7 @@ def plot(sides: list[Side], path: Path, title: str) -> None:
     top.invert_yaxis()
     top.set_xlabel("profiled ms per run, by precision (reformats apart)")
     top.set_xlim(0, max(s.profile.total_ms for s in sides) * 1.25)
-    top.legend(fontsize=8, loc="lower right", ncols=len(names))
+    top.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(names), frameon=False)
     types = by_type(sides)["layer type"].tolist()[:12]
     height = 0.8 / len(sides)
     for k, s in enumerate(sides):
@@ -174,8 +175,9 @@ def plot(sides: list[Side], path: Path, title: str) -> None:
 
 
 def _by_precision(profile: LayerProfile) -> dict[str, tuple[float, int]]:
-    """ms (layers) by precision of the layers that are no reformat, and the reformats as one more group."""
-    kept = LayerProfile(profile.shape, profile.runs, [r for r in profile.rows if not r.reformat])
+    """ms (layers) by precision of the layers that only compute, and the reformats and requantizes as one more group."""
+    converting = profile.reformats
+    kept = LayerProfile(profile.shape, profile.runs, [r for r in profile.rows if r not in converting])
     return {**kept.by("precision"), REFORMAT_SEGMENT: (sum(r.ms or 0 for r in profile.reformats),
                                                        len(profile.reformats))}
 
