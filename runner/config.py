@@ -103,6 +103,13 @@ class Calibrator(str, Enum):
     percentile = "percentile"
 
 
+class ConcatScales(str, Enum):
+    """A Q/DQ ONNX's Concats: each input and the output at its own calibrated scale, or all at one (their ranges'
+    union), so TensorRT concatenates int8 in place rather than requantizing each input."""
+    own = "own"
+    shared = "shared"
+
+
 class Head(str, Enum):
     """Which detection head the ONNX exposes: one-to-many `(B, 4 + nc, anchors)` decoded with NMS, or the
     one-to-one, NMS-free head of yolov10 / yolo26 `(B, max_det, 6)`, decoded without NMS."""
@@ -169,6 +176,7 @@ class PrecisionConfig:
     calibrator: Calibrator = Calibrator.entropy2
     keep_float: List[str] = field(default_factory=list)  # int8: fnmatch patterns on ONNX node names kept in float
     qdq_ops: List[str] = field(default_factory=lambda: ["Conv", "Add", "Concat"])  # Q/DQ: the op types quantized
+    concat_scales: ConcatScales = ConcatScales.own  # Q/DQ: a Concat's inputs and output at their own scales, or one
     calibration_images: int = 32  # int8: how many calibration images
     calibration_source: Optional[str] = None  # int8: a folder of calibration images; null: the generated
     #   calibration split, or with data.images set, that folder's images past the ones validated on
@@ -465,6 +473,9 @@ def _check_precision(p: PrecisionConfig) -> None:
     """The calibration and Q/DQ settings: what the mechanism has, well-formed."""
     if p.calibrator not in TRT_CALIBRATORS and p.int8_mode == Int8Mode.calibrator:
         raise ConfigError(NO_TRT_CALIBRATOR.format(algorithm=p.calibrator.value))
+    if p.concat_scales == ConcatScales.shared and p.int8_mode == Int8Mode.calibrator:
+        raise ConfigError("precision.concat_scales=shared: TensorRT's calibrator sets its own scales; use "
+                          "precision=int8_qdq, whose Q/DQ ONNX can share them")
     unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]
     if not p.qdq_ops or unknown:
         raise ConfigError(f"precision.qdq_ops: a list of op types from {', '.join(QDQ_OPS)}, got {list(p.qdq_ops)}")

@@ -7,14 +7,16 @@ recommendations, those of the residual Adds and the Concats whose output goes on
 flows from one convolution into the next without an int8<->float reformat around them; an Add or Concat that feeds
 float (the head's decode) stays float. Nodes matching a `keep_float` pattern (fnmatch on ONNX node names) are left
 unquantized: the presets keep the Detect head's last convolutions (box and class logits), the DFL and RT-DETR's
-decoder in float, where int8 costs the most mAP. Weights stay float behind a Quantize/Dequantize pair,
+decoder in float, where int8 costs the most mAP. With `concat_scales=shared` each quantized Concat's inputs and
+output take one range, the union of theirs, so TensorRT concatenates int8 in place instead of requantizing every
+input (what its layer profile shows with their own scales). Weights stay float behind a Quantize/Dequantize pair,
 as pytorch-quantization exports them, and biases stay float (TensorRT 8.6 refuses an int32 bias behind a
 DequantizeLinear). That is the form TensorRT 8.6, 10 and 11 build (explicit quantization), and
 onnxruntime runs it too. NVIDIA ModelOpt's ONNX PTQ would do the same job, but
 `nvidia-modelopt[onnx]` 0.47 pins onnx 1.21 and brings onnxruntime-gpu 1.24 beside our onnxruntime (both own the
 `onnxruntime` package) and cupy for CUDA 12; onnxruntime's quantizer needs nothing we do not have.
 Quantized ONNX are cached like exports: by the fp32 ONNX's bytes, the calibration images and shape, the
-algorithm, the quantized op types, the keep_float patterns and the onnxruntime version.
+algorithm, the quantized op types, the keep_float patterns, the Concats' scales and the onnxruntime version.
 """
 from __future__ import annotations
 
@@ -110,24 +112,28 @@ class _Without(logging.Filter):
 
 
 def quantize_qdq(reference: OnnxArtifact, calibration: CalibrationSet, method: str, cache_dir: Path,
-                 keep_float: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS) -> OnnxArtifact:
+                 keep_float: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS,
+                 concat_scales: str = "own") -> OnnxArtifact:
     """The Q/DQ int8 ONNX of the fp32 `reference`, calibrated with `method` (entropy2 | minmax | percentile), the
     inputs of the `ops` nodes quantized (`quantized_nodes`), nodes whose name matches a `keep_float` fnmatch pattern
-    left in float. Cached by all of these; `quantization` records them and the nodes each touched."""
+    left in float, each quantized Concat's tensors at their own scales or one (`concat_scales`: own | shared,
+    `share_concat_ranges`). Cached by all of these; `quantization` records them and the nodes each touched."""
     keep_float, ops = sorted(keep_float), sorted(ops)
-    folder = qdq_folder(reference, calibration, method, cache_dir, keep_float, ops)
+    folder = qdq_folder(reference, calibration, method, cache_dir, keep_float, ops, concat_scales)
     with cache.locked(folder.with_name(folder.name + ".lock")):
-        return cached_onnx(folder) or _quantize(reference, calibration, method, folder, keep_float, ops)
+        return cached_onnx(folder) or _quantize(reference, calibration, method, folder, keep_float, ops,
+                                                concat_scales)
 
 
 def qdq_folder(reference: OnnxArtifact, calibration: CalibrationSet, method: str, cache_dir: Path,
-               keep_float: Sequence[str], ops: Sequence[str]) -> Path:
+               keep_float: Sequence[str], ops: Sequence[str], concat_scales: str = "own") -> Path:
     """The cache folder of a Q/DQ ONNX, named by what it depends on: the fp32 ONNX's bytes, the calibration images
     (`CalibrationSet.key`: their bytes, so their count and source), the algorithm, the ops, the keep_float
-    patterns and onnxruntime's version."""
+    patterns, the Concats' scales and onnxruntime's version."""
     h = cache.file_sha256(reference.path)
     h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": sorted(ops),
-                         "keep_float": sorted(keep_float), "onnxruntime": version("onnxruntime")}).encode())
+                         "keep_float": sorted(keep_float), "onnxruntime": version("onnxruntime"),
+                         **({"concat_scales": concat_scales} if concat_scales != "own" else {})}).encode())
     return Path(cache_dir).absolute() / "onnx" / f"{Path(reference.path).parent.name}-qdq-{method}-{h.hexdigest()[:16]}"
 
 
@@ -176,6 +182,38 @@ def calibrate(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     return ranges
 
 
+def share_concat_ranges(model: onnx.ModelProto, concats: set[str], ranges: Path) -> int:
+    """Give the inputs and the output of each Concat of `concats` one range, the union of theirs, in the calibration
+    cache `ranges` (tensors that meet at two Concats join both groups). Without it TensorRT rescales every input
+    to the output's scale before concatenating (a requantize layer each). Returns the tensors whose range widened."""
+    from onnxruntime.quantization.calibrate import load_tensors_data, save_tensors_data
+
+    data = load_tensors_data(ranges)
+    group: dict[str, str] = {}
+
+    def root(tensor: str) -> str:
+        while group.setdefault(tensor, tensor) != tensor:
+            tensor = group[tensor]
+        return tensor
+
+    for node in model.graph.node:
+        if node.name in concats:
+            members = [t for t in (*node.input, *node.output) if t in data]
+            for tensor in members[1:]:
+                group[root(tensor)] = root(members[0])
+    own = {tensor: (float(np.min(data[tensor].range_value[0])), float(np.max(data[tensor].range_value[1])))
+           for tensor in group}
+    union: dict[str, tuple[float, float]] = {}
+    for tensor, (low, high) in own.items():
+        were = union.get(root(tensor), (np.inf, -np.inf))
+        union[root(tensor)] = min(were[0], low), max(were[1], high)
+    for tensor in group:
+        data[tensor].lowest, data[tensor].highest = (np.asarray(v, np.float32) for v in union[root(tensor)])
+    widened = sum(own[t] != union[root(t)] for t in group)
+    save_tensors_data(data, ranges)
+    return widened
+
+
 def qdq_pairs(model: onnx.ModelProto) -> dict[str, str]:
     """DequantizeLinear output -> the float tensor its QuantizeLinear reads."""
     quantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
@@ -211,7 +249,7 @@ def _prune(graph: onnx.GraphProto) -> None:
 
 
 def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str, folder: Path,
-              keep_float: Sequence[str], ops: Sequence[str]) -> OnnxArtifact:
+              keep_float: Sequence[str], ops: Sequence[str], concat_scales: str) -> OnnxArtifact:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -229,6 +267,8 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     logging.getLogger().addFilter(quiet)
     try:
         ranges = calibrate(reference, calibration, method, ops, folder)
+        concats = {n.name for n in fp32.graph.node if n.op_type == "Concat" and n.name in set(quantized)}
+        widened = share_concat_ranges(fp32, concats, ranges) if concat_scales == "shared" else 0
         quantize_static(reference.path, path, None, calibration_cache_path=ranges,
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ops), per_channel=True,
                         nodes_to_quantize=quantized, nodes_to_exclude=kept,
@@ -255,6 +295,7 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
                             quantization={"calibrator": method, "images": len(calibration.files),
                                           "source": str(Path(calibration.files[0]).parent), "ops": list(ops),
                                           "keep_float": list(keep_float), "quantized_nodes": len(quantized),
+                                          "concat_scales": concat_scales, "widened_ranges": widened,
                                           "quantized": dict(Counter(n.op_type for n in fp32.graph.node
                                                                     if n.name in set(quantized))),
                                           "kept_float_nodes": kept})

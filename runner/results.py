@@ -100,8 +100,8 @@ def _metric_key(name: str) -> str:
 @dataclass(frozen=True)
 class _Variant(Record):
     """Where the variant calibrates, its int8 settings that make another ONNX or engine, each "" where it is the
-    precision preset's: the patterns kept in float (JSON), the op types Q/DQ quantizes, the calibration images' count
-    and folder."""
+    precision preset's: the patterns kept in float (JSON), the op types Q/DQ quantizes, its Concats' scales, the
+    calibration images' count and folder."""
     tool: str
     shape: str
     precision: str  # fp32 | fp16 | int8, or qdq for a Q/DQ ONNX
@@ -110,6 +110,7 @@ class _Variant(Record):
     qdq_ops: str = field(default="", kw_only=True)  # e.g. `Conv+Add`; labelled `ops Conv+Add`
     calibration_images: str = field(default="", kw_only=True)  # e.g. `256`; labelled `cal 256`
     calibration_source: str = field(default="", kw_only=True)  # a folder; labelled `cal from <its name>`
+    concat_scales: str = field(default="", kw_only=True)  # `shared`; labelled `concat shared`
     TOOLS: ClassVar[dict[str, str]] = {}  # tool -> its word in a label
 
     @property
@@ -122,7 +123,7 @@ class _Variant(Record):
         source = f"from {Path(self.calibration_source).name}" if self.calibration_source else ""
         calibration = " ".join(filter(None, (self.calibration_images, source)))
         return ("" if kept is None else f"keep {kept or 'none'}", self.qdq_ops and f"ops {self.qdq_ops}",
-                calibration and f"cal {calibration}")
+                self.concat_scales and f"concat {self.concat_scales}", calibration and f"cal {calibration}")
 
     def _label_tail(self) -> tuple[str, ...]:
         return ()

@@ -57,7 +57,9 @@ def int8_settings(cfg: RunConfig, mechanism: str | None, where: Mechanism) -> di
                "qdq_ops": where == Mechanism.qdq and sorted(p.qdq_ops) != sorted(shipped.qdq_ops)
                and "+".join(p.qdq_ops),
                "calibration_images": p.calibration_images != shipped.calibration_images and str(p.calibration_images),
-               "calibration_source": p.calibration_source != shipped.calibration_source and p.calibration_source}
+               "calibration_source": p.calibration_source != shipped.calibration_source and p.calibration_source,
+               "concat_scales": where == Mechanism.qdq and p.concat_scales != shipped.concat_scales
+               and p.concat_scales.value}
     return {"calibrator": p.calibrator.value, **{key: value or "" for key, value in differs.items()}}
 
 
@@ -158,7 +160,7 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     elif mechanism == Mechanism.qdq:
         p = cfg.precision
         tested = quantize_qdq(reference, calibration_set(cfg), p.calibrator.value, Path(cfg.cache_dir), p.keep_float,
-                              p.qdq_ops)
+                              p.qdq_ops, p.concat_scales.value)
     return ExportResult(weights=weights, reference=reference, tested=tested)
 
 

@@ -33,9 +33,10 @@
 #   bash scripts/gpu-proof.sh int8-layers   # yolov8n fp16, int8 calibrator, int8 Q/DQ and the Q/DQ placement before, dynamic
 #                                           #   to batch 32, level 1, the whole held-out split, offline batches 1/8/32
 #   bash scripts/gpu-proof.sh int8-report   # its table, and the layers of fp16 against each int8 side by side
+#   bash scripts/gpu-proof.sh int8-concat   # int8 Q/DQ with each Concat's scales own or shared, as int8-layers
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-concat}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -137,6 +138,8 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
              backend.builder_optimization_level=0) ;;
   int8-layers) args=(-m "hydra.searchpath=[file://$LAYERS]" precision=fp16,int8_calibrator,int8_qdq,int8_qdq_conv_only
                      "${batch32[@]}" backend.builder_optimization_level=1 hydra.launcher.n_jobs=$(gpu_count)) ;;
+  int8-concat) args=(-m precision=int8_qdq precision.concat_scales=own,shared "${batch32[@]}"
+                     backend.builder_optimization_level=1 hydra.launcher.n_jobs=$(gpu_count)) ;;
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -16,7 +16,7 @@ from runner.export import export_onnx
 from runner.preflight import preflight
 from runner.quantize import CalibrationSet, calibrate, qdq_folder, quantize_qdq
 from runner.results import OnnxArtifact
-from runner.variant import run_variant
+from runner.variant import cell_of, run_variant
 
 HEAD = "/model.22"  # yolov8n's Detect module
 FINAL_CONVS = [f"{HEAD}/cv{b}.{i}/cv{b}.{i}.2/Conv" for i in range(3) for b in (2, 3)]  # box and class logits
@@ -140,6 +140,46 @@ def test_too_few_calibration_images_in_the_source_is_refused_before_work(runner_
     assert said.returncode == 2 and len(said.stderr.strip().splitlines()) == 1
     assert said.stderr.startswith(f"runner: error: precision.calibration_images=70: {held_out_images} has 64 "
                                   f"images apart from the 8 validated on")
+
+
+def concat_scales(model: onnx.ModelProto) -> list[set[float]]:
+    """For each Concat fed by DequantizeLinear nodes: the scales of those inputs and of the Q/DQ its output gets."""
+    initializers = {i.name: float(onnx.numpy_helper.to_array(i)) for i in model.graph.initializer
+                    if i.name.endswith("_scale") and onnx.numpy_helper.to_array(i).size == 1}
+    made_by = {out: n for n in model.graph.node for out in n.output}
+    read_by = {}
+    for node in model.graph.node:
+        for tensor in node.input:
+            read_by.setdefault(tensor, []).append(node)
+    groups = []
+    for node in model.graph.node:
+        fed = [made_by[i] for i in node.input if i in made_by and made_by[i].op_type == "DequantizeLinear"]
+        if node.op_type == "Concat" and fed:
+            out_q = [q for q in read_by.get(node.output[0], []) if q.op_type == "QuantizeLinear"]
+            groups.append({initializers[n.input[1]] for n in [*fed, *out_q]})
+    return groups
+
+
+def test_shared_concat_scales_give_every_concat_one_scale(small, export_cache):
+    reference, calibration = small
+    p = default_int8()
+    own = quantize_qdq(reference, calibration, "minmax", export_cache, p.keep_float, p.qdq_ops)
+    shared = quantize_qdq(reference, calibration, "minmax", export_cache, p.keep_float, p.qdq_ops, "shared")
+    assert shared.path != own.path and shared.quantization["concat_scales"] == "shared"
+    groups = concat_scales(onnx.load(shared.path))
+    assert len(groups) == 13 and all(len(scales) == 1 for scales in groups)  # yolov8n's 13 quantized Concats
+    assert any(len(scales) > 1 for scales in concat_scales(onnx.load(own.path)))
+    assert shared.quantization["widened_ranges"] > 0 and own.quantization["widened_ranges"] == 0
+
+
+def test_shared_concat_scales_are_a_qdq_setting_named_in_the_label(runner_main, tmp_path):
+    said = runner_main(["precision=int8_calibrator", "precision.concat_scales=shared", f"outputs={tmp_path}"])
+    assert said.returncode == 2 and said.stderr.strip() == (
+        "runner: error: precision.concat_scales=shared: TensorRT's calibrator sets its own scales; use "
+        "precision=int8_qdq, whose Q/DQ ONNX can share them")
+    cfg, = preflight(["precision=int8_qdq", "precision.concat_scales=shared", "backend=onnxruntime",
+                      "tracking.enabled=false"])
+    assert cell_of(cfg, "onnxruntime", "qdq").onnx.label == "ul st qdq percentile concat shared"
 
 
 def test_the_calibration_settings_are_swept_as_dimensions():

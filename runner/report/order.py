@@ -26,7 +26,7 @@ def model_key(model: str) -> tuple:
 def _variant_key(variant: OnnxVariant | BuildVariant, tools: tuple) -> tuple:
     return (_rank(tools, variant.tool), _rank(PRECISIONS, variant.precision), variant.precision, variant.calibrator,
             _rank(SHAPES, variant.shape), variant.keep_float, variant.qdq_ops, variant.calibration_images,
-            variant.calibration_source)
+            variant.calibration_source, variant.concat_scales)
 
 
 def onnx_key(onnx: OnnxVariant) -> tuple:
