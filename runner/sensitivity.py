@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 import yaml
 
+from runner.arguments import OneLineParser, positive
 from runner.config import BackendName, ConfigError, Int8Mode, Mechanism, Precision, RunConfig, to_plain
 from runner.data import HELD_OUT_COUNT, load_samples
 from runner.backends.onnxruntime import session_options
@@ -411,17 +412,8 @@ def log_mlflow(outcome: Outcome, paths: list[Path], uri: str, experiment: str, a
     return run_id
 
 
-def positive(kind):
-    def number(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} is not > 0")
-        return value
-    return number
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="runner sensitivity", description=(
+    p = OneLineParser(prog="runner sensitivity", description=(
         "Find the fewest nodes to keep in float so that the Q/DQ int8 model stays within --limit mAP50-95 of fp32 "
         "(onnxruntime, CPU); write them as a precision config to sweep."))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

@@ -84,7 +84,7 @@ def test_the_cell_names_the_calibrator_where_it_calibrates():
     joined into the label in one place."""
     qdq, = preflight(["precision=int8_qdq", "backend=onnxruntime"])
     cell = cell_of(qdq, "onnxruntime", "qdq")
-    assert (cell.onnx.precision, cell.onnx.calibrator, cell.onnx.label) == ("qdq", "minmax", "ul st qdq minmax")
+    assert (cell.onnx.precision, cell.onnx.calibrator, cell.onnx.label) == ("qdq", "percentile", "ul st qdq percentile")
     assert (cell.build.calibrator, cell.build.label) == ("", "ort st int8")
     calibrated, = preflight(["precision=int8_calibrator", "backend=tensorrt"])
     cell = cell_of(calibrated, "tensorrt", "calibrator")

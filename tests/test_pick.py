@@ -118,7 +118,8 @@ def test_exit_codes_and_files(tmp_path, capsys):
 def test_usage_errors_come_before_any_work(tmp_path, capsys):
     missing = str(tmp_path / "no-such.json")
     assert cli.main(["pick", "--results", missing, "--max-map-drop", "2"]) == 2
-    assert "--max-map-drop: 2 is not in [0, 1]" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("runner: error: runner pick: argument --max-map-drop: 2 is not in [0, 1] "
+                                       "(see runner pick --help)\n")  # one line, no usage block
     assert cli.main(["pick", "--results", missing, "--timed-at", "1x3xbig"]) == 2
     assert "not a shape" in capsys.readouterr().err
     blocker = tmp_path / "file"

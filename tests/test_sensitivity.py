@@ -128,6 +128,7 @@ def test_search_ranks_stops_and_writes_a_config_that_composes(tmp_path, runner_m
     (["model=yolov8n,yolo11n"], "2 variants: the search takes one"),
     (["--images", "9"], "--images 9: more than data.limit=8"),
     (["--weights", "missing.pt"], "model.weights: file not found: missing.pt"),
+    (["--max-evals", "0"], "runner sensitivity: argument --max-evals: '0' is not a whole number above 0"),
 ])
 def test_bad_arguments_are_refused_in_one_line_before_work(tmp_path, runner_main, args, says):
     said = runner_main(["sensitivity", *TINY, f"outputs={tmp_path / 'out'}", "--images", "4", *args])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import ssl
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from runner.arguments import OneLineParser, bounded, positive
 from runner.cache import unwritable
 from runner.report import gate, layers, pick, plots, render
 from runner.report.frame import ReportError, read_results_configs, results_frame, runs_frame
@@ -304,23 +304,6 @@ def cmd_layers(args) -> int:
     return 0
 
 
-def bounded(low: float, high: float | None = None):
-    """An argparse type: a number in [low, high]."""
-    def number(text: str) -> float:
-        value = float(text)
-        if not low <= value <= (math.inf if high is None else high):
-            raise argparse.ArgumentTypeError(f"{text} is not in [{low:g}, {math.inf if high is None else high:g}]")
-        return value
-    return number
-
-
-def positive(text: str) -> int:
-    """An argparse type: a whole number above 0."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number above 0")
-    return int(text)
-
-
 def shape(text: str) -> str:
     if not all(part.isdigit() for part in text.split("x")):
         raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1x3x640x640")
@@ -328,7 +311,7 @@ def shape(text: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    source = argparse.ArgumentParser(add_help=False)
+    source = OneLineParser(add_help=False)
     which = source.add_mutually_exclusive_group()
     which.add_argument("--sweep", action="append",
                        help="sweep (parent run) id, or 'latest' (the default); repeat to combine sweeps")
@@ -337,7 +320,7 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow tracking URI (default %(default)s)")
     source.add_argument("--experiment", default="runner", help="MLflow experiment (default %(default)s)")
 
-    top = argparse.ArgumentParser(prog="runner", description="Report on sweeps: table, baseline, check, pick, layers.")
+    top = OneLineParser(prog="runner", description="Report on sweeps: table, baseline, check, pick, layers.")
     sub = top.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", parents=[source], help="compatibility table, detail table and plots")
     table.add_argument("--out", type=Path, help="output folder (default outputs/reports/<sweep>)")
@@ -371,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
                                                            "time by precision and layer type, reformats, slowest")
     side.add_argument("a", metavar="A", help="a variant: a piece of its cell (model | onnx | build), or its number")
     side.add_argument("b", metavar="B", help="the variant to set beside it, named the same way")
-    side.add_argument("--top", type=positive, default=10, metavar="N", help="slowest layers shown of each (default "
+    side.add_argument("--top", type=positive(), default=10, metavar="N", help="slowest layers shown of each (default "
                                                                       "%(default)s)")
     side.add_argument("--out", type=Path, help="output folder (default outputs/reports/<sweep>/layers)")
     side.set_defaults(run=cmd_layers)
