@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CI_OUT := outputs/ci
 # an export cache `make test` and `make test-slow` share (CI sets it per checkout; never reuse it across changes)
 TEST_CACHE ?=
-TEST_OPTS = $(if $(TEST_CACHE),--export-cache $(TEST_CACHE))
+TEST_OPTS = $(if $(TEST_CACHE),--export-cache=$(TEST_CACHE))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-slow test-cluster test-gpu table check cpu-gate gate-check int8-ort install-check ui clean
