@@ -3,6 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CI_OUT := outputs/ci
+# an export cache `make test` and `make test-slow` share (CI sets it per checkout; never reuse it across changes)
+TEST_CACHE ?=
+TEST_OPTS = $(if $(TEST_CACHE),--export-cache=$(TEST_CACHE))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-slow test-cluster test-gpu table check cpu-gate gate-check int8-ort install-check ui clean
@@ -19,10 +22,10 @@ run: ## The default sweep: export x precision x shape, 12 variants, logged to ou
 	$(BIN)/python -m runner -m export=ultralytics,torch,dynamo precision=fp32,fp16 shape=static,dynamic
 
 test: ## The test suite less its slow tests (GPU tests skip with the reason when TensorRT or a GPU is absent)
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow and not cluster"
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow and not cluster" $(TEST_OPTS)
 
 test-slow: ## The slow tests (the user's 12-variant sweep, left in outputs/ci for gate-check; kill, resume, restart)
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow and not cluster" --sweep-outputs $(CI_OUT)
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow and not cluster" --sweep-outputs $(CI_OUT) $(TEST_OPTS)
 
 test-cluster: ## The cluster tests: a one-host SLURM and PostgreSQL they start (apt-get as root), two Ray nodes (the ray extra)
 	$(BIN)/pip install -q -e ".[ray]"

@@ -37,11 +37,17 @@ SMALL_IMGSZ = (128, 128)
 # plumbing's variant: yolov8n at 128 px, a dynamic profile of 64..128, two images, 3 + 20 timed runs
 PLUMBING = ["model.imgsz=[128,128]", "profile.min=[1,3,64,64]", "profile.opt=[1,3,128,128]",
             "profile.max=[1,3,128,128]", "bench=quick", "data.limit=2"]
+# the least timing a variant takes (4 runs, no offline batches): for tests whose claim is not about timing
+UNTIMED = ["bench=quick", "bench.warmup=1", "bench.iters=3", "bench.offline_batches=[]"]
 
 
 def pytest_addoption(parser):
     parser.addoption("--sweep-outputs", type=Path, help="run test_sweep.py's 12-variant sweep into this folder "
                                                         "(emptied first), where `make gate-check` checks it")
+    parser.addoption("--export-cache", type=Path, help="the ONNX export cache in this folder, kept after the session: "
+                                                       "CI gives `make test` and `make test-slow` of one checkout one "
+                                                       "folder (the cache key holds no runner code: never reuse it "
+                                                       "across changes)")
 
 
 def cli_env() -> dict:
@@ -176,8 +182,13 @@ def shared_folder(tmp_path_factory, name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def export_cache(tmp_path_factory) -> Path:
-    """One ONNX export cache for the whole session (the export stage caches by content key, under a lock)."""
+def export_cache(request, tmp_path_factory) -> Path:
+    """One ONNX export cache for the whole session (the export stage caches by content key, under a lock), in
+    --export-cache where given."""
+    given = request.config.getoption("--export-cache")
+    if given:
+        given.mkdir(parents=True, exist_ok=True)
+        return given.resolve()
     return shared_folder(tmp_path_factory, "export_cache")
 
 

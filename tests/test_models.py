@@ -15,7 +15,7 @@ import onnx
 import pandas as pd
 import pytest
 
-from conftest import ASSETS, END2END_PRESETS, IMGSZ, PRESETS, SMALL_IMGSZ, export_spec, run_cli, run_module
+from conftest import ASSETS, END2END_PRESETS, IMGSZ, PRESETS, SMALL_IMGSZ, UNTIMED, export_spec, run_cli, run_module
 from runner.backends.onnxruntime import open_reference
 from runner.config import Thresholds, ValidateConfig
 from runner.data import Sample, load_samples
@@ -183,7 +183,7 @@ def test_a_sweep_of_every_preset_through_both_exporters(tmp_path, export_cache):
     """The issue's sweep on onnxruntime: every cell named by its model, one grid per model, keys per model."""
     outputs = tmp_path / "outputs"
     proc = run_cli(["-m", f"model={','.join(PRESETS)}", "export=ultralytics,torch", "precision=fp16",
-                    "backend=onnxruntime", "data.limit=4", "bench=quick", f"cache_dir={export_cache}"], outputs,
+                    "backend=onnxruntime", "data.limit=4", *UNTIMED, f"cache_dir={export_cache}"], outputs,
                    timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sweep = max((outputs / "sweeps").iterdir())

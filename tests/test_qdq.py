@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import SMALL_IMGSZ, export_spec
+from conftest import SMALL_IMGSZ, UNTIMED, export_spec
 from runner.data import calibration_files
 from runner.export import export_onnx
 from runner.preflight import preflight
@@ -237,7 +237,7 @@ def test_placement_and_pins_bring_the_int8_drop_within_001_on_the_whole_held_out
     drops = {}
     for name, overrides in {"before": ["precision.qdq_ops=[Conv]", "precision.keep_float=[]"], "after": []}.items():
         cfg, = preflight(["precision=int8_qdq", "precision.calibrator=percentile", "backend=onnxruntime",
-                          "data.limit=64", "bench=quick", "bench.offline_batches=[]", "tracking.enabled=false",
+                          "data.limit=64", *UNTIMED, "tracking.enabled=false",
                           f"outputs={tmp_path}", f"cache_dir={export_cache}", *overrides])
         check = run_variant(cfg, "onnxruntime").validate.shapes["static"]
         drops[name] = check.ref_map50_95 - check.map50_95

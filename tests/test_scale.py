@@ -24,6 +24,7 @@ from runner.sweep import RESULT_FILE, JobRecord
 QUICK = [*PLUMBING, "backend=onnxruntime"]
 TWO = ["precision=fp32,fp16"]
 FOUR = ["export=ultralytics,torch", "precision=fp32,fp16"]
+NO_BACKOFF = {"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}
 
 
 def sweep_folder(outputs: Path) -> Path:
@@ -35,9 +36,9 @@ def records(folder: Path) -> list[JobRecord]:
     return [r for r in map(JobRecord.read, sorted(folder.glob(f"*/{RESULT_FILE}"))) if r]
 
 
-def start_cli(args: list[str], outputs: Path) -> subprocess.Popen:
+def start_cli(args: list[str], outputs: Path, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "runner", *args, f"outputs={outputs}"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=cli_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**cli_env(), **env})
 
 
 def wait_for(condition, what: str, proc: subprocess.Popen, limit_s: float = 600) -> None:
@@ -130,8 +131,9 @@ def test_tracking_server_killed_mid_sweep_then_sync_logs_each_run_once(tmp_path,
     server = MlflowServer(tmp_path / "server").start()
     outputs = tmp_path / "out"
     try:
+        # MLflow's retries stay; their back-off (seconds of sleep per request to the dead server) does not
         proc = start_cli(["-m", *FOUR, *QUICK, f"cache_dir={export_cache}", "tracking=server",
-                          f"tracking.uri={server.url}"], outputs)
+                          f"tracking.uri={server.url}"], outputs, **NO_BACKOFF)
         wait_for(lambda: (outputs / "sweeps").is_dir() and any(r.logged for r in records(sweep_folder(outputs))),
                  "first logged result", proc)
         server.stop(signal.SIGKILL)
