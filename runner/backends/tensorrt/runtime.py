@@ -353,12 +353,12 @@ class TrtRunner(Runner):
         """Replace the execution context, the old one released first (a dynamic engine's profile 0 serves one
         context); the next set_shape() binds the new one."""
         self.sync()
+        self.shape = None
+        self.graphs.at(None, moved=True)  # its graphs go first: they ran on the old context
         self._context = None
         self._context = self.engine.create_execution_context()
         if self._context is None:
             raise RuntimeError(f"cannot create an execution context: {self.logger.last_error}")
-        self.shape = None
-        self.graphs.at(None, moved=True)
 
     def layer_info(self, shape: tuple[int, ...]) -> list | None:
         """The inspector's layers with this context bound, so a dynamic engine's formats and precisions are those
