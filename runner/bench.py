@@ -166,7 +166,8 @@ def server(runner, chain, images: list[np.ndarray], hw: tuple[int, int], rate: f
 def layer_profile(runner, shape: list[int], iters: int,
                   layers_path: str | None) -> tuple[LayerProfile | None, str | None]:
     """Each layer's mean time at `shape` over `iters` profiled runs, joined with the engine inspector's layers at
-    that shape where the runtime has an inspector, else those at `layers_path` (`forensics`). (profile, None); (None, None) where the runtime has no per-layer profiler;
+    that shape where the runtime has an inspector, else those at `layers_path` (`forensics`). (profile, None);
+    (None, None) where the runtime has no per-layer profiler;
     (None, why) where profiling failed, the variant's other figures standing."""
     try:
         times = runner.layer_times(tuple(shape), iters)

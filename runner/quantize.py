@@ -125,6 +125,15 @@ def quantize_qdq(reference: OnnxArtifact, calibration: CalibrationSet, method: s
                                                 concat_scales)
 
 
+def quantize_variant(cfg: RunConfig, reference: OnnxArtifact, keep_float: Sequence[str] | None = None,
+                     calibration: CalibrationSet | None = None) -> OnnxArtifact:
+    """The Q/DQ ONNX the variant `cfg` quantizes `reference` to: its precision settings, its calibration images,
+    with `keep_float` in place of the config's pins where given."""
+    p = cfg.precision
+    return quantize_qdq(reference, calibration or calibration_set(cfg), p.calibrator.value, Path(cfg.cache_dir),
+                        p.keep_float if keep_float is None else keep_float, p.qdq_ops, p.concat_scales.value)
+
+
 def qdq_folder(reference: OnnxArtifact, calibration: CalibrationSet, method: str, cache_dir: Path,
                keep_float: Sequence[str], ops: Sequence[str], concat_scales: str = "own") -> Path:
     """The cache folder of a Q/DQ ONNX, named by what it depends on: the fp32 ONNX's bytes, the calibration images

@@ -65,7 +65,7 @@ def _decode(tp, value):
         return {k: _decode(args[1], v) for k, v in value.items()}
     return value
 
-QDQ_NODE = re.compile(r"(Dequantize|Quantize)Linear(_clone_\d+)?$")  # a Q/DQ node's name (onnxruntime's, TensorRT's clones)
+QDQ_NODE = re.compile(r"(Dequantize|Quantize)Linear(_clone_\d+)?$")  # a Q/DQ node's name, or a TensorRT clone
 
 
 class Record:

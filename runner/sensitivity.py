@@ -11,7 +11,7 @@ in float), so a candidate costs an inference pass, not a calibration.
   mAP on a few images resolves. Ties (many on few images) go to the larger cut in the outputs' rel-L2 against fp32.
 - Greedy: nodes in ranked order are kept in float until the drop on those images is within `--limit`, or
   `--max-evals` evaluations or `--max-minutes` are spent (a line per evaluation).
-- Confirm: the set found is quantized for real (`quantize_qdq(keep_float=...)`, as a sweep makes it) and measured
+- Confirm: the set found is quantized for real (`quantize_variant(keep_float=...)`, as a sweep makes it) and measured
   on the variant's validation images (`data.limit`, the whole held-out split by default here). Where it misses the
   limit there, the greedy goes on on those images, within the same budget, and confirms again.
 Latency per node needs TensorRT (`--latency`, per greedy step, with the variant's TensorRT build); without it the
@@ -38,7 +38,7 @@ from runner.data import HELD_OUT_COUNT, load_samples
 from runner.backends.onnxruntime import session_options
 from runner.metrics import mean_average_precision, tensor_metrics
 from runner.processing import postprocess, preprocess
-from runner.quantize import calibration_set, keep_in_float, kept_float, quantize_qdq, quantized_nodes
+from runner.quantize import calibration_set, keep_in_float, kept_float, quantize_variant, quantized_nodes
 from runner.results import ExportResult, StageError
 
 USAGE_EXIT, NOT_MET_EXIT = 2, 1
@@ -97,7 +97,7 @@ class Outcome:
     keep_float: list[str]  # the config's patterns: precision.keep_float given, then one per layer kept
     estimate: Score  # with the greedy's first set in float, on the ranking images
     confirmed_reference_map50_95: float
-    confirmed: Score | None = None  # the real quantize_qdq(keep_float=kept), on the confirm images
+    confirmed: Score | None = None  # the real quantize_variant(keep_float=kept), on the confirm images
     stopped_by: str = ""  # limit | budget: evals | budget: minutes | no nodes left
     latency: str = "not measured: TensorRT is not here"
     evals: int = 0
@@ -249,10 +249,9 @@ def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str
     from runner.variant import export_stage, output_head
 
     reference = export_stage(cfg, Mechanism.none).reference
-    pinned, ops = list(cfg.precision.keep_float), list(cfg.precision.qdq_ops)
-    method, cache_dir = cfg.precision.calibrator.value, Path(cfg.cache_dir)
+    pinned, ops, method = list(cfg.precision.keep_float), list(cfg.precision.qdq_ops), cfg.precision.calibrator.value
     calibration = calibration_set(cfg)
-    quantized_onnx = quantize_qdq(reference, calibration, method, cache_dir, pinned, ops)
+    quantized_onnx = quantize_variant(cfg, reference, calibration=calibration)
     head = output_head(ExportResult(cfg.model.weights, reference, quantized_onnx))
     model = onnx.load(quantized_onnx.path)
     pinned_nodes = set(kept_float(model, pinned))
@@ -274,7 +273,7 @@ def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str
                       [], [], estimate, evaluator.map50_95(every.reference, every))
     while True:
         outcome.kept, outcome.keep_float = [la.name for la in kept], pinned + [la.pattern for la in kept]
-        final = quantize_qdq(reference, calibration, method, cache_dir, outcome.keep_float, ops)
+        final = quantize_variant(cfg, reference, outcome.keep_float, calibration)
         outcome.confirmed = evaluator.score(Path(final.path).read_bytes(), every, counted=False)
         print(f"sensitivity: confirm {len(kept)} layer(s) in float on {len(every)} images: drop {outcome.drop:.4f}",
               flush=True)

@@ -23,7 +23,7 @@ from runner.config import (BackendName, ConfigError, Device, Head, Mechanism, Pr
 from runner.data import Sample, Selection, class_names, load_samples, names_mismatch
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
-from runner.quantize import calibration_set, quantize_qdq
+from runner.quantize import calibration_set, quantize_variant
 from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, Resolved,
                             StageError, VariantResult)
 from runner.validate import headline_shape, shapes_to_check, validate
@@ -158,9 +158,7 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     if mechanism in FP16_ONNX:
         tested = export_onnx(replace(spec, half=True), Path(cfg.cache_dir))
     elif mechanism == Mechanism.qdq:
-        p = cfg.precision
-        tested = quantize_qdq(reference, calibration_set(cfg), p.calibrator.value, Path(cfg.cache_dir), p.keep_float,
-                              p.qdq_ops, p.concat_scales.value)
+        tested = quantize_variant(cfg, reference)
     return ExportResult(weights=weights, reference=reference, tested=tested)
 
 

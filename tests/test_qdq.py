@@ -14,7 +14,7 @@ from conftest import SMALL_IMGSZ, UNTIMED, export_spec
 from runner.data import calibration_files
 from runner.export import export_onnx
 from runner.preflight import preflight
-from runner.quantize import CalibrationSet, calibrate, qdq_folder, quantize_qdq
+from runner.quantize import CalibrationSet, calibrate, qdq_folder, quantize_qdq, quantize_variant
 from runner.results import OnnxArtifact
 from runner.variant import cell_of, run_variant
 
@@ -170,6 +170,20 @@ def test_shared_concat_scales_give_every_concat_one_scale(small, export_cache):
     assert len(groups) == 13 and all(len(scales) == 1 for scales in groups)  # yolov8n's 13 quantized Concats
     assert any(len(scales) > 1 for scales in concat_scales(onnx.load(own.path)))
     assert shared.quantization["widened_ranges"] > 0 and own.quantization["widened_ranges"] == 0
+
+
+def test_a_variant_and_the_sensitivity_search_quantize_with_every_precision_setting(small, export_cache):
+    """`quantize_variant`, what the export stage and `runner sensitivity` both call, takes all of the config's
+    settings (a search with shared Concat scales measures the model the sweep builds), the pins overridable."""
+    reference, calibration = small
+    cfg, = preflight(["precision=int8_qdq", "precision.concat_scales=shared", "precision.calibrator=minmax",
+                      "backend=onnxruntime", "tracking.enabled=false", f"cache_dir={export_cache}"])
+    made = quantize_variant(cfg, reference, calibration=calibration)
+    q = made.quantization
+    assert (q["calibrator"], q["concat_scales"]) == ("minmax", "shared")
+    assert q["keep_float"] == sorted(cfg.precision.keep_float)
+    pinned = quantize_variant(cfg, reference, ["*/dfl/*"], calibration)
+    assert pinned.quantization["keep_float"] == ["*/dfl/*"] and pinned.quantization["concat_scales"] == "shared"
 
 
 def test_shared_concat_scales_are_a_qdq_setting_named_in_the_label(runner_main, tmp_path):
