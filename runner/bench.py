@@ -93,6 +93,11 @@ def runs_per_batch(batch: int, images: int) -> int:
     return max(OFFLINE_MIN_RUNS, -(-images // batch))
 
 
+def batch_of(images: list[np.ndarray], i: int, batch: int) -> list[np.ndarray]:
+    """The `i`-th batch of `batch` frames, cycling through `images`."""
+    return [images[(i * batch + k) % len(images)] for k in range(batch)]
+
+
 def offline_point(runner, chain, images: list[np.ndarray], shape: tuple[int, ...], runs: int) -> OfflinePoint:
     """`runs` batches at `shape` through the chain after a tenth more that warm up, then the engine alone on the
     last batch's input. End to end, images/s is the batch over its p50 (as `BenchResult.per_image`): a synchronous
@@ -101,7 +106,7 @@ def offline_point(runner, chain, images: list[np.ndarray], shape: tuple[int, ...
     runner.set_shape(shape)
     warmup, e2e = max(1, runs // 10), []
     for i in range(warmup + runs):
-        frames = [images[(i * batch + k) % len(images)] for k in range(batch)]
+        frames = batch_of(images, i, batch)
         _, stage_ms = chain.run(runner, frames, hw)
         if i >= warmup:
             e2e.append(stage_ms["e2e"])
@@ -195,7 +200,7 @@ def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchC
     times: dict[str, list[float]] = {}
     log.info("bench: %s, %d warm-up + %d timed runs at %s...", latency_scenario(batch), warmup, iters, list(shape))
     for i in range(warmup + iters):
-        frames = [images[(i * batch + k) % len(images)] for k in range(batch)]
+        frames = batch_of(images, i, batch)
         _, stage_ms = chain.run(runner, frames, hw)
         if i >= warmup:
             for stage, ms in stage_ms.items():
