@@ -175,9 +175,9 @@ def layer_profile(runner, shape: list[int], iters: int,
     (None, None) where the runtime has no per-layer profiler;
     (None, why) where profiling failed, the variant's other figures standing."""
     try:
-        times = runner.layer_times(tuple(shape), iters)
-        layers = (runner.layer_info(tuple(shape)) or (forensics.read_layers(layers_path) if layers_path else [])
-                  if times else [])
+        times, layers = runner.layer_times(tuple(shape), iters), []
+        if times:
+            layers = runner.layer_info(tuple(shape)) or (forensics.read_layers(layers_path) if layers_path else [])
     except Exception as exc:  # the runtime's or the file's problem, said; never the variant's failure
         log.warning("bench: layer profile: %s", exc)
         return None, f"not profiled: {first_line(f'{type(exc).__name__}: {exc}', 200)}"

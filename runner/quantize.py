@@ -266,6 +266,7 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     path = folder / "model.onnx"
     fp32 = onnx.load(reference.path, load_external_data=False)
     quantized, kept = quantized_nodes(fp32, ops, keep_float), kept_float(fp32, keep_float)
+    chosen = set(quantized)
     if keep_float and not kept:
         log.warning("export: no node matches precision.keep_float %s: nothing is kept in float", list(keep_float))
     log.info("export: quantizing to Q/DQ int8 (%s) on %d images at %s, %d batches: the inputs of %d nodes (%s), "
@@ -276,7 +277,7 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     logging.getLogger().addFilter(quiet)
     try:
         ranges = calibrate(reference, calibration, method, ops, folder)
-        concats = {n.name for n in fp32.graph.node if n.op_type == "Concat" and n.name in set(quantized)}
+        concats = {n.name for n in fp32.graph.node if n.op_type == "Concat" and n.name in chosen}
         widened = share_concat_ranges(fp32, concats, ranges) if concat_scales == "shared" else 0
         quantize_static(reference.path, path, None, calibration_cache_path=ranges,
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ops), per_channel=True,
@@ -306,7 +307,7 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
                                           "keep_float": list(keep_float), "quantized_nodes": len(quantized),
                                           "concat_scales": concat_scales, "widened_ranges": widened,
                                           "quantized": dict(Counter(n.op_type for n in fp32.graph.node
-                                                                    if n.name in set(quantized))),
+                                                                    if n.name in chosen)),
                                           "kept_float_nodes": kept})
     store_onnx(folder, artifact)
     log.info("export: Q/DQ ONNX in %.1f s, %d QuantizeLinear nodes, %.1f MB", artifact.export_s, qdq,

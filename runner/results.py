@@ -65,7 +65,9 @@ def _decode(tp, value):
         return {k: _decode(args[1], v) for k, v in value.items()}
     return value
 
+
 QDQ_NODE = re.compile(r"(Dequantize|Quantize)Linear(_clone_\d+)?$")  # a Q/DQ node's name, or a TensorRT clone
+INT8_FIELDS = ("keep_float", "qdq_ops", "calibration_images", "calibration_source", "concat_scales")  # of _Variant
 
 
 class Record:
@@ -371,6 +373,11 @@ class LayerRow(Record):
         scale, as where a Concat's inputs are quantized apart from its output."""
         return bool(self.onnx_nodes) and all(QDQ_NODE.search(node) for node in self.onnx_nodes)
 
+    @property
+    def converts(self) -> bool:
+        """It only converts: a reformat, or a requantize."""
+        return self.reformat or self.requantize
+
 
 @dataclass
 class LayerProfile(Record):
@@ -397,7 +404,7 @@ class LayerProfile(Record):
     @property
     def reformats(self) -> list[LayerRow]:
         """The layers that only convert: TensorRT's reformats, and the requantizations left of Q/DQ pairs."""
-        return [r for r in self.rows if r.reformat or r.requantize]
+        return [r for r in self.rows if r.converts]
 
     def metrics(self) -> dict[str, float]:
         """The summary as MLflow metrics, under `layers.`: total, counts, reformats, and ms and layers by precision."""

@@ -3,8 +3,9 @@
 Every backend gives the build stage (`build`) and a `Runner`. Runners have one shape, after Polygraphy's:
 open -> (set_shape -> h2d -> execute -> d2h)* -> close, also as a context manager. `execute` returns
 milliseconds: CUDA events on a GPU, the host clock on the CPU. What a runtime runs beside the model (GPU
-letterbox and score filter, throughput lanes, per-layer times) it hands out through the `Runner` methods that default to None; a
-`Predictor` also runs its own pre and post. The chains (`prepost`) and the bench never branch on a name.
+letterbox and score filter, throughput lanes, per-layer times) it hands out through the `Runner` methods that
+default to None; a `Predictor` also runs its own pre and post. The chains (`prepost`) and the bench never branch
+on a name.
 """
 from __future__ import annotations
 

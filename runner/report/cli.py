@@ -151,12 +151,17 @@ def _read_folder(path: Path) -> tuple[list, list, list[str]]:
     return [r.result for r in records], [r.config for r in records], _incomplete(str(path), len(records), sweep.total)
 
 
+def _sweep_name(path: Path) -> str:
+    """A sweep folder's name, or that of the folder of its results.json."""
+    return (path.name if path.is_dir() else path.parent.name) or path.stem
+
+
 def load(args) -> Source:
     if args.results:
         read = [_read_folder(path) for path in args.results]
         return Source(results_frame([r for results, _, _ in read for r in results],
                                     [c for _, configs, _ in read for c in configs]),
-                      "+".join((p.name if p.is_dir() else p.parent.name) or p.stem for p in args.results),
+                      "+".join(_sweep_name(p) for p in args.results),
                       incomplete=[line for _, _, lines in read for line in lines])
     store = Store(args.tracking_uri, args.experiment)
     ids = list(dict.fromkeys(store.resolve(s) for s in (args.sweep or ["latest"])))
@@ -281,7 +286,7 @@ def sweep_results(args) -> tuple[list, str, Store | None, str | None]:
         raise ReportError("give one sweep (one --results or --sweep): two variants of it are compared")
     if args.results:
         path = args.results[0]
-        return _read_folder(path)[0], (path.name if path.is_dir() else path.parent.name) or path.stem, None, None
+        return _read_folder(path)[0], _sweep_name(path), None, None
     store = Store(args.tracking_uri, args.experiment)
     sweep_id = store.resolve((args.sweep or ["latest"])[0])
     return [store.result(run) for run in store.variant_runs(sweep_id)], sweep_id, store, sweep_id

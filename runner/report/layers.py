@@ -176,8 +176,7 @@ def plot(sides: list[Side], path: Path, title: str) -> None:
 
 def _by_precision(profile: LayerProfile) -> dict[str, tuple[float, int]]:
     """ms (layers) by precision of the layers that only compute, and the reformats and requantizes as one more group."""
-    converting = profile.reformats
-    kept = LayerProfile(profile.shape, profile.runs, [r for r in profile.rows if r not in converting])
+    kept = LayerProfile(profile.shape, profile.runs, [r for r in profile.rows if not r.converts])
     return {**kept.by("precision"), REFORMAT_SEGMENT: (sum(r.ms or 0 for r in profile.reformats),
                                                        len(profile.reformats))}
 

@@ -7,7 +7,7 @@ after runner's own, then by the settings that tell variants of one cell apart.
 from __future__ import annotations
 
 from runner.config import DETR_MODELS, MODELS, BackendName, BuildTool, ExportTool, Head, Mechanism, Precision, ShapeMode
-from runner.results import PEER_PIPELINE, BuildVariant, Cell, OnnxVariant
+from runner.results import INT8_FIELDS, PEER_PIPELINE, BuildVariant, Cell, OnnxVariant
 
 EXPORT_TOOLS = (ExportTool.ultralytics, ExportTool.torch, ExportTool.dynamo)
 BUILD_TOOLS = (BuildTool.tensorrt_api, BuildTool.ultralytics, BackendName.onnxruntime)
@@ -25,8 +25,7 @@ def model_key(model: str) -> tuple:
 
 def _variant_key(variant: OnnxVariant | BuildVariant, tools: tuple) -> tuple:
     return (_rank(tools, variant.tool), _rank(PRECISIONS, variant.precision), variant.precision, variant.calibrator,
-            _rank(SHAPES, variant.shape), variant.keep_float, variant.qdq_ops, variant.calibration_images,
-            variant.calibration_source, variant.concat_scales)
+            _rank(SHAPES, variant.shape), *(getattr(variant, name) for name in INT8_FIELDS))
 
 
 def onnx_key(onnx: OnnxVariant) -> tuple:
