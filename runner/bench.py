@@ -10,8 +10,9 @@ Every variant of a sweep is timed at one shape, the static variant's (`RunConfig
 batch of its first dim (`BenchResult.per_image` divides it).
 
 Scenarios: the chain loop is single-stream at batch 1 (multi-stream at a larger `bench.batch`): one query after
-another, latency percentiles. Offline: images/s end to end (frames in, detections out, the variant's own chain) and
-of the engine alone, at each batch of `bench.offline_batches` that the built profile holds. Server (where
+another, latency percentiles. Offline: images/s end to end (frames in, detections out, the variant's own chain over
+the wall time, its batches overlapped where the chain overlaps them) and of the engine alone, at each batch of
+`bench.offline_batches` that the built profile holds. Server (where
 `bench.server_rate` is set): Poisson arrivals served one at a time at batch 1, latency from arrival.
 
 Last, after everything timed, each layer's time at the timed shape where the runtime has a per-layer profiler
@@ -99,21 +100,22 @@ def batch_of(images: list[np.ndarray], i: int, batch: int) -> list[np.ndarray]:
 
 
 def offline_point(runner, chain, images: list[np.ndarray], shape: tuple[int, ...], runs: int) -> OfflinePoint:
-    """`runs` batches at `shape` through the chain after a tenth more that warm up, then the engine alone on the
-    last batch's input. End to end, images/s is the batch over its p50 (as `BenchResult.per_image`): a synchronous
-    chain's throughput, robust to a host busy with other work for part of the runs."""
+    """`runs` batches at `shape` through the chain's `stream` (overlapped where the chain overlaps batches) after a
+    tenth more that warm up, then the engine alone on the last batch's input. End to end, images/s is the images
+    over the wall time of the timed batches, from the first frames in to the last detections out."""
     batch, hw = shape[0], shape[2:]
     runner.set_shape(shape)
-    warmup, e2e = max(1, runs // 10), []
-    for i in range(warmup + runs):
-        frames = batch_of(images, i, batch)
-        _, stage_ms = chain.run(runner, frames, hw)
-        if i >= warmup:
-            e2e.append(stage_ms["e2e"])
-    p50 = float(np.percentile(e2e, 50))
-    return OfflinePoint(batch=batch, e2e_img_s=batch * 1e3 / p50,
-                        engine_img_s=engine_images_per_second(runner, chain, frames, shape, runs),
-                        e2e_ms_per_batch=p50, runs=runs)
+    warmup = max(1, runs // 10)
+    for _ in chain.stream(runner, (batch_of(images, i, batch) for i in range(warmup)), hw):
+        pass
+    start = time.perf_counter()
+    for _ in chain.stream(runner, (batch_of(images, warmup + i, batch) for i in range(runs)), hw):
+        pass
+    wall_ms = (time.perf_counter() - start) * 1e3
+    return OfflinePoint(batch=batch, e2e_img_s=batch * runs * 1e3 / wall_ms,
+                        engine_img_s=engine_images_per_second(runner, chain, batch_of(images, warmup + runs - 1, batch),
+                                                              shape, runs),
+                        e2e_ms_per_batch=wall_ms / runs, runs=runs)
 
 
 def engine_images_per_second(runner, chain, frames: list[np.ndarray], shape: tuple[int, ...], iters: int) -> float:

@@ -206,6 +206,7 @@ class BackendConfig:
     builder_optimization_level: Optional[int] = None  # null: TensorRT's default (3); 0 builds fastest
     workspace_gib: float = 4.0
     tf32: bool = False  # TensorRT turns TF32 on for fp32 layers by default; fp32 here means IEEE fp32
+    half_input: bool = False  # TensorRT fp16 and int8 Q/DQ engines: the input in fp16, as the GPU letterbox writes it
     engine_cache: bool = True
     timing_cache: bool = True
     ort_provider: str = "CPUExecutionProvider"  # for backend=onnxruntime; the reference always runs on the CPU

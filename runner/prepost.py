@@ -11,12 +11,16 @@ from its runner and its config (`preprocess=cpu|gpu`, `postprocess=cpu|gpu`).
   - post on gpu: the runner's `gpu_score_filter` runs on the device and only its candidates cross back; NMS on the
     host. An end-to-end output `(B, N, 6)` is small already: it is copied back as it is.
   Stages are timed on the host after a synchronize; infer by the runner (CUDA events on a GPU).
+  `stream(runner, batches, hw)` gives the detections of many batches (the offline scenario): overlapped where the
+  runner offers it with the GPU letterbox (`Runner.overlapped`: each batch's upload on a stream of its own while
+  the batch before runs), else one batch at a time.
 - `PeerChain`: a `Predictor`'s own `predict` (ultralytics' on the same engine and frames): its speed dict and the
   wall time.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,17 +29,21 @@ from runner.backends import Predictor, Runner
 from runner.config import Device, RunConfig
 from runner.processing import ONE2MANY, RTDETR, decode_candidates, geometry, postprocess, preprocess, scale_all
 
+ONE_AT_A_TIME = "one batch at a time"
+
 
 @dataclass
 class Chain:
     """`letterbox` / `score_filter`: the runner's GPU ends (`Runner.gpu_letterbox`, `gpu_score_filter`); None runs
-    that end on the host."""
+    that end on the host. `overlap`: the runner's overlapped offline batches (`Runner.overlapped`); None runs them
+    one at a time."""
     letterbox: object = None
     score_filter: object = None
     conf: float = 0.25
     iou: float = 0.7
     max_det: int = 300
     head: str = ONE2MANY
+    overlap: object = None
 
     def pre(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int]):
         """The input in place on the device; returns how each frame was fitted (`Letterbox`)."""
@@ -52,9 +60,15 @@ class Chain:
         if self.score_filter is not None and self.head == ONE2MANY:
             rows = self.score_filter.run(self.conf)
             if all(r is not None for r in rows):
-                return scale_all([decode_candidates(r, self.conf, self.iou, self.max_det) for r in rows], boxes)
+                return self._from_candidates(rows, boxes)
         outputs = runner.d2h()  # cpu post, an end-to-end output, or more candidates than the filter keeps
-        return postprocess(next(iter(outputs.values())), boxes, self.conf, self.iou, self.max_det, self.head)
+        return self._from_output(next(iter(outputs.values())), boxes)
+
+    def _from_candidates(self, rows: list[np.ndarray], boxes) -> list[np.ndarray]:
+        return scale_all([decode_candidates(r, self.conf, self.iou, self.max_det) for r in rows], boxes)
+
+    def _from_output(self, output: np.ndarray, boxes) -> list[np.ndarray]:
+        return postprocess(output, boxes, self.conf, self.iou, self.max_det, self.head)
 
     def run(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int]) -> tuple[list[np.ndarray], dict]:
         t0 = time.perf_counter()
@@ -67,6 +81,21 @@ class Chain:
         times = {"preprocess": (t1 - t0) * 1e3, "infer": infer_ms, "postprocess": (t3 - t2) * 1e3,
                  "e2e": (t3 - t0) * 1e3}
         return dets, {**times, **runner.copy_ms()}
+
+    def stream(self, runner: Runner, batches: Iterable[list[np.ndarray]], hw: tuple[int, int]
+               ) -> Iterator[list[np.ndarray]]:
+        """The detections of each batch, in order: through `overlap` where there is one (a batch with more candidates
+        than the GPU filter keeps runs again through `run`), else one batch at a time."""
+        if self.overlap is None:
+            yield from one_at_a_time(self, runner, batches, hw)
+            return
+        for frames, boxes, out in self.overlap.run(batches, hw, self.conf):
+            if not isinstance(out, list):
+                yield self._from_output(out, boxes)
+            elif all(r is not None for r in out):
+                yield self._from_candidates(out, boxes)
+            else:
+                yield self.run(runner, frames, hw)[0]
 
     def detect(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int], boxes) -> list[np.ndarray]:
         """The detections of `frames` right after `runner.infer` ran their CPU-letterboxed input (fitted as
@@ -87,7 +116,8 @@ class Chain:
         fitting = "stretch" if self.head == RTDETR else "letterbox"
         pre = f"host {fitting} (float upload)" if self.letterbox is None else f"gpu {fitting} (uint8 upload)"
         return {"preprocess": pre, "postprocess": post, "decode": self.head,
-                "copies": "h2d in preprocess, d2h in postprocess, each between CUDA events where there is a device"}
+                "copies": "h2d in preprocess, d2h in postprocess, each between CUDA events where there is a device",
+                "offline": ONE_AT_A_TIME if self.overlap is None else self.overlap.settings()}
 
 
 @dataclass
@@ -109,6 +139,11 @@ class PeerChain:
                  "postprocess": speed["postprocess"] * n, "e2e": wall}
         return [r.boxes.data.float().cpu().numpy() for r in results], times
 
+    def stream(self, runner: Predictor, batches: Iterable[list[np.ndarray]], hw: tuple[int, int]
+               ) -> Iterator[list[np.ndarray]]:
+        """predict's detections of each batch, one `predict` call after another."""
+        return one_at_a_time(self, runner, batches, hw)
+
     def detect(self, runner: Predictor, frames: list[np.ndarray], hw: tuple[int, int], boxes) -> list[np.ndarray]:
         """predict's detections of `frames` (it letterboxes them itself)."""
         return self.run(runner, frames, hw)[0]
@@ -119,7 +154,14 @@ class PeerChain:
 
     def settings(self) -> dict:
         return {"preprocess": "ultralytics predict", "postprocess": "ultralytics predict", "decode": self.head,
-                "timer": "ultralytics' speed dict per stage; e2e: wall time of one predict call"}
+                "timer": "ultralytics' speed dict per stage; e2e: wall time of one predict call",
+                "offline": ONE_AT_A_TIME}
+
+
+def one_at_a_time(chain: Chain | PeerChain, runner: Runner, batches: Iterable[list[np.ndarray]],
+                  hw: tuple[int, int]) -> Iterator[list[np.ndarray]]:
+    for frames in batches:
+        yield chain.run(runner, frames, hw)[0]
 
 
 def chain(runner: Runner, cfg: RunConfig, head: str) -> Chain | PeerChain:
@@ -130,4 +172,7 @@ def chain(runner: Runner, cfg: RunConfig, head: str) -> Chain | PeerChain:
         return PeerChain(v.conf, v.nms_iou, v.max_det, head)
     letterbox = runner.gpu_letterbox() if cfg.preprocess.device == Device.gpu else None
     score_filter = runner.gpu_score_filter() if cfg.postprocess.device == Device.gpu else None
-    return Chain(letterbox, score_filter, v.conf, v.nms_iou, v.max_det, head)
+    overlap = None
+    if letterbox is not None:
+        overlap = runner.overlapped(geometry(head), score_filter is not None and head == ONE2MANY)
+    return Chain(letterbox, score_filter, v.conf, v.nms_iou, v.max_det, head, overlap)

@@ -332,8 +332,9 @@ OFFLINE_FIGURES = ("e2e_img_s", "engine_img_s", "e2e_ms_per_batch")  # per batch
 
 @dataclass
 class OfflinePoint(Record):
-    """The offline scenario at one batch: images/s end to end (frames in, detections out: the batch over the p50 of
-    `runs` batches, `e2e_ms_per_batch`) and of the engine alone on the same input."""
+    """The offline scenario at one batch: images/s end to end (frames in, detections out: the images of `runs`
+    batches over their wall time; `e2e_ms_per_batch`, that time per batch) and of the engine alone on the same
+    input. Whether the chain overlapped its batches is the bench settings' `offline`."""
     batch: int
     e2e_img_s: float
     engine_img_s: float

@@ -140,6 +140,15 @@ def test_build_ultralytics_rules():
     assert trt.precision_mechanism(preflight(["build=ultralytics", "precision=fp16"])[0]) == "ultralytics"
 
 
+def test_half_input_applies_to_engines_whose_first_layers_are_not_fp32():
+    trt = TensorrtBackend()
+    fp32, theirs = (preflight(o)[0] for o in (["backend.half_input=true"],
+                                              ["backend.half_input=true", "build=ultralytics", "precision=fp16"]))
+    assert trt.applies(fp32) == ("backend.half_input: precision fp32 via none keeps a float input; it applies to fp16 "
+                                 "(builder_flag) and int8 Q/DQ")
+    assert trt.applies(theirs) == "backend.half_input: build=ultralytics makes its own engine; use build=tensorrt_api"
+
+
 @pytest.mark.skipif(not TRT_MISSING, reason="tensorrt is installed here")
 def test_build_ultralytics_on_auto_without_tensorrt_says_both_reasons():
     cfg, = preflight(["build=ultralytics"])

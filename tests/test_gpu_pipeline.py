@@ -13,7 +13,7 @@ from runner.backends.tensorrt.runtime import ShapeError, TrtRunner
 from runner.bench import bench, images_per_second
 from runner.config import BenchConfig
 from runner.prepost import Chain
-from runner.processing import decode, decode_candidates, preprocess
+from runner.processing import decode, decode_candidates, fit, preprocess
 from runner.validate import GPU_LETTERBOX_TOLERANCE
 
 pytestmark = pytest.mark.gpu
@@ -222,14 +222,54 @@ def test_offline_on_a_dynamic_engine_with_both_gpu_ends(tmp_path):
     cfg = BenchConfig(warmup=2, iters=5, offline_batches=[1, 2, 4, 8], offline_images=16)
     profile = [[b, *HEAD_INPUT[1:]] for b in (1, 2, 4)]
     with TrtRunner(engine(tmp_path, HEAD_INPUT, True, [-1, *HEAD[1:]], batches=(1, 2, 4))) as runner:
-        chain = Chain(runner.gpu_letterbox(), runner.gpu_score_filter())
+        chain = Chain(runner.gpu_letterbox(), runner.gpu_score_filter(), overlap=runner.overlapped(fit, True))
         result = bench(runner, chain, images, list(HEAD_INPUT), cfg, profile)
+    assert result.settings["offline"].startswith("overlapped")
     assert [p.batch for p in result.offline] == [1, 2, 4]
     assert result.offline_skipped == {"8": "the built profile holds batches 1..4"}
     for point in result.offline:
         assert 0 < point.e2e_img_s < point.engine_img_s
     print("offline:", ", ".join(f"batch {p.batch}: {p.e2e_img_s:.0f} img/s e2e, {p.engine_img_s:.0f} engine"
                                 for p in result.offline))
+
+
+def test_a_half_input_engine_takes_the_gpu_letterbox_in_fp16(tmp_path):
+    """backend.half_input: an fp16 engine of an fp32 ONNX reads half, written by the letterbox as the CPU one is."""
+    path = onnx_model(tmp_path / "float.onnx", INPUT, False)
+    built = build_engine(BuildSpec(onnx_path=path, precision="fp16", mechanism="builder_flag", min_shape=INPUT,
+                                   opt_shape=INPUT, max_shape=INPUT, optimization_level=0, workspace_gib=1.0,
+                                   cache_dir=str(tmp_path / "cache"), half_input=True))
+    batch = frames(2)[0]
+    blob = preprocess(batch, tuple(INPUT[2:]))[0]
+    with TrtRunner(built.artifact) as runner:
+        assert runner.input_dtype == np.float16 and runner.dtypes["output0"] == np.float32
+        letterbox = runner.gpu_letterbox()
+        runner.set_shape(tuple(INPUT))
+        letterbox.run(batch, tuple(INPUT[2:]))
+        runner.execute()
+        assert np.abs(letterbox.read_input() - blob).max() <= GPU_LETTERBOX_TOLERANCE
+        assert np.abs(runner.d2h()["output0"] - blob).max() <= GPU_LETTERBOX_TOLERANCE
+
+
+@pytest.mark.parametrize(("gpu_post", "conf"), [(True, 0.9), (True, 0.25), (False, 0.25)],
+                         ids=["gpu-post", "gpu-post-past-the-cap", "cpu-post"])
+def test_overlapped_offline_gives_the_detections_of_one_batch_at_a_time(tmp_path, gpu_post, conf):
+    """Six batches through the overlapped offline chain (uploads on the copy stream, two slots, an engine graph)
+    give exactly what the same ends give one batch at a time: the noise frames at conf 0.25 pass the filter's cap,
+    and their batches run again through the chain."""
+    batches = frames(11) * 2
+    hw = tuple(HEAD_INPUT[2:])
+    with TrtRunner(engine(tmp_path, HEAD_INPUT, True, [-1, *HEAD[1:]], batches=(1, 2, 4)), cuda_graph=True) as runner:
+        letterbox, score_filter = runner.gpu_letterbox(), runner.gpu_score_filter() if gpu_post else None
+        runner.set_shape((2, *HEAD_INPUT[1:]))
+        expected = list(Chain(letterbox, score_filter, conf=conf).stream(runner, batches, hw))
+        overlapped = Chain(letterbox, score_filter, conf=conf, overlap=runner.overlapped(fit, gpu_post))
+        got = list(overlapped.stream(runner, batches, hw))
+    assert len(got) == len(expected) == 6
+    assert sum(len(d) for batch in got for d in batch) > 0
+    for ours, theirs in zip(got, expected):
+        for a, b in zip(ours, theirs):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_throughput_on_one_and_two_streams(tmp_path):

@@ -247,6 +247,7 @@ def test_cache_key_stable_and_sensitive(tmp_path):
         cache_key(int8_spec(tmp_path, "minmax"), "8.6.0", "NVIDIA H100"),
         cache_key(int8_spec(tmp_path, "minmax", images=1), "8.6.0", "NVIDIA H100"),
         cache_key(int8_spec(tmp_path, "minmax", keep_float=("*/dfl/*",)), "8.6.0", "NVIDIA H100"),
+        cache_key(_spec(tmp_path, half_input=True), "8.6.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path), "10.9.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H200"),
     ]
@@ -294,6 +295,17 @@ def test_build_spec_validation(tmp_path):
         build_engine(_spec(tmp_path, mechanism="auto"))
     with pytest.raises(ValueError, match="needs calibration images"):
         build_engine(_spec(tmp_path, precision="int8", mechanism="calibrator"))
+    with pytest.raises(ValueError, match="half_input with mechanism 'none'"):
+        build_engine(_spec(tmp_path, precision="fp32", mechanism="none", half_input=True))
+
+
+def test_half_input_sets_the_network_input_to_fp16_or_says_why_not():
+    tensor = NS(name="images", dtype=TRT86.DataType.FLOAT)
+    network = NS(get_input=lambda i: tensor)
+    assert trt_compat.set_half_input(TRT86, network, strongly_typed=False) == "images"
+    assert tensor.dtype == TRT86.DataType.HALF
+    with pytest.raises(trt_compat.Unsupported, match="strongly typed network takes its input type from the ONNX"):
+        trt_compat.set_half_input(TRT11, network, strongly_typed=True)
 
 
 @pytest.mark.skipif(trt_compat.trt_available()[0], reason="tensorrt is installed here")

@@ -78,6 +78,12 @@ class Runner(ABC):
         runtime has none."""
         return None
 
+    def overlapped(self, geometry, score_filter: bool):
+        """Offline batches through the GPU letterbox, the model and (`score_filter`) the score filter, each batch's
+        upload overlapping the work on the one before: `run(batches, hw, conf)` yields per batch (frames, fits,
+        candidate rows per image or the first output); closed with the runner. None where the runtime has none."""
+        return None
+
     def lanes(self, shape: tuple[int, ...], streams: int):
         """`streams` concurrent lanes of the model alone at `shape` (`enqueue()` runs each once, `synchronize()`,
         a context manager), for `bench.images_per_second`; None where the runtime has no streams."""

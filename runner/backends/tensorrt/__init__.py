@@ -39,6 +39,8 @@ class TensorrtBackend(Backend):
         return resolve_fp16_mode(trt, cfg.precision.fp16_mode.value)
 
     def applies(self, cfg: RunConfig) -> str | None:
+        if cfg.backend.half_input and (why := self._half_input_refusal(cfg)):
+            return why
         if cfg.build.tool != BuildTool.ultralytics:
             return self._calibrator_refusal(cfg)
         if cfg.precision.name == Precision.int8:
@@ -50,6 +52,19 @@ class TensorrtBackend(Backend):
         if cfg.export.shape not in (None, cfg.shape.mode):
             return (f"build=ultralytics makes the ONNX and the engine with one `dynamic` flag; "
                     f"export.shape={cfg.export.shape.value} with shape={cfg.shape.mode.value} does not apply")
+        return None
+
+    def _half_input_refusal(self, cfg: RunConfig) -> str | None:
+        """Where an fp16 input does not apply: fp32 (IEEE fp32 throughout), TensorRT's calibrator (it feeds float
+        batches), a strongly typed network (the ONNX's input type) and build=ultralytics (its own engine)."""
+        from runner.backends.tensorrt.build import HALF_INPUT_MECHANISMS
+
+        if cfg.build.tool == BuildTool.ultralytics:
+            return "backend.half_input: build=ultralytics makes its own engine; use build=tensorrt_api"
+        mechanism = self.precision_mechanism(cfg)
+        if mechanism not in HALF_INPUT_MECHANISMS:
+            return (f"backend.half_input: precision {cfg.precision.name.value} via {mechanism} keeps a float input; "
+                    f"it applies to fp16 (builder_flag) and int8 Q/DQ")
         return None
 
     def _calibrator_refusal(self, cfg: RunConfig) -> str | None:
@@ -79,7 +94,8 @@ class TensorrtBackend(Backend):
             keep_float=tuple(cfg.precision.keep_float),
             min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
             optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,
-            use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32))
+            use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32,
+            half_input=b.half_input))
 
     def runner(self, cfg: RunConfig, build: BuildResult):
         from runner.backends.tensorrt.runtime import TrtRunner

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 MECHANISMS = {Precision.fp32.value: (Mechanism.none.value,),
               Precision.fp16.value: (Mechanism.builder_flag.value, Mechanism.strongly_typed.value),
               Precision.int8.value: (Mechanism.calibrator.value, Mechanism.qdq.value)}
+# an fp16 input: where the engine's first layers run in fp16 or int8 anyway, and no calibrator reads float batches
+HALF_INPUT_MECHANISMS = (Mechanism.builder_flag.value, Mechanism.qdq.value)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class BuildSpec:
     use_engine_cache: bool = True
     use_timing_cache: bool = True
     tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default
+    half_input: bool = False  # the input tensor in fp16 (fp16 and int8 Q/DQ engines)
     calibration: CalibrationSet | None = None  # mechanism=calibrator: the images, at the opt shape
     calibrator: str = "entropy2"  # mechanism=calibrator: entropy2 | minmax
     keep_float: tuple[str, ...] = ()  # mechanism=calibrator: fnmatch patterns on layer names built in fp16 (the
@@ -67,6 +70,7 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
         "optimization_level": spec.optimization_level,
         "workspace_gib": spec.workspace_gib,
         "tf32": spec.tf32,
+        "half_input": spec.half_input,
         "profiling_verbosity": "detailed",
     }
     h = cache.file_sha256(spec.onnx_path)
@@ -247,6 +251,8 @@ def build_engine(spec: BuildSpec) -> BuildResult:
         raise ValueError(f"precision {spec.precision!r} with mechanism {spec.mechanism!r}: expected {MECHANISMS}")
     if spec.mechanism == Mechanism.calibrator and spec.calibration is None:
         raise ValueError("mechanism 'calibrator' needs calibration images")
+    if spec.half_input and spec.mechanism not in HALF_INPUT_MECHANISMS:
+        raise ValueError(f"half_input with mechanism {spec.mechanism!r}: only {HALF_INPUT_MECHANISMS}")
     import tensorrt as trt
 
     engines = EngineCache(spec.cache_dir)
@@ -297,6 +303,8 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
             raise failed("\n".join(errors or logger.errors()) or f"cannot parse {spec.onnx_path}")
         if network.num_inputs != 1:
             raise failed(f"expected a single network input, got {network.num_inputs}")
+        if spec.half_input:
+            log.info("build: input '%s' in fp16", compat.set_half_input(trt, network, strongly_typed))
 
         config = builder.create_builder_config()
         compat.set_workspace(config, spec.workspace_gib * (1 << 30))

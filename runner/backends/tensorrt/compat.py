@@ -219,6 +219,18 @@ def pin_fp16(trt, network, config, patterns) -> list[str]:
     return pinned
 
 
+def set_half_input(trt, network, strongly_typed: bool) -> str:
+    """The network's input tensor in fp16, so the engine reads half where a letterbox writes it (a weakly typed
+    network; TensorRT converts it inside). Returns the input's name. Unsupported on a strongly typed network, whose
+    input type is the ONNX's."""
+    if strongly_typed:
+        raise Unsupported("backend.half_input: a strongly typed network takes its input type from the ONNX; use "
+                          "precision.fp16_mode=builder_flag or backend.half_input=false")
+    tensor = network.get_input(0)
+    tensor.dtype = trt.DataType.HALF
+    return tensor.name
+
+
 def enable_int8_calibration(trt, config, calibrator, profile) -> None:
     """Implicit INT8: the flags, the calibrator, and the profile whose opt shape the batches have."""
     enable_int8_flags(trt, config)

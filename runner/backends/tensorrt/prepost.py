@@ -70,6 +70,21 @@ def coalesced(copies: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     return merged
 
 
+def uploads(runner, buffers: Buffers, name: str, images: list[np.ndarray], offsets: list[int]
+            ) -> list[tuple[int, int, int]]:
+    """Each image's copy to its offset in the device buffer `name`, as (dst, src, nbytes): straight from its own
+    memory where `runner` pinned it, else through the pinned host buffer `name`, written here."""
+    copies = []
+    staging = buffers.host_array(name, np.uint8, offsets[-1] + images[-1].nbytes)
+    for image, offset in zip(images, offsets):
+        source = image.ctypes.data
+        if not runner.pinned(image):
+            staging[offset:offset + image.nbytes] = image.reshape(-1)
+            source = buffers.host[name] + offset
+        copies.append((buffers.device[name] + offset, source, image.nbytes))
+    return copies
+
+
 class GpuLetterbox(_End):
     """Source images in, the runner's input out: the CPU path's geometry (`processing.fit` or `stretch_fit`),
     resized on the GPU, a batch in one kernel launch."""
@@ -89,7 +104,7 @@ class GpuLetterbox(_End):
             runner.graphs.drop("letterbox")  # its graphs read the old buffers
         buffers.host_array("fits", np.int32, fits.size)[:] = fits.reshape(-1)
         with runner.timed("h2d"):
-            for dst, src, nbytes in coalesced(self._uploads(images, fits[:, 0].tolist())):
+            for dst, src, nbytes in coalesced(uploads(runner, buffers, "source", images, fits[:, 0].tolist())):
                 runner.copy(dst, src, nbytes, to_device=True)
         target, _, dtype = runner.tensor(runner.input_name)
 
@@ -100,19 +115,6 @@ class GpuLetterbox(_End):
 
         runner.graphs.launch("letterbox", enqueue)
         return boxes
-
-    def _uploads(self, images: list[np.ndarray], offsets: list[int]) -> list[tuple[int, int, int]]:
-        """Each image's copy to its offset in the device source buffer, as (dst, src, nbytes): straight from its own
-        memory where the runner pinned it, else through the pinned staging buffer, written here."""
-        buffers, copies = self._buffers, []
-        staging = buffers.host_array("source", np.uint8, offsets[-1] + images[-1].nbytes)
-        for image, offset in zip(images, offsets):
-            source = image.ctypes.data
-            if not self.runner.pinned(image):
-                staging[offset:offset + image.nbytes] = image.reshape(-1)
-                source = buffers.host["source"] + offset
-            copies.append((buffers.device["source"] + offset, source, image.nbytes))
-        return copies
 
     def read_input(self) -> np.ndarray:
         """The input buffer as the GPU holds it (float32), after a sync: what the letterbox wrote."""

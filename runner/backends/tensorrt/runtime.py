@@ -270,10 +270,14 @@ class TrtRunner(Runner):
             raise RuntimeError("call set_shape() before execute()")
         rt = self.rt
         cuda_call(rt.cudaEventRecord, self._start, self.stream)
-        self.graphs.launch("engine", self._enqueue)
+        self.enqueue()
         cuda_call(rt.cudaEventRecord, self._end, self.stream)
         cuda_call(rt.cudaEventSynchronize, self._end)
         return float(cuda_call(rt.cudaEventElapsedTime, self._start, self._end))
+
+    def enqueue(self) -> None:
+        """Queue one run of the engine (its CUDA graph at the shape set, where graphs are on) on the stream."""
+        self.graphs.launch("engine", self._enqueue)
 
     def d2h(self) -> dict[str, np.ndarray]:
         """Copy every output to its pinned buffer, synchronize, return copies (floats as float32)."""
@@ -326,6 +330,12 @@ class TrtRunner(Runner):
         from runner.backends.tensorrt.prepost import GpuScoreFilter
 
         self._ends.append(GpuScoreFilter(self))
+        return self._ends[-1]
+
+    def overlapped(self, geometry, score_filter: bool):
+        from runner.backends.tensorrt.overlap import Overlapped
+
+        self._ends.append(Overlapped(self, geometry, score_filter))
         return self._ends[-1]
 
     def lanes(self, shape: tuple[int, ...], streams: int):

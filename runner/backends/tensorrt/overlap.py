@@ -1,0 +1,130 @@
+"""Offline batches through a `TrtRunner`'s engine, overlapped: a batch's upload (on a copy stream of its own) runs
+while the letterbox, the engine and the score filter work on the batch before (on the runner's stream), and the
+host decodes the one before that.
+
+Each of the two slots has its own device source and fit table, candidate counts and rows, and their pinned host
+copies; the engine's input and output are the runner's, used in stream order. CUDA events order the two streams: a
+slot's upload waits until the letterbox has read the slot's last batch, the letterbox waits for the upload, and the
+host reads a slot's results after its `done` event, before the slot takes another batch.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from runner.backends.tensorrt.compat import cuda_call
+from runner.backends.tensorrt.kernels import FIT_FIELDS, ROW, Kernels
+from runner.backends.tensorrt.prepost import CANDIDATE_CAP, coalesced, fit_table, uploads
+from runner.backends.tensorrt.runtime import Buffers, copy_async
+
+SLOTS = 2
+EVENTS = ("uploaded", "read", "done")  # per slot: its upload, the letterbox's read of it, its results on the host
+
+
+class Overlapped:
+    """`run(batches, hw, conf)` yields per batch, in order, (frames, fits, candidates): the candidate rows per image
+    (None past CANDIDATE_CAP) where `score_filter`, else the first output as float32. The runner's shape must be
+    each batch's; closed with the runner."""
+
+    def __init__(self, runner, geometry, score_filter: bool):
+        self.runner, self.geometry, self.score_filter = runner, geometry, score_filter
+        rt = runner.rt
+        self._copy_stream = cuda_call(rt.cudaStreamCreate)
+        self._events = [{name: cuda_call(rt.cudaEventCreateWithFlags, rt.cudaEventDisableTiming) for name in EVENTS}
+                        for _ in range(SLOTS)]
+        self._buffers = Buffers(rt)
+        self._kernels: Kernels | None = None
+
+    def settings(self) -> str:
+        return (f"overlapped: {SLOTS} slots, each batch uploaded on a copy stream while the batch before runs, "
+                f"host NMS of the one before that")
+
+    def run(self, batches: Iterable[list[np.ndarray]], hw: tuple[int, int], conf: float) -> Iterator[tuple]:
+        in_flight: deque = deque()
+        for n, frames in enumerate(batches):
+            slot = n % SLOTS
+            if len(in_flight) == SLOTS:
+                yield self._collect(*in_flight.popleft())
+            in_flight.append((slot, frames, self._enqueue(slot, frames, hw, conf)))
+        while in_flight:
+            yield self._collect(*in_flight.popleft())
+
+    def _enqueue(self, slot: int, frames: list[np.ndarray], hw: tuple[int, int], conf: float) -> list:
+        """Queue one batch in `slot`, whose last batch the host has collected; returns how each frame was fitted."""
+        runner, buffers, rt, events = self.runner, self._buffers, self.runner.rt, self._events[slot]
+        batch, _, h, w = runner.shape
+        if len(frames) != batch or (h, w) != tuple(hw):
+            raise ValueError(f"{len(frames)} images at {list(hw)} do not fill the input shape {list(runner.shape)}")
+        images = [np.ascontiguousarray(image) for image in frames]
+        fits, boxes = fit_table(images, (h, w), self.geometry)
+        source, table = f"source{slot}", f"fits{slot}"
+        buffers.ensure(source, sum(image.nbytes for image in images))
+        buffers.ensure(table, batch * FIT_FIELDS * 4)
+        buffers.host_array(table, np.int32, fits.size)[:] = fits.reshape(-1)
+        cuda_call(rt.cudaStreamWaitEvent, self._copy_stream, events["read"], 0)
+        copies = uploads(runner, buffers, source, images, fits[:, 0].tolist())
+        copies.append((buffers.device[table], buffers.host[table], fits.nbytes))
+        for dst, src, nbytes in coalesced(copies):
+            copy_async(rt, self._copy_stream, dst, src, nbytes, to_device=True)
+        cuda_call(rt.cudaEventRecord, events["uploaded"], self._copy_stream)
+
+        cuda_call(rt.cudaStreamWaitEvent, runner.stream, events["uploaded"], 0)
+        target, _, dtype = runner.tensor(runner.input_name)
+        self.kernels().letterbox(runner.stream, buffers.device[source], buffers.device[table], target, batch, (h, w),
+                                 dtype == np.float16)
+        cuda_call(rt.cudaEventRecord, events["read"], runner.stream)
+        runner.enqueue()
+        self._results(slot, conf)
+        cuda_call(rt.cudaEventRecord, events["done"], runner.stream)
+        return boxes
+
+    def _results(self, slot: int, conf: float) -> None:
+        """Queue, on the runner's stream, what crosses back into the slot's pinned buffers."""
+        runner, buffers = self.runner, self._buffers
+        head, shape, dtype = runner.tensor(runner.output_names[0])
+        if not self.score_filter:
+            buffers.ensure(f"out{slot}", math.prod(shape) * dtype.itemsize)
+            runner.copy(buffers.host[f"out{slot}"], head, math.prod(shape) * dtype.itemsize, to_device=False)
+            return
+        batch, channels, anchors = shape
+        counts, rows = f"counts{slot}", f"rows{slot}"
+        buffers.ensure(counts, batch * 4)
+        buffers.ensure(rows, batch * CANDIDATE_CAP * ROW * 4)
+        cuda_call(runner.rt.cudaMemsetAsync, buffers.device[counts], 0, batch * 4, runner.stream)
+        self.kernels().candidates(runner.stream, head, batch, channels, anchors, conf, buffers.device[rows],
+                                  buffers.device[counts], CANDIDATE_CAP, dtype == np.float16)
+        runner.copy(buffers.host[counts], buffers.device[counts], batch * 4, to_device=False)
+        runner.copy(buffers.host[rows], buffers.device[rows], batch * CANDIDATE_CAP * ROW * 4, to_device=False)
+
+    def _collect(self, slot: int, frames: list[np.ndarray], boxes: list) -> tuple:
+        """Wait for the slot's batch; its frames, fits and what crossed back (copies: the slot is reused next)."""
+        cuda_call(self.runner.rt.cudaEventSynchronize, self._events[slot]["done"])
+        buffers = self._buffers
+        _, shape, dtype = self.runner.tensor(self.runner.output_names[0])
+        if not self.score_filter:
+            out = buffers.host_array(f"out{slot}", dtype, math.prod(shape)).reshape(shape)
+            return frames, boxes, out.astype(np.float32)
+        batch = shape[0]
+        found = buffers.host_array(f"counts{slot}", np.int32, batch).tolist()
+        kept = buffers.host_array(f"rows{slot}", np.float32, batch * CANDIDATE_CAP * ROW)
+        kept = kept.reshape(batch, CANDIDATE_CAP, ROW)
+        return frames, boxes, [kept[n, :k].copy() if k <= CANDIDATE_CAP else None for n, k in enumerate(found)]
+
+    def kernels(self) -> Kernels:
+        if self._kernels is None:
+            self._kernels = Kernels.load(self.runner.rt)
+        return self._kernels
+
+    def close(self) -> None:
+        rt = self.runner.rt
+        cuda_call(rt.cudaStreamSynchronize, self._copy_stream)
+        if self._kernels is not None:
+            self._kernels.unload()
+        self._buffers.close()
+        for events in self._events:
+            for event in events.values():
+                cuda_call(rt.cudaEventDestroy, event)
+        cuda_call(rt.cudaStreamDestroy, self._copy_stream)
