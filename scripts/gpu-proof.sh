@@ -21,6 +21,8 @@
 #   bash scripts/gpu-proof.sh fast          # yolov8n fp16 static/dynamic (batch 1..64) with the defaults, beside the
 #                                           #   peer (backend=ultralytics): single-stream, offline up to batch 64,
 #                                           #   server at 1000 img/s; then runner table and runner pick of the sweep
+#   bash scripts/gpu-proof.sh fast3         # the same at builder level 3 with backend.half_input=false,true, offline
+#                                           #   batches overlapped (the GPU letterbox's default); table and pick
 #   bash scripts/gpu-proof.sh batch4        # yolov8n static at batch 4: exported, validated and timed at [4,3,640,640]
 #   bash scripts/gpu-proof.sh pipeline      # yolov8n fp16 static, default level: runner's pipeline with pre/post on
 #                                           #   cpu|gpu in a CUDA graph, beside the peer (backend=ultralytics),
@@ -33,10 +35,12 @@
 #   bash scripts/gpu-proof.sh int8-layers   # yolov8n fp16, int8 calibrator, int8 Q/DQ and the Q/DQ placement before, dynamic
 #                                           #   to batch 32, level 1, the whole held-out split, offline batches 1/8/32
 #   bash scripts/gpu-proof.sh int8-report   # its table, and the layers of fp16 against each int8 side by side
-#   bash scripts/gpu-proof.sh int8-concat   # int8 Q/DQ with each Concat's scales own or shared, as int8-layers
+#   bash scripts/gpu-proof.sh int8-concat   # fp16, int8 Q/DQ and Q/DQ with shared Concat scales (the preset in
+#                                           #   scripts/presets), as int8-layers; its table, and the layers of Q/DQ
+#                                           #   and of fp16 each against shared
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-concat}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-concat}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -58,9 +62,9 @@ case $step in
 print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)}, indent=1))" > "$DEST/environment.json"
     python3 -m pytest -q -s -m gpu tests/test_trt_gpu.py tests/test_gpu_pipeline.py tests/test_heads.py 2>&1 | tee "$DEST/$step/run.log"
     exit "${PIPESTATUS[0]}" ;;
-  fast)
-    DEST=$DEST/$step bash "$0" fast-sweep "${@:2}" || exit
-    id=$(cat "$DEST/$step/fast-sweep/sweep_id")
+  fast|fast3)
+    DEST=$DEST/$step bash "$0" "$step-sweep" "${@:2}" || exit
+    id=$(cat "$DEST/$step/$step-sweep/sweep_id")
     python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$id" --out "$DEST/$step/table" \
       2>&1 | tee "$DEST/$step/table.log"
     python3 -m runner pick --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$id" --max-e2e-ms 1.0 \
@@ -94,6 +98,15 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
       out=$DEST/$step/$(echo "${pair%|*}-vs-${pair#*|}" | tr ' ' '-')
       python3 -m runner layers --tracking-uri "$uri" --sweep "$id" "${pair%|*}" "${pair#*|}" --out "$out" 2>&1 \
         | tee -a "$DEST/$step/run.log"
+    done
+    exit 0 ;;
+  int8-concat)  # cells: "qdq percentile |" is int8_qdq's alone ("... percentile concat shared |" the other's)
+    DEST=$DEST/$step bash "$0" int8-concat-sweep "${@:2}" || exit
+    id=$(cat "$DEST/$step/int8-concat-sweep/sweep_id") uri=sqlite:///$RUNS/mlflow.db
+    python3 -m runner table --tracking-uri "$uri" --sweep "$id" --out "$DEST/$step/table" 2>&1 | tee "$DEST/$step/run.log"
+    for a in "qdq percentile |" "trt dy fp16"; do
+      python3 -m runner layers --tracking-uri "$uri" --sweep "$id" "$a" "concat shared" \
+        --out "$DEST/$step/$(echo "${a% |}" | tr ' ' '-')-vs-concat-shared" 2>&1 | tee -a "$DEST/$step/run.log"
     done
     exit 0 ;;
   int8-table)
@@ -132,14 +145,21 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
           backend.builder_optimization_level=0 'profile.opt=[8,3,640,640]' 'profile.max=[64,3,640,640]'
           'bench.offline_batches=[1,8,32,64]' bench.server_rate=1000 bench.warmup=50 bench.iters=300
           "${every_gpu[@]}" hydra.launcher.n_jobs=$(gpu_count)) ;;
+  fast3-sweep)
+    common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
+    args=(-m model=yolov8n precision=fp16 shape=static,dynamic backend=tensorrt,ultralytics backend.half_input=false,true
+          backend.builder_optimization_level=3 'profile.opt=[8,3,640,640]' 'profile.max=[64,3,640,640]'
+          'bench.offline_batches=[1,8,32,64]' bench.warmup=50 bench.iters=300 hydra/launcher=joblib backend.gpus=auto
+          hydra.launcher.n_jobs=$(gpu_count)) ;;
   batch4) args=(-m model=yolov8n shape=static 'shape.opt=[4,3,640,640]' bench.batch=4 precision=fp32,fp16
                 backend.builder_optimization_level=0) ;;
   nms) args=(-m export.head=nms shape=static,dynamic precision=fp32,fp16 build=tensorrt_api,ultralytics
              backend.builder_optimization_level=0) ;;
   int8-layers) args=(-m "hydra.searchpath=[file://$LAYERS]" precision=fp16,int8_calibrator,int8_qdq,int8_qdq_conv_only
                      "${batch32[@]}" backend.builder_optimization_level=1 hydra.launcher.n_jobs=$(gpu_count)) ;;
-  int8-concat) args=(-m precision=int8_qdq precision.concat_scales=own,shared "${batch32[@]}"
-                     backend.builder_optimization_level=1 hydra.launcher.n_jobs=$(gpu_count)) ;;
+  int8-concat-sweep) args=(-m "hydra.searchpath=[file://$PWD/scripts/presets]"
+                           precision=fp16,int8_qdq,int8_qdq_concat_shared "${batch32[@]}"
+                           backend.builder_optimization_level=1 hydra.launcher.n_jobs=$(gpu_count)) ;;
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
