@@ -16,6 +16,7 @@ from runner.bench import bench, offline_batches, runs_per_batch
 from runner.config import BenchConfig
 from runner.export import export_onnx
 from runner.prepost import Chain
+from runner.processing import preprocess
 from runner.results import BenchResult
 
 PROFILE = [[1, 3, 64, 64], [1, 3, 128, 128], [4, 3, 128, 128]]
@@ -53,6 +54,55 @@ def test_offline_batches_are_those_the_profile_holds():
                                                      "8": "the built profile holds batch 4 only"})
     assert offline_batches([], static) == ([], {})
     assert [runs_per_batch(b, 512) for b in (1, 8, 32, 512)] == [512, 64, 16, 3]
+
+
+class HostOverlap:
+    """A stand-in for TensorRT's overlapped batches (`Overlapped`; CUDA does not run here): each batch letterboxed
+    and run on the host, handed back as `Overlapped.run` hands it: the first output, or per image the rows the GPU
+    score filter keeps [cx, cy, w, h, score, class, anchor, 0], None for an image past its cap (`past_cap`)."""
+
+    def __init__(self, runner, rows: bool, past_cap: tuple[int, ...] = ()):
+        self.runner, self.rows, self.past_cap = runner, rows, past_cap
+
+    def run(self, batches, hw, conf):
+        for n, frames in enumerate(batches):
+            blob, boxes = preprocess(frames, hw)
+            out = self.runner.infer(blob)["output0"]
+            yield frames, boxes, [None if n in self.past_cap else kept(p, conf) for p in out] if self.rows else out
+
+    def settings(self) -> str:
+        return "overlapped: on the host"
+
+
+def kept(pred: np.ndarray, conf: float) -> np.ndarray:
+    """One image's (4 + nc, anchors) head output cut to its rows above `conf`, as the GPU filter writes them."""
+    scores = pred[4:].max(0)
+    anchors = np.flatnonzero(scores > conf)
+    rows = np.zeros((len(anchors), 8), np.float32)
+    rows[:, :4], rows[:, 4], rows[:, 5] = pred[:4, anchors].T, scores[anchors], pred[4:, anchors].argmax(0)
+    rows[:, 6] = anchors
+    return rows[::-1].copy()  # the filter's rows come in any order
+
+
+@pytest.mark.parametrize(("rows", "past_cap"), [(False, ()), (True, ()), (True, (1,))],
+                         ids=["output", "candidates", "past-the-cap"])
+def test_a_chain_streams_overlapped_batches_into_the_detections_of_one_batch_at_a_time(onnx_path, frames, rows,
+                                                                                      past_cap):
+    """`Chain.stream` decodes what an overlap hands back (the first output, or the candidates; a batch past the
+    filter's cap runs again through the chain) into the detections the chain gives one batch at a time."""
+    batches = [frames[:2], frames[1:], frames[::2]]
+    hw = tuple(SMALL_IMGSZ)
+    with OrtRunner(onnx_path) as runner:
+        runner.set_shape((2, 3, *hw))
+        expected = list(Chain(conf=0.01).stream(runner, batches, hw))  # a 128-px model finds little above 0.25
+        overlapped = Chain(conf=0.01, overlap=HostOverlap(runner, rows, past_cap))
+        got = list(overlapped.stream(runner, batches, hw))
+        assert overlapped.settings()["offline"] == "overlapped: on the host"
+    assert Chain().settings()["offline"] == "one batch at a time"
+    assert sum(len(d) for batch in expected for d in batch) > 0
+    for ours, theirs in zip(got, expected, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
 
 def test_offline_sweeps_the_batches_end_to_end_and_the_engine_alone(onnx_path, frames):
