@@ -103,6 +103,13 @@ class Calibrator(str, Enum):
     percentile = "percentile"
 
 
+class AddInputs(str, Enum):
+    """A Q/DQ ONNX's residual Adds: Q/DQ on both inputs, or on the skip input alone where the other comes from a
+    convolution (its activation after it), which TensorRT then fuses the Add into."""
+    all = "all"
+    skip = "skip"
+
+
 class ConcatScales(str, Enum):
     """A Q/DQ ONNX's Concats: each input and the output at its own calibrated scale, or all at one (their ranges'
     union), so TensorRT concatenates int8 in place rather than requantizing each input."""
@@ -177,6 +184,7 @@ class PrecisionConfig:
     keep_float: List[str] = field(default_factory=list)  # int8: fnmatch patterns on ONNX node names kept in float
     qdq_ops: List[str] = field(default_factory=lambda: ["Conv", "Add", "Concat"])  # Q/DQ: the op types quantized
     concat_scales: ConcatScales = ConcatScales.own  # Q/DQ: a Concat's inputs and output at their own scales, or one
+    add_inputs: AddInputs = AddInputs.all  # Q/DQ: both inputs of a residual Add, or the skip input alone
     calibration_images: int = 32  # int8: how many calibration images
     calibration_source: Optional[str] = None  # int8: a folder of calibration images; null: the generated
     #   calibration split, or with data.images set, that folder's images past the ones validated on
@@ -477,6 +485,9 @@ def _check_precision(p: PrecisionConfig) -> None:
     if p.concat_scales == ConcatScales.shared and p.int8_mode == Int8Mode.calibrator:
         raise ConfigError("precision.concat_scales=shared: TensorRT's calibrator sets its own scales; use "
                           "precision=int8_qdq, whose Q/DQ ONNX can share them")
+    if p.add_inputs == AddInputs.skip and p.int8_mode == Int8Mode.calibrator:
+        raise ConfigError("precision.add_inputs=skip: TensorRT's calibrator places no Q/DQ; use precision=int8_qdq, "
+                          "whose Q/DQ ONNX can leave an Add's convolution input in float")
     unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]
     if not p.qdq_ops or unknown:
         raise ConfigError(f"precision.qdq_ops: a list of op types from {', '.join(QDQ_OPS)}, got {list(p.qdq_ops)}")

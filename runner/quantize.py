@@ -9,14 +9,18 @@ float (the head's decode) stays float. Nodes matching a `keep_float` pattern (fn
 unquantized: the presets keep the Detect head's last convolutions (box and class logits), the DFL and RT-DETR's
 decoder in float, where int8 costs the most mAP. With `concat_scales=shared` each quantized Concat's inputs and
 output take one range, the union of theirs, so TensorRT concatenates int8 in place instead of requantizing every
-input (what its layer profile shows with their own scales). Weights stay float behind a Quantize/Dequantize pair,
+input (what its layer profile shows with their own scales). With `add_inputs=skip` a residual Add whose other input
+comes from a convolution (through its activation) keeps Q/DQ on its skip input alone, as TensorRT's placement
+guidance draws residual blocks: TensorRT then fuses the Add into that convolution, where with both inputs quantized
+it runs the Add as a layer of its own. Weights stay float behind a Quantize/Dequantize pair,
 as pytorch-quantization exports them, and biases stay float (TensorRT 8.6 refuses an int32 bias behind a
 DequantizeLinear). That is the form TensorRT 8.6, 10 and 11 build (explicit quantization), and
 onnxruntime runs it too. NVIDIA ModelOpt's ONNX PTQ would do the same job, but
 `nvidia-modelopt[onnx]` 0.47 pins onnx 1.21 and brings onnxruntime-gpu 1.24 beside our onnxruntime (both own the
 `onnxruntime` package) and cupy for CUDA 12; onnxruntime's quantizer needs nothing we do not have.
 Quantized ONNX are cached like exports: by the fp32 ONNX's bytes, the calibration images and shape, the
-algorithm, the quantized op types, the keep_float patterns, the Concats' scales and the onnxruntime version.
+algorithm, the quantized op types, the keep_float patterns, the Concats' scales, the Adds' quantized inputs and the
+onnxruntime version.
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 QUANTIZED_OPS = ("Conv", "Add", "Concat")  # the op types whose inputs get Q/DQ
 FLOW_OPS = ("Add", "Concat")  # quantized only where int8 flows on: their output goes into quantized nodes alone
+ACTIVATIONS = ("Relu", "LeakyRelu", "Sigmoid", "HardSwish", "HardSigmoid")  # a convolution's fused activations,
+#   besides SiLU (Mul of the convolution's output and its Sigmoid)
 METHODS = {"entropy2": "Entropy", "minmax": "MinMax", "percentile": "Percentile"}  # onnxruntime's CalibrationMethod
 HISTOGRAM = {"num_bins": 2048, "num_quantized_bins": 128}  # entropy2, percentile: as TensorRT's entropy calibrator
 
@@ -113,16 +119,18 @@ class _Without(logging.Filter):
 
 def quantize_qdq(reference: OnnxArtifact, calibration: CalibrationSet, method: str, cache_dir: Path,
                  keep_float: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS,
-                 concat_scales: str = "own") -> OnnxArtifact:
+                 concat_scales: str = "own", add_inputs: str = "all") -> OnnxArtifact:
     """The Q/DQ int8 ONNX of the fp32 `reference`, calibrated with `method` (entropy2 | minmax | percentile), the
     inputs of the `ops` nodes quantized (`quantized_nodes`), nodes whose name matches a `keep_float` fnmatch pattern
     left in float, each quantized Concat's tensors at their own scales or one (`concat_scales`: own | shared,
-    `share_concat_ranges`). Cached by all of these; `quantization` records them and the nodes each touched."""
+    `share_concat_ranges`), each quantized residual Add's inputs all quantized or its skip input alone
+    (`add_inputs`: all | skip, `convolution_inputs`). Cached by all of these; `quantization` records them and the
+    nodes each touched."""
     keep_float, ops = sorted(keep_float), sorted(ops)
-    folder = qdq_folder(reference, calibration, method, cache_dir, keep_float, ops, concat_scales)
+    folder = qdq_folder(reference, calibration, method, cache_dir, keep_float, ops, concat_scales, add_inputs)
     with cache.locked(folder.with_name(folder.name + ".lock")):
         return cached_onnx(folder) or _quantize(reference, calibration, method, folder, keep_float, ops,
-                                                concat_scales)
+                                                concat_scales, add_inputs)
 
 
 def quantize_variant(cfg: RunConfig, reference: OnnxArtifact, keep_float: Sequence[str] | None = None,
@@ -131,18 +139,21 @@ def quantize_variant(cfg: RunConfig, reference: OnnxArtifact, keep_float: Sequen
     with `keep_float` in place of the config's pins where given."""
     p = cfg.precision
     return quantize_qdq(reference, calibration or calibration_set(cfg), p.calibrator.value, Path(cfg.cache_dir),
-                        p.keep_float if keep_float is None else keep_float, p.qdq_ops, p.concat_scales.value)
+                        p.keep_float if keep_float is None else keep_float, p.qdq_ops, p.concat_scales.value,
+                        p.add_inputs.value)
 
 
 def qdq_folder(reference: OnnxArtifact, calibration: CalibrationSet, method: str, cache_dir: Path,
-               keep_float: Sequence[str], ops: Sequence[str], concat_scales: str = "own") -> Path:
+               keep_float: Sequence[str], ops: Sequence[str], concat_scales: str = "own",
+               add_inputs: str = "all") -> Path:
     """The cache folder of a Q/DQ ONNX, named by what it depends on: the fp32 ONNX's bytes, the calibration images
     (`CalibrationSet.key`: their bytes, so their count and source), the algorithm, the ops, the keep_float
-    patterns, the Concats' scales and onnxruntime's version."""
+    patterns, the Concats' scales, the Adds' quantized inputs and onnxruntime's version."""
     h = cache.file_sha256(reference.path)
     h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": sorted(ops),
                          "keep_float": sorted(keep_float), "onnxruntime": version("onnxruntime"),
-                         **({"concat_scales": concat_scales} if concat_scales != "own" else {})}).encode())
+                         **({"concat_scales": concat_scales} if concat_scales != "own" else {}),
+                         **({"add_inputs": add_inputs} if add_inputs != "all" else {})}).encode())
     return Path(cache_dir).absolute() / "onnx" / f"{Path(reference.path).parent.name}-qdq-{method}-{h.hexdigest()[:16]}"
 
 
@@ -232,15 +243,43 @@ def qdq_pairs(model: onnx.ModelProto) -> dict[str, str]:
 
 def keep_in_float(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     """A copy of the Q/DQ `model` in which the `names` nodes read float inputs; pairs nothing reads any more go."""
+    return read_float(model, dict.fromkeys(names))
+
+
+def read_float(model: onnx.ModelProto, inputs: dict[str, set[int] | None]) -> onnx.ModelProto:
+    """A copy of the Q/DQ `model` in which each node named in `inputs` reads float at those input indices (None:
+    at every input); pairs nothing reads any more go."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     pairs = qdq_pairs(out)
     for node in out.graph.node:
-        if node.name in names:
+        if node.name in inputs:
             for i, name in enumerate(node.input):
-                node.input[i] = pairs.get(name, name)
+                if inputs[node.name] is None or i in inputs[node.name]:
+                    node.input[i] = pairs.get(name, name)
     _prune(out.graph)
     return out
+
+
+def convolution_inputs(model: onnx.ModelProto, adds: set[str]) -> dict[str, set[int]]:
+    """For each Add of `adds` with two inputs of which exactly one is a convolution's output (after a fused
+    activation: `ACTIVATIONS`, or SiLU), that input's index: the one TensorRT fuses the Add into."""
+    made_by = {out: node for node in model.graph.node for out in node.output}
+
+    def of_conv(tensor: str) -> bool:
+        node = made_by.get(tensor)
+        if node is not None and (node.op_type in ACTIVATIONS or node.op_type == "Mul"):
+            inputs = [made_by.get(i) for i in (node.input if node.op_type == "Mul" else node.input[:1])]
+            return any(i is not None and i.op_type == "Conv" for i in inputs)
+        return node is not None and node.op_type == "Conv"
+
+    found = {}
+    for node in model.graph.node:
+        if node.name in adds and len(node.input) == 2:
+            convs = [i for i, tensor in enumerate(node.input) if of_conv(tensor)]
+            if len(convs) == 1:
+                found[node.name] = set(convs)
+    return found
 
 
 def _prune(graph: onnx.GraphProto) -> None:
@@ -258,7 +297,7 @@ def _prune(graph: onnx.GraphProto) -> None:
 
 
 def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str, folder: Path,
-              keep_float: Sequence[str], ops: Sequence[str], concat_scales: str) -> OnnxArtifact:
+              keep_float: Sequence[str], ops: Sequence[str], concat_scales: str, add_inputs: str) -> OnnxArtifact:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -292,8 +331,10 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     finally:
         logging.getLogger().removeFilter(quiet)
     # quantize_static feeds every reader of a quantized tensor from one Q/DQ pair: a kept node reads float only
-    # once rewired past it
-    model = keep_in_float(onnx.load(str(path)), set(kept))
+    # once rewired past it, as does a residual Add's convolution input (add_inputs=skip)
+    adds = {n.name for n in fp32.graph.node if n.op_type == "Add" and n.name in chosen}
+    fused = convolution_inputs(fp32, adds) if add_inputs == "skip" else {}
+    model = read_float(onnx.load(str(path)), {**fused, **dict.fromkeys(kept)})
     if not model.metadata_props:  # ultralytics' metadata (class names, stride), as the fp32 ONNX has it
         model.metadata_props.extend(onnx.load(reference.path).metadata_props)
     onnx.save(model, str(path))
@@ -306,6 +347,7 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
                                           "source": str(Path(calibration.files[0]).parent), "ops": list(ops),
                                           "keep_float": list(keep_float), "quantized_nodes": len(quantized),
                                           "concat_scales": concat_scales, "widened_ranges": widened,
+                                          "add_inputs": add_inputs, "float_add_inputs": len(fused),
                                           "quantized": dict(Counter(n.op_type for n in fp32.graph.node
                                                                     if n.name in chosen)),
                                           "kept_float_nodes": kept})

@@ -59,7 +59,8 @@ def int8_settings(cfg: RunConfig, mechanism: str | None, where: Mechanism) -> di
                "calibration_images": p.calibration_images != shipped.calibration_images and str(p.calibration_images),
                "calibration_source": p.calibration_source != shipped.calibration_source and p.calibration_source,
                "concat_scales": where == Mechanism.qdq and p.concat_scales != shipped.concat_scales
-               and p.concat_scales.value}
+               and p.concat_scales.value,
+               "add_inputs": where == Mechanism.qdq and p.add_inputs != shipped.add_inputs and p.add_inputs.value}
     return {"calibrator": p.calibrator.value, **{key: value or "" for key, value in differs.items()}}
 
 

@@ -172,28 +172,46 @@ def test_shared_concat_scales_give_every_concat_one_scale(small, export_cache):
     assert shared.quantization["widened_ranges"] > 0 and own.quantization["widened_ranges"] == 0
 
 
+def test_add_inputs_skip_leaves_each_residual_adds_convolution_input_in_float(small, export_cache):
+    reference, calibration = small
+    p = default_int8()
+    both = quantize_qdq(reference, calibration, "minmax", export_cache, p.keep_float, p.qdq_ops)
+    skip = quantize_qdq(reference, calibration, "minmax", export_cache, p.keep_float, p.qdq_ops, add_inputs="skip")
+    assert skip.path != both.path and skip.quantization["add_inputs"] == "skip"
+    fed_both, fed_skip = fed_by_dq(onnx.load(both.path)), fed_by_dq(onnx.load(skip.path))
+    adds = [name for name, fed in fed_both.items() if name.endswith("/Add") and fed == [True, True]]
+    assert len(adds) == 6  # yolov8n's bottleneck residuals: model.2, 4 (two), 6 (two), 8
+    assert all(fed_skip[name] == [True, False] for name in adds)  # x + cv2(cv1(x)): x stays int8, cv2's is float
+    assert skip.quantization["float_add_inputs"] == 6 and both.quantization["float_add_inputs"] == 0
+
+
 def test_a_variant_and_the_sensitivity_search_quantize_with_every_precision_setting(small, export_cache):
     """`quantize_variant`, what the export stage and `runner sensitivity` both call, takes all of the config's
     settings (a search with shared Concat scales measures the model the sweep builds), the pins overridable."""
     reference, calibration = small
     cfg, = preflight(["precision=int8_qdq", "precision.concat_scales=shared", "precision.calibrator=minmax",
-                      "backend=onnxruntime", "tracking.enabled=false", f"cache_dir={export_cache}"])
+                      "precision.add_inputs=skip", "backend=onnxruntime", "tracking.enabled=false",
+                      f"cache_dir={export_cache}"])
     made = quantize_variant(cfg, reference, calibration=calibration)
     q = made.quantization
-    assert (q["calibrator"], q["concat_scales"]) == ("minmax", "shared")
+    assert (q["calibrator"], q["concat_scales"], q["add_inputs"]) == ("minmax", "shared", "skip")
     assert q["keep_float"] == sorted(cfg.precision.keep_float)
     pinned = quantize_variant(cfg, reference, ["*/dfl/*"], calibration)
     assert pinned.quantization["keep_float"] == ["*/dfl/*"] and pinned.quantization["concat_scales"] == "shared"
 
 
-def test_shared_concat_scales_are_a_qdq_setting_named_in_the_label(runner_main, tmp_path):
+def test_shared_concat_scales_and_skip_add_inputs_are_qdq_settings_named_in_the_label(runner_main, tmp_path):
     said = runner_main(["precision=int8_calibrator", "precision.concat_scales=shared", f"outputs={tmp_path}"])
     assert said.returncode == 2 and said.stderr.strip() == (
         "runner: error: precision.concat_scales=shared: TensorRT's calibrator sets its own scales; use "
         "precision=int8_qdq, whose Q/DQ ONNX can share them")
-    cfg, = preflight(["precision=int8_qdq", "precision.concat_scales=shared", "backend=onnxruntime",
-                      "tracking.enabled=false"])
-    assert cell_of(cfg, "onnxruntime", "qdq").onnx.label == "ul st qdq percentile concat shared"
+    said = runner_main(["precision=int8_calibrator", "precision.add_inputs=skip", f"outputs={tmp_path}"])
+    assert said.returncode == 2 and said.stderr.strip() == (
+        "runner: error: precision.add_inputs=skip: TensorRT's calibrator places no Q/DQ; use precision=int8_qdq, "
+        "whose Q/DQ ONNX can leave an Add's convolution input in float")
+    cfg, = preflight(["precision=int8_qdq", "precision.concat_scales=shared", "precision.add_inputs=skip",
+                      "backend=onnxruntime", "tracking.enabled=false"])
+    assert cell_of(cfg, "onnxruntime", "qdq").onnx.label == "ul st qdq percentile concat shared add skip"
 
 
 def test_the_calibration_settings_are_swept_as_dimensions():

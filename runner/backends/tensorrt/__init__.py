@@ -1,6 +1,7 @@
 """TensorRT: the only package that imports `tensorrt`. `compat` holds every version difference, `build` the
 TensorRT API road, `engine_export` ultralytics' one-step road, `runtime` the cuda-python runner, `prepost` the GPU
-letterbox and score filter around it (`kernels` theirs), `throughput` its concurrent lanes."""
+letterbox and score filter around it (`kernels` theirs), `overlap` its overlapped offline batches, `throughput` its
+concurrent lanes."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

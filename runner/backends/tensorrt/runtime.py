@@ -2,9 +2,9 @@
 
 `TrtRunner` only opens an engine, runs it on its input and closes it. What runs around it on the same stream lives
 apart and borrows what it needs from the runner: the GPU letterbox and score filter in `prepost` (kernels in
-`kernels`), the throughput lanes in `throughput`. With `cuda_graph`, each stage's GPU work (letterbox, engine,
-filter) is a CUDA graph per input shape, captured on first use at it (`CudaGraphs`); copies stay outside, between
-CUDA events.
+`kernels`), the overlapped offline batches in `overlap`, the throughput lanes in `throughput`. With `cuda_graph`,
+each stage's GPU work (letterbox, engine, filter) is a CUDA graph per input shape, captured on first use at it
+(`CudaGraphs`); copies stay outside, between CUDA events.
 """
 from __future__ import annotations
 
