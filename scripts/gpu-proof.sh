@@ -36,9 +36,10 @@
 #                                           #   to batch 32, level 1, the whole held-out split, offline batches 1/8/32
 #   bash scripts/gpu-proof.sh int8-report   # its table, and the layers of fp16 against each int8 side by side
 #   bash scripts/gpu-proof.sh int8-fuse     # fp16, int8 Q/DQ, and Q/DQ with shared Concat scales, with the Adds'
-#                                           #   convolution inputs in float, and with both (presets in scripts/presets),
-#                                           #   as int8-layers; its table, and the layers of Q/DQ and of fp16 each
-#                                           #   against both
+#                                           #   convolution inputs in float, with both, and with both and only the
+#                                           #   sensitivity search's pins (presets in scripts/presets), as int8-layers;
+#                                           #   its table, and the layers of Q/DQ and fp16 against both, fp16 against
+#                                           #   the last
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
 step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse}
@@ -101,13 +102,15 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
         | tee -a "$DEST/$step/run.log"
     done
     exit 0 ;;
-  int8-fuse)  # cells: "qdq percentile |" is int8_qdq's alone, "shared add skip" the fused preset's
+  int8-fuse)  # cells: "qdq percentile |" is int8_qdq's alone, "percentile concat shared add skip" the fused preset's
     DEST=$DEST/$step bash "$0" int8-fuse-sweep "${@:2}" || exit
     id=$(cat "$DEST/$step/int8-fuse-sweep/sweep_id") uri=sqlite:///$RUNS/mlflow.db
     python3 -m runner table --tracking-uri "$uri" --sweep "$id" --out "$DEST/$step/table" 2>&1 | tee "$DEST/$step/run.log"
-    for a in "qdq percentile |" "trt dy fp16"; do
-      python3 -m runner layers --tracking-uri "$uri" --sweep "$id" "$a" "shared add skip" \
-        --out "$DEST/$step/$(echo "${a% |}" | tr ' ' '-')-vs-fused" 2>&1 | tee -a "$DEST/$step/run.log"
+    for pair in "qdq percentile |:percentile concat shared add skip:qdq-vs-fused" \
+                "trt dy fp16:percentile concat shared add skip:fp16-vs-fused" "trt dy fp16:keep 3:fp16-vs-fused-pinned"; do
+      IFS=: read -r a b name <<< "$pair"
+      python3 -m runner layers --tracking-uri "$uri" --sweep "$id" "$a" "$b" --out "$DEST/$step/$name" 2>&1 \
+        | tee -a "$DEST/$step/run.log"
     done
     exit 0 ;;
   int8-table)
@@ -159,7 +162,8 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
   int8-layers) args=(-m "hydra.searchpath=[file://$LAYERS]" precision=fp16,int8_calibrator,int8_qdq,int8_qdq_conv_only
                      "${batch32[@]}" backend.builder_optimization_level=1 hydra.launcher.n_jobs=$(gpu_count)) ;;
   int8-fuse-sweep) args=(-m "hydra.searchpath=[file://$PWD/scripts/presets]"
-                         precision=fp16,int8_qdq,int8_qdq_concat_shared,int8_qdq_add_skip,int8_qdq_fused "${batch32[@]}"
+                         precision=fp16,int8_qdq,int8_qdq_concat_shared,int8_qdq_add_skip,int8_qdq_fused,int8_qdq_fused_pinned
+                         "${batch32[@]}"
                          backend.builder_optimization_level=1 hydra.launcher.n_jobs=$(gpu_count)) ;;
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
