@@ -40,9 +40,11 @@
 #                                           #   sensitivity search's pins (presets in scripts/presets), as int8-layers;
 #                                           #   its table, and the layers of Q/DQ and fp16 against both, fp16 against
 #                                           #   the last
+#   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on yolov8n from everything quantized, each greedy step
+#                                           #   timed on TensorRT (--latency), level 1
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|sensitivity}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -113,6 +115,10 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
         | tee -a "$DEST/$step/run.log"
     done
     exit 0 ;;
+  sensitivity)
+    ${TIMEOUT:+timeout "$TIMEOUT"} python3 -m runner sensitivity 'precision.keep_float=[]' backend.builder_optimization_level=1 \
+      cache_dir="$CACHE" outputs="$RUNS" --latency --out "$DEST/$step/yolov8n" 2>&1 | tee "$DEST/$step/run.log"
+    exit "${PIPESTATUS[0]}" ;;
   int8-table)
     python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$(cat "$DEST/int8-static/sweep_id")" \
       --sweep "$(cat "$DEST/int8-dynamic/sweep_id")" --out "$DEST/$step" 2>&1 | tee "$DEST/$step/run.log"
