@@ -89,10 +89,11 @@ def preprocess(images: list[np.ndarray], hw: tuple[int, int], auto: bool = False
 def scale_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
     """xyxy boxes in network-input pixels -> source-image pixels, clipped to the image."""
     out = boxes.copy()
-    out[:, [0, 2]] = (out[:, [0, 2]] - lb.pad[0]) / lb.gain[0]
-    out[:, [1, 3]] = (out[:, [1, 3]] - lb.pad[1]) / lb.gain[1]
-    out[:, [0, 2]] = out[:, [0, 2]].clip(0, lb.orig_shape[1])
-    out[:, [1, 3]] = out[:, [1, 3]].clip(0, lb.orig_shape[0])
+    for axis, size in ((0, lb.orig_shape[1]), (1, lb.orig_shape[0])):  # x1, x2 then y1, y2: views, in place
+        coords = out[:, axis::2]
+        coords -= lb.pad[axis]
+        coords /= lb.gain[axis]
+        np.minimum(np.maximum(coords, 0, out=coords), size, out=coords)
     return out
 
 
