@@ -45,10 +45,12 @@ class Overlapped:
     def run(self, batches: Iterable[list[np.ndarray]], hw: tuple[int, int], conf: float) -> Iterator[tuple]:
         in_flight: deque = deque()
         for n, frames in enumerate(batches):
-            slot = n % SLOTS
-            if len(in_flight) == SLOTS:
-                yield self._collect(*in_flight.popleft())
-            in_flight.append((slot, frames, self._enqueue(slot, frames, hw, conf)))
+            # the slot's last batch is collected (copied out) first, this batch queued, and only then handed over:
+            # the host decodes it while the GPU has the two after it
+            done = self._collect(*in_flight.popleft()) if len(in_flight) == SLOTS else None
+            in_flight.append((n % SLOTS, frames, self._enqueue(n % SLOTS, frames, hw, conf)))
+            if done is not None:
+                yield done
         while in_flight:
             yield self._collect(*in_flight.popleft())
 
