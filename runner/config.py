@@ -279,6 +279,7 @@ class BenchConfig:
     # (else at its max batch), about `offline_images` images per batch; [] leaves it out
     offline_batches: List[int] = field(default_factory=lambda: [1, 8, 32])
     offline_images: int = 512
+    offline_overlap: bool = True  # overlap the offline batches where the chain can (TensorRT, GPU letterbox)
     # server scenario: Poisson arrivals at this many images/s, one worker at batch 1, for about
     # server_queries / server_rate seconds; null leaves it out
     server_rate: Optional[float] = None

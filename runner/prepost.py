@@ -166,13 +166,13 @@ def one_at_a_time(chain: Chain | PeerChain, runner: Runner, batches: Iterable[li
 
 def chain(runner: Runner, cfg: RunConfig, head: str) -> Chain | PeerChain:
     """The chain of a variant whose opened `runner` decodes `head`: a `Predictor`'s own, else ours with the ends
-    the config puts on the GPU."""
+    the config puts on the GPU, its offline batches overlapped where the runner can and `bench.offline_overlap`."""
     v = cfg.validate
     if isinstance(runner, Predictor):
         return PeerChain(v.conf, v.nms_iou, v.max_det, head)
     letterbox = runner.gpu_letterbox() if cfg.preprocess.device == Device.gpu else None
     score_filter = runner.gpu_score_filter() if cfg.postprocess.device == Device.gpu else None
     overlap = None
-    if letterbox is not None:
+    if letterbox is not None and cfg.bench.offline_overlap:
         overlap = runner.overlapped(geometry(head), score_filter is not None and head == ONE2MANY)
     return Chain(letterbox, score_filter, v.conf, v.nms_iou, v.max_det, head, overlap)

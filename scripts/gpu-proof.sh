@@ -23,6 +23,7 @@
 #                                           #   server at 1000 img/s; then runner table and runner pick of the sweep
 #   bash scripts/gpu-proof.sh fast3         # the same at builder level 3 with backend.half_input=false,true, offline
 #                                           #   batches overlapped (the GPU letterbox's default); table and pick
+#   bash scripts/gpu-proof.sh overlap       # fast3's dynamic fp16 engine, offline batches overlapped or one at a time
 #   bash scripts/gpu-proof.sh batch4        # yolov8n static at batch 4: exported, validated and timed at [4,3,640,640]
 #   bash scripts/gpu-proof.sh pipeline      # yolov8n fp16 static, default level: runner's pipeline with pre/post on
 #                                           #   cpu|gpu in a CUDA graph, beside the peer (backend=ultralytics),
@@ -44,7 +45,7 @@
 #                                           #   timed on TensorRT (--latency), level 1
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|sensitivity}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|sensitivity}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -161,6 +162,9 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
           backend.builder_optimization_level=3 'profile.opt=[8,3,640,640]' 'profile.max=[64,3,640,640]'
           'bench.offline_batches=[1,8,32,64]' bench.warmup=50 bench.iters=300 hydra/launcher=joblib backend.gpus=auto
           hydra.launcher.n_jobs=$(gpu_count)) ;;
+  overlap) args=(-m model=yolov8n precision=fp16 shape=dynamic backend.builder_optimization_level=3
+                 'profile.opt=[8,3,640,640]' 'profile.max=[64,3,640,640]' 'bench.offline_batches=[1,8,32,64]'
+                 bench.offline_overlap=true,false) ;;
   batch4) args=(-m model=yolov8n shape=static 'shape.opt=[4,3,640,640]' bench.batch=4 precision=fp32,fp16
                 backend.builder_optimization_level=0) ;;
   nms) args=(-m export.head=nms shape=static,dynamic precision=fp32,fp16 build=tensorrt_api,ultralytics

@@ -51,7 +51,8 @@ BAD_INPUTS = {
     "added-key": (["+foo=1"], "foo", r"not a key of the config; allowed: backend, bench, build, cache_dir"),
     "added-key-typo": (["+bench.iter=5"], "bench.iter", r"not a key of 'bench'; did you mean bench\.iters\? "
                                                         r"allowed: batch, cuda_graph, iters, offline_batches, "
-                                                        r"offline_images, server_queries, server_rate, warmup"),
+                                                        r"offline_images, offline_overlap, server_queries, "
+                                                        r"server_rate, warmup"),
     "zero-offline-batch": (["bench.offline_batches=[0,8]"], "bench.offline_batches",
                            r"a list of positive batch sizes such as \[1,8,32\] \(\[\] for none\), got \[0, 8\]"),
     "zero-server-rate": (["bench.server_rate=0"], "bench.server_rate",

@@ -12,8 +12,10 @@ from runner.backends.tensorrt.prepost import CANDIDATE_CAP
 from runner.backends.tensorrt.runtime import ShapeError, TrtRunner
 from runner.bench import bench, images_per_second
 from runner.config import BenchConfig
+from runner import prepost
+from runner.preflight import preflight
 from runner.prepost import Chain
-from runner.processing import decode, decode_candidates, fit, preprocess
+from runner.processing import ONE2MANY, decode, decode_candidates, fit, preprocess
 from runner.validate import GPU_LETTERBOX_TOLERANCE
 
 pytestmark = pytest.mark.gpu
@@ -270,6 +272,14 @@ def test_overlapped_offline_gives_the_detections_of_one_batch_at_a_time(tmp_path
     for ours, theirs in zip(got, expected):
         for a, b in zip(ours, theirs):
             np.testing.assert_array_equal(a, b)
+
+
+def test_bench_offline_overlap_false_runs_the_offline_batches_one_at_a_time(tmp_path):
+    on, off = (preflight(["preprocess=gpu", "postprocess=gpu", f"bench.offline_overlap={flag}"])[0]
+               for flag in ("true", "false"))
+    with TrtRunner(engine(tmp_path, HEAD_INPUT, True, [-1, *HEAD[1:]], batches=(1, 2, 4))) as runner:
+        assert prepost.chain(runner, on, ONE2MANY).settings()["offline"].startswith("overlapped")
+        assert prepost.chain(runner, off, ONE2MANY).settings()["offline"] == "one batch at a time"
 
 
 def test_throughput_on_one_and_two_streams(tmp_path):
