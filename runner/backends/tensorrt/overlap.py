@@ -16,27 +16,27 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from runner.backends.tensorrt.compat import cuda_call
-from runner.backends.tensorrt.kernels import FIT_FIELDS, ROW, Kernels
-from runner.backends.tensorrt.prepost import CANDIDATE_CAP, coalesced, fit_table, uploads
-from runner.backends.tensorrt.runtime import Buffers, copy_async
+from runner.backends.tensorrt.kernels import FIT_FIELDS
+from runner.backends.tensorrt.prepost import Candidates, GpuEnd, coalesced, fitted, uploads
+from runner.backends.tensorrt.runtime import copy_async
 
 SLOTS = 2
 EVENTS = ("uploaded", "read", "done")  # per slot: its upload, the letterbox's read of it, its results on the host
 
 
-class Overlapped:
+class Overlapped(GpuEnd):
     """`run(batches, hw, conf)` yields per batch, in order, (frames, fits, candidates): the candidate rows per image
     (None past CANDIDATE_CAP) where `score_filter`, else the first output as float32. The runner's shape must be
     each batch's; closed with the runner."""
 
     def __init__(self, runner, geometry, score_filter: bool):
-        self.runner, self.geometry, self.score_filter = runner, geometry, score_filter
+        super().__init__(runner)
+        self.geometry, self.score_filter = geometry, score_filter
         rt = runner.rt
         self._copy_stream = cuda_call(rt.cudaStreamCreate)
         self._events = [{name: cuda_call(rt.cudaEventCreateWithFlags, rt.cudaEventDisableTiming) for name in EVENTS}
                         for _ in range(SLOTS)]
-        self._buffers = Buffers(rt)
-        self._kernels: Kernels | None = None
+        self._candidates = [Candidates(self._buffers, str(slot)) for slot in range(SLOTS)]
 
     def settings(self) -> str:
         return (f"overlapped: {SLOTS} slots, each batch uploaded on a copy stream while the batch before runs, "
@@ -57,11 +57,8 @@ class Overlapped:
     def _enqueue(self, slot: int, frames: list[np.ndarray], hw: tuple[int, int], conf: float) -> list:
         """Queue one batch in `slot`, whose last batch the host has collected; returns how each frame was fitted."""
         runner, buffers, rt, events = self.runner, self._buffers, self.runner.rt, self._events[slot]
+        images, fits, boxes = fitted(runner, frames, hw, self.geometry)
         batch, _, h, w = runner.shape
-        if len(frames) != batch or (h, w) != tuple(hw):
-            raise ValueError(f"{len(frames)} images at {list(hw)} do not fill the input shape {list(runner.shape)}")
-        images = [np.ascontiguousarray(image) for image in frames]
-        fits, boxes = fit_table(images, (h, w), self.geometry)
         source, table = f"source{slot}", f"fits{slot}"
         buffers.ensure(source, sum(image.nbytes for image in images))
         buffers.ensure(table, batch * FIT_FIELDS * 4)
@@ -91,15 +88,10 @@ class Overlapped:
             buffers.ensure(f"out{slot}", math.prod(shape) * dtype.itemsize)
             runner.copy(buffers.host[f"out{slot}"], head, math.prod(shape) * dtype.itemsize, to_device=False)
             return
-        batch, channels, anchors = shape
-        counts, rows = f"counts{slot}", f"rows{slot}"
-        buffers.ensure(counts, batch * 4)
-        buffers.ensure(rows, batch * CANDIDATE_CAP * ROW * 4)
-        cuda_call(runner.rt.cudaMemsetAsync, buffers.device[counts], 0, batch * 4, runner.stream)
-        self.kernels().candidates(runner.stream, head, batch, channels, anchors, conf, buffers.device[rows],
-                                  buffers.device[counts], CANDIDATE_CAP, dtype == np.float16)
-        runner.copy(buffers.host[counts], buffers.device[counts], batch * 4, to_device=False)
-        runner.copy(buffers.host[rows], buffers.device[rows], batch * CANDIDATE_CAP * ROW * 4, to_device=False)
+        candidates = self._candidates[slot]
+        candidates.ensure(shape[0])
+        candidates.queue(runner, self.kernels(), conf)
+        candidates.copy_back(runner, shape[0])
 
     def _collect(self, slot: int, frames: list[np.ndarray], boxes: list) -> tuple:
         """Wait for the slot's batch; its frames, fits and what crossed back (copies: the slot is reused next)."""
@@ -109,23 +101,12 @@ class Overlapped:
         if not self.score_filter:
             out = buffers.host_array(f"out{slot}", dtype, math.prod(shape)).reshape(shape)
             return frames, boxes, out.astype(np.float32)
-        batch = shape[0]
-        found = buffers.host_array(f"counts{slot}", np.int32, batch).tolist()
-        kept = buffers.host_array(f"rows{slot}", np.float32, batch * CANDIDATE_CAP * ROW)
-        kept = kept.reshape(batch, CANDIDATE_CAP, ROW)
-        return frames, boxes, [kept[n, :k].copy() if k <= CANDIDATE_CAP else None for n, k in enumerate(found)]
-
-    def kernels(self) -> Kernels:
-        if self._kernels is None:
-            self._kernels = Kernels.load(self.runner.rt)
-        return self._kernels
+        return frames, boxes, self._candidates[slot].read(shape[0])
 
     def close(self) -> None:
         rt = self.runner.rt
         cuda_call(rt.cudaStreamSynchronize, self._copy_stream)
-        if self._kernels is not None:
-            self._kernels.unload()
-        self._buffers.close()
+        super().close()
         for events in self._events:
             for event in events.values():
                 cuda_call(rt.cudaEventDestroy, event)

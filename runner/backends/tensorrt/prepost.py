@@ -22,7 +22,7 @@ CANDIDATE_CAP = 1024  # rows per image the GPU filter copies back; more falls ba
 MAX_SOURCE_BYTES = 2**31 - 1  # a batch's source images: the letterbox kernel reads their offsets as int32
 
 
-class _End:
+class GpuEnd:
     """Buffers and kernels of its own, on `runner`'s stream."""
 
     def __init__(self, runner):
@@ -85,7 +85,56 @@ def uploads(runner, buffers: Buffers, name: str, images: list[np.ndarray], offse
     return copies
 
 
-class GpuLetterbox(_End):
+def fitted(runner, images: list[np.ndarray], hw: tuple[int, int], geometry
+           ) -> tuple[list[np.ndarray], np.ndarray, list[Letterbox]]:
+    """`images` made contiguous, their fit table and how each is fitted (`fit_table`) into the runner's input
+    shape. Raises ValueError where they do not fill it."""
+    batch, _, h, w = runner.shape
+    if len(images) != batch or (h, w) != tuple(hw):
+        raise ValueError(f"{len(images)} images at {list(hw)} do not fill the input shape {list(runner.shape)}")
+    images = [np.ascontiguousarray(image) for image in images]
+    return images, *fit_table(images, (h, w), geometry)
+
+
+class Candidates:
+    """The score filter's per-image counts and candidate rows in `buffers`, under the names `counts<suffix>` and
+    `rows<suffix>`: filled on the runner's stream from its first output, copied back, read per image."""
+
+    def __init__(self, buffers: Buffers, suffix: str = ""):
+        self.buffers, self.counts, self.rows = buffers, f"counts{suffix}", f"rows{suffix}"
+
+    def ensure(self, batch: int) -> bool:
+        """Room for `batch` images; True where a buffer moved."""
+        return self.buffers.ensure(self.counts, batch * 4) | self.buffers.ensure(self.rows, self._rows_bytes(batch))
+
+    def queue(self, runner, kernels: Kernels, conf: float) -> None:
+        """Zero the counts and filter the head output by `conf` into the rows, on the runner's stream."""
+        head, (batch, channels, anchors), dtype = runner.tensor(runner.output_names[0])
+        device = self.buffers.device
+        cuda_call(runner.rt.cudaMemsetAsync, device[self.counts], 0, batch * 4, runner.stream)
+        kernels.candidates(runner.stream, head, batch, channels, anchors, conf, device[self.rows],
+                           device[self.counts], CANDIDATE_CAP, dtype == np.float16)
+
+    def copy_back(self, runner, batch: int) -> None:
+        """Queue the copies of the counts and rows to their pinned host buffers on the runner's stream."""
+        host, device = self.buffers.host, self.buffers.device
+        runner.copy(host[self.counts], device[self.counts], batch * 4, to_device=False)
+        runner.copy(host[self.rows], device[self.rows], self._rows_bytes(batch), to_device=False)
+
+    def read(self, batch: int) -> list[np.ndarray | None]:
+        """Per image, a copy of its rows [cx, cy, w, h, score, class, anchor, 0]; None past CANDIDATE_CAP. After the
+        copies back are done."""
+        found = self.buffers.host_array(self.counts, np.int32, batch).tolist()
+        kept = self.buffers.host_array(self.rows, np.float32, batch * CANDIDATE_CAP * ROW)
+        kept = kept.reshape(batch, CANDIDATE_CAP, ROW)
+        return [kept[n, :k].copy() if k <= CANDIDATE_CAP else None for n, k in enumerate(found)]
+
+    @staticmethod
+    def _rows_bytes(batch: int) -> int:
+        return batch * CANDIDATE_CAP * ROW * 4
+
+
+class GpuLetterbox(GpuEnd):
     """Source images in, the runner's input out: the CPU path's geometry (`processing.fit` or `stretch_fit`),
     resized on the GPU, a batch in one kernel launch."""
 
@@ -94,11 +143,8 @@ class GpuLetterbox(_End):
         `stretch_fit` for RT-DETR: the kernel resizes each axis by its own scale). Asynchronous: the runner's sync()
         before reading anything it wrote."""
         runner, buffers = self.runner, self._buffers
+        images, fits, boxes = fitted(runner, images, hw, geometry)
         batch, _, h, w = runner.shape
-        if len(images) != batch or (h, w) != tuple(hw):
-            raise ValueError(f"{len(images)} images at {list(hw)} do not fill the input shape {list(runner.shape)}")
-        images = [np.ascontiguousarray(image) for image in images]
-        fits, boxes = fit_table(images, (h, w), geometry)
         total = sum(image.nbytes for image in images)
         if buffers.ensure("source", total) | buffers.ensure("fits", batch * FIT_FIELDS * 4):
             runner.graphs.drop("letterbox")  # its graphs read the old buffers
@@ -121,29 +167,23 @@ class GpuLetterbox(_End):
         return self.runner.read(self.runner.input_name)
 
 
-class GpuScoreFilter(_End):
+class GpuScoreFilter(GpuEnd):
     """The runner's first output, a one-to-many head `(B, 4 + nc, A)`, cut to its candidates on the GPU."""
+
+    def __init__(self, runner):
+        super().__init__(runner)
+        self._candidates = Candidates(self._buffers)
 
     def run(self, conf: float) -> list[np.ndarray | None]:
         """Per image, the rows [cx, cy, w, h, score, class, anchor, 0] whose best class score is above `conf`:
         only these cross to the host. None for an image with more than CANDIDATE_CAP of them (decode the whole
         output instead)."""
-        runner, buffers = self.runner, self._buffers
-        head, (batch, channels, anchors), dtype = runner.tensor(runner.output_names[0])
-        if buffers.ensure("counts", batch * 4) | buffers.ensure("rows", batch * CANDIDATE_CAP * ROW * 4):
+        runner, candidates = self.runner, self._candidates
+        batch = runner.tensor(runner.output_names[0])[1][0]
+        if candidates.ensure(batch):
             runner.graphs.drop("candidates")  # its graphs write the old buffers
-        counts, rows = buffers.device["counts"], buffers.device["rows"]
-
-        def enqueue():
-            cuda_call(runner.rt.cudaMemsetAsync, counts, 0, batch * 4, runner.stream)
-            self.kernels().candidates(runner.stream, head, batch, channels, anchors, conf, rows, counts,
-                                      CANDIDATE_CAP, dtype == np.float16)
-
-        runner.graphs.launch("candidates", enqueue, conf)
+        runner.graphs.launch("candidates", lambda: candidates.queue(runner, self.kernels(), conf), conf)
         with runner.timed("d2h"):
-            runner.copy(buffers.host["counts"], counts, batch * 4, to_device=False)
-            runner.copy(buffers.host["rows"], rows, batch * CANDIDATE_CAP * ROW * 4, to_device=False)
+            candidates.copy_back(runner, batch)
         runner.sync()
-        found = buffers.host_array("counts", np.int32, batch)
-        kept = buffers.host_array("rows", np.float32, batch * CANDIDATE_CAP * ROW).reshape(batch, CANDIDATE_CAP, ROW)
-        return [kept[n, :k].copy() if k <= CANDIDATE_CAP else None for n, k in enumerate(found.tolist())]
+        return candidates.read(batch)
