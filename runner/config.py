@@ -474,6 +474,12 @@ def _check_scenarios(b: BenchConfig) -> None:
 
 
 QDQ_OPS = ("Conv", "Add", "Concat", "MatMul", "Gemm")  # the op types precision.qdq_ops may name
+# the Q/DQ placement settings TensorRT's calibrator has none of: why a calibrated variant refuses all but the default
+QDQ_PLACEMENT = {
+    "concat_scales": "TensorRT's calibrator sets its own scales; use precision=int8_qdq, whose Q/DQ ONNX can share them",
+    "add_inputs": ("TensorRT's calibrator places no Q/DQ; use precision=int8_qdq, whose Q/DQ ONNX can leave an Add's "
+                   "convolution input in float"),
+}
 TRT_CALIBRATORS = (Calibrator.entropy2, Calibrator.minmax)  # the algorithms TensorRT's calibrator has
 NO_TRT_CALIBRATOR = ("precision.calibrator={algorithm}: TensorRT's calibrator has none (entropy2, minmax); use "
                      "precision=int8_qdq for onnxruntime's percentile calibration")
@@ -483,12 +489,9 @@ def _check_precision(p: PrecisionConfig) -> None:
     """The calibration and Q/DQ settings: what the mechanism has, well-formed."""
     if p.calibrator not in TRT_CALIBRATORS and p.int8_mode == Int8Mode.calibrator:
         raise ConfigError(NO_TRT_CALIBRATOR.format(algorithm=p.calibrator.value))
-    if p.concat_scales == ConcatScales.shared and p.int8_mode == Int8Mode.calibrator:
-        raise ConfigError("precision.concat_scales=shared: TensorRT's calibrator sets its own scales; use "
-                          "precision=int8_qdq, whose Q/DQ ONNX can share them")
-    if p.add_inputs == AddInputs.skip and p.int8_mode == Int8Mode.calibrator:
-        raise ConfigError("precision.add_inputs=skip: TensorRT's calibrator places no Q/DQ; use precision=int8_qdq, "
-                          "whose Q/DQ ONNX can leave an Add's convolution input in float")
+    for key, why in QDQ_PLACEMENT.items():
+        if getattr(p, key) != getattr(PrecisionConfig, key) and p.int8_mode == Int8Mode.calibrator:
+            raise ConfigError(f"precision.{key}={getattr(p, key).value}: {why}")
     unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]
     if not p.qdq_ops or unknown:
         raise ConfigError(f"precision.qdq_ops: a list of op types from {', '.join(QDQ_OPS)}, got {list(p.qdq_ops)}")

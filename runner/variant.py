@@ -18,8 +18,8 @@ from pathlib import Path
 from runner import backends, checkpoint, heads, prepost
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
-from runner.config import (BackendName, ConfigError, Device, Head, Mechanism, Precision, RunConfig, ShapeMode,
-                           shipped_precision)
+from runner.config import (QDQ_PLACEMENT, BackendName, ConfigError, Device, Head, Mechanism, Precision, RunConfig,
+                           ShapeMode, shipped_precision)
 from runner.data import Sample, Selection, class_names, load_samples, names_mismatch
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
@@ -58,9 +58,8 @@ def int8_settings(cfg: RunConfig, mechanism: str | None, where: Mechanism) -> di
                and "+".join(p.qdq_ops),
                "calibration_images": p.calibration_images != shipped.calibration_images and str(p.calibration_images),
                "calibration_source": p.calibration_source != shipped.calibration_source and p.calibration_source,
-               "concat_scales": where == Mechanism.qdq and p.concat_scales != shipped.concat_scales
-               and p.concat_scales.value,
-               "add_inputs": where == Mechanism.qdq and p.add_inputs != shipped.add_inputs and p.add_inputs.value}
+               **{key: where == Mechanism.qdq and getattr(p, key) != getattr(shipped, key) and getattr(p, key).value
+                  for key in QDQ_PLACEMENT}}
     return {"calibrator": p.calibrator.value, **{key: value or "" for key, value in differs.items()}}
 
 
