@@ -5,7 +5,8 @@ The chain (`prepost`) says what each stage holds and times it: ours on the host 
 infer with CUDA events on a GPU; the peer with its own speed dict and the wall time. Where there is a device, the
 copies inside pre and post are timed on their own with CUDA events (h2d, d2h). After the chain loop comes the
 engine alone: the same number of back-to-back `execute()` calls (compute), and its throughput in images/s at the
-timed shape on one stream (`opt_batch`) and at batch 1 on two streams, on the runner's lanes (`Runner.lanes`).
+timed shape on one stream (`opt_batch`) and at batch 1 on two streams, on the runner's lanes (`Runner.lanes`),
+which replay CUDA graphs where the chain does (`cuda_graph` in the settings).
 Every variant of a sweep is timed at one shape, the static variant's (`RunConfig.timed_shape`); each figure is per
 batch of its first dim (`BenchResult.per_image` divides it).
 

@@ -282,11 +282,16 @@ def test_bench_offline_overlap_false_runs_the_offline_batches_one_at_a_time(tmp_
         assert prepost.chain(runner, off, ONE2MANY).settings()["offline"] == "one batch at a time"
 
 
-def test_throughput_on_one_and_two_streams(tmp_path):
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_throughput_on_one_and_two_streams(tmp_path, cuda_graph):
     single = [1, *INPUT[1:]]
-    with TrtRunner(engine(tmp_path, single, False)) as runner:
+    with TrtRunner(engine(tmp_path, single, False), cuda_graph=cuda_graph) as runner:
         one = images_per_second(runner, tuple(single), 1, 200)
         two = images_per_second(runner, tuple(single), 2, 200)
+        with runner.lanes(tuple(single), 2) as lanes:
+            for _ in range(3):
+                lanes.enqueue()
+            assert lanes.graphs == cuda_graph  # the lanes replay graphs where the runner does
         x = np.random.default_rng(3).random(single, dtype=np.float32)
         np.testing.assert_allclose(runner.infer(x)["output0"], x)  # the runner still works afterwards
         with pytest.raises(ShapeError, match="does not take"):

@@ -376,7 +376,7 @@ class StandInContext:
     `enqueueV3 ... mOptimizationProfile >= 0`)."""
 
     def __init__(self, engine, profile: int):
-        self.engine, self.profile, self.shape = engine, profile, None
+        self.engine, self.profile, self.shape, self.enqueued = engine, profile, None, 0
 
     def set_optimization_profile_async(self, index, stream):
         taken = {c.profile for c in self.engine.contexts if c is not self}
@@ -400,6 +400,7 @@ class StandInContext:
             self.engine.logger.last_error = "IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime " \
                                             "(mOptimizationProfile >= 0 failed)"
             return False
+        self.enqueued += 1
         return True
 
 
@@ -417,13 +418,18 @@ class StandInEngine:
         return self.contexts[-1]
 
 
-def _stand_in_runner(engine: StandInEngine) -> TrtRunner:
-    """A TrtRunner opened on `engine`, with cuda-python calls that succeed (a stream is an int)."""
+def _stand_in_runner(engine: StandInEngine, graphs: bool = False) -> TrtRunner:
+    """A TrtRunner opened on `engine`, with cuda-python calls that succeed (a stream is an int); `rt.launched`
+    counts CUDA graph replays."""
     runner = TrtRunner("engine.plan")
     ok = lambda *args: (0, 1)  # noqa: E731 - (cudaSuccess, handle)
-    runner.rt = NS(cudaMalloc=ok, cudaFree=ok, cudaStreamCreate=ok, cudaStreamSynchronize=ok, cudaStreamDestroy=ok)
+    launched = []
+    runner.rt = NS(cudaMalloc=ok, cudaFree=ok, cudaStreamCreate=ok, cudaStreamSynchronize=ok, cudaStreamDestroy=ok,
+                   cudaStreamBeginCapture=ok, cudaStreamEndCapture=ok, cudaGraphInstantiate=ok,
+                   cudaGraphExecDestroy=ok, cudaGraphDestroy=ok, cudaStreamCaptureMode=NS(cudaStreamCaptureModeGlobal=0),
+                   cudaGraphLaunch=lambda *args: launched.append(args) or (0,), launched=launched)
     runner.engine, runner.logger = engine, engine.logger
-    runner.graphs = CudaGraphs(runner.rt, 0, wanted=False)
+    runner.graphs = CudaGraphs(runner.rt, 0, wanted=graphs)
     runner._context = engine.create_execution_context()
     runner.input_name, runner.dtypes = "images", {"images": np.dtype(np.float32), "output0": np.dtype(np.float32)}
     return runner
@@ -441,6 +447,17 @@ def test_two_stream_throughput_gives_each_dynamic_context_a_profile_or_says_why_
     assert said == note
     assert set(figures) == ({"opt_batch"} if note else {"opt_batch", "batch1_2streams"})
     assert [c.profile for c in engine.contexts] == ([0] if note else [0, 1] if -1 in input_shape else [0, 0])
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_throughput_lanes_replay_cuda_graphs_where_the_runner_does(graphs):
+    engine = StandInEngine((1, 3, 640, 640), 1)
+    runner = _stand_in_runner(engine, graphs)
+    assert bench.images_per_second(runner, (1, 3, 640, 640), 2, iters=20) > 0
+    rounds = 20 + 2  # and a tenth more that warm up
+    # with graphs: each lane's first run plain, its second captured, the rest replayed
+    assert [c.enqueued for c in engine.contexts] == [2, 2] if graphs else [rounds, rounds]
+    assert len(runner.rt.launched) == (2 * (rounds - 1) if graphs else 0)
 
 
 def test_tensorrt_logger_logs_to_the_tensorrt_logger_not_stderr(monkeypatch, caplog, capfd):

@@ -134,13 +134,13 @@ def test_layer_times_name_every_profiled_layer_of_the_inspector_and_leave_the_ru
         times = runner.layer_times(tuple(DYN_OPT), 20)
         assert times and set(times) <= inspected and all(ms > 0 for ms in times.values())
         assert runner._context.profiler is None  # a new context: the runs after are not profiled
+        at_shape = runner.layer_info(tuple(DYN_OPT))  # as bench reads it: the build's JSON has no formats
         runner.set_shape(tuple(DYN_OPT))
         for _ in range(3):  # replays where graphs are on: captured after the profiler left
             runner.h2d(x)
             assert runner.execute() > 0
         np.testing.assert_allclose(runner.d2h()["output0"], before, atol=1e-5)
         assert runner.graphs.on == cuda_graph
-        at_shape = runner.layer_info(tuple(DYN_OPT))  # the build's JSON has no formats for a dynamic engine
     assert {layer["Name"] for layer in at_shape} == inspected
     profile = forensics.join(at_shape, times, DYN_OPT, 20)
     precisions = profile.by("precision")

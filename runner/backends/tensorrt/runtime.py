@@ -371,11 +371,14 @@ class TrtRunner(Runner):
             raise RuntimeError(f"cannot create an execution context: {self.logger.last_error}")
 
     def layer_info(self, shape: tuple[int, ...]) -> list | None:
-        """The inspector's layers with this context bound, so a dynamic engine's formats and precisions are those
-        of `shape` (unbound, TensorRT 8.6 says "N/A due to dynamic shapes"); None where it has no inspector."""
-        self.set_shape(shape)
+        """The inspector's layers with this context bound at `shape` after a run there: TensorRT 8.6 gives a dynamic
+        engine's formats and precisions only for such a context ("N/A due to dynamic shapes" unbound; none for a
+        fresh context that has not run). None where it has no inspector."""
         if not hasattr(self.engine, "create_engine_inspector"):
             return None
+        self.set_shape(shape)
+        self.enqueue()
+        self.sync()
         inspector = self.engine.create_engine_inspector()
         inspector.execution_context = self._context
         text = inspector.get_engine_information(self._trt.LayerInformationFormat.JSON)

@@ -1,5 +1,7 @@
 """Throughput lanes of a `TrtRunner`'s engine: `streams` execution contexts at one input shape, each on its own
-stream and device buffers, for `bench.images_per_second` to enqueue round-robin with no copies and no graph.
+stream and device buffers, for `bench.images_per_second` to enqueue round-robin with no copies. Where the runner
+replays CUDA graphs, each lane replays its own (captured after one plain run, as the runner's): the engine alone is
+timed with the launches the chain has, so its images/s is not the host's launch rate at small batches.
 
 A dynamic engine's concurrent contexts need an optimization profile each (on TensorRT 8.6 a second context has
 none, and its enqueue fails), and profile 0 stays with the context that holds it: lane 0 is the runner's own
@@ -8,9 +10,10 @@ context, lent (`TrtRunner.lend_context`), and the others select profiles 1, 2, .
 from __future__ import annotations
 
 import math
+from functools import partial
 
 from runner.backends.tensorrt.compat import cuda_call
-from runner.backends.tensorrt.runtime import ShapeError
+from runner.backends.tensorrt.runtime import CudaGraphs, ShapeError
 
 
 def lane_profiles(dynamic: bool, profiles: int, streams: int) -> list[int | None]:
@@ -33,8 +36,8 @@ class Lanes:
         engine = runner.engine
         dynamic = -1 in tuple(engine.get_tensor_shape(runner.input_name))
         profiles = lane_profiles(dynamic, engine.num_optimization_profiles, streams)
-        self._rt, self._logger = runner.rt, runner.logger
-        self._lanes: list[tuple] = []  # (context, stream, buffers)
+        self._rt, self._logger, self._graphs_wanted = runner.rt, runner.logger, runner.graphs.on
+        self._lanes: list[tuple] = []  # (context, stream, buffers, graphs)
         try:
             for profile in profiles:
                 context = engine.create_execution_context() if self._lanes else runner.lend_context()
@@ -48,7 +51,8 @@ class Lanes:
     def _add(self, context, profile: int | None, input_name: str, shape: tuple[int, ...], dtypes: dict) -> None:
         rt = self._rt
         stream, buffers = cuda_call(rt.cudaStreamCreate), []
-        self._lanes.append((context, stream, buffers))
+        graphs = CudaGraphs(rt, stream, self._graphs_wanted)
+        self._lanes.append((context, stream, buffers, graphs))
         if profile is not None and not context.set_optimization_profile_async(profile, int(stream)):
             raise RuntimeError(f"cannot select optimization profile {profile}: {self._logger.last_error}")
         if not context.set_input_shape(input_name, shape):
@@ -56,20 +60,30 @@ class Lanes:
         for name, dtype in dtypes.items():
             buffers.append(cuda_call(rt.cudaMalloc, max(math.prod(context.get_tensor_shape(name)), 1) * dtype.itemsize))
             context.set_tensor_address(name, buffers[-1])
+        graphs.at(shape, moved=False)
+
+    @property
+    def graphs(self) -> bool:
+        """Whether every lane replays a CUDA graph (a failed capture turns its lane's off)."""
+        return bool(self._lanes) and all(graphs.on for *_, graphs in self._lanes)
 
     def enqueue(self) -> None:
-        """One run on every lane."""
-        for context, stream, _ in self._lanes:
-            if not context.execute_async_v3(int(stream)):
-                raise RuntimeError(f"execute_async_v3 failed: {self._logger.last_error}")
+        """One run on every lane: its CUDA graph where graphs are on."""
+        for context, stream, _, graphs in self._lanes:
+            graphs.launch("engine", partial(self._run, context, stream))
+
+    def _run(self, context, stream) -> None:
+        if not context.execute_async_v3(int(stream)):
+            raise RuntimeError(f"execute_async_v3 failed: {self._logger.last_error}")
 
     def synchronize(self) -> None:
-        for _, stream, _ in self._lanes:
+        for _, stream, *_ in self._lanes:
             cuda_call(self._rt.cudaStreamSynchronize, stream)
 
     def close(self) -> None:
         self.synchronize()
-        for _, stream, buffers in self._lanes:
+        for _, stream, buffers, graphs in self._lanes:
+            graphs.drop()
             cuda_call(self._rt.cudaStreamDestroy, stream)
             for buffer in buffers:
                 cuda_call(self._rt.cudaFree, buffer)
