@@ -147,14 +147,16 @@ class OnnxVariant(_Variant):
 
 @dataclass(frozen=True)
 class BuildVariant(_Variant):
-    """The compatibility table's row: what built the model under test, for which shapes and precision, and the
-    pipeline around it where it is not the host one: `gpu-pre`, `gpu-post`, or the peer's `predict`."""
+    """The compatibility table's row: what built the model under test, for which shapes and precision, the
+    engine's input type where it is not float32 (`fp16-in`), and the pipeline around it where it is not the host
+    one: `gpu-pre`, `gpu-post`, or the peer's `predict`."""
     pipeline: str = ""
     setting: str = ""  # set by the report where variants of one cell differ: the settings that tell them apart
+    input_dtype: str = field(default="", kw_only=True)  # `fp16` with backend.half_input; "" for float32
     TOOLS: ClassVar[dict[str, str]] = BUILD_TOOLS
 
     def _label_tail(self) -> tuple[str, ...]:
-        return self.pipeline, self.setting
+        return self.input_dtype and f"{self.input_dtype}-in", self.pipeline, self.setting
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
     onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision,
                        cfg.export.head.value, **int8_settings(cfg, mechanism, Mechanism.qdq))
     build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, prepost_label(cfg, backend),
+                         input_dtype="fp16" if backend in ENGINE_BACKENDS and cfg.backend.half_input else "",
                          **int8_settings(cfg, mechanism, Mechanism.calibrator))  # calibrated in the build
     return Cell(onnx, build, cfg.model.label)
 

@@ -45,6 +45,17 @@ def test_the_pipeline_is_part_of_the_row_and_the_gpu_ends_need_tensorrt(backend,
     assert (reason is None) if skip is None else (skip in reason)
 
 
+@pytest.mark.parametrize("backend, label", [
+    ("tensorrt", "trt st fp16 fp16-in gpu-pre gpu-post"),
+    ("ultralytics", "trt st fp16 fp16-in predict"),  # the peer on that engine
+    ("onnxruntime", "ort st fp16"),  # a TensorRT build setting: onnxruntime has no engine
+])
+def test_an_fp16_input_is_part_of_an_engine_row(backend, label):
+    ends = ["preprocess=gpu", "postprocess=gpu"] if backend == "tensorrt" else []
+    cfg, = preflight(["precision=fp16", f"backend={backend}", "backend.half_input=true", *ends])
+    assert cell_of(cfg, backend, "builder_flag").build.label == label
+
+
 @pytest.mark.parametrize("backend, overrides, ends, graph, auto, label", [
     ("tensorrt", [], ("gpu", "gpu"), True, ["preprocess", "postprocess", "cuda_graph"], "trt st fp16 gpu-pre gpu-post"),
     ("onnxruntime", [], ("cpu", "cpu"), None, ["preprocess", "postprocess", "cuda_graph"], "ort st fp16"),

@@ -33,7 +33,8 @@ def onnx_key(onnx: OnnxVariant) -> tuple:
 
 
 def build_key(build: BuildVariant) -> tuple:
-    return *_variant_key(build, BUILD_TOOLS), build.pipeline == PEER_PIPELINE, build.pipeline, build.setting
+    return (*_variant_key(build, BUILD_TOOLS), build.input_dtype, build.pipeline == PEER_PIPELINE, build.pipeline,
+            build.setting)
 
 
 def cell_key(cell: Cell) -> tuple:
