@@ -36,11 +36,10 @@
 #   bash scripts/gpu-proof.sh int8-layers   # yolov8n fp16, int8 calibrator, int8 Q/DQ and the Q/DQ placement before, dynamic
 #                                           #   to batch 32, level 1, the whole held-out split, offline batches 1/8/32
 #   bash scripts/gpu-proof.sh int8-report   # its table, and the layers of fp16 against each int8 side by side
-#   bash scripts/gpu-proof.sh int8-fuse     # fp16, int8 Q/DQ, and Q/DQ with shared Concat scales, with the Adds'
-#                                           #   convolution inputs in float, with both, and with both and only the
-#                                           #   sensitivity search's pins (presets in scripts/presets), as int8-layers;
-#                                           #   its table, and the layers of Q/DQ and fp16 against both, fp16 against
-#                                           #   the last
+#   bash scripts/gpu-proof.sh int8-fuse     # fp16, int8 Q/DQ (shared Concat scales), Q/DQ with each Concat's own
+#                                           #   scales, and with the Adds' convolution inputs in float (presets in
+#                                           #   scripts/presets), as int8-layers at level $LEVEL (1); its table, and the
+#                                           #   layers of own against shared scales, and of fp16 against int8 Q/DQ
 #   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on yolov8n from everything quantized, each greedy step
 #                                           #   timed on TensorRT (--latency), level 1
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
@@ -105,12 +104,11 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
         | tee -a "$DEST/$step/run.log"
     done
     exit 0 ;;
-  int8-fuse)  # cells: "qdq percentile |" is int8_qdq's alone, "percentile concat shared add skip" the fused preset's
+  int8-fuse)  # cells: "qdq percentile |" is int8_qdq's alone, "concat own" the placement before
     DEST=$DEST/$step bash "$0" int8-fuse-sweep "${@:2}" || exit
     id=$(cat "$DEST/$step/int8-fuse-sweep/sweep_id") uri=sqlite:///$RUNS/mlflow.db
     python3 -m runner table --tracking-uri "$uri" --sweep "$id" --out "$DEST/$step/table" 2>&1 | tee "$DEST/$step/run.log"
-    for pair in "qdq percentile |:percentile concat shared add skip:qdq-vs-fused" \
-                "trt dy fp16:percentile concat shared add skip:fp16-vs-fused" "trt dy fp16:keep 3:fp16-vs-fused-pinned"; do
+    for pair in "concat own:qdq percentile |:own-vs-shared" "trt dy fp16:qdq percentile |:fp16-vs-qdq"; do
       IFS=: read -r a b name <<< "$pair"
       python3 -m runner layers --tracking-uri "$uri" --sweep "$id" "$a" "$b" --out "$DEST/$step/$name" 2>&1 \
         | tee -a "$DEST/$step/run.log"
@@ -172,9 +170,8 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
   int8-layers) args=(-m "hydra.searchpath=[file://$LAYERS]" precision=fp16,int8_calibrator,int8_qdq,int8_qdq_conv_only
                      "${batch32[@]}" backend.builder_optimization_level=1 hydra.launcher.n_jobs=$(gpu_count)) ;;
   int8-fuse-sweep) args=(-m "hydra.searchpath=[file://$PWD/scripts/presets]"
-                         precision=fp16,int8_qdq,int8_qdq_concat_shared,int8_qdq_add_skip,int8_qdq_fused,int8_qdq_fused_pinned
-                         "${batch32[@]}"
-                         backend.builder_optimization_level=1 hydra.launcher.n_jobs=$(gpu_count)) ;;
+                         precision=fp16,int8_qdq,int8_qdq_concat_own,int8_qdq_add_skip "${batch32[@]}"
+                         backend.builder_optimization_level=${LEVEL:-1} hydra.launcher.n_jobs=$(gpu_count)) ;;
   level3) args=(-m export=ultralytics shape=static precision=fp32,fp16 bench.cuda_graph=false,true) ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
