@@ -25,7 +25,7 @@ test: ## The test suite less its slow tests (GPU tests skip with the reason when
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not slow and not cluster" $(TEST_OPTS)
 
 test-slow: ## The slow tests (the user's 12-variant sweep, left in outputs/ci for gate-check; kill, resume, restart)
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow and not cluster" --sweep-outputs $(CI_OUT) $(TEST_OPTS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "slow and not cluster" --sweep-outputs=$(CI_OUT) $(TEST_OPTS)
 
 test-cluster: ## The cluster tests: a one-host SLURM and PostgreSQL they start (apt-get as root), two Ray nodes (the ray extra)
 	$(BIN)/pip install -q -e ".[ray]"
