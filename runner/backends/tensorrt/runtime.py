@@ -377,8 +377,7 @@ class TrtRunner(Runner):
         if not hasattr(self.engine, "create_engine_inspector"):
             return None
         self.set_shape(shape)
-        self.enqueue()
-        self.sync()
+        self.execute()
         inspector = self.engine.create_engine_inspector()
         inspector.execution_context = self._context
         text = inspector.get_engine_information(self._trt.LayerInformationFormat.JSON)

@@ -36,22 +36,23 @@ class Lanes:
         engine = runner.engine
         dynamic = -1 in tuple(engine.get_tensor_shape(runner.input_name))
         profiles = lane_profiles(dynamic, engine.num_optimization_profiles, streams)
-        self._rt, self._logger, self._graphs_wanted = runner.rt, runner.logger, runner.graphs.on
+        self._rt, self._logger = runner.rt, runner.logger
         self._lanes: list[tuple] = []  # (context, stream, buffers, graphs)
         try:
             for profile in profiles:
                 context = engine.create_execution_context() if self._lanes else runner.lend_context()
                 if context is None:
                     raise RuntimeError(f"cannot create another execution context: {self._logger.last_error}")
-                self._add(context, profile, runner.input_name, shape, runner.dtypes)
+                self._add(context, profile, runner.input_name, shape, runner.dtypes, runner.graphs.on)
         except BaseException:
             self.close()
             raise
 
-    def _add(self, context, profile: int | None, input_name: str, shape: tuple[int, ...], dtypes: dict) -> None:
+    def _add(self, context, profile: int | None, input_name: str, shape: tuple[int, ...], dtypes: dict,
+             graphs_wanted: bool) -> None:
         rt = self._rt
         stream, buffers = cuda_call(rt.cudaStreamCreate), []
-        graphs = CudaGraphs(rt, stream, self._graphs_wanted)
+        graphs = CudaGraphs(rt, stream, graphs_wanted)
         self._lanes.append((context, stream, buffers, graphs))
         if profile is not None and not context.set_optimization_profile_async(profile, int(stream)):
             raise RuntimeError(f"cannot select optimization profile {profile}: {self._logger.last_error}")
