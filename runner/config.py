@@ -491,7 +491,8 @@ def _check_precision(p: PrecisionConfig) -> None:
         raise ConfigError(NO_TRT_CALIBRATOR.format(algorithm=p.calibrator.value))
     for key, why in QDQ_PLACEMENT.items():
         if getattr(p, key) != getattr(PrecisionConfig, key) and p.int8_mode == Int8Mode.calibrator:
-            raise ConfigError(f"precision.{key}={getattr(p, key).value}: {why}")
+            raise ConfigError(f"precision.{key}={getattr(p, key).value}: {why}; or "
+                              f"precision.{key}={getattr(PrecisionConfig, key).value} with the calibrator")
     unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]
     if not p.qdq_ops or unknown:
         raise ConfigError(f"precision.qdq_ops: a list of op types from {', '.join(QDQ_OPS)}, got {list(p.qdq_ops)}")

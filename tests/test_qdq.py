@@ -204,11 +204,15 @@ def test_shared_concat_scales_and_skip_add_inputs_are_qdq_settings_named_in_the_
     said = runner_main(["precision=int8_calibrator", "precision.concat_scales=shared", f"outputs={tmp_path}"])
     assert said.returncode == 2 and said.stderr.strip() == (
         "runner: error: precision.concat_scales=shared: TensorRT's calibrator sets its own scales; use "
-        "precision=int8_qdq, whose Q/DQ ONNX can share them")
+        "precision=int8_qdq, whose Q/DQ ONNX can share them; or precision.concat_scales=own with the calibrator")
     said = runner_main(["precision=int8_calibrator", "precision.add_inputs=skip", f"outputs={tmp_path}"])
     assert said.returncode == 2 and said.stderr.strip() == (
         "runner: error: precision.add_inputs=skip: TensorRT's calibrator places no Q/DQ; use precision=int8_qdq, "
-        "whose Q/DQ ONNX can leave an Add's convolution input in float")
+        "whose Q/DQ ONNX can leave an Add's convolution input in float; or precision.add_inputs=all with the "
+        "calibrator")
+    said = runner_main(["precision=int8_qdq", "precision.int8_mode=calibrator", "precision.calibrator=minmax",
+                        f"outputs={tmp_path}"])  # the preset's shared scales, with the calibrator asked for
+    assert said.returncode == 2 and said.stderr.strip().endswith("or precision.concat_scales=own with the calibrator")
     shipped, placed = (preflight(["precision=int8_qdq", *more, "backend=onnxruntime", "tracking.enabled=false"])[0]
                        for more in ([], ["precision.concat_scales=own", "precision.add_inputs=skip"]))
     assert shipped.precision.concat_scales.value == "shared"  # the preset's: the fastest on TensorRT 8.6
