@@ -11,8 +11,8 @@ Every variant of a sweep is timed at one shape, the static variant's (`RunConfig
 batch of its first dim (`BenchResult.per_image` divides it).
 
 Scenarios: the chain loop is single-stream at batch 1 (multi-stream at a larger `bench.batch`): one query after
-another, latency percentiles. Offline: images/s end to end (frames in, detections out, the variant's own chain over
-the wall time, its batches overlapped where the chain overlaps them) and of the engine alone, at each batch of
+another, latency percentiles. Offline: images/s end to end (frames in, detections out, the variant's own chain in
+steady state, its batches overlapped where the chain overlaps them) and of the engine alone, at each batch of
 `bench.offline_batches` that the built profile holds. Server (where
 `bench.server_rate` is set): Poisson arrivals served one at a time at batch 1, latency from arrival.
 
@@ -35,6 +35,13 @@ from runner.results import BenchResult, LayerProfile, OfflinePoint, ServerResult
 log = logging.getLogger(__name__)
 THROUGHPUT_LANES = {"opt_batch": 1, "batch1_2streams": 2}  # name -> streams
 OFFLINE_MIN_RUNS = 3  # timed batches per offline point, however large the batch
+MIN_WARMUP = 3  # warm-up rounds however few are timed: a CUDA graph's plain run and capture, its first replay, and
+#   an overlapped chain's two slots in flight
+
+
+def warmup_rounds(timed: int) -> int:
+    """Rounds run untimed before `timed` ones: a tenth of them, at least MIN_WARMUP."""
+    return max(MIN_WARMUP, timed // 10)
 
 
 def summarize(samples_ms: list[float]) -> Stats:
@@ -44,14 +51,15 @@ def summarize(samples_ms: list[float]) -> Stats:
 
 
 def images_per_second(runner, shape: tuple[int, ...], streams: int, iters: int) -> float | None:
-    """Images/s of the model alone at `shape` on `streams` lanes enqueued round-robin, `iters` rounds after a tenth
-    more that warm up, on the host clock; None where the runtime has no lanes."""
+    """Images/s of the model alone at `shape` on `streams` lanes enqueued round-robin, `iters` rounds after
+    `warmup_rounds(iters)` more, on the host clock; None where the runtime has no lanes."""
     lanes = runner.lanes(shape, streams)
     if lanes is None:
         return None
+    warmup = warmup_rounds(iters)
     with lanes:
-        for round_ in range(iters + iters // 10):
-            if round_ == iters // 10:
+        for round_ in range(iters + warmup):
+            if round_ == warmup:
                 lanes.synchronize()
                 start = time.perf_counter()
             lanes.enqueue()
@@ -101,18 +109,16 @@ def batch_of(images: list[np.ndarray], i: int, batch: int) -> list[np.ndarray]:
 
 
 def offline_point(runner, chain, images: list[np.ndarray], shape: tuple[int, ...], runs: int) -> OfflinePoint:
-    """`runs` batches at `shape` through the chain's `stream` (overlapped where the chain overlaps batches) after a
-    tenth more that warm up, then the engine alone on the last batch's input. End to end, images/s is the images
-    over the wall time of the timed batches, from the first frames in to the last detections out."""
+    """`runs` batches at `shape` through the chain's `stream` (overlapped where the chain overlaps batches), after
+    `warmup_rounds(runs)` more in the same stream, then the engine alone on the last batch's input. End to end,
+    images/s is the timed images over the wall time from the last warm-up batch's detections out to the last timed
+    batch's: the steady state, the pipeline's fill and drain left out however few batches are timed."""
     batch, hw = shape[0], shape[2:]
     runner.set_shape(shape)
-    warmup = max(1, runs // 10)
-    for _ in chain.stream(runner, (batch_of(images, i, batch) for i in range(warmup)), hw):
-        pass
-    start = time.perf_counter()
-    for _ in chain.stream(runner, (batch_of(images, warmup + i, batch) for i in range(runs)), hw):
-        pass
-    wall_ms = (time.perf_counter() - start) * 1e3
+    warmup = warmup_rounds(runs)
+    stream = chain.stream(runner, (batch_of(images, i, batch) for i in range(warmup + runs)), hw)
+    out = [time.perf_counter() for _ in stream]  # when each batch's detections are out
+    wall_ms = (out[-1] - out[warmup - 1]) * 1e3
     return OfflinePoint(batch=batch, e2e_img_s=batch * runs * 1e3 / wall_ms,
                         engine_img_s=engine_images_per_second(runner, chain, batch_of(images, warmup + runs - 1, batch),
                                                               shape, runs),

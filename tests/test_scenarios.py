@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import cv2
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from conftest import ASSETS, SMALL_IMGSZ, export_spec
 
 from runner.backends.onnxruntime import OrtRunner
-from runner.bench import bench, offline_batches, runs_per_batch
+from runner.bench import bench, offline_batches, offline_point, runs_per_batch, warmup_rounds
 from runner.config import BenchConfig
 from runner.export import export_onnx
 from runner.prepost import Chain
@@ -54,6 +55,7 @@ def test_offline_batches_are_those_the_profile_holds():
                                                      "8": "the built profile holds batch 4 only"})
     assert offline_batches([], static) == ([], {})
     assert [runs_per_batch(b, 512) for b in (1, 8, 32, 512)] == [512, 64, 16, 3]
+    assert [warmup_rounds(n) for n in (3, 16, 64, 512)] == [3, 3, 6, 51]
 
 
 class HostOverlap:
@@ -115,7 +117,7 @@ def test_offline_sweeps_the_batches_end_to_end_and_the_engine_alone(onnx_path, f
     assert result.offline_skipped == {"16": "the built profile holds batches 1..4"}
     runs = [8, 4, 3]
     assert [p.runs for p in result.offline] == runs
-    warmups = [max(1, n // 10) for n in runs]
+    warmups = [3, 3, 3]  # at least MIN_WARMUP, in the same stream as the timed batches
     offline_runs = chain.batches[1 + 3:]  # after the single-stream warm-up and timed runs
     assert offline_runs == [b for b, n, w in zip((1, 2, 4), runs, warmups) for _ in range(n + w)]
     for point in result.offline:
@@ -123,6 +125,26 @@ def test_offline_sweeps_the_batches_end_to_end_and_the_engine_alone(onnx_path, f
     best = result.offline_best()
     assert best.e2e_img_s == max(p.e2e_img_s for p in result.offline)
     assert BenchResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+class SlowToFill(Chain):
+    """Our chain, its offline stream filling for half a second before the first detections come out, then giving
+    one batch's every few milliseconds (no detection)."""
+
+    def stream(self, runner, batches, hw):
+        time.sleep(0.5)
+        for frames in batches:
+            time.sleep(0.005)
+            yield [np.zeros((0, 6), np.float32) for _ in frames]
+
+
+def test_offline_end_to_end_is_the_steady_state_not_the_fill(onnx_path, frames):
+    """Three timed batches after the warm-up ones: the fill is outside the clock (inside, a batch would take over
+    500 / 3 ms)."""
+    with OrtRunner(onnx_path) as runner:
+        point = offline_point(runner, SlowToFill(), frames, (2, 3, *SMALL_IMGSZ), runs=3)
+    assert point.runs == 3 and point.e2e_ms_per_batch < 100
+    assert point.e2e_img_s == pytest.approx(2 * 1e3 / point.e2e_ms_per_batch)
 
 
 def test_a_static_profile_gives_its_own_batch_and_no_list_none(onnx_path, frames):
