@@ -143,6 +143,9 @@ class BackendName(str, Enum):
     ultralytics = "ultralytics"  # the peer: YOLO(engine).predict on the TensorRT engine the variant builds
 
 
+ENGINE_BACKENDS = (BackendName.tensorrt, BackendName.ultralytics)  # run a TensorRT engine: the row names its build tool
+
+
 class Device(str, Enum):
     auto = "auto"  # resolved per variant once its backend is known (`backends.resolve_auto`)
     cpu = "cpu"

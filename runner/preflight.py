@@ -22,7 +22,7 @@ from runner.config import (DETR_MODELS, MODELS, ConfigError, Precision, RunConfi
                            omegaconf_message, to_run_config)
 from runner.results import first_line
 from runner.sweep import variant_id
-from runner.sweeper import launch_key
+from runner.sweeper import launch_order
 from runner.validate import off_stride
 
 CONF_DIR = config.conf_dir()
@@ -84,7 +84,7 @@ def cautions(variants: list[RunConfig], names: dict[str, list[str]]) -> list[str
 
 def compose_variants(argv: list[str]) -> list[RunConfig]:
     """Every variant of the command line's sweep, typed, in job order: runner's sweeper launches the longest
-    expected build first (`sweeper.launch_key`). Raises ConfigError."""
+    expected build first, the jobs that reuse a build after them (`sweeper.launch_order`). Raises ConfigError."""
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
     searchpath = [a for a in argv if a.startswith(SEARCHPATH)]  # config groups of the user's own (sensitivity's)
     try:
@@ -99,7 +99,7 @@ def compose_variants(argv: list[str]) -> list[RunConfig]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         variants = [_compose([*searchpath, *combo]) for combo in combos]
     _check_distinct(combos, variants)
-    return [v for _, v in sorted(zip(combos, variants), key=lambda cv: launch_key(cv[1], cv[0]))]
+    return [variants[i] for i in launch_order(list(zip(variants, combos)))]
 
 
 def _quoting_hint(overrides: list[str]) -> str:

@@ -4,15 +4,20 @@ launching the longest variants first and writing what each job hands back into t
 Hydra launches jobs in command-line order, so the tail of a parallel sweep would depend on how it was typed.
 This sweeper expands the sweep as the basic sweeper does, composes each job's config once, and launches by
 expected build cost, longest first (`expected_cost`); ties go by the job's overrides, sorted, so two typed
-orders launch alike. Hydra numbers jobs (and their folders) in launch order; `resume=` matches
-variants by identity, never by number.
+orders launch alike. A job whose build an earlier job makes (the peer on TensorRT's engine, the same engine with
+other pre/post) launches after every distinct build (`launch_order`), so a parallel launcher builds side by side
+rather than giving a slot to a job that would only wait on another's build. Hydra numbers jobs (and their
+folders) in launch order; `resume=` matches variants by identity, never by number.
 
 A job may run on a host that does not share this disk. Its record comes back as its return value, and the
 launching process writes it into its own sweep folder, in the folder named as the job's was where it ran.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -21,7 +26,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf, open_dict
 
-from runner.config import Precision, RunConfig, to_run_config
+from runner.config import (ENGINE_BACKENDS, BackendConfig, BenchConfig, PostprocessConfig, Precision,
+                           PreprocessConfig, RunConfig, SweepConfig, TrackingConfig, ValidateConfig, to_run_config)
 from runner.sweep import JobRecord
 
 log = logging.getLogger("runner")
@@ -41,12 +47,37 @@ def expected_cost(run: RunConfig) -> tuple[int, int, int]:
 
 def launch_key(run: RunConfig, overrides) -> tuple:
     """Where a job goes in the launch order: longest expected build first, then by its overrides, sorted, which
-    orders alike however the command line typed them (`preflight` orders the variants with it too)."""
+    orders alike however the command line typed them."""
     return tuple(-c for c in expected_cost(run)), sorted(overrides)
 
 
+def build_of(run: RunConfig) -> str:
+    """What the job builds before it runs anything, as a key: its config less what only runs, checks, times or
+    records the build, and with one name for the backends that run a TensorRT engine (`ENGINE_BACKENDS`). Jobs of
+    one key share their build: the first makes it, the others find it in the cache."""
+    engine = run.backend.name in ENGINE_BACKENDS
+    backend = dataclasses.replace(run.backend, name="engine" if engine else run.backend.name,
+                                  timeout_s=BackendConfig.timeout_s, gpus=BackendConfig.gpus)
+    built = dataclasses.replace(run, backend=backend, preprocess=PreprocessConfig(), postprocess=PostprocessConfig(),
+                                validate=ValidateConfig(), bench=BenchConfig(), tracking=TrackingConfig(),
+                                sweep=SweepConfig(), resume=None)
+    return json.dumps(dataclasses.asdict(built), sort_keys=True, default=str)
+
+
+def launch_order(jobs: Sequence[tuple[RunConfig, Sequence[str]]]) -> list[int]:
+    """The indices of `jobs` (run config, overrides) in launch order: every distinct build (`build_of`) by
+    `launch_key`, then the jobs whose build one before them makes, in the same order."""
+    ranked = sorted(range(len(jobs)), key=lambda i: launch_key(*jobs[i]))
+    builds, first, after = set(), [], []
+    for i in ranked:
+        build = build_of(jobs[i][0])
+        (after if build in builds else first).append(i)
+        builds.add(build)
+    return first + after
+
+
 class CostOrderSweeper(Sweeper):
-    """Every job of the command line's sweep in one batch, longest expected build first. It subclasses Hydra's
+    """Every job of the command line's sweep in one batch, in `launch_order`. It subclasses Hydra's
     `Sweeper`, not its basic sweeper: Hydra's plugin scan executes the basic sweeper's module again, so a
     subclass of it would no longer be one."""
 
@@ -63,8 +94,7 @@ class CostOrderSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[list[JobReturn]]:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
-        keys = {tuple(job): launch_key(self._compose(job), job) for job in jobs}
-        jobs.sort(key=lambda job: keys[tuple(job)])
+        jobs = [jobs[i] for i in launch_order([(self._compose(job), job) for job in jobs])]
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")

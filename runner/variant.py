@@ -18,8 +18,8 @@ from pathlib import Path
 from runner import backends, checkpoint, heads, prepost
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
-from runner.config import (QDQ_PLACEMENT, BackendName, ConfigError, Device, Head, Mechanism, Precision, RunConfig,
-                           ShapeMode, shipped_precision)
+from runner.config import (ENGINE_BACKENDS, QDQ_PLACEMENT, BackendName, ConfigError, Device, Head, Mechanism,
+                           Precision, RunConfig, ShapeMode, shipped_precision)
 from runner.data import Sample, Selection, class_names, load_samples, names_mismatch
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
@@ -31,7 +31,6 @@ from runner.validate import headline_shape, shapes_to_check, validate
 log = logging.getLogger(__name__)
 INT8_PRESETS = {Mechanism.qdq: "int8_qdq", Mechanism.calibrator: "int8_calibrator"}  # each mechanism's defaults
 FP16_ONNX = (Mechanism.fp16_onnx, Mechanism.strongly_typed)  # the precision mechanisms that build or run an fp16 ONNX
-ENGINE_BACKENDS = (BackendName.tensorrt, BackendName.ultralytics)  # run a TensorRT engine: the row names its build tool
 
 
 def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:

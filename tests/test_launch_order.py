@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 from conftest import ASSETS
-from runner.config import ModelConfig, Precision, PrecisionConfig, RunConfig
+from runner.config import (BackendConfig, BackendName, Device, ModelConfig, Precision, PrecisionConfig,
+                           PreprocessConfig, RunConfig)
 from runner.sweep import RESULT_FILE, JobRecord
-from runner.sweeper import expected_cost
+from runner.sweeper import expected_cost, launch_order
 
 FAST = ["backend=tensorrt", "tracking.enabled=false", "data.limit=2"]
 
@@ -43,3 +44,21 @@ def test_int8_is_expected_to_build_longest():
                                        precision=PrecisionConfig(name=precision)))
 
     assert cost(Precision.int8) > cost(Precision.fp16) > cost(Precision.fp32)
+
+
+def test_jobs_that_reuse_a_build_launch_after_every_distinct_build():
+    """The peer runs TensorRT's engine, and pre/post on the host runs the same engine: their jobs come after the
+    builds, so two parallel slots build fp16 and int8 side by side; onnxruntime builds nothing TensorRT does."""
+    def run(precision: str, backend: str, pre: str = "auto") -> RunConfig:
+        return RunConfig(model=ModelConfig(weights=str(ASSETS / "yolov8n.pt")),
+                         precision=PrecisionConfig(name=Precision(precision)),
+                         backend=BackendConfig(name=BackendName(backend)), preprocess=PreprocessConfig(Device(pre)))
+
+    jobs = [(run(p, b), [f"precision={p}", f"backend={b}"]) for p in ("fp16", "int8")
+            for b in ("tensorrt", "ultralytics")]
+    jobs.append((run("fp16", "tensorrt", "cpu"), ["precision=fp16", "backend=tensorrt", "preprocess=cpu"]))
+    jobs.append((run("fp16", "onnxruntime"), ["precision=fp16", "backend=onnxruntime"]))
+    order = [(r.precision.name.value, r.backend.name.value, r.preprocess.device.value)
+             for r, _ in (jobs[i] for i in launch_order(jobs))]
+    assert order == [("int8", "tensorrt", "auto"), ("fp16", "onnxruntime", "auto"), ("fp16", "tensorrt", "auto"),
+                     ("int8", "ultralytics", "auto"), ("fp16", "tensorrt", "cpu"), ("fp16", "ultralytics", "auto")]
