@@ -10,7 +10,7 @@ from runner.backends import Runner
 from runner.backends.onnxruntime import OnnxruntimeBackend, OrtRunner
 from runner.backends.tensorrt import TensorrtBackend
 from runner.backends.tensorrt import compat as trt_compat
-from runner.backends.ultralytics import UltralyticsBackend
+from runner.backends.ultralytics import OUTSIDE_PROFILE, UltralyticsBackend, UltralyticsRunner
 from runner.preflight import preflight
 from runner.variant import cell_of
 from runner.processing import preprocess
@@ -167,3 +167,25 @@ def test_build_ultralytics_on_auto_without_tensorrt_says_both_reasons():
     assert backend.name == "onnxruntime"
     assert reason.startswith("build=ultralytics makes a TensorRT engine")
     assert reason.endswith("TensorRT unavailable here: tensorrt is not installed (pip install 'runner[gpu]')")
+
+
+class RefusingModel:
+    """A stand-in for `YOLO(engine)` (TensorRT is not here): its predict refuses the frame's shape as ultralytics'
+    TensorRT backend does, or fails otherwise."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def predict(self, *args, **kwargs):
+        raise ValueError(self.message)
+
+
+def test_the_peer_says_what_to_do_when_predict_letterboxes_outside_the_profile():
+    runner = UltralyticsRunner("model.engine", (640, 640))
+    runner.model = RefusingModel(f"input size (1, 3, 480, 640) is {OUTSIDE_PROFILE}")
+    with pytest.raises(ValueError, match=r"480, 640\) is outside .*: predict letterboxes each frame to its own "
+                                         r"rectangle on a dynamic engine; give the profile those shapes"):
+        runner.predict([np.zeros((480, 640, 3), np.uint8)], (640, 640), 0.25, 0.7, 300)
+    runner.model = RefusingModel("something else")
+    with pytest.raises(ValueError, match="^something else$"):
+        runner.predict([np.zeros((480, 640, 3), np.uint8)], (640, 640), 0.25, 0.7, 300)

@@ -18,6 +18,9 @@ from runner.config import BackendName, Device, RunConfig
 from runner.results import BuildResult
 
 
+OUTSIDE_PROFILE = "outside the TensorRT optimization profile"  # ultralytics' refusal of an input shape
+
+
 def engine_file(path: str) -> str:
     """The engine under a name ultralytics loads (it picks the runtime by suffix): a plan gets a `.engine` link."""
     plan = Path(path)
@@ -58,8 +61,16 @@ class UltralyticsRunner(Predictor):
         self._input = self._outputs = None
 
     def predict(self, frames: list[np.ndarray], hw: tuple[int, int], conf: float, iou: float, max_det: int):
-        """ultralytics' Results for BGR `frames`, as its users call it."""
-        return self.model.predict(frames, imgsz=hw, conf=conf, iou=iou, max_det=max_det, device=0, verbose=False)
+        """ultralytics' Results for BGR `frames`, as its users call it. On a dynamic engine predict letterboxes
+        each frame to its own stride-aligned rectangle; one the profile does not hold is refused, with what to do."""
+        try:
+            return self.model.predict(frames, imgsz=hw, conf=conf, iou=iou, max_det=max_det, device=0, verbose=False)
+        except ValueError as exc:
+            if OUTSIDE_PROFILE not in str(exc):
+                raise
+            raise ValueError(f"{exc}: predict letterboxes each frame to its own rectangle on a dynamic engine; give "
+                             f"the profile those shapes (profile.min at the frames' short side) or compare on a "
+                             f"static engine") from None
 
     def set_shape(self, shape: tuple[int, ...]) -> None:
         """AutoBackend sets the shape of a dynamic engine itself."""
