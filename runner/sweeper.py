@@ -15,7 +15,6 @@ launching process writes it into its own sweep folder, in the folder named as th
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,9 +25,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf, open_dict
 
-from runner.config import (ENGINE_BACKENDS, BackendConfig, BenchConfig, PostprocessConfig, Precision,
-                           PreprocessConfig, RunConfig, SweepConfig, TrackingConfig, ValidateConfig, to_run_config)
-from runner.sweep import JobRecord
+from runner.config import (ENGINE_BACKENDS, BackendConfig, BackendName, BenchConfig, PostprocessConfig, Precision,
+                           PreprocessConfig, RunConfig, ValidateConfig, to_plain, to_run_config)
+from runner.sweep import JobRecord, identity
 
 log = logging.getLogger("runner")
 
@@ -52,16 +51,15 @@ def launch_key(run: RunConfig, overrides) -> tuple:
 
 
 def build_of(run: RunConfig) -> str:
-    """What the job builds before it runs anything, as a key: its config less what only runs, checks, times or
-    records the build, and with one name for the backends that run a TensorRT engine (`ENGINE_BACKENDS`). Jobs of
-    one key share their build: the first makes it, the others find it in the cache."""
+    """What the job builds before it runs anything, as an `identity`: its config less what only runs, checks or
+    times the build, the backends that run a TensorRT engine (`ENGINE_BACKENDS`) all named tensorrt. Jobs of one
+    such identity share their build: the first makes it, the others find it in the cache."""
     engine = run.backend.name in ENGINE_BACKENDS
-    backend = dataclasses.replace(run.backend, name="engine" if engine else run.backend.name,
+    backend = dataclasses.replace(run.backend, name=BackendName.tensorrt if engine else run.backend.name,
                                   timeout_s=BackendConfig.timeout_s, gpus=BackendConfig.gpus)
-    built = dataclasses.replace(run, backend=backend, preprocess=PreprocessConfig(), postprocess=PostprocessConfig(),
-                                validate=ValidateConfig(), bench=BenchConfig(), tracking=TrackingConfig(),
-                                sweep=SweepConfig(), resume=None)
-    return json.dumps(dataclasses.asdict(built), sort_keys=True, default=str)
+    return identity(to_plain(dataclasses.replace(run, backend=backend, preprocess=PreprocessConfig(),
+                                                 postprocess=PostprocessConfig(), validate=ValidateConfig(),
+                                                 bench=BenchConfig())))
 
 
 def launch_order(jobs: Sequence[tuple[RunConfig, Sequence[str]]]) -> list[int]:
