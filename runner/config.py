@@ -218,6 +218,8 @@ class BackendConfig:
     workspace_gib: float = 4.0
     tf32: bool = False  # TensorRT turns TF32 on for fp32 layers by default; fp32 here means IEEE fp32
     half_input: bool = False  # TensorRT fp16 and int8 Q/DQ engines: the input in fp16, as the GPU letterbox writes it
+    fold_split_concat: bool = True  # TensorRT API build: a Concat of a Split's every output reads its input (exact;
+    #   `rewrite`), so the engine writes the tensor in place instead of copying its halves
     engine_cache: bool = True
     timing_cache: bool = True
     ort_provider: str = "CPUExecutionProvider"  # for backend=onnxruntime; the reference always runs on the CPU

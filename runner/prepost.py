@@ -10,7 +10,9 @@ from its runner and its config (`preprocess=cpu|gpu`, `postprocess=cpu|gpu`).
   - post on cpu: every output crosses back; decode + NMS on the host.
   - post on gpu: the runner's `gpu_score_filter` runs on the device and only its candidates cross back; NMS on the
     host. An end-to-end output `(B, N, 6)` is small already: it is copied back as it is.
-  Stages are timed on the host after a synchronize; infer by the runner (CUDA events on a GPU).
+  Stages are timed on the host after a synchronize; infer by the runner (CUDA events on a GPU). With both ends on
+  the GPU (`one_wait`), the whole run is queued and waited for once; each stage is its GPU work between CUDA events
+  plus its host work.
   `stream(runner, batches, hw)` gives the detections of many batches (the offline scenario): overlapped where the
   runner offers it with the GPU letterbox (`Runner.overlapped`: each batch's upload on a stream of its own while
   the batch before runs), else one batch at a time.
@@ -30,6 +32,8 @@ from runner.config import Device, RunConfig
 from runner.processing import ONE2MANY, RTDETR, decode_candidates, geometry, postprocess, preprocess, scale_all
 
 ONE_AT_A_TIME = "one batch at a time"
+ONE_WAIT = ("one wait per run: each stage's GPU work between CUDA events (pre from the upload's start to the "
+            "engine's, post from the engine's end to the copy back's end) plus its host work; e2e on the host clock")
 
 
 @dataclass
@@ -71,6 +75,8 @@ class Chain:
         return postprocess(output, boxes, self.conf, self.iou, self.max_det, self.head)
 
     def run(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int]) -> tuple[list[np.ndarray], dict]:
+        if self.one_wait:
+            return self._run_queued(runner, frames, hw)
         t0 = time.perf_counter()
         boxes = self.pre(runner, frames, hw)
         t1 = time.perf_counter()
@@ -81,6 +87,35 @@ class Chain:
         times = {"preprocess": (t1 - t0) * 1e3, "infer": infer_ms, "postprocess": (t3 - t2) * 1e3,
                  "e2e": (t3 - t0) * 1e3}
         return dets, {**times, **runner.copy_ms()}
+
+    @property
+    def one_wait(self) -> bool:
+        """Both ends on the GPU with a score filter: pre, infer and post are queued together and waited for once."""
+        return self.letterbox is not None and self.score_filter is not None and self.head == ONE2MANY
+
+    def _run_queued(self, runner, frames: list[np.ndarray], hw: tuple[int, int]) -> tuple[list[np.ndarray], dict]:
+        """`run` with both ends on the GPU: the upload, letterbox, engine, filter and copy back queued on the
+        runner's stream, one wait, then the host NMS. A stage's time is its GPU work between CUDA events plus its
+        host work (pre: fitting the frames; post: reading and NMS); e2e is the host clock's."""
+        t0 = time.perf_counter()
+        images, fits, boxes = self.letterbox.fitted(frames, hw, geometry(self.head))
+        t1 = time.perf_counter()
+        self.letterbox.queue(images, fits)
+        runner.launch()
+        self.score_filter.queue(self.conf)
+        runner.sync()
+        t2 = time.perf_counter()
+        gpu_pre, gpu_post = runner.around_engine_ms()
+        copies = runner.copy_ms()
+        rows = self.score_filter.rows()
+        if all(r is not None for r in rows):
+            dets = self._from_candidates(rows, boxes)
+        else:  # more candidates than the filter keeps: the whole output crosses, on the host clock
+            dets = self._from_output(next(iter(runner.d2h().values())), boxes)
+        t3 = time.perf_counter()
+        times = {"preprocess": (t1 - t0) * 1e3 + gpu_pre, "infer": runner.infer_ms(),
+                 "postprocess": gpu_post + (t3 - t2) * 1e3, "e2e": (t3 - t0) * 1e3}
+        return dets, {**times, **copies}
 
     def stream(self, runner: Runner, batches: Iterable[list[np.ndarray]], hw: tuple[int, int]
                ) -> Iterator[list[np.ndarray]]:
@@ -115,7 +150,9 @@ class Chain:
             post = ("gpu score filter, host NMS" if self.head == ONE2MANY else "end-to-end output copied as is")
         fitting = "stretch" if self.head == RTDETR else "letterbox"
         pre = f"host {fitting} (float upload)" if self.letterbox is None else f"gpu {fitting} (uint8 upload)"
-        return {"preprocess": pre, "postprocess": post, "decode": self.head,
+        timer = (ONE_WAIT if self.one_wait else "a wait after each stage: pre and post on the host clock, infer "
+                 "between CUDA events where there is a device")
+        return {"preprocess": pre, "postprocess": post, "decode": self.head, "stage_timer": timer,
                 "copies": "h2d in preprocess, d2h in postprocess, each between CUDA events where there is a device",
                 "offline": ONE_AT_A_TIME if self.overlap is None else self.overlap.settings()}
 

@@ -191,6 +191,7 @@ class OnnxArtifact(Record):
     end2end: bool = False  # the NMS-free one-to-one head
     names: list[str] = field(default_factory=list)  # class names by index, from its metadata; [] if it has none
     quantization: dict | None = None  # a Q/DQ ONNX: calibrator, images, source, ops, keep_float, nodes touched
+    folded_splits: int | None = None  # `rewrite.folded_onnx`'s: the Split->Concat copies it folded
 
 
 @dataclass
@@ -198,6 +199,7 @@ class ExportResult(Record):
     weights: str  # the checkpoint exported
     reference: OnnxArtifact  # fp32, same tool and shape mode: what onnxruntime checks the variant against
     tested: OnnxArtifact  # what the backend builds or runs (the reference itself for fp32)
+    folded_splits: int | None = None  # Split->Concat copies folded in the ONNX under test; None: not asked
 
 
 @dataclass

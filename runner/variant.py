@@ -18,14 +18,15 @@ from pathlib import Path
 from runner import backends, checkpoint, heads, prepost
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
-from runner.config import (ENGINE_BACKENDS, QDQ_PLACEMENT, BackendName, ConfigError, Device, Head, Mechanism,
-                           Precision, RunConfig, ShapeMode, shipped_precision)
+from runner.config import (ENGINE_BACKENDS, QDQ_PLACEMENT, BackendName, BuildTool, ConfigError, Device, Head,
+                           Mechanism, Precision, RunConfig, ShapeMode, shipped_precision)
 from runner.data import Sample, Selection, class_names, load_samples, names_mismatch
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
 from runner.quantize import calibration_set, quantize_variant
 from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, Resolved,
                             StageError, VariantResult)
+from runner.rewrite import folded_onnx
 from runner.validate import headline_shape, shapes_to_check, validate
 
 log = logging.getLogger(__name__)
@@ -146,20 +147,31 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
 
 def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     """The fp32 reference ONNX, and the ONNX under test: the fp16 one, or the Q/DQ int8 one calibrated on the CPU,
-    where the mechanism needs it."""
+    where the mechanism needs it; its Split->Concat copies folded where `folds` says."""
     weights = cfg.model.weights
     dynamic = (cfg.export.shape or cfg.shape.mode) == ShapeMode.dynamic
     spec = ExportSpec(weights=weights, tool=cfg.export.tool.value, dynamic=dynamic, half=False,
                       imgsz=tuple(cfg.model.imgsz), opset=cfg.export.opset, simplify=cfg.export.simplify,
                       end2end=cfg.export.head == Head.end2end, nms=cfg.export.head == Head.nms,
                       batch=1 if dynamic else cfg.shape.opt[0])  # a static ONNX at the batch it is built for
-    reference = export_onnx(spec, Path(cfg.cache_dir))
-    tested = reference
+    cache_dir = Path(cfg.cache_dir)
+    reference = export_onnx(spec, cache_dir)
+    fold = folds(cfg)
+    base, folded = folded_onnx(reference, cache_dir) if fold else (reference, None)
+    tested = base
     if mechanism in FP16_ONNX:
-        tested = export_onnx(replace(spec, half=True), Path(cfg.cache_dir))
+        tested = export_onnx(replace(spec, half=True), cache_dir)
+        tested, folded = folded_onnx(tested, cache_dir) if fold else (tested, None)
     elif mechanism == Mechanism.qdq:
-        tested = quantize_variant(cfg, reference)
-    return ExportResult(weights=weights, reference=reference, tested=tested)
+        tested = quantize_variant(cfg, base)
+    return ExportResult(weights=weights, reference=reference, tested=tested, folded_splits=folded)
+
+
+def folds(cfg: RunConfig) -> bool:
+    """Whether the ONNX under test gets its Split->Concat copies folded (`rewrite`): for TensorRT's API build, as
+    `backend.fold_split_concat` says."""
+    return (cfg.backend.fold_split_concat and cfg.backend.name in ENGINE_BACKENDS
+            and cfg.build.tool == BuildTool.tensorrt_api)
 
 
 def output_head(export: ExportResult, build: BuildResult | None = None) -> str:

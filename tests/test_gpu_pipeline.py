@@ -274,6 +274,26 @@ def test_overlapped_offline_gives_the_detections_of_one_batch_at_a_time(tmp_path
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("conf", [0.9, 0.25], ids=["gpu-post", "gpu-post-past-the-cap"])
+def test_both_gpu_ends_queued_with_one_wait_give_the_staged_detections(tmp_path, conf):
+    """The chain with both ends on the GPU queues pre, infer and post and waits once: the same detections as each
+    stage run and waited for in turn (`pre`, `execute`, `post`), each stage's time within the end to end."""
+    hw = tuple(HEAD_INPUT[2:])
+    with TrtRunner(engine(tmp_path, HEAD_INPUT, True, [-1, *HEAD[1:]], batches=(1, 2, 4)), cuda_graph=True) as runner:
+        chain = Chain(runner.gpu_letterbox(), runner.gpu_score_filter(), conf=conf)
+        assert chain.one_wait and chain.settings()["stage_timer"] == prepost.ONE_WAIT
+        for frames_ in frames(13) * 2:
+            runner.set_shape((2, *HEAD_INPUT[1:]))
+            dets, times = chain.run(runner, frames_, hw)
+            boxes = chain.pre(runner, frames_, hw)
+            runner.execute()
+            staged = chain.post(runner, boxes)
+            for ours, theirs in zip(dets, staged, strict=True):
+                np.testing.assert_array_equal(ours, theirs)
+            assert 0 < times["preprocess"] and 0 < times["infer"] and 0 < times["postprocess"]
+            assert times["preprocess"] + times["infer"] + times["postprocess"] <= times["e2e"] * 1.05 + 0.05
+
+
 def test_bench_offline_overlap_false_runs_the_offline_batches_one_at_a_time(tmp_path):
     on, off = (preflight(["preprocess=gpu", "postprocess=gpu", f"bench.offline_overlap={flag}"])[0]
                for flag in ("true", "false"))

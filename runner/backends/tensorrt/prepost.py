@@ -142,8 +142,17 @@ class GpuLetterbox(GpuEnd):
         """Upload uint8 BGR images and fit them into the input buffer, in its dtype, by `geometry` (`fit`, or
         `stretch_fit` for RT-DETR: the kernel resizes each axis by its own scale). Asynchronous: the runner's sync()
         before reading anything it wrote."""
+        images, fits, boxes = self.fitted(images, hw, geometry)
+        self.queue(images, fits)
+        return boxes
+
+    def fitted(self, images: list[np.ndarray], hw: tuple[int, int], geometry=fit):
+        """The host's part, before anything is queued: `fitted` for the runner's input shape."""
+        return fitted(self.runner, images, hw, geometry)
+
+    def queue(self, images: list[np.ndarray], fits: np.ndarray) -> None:
+        """Queue the upload of `images` and their letterbox by `fits` (`fitted`'s) on the runner's stream."""
         runner, buffers = self.runner, self._buffers
-        images, fits, boxes = fitted(runner, images, hw, geometry)
         batch, _, h, w = runner.shape
         total = sum(image.nbytes for image in images)
         if buffers.ensure("source", total) | buffers.ensure("fits", batch * FIT_FIELDS * 4):
@@ -160,7 +169,6 @@ class GpuLetterbox(GpuEnd):
                                      (h, w), dtype == np.float16)
 
         runner.graphs.launch("letterbox", enqueue)
-        return boxes
 
     def read_input(self) -> np.ndarray:
         """The input buffer as the GPU holds it (float32), after a sync: what the letterbox wrote."""
@@ -178,6 +186,12 @@ class GpuScoreFilter(GpuEnd):
         """Per image, the rows [cx, cy, w, h, score, class, anchor, 0] whose best class score is above `conf`:
         only these cross to the host. None for an image with more than CANDIDATE_CAP of them (decode the whole
         output instead)."""
+        self.queue(conf)
+        self.runner.sync()
+        return self.rows()
+
+    def queue(self, conf: float) -> None:
+        """Queue the filter and the copy back of its candidates on the runner's stream (`rows` after a sync)."""
         runner, candidates = self.runner, self._candidates
         batch = runner.tensor(runner.output_names[0])[1][0]
         if candidates.ensure(batch):
@@ -185,5 +199,7 @@ class GpuScoreFilter(GpuEnd):
         runner.graphs.launch("candidates", lambda: candidates.queue(runner, self.kernels(), conf), conf)
         with runner.timed("d2h"):
             candidates.copy_back(runner, batch)
-        runner.sync()
-        return candidates.read(batch)
+
+    def rows(self) -> list[np.ndarray | None]:
+        """`run`'s rows of the filter queued last, once the runner's stream is synchronized."""
+        return self._candidates.read(self.runner.tensor(self.runner.output_names[0])[1][0])

@@ -266,14 +266,27 @@ class TrtRunner(Runner):
 
     def execute(self) -> float:
         """Run the engine (or its CUDA graph) between two events; return the GPU time in ms."""
+        self.launch()
+        cuda_call(self.rt.cudaEventSynchronize, self._end)
+        return self.infer_ms()
+
+    def launch(self) -> None:
+        """Queue one run of the engine between its two events, without waiting: `infer_ms` once it is done."""
         if self.shape is None:
             raise RuntimeError("call set_shape() before execute()")
-        rt = self.rt
-        cuda_call(rt.cudaEventRecord, self._start, self.stream)
+        cuda_call(self.rt.cudaEventRecord, self._start, self.stream)
         self.enqueue()
-        cuda_call(rt.cudaEventRecord, self._end, self.stream)
-        cuda_call(rt.cudaEventSynchronize, self._end)
-        return float(cuda_call(rt.cudaEventElapsedTime, self._start, self._end))
+        cuda_call(self.rt.cudaEventRecord, self._end, self.stream)
+
+    def infer_ms(self) -> float:
+        """GPU ms of the last engine run (`launch`), once it is done."""
+        return float(cuda_call(self.rt.cudaEventElapsedTime, self._start, self._end))
+
+    def around_engine_ms(self) -> tuple[float, float]:
+        """GPU ms from the last upload's start (h2d) to the last engine run's start, and from its end to the last
+        copy back's end (d2h): the GPU work of a pre and a post queued with the engine's run, once done."""
+        elapsed, upload, copied = self.rt.cudaEventElapsedTime, self._copy_events["h2d"][0], self._copy_events["d2h"][1]
+        return float(cuda_call(elapsed, upload, self._start)), float(cuda_call(elapsed, self._end, copied))
 
     def enqueue(self) -> None:
         """Queue one run of the engine (its CUDA graph at the shape set, where graphs are on) on the stream."""
