@@ -164,6 +164,21 @@ def test_layers_sets_two_variants_side_by_side(sweep, tmp_path, capsys):
     assert "<img src='data:image/png;base64," in (out / "layers.html").read_text()
 
 
+def test_layers_names_variants_of_one_cell_by_the_settings_the_table_shows(sweep, tmp_path, capsys):
+    """Two variants of one cell, told apart by a setting: each named by it, as the table labels them."""
+    static = json.loads(sweep.read_text())[3]
+    rows = [{**static, "config": {"backend": {"fold_split_concat": fold}}} for fold in (False, True)]
+    path = tmp_path / "two" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(rows))
+    out = tmp_path / "report"
+    assert cli.main(["layers", "--results", str(path), "fold_split_concat=true", "fold_split_concat=false",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "A: yolov8n | ul st fp32 | trt st fp16 backend.fold_split_concat=True" in printed
+    assert "#1 and #0 side by side" in printed
+
+
 def test_layers_refuses_in_one_line(sweep, tmp_path, capsys):
     def refused(*args) -> str:
         assert cli.main(["layers", "--results", str(sweep), *args, "--out", str(tmp_path / "r")]) == 2

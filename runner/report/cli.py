@@ -15,7 +15,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +24,8 @@ import pandas as pd
 from runner.arguments import OneLineParser, bounded, positive
 from runner.cache import unwritable
 from runner.report import gate, layers, pick, plots, render
-from runner.report.frame import ReportError, read_results_configs, results_frame, runs_frame
+from runner.report.frame import (ReportError, read_results_configs, results_frame, run_settings, runs_frame, settings,
+                                 told_apart)
 from runner.results import VariantResult
 from runner.tags import SWEEP, VARIANT, query
 
@@ -281,15 +282,25 @@ def cmd_pick(args) -> int:
 
 
 def sweep_results(args) -> tuple[list, str, Store | None, str | None]:
-    """The variant results of the one sweep the arguments name, in job order: (results, name, store, parent run)."""
+    """The variant results of the one sweep the arguments name, in job order, the variants of one cell told apart
+    by their settings as the table shows them (`told_apart`): (results, name, store, parent run)."""
     if len(args.results or args.sweep or []) > 1:
         raise ReportError("give one sweep (one --results or --sweep): two variants of it are compared")
     if args.results:
         path = args.results[0]
-        return _read_folder(path)[0], _sweep_name(path), None, None
+        results, configs, _ = _read_folder(path)
+        return told_apart_results(results, [settings(c) for c in configs]), _sweep_name(path), None, None
     store = Store(args.tracking_uri, args.experiment)
     sweep_id = store.resolve((args.sweep or ["latest"])[0])
-    return [store.result(run) for run in store.variant_runs(sweep_id)], sweep_id, store, sweep_id
+    runs = store.variant_runs(sweep_id)
+    results = [store.result(run) for run in runs]
+    return told_apart_results(results, [run_settings(run.data.params) for run in runs]), sweep_id, store, sweep_id
+
+
+def told_apart_results(results: list[VariantResult], known: list[dict | None]) -> list[VariantResult]:
+    """`results` with their cells as `told_apart` names them by `known`, each one's settings."""
+    cells = told_apart([r.cell for r in results], known)
+    return [replace(r, cell=cell) for r, cell in zip(results, cells)]
 
 
 def cmd_layers(args) -> int:
