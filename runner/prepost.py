@@ -10,9 +10,9 @@ from its runner and its config (`preprocess=cpu|gpu`, `postprocess=cpu|gpu`).
   - post on cpu: every output crosses back; decode + NMS on the host.
   - post on gpu: the runner's `gpu_score_filter` runs on the device and only its candidates cross back; NMS on the
     host. An end-to-end output `(B, N, 6)` is small already: it is copied back as it is.
-  Stages are timed on the host after a synchronize; infer by the runner (CUDA events on a GPU). With both ends on
-  the GPU (`one_wait`), the whole run is queued and waited for once; each stage is its GPU work between CUDA events
-  plus its host work.
+  On a runner that queues its device work (`Runner.queues`: TensorRT) a run is queued and waited for once, as an
+  application runs it; each stage is its host work until its device work is queued, plus that work's GPU time
+  between CUDA events (`ONE_WAIT`). Elsewhere each stage is waited for and timed on the host clock.
   `stream(runner, batches, hw)` gives the detections of many batches (the offline scenario): overlapped where the
   runner offers it with the GPU letterbox (`Runner.overlapped`: each batch's upload on a stream of its own while
   the batch before runs), else one batch at a time.
@@ -32,15 +32,17 @@ from runner.config import Device, RunConfig
 from runner.processing import ONE2MANY, RTDETR, decode_candidates, geometry, postprocess, preprocess, scale_all
 
 ONE_AT_A_TIME = "one batch at a time"
-ONE_WAIT = ("one wait per run: each stage's GPU work between CUDA events (pre from the upload's start to the "
-            "engine's, post from the engine's end to the copy back's end) plus its host work; e2e on the host clock")
+ONE_WAIT = ("one wait per run: each stage's host work until its device work is queued, plus that work's GPU time "
+            "between CUDA events (pre: from the upload's start to the engine's; post: from the engine's end to the "
+            "copy back's end, then the host's decode); e2e on the host clock")
+A_WAIT_PER_STAGE = "a wait after each stage: pre and post on the host clock, infer as the runner times it"
 
 
 @dataclass
 class Chain:
     """`letterbox` / `score_filter`: the runner's GPU ends (`Runner.gpu_letterbox`, `gpu_score_filter`); None runs
     that end on the host. `overlap`: the runner's overlapped offline batches (`Runner.overlapped`); None runs them
-    one at a time."""
+    one at a time. `queued`: the runner queues its device work (`Runner.queues`), so `run` waits once."""
     letterbox: object = None
     score_filter: object = None
     conf: float = 0.25
@@ -48,6 +50,7 @@ class Chain:
     max_det: int = 300
     head: str = ONE2MANY
     overlap: object = None
+    queued: bool = False
 
     def pre(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int]):
         """The input in place on the device; returns how each frame was fitted (`Letterbox`)."""
@@ -75,7 +78,7 @@ class Chain:
         return postprocess(output, boxes, self.conf, self.iou, self.max_det, self.head)
 
     def run(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int]) -> tuple[list[np.ndarray], dict]:
-        if self.one_wait:
+        if self.queued:
             return self._run_queued(runner, frames, hw)
         t0 = time.perf_counter()
         boxes = self.pre(runner, frames, hw)
@@ -88,27 +91,31 @@ class Chain:
                  "e2e": (t3 - t0) * 1e3}
         return dets, {**times, **runner.copy_ms()}
 
-    @property
-    def one_wait(self) -> bool:
-        """Both ends on the GPU with a score filter: pre, infer and post are queued together and waited for once."""
-        return self.letterbox is not None and self.score_filter is not None and self.head == ONE2MANY
-
     def _run_queued(self, runner, frames: list[np.ndarray], hw: tuple[int, int]) -> tuple[list[np.ndarray], dict]:
-        """`run` with both ends on the GPU: the upload, letterbox, engine, filter and copy back queued on the
-        runner's stream, one wait, then the host NMS. A stage's time is its GPU work between CUDA events plus its
-        host work (pre: fitting the frames; post: reading and NMS); e2e is the host clock's."""
+        """`run` on a runner that queues: pre's upload (and GPU letterbox), the engine, post's copy back (after the
+        GPU filter) queued on the runner's stream, one wait, then the host's decode (`ONE_WAIT`)."""
+        filtered = self.score_filter is not None and self.head == ONE2MANY
         t0 = time.perf_counter()
-        images, fits, boxes = self.letterbox.fitted(frames, hw, geometry(self.head))
+        if self.letterbox is not None:
+            images, fits, boxes = self.letterbox.fitted(frames, hw, geometry(self.head))
+            self.letterbox.queue(images, fits)
+        else:
+            blob, boxes = preprocess(frames, hw, head=self.head)
+            runner.h2d(blob)
         t1 = time.perf_counter()
-        self.letterbox.queue(images, fits)
         runner.launch()
-        self.score_filter.queue(self.conf)
+        if filtered:
+            self.score_filter.queue(self.conf)
+        else:
+            runner.queue_d2h()
         runner.sync()
         t2 = time.perf_counter()
         gpu_pre, gpu_post = runner.around_engine_ms()
         copies = runner.copy_ms()
-        rows = self.score_filter.rows()
-        if all(r is not None for r in rows):
+        rows = self.score_filter.rows() if filtered else None
+        if rows is None:
+            dets = self._from_output(next(iter(runner.outputs().values())), boxes)
+        elif all(r is not None for r in rows):
             dets = self._from_candidates(rows, boxes)
         else:  # more candidates than the filter keeps: the whole output crosses, on the host clock
             dets = self._from_output(next(iter(runner.d2h().values())), boxes)
@@ -150,9 +157,8 @@ class Chain:
             post = ("gpu score filter, host NMS" if self.head == ONE2MANY else "end-to-end output copied as is")
         fitting = "stretch" if self.head == RTDETR else "letterbox"
         pre = f"host {fitting} (float upload)" if self.letterbox is None else f"gpu {fitting} (uint8 upload)"
-        timer = (ONE_WAIT if self.one_wait else "a wait after each stage: pre and post on the host clock, infer "
-                 "between CUDA events where there is a device")
-        return {"preprocess": pre, "postprocess": post, "decode": self.head, "stage_timer": timer,
+        return {"preprocess": pre, "postprocess": post, "decode": self.head,
+                "stage_timer": ONE_WAIT if self.queued else A_WAIT_PER_STAGE,
                 "copies": "h2d in preprocess, d2h in postprocess, each between CUDA events where there is a device",
                 "offline": ONE_AT_A_TIME if self.overlap is None else self.overlap.settings()}
 
@@ -212,4 +218,4 @@ def chain(runner: Runner, cfg: RunConfig, head: str) -> Chain | PeerChain:
     overlap = None
     if letterbox is not None and cfg.bench.offline_overlap:
         overlap = runner.overlapped(geometry(head), score_filter is not None and head == ONE2MANY)
-    return Chain(letterbox, score_filter, v.conf, v.nms_iou, v.max_det, head, overlap)
+    return Chain(letterbox, score_filter, v.conf, v.nms_iou, v.max_det, head, overlap, runner.queues)

@@ -14,7 +14,7 @@ engine, image, runs = sys.argv[1], cv2.imread(sys.argv[2]), int(sys.argv[3]) if 
 with TrtRunner(engine, cuda_graph=True) as runner:
     runner.set_shape((1, 3, 640, 640))
     runner.pin([image])
-    chain, hw = Chain(runner.gpu_letterbox(), runner.gpu_score_filter()), (640, 640)
+    chain, hw = Chain(runner.gpu_letterbox(), runner.gpu_score_filter(), queued=True), (640, 640)
     times = {"one wait": [], "a wait per stage": []}
 
     def staged():

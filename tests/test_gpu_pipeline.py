@@ -274,21 +274,23 @@ def test_overlapped_offline_gives_the_detections_of_one_batch_at_a_time(tmp_path
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("conf", [0.9, 0.25], ids=["gpu-post", "gpu-post-past-the-cap"])
-def test_both_gpu_ends_queued_with_one_wait_give_the_staged_detections(tmp_path, conf):
-    """The chain with both ends on the GPU queues pre, infer and post and waits once: the same detections as each
+@pytest.mark.parametrize(("pre", "post", "conf"), [("gpu", "gpu", 0.9), ("gpu", "gpu", 0.25), ("cpu", "gpu", 0.9),
+                                                  ("gpu", "cpu", 0.9), ("cpu", "cpu", 0.9)],
+                         ids=["gpu-ends", "gpu-ends-past-the-cap", "cpu-pre", "cpu-post", "cpu-ends"])
+def test_a_run_queued_with_one_wait_gives_the_staged_detections(tmp_path, pre, post, conf):
+    """On TensorRT a run is queued and waited for once, whichever ends run on the GPU: the same detections as each
     stage run and waited for in turn (`pre`, `execute`, `post`), each stage's time within the end to end."""
     hw = tuple(HEAD_INPUT[2:])
+    cfg, = preflight([f"preprocess={pre}", f"postprocess={post}", f"validate.conf={conf}"])
     with TrtRunner(engine(tmp_path, HEAD_INPUT, True, [-1, *HEAD[1:]], batches=(1, 2, 4)), cuda_graph=True) as runner:
-        chain = Chain(runner.gpu_letterbox(), runner.gpu_score_filter(), conf=conf)
-        assert chain.one_wait and chain.settings()["stage_timer"] == prepost.ONE_WAIT
+        chain = prepost.chain(runner, cfg, ONE2MANY)
+        assert chain.queued and chain.settings()["stage_timer"] == prepost.ONE_WAIT
         for frames_ in frames(13) * 2:
             runner.set_shape((2, *HEAD_INPUT[1:]))
             dets, times = chain.run(runner, frames_, hw)
             boxes = chain.pre(runner, frames_, hw)
             runner.execute()
-            staged = chain.post(runner, boxes)
-            for ours, theirs in zip(dets, staged, strict=True):
+            for ours, theirs in zip(dets, chain.post(runner, boxes), strict=True):
                 np.testing.assert_array_equal(ours, theirs)
             assert 0 < times["preprocess"] and 0 < times["infer"] and 0 < times["postprocess"]
             assert times["preprocess"] + times["infer"] + times["postprocess"] <= times["e2e"] * 1.05 + 0.05

@@ -24,9 +24,12 @@ if TYPE_CHECKING:
 
 
 class Runner(ABC):
-    """One loaded model with a single input. Subclasses set `name`, `input_name`, `input_dtype`, `output_names`."""
+    """One loaded model with a single input. Subclasses set `name`, `input_name`, `input_dtype`, `output_names`.
+    Where `queues`, a run's device work can be queued and waited for once: `launch`, `queue_d2h`, `outputs`,
+    `infer_ms` and `around_engine_ms` (TensorRT's runner)."""
 
     name: str
+    queues = False
 
     @abstractmethod
     def open(self) -> None:

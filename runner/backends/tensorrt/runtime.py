@@ -166,6 +166,7 @@ class TrtRunner(Runner):
     closed with it."""
 
     name = BackendName.tensorrt.value
+    queues = True
 
     def __init__(self, engine_path: str, cuda_graph: bool = False):
         self.engine_path, self._want_graph = engine_path, cuda_graph
@@ -294,11 +295,19 @@ class TrtRunner(Runner):
 
     def d2h(self) -> dict[str, np.ndarray]:
         """Copy every output to its pinned buffer, synchronize, return copies (floats as float32)."""
+        self.queue_d2h()
+        self.sync()
+        return self.outputs()
+
+    def queue_d2h(self) -> None:
+        """Queue the copy of every output to its pinned buffer (`outputs` after a sync)."""
         with self.timed("d2h"):
             for name in self.output_names:
                 self.copy(self._buffers.host[name], self._buffers.device[name], self._views[name].nbytes,
                           to_device=False)
-        self.sync()
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        """Copies of the outputs `queue_d2h` brought back (floats as float32), once the stream is synchronized."""
         out = {}
         for name in self.output_names:
             view = self._views[name]
