@@ -285,7 +285,7 @@ def test_a_run_queued_with_one_wait_gives_the_staged_detections(tmp_path, pre, p
     with TrtRunner(engine(tmp_path, HEAD_INPUT, True, [-1, *HEAD[1:]], batches=(1, 2, 4)), cuda_graph=True) as runner:
         chain = prepost.chain(runner, cfg, ONE2MANY)
         assert chain.queued and chain.settings()["stage_timer"] == prepost.ONE_WAIT
-        for frames_ in frames(13) * 2:
+        for n, frames_ in enumerate(frames(13) * 2):
             runner.set_shape((2, *HEAD_INPUT[1:]))
             dets, times = chain.run(runner, frames_, hw)
             boxes = chain.pre(runner, frames_, hw)
@@ -293,7 +293,8 @@ def test_a_run_queued_with_one_wait_gives_the_staged_detections(tmp_path, pre, p
             for ours, theirs in zip(dets, chain.post(runner, boxes), strict=True):
                 np.testing.assert_array_equal(ours, theirs)
             assert 0 < times["preprocess"] and 0 < times["infer"] and 0 < times["postprocess"]
-            assert times["preprocess"] + times["infer"] + times["postprocess"] <= times["e2e"] * 1.05 + 0.05
+            if n >= 3:  # warm: the first runs capture the CUDA graphs, which waits on the stream inside pre's queueing
+                assert times["preprocess"] + times["infer"] + times["postprocess"] <= times["e2e"] * 1.05 + 0.05
 
 
 def test_bench_offline_overlap_false_runs_the_offline_batches_one_at_a_time(tmp_path):

@@ -158,8 +158,9 @@ class GpuLetterbox(GpuEnd):
         if buffers.ensure("source", total) | buffers.ensure("fits", batch * FIT_FIELDS * 4):
             runner.graphs.drop("letterbox")  # its graphs read the old buffers
         buffers.host_array("fits", np.int32, fits.size)[:] = fits.reshape(-1)
+        copies = coalesced(uploads(runner, buffers, "source", images, fits[:, 0].tolist()))  # host staging first
         with runner.timed("h2d"):
-            for dst, src, nbytes in coalesced(uploads(runner, buffers, "source", images, fits[:, 0].tolist())):
+            for dst, src, nbytes in copies:
                 runner.copy(dst, src, nbytes, to_device=True)
         target, _, dtype = runner.tensor(runner.input_name)
 
