@@ -16,8 +16,9 @@ steady state, its batches overlapped where the chain overlaps them) and of the e
 `bench.offline_batches` that the built profile holds. Server (where
 `bench.server_rate` is set): Poisson arrivals served one at a time at batch 1, latency from arrival.
 
-Last, after everything timed, each layer's time at the timed shape where the runtime has a per-layer profiler
-(`Runner.layer_times`): a profiler slows the runs it watches, so no figure above is taken with one.
+Last, after everything timed, each layer's time at the timed shape (or at `bench.layers_batch`) where the runtime
+has a per-layer profiler (`Runner.layer_times`): a profiler slows the runs it watches, so no figure above is taken
+with one.
 """
 from __future__ import annotations
 
@@ -177,6 +178,17 @@ def server(runner, chain, images: list[np.ndarray], hw: tuple[int, int], rate: f
                         latency=summarize(latencies))
 
 
+def layers_shape(shape: list[int], batch: int | None, profile: list[list[int]]) -> tuple[list[int] | None, str | None]:
+    """Where each layer is profiled: the timed `shape`, or at `batch` (`bench.layers_batch`) where the built
+    profile (min, opt, max) holds it; (None, why) where it does not."""
+    if batch is None:
+        return shape, None
+    lo, hi = profile[0][0], profile[2][0]
+    if not lo <= batch <= hi:
+        return None, f"not profiled: bench.layers_batch={batch} is outside the built profile's batches {lo}..{hi}"
+    return [batch, *shape[1:]], None
+
+
 def layer_profile(runner, shape: list[int], iters: int,
                   layers_path: str | None) -> tuple[LayerProfile | None, str | None]:
     """Each layer's mean time at `shape` over `iters` profiled runs, joined with the engine inspector's layers at
@@ -201,8 +213,8 @@ def layer_profile(runner, shape: list[int], iters: int,
 def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchConfig,
           profile: list[list[int]], layers_path: str | None = None) -> BenchResult:
     """Time `chain` at `shape` (N, 3, H, W) over `images`, cycling through them; then the scenarios of `cfg` that
-    the built `profile` (min, opt, max) holds; last, untimed, each layer's time at `shape` where the runtime
-    profiles layers (`layers_path`: the engine inspector's JSON)."""
+    the built `profile` (min, opt, max) holds; last, untimed, each layer's time at `shape` (or at
+    `cfg.layers_batch`) where the runtime profiles layers (`layers_path`: the engine inspector's JSON)."""
     batch, hw, warmup, iters = shape[0], (shape[2], shape[3]), cfg.warmup, cfg.iters
     runner.set_shape(tuple(shape))
     pinned = runner.pin(images)
@@ -226,12 +238,14 @@ def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchC
     log.info("bench: p50 pre %.2f / infer %.2f / post %.2f / e2e %.2f ms%s", *(getattr(result, s).p50 for s in STAGES),
              "".join(f"; {k} {v:.0f} img/s" for k, v in figures.items()))
     scenarios(runner, chain, images, hw, cfg, profile, result)
-    result.layers, note = layer_profile(runner, shape, iters, layers_path)
+    at, note = layers_shape(shape, cfg.layers_batch, profile)
+    if at is not None:
+        result.layers, note = layer_profile(runner, at, iters, layers_path)
     if note:
         result.settings["layers_note"] = note
     if result.layers:
-        log.info("bench: %d layers profiled, %.2f ms in all, %d reformats", len(result.layers.rows),
-                 result.layers.total_ms, len(result.layers.reformats))
+        log.info("bench: %d layers profiled at %s, %.2f ms in all, %d reformats", len(result.layers.rows),
+                 result.layers.shape, result.layers.total_ms, len(result.layers.reformats))
     return result
 
 

@@ -290,6 +290,8 @@ class BenchConfig:
     server_rate: Optional[float] = None
     server_queries: int = 200
     batch: int = 1  # every variant is timed at [batch, 3, *model.imgsz]: the static variant's shape
+    layers_batch: Optional[int] = None  # each layer is profiled at this batch where the built profile holds it (e.g.
+    #   the opt batch, where int8's gain should show); null: at the timed shape
     cuda_graph: Any = AUTO  # true | false | auto: on with TensorRT (a graph per shape), n/a elsewhere
 
 
@@ -470,6 +472,8 @@ def _check_scenarios(b: BenchConfig) -> None:
     if not all(isinstance(n, int) and n > 0 for n in b.offline_batches):
         raise ConfigError(f"bench.offline_batches: a list of positive batch sizes such as [1,8,32] ([] for none), "
                           f"got {list(b.offline_batches)}")
+    if b.layers_batch is not None and not (isinstance(b.layers_batch, int) and b.layers_batch > 0):
+        raise ConfigError(f"bench.layers_batch: a positive batch size (null: the timed shape's), got {b.layers_batch}")
     for key in ("offline_images", "server_queries"):
         if getattr(b, key) <= 0:
             raise ConfigError(f"bench.{key}: must be a positive integer, got {getattr(b, key)}")

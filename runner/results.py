@@ -389,8 +389,9 @@ class LayerRow(Record):
 
 @dataclass
 class LayerProfile(Record):
-    """Where the engine's time goes: every layer at the timed `shape`, times averaged over `runs` profiled runs
-    (TensorRT's IProfiler, after the timed loops). `unmatched`: layers profiled that the inspector did not list."""
+    """Where the engine's time goes: every layer at `shape` (the timed one, or `bench.layers_batch`'s), times averaged
+    over `runs` profiled runs (TensorRT's IProfiler, after the timed loops). `unmatched`: layers profiled that the
+    inspector did not list."""
     shape: list[int]
     runs: int
     rows: list[LayerRow]

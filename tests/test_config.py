@@ -50,11 +50,13 @@ BAD_INPUTS = {
     "unknown-key": (["nosuchkey=1"], "nosuchkey", r"not in 'RunConfig'"),
     "added-key": (["+foo=1"], "foo", r"not a key of the config; allowed: backend, bench, build, cache_dir"),
     "added-key-typo": (["+bench.iter=5"], "bench.iter", r"not a key of 'bench'; did you mean bench\.iters\? "
-                                                        r"allowed: batch, cuda_graph, iters, offline_batches, "
-                                                        r"offline_images, offline_overlap, server_queries, "
-                                                        r"server_rate, warmup"),
+                                                        r"allowed: batch, cuda_graph, iters, layers_batch, "
+                                                        r"offline_batches, offline_images, offline_overlap, "
+                                                        r"server_queries, server_rate, warmup"),
     "zero-offline-batch": (["bench.offline_batches=[0,8]"], "bench.offline_batches",
                            r"a list of positive batch sizes such as \[1,8,32\] \(\[\] for none\), got \[0, 8\]"),
+    "zero-layers-batch": (["bench.layers_batch=0"], "bench.layers_batch",
+                          r"a positive batch size \(null: the timed shape's\), got 0"),
     "zero-server-rate": (["bench.server_rate=0"], "bench.server_rate",
                          r"images/s, a positive number \(null: no server scenario\), got 0"),
     "negative-atol": (["validate.fp32.atol=-1"], "validate.fp32.atol", r"must be >= 0, got -1\.0"),

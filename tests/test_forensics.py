@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from runner import forensics
 from runner.backends.onnxruntime import OrtRunner
-from runner.bench import layer_profile
+from runner.bench import layer_profile, layers_shape
 from runner.report import cli, layers
 from runner.report.frame import read_results, results_frame
 from runner.results import VariantResult
@@ -118,6 +118,14 @@ def test_the_bench_profiles_layers_where_the_runtime_can_and_says_why_not(inspec
     at_shape = forensics.read_layers(inspector)  # the runtime's inspector at the shape, before the build's JSON
     profile, note = layer_profile(ProfilingRunner(TIMES, at_shape), [1, 3, 64, 64], 20, str(broken))
     assert note is None and len(profile.rows) == 5
+
+
+def test_layers_are_profiled_at_the_timed_shape_or_at_bench_layers_batch_where_the_profile_holds_it():
+    timed, profile = [1, 3, 640, 640], [[1, 3, 640, 640], [32, 3, 640, 640], [64, 3, 640, 640]]
+    assert layers_shape(timed, None, profile) == (timed, None)
+    assert layers_shape(timed, 32, profile) == ([32, 3, 640, 640], None)
+    assert layers_shape(timed, 128, profile) == (
+        None, "not profiled: bench.layers_batch=128 is outside the built profile's batches 1..64")
 
 
 def profiled(result: VariantResult, inspector: Path, scale: float) -> VariantResult:
