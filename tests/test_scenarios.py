@@ -163,8 +163,9 @@ def test_a_static_profile_gives_its_own_batch_and_no_list_none(onnx_path, frames
 
 
 def test_server_queues_poisson_arrivals_behind_one_worker(onnx_path, frames):
-    """Far above capacity queries queue and latency grows; at a tenth of the capacity just measured the worker waits
-    for each arrival."""
+    """Far above capacity queries queue and latency grows; at a tenth of the capacity just measured the worker keeps
+    up with the arrivals. (Latencies are not compared: a CPU runtime woken after each idle gap serves slower than
+    back to back.)"""
     queries = 12
     with OrtRunner(onnx_path) as runner:
         flooded = bench(runner, Chain(), frames, SHAPE, BenchConfig(warmup=1, iters=5, offline_batches=[],
@@ -176,7 +177,6 @@ def test_server_queues_poisson_arrivals_behind_one_worker(onnx_path, frames):
     arrivals = np.cumsum(np.random.default_rng(0).exponential(1 / rate, queries))
     assert calm.server.queries == queries and calm.server.latency.n == queries
     assert calm.server.offered_rate == pytest.approx(queries / (arrivals[-1] - arrivals[0]))
-    assert calm.server.achieved_rate <= calm.server.offered_rate  # never ahead of the arrivals
-    assert flooded.server.achieved_rate < 1e6 / 100
+    assert calm.server.offered_rate / 2 < calm.server.achieved_rate <= calm.server.offered_rate  # it keeps up
+    assert flooded.server.achieved_rate < flooded.server.offered_rate / 100  # it cannot
     assert flooded.server.latency.p99 > 5 * service  # the last queries waited for the ones before them
-    assert calm.server.latency.p50 < flooded.server.latency.p50
