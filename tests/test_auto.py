@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from conftest import PLUMBING, run_cli, sweep_runs
+from conftest import PLUMBING, UNTIMED, run_cli, sweep_runs
 from runner.report.frame import runs_frame
 from runner.results import VariantResult
 
@@ -18,8 +18,7 @@ CPU_ASKED = "post cpu, graph n/a"  # preprocess=cpu asked explicitly; the rest l
 
 def test_a_sweep_over_cpu_and_auto_gives_two_rows_told_apart(tmp_path, export_cache):
     outputs = tmp_path / "outputs"
-    proc = run_cli(["-m", "preprocess=cpu,auto", "backend=onnxruntime", *PLUMBING, "bench.iters=3", "bench.warmup=1",
-                    f"cache_dir={export_cache}"],
+    proc = run_cli(["-m", "preprocess=cpu,auto", "backend=onnxruntime", *PLUMBING, *UNTIMED, f"cache_dir={export_cache}"],
                    outputs, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "runner: 2/2 variants ok" in proc.stdout

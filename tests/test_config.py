@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import DEFAULT_WEIGHTS, PLUMBING, REPO, mlflow_run_count, run_cli, sweep_runs
+from conftest import DEFAULT_WEIGHTS, PLUMBING, REPO, UNTIMED, mlflow_run_count, run_cli, sweep_runs
 from runner.config import ConfigError
 from runner.heads import DECODED
 from runner.preflight import CONF_DIR, preflight
@@ -201,11 +201,11 @@ def test_malformed_label_line_is_named_with_file_and_line(cli, tmp_path, line, p
                                                        f"'class cx cy w h', got '{line}': {problem}")
 
 
-def test_a_corrupt_image_is_skipped_said_and_counted(tmp_path):
+def test_a_corrupt_image_is_skipped_said_and_counted(tmp_path, export_cache):
     folder = small_dataset(tmp_path / "ds")
     (folder / "im0.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a JPEG")
     outputs = tmp_path / "outputs"
-    proc = run_cli([*PLUMBING, "backend=onnxruntime", f"data.images={folder}", "bench.iters=3", "bench.warmup=1"],
+    proc = run_cli([*PLUMBING, "backend=onnxruntime", f"data.images={folder}", *UNTIMED, f"cache_dir={export_cache}"],
                    outputs, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "data: skipped 1 unreadable image(s): im0.jpg" in proc.stdout

@@ -149,21 +149,21 @@ FAILED = {"cell": {"onnx": {"tool": "ultralytics", "shape": "static", "precision
           "error": "no shape could be checked"}
 
 
-def run(args: list[str], outputs: Path) -> tuple[VariantResult, dict]:
-    """The one variant of `runner <args>` and its summary.csv row."""
-    proc = run_cli([*SMALL, *args], outputs, timeout=300)
+def run(args: list[str], outputs: Path, cache: Path) -> tuple[VariantResult, dict]:
+    """The one variant of `runner <args>` and its summary.csv row, its exports in `cache`."""
+    proc = run_cli([*SMALL, *args, f"cache_dir={cache}"], outputs, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder, = (outputs / "runs").iterdir()
     (result,), (row,) = read_results(folder / "results.json"), list(csv.DictReader(open(folder / "summary.csv")))
     return result, row
 
 
-def test_a_row_names_what_it_could_not_check(tmp_path, capsys):
+def test_a_row_names_what_it_could_not_check(tmp_path, capsys, export_cache):
     """No labels, class names that differ, a profile bound off the stride: the row passes as the reference and its
     note, the summary and the grid say what was not checked."""
     folder = images(tmp_path / "ds" / "images" / "val")
     result, row = run([f"data.images={folder}", "data.names=[a,b,c]", "shape=dynamic", "profile.min=[1,3,1,128]",
-                       "profile.opt=[1,3,128,128]", "profile.max=[1,3,128,128]"], tmp_path / "outputs")
+                       "profile.opt=[1,3,128,128]", "profile.max=[1,3,128,128]"], tmp_path / "outputs", export_cache)
     assert result.status == "ok" and result.validate.status == "reference"
     assert result.validate.unvalidated == ["min"]
     reason = result.validate.reason
@@ -178,8 +178,9 @@ def test_a_row_names_what_it_could_not_check(tmp_path, capsys):
     assert "|ort dy fp32|△|" in capsys.readouterr().out
 
 
-def test_a_static_batch_above_one_is_exported_validated_and_timed_at_that_batch(tmp_path):
-    result, row = run(["shape=static", "shape.opt=[4,3,128,128]", "bench.batch=4"], tmp_path / "outputs")
+def test_a_static_batch_above_one_is_exported_validated_and_timed_at_that_batch(tmp_path, export_cache):
+    result, row = run(["shape=static", "shape.opt=[4,3,128,128]", "bench.batch=4"], tmp_path / "outputs",
+                      export_cache)
     assert (result.status, row["status"]) == ("ok", "ok")
     assert result.export.tested.signature["inputs"][0]["shape"] == [4, 3, 128, 128]
     assert result.validate.shapes["static"].shape == [4, 3, 128, 128] and result.validate.shapes["static"].map50_95

@@ -23,7 +23,7 @@ import pytest
 import ultralytics
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, mlflow_run_count, run_cli, sweep_runs
+from conftest import REPO, UNTIMED, mlflow_run_count, run_cli, sweep_runs
 from runner.results import VariantResult
 
 SWEEP = ["-m", "export=ultralytics,torch,dynamo", "precision=fp32,fp16", "shape=static,dynamic", "bench=quick",
@@ -198,7 +198,7 @@ def test_console_shows_runner_lines_and_library_noise_goes_to_the_variant_log(tm
     """profile=seed's min shape (H of 1) makes onnxruntime refuse it, and its C++ logger print an error line; a new
     sqlite store makes MLflow say it creates its tables. Neither reaches the console; onnxruntime's is in the log."""
     outputs = tmp_path / "outputs"
-    proc = run_cli(["-m", "precision=fp32,fp16", "shape=dynamic", "profile=seed", "bench=quick", "data.limit=2",
+    proc = run_cli(["-m", "precision=fp32,fp16", "shape=dynamic", "profile=seed", *UNTIMED, "data.limit=2",
                     f"cache_dir={export_cache}"], outputs, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "validate: min skipped: H 1 not a multiple of the stride 32: [ONNXRuntimeError]" in proc.stdout  # why
