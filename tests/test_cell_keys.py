@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import PLUMBING, REPO, run_cli
+from conftest import PLUMBING, REPO, UNTIMED, run_cli
 from runner.report import cli
 
 PINS = 'precision.keep_float=[],["*/dfl/*"],["*cv2.*.2/Conv"]'  # none; and two lists of one pattern each
@@ -24,7 +24,7 @@ def pinned(tmp_path_factory, export_cache) -> tuple[Path, str]:
     """(sweep folder, tracking URI) of the three-variant sweep over the pins."""
     outputs = tmp_path_factory.mktemp("pins") / "outputs"
     proc = run_cli(["-m", "precision=int8_qdq", PINS, "precision.calibration_images=8", "backend=onnxruntime",
-                    *PLUMBING, "bench.iters=3", "bench.warmup=1", f"cache_dir={export_cache}"], outputs, timeout=600)
+                    *PLUMBING, *UNTIMED, f"cache_dir={export_cache}"], outputs, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = Path(proc.stdout.rstrip().splitlines()[-1].split("summary in ", 1)[1])
     return (folder if folder.is_absolute() else REPO / folder), f"sqlite:///{outputs}/mlflow.db"
