@@ -54,12 +54,16 @@ class Chain:
 
     def pre(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int]):
         """The input in place on the device; returns how each frame was fitted (`Letterbox`)."""
-        if self.letterbox is not None:
-            boxes = self.letterbox.run(frames, hw, geometry(self.head))
-        else:
-            blob, boxes = preprocess(frames, hw, head=self.head)
-            runner.h2d(blob)
+        boxes = self._queue_pre(runner, frames, hw)
         runner.sync()
+        return boxes
+
+    def _queue_pre(self, runner: Runner, frames: list[np.ndarray], hw: tuple[int, int]):
+        """`pre`'s work queued on the runner (the host's letterbox done, its upload queued), not waited for."""
+        if self.letterbox is not None:
+            return self.letterbox.run(frames, hw, geometry(self.head))
+        blob, boxes = preprocess(frames, hw, head=self.head)
+        runner.h2d(blob)
         return boxes
 
     def post(self, runner: Runner, boxes) -> list[np.ndarray]:
@@ -96,12 +100,7 @@ class Chain:
         GPU filter) queued on the runner's stream, one wait, then the host's decode (`ONE_WAIT`)."""
         filtered = self.score_filter is not None and self.head == ONE2MANY
         t0 = time.perf_counter()
-        if self.letterbox is not None:
-            images, fits, boxes = self.letterbox.fitted(frames, hw, geometry(self.head))
-            self.letterbox.queue(images, fits)
-        else:
-            blob, boxes = preprocess(frames, hw, head=self.head)
-            runner.h2d(blob)
+        boxes = self._queue_pre(runner, frames, hw)
         t1 = time.perf_counter()
         runner.launch()
         if filtered:

@@ -156,14 +156,10 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
                       batch=1 if dynamic else cfg.shape.opt[0])  # a static ONNX at the batch it is built for
     cache_dir = Path(cfg.cache_dir)
     reference = export_onnx(spec, cache_dir)
-    fold = folds(cfg)
-    base, folded = folded_onnx(reference, cache_dir) if fold else (reference, None)
-    tested = base
-    if mechanism in FP16_ONNX:
-        tested = export_onnx(replace(spec, half=True), cache_dir)
-        tested, folded = folded_onnx(tested, cache_dir) if fold else (tested, None)
-    elif mechanism == Mechanism.qdq:
-        tested = quantize_variant(cfg, base)
+    tested = export_onnx(replace(spec, half=True), cache_dir) if mechanism in FP16_ONNX else reference
+    tested, folded = folded_onnx(tested, cache_dir) if folds(cfg) else (tested, None)
+    if mechanism == Mechanism.qdq:
+        tested = quantize_variant(cfg, tested)  # Q/DQ placed on the folded graph
     return ExportResult(weights=weights, reference=reference, tested=tested, folded_splits=folded)
 
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from runner.arguments import OneLineParser, bounded, positive
 from runner.cache import unwritable
 from runner.report import gate, layers, pick, plots, render
 from runner.report.frame import (ReportError, read_results_configs, results_frame, run_settings, runs_frame, settings,
-                                 told_apart)
+                                 told_apart_results)
 from runner.results import VariantResult
 from runner.tags import SWEEP, VARIANT, query
 
@@ -295,12 +295,6 @@ def sweep_results(args) -> tuple[list, str, Store | None, str | None]:
     runs = store.variant_runs(sweep_id)
     results = [store.result(run) for run in runs]
     return told_apart_results(results, [run_settings(run.data.params) for run in runs]), sweep_id, store, sweep_id
-
-
-def told_apart_results(results: list[VariantResult], known: list[dict | None]) -> list[VariantResult]:
-    """`results` with their cells as `told_apart` names them by `known`, each one's settings."""
-    cells = told_apart([r.cell for r in results], known)
-    return [replace(r, cell=cell) for r, cell in zip(results, cells)]
 
 
 def cmd_layers(args) -> int:

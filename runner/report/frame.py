@@ -139,6 +139,12 @@ def told_apart(cells: list[Cell], configs: list[dict[str, str] | None]) -> list[
     return out
 
 
+def told_apart_results(results: list[VariantResult], known: list[dict[str, str] | None]) -> list[VariantResult]:
+    """`results` with their cells as `told_apart` names them by `known`, each one's settings."""
+    cells = told_apart([r.cell for r in results], known)
+    return [replace(r, cell=cell) for r, cell in zip(results, cells)]
+
+
 def ordered(frame: pd.DataFrame) -> pd.DataFrame:
     """Variants in table order: by model, ONNX column, then build row."""
     keys = [cell_key(c) for c in frame["cell"]]
@@ -149,9 +155,8 @@ def results_frame(results: list[VariantResult], configs: list[dict | None] | Non
     """One row per variant result; `configs`, each result's config where known, tell apart the variants of one
     cell (`told_apart`)."""
     known = [settings(c) for c in configs] if configs is not None else [None] * len(results)
-    cells = told_apart([r.cell for r in results], known)
-    rows = [_row(cell, {**outcome_tags(r), **shape_tags(r), **auto_tags(r)}, r.metrics(), r.environment.get("gpu"))
-            for cell, r in zip(cells, results)]
+    rows = [_row(r.cell, {**outcome_tags(r), **shape_tags(r), **auto_tags(r)}, r.metrics(), r.environment.get("gpu"))
+            for r in told_apart_results(results, known)]
     return ordered(pd.DataFrame(rows, columns=COLUMNS))
 
 

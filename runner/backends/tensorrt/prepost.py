@@ -142,17 +142,8 @@ class GpuLetterbox(GpuEnd):
         """Upload uint8 BGR images and fit them into the input buffer, in its dtype, by `geometry` (`fit`, or
         `stretch_fit` for RT-DETR: the kernel resizes each axis by its own scale). Asynchronous: the runner's sync()
         before reading anything it wrote."""
-        images, fits, boxes = self.fitted(images, hw, geometry)
-        self.queue(images, fits)
-        return boxes
-
-    def fitted(self, images: list[np.ndarray], hw: tuple[int, int], geometry=fit):
-        """The host's part, before anything is queued: `fitted` for the runner's input shape."""
-        return fitted(self.runner, images, hw, geometry)
-
-    def queue(self, images: list[np.ndarray], fits: np.ndarray) -> None:
-        """Queue the upload of `images` and their letterbox by `fits` (`fitted`'s) on the runner's stream."""
         runner, buffers = self.runner, self._buffers
+        images, fits, boxes = fitted(runner, images, hw, geometry)
         batch, _, h, w = runner.shape
         total = sum(image.nbytes for image in images)
         if buffers.ensure("source", total) | buffers.ensure("fits", batch * FIT_FIELDS * 4):
@@ -170,6 +161,7 @@ class GpuLetterbox(GpuEnd):
                                      (h, w), dtype == np.float16)
 
         runner.graphs.launch("letterbox", enqueue)
+        return boxes
 
     def read_input(self) -> np.ndarray:
         """The input buffer as the GPU holds it (float32), after a sync: what the letterbox wrote."""
