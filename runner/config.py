@@ -97,7 +97,8 @@ class Int8Mode(str, Enum):
 
 class Calibrator(str, Enum):
     """The calibration algorithm: TensorRT's IInt8EntropyCalibrator2 / IInt8MinMaxCalibrator, or onnxruntime's
-    CalibrationMethod.Entropy / MinMax / Percentile for a Q/DQ ONNX (TensorRT has no percentile calibrator)."""
+    CalibrationMethod.Entropy / MinMax / Percentile for a Q/DQ ONNX. TensorRT has no percentile calibrator: its
+    implicit INT8 takes onnxruntime's percentile ranges as dynamic ranges instead."""
     entropy2 = "entropy2"
     minmax = "minmax"
     percentile = "percentile"
@@ -485,21 +486,19 @@ def _check_scenarios(b: BenchConfig) -> None:
 QDQ_OPS = ("Conv", "Add", "Concat", "MatMul", "Gemm")  # the op types precision.qdq_ops may name
 # the Q/DQ placement settings TensorRT's calibrator has none of: why a calibrated variant refuses all but the default
 QDQ_PLACEMENT = {
-    "concat_scales": "TensorRT's calibrator sets its own scales; use precision=int8_qdq, whose Q/DQ ONNX can share them",
+    "concat_scales": ("TensorRT's calibrator sets its own scales; use precision=int8_qdq, or precision.calibrator="
+                      "percentile, whose ranges can share them"),
     "add_inputs": ("TensorRT's calibrator places no Q/DQ; use precision=int8_qdq, whose Q/DQ ONNX can leave an Add's "
                    "convolution input in float"),
 }
-TRT_CALIBRATORS = (Calibrator.entropy2, Calibrator.minmax)  # the algorithms TensorRT's calibrator has
-NO_TRT_CALIBRATOR = ("precision.calibrator={algorithm}: TensorRT's calibrator has none (entropy2, minmax); use "
-                     "precision=int8_qdq for onnxruntime's percentile calibration")
+RANGES_CALIBRATORS = (Calibrator.percentile,)  # implicit INT8 from onnxruntime's ranges: Concats may share them
 
 
 def _check_precision(p: PrecisionConfig) -> None:
     """The calibration and Q/DQ settings: what the mechanism has, well-formed."""
-    if p.calibrator not in TRT_CALIBRATORS and p.int8_mode == Int8Mode.calibrator:
-        raise ConfigError(NO_TRT_CALIBRATOR.format(algorithm=p.calibrator.value))
     for key, why in QDQ_PLACEMENT.items():
-        if getattr(p, key) != getattr(PrecisionConfig, key) and p.int8_mode == Int8Mode.calibrator:
+        shared_ranges = key == "concat_scales" and p.calibrator in RANGES_CALIBRATORS
+        if getattr(p, key) != getattr(PrecisionConfig, key) and p.int8_mode == Int8Mode.calibrator and not shared_ranges:
             raise ConfigError(f"precision.{key}={getattr(p, key).value}: {why}; or "
                               f"precision.{key}={getattr(PrecisionConfig, key).value} with the calibrator")
     unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]

@@ -157,6 +157,46 @@ def qdq_folder(reference: OnnxArtifact, calibration: CalibrationSet, method: str
     return Path(cache_dir).absolute() / "onnx" / f"{Path(reference.path).parent.name}-qdq-{method}-{h.hexdigest()[:16]}"
 
 
+def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cache_dir: Path,
+                  keep_float: Sequence[str] = (), concat_scales: str = "own",
+                  ops: Sequence[str] = QUANTIZED_OPS) -> tuple[dict[str, float], Path, bool]:
+    """For TensorRT's implicit INT8 from ranges calibrated here (`ITensor.set_dynamic_range`): per tensor, its
+    symmetric range (the larger magnitude of its calibrated bounds), for the inputs and outputs of the nodes a Q/DQ
+    ONNX would quantize (`quantized_nodes`), so the tensors Q/DQ leaves float (the pins, the head's decode) get
+    none and stay float. Calibrated with `method` on onnxruntime (`calibrate`), Concats at one range where
+    `concat_scales` is shared. Cached by the ONNX's bytes, the images, the method, the pins, the Concats' scales,
+    the ops and onnxruntime's version. Returns (ranges, cache file, whether it was cached)."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    h = cache.file_sha256(onnx_path)
+    h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": sorted(ops),
+                         "keep_float": sorted(keep_float), "concat_scales": concat_scales,
+                         "onnxruntime": version("onnxruntime")}).encode())
+    path = Path(cache_dir).absolute() / "ranges" / f"{Path(onnx_path).parent.name}-{method}-{h.hexdigest()[:16]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with cache.locked(path.with_suffix(".calibrating")):  # one calibration; read_recorded holds `<name>.lock`
+        try:
+            if (saved := cache.read_recorded(path)) is not None:
+                return json.loads(saved), path, True
+        except cache.Stale as stale:
+            log.warning("build: ranges %s; calibrating again", stale)
+        log.info("build: calibrating int8 ranges (%s) on onnxruntime, %d images at %s...", method,
+                 len(calibration.files), list(calibration.shape))
+        model = onnx.load(onnx_path, load_external_data=False)
+        chosen = set(quantized_nodes(model, ops, keep_float))
+        with tempfile.TemporaryDirectory() as tmp:
+            data = calibrate(onnx_path, calibration, method, ops, Path(tmp))
+            if concat_scales == "shared":
+                share_concat_ranges(model, {n.name for n in model.graph.node
+                                            if n.op_type == "Concat" and n.name in chosen}, data)
+            data = load_tensors_data(data)
+        tensors = {t for n in model.graph.node if n.name in chosen for t in (*n.input, *n.output)}
+        ranges = {t: float(np.abs(np.asarray(data[t].range_value, np.float64)).max())
+                  for t in sorted(tensors) if t in data}
+        cache.write_recorded(path, json.dumps(ranges, indent=1).encode())
+        return ranges, path, False
+
+
 def kept_float(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
     """The names of the graph's nodes that match any fnmatch pattern (case-sensitive): the nodes kept in float."""
     return [n.name for n in model.graph.node if any(fnmatchcase(n.name, p) for p in patterns)]
@@ -183,8 +223,7 @@ def quantized_nodes(model: onnx.ModelProto, ops: Sequence[str], keep_float: Sequ
     return [n.name for n in model.graph.node if n.name in chosen]
 
 
-def calibrate(reference: OnnxArtifact, calibration: CalibrationSet, method: str, ops: Sequence[str],
-              folder: Path) -> Path:
+def calibrate(onnx_path: str, calibration: CalibrationSet, method: str, ops: Sequence[str], folder: Path) -> Path:
     """The activation ranges of the `ops` nodes' tensors over the calibration images, as onnxruntime's calibration
     cache (`ranges.json` in `folder`). The histogram methods get TensorRT's entropy calibrator's resolution
     (`HISTOGRAM`): `quantize_static` alone gives Entropy 128 bins, as many as it quantizes to, so its one candidate
@@ -194,10 +233,11 @@ def calibrate(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
 
     ranges = folder / "ranges.json"
     with tempfile.TemporaryDirectory() as tmp:
-        calibrator = create_calibrator(Path(reference.path), list(ops), str(Path(tmp) / "augmented.onnx"),
+        calibrator = create_calibrator(Path(onnx_path), list(ops), str(Path(tmp) / "augmented.onnx"),
                                        getattr(CalibrationMethod, METHODS[method]),
                                        extra_options={} if method == "minmax" else HISTOGRAM)
-        calibrator.collect_data(_reader(calibration, reference.signature["inputs"][0]["name"]))
+        input_name = onnx.load(onnx_path, load_external_data=False).graph.input[0].name
+        calibrator.collect_data(_reader(calibration, input_name))
         save_tensors_data(calibrator.compute_data(), ranges)
     return ranges
 
@@ -315,7 +355,7 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     quiet = _Without("pre-processing")  # onnxruntime's advice to run its optimizer first: not for TensorRT's graph
     logging.getLogger().addFilter(quiet)
     try:
-        ranges = calibrate(reference, calibration, method, ops, folder)
+        ranges = calibrate(reference.path, calibration, method, ops, folder)
         concats = {n.name for n in fp32.graph.node if n.op_type == "Concat" and n.name in chosen}
         widened = share_concat_ranges(fp32, concats, ranges) if concat_scales == "shared" else 0
         quantize_static(reference.path, path, None, calibration_cache_path=ranges,

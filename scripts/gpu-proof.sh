@@ -50,11 +50,13 @@
 #                                           #   folded; offline batches 1/32/64 at 4096 images each; table, layers
 #   bash scripts/gpu-proof.sh int8-b32      # fold-dynamic's two engines with each layer profiled at batch 32, where
 #                                           #   int8's gain should show; table, layers fp16 against int8
+#   bash scripts/gpu-proof.sh int8-ranges   # as int8-b32, with TensorRT's implicit INT8 from onnxruntime's percentile
+#                                           #   ranges (int8_calibrator, calibrator=percentile, shared Concat ranges)
 #   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on yolov8n from everything quantized, each greedy step
 #                                           #   timed on TensorRT (--latency), level 1
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|fold-static|fold-dynamic|int8-b32|sensitivity}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|fold-static|fold-dynamic|int8-b32|int8-ranges|sensitivity}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -124,12 +126,13 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
         | tee -a "$DEST/$step/run.log"
     done
     exit 0 ;;
-  l3-dynamic|l3-static|fold-static|fold-dynamic|int8-b32)
+  l3-dynamic|l3-static|fold-static|fold-dynamic|int8-b32|int8-ranges)
     DEST=$DEST/$step bash "$0" "$step-sweep" "${@:2}" || exit
     id=$(cat "$DEST/$step/$step-sweep/sweep_id") uri=sqlite:///$RUNS/mlflow.db
     python3 -m runner table --tracking-uri "$uri" --sweep "$id" --out "$DEST/$step/table" 2>&1 | tee "$DEST/$step/run.log"
     case $step in
       l3-dynamic|fold-dynamic|int8-b32) pairs=("fp16 gpu-pre:int8 gpu-pre:fp16-vs-qdq") ;;
+      int8-ranges) pairs=("fp16 gpu-pre:int8 percentile:fp16-vs-ranges") ;;
       fold-static) pairs=("fp16 gpu-pre gpu-post backend.fold_split_concat=false:fp16 gpu-pre gpu-post backend.fold_split_concat=true:fold") ;;
       *) pairs=() ;;
     esac
@@ -226,6 +229,12 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
   int8-b32-sweep)
     args=(-m model=yolov8n precision=fp16,int8_qdq shape=dynamic
           'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
+          'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
+          backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
+          hydra.launcher.n_jobs=$(gpu_count)) ;;
+  int8-ranges-sweep)
+    args=(-m model=yolov8n precision=fp16,int8_calibrator precision.calibrator=percentile precision.concat_scales=shared
+          shape=dynamic 'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
           'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
           backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
           hydra.launcher.n_jobs=$(gpu_count)) ;;

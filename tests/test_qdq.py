@@ -116,12 +116,42 @@ def test_a_second_quantization_with_the_same_settings_is_the_cached_one(small, p
     assert again.cached and again.path == placed[0].path and again.quantization == placed[0].quantization
 
 
-def test_percentile_is_refused_for_tensorrts_calibrator_in_one_line(runner_main, tmp_path):
-    said = runner_main(["precision=int8_calibrator", "precision.calibrator=percentile", f"outputs={tmp_path}"])
+def test_the_calibrator_shares_concat_ranges_only_where_the_ranges_are_onnxruntimes(runner_main, tmp_path):
+    said = runner_main(["precision=int8_calibrator", "precision.concat_scales=shared", f"outputs={tmp_path}"])
     assert said.returncode == 2 and not list(tmp_path.iterdir())
-    assert said.stderr.strip() == ("runner: error: precision.calibrator=percentile: TensorRT's calibrator has none "
-                                "(entropy2, minmax); use precision=int8_qdq for onnxruntime's percentile calibration")
-    assert default_int8("precision.calibrator=percentile").calibrator == "percentile"  # onnxruntime has it
+    assert said.stderr.strip() == ("runner: error: precision.concat_scales=shared: TensorRT's calibrator sets its own "
+                                   "scales; use precision=int8_qdq, or precision.calibrator=percentile, whose ranges "
+                                   "can share them; or precision.concat_scales=own with the calibrator")
+    cfgs = preflight(["-m", "precision=int8_calibrator", "precision.calibrator=percentile",
+                      "precision.concat_scales=own,shared", "backend=onnxruntime", "tracking.enabled=false"])
+    builds = {cell_of(cfg, "tensorrt", "calibrator").build.label for cfg in cfgs}
+    assert builds == {"trt st int8 percentile", "trt st int8 percentile concat shared"}
+
+
+def test_tensor_ranges_cover_what_qdq_quantizes_and_leave_the_pins_and_the_decode_float(small, export_cache):
+    """onnxruntime's percentile ranges for TensorRT's implicit INT8: the Conv/Add/Concat tensors Q/DQ would quantize,
+    none for a pinned convolution's own input or the head's decode; shared Concat ranges are one; cached."""
+    from runner.quantize import tensor_ranges
+
+    reference, calibration = small
+    p = default_int8()
+    ranges, path, cached = tensor_ranges(reference.path, calibration, "percentile", export_cache, p.keep_float,
+                                         "shared")
+    assert not cached and path.is_file() and all(r > 0 for r in ranges.values())
+    model = onnx.load(reference.path)
+    node = {n.name: n for n in model.graph.node}
+    assert "images" in ranges and node["/model.0/conv/Conv"].output[0] in ranges
+    assert node[FINAL_CONVS[0]].input[0] not in ranges  # its producer's activation feeds only the pinned conv
+    decode = [t for n in model.graph.node if n.name.startswith(f"{HEAD}/") and n.op_type in ("Sigmoid", "Sub", "Div")
+              for t in n.output]
+    assert decode and not any(t in ranges for t in decode)
+    concat = node["/model.2/Concat"]
+    assert len({ranges[t] for t in (*concat.input, *concat.output)}) == 1  # one range for the Concat's tensors
+    again, _, cached = tensor_ranges(reference.path, calibration, "percentile", export_cache,
+                                     list(reversed(p.keep_float)), "shared")
+    assert cached and again == ranges
+    own, other, _ = tensor_ranges(reference.path, calibration, "percentile", export_cache, p.keep_float, "own")
+    assert other != path and set(own) == set(ranges)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -263,7 +293,7 @@ def test_entropy2_and_percentile_search_a_histogram_minmax_does_not(tmp_path):
     highest = {}
     for method in ("minmax", "entropy2", "percentile"):
         (tmp_path / method).mkdir()
-        ranges = load_tensors_data(calibrate(reference, calibration, method, ["Conv"], tmp_path / method))
+        ranges = load_tensors_data(calibrate(reference.path, calibration, method, ["Conv"], tmp_path / method))
         highest[method] = float(np.abs(np.asarray(ranges["conv"].range_value, dtype=np.float64)).max())
     assert highest["entropy2"] < 0.95 * highest["minmax"] and highest["percentile"] < highest["minmax"], highest
 

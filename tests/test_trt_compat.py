@@ -106,7 +106,30 @@ def test_percentile_has_no_tensorrt_calibrator_in_one_line():
     with pytest.raises(trt_compat.Unsupported) as none:
         trt_compat.calibrator_base(TRT86, "percentile")
     assert str(none.value) == ("precision.calibrator=percentile: TensorRT's calibrator has none (entropy2, minmax); "
-                               "use precision=int8_qdq for onnxruntime's percentile calibration")
+                               "its ranges come from onnxruntime (set_dynamic_ranges)")
+
+
+class StandInTensor:
+    def __init__(self, name: str, dtype: str = "f"):
+        self.name, self.dtype, self.dynamic_range = name, dtype, None
+
+    def set_dynamic_range(self, low: float, high: float) -> bool:
+        self.dynamic_range = (low, high)
+        return True
+
+
+def test_dynamic_ranges_go_on_the_named_float_tensors_with_int8_and_fp16_allowed():
+    images, conv, shape, decode = (StandInTensor("images"), StandInTensor("/model.0/conv/Conv_output_0"),
+                                   StandInTensor("/model.22/Shape_output_0", "i32"), StandInTensor("/model.22/Sub"))
+    layers = [NS(num_outputs=1, get_output=[t].__getitem__) for t in (conv, shape, decode)]
+    network = NS(num_inputs=1, get_input=[images].__getitem__, num_layers=3, get_layer=layers.__getitem__)
+    config = RecordingConfig()
+    ranges = {"images": 1.0, conv.name: 4.5, shape.name: 9.0}
+    assert trt_compat.set_dynamic_ranges(TRT86, network, config, ranges) == 2
+    assert [t.dynamic_range for t in (images, conv, shape, decode)] == [(-1.0, 1.0), (-4.5, 4.5), None, None]
+    assert config.flags == ["INT8", "FP16"] and config.int8_calibrator is None
+    with pytest.raises(trt_compat.Unsupported, match="11.0.0 removed implicit INT8"):
+        trt_compat.set_dynamic_ranges(TRT11, network, config, ranges)
 
 
 class StandInLayer:

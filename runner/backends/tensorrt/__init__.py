@@ -7,8 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from runner.backends import Backend
-from runner.config import (NO_TRT_CALIBRATOR, TRT_CALIBRATORS, BackendName, BuildTool, ExportTool, Head, Mechanism,
-                           Precision, RunConfig, ShapeMode)
+from runner.config import BackendName, BuildTool, ExportTool, Head, Mechanism, Precision, RunConfig, ShapeMode
 from runner.results import BuildResult, ExportResult
 
 if TYPE_CHECKING:
@@ -43,7 +42,7 @@ class TensorrtBackend(Backend):
         if cfg.backend.half_input and (why := self._half_input_refusal(cfg)):
             return why
         if cfg.build.tool != BuildTool.ultralytics:
-            return self._calibrator_refusal(cfg)
+            return None
         if cfg.precision.name == Precision.int8:
             return ("build=ultralytics int8 calibrates with ultralytics' own data loader from a dataset yaml; runner "
                     "builds int8 with build=tensorrt_api (precision=int8_calibrator or int8_qdq)")
@@ -68,13 +67,6 @@ class TensorrtBackend(Backend):
                     f"it applies to fp16 (builder_flag) and int8 Q/DQ")
         return None
 
-    def _calibrator_refusal(self, cfg: RunConfig) -> str | None:
-        """Where int8_mode=auto resolves to TensorRT's calibrator: an algorithm it lacks (percentile)."""
-        if (cfg.precision.name == Precision.int8 and cfg.precision.calibrator not in TRT_CALIBRATORS
-                and self.precision_mechanism(cfg) == Mechanism.calibrator):
-            return NO_TRT_CALIBRATOR.format(algorithm=cfg.precision.calibrator.value)
-        return None
-
     def build(self, cfg: RunConfig, export: ExportResult, calibration: CalibrationSet | None = None) -> BuildResult:
         b = cfg.backend
         if cfg.build.tool == BuildTool.ultralytics:
@@ -92,7 +84,7 @@ class TensorrtBackend(Backend):
         return build_engine(BuildSpec(
             onnx_path=export.tested.path, precision=cfg.precision.name.value, mechanism=self.precision_mechanism(cfg),
             calibration=calibration, calibrator=cfg.precision.calibrator.value,
-            keep_float=tuple(cfg.precision.keep_float),
+            keep_float=tuple(cfg.precision.keep_float), concat_scales=cfg.precision.concat_scales.value,
             min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
             optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,
             use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32,

@@ -25,7 +25,7 @@ from runner import cache
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.runtime import engine_profile
 from runner.config import BuildTool, Mechanism, Precision
-from runner.quantize import CalibrationSet
+from runner.quantize import CalibrationSet, tensor_ranges
 from runner.results import BuildResult, StageError
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ class BuildSpec:
     tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default
     half_input: bool = False  # the input tensor in fp16 (fp16 and int8 Q/DQ engines)
     calibration: CalibrationSet | None = None  # mechanism=calibrator: the images, at the opt shape
-    calibrator: str = "entropy2"  # mechanism=calibrator: entropy2 | minmax
-    keep_float: tuple[str, ...] = ()  # mechanism=calibrator: fnmatch patterns on layer names built in fp16 (the
-    #   engine's, not the calibration table's: calibrated ranges do not depend on them)
+    calibrator: str = "entropy2"  # mechanism=calibrator: entropy2 | minmax (TensorRT's) | percentile (onnxruntime's
+    #   ranges, `quantize.tensor_ranges`, set as dynamic ranges)
+    keep_float: tuple[str, ...] = ()  # mechanism=calibrator: fnmatch patterns on layer names built in fp16 (and for
+    #   percentile, the tensors left without a range)
+    concat_scales: str = "own"  # calibrator=percentile: each Concat's tensors at their own ranges, or one (shared)
 
 
 def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
@@ -82,7 +84,8 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
 def _calibration_fields(spec: BuildSpec) -> dict | None:
     if spec.mechanism != Mechanism.calibrator:
         return None
-    return {"calibrator": spec.calibrator, "images": spec.calibration.key}
+    ranges = {"concat_scales": spec.concat_scales} if spec.calibrator not in compat.CALIBRATORS else {}
+    return {"calibrator": spec.calibrator, "images": spec.calibration.key, **ranges}
 
 
 def calibration_cache_path(spec: BuildSpec, trt_version: str, gpu_name: str) -> Path:
@@ -322,9 +325,12 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
         if spec.mechanism == Mechanism.qdq and not strongly_typed:
             compat.enable_int8_flags(trt, config)  # explicit quantization; fp16 where the Q/DQ ONNX has floats
         calibrator, pinned = None, []
-        if spec.mechanism == Mechanism.calibrator:
+        if spec.mechanism == Mechanism.calibrator and spec.calibrator in compat.CALIBRATORS:
             calibrator = Calibrator(trt, spec, calibration_cache_path(spec, result.trt_version, result.gpu))
             compat.enable_int8_calibration(trt, config, calibrator.trt_calibrator, profile)
+        elif spec.mechanism == Mechanism.calibrator:
+            result.calibration = _set_ranges(trt, spec, network, config)
+        if spec.mechanism == Mechanism.calibrator:
             pinned = compat.pin_fp16(trt, network, config, spec.keep_float)
             if spec.keep_float and not pinned:
                 log.warning("build: no layer matches precision.keep_float %s: nothing is kept in fp16",
@@ -341,7 +347,9 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
         finally:
             if calibrator is not None:  # its record after the build: whether TensorRT read the cached table
                 calibrator.free()
-                result.calibration = {**calibrator.record, "keep_float": list(spec.keep_float), "fp16_layers": pinned}
+                result.calibration = calibrator.record
+            if result.calibration is not None:
+                result.calibration.update(keep_float=list(spec.keep_float), fp16_layers=pinned)
         result.build_s = time.perf_counter() - t0
     except RuntimeError as exc:  # compat.Unsupported, or a TensorRT binding error
         raise failed("\n".join(logger.errors()) or str(exc)) from None
@@ -351,6 +359,19 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
     if timing_path is not None:
         cache.write_recorded(timing_path, config.get_timing_cache().serialize())
     return plan
+
+
+def _set_ranges(trt, spec: BuildSpec, network, config) -> dict:
+    """Implicit INT8 from onnxruntime's ranges of the ONNX's tensors (`quantize.tensor_ranges`): TensorRT has no
+    calibrator for `spec.calibrator`. Returns the calibration record."""
+    ranges, path, cached = tensor_ranges(spec.onnx_path, spec.calibration, spec.calibrator, Path(spec.cache_dir),
+                                         spec.keep_float, spec.concat_scales)
+    ranged = compat.set_dynamic_ranges(trt, network, config, ranges)
+    log.info("build: int8 dynamic ranges on %d tensors (%s, onnxruntime%s)", ranged, spec.calibrator,
+             ", cached" if cached else "")
+    return {"calibrator": spec.calibrator, "ranges": "onnxruntime", "images": len(spec.calibration.files),
+            "shape": list(spec.calibration.shape), "cache": str(path), "cache_hit": cached,
+            "concat_scales": spec.concat_scales, "tensors": ranged}
 
 
 def _load_timing_cache(spec: BuildSpec, config, result: BuildResult) -> Path | None:

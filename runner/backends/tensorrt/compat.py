@@ -14,11 +14,13 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
-from runner.config import NO_TRT_CALIBRATOR, Fp16Mode, Int8Mode, Mechanism
+from runner.config import Fp16Mode, Int8Mode, Mechanism
 
 FP16_MODES = tuple(mode.value for mode in Fp16Mode)
 INT8_MODES = tuple(mode.value for mode in Int8Mode)
 CALIBRATORS = {"entropy2": "IInt8EntropyCalibrator2", "minmax": "IInt8MinMaxCalibrator"}
+NO_TRT_CALIBRATOR = ("precision.calibrator={algorithm}: TensorRT's calibrator has none (entropy2, minmax); its ranges "
+                     "come from onnxruntime (set_dynamic_ranges)")
 CALIBRATION_REMOVED = ("TensorRT {version} removed implicit INT8 calibration (IInt8Calibrator, BuilderFlag.INT8): "
                        "use precision=int8_qdq, an explicitly quantized ONNX")
 
@@ -183,7 +185,7 @@ def enable_int8_flags(trt, config) -> None:
 
 def calibrator_base(trt, algorithm: str):
     """The TensorRT calibrator class to subclass: entropy2 or minmax. Unsupported on 11.x, which removed them, and
-    for percentile, which TensorRT has no calibrator for."""
+    for percentile, which TensorRT has no calibrator for (`set_dynamic_ranges` takes onnxruntime's instead)."""
     if not has_implicit_int8(trt):
         raise Unsupported(CALIBRATION_REMOVED.format(version=getattr(trt, "__version__", "?")))
     if algorithm not in CALIBRATORS:
@@ -229,6 +231,26 @@ def set_half_input(trt, network, strongly_typed: bool) -> str:
     tensor = network.get_input(0)
     tensor.dtype = trt.DataType.HALF
     return tensor.name
+
+
+def set_dynamic_ranges(trt, network, config, ranges: dict[str, float]) -> int:
+    """Implicit INT8 from ranges calibrated elsewhere: the INT8 (and FP16) flags, and each float tensor named in
+    `ranges` (the network's input and the layers' outputs, named after the ONNX's tensors) given the symmetric
+    dynamic range [-r, r]; a tensor without one stays float. Returns how many were set. Unsupported on 11.x, which
+    removed implicit INT8."""
+    if not has_implicit_int8(trt):
+        raise Unsupported(CALIBRATION_REMOVED.format(version=getattr(trt, "__version__", "?")))
+    enable_int8_flags(trt, config)
+    floats = (trt.DataType.FLOAT, trt.DataType.HALF)
+    tensors = [network.get_input(i) for i in range(network.num_inputs)]
+    tensors += [layer.get_output(j) for layer in map(network.get_layer, range(network.num_layers))
+                for j in range(layer.num_outputs)]
+    ranged = 0
+    for tensor in tensors:
+        if ranges.get(tensor.name, 0) > 0 and tensor.dtype in floats:
+            tensor.set_dynamic_range(-ranges[tensor.name], ranges[tensor.name])
+            ranged += 1
+    return ranged
 
 
 def enable_int8_calibration(trt, config, calibrator, profile) -> None:
