@@ -161,9 +161,10 @@ def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cach
                   keep_float: Sequence[str] = (), concat_scales: str = "own",
                   ops: Sequence[str] = QUANTIZED_OPS) -> tuple[dict[str, float], Path, bool]:
     """For TensorRT's implicit INT8 from ranges calibrated here (`ITensor.set_dynamic_range`): per tensor, its
-    symmetric range (the larger magnitude of its calibrated bounds), for the inputs and outputs of the nodes a Q/DQ
-    ONNX would quantize (`quantized_nodes`), so the tensors Q/DQ leaves float (the pins, the head's decode) get
-    none and stay float. Calibrated with `method` on onnxruntime (`calibrate`), Concats at one range where
+    symmetric range (the larger magnitude of its calibrated bounds), for the inputs of the nodes a Q/DQ ONNX would
+    quantize (`quantized_nodes`) and the activated output of each of its convolutions, so the head's decode gets
+    none and stays float. TensorRT fuses a convolution with its activation, and on 8.6 a fused layer with a range
+    at its input and none at its output has no implementation: a pinned layer reads its int8 producer in fp16. Calibrated with `method` on onnxruntime (`calibrate`), Concats at one range where
     `concat_scales` is shared. Cached by the ONNX's bytes, the images, the method, the pins, the Concats' scales,
     the ops and onnxruntime's version. Returns (ranges, cache file, whether it was cached)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
@@ -171,6 +172,7 @@ def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cach
     h = cache.file_sha256(onnx_path)
     h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": sorted(ops),
                          "keep_float": sorted(keep_float), "concat_scales": concat_scales,
+                         "tensors": "inputs+activations",
                          "onnxruntime": version("onnxruntime")}).encode())
     path = Path(cache_dir).absolute() / "ranges" / f"{Path(onnx_path).parent.name}-{method}-{h.hexdigest()[:16]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,11 +192,19 @@ def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cach
                 share_concat_ranges(model, {n.name for n in model.graph.node
                                             if n.op_type == "Concat" and n.name in chosen}, data)
             data = load_tensors_data(data)
-        tensors = {t for n in model.graph.node if n.name in chosen for t in (*n.input, *n.output)}
+        tensors = {t for n in model.graph.node if n.name in chosen for t in n.input}
+        tensors |= {activated(model, n) for n in model.graph.node if n.name in chosen and n.op_type == "Conv"}
         ranges = {t: float(np.abs(np.asarray(data[t].range_value, np.float64)).max())
                   for t in sorted(tensors) if t in data}
         cache.write_recorded(path, json.dumps(ranges, indent=1).encode())
         return ranges, path, False
+
+
+def activated(model: onnx.ModelProto, conv: onnx.NodeProto) -> str:
+    """The tensor a convolution's activation makes (SiLU's Mul, or one of `ACTIVATIONS`); its own output if none."""
+    readers = [n for n in model.graph.node if conv.output[0] in n.input]
+    return next((n.output[0] for n in readers if n.op_type == "Mul"),
+                next((n.output[0] for n in readers if n.op_type in ACTIVATIONS), conv.output[0]))
 
 
 def kept_float(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:

@@ -140,8 +140,10 @@ def test_tensor_ranges_cover_what_qdq_quantizes_and_leave_the_pins_and_the_decod
     assert not cached and path.is_file() and all(r > 0 for r in ranges.values())
     model = onnx.load(reference.path)
     node = {n.name: n for n in model.graph.node}
-    assert "images" in ranges and node["/model.0/conv/Conv"].output[0] in ranges
-    assert node[FINAL_CONVS[0]].input[0] not in ranges  # its producer's activation feeds only the pinned conv
+    assert "images" in ranges and node["/model.0/act/Mul"].output[0] in ranges  # model.1's input
+    assert node["/model.0/conv/Conv"].output[0] not in ranges  # inside the convolution TensorRT fuses with its SiLU
+    assert node[FINAL_CONVS[0]].input[0] in ranges  # its int8 producer's activation, read in fp16
+    assert not any(t in ranges for conv in FINAL_CONVS for t in node[conv].output)  # the logits stay float
     decode = [t for n in model.graph.node if n.name.startswith(f"{HEAD}/") and n.op_type in ("Sigmoid", "Sub", "Div")
               for t in n.output]
     assert decode and not any(t in ranges for t in decode)
