@@ -497,8 +497,8 @@ RANGES_CALIBRATORS = (Calibrator.percentile,)  # implicit INT8 from onnxruntime'
 def _check_precision(p: PrecisionConfig) -> None:
     """The calibration and Q/DQ settings: what the mechanism has, well-formed."""
     for key, why in QDQ_PLACEMENT.items():
-        shared_ranges = key == "concat_scales" and p.calibrator in RANGES_CALIBRATORS
-        if getattr(p, key) != getattr(PrecisionConfig, key) and p.int8_mode == Int8Mode.calibrator and not shared_ranges:
+        ranges_share = key == "concat_scales" and p.calibrator in RANGES_CALIBRATORS
+        if getattr(p, key) != getattr(PrecisionConfig, key) and p.int8_mode == Int8Mode.calibrator and not ranges_share:
             raise ConfigError(f"precision.{key}={getattr(p, key).value}: {why}; or "
                               f"precision.{key}={getattr(PrecisionConfig, key).value} with the calibrator")
     unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]

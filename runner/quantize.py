@@ -164,9 +164,10 @@ def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cach
     symmetric range (the larger magnitude of its calibrated bounds), for the inputs of the nodes a Q/DQ ONNX would
     quantize (`quantized_nodes`) and the activated output of each of its convolutions, so the head's decode gets
     none and stays float. TensorRT fuses a convolution with its activation, and on 8.6 a fused layer with a range
-    at its input and none at its output has no implementation: a pinned layer reads its int8 producer in fp16. Calibrated with `method` on onnxruntime (`calibrate`), Concats at one range where
-    `concat_scales` is shared. Cached by the ONNX's bytes, the images, the method, the pins, the Concats' scales,
-    the ops and onnxruntime's version. Returns (ranges, cache file, whether it was cached)."""
+    at its input and none at its output has no implementation: a pinned layer reads its int8 producer in fp16.
+    Calibrated with `method` on onnxruntime (`calibrate`), Concats at one range where `concat_scales` is shared.
+    Cached by the ONNX's bytes, the images, the method, the pins, the Concats' scales, the ops and onnxruntime's
+    version. Returns (ranges, cache file, whether it was cached)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     h = cache.file_sha256(onnx_path)

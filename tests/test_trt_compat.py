@@ -102,13 +102,6 @@ def test_calibrators_on_86_and_10_and_one_line_on_11():
                                   "BuilderFlag.INT8): use precision=int8_qdq, an explicitly quantized ONNX")
 
 
-def test_percentile_has_no_tensorrt_calibrator_in_one_line():
-    with pytest.raises(trt_compat.Unsupported) as none:
-        trt_compat.calibrator_base(TRT86, "percentile")
-    assert str(none.value) == ("precision.calibrator=percentile: TensorRT's calibrator has none (entropy2, minmax); "
-                               "its ranges come from onnxruntime (set_dynamic_ranges)")
-
-
 class StandInTensor:
     def __init__(self, name: str, dtype: str = "f"):
         self.name, self.dtype, self.dynamic_range = name, dtype, None

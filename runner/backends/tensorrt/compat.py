@@ -19,8 +19,6 @@ from runner.config import Fp16Mode, Int8Mode, Mechanism
 FP16_MODES = tuple(mode.value for mode in Fp16Mode)
 INT8_MODES = tuple(mode.value for mode in Int8Mode)
 CALIBRATORS = {"entropy2": "IInt8EntropyCalibrator2", "minmax": "IInt8MinMaxCalibrator"}
-NO_TRT_CALIBRATOR = ("precision.calibrator={algorithm}: TensorRT's calibrator has none (entropy2, minmax); its ranges "
-                     "come from onnxruntime (set_dynamic_ranges)")
 CALIBRATION_REMOVED = ("TensorRT {version} removed implicit INT8 calibration (IInt8Calibrator, BuilderFlag.INT8): "
                        "use precision=int8_qdq, an explicitly quantized ONNX")
 
@@ -184,12 +182,10 @@ def enable_int8_flags(trt, config) -> None:
 
 
 def calibrator_base(trt, algorithm: str):
-    """The TensorRT calibrator class to subclass: entropy2 or minmax. Unsupported on 11.x, which removed them, and
-    for percentile, which TensorRT has no calibrator for (`set_dynamic_ranges` takes onnxruntime's instead)."""
+    """The TensorRT calibrator class to subclass: entropy2 or minmax (`CALIBRATORS`; percentile has none, its ranges
+    come from onnxruntime: `set_dynamic_ranges`). Unsupported on 11.x, which removed them."""
     if not has_implicit_int8(trt):
         raise Unsupported(CALIBRATION_REMOVED.format(version=getattr(trt, "__version__", "?")))
-    if algorithm not in CALIBRATORS:
-        raise Unsupported(NO_TRT_CALIBRATOR.format(algorithm=algorithm))
     return getattr(trt, CALIBRATORS[algorithm])
 
 
