@@ -494,13 +494,21 @@ QDQ_PLACEMENT = {
 RANGES_CALIBRATORS = (Calibrator.percentile,)  # implicit INT8 from onnxruntime's ranges: Concats may share them
 
 
-def _check_precision(p: PrecisionConfig) -> None:
-    """The calibration and Q/DQ settings: what the mechanism has, well-formed."""
+def calibrator_refusal(p: PrecisionConfig) -> str | None:
+    """Why TensorRT's implicit INT8 cannot take `p`'s Q/DQ placement settings, in one line; None where it can (only
+    onnxruntime's ranges share Concat ranges)."""
     for key, why in QDQ_PLACEMENT.items():
         ranges_share = key == "concat_scales" and p.calibrator in RANGES_CALIBRATORS
-        if getattr(p, key) != getattr(PrecisionConfig, key) and p.int8_mode == Int8Mode.calibrator and not ranges_share:
-            raise ConfigError(f"precision.{key}={getattr(p, key).value}: {why}; or "
-                              f"precision.{key}={getattr(PrecisionConfig, key).value} with the calibrator")
+        if getattr(p, key) != getattr(PrecisionConfig, key) and not ranges_share:
+            return (f"precision.{key}={getattr(p, key).value}: {why}; or "
+                    f"precision.{key}={getattr(PrecisionConfig, key).value} with the calibrator")
+    return None
+
+
+def _check_precision(p: PrecisionConfig) -> None:
+    """The calibration and Q/DQ settings: what the mechanism has, well-formed."""
+    if p.int8_mode == Int8Mode.calibrator and (why := calibrator_refusal(p)):
+        raise ConfigError(why)
     unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]
     if not p.qdq_ops or unknown:
         raise ConfigError(f"precision.qdq_ops: a list of op types from {', '.join(QDQ_OPS)}, got {list(p.qdq_ops)}")

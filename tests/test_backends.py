@@ -160,6 +160,18 @@ def test_half_input_applies_to_engines_whose_first_layers_are_not_fp32():
     assert trt.applies(theirs) == "backend.half_input: build=ultralytics makes its own engine; use build=tensorrt_api"
 
 
+def test_int8_auto_refuses_shared_concat_scales_where_tensorrts_own_calibrator_takes_it(monkeypatch):
+    """The int8 preset shares Concat ranges; where auto resolves to TensorRT's calibrator (8.6, 10: stood in for
+    here), entropy2 cannot, and the variant says so; percentile ranges can."""
+    monkeypatch.setattr(TensorrtBackend, "precision_mechanism", lambda self, cfg: "calibrator")
+    trt = TensorrtBackend()
+    theirs, ranges = (preflight(["precision=int8", *o])[0] for o in (["precision.calibrator=entropy2"], []))
+    assert trt.applies(theirs) == ("precision.concat_scales=shared: TensorRT's calibrator sets its own scales; use "
+                                   "precision=int8_qdq, or precision.calibrator=percentile, whose ranges can share "
+                                   "them; or precision.concat_scales=own with the calibrator")
+    assert trt.applies(ranges) is None and ranges.precision.calibrator.value == "percentile"
+
+
 @pytest.mark.skipif(not TRT_MISSING, reason="tensorrt is installed here")
 def test_build_ultralytics_on_auto_without_tensorrt_says_both_reasons():
     cfg, = preflight(["build=ultralytics"])

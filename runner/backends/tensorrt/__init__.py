@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from runner.backends import Backend
-from runner.config import BackendName, BuildTool, ExportTool, Head, Mechanism, Precision, RunConfig, ShapeMode
+from runner.config import (BackendName, BuildTool, ExportTool, Head, Mechanism, Precision, RunConfig, ShapeMode,
+                           calibrator_refusal)
 from runner.results import BuildResult, ExportResult
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ class TensorrtBackend(Backend):
         if cfg.backend.half_input and (why := self._half_input_refusal(cfg)):
             return why
         if cfg.build.tool != BuildTool.ultralytics:
-            return None
+            calibrated = cfg.precision.name == Precision.int8 and self.precision_mechanism(cfg) == Mechanism.calibrator
+            return calibrator_refusal(cfg.precision) if calibrated else None  # int8_mode=auto on TensorRT <= 10
         if cfg.precision.name == Precision.int8:
             return ("build=ultralytics int8 calibrates with ultralytics' own data loader from a dataset yaml; runner "
                     "builds int8 with build=tensorrt_api (precision=int8_calibrator or int8_qdq)")
