@@ -149,12 +149,21 @@ def qdq_folder(reference: OnnxArtifact, calibration: CalibrationSet, method: str
     """The cache folder of a Q/DQ ONNX, named by what it depends on: the fp32 ONNX's bytes, the calibration images
     (`CalibrationSet.key`: their bytes, so their count and source), the algorithm, the ops, the keep_float
     patterns, the Concats' scales, the Adds' quantized inputs and onnxruntime's version."""
-    h = cache.file_sha256(reference.path)
+    digest = calibration_digest(reference.path, calibration, method, ops, keep_float,
+                                **({"concat_scales": concat_scales} if concat_scales != "own" else {}),
+                                **({"add_inputs": add_inputs} if add_inputs != "all" else {}))
+    return Path(cache_dir).absolute() / "onnx" / f"{Path(reference.path).parent.name}-qdq-{method}-{digest[:16]}"
+
+
+def calibration_digest(onnx_path: str, calibration: CalibrationSet, method: str, ops: Sequence[str],
+                       keep_float: Sequence[str], **settings: str) -> str:
+    """sha256 (hex) of what a calibrated artifact depends on: the ONNX's bytes, the images (`CalibrationSet.key`),
+    the method, the ops, the pins (order and type do not count), onnxruntime's version and `settings`."""
+    h = cache.file_sha256(onnx_path)
     h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": sorted(ops),
                          "keep_float": sorted(keep_float), "onnxruntime": version("onnxruntime"),
-                         **({"concat_scales": concat_scales} if concat_scales != "own" else {}),
-                         **({"add_inputs": add_inputs} if add_inputs != "all" else {})}).encode())
-    return Path(cache_dir).absolute() / "onnx" / f"{Path(reference.path).parent.name}-qdq-{method}-{h.hexdigest()[:16]}"
+                         **settings}).encode())
+    return h.hexdigest()
 
 
 def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cache_dir: Path,
@@ -170,12 +179,9 @@ def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cach
     version. Returns (ranges, cache file, whether it was cached)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
-    h = cache.file_sha256(onnx_path)
-    h.update(json.dumps({"calibration": calibration.key, "method": method, "ops": sorted(ops),
-                         "keep_float": sorted(keep_float), "concat_scales": concat_scales,
-                         "tensors": "inputs+activations",
-                         "onnxruntime": version("onnxruntime")}).encode())
-    path = Path(cache_dir).absolute() / "ranges" / f"{Path(onnx_path).parent.name}-{method}-{h.hexdigest()[:16]}.json"
+    digest = calibration_digest(onnx_path, calibration, method, ops, keep_float, concat_scales=concat_scales,
+                                tensors="inputs+activations")
+    path = Path(cache_dir).absolute() / "ranges" / f"{Path(onnx_path).parent.name}-{method}-{digest[:16]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with cache.locked(path.with_suffix(".calibrating")):  # one calibration; read_recorded holds `<name>.lock`
         try:
@@ -186,26 +192,33 @@ def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cach
         log.info("build: calibrating int8 ranges (%s) on onnxruntime, %d images at %s...", method,
                  len(calibration.files), list(calibration.shape))
         model = onnx.load(onnx_path, load_external_data=False)
-        chosen = set(quantized_nodes(model, ops, keep_float))
+        chosen = [n for n in model.graph.node if n.name in set(quantized_nodes(model, ops, keep_float))]
         with tempfile.TemporaryDirectory() as tmp:
-            data = calibrate(onnx_path, calibration, method, ops, Path(tmp))
+            data = calibrate(onnx_path, model.graph.input[0].name, calibration, method, ops, Path(tmp))
             if concat_scales == "shared":
-                share_concat_ranges(model, {n.name for n in model.graph.node
-                                            if n.op_type == "Concat" and n.name in chosen}, data)
+                share_concat_ranges(model, {n.name for n in chosen if n.op_type == "Concat"}, data)
             data = load_tensors_data(data)
-        tensors = {t for n in model.graph.node if n.name in chosen for t in n.input}
-        tensors |= {activated(model, n) for n in model.graph.node if n.name in chosen and n.op_type == "Conv"}
+        tensors = {t for n in chosen for t in n.input} | activated(model, [n for n in chosen if n.op_type == "Conv"])
         ranges = {t: float(np.abs(np.asarray(data[t].range_value, np.float64)).max())
                   for t in sorted(tensors) if t in data}
         cache.write_recorded(path, json.dumps(ranges, indent=1).encode())
         return ranges, path, False
 
 
-def activated(model: onnx.ModelProto, conv: onnx.NodeProto) -> str:
-    """The tensor a convolution's activation makes (SiLU's Mul, or one of `ACTIVATIONS`); its own output if none."""
-    readers = [n for n in model.graph.node if conv.output[0] in n.input]
-    return next((n.output[0] for n in readers if n.op_type == "Mul"),
-                next((n.output[0] for n in readers if n.op_type in ACTIVATIONS), conv.output[0]))
+def activated(model: onnx.ModelProto, convs: Sequence[onnx.NodeProto]) -> set[str]:
+    """The tensors the convolutions' activations make (SiLU's Mul, or one of `ACTIVATIONS`); a convolution's own
+    output where it has none."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for tensor in node.input:
+            readers[tensor].append(node)
+
+    def made(conv: onnx.NodeProto) -> str:
+        after = readers[conv.output[0]]
+        return next((n.output[0] for n in after if n.op_type == "Mul"),
+                    next((n.output[0] for n in after if n.op_type in ACTIVATIONS), conv.output[0]))
+
+    return {made(conv) for conv in convs}
 
 
 def kept_float(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
@@ -234,8 +247,10 @@ def quantized_nodes(model: onnx.ModelProto, ops: Sequence[str], keep_float: Sequ
     return [n.name for n in model.graph.node if n.name in chosen]
 
 
-def calibrate(onnx_path: str, calibration: CalibrationSet, method: str, ops: Sequence[str], folder: Path) -> Path:
-    """The activation ranges of the `ops` nodes' tensors over the calibration images, as onnxruntime's calibration
+def calibrate(onnx_path: str, input_name: str, calibration: CalibrationSet, method: str, ops: Sequence[str],
+              folder: Path) -> Path:
+    """The activation ranges of the `ops` nodes' tensors over the calibration images (fed as `input_name`), as
+    onnxruntime's calibration
     cache (`ranges.json` in `folder`). The histogram methods get TensorRT's entropy calibrator's resolution
     (`HISTOGRAM`): `quantize_static` alone gives Entropy 128 bins, as many as it quantizes to, so its one candidate
     threshold is the min-max range and entropy2 would be minmax under another name."""
@@ -247,7 +262,6 @@ def calibrate(onnx_path: str, calibration: CalibrationSet, method: str, ops: Seq
         calibrator = create_calibrator(Path(onnx_path), list(ops), str(Path(tmp) / "augmented.onnx"),
                                        getattr(CalibrationMethod, METHODS[method]),
                                        extra_options={} if method == "minmax" else HISTOGRAM)
-        input_name = onnx.load(onnx_path, load_external_data=False).graph.input[0].name
         calibrator.collect_data(_reader(calibration, input_name))
         save_tensors_data(calibrator.compute_data(), ranges)
     return ranges
@@ -366,7 +380,7 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
     quiet = _Without("pre-processing")  # onnxruntime's advice to run its optimizer first: not for TensorRT's graph
     logging.getLogger().addFilter(quiet)
     try:
-        ranges = calibrate(reference.path, calibration, method, ops, folder)
+        ranges = calibrate(reference.path, reference.signature["inputs"][0]["name"], calibration, method, ops, folder)
         concats = {n.name for n in fp32.graph.node if n.op_type == "Concat" and n.name in chosen}
         widened = share_concat_ranges(fp32, concats, ranges) if concat_scales == "shared" else 0
         quantize_static(reference.path, path, None, calibration_cache_path=ranges,

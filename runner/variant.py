@@ -59,8 +59,8 @@ def int8_settings(cfg: RunConfig, mechanism: str | None, where: Mechanism) -> di
                and "+".join(p.qdq_ops),
                "calibration_images": p.calibration_images != shipped.calibration_images and str(p.calibration_images),
                "calibration_source": p.calibration_source != shipped.calibration_source and p.calibration_source,
-               **{key: getattr(p, key) != getattr(shipped, key) and getattr(p, key).value  # the config refuses
-                  for key in QDQ_PLACEMENT}}  # those a mechanism lacks
+               **{key: getattr(p, key) != getattr(shipped, key) and getattr(p, key).value  # refused where the
+                  for key in QDQ_PLACEMENT}}  # mechanism lacks them (`config.calibrator_refusal`)
     return {"calibrator": p.calibrator.value, **{key: value or "" for key, value in differs.items()}}
 
 

@@ -293,7 +293,7 @@ def test_entropy2_and_percentile_search_a_histogram_minmax_does_not(tmp_path):
     highest = {}
     for method in ("minmax", "entropy2", "percentile"):
         (tmp_path / method).mkdir()
-        ranges = load_tensors_data(calibrate(reference.path, calibration, method, ["Conv"], tmp_path / method))
+        ranges = load_tensors_data(calibrate(reference.path, "images", calibration, method, ["Conv"], tmp_path / method))
         highest[method] = float(np.abs(np.asarray(ranges["conv"].range_value, dtype=np.float64)).max())
     assert highest["entropy2"] < 0.95 * highest["minmax"] and highest["percentile"] < highest["minmax"], highest
 

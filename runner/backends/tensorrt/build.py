@@ -325,12 +325,12 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
         if spec.mechanism == Mechanism.qdq and not strongly_typed:
             compat.enable_int8_flags(trt, config)  # explicit quantization; fp16 where the Q/DQ ONNX has floats
         calibrator, pinned = None, []
-        if spec.mechanism == Mechanism.calibrator and spec.calibrator in compat.CALIBRATORS:
-            calibrator = Calibrator(trt, spec, calibration_cache_path(spec, result.trt_version, result.gpu))
-            compat.enable_int8_calibration(trt, config, calibrator.trt_calibrator, profile)
-        elif spec.mechanism == Mechanism.calibrator:
-            result.calibration = _set_ranges(trt, spec, network, config)
         if spec.mechanism == Mechanism.calibrator:
+            if spec.calibrator in compat.CALIBRATORS:
+                calibrator = Calibrator(trt, spec, calibration_cache_path(spec, result.trt_version, result.gpu))
+                compat.enable_int8_calibration(trt, config, calibrator.trt_calibrator, profile)
+            else:
+                result.calibration = _set_ranges(trt, spec, network, config)
             pinned = compat.pin_fp16(trt, network, config, spec.keep_float)
             if spec.keep_float and not pinned:
                 log.warning("build: no layer matches precision.keep_float %s: nothing is kept in fp16",
@@ -369,6 +369,9 @@ def _set_ranges(trt, spec: BuildSpec, network, config) -> dict:
     ranged = compat.set_dynamic_ranges(trt, network, config, ranges)
     log.info("build: int8 dynamic ranges on %d tensors (%s, onnxruntime%s)", ranged, spec.calibrator,
              ", cached" if cached else "")
+    if not ranged:
+        log.warning("build: no tensor got an int8 range (precision.keep_float %s keeps every quantized node in "
+                    "float): the engine has no int8 layer", list(spec.keep_float))
     return {"calibrator": spec.calibrator, "ranges": "onnxruntime", "images": len(spec.calibration.files),
             "shape": list(spec.calibration.shape), "cache": str(path), "cache_hit": cached,
             "concat_scales": spec.concat_scales, "tensors": ranged}
