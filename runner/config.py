@@ -221,6 +221,8 @@ class BackendConfig:
     half_input: bool = False  # TensorRT fp16 and int8 Q/DQ engines: the input in fp16, as the GPU letterbox writes it
     fold_split_concat: bool = True  # TensorRT API build: a Concat of a Split's every output reads its input (exact;
     #   `rewrite`), so the engine writes the tensor in place instead of copying its halves
+    head_maps: bool = False  # TensorRT API build of a one-to-many YOLO head: the engine ends at the head's per-level
+    #   maps (`rewrite`); the GPU score filter, or the host, decodes them. The peer keeps the whole head
     engine_cache: bool = True
     timing_cache: bool = True
     ort_provider: str = "CPUExecutionProvider"  # for backend=onnxruntime; the reference always runs on the CPU

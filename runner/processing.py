@@ -166,6 +166,31 @@ def decode(pred: np.ndarray, conf: float = 0.25, iou: float = 0.7, max_det: int 
     return results
 
 
+def decode_maps(maps: list[np.ndarray], reg_max: int, input_hw: tuple[int, int]) -> np.ndarray:
+    """A YOLO Detect head's per-level maps [box_0, class_0, box_1, ...], `(B, 4 * reg_max, h, w)` and
+    `(B, nc, h, w)` -> the `(B, 4 + nc, anchors)` its graph's decode gives, as ultralytics' Detect makes it: per
+    side the DFL's expectation over its bins (the distance itself where reg_max is 1), distances from each cell's
+    centre, xywh times the level's stride (the input's height over the map's), class sigmoids."""
+    boxes, classes, centres, strides = [], [], [], []
+    for box, cls in zip(maps[::2], maps[1::2]):
+        b, _, h, w = box.shape
+        boxes.append(box.reshape(b, 4, reg_max, h * w))
+        classes.append(cls.reshape(b, cls.shape[1], h * w))
+        ys, xs = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5,
+                             indexing="ij")
+        centres.append(np.stack([xs.ravel(), ys.ravel()]))
+        strides.append(np.full(h * w, input_hw[0] / h, np.float32))
+    box = np.concatenate(boxes, -1).astype(np.float32)
+    if reg_max > 1:
+        weights = np.exp(box - box.max(2, keepdims=True))
+        box = (weights * np.arange(reg_max, dtype=np.float32)[:, None]).sum(2, keepdims=True) / weights.sum(2, keepdims=True)
+    dist, centre = box[:, :, 0], np.concatenate(centres, -1)
+    left_top, right_bottom = centre - dist[:, :2], centre + dist[:, 2:]
+    xywh = np.concatenate([(left_top + right_bottom) / 2, right_bottom - left_top], 1) * np.concatenate(strides)
+    scores = 1 / (1 + np.exp(-np.concatenate(classes, -1).astype(np.float32)))
+    return np.concatenate([xywh, scores], 1)
+
+
 def decode_candidates(rows: np.ndarray, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> np.ndarray:
     """One image's candidate rows [cx, cy, w, h, score, cls, anchor, 0] from the GPU filter, in any order ->
     the same detections as `decode` (rows are put back in anchor order first, as `decode` sees them)."""

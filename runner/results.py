@@ -149,14 +149,15 @@ class OnnxVariant(_Variant):
 class BuildVariant(_Variant):
     """The compatibility table's row: what built the model under test, for which shapes and precision, the
     engine's input type where it is not float32 (`fp16-in`), and the pipeline around it where it is not the host
-    one: `gpu-pre`, `gpu-post`, or the peer's `predict`."""
+    one: `gpu-pre`, `gpu-post`, or the peer's `predict`; `head-maps` where the decode runs after the engine."""
     pipeline: str = ""
     setting: str = ""  # set by the report where variants of one cell differ: the settings that tell them apart
     input_dtype: str = field(default="", kw_only=True)  # `fp16` with backend.half_input; "" for float32
+    head_maps: bool = field(default=False, kw_only=True)  # backend.head_maps: the engine ends at the head's maps
     TOOLS: ClassVar[dict[str, str]] = BUILD_TOOLS
 
     def _label_tail(self) -> tuple[str, ...]:
-        return self.input_dtype and f"{self.input_dtype}-in", self.pipeline, self.setting
+        return self.input_dtype and f"{self.input_dtype}-in", self.head_maps and "head-maps", self.pipeline, self.setting
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class OnnxArtifact(Record):
     names: list[str] = field(default_factory=list)  # class names by index, from its metadata; [] if it has none
     quantization: dict | None = None  # a Q/DQ ONNX: calibrator, images, source, ops, keep_float, nodes touched
     folded_splits: int | None = None  # `rewrite.folded_onnx`'s: the Split->Concat copies it folded
+    head_maps: dict | None = None  # `rewrite.head_maps_onnx`'s: output, maps, classes, reg_max (the decode's)
 
 
 @dataclass
@@ -223,6 +225,7 @@ class BuildResult(Record):
     metadata: dict | None = None  # the JSON header of an ultralytics .engine
     onnx_signature: dict | None = None  # build=ultralytics: the ONNX it made on the way
     calibration: dict | None = None  # implicit INT8: calibrator, images, shape, cache file and whether it was a hit
+    head_maps: dict | None = None  # the engine ends at the head's maps: the ONNX's record (`rewrite.cut_at_head_maps`)
 
 
 @dataclass

@@ -248,7 +248,7 @@ def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str
     """Rank, keep greedily, confirm with the real quantizer; see the module's docstring."""
     from runner.variant import export_stage, output_head
 
-    reference = export_stage(cfg, Mechanism.none).reference
+    reference = export_stage(cfg, Mechanism.none, BackendName.onnxruntime).reference
     pinned, ops, method = list(cfg.precision.keep_float), list(cfg.precision.qdq_ops), cfg.precision.calibrator.value
     calibration = calibration_set(cfg)
     quantized_onnx = quantize_variant(cfg, reference, calibration=calibration)

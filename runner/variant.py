@@ -26,7 +26,7 @@ from runner.export import ExportSpec, export_onnx
 from runner.quantize import calibration_set, quantize_variant
 from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, Resolved,
                             StageError, VariantResult)
-from runner.rewrite import folded_onnx
+from runner.rewrite import NoHeadMaps, folded_onnx, head_maps_onnx
 from runner.validate import headline_shape, shapes_to_check, validate
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
                        cfg.export.head.value, **int8_settings(cfg, mechanism, Mechanism.qdq))
     build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, prepost_label(cfg, backend),
                          input_dtype="fp16" if backend in ENGINE_BACKENDS and cfg.backend.half_input else "",
+                         head_maps=cuts_head(cfg, backend),
                          **int8_settings(cfg, mechanism, Mechanism.calibrator))  # calibrated in the build
     return Cell(onnx, build, cfg.model.label)
 
@@ -109,7 +110,7 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         clock.enter("export")
         mechanism = backend.precision_mechanism(cfg)
         result.cell = cell_of(cfg, backend_name, mechanism)
-        result.export = export_stage(cfg, mechanism)
+        result.export = export_stage(cfg, mechanism, backend_name)
         output_head(result.export)  # a head runner cannot decode goes no further
         publish(result)
 
@@ -145,9 +146,10 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
     return result
 
 
-def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
+def export_stage(cfg: RunConfig, mechanism: str, backend: str) -> ExportResult:
     """The fp32 reference ONNX, and the ONNX under test: the fp16 one, or the Q/DQ int8 one calibrated on the CPU,
-    where the mechanism needs it; its Split->Concat copies folded where `folds` says."""
+    where the mechanism needs it; its Split->Concat copies folded where `folds` says, cut at the head's maps (before
+    any Q/DQ) where `cuts_head` does. Raises StageError."""
     weights = cfg.model.weights
     dynamic = (cfg.export.shape or cfg.shape.mode) == ShapeMode.dynamic
     spec = ExportSpec(weights=weights, tool=cfg.export.tool.value, dynamic=dynamic, half=False,
@@ -157,24 +159,35 @@ def export_stage(cfg: RunConfig, mechanism: str) -> ExportResult:
     cache_dir = Path(cfg.cache_dir)
     reference = export_onnx(spec, cache_dir)
     tested = export_onnx(replace(spec, half=True), cache_dir) if mechanism in FP16_ONNX else reference
-    tested, folded = folded_onnx(tested, cache_dir) if folds(cfg) else (tested, None)
+    tested, folded = folded_onnx(tested, cache_dir) if folds(cfg, backend) else (tested, None)
+    if cuts_head(cfg, backend):
+        try:
+            tested = head_maps_onnx(tested, cache_dir)
+        except NoHeadMaps as exc:
+            raise StageError("export", f"backend.head_maps: {exc}") from None
     if mechanism == Mechanism.qdq:
         tested = quantize_variant(cfg, tested)  # Q/DQ placed on the folded graph
     return ExportResult(weights=weights, reference=reference, tested=tested, folded_splits=folded)
 
 
-def folds(cfg: RunConfig) -> bool:
+def folds(cfg: RunConfig, backend: str) -> bool:
     """Whether the ONNX under test gets its Split->Concat copies folded (`rewrite`): for TensorRT's API build, as
     `backend.fold_split_concat` says."""
-    return (cfg.backend.fold_split_concat and cfg.backend.name in ENGINE_BACKENDS
-            and cfg.build.tool == BuildTool.tensorrt_api)
+    return cfg.backend.fold_split_concat and backend in ENGINE_BACKENDS and cfg.build.tool == BuildTool.tensorrt_api
+
+
+def cuts_head(cfg: RunConfig, backend: str) -> bool:
+    """Whether the engine ends at the head's maps (`rewrite`): runner's own TensorRT runner on the API build, as
+    `backend.head_maps` says; the peer's predict needs the whole head."""
+    return cfg.backend.head_maps and backend == BackendName.tensorrt and cfg.build.tool == BuildTool.tensorrt_api
 
 
 def output_head(export: ExportResult, build: BuildResult | None = None) -> str:
     """The decode of the model under test (`heads.decode`): its head from the reference ONNX's metadata, its
     layout from the first output of the ONNX built (build=ultralytics makes its own) or tested. Raises StageError
     of the export stage before a build, else of validate."""
-    signature = (build and build.onnx_signature) or export.tested.signature
+    signature = (build and build.onnx_signature) or (export.reference if export.tested.head_maps
+                                                     else export.tested).signature
     metadata = heads.onnx_metadata(export.reference.path)
     if "head" not in metadata:  # a torch export cached before the exporter wrote its head: the checkpoint says it
         metadata["head"] = checkpoint.verify(export.weights).head

@@ -52,11 +52,14 @@
 #                                           #   int8's gain should show; table, layers fp16 against int8
 #   bash scripts/gpu-proof.sh int8-ranges   # as int8-b32, with TensorRT's implicit INT8 from onnxruntime's percentile
 #                                           #   ranges (int8_calibrator, calibrator=percentile, shared Concat ranges)
+#   bash scripts/gpu-proof.sh maps-static   # yolov8n fp16 static at level $LEVEL (3), the engine ending at the head's
+#                                           #   maps against the whole head, each beside the peer; table, layers, pick
+#   bash scripts/gpu-proof.sh maps-dynamic  # as int8-ranges with the int8 preset, head maps off/on; table, layers
 #   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on yolov8n from everything quantized, each greedy step
 #                                           #   timed on TensorRT (--latency), level 1
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|fold-static|fold-dynamic|int8-b32|int8-ranges|sensitivity}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic|sensitivity}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -126,7 +129,7 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
         | tee -a "$DEST/$step/run.log"
     done
     exit 0 ;;
-  l3-dynamic|l3-static|fold-static|fold-dynamic|int8-b32|int8-ranges)
+  l3-dynamic|l3-static|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic)
     DEST=$DEST/$step bash "$0" "$step-sweep" "${@:2}" || exit
     id=$(cat "$DEST/$step/$step-sweep/sweep_id") uri=sqlite:///$RUNS/mlflow.db
     python3 -m runner table --tracking-uri "$uri" --sweep "$id" --out "$DEST/$step/table" 2>&1 | tee "$DEST/$step/run.log"
@@ -134,6 +137,8 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
       l3-dynamic|fold-dynamic|int8-b32) pairs=("fp16 gpu-pre:int8 gpu-pre:fp16-vs-qdq") ;;
       int8-ranges) pairs=("fp16 gpu-pre:int8 percentile:fp16-vs-ranges") ;;
       fold-static) pairs=("fp16 gpu-pre gpu-post backend.fold_split_concat=false:fp16 gpu-pre gpu-post backend.fold_split_concat=true:fold") ;;
+      maps-static) pairs=("trt st fp16 gpu-pre:trt st fp16 head-maps:maps") ;;
+      maps-dynamic) pairs=("trt dy fp16 gpu-pre:trt dy fp16 head-maps:fp16-maps" "trt dy int8 percentile concat shared gpu-pre:trt dy int8 percentile concat shared head-maps:int8-maps" "trt dy fp16 head-maps:trt dy int8 percentile concat shared head-maps:fp16-vs-int8-maps") ;;
       *) pairs=() ;;
     esac
     for pair in "${pairs[@]}"; do
@@ -235,6 +240,17 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
   int8-ranges-sweep)
     args=(-m model=yolov8n precision=fp16,int8_calibrator precision.calibrator=percentile precision.concat_scales=shared
           shape=dynamic 'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
+          'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
+          backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
+          hydra.launcher.n_jobs=$(gpu_count)) ;;
+  maps-static-sweep)  # the engine ending at the head's maps against the whole head, each beside the peer
+    common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
+    args=(-m model=yolov8n precision=fp16 backend=tensorrt,ultralytics shape=static data.limit=64
+          backend.head_maps=false,true bench.warmup=50 bench.iters=300 backend.builder_optimization_level=${LEVEL:-3}
+          hydra/launcher=joblib backend.gpus=auto hydra.launcher.n_jobs=$(gpu_count)) ;;
+  maps-dynamic-sweep)
+    args=(-m model=yolov8n precision=fp16,int8 backend.head_maps=false,true shape=dynamic
+          'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
           'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
           backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
           hydra.launcher.n_jobs=$(gpu_count)) ;;

@@ -160,6 +160,22 @@ def test_half_input_applies_to_engines_whose_first_layers_are_not_fp32():
     assert trt.applies(theirs) == "backend.half_input: build=ultralytics makes its own engine; use build=tensorrt_api"
 
 
+@pytest.mark.parametrize("backend, overrides, label, refusal", [
+    ("tensorrt", [], "trt st fp16 head-maps gpu-pre gpu-post", None),
+    ("ultralytics", [], "trt st fp16 predict", None),  # the peer keeps the whole head
+    ("tensorrt", ["build=ultralytics"], "ul-trt st fp16 gpu-pre gpu-post",
+     "backend.head_maps: build=ultralytics makes its own engine; use build=tensorrt_api"),
+    ("tensorrt", ["export.head=end2end", "model=yolov10n"], "trt st fp16 head-maps gpu-pre gpu-post",
+     "backend.head_maps: export.head=end2end ends in its own (B, N, 6) detections; it applies to export.head=one2many"),
+])
+def test_head_maps_are_runners_tensorrt_rows_of_one_to_many_heads(backend, overrides, label, refusal):
+    cfg, = preflight(["precision=fp16", f"backend={backend}", "backend.head_maps=true", *overrides])
+    cfg, _ = backends.resolve_auto(cfg, backends.get(backend))
+    assert cell_of(cfg, backend, "builder_flag").build.label == label
+    if backend == "tensorrt":
+        assert TensorrtBackend().applies(cfg) == refusal
+
+
 def test_int8_auto_refuses_shared_concat_scales_where_tensorrts_own_calibrator_takes_it(monkeypatch):
     """The int8 preset shares Concat ranges; where auto resolves to TensorRT's calibrator (8.6, 10: stood in for
     here), entropy2 cannot, and the variant says so; percentile ranges can."""

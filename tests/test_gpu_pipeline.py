@@ -1,20 +1,25 @@
 """The GPU chain's ends on a real GPU: the letterbox against the CPU one, the score filter against the host decode;
 and the throughput lanes. The engines are tiny ONNX graphs made here, so the kernels see exactly the buffers a YOLO
-engine gives."""
+engine gives, and the 128-px yolov8n cut at its head maps."""
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import SMALL_IMGSZ, export_spec
+from runner.backends.onnxruntime import open_reference
 from runner.backends.tensorrt import compat as trt_compat
 from runner.backends.tensorrt.build import BuildSpec, build_engine
 from runner.backends.tensorrt.prepost import CANDIDATE_CAP
 from runner.backends.tensorrt.runtime import ShapeError, TrtRunner
 from runner.bench import bench, images_per_second
 from runner.config import BenchConfig
+from runner.export import export_onnx
+from runner.metrics import tensor_metrics
 from runner import prepost
 from runner.preflight import preflight
 from runner.prepost import Chain
+from runner.rewrite import head_maps_onnx
 from runner.processing import ONE2MANY, decode, decode_candidates, fit, preprocess
 from runner.validate import GPU_LETTERBOX_TOLERANCE
 
@@ -321,3 +326,32 @@ def test_throughput_on_one_and_two_streams(tmp_path, cuda_graph):
             images_per_second(runner, (2, *INPUT[1:]), 1, 10)
     print(f"throughput: {one:.0f} img/s on one stream, {two:.0f} img/s on two")
     assert one > 0 and two > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_an_engine_ending_at_the_head_maps_decodes_to_the_whole_heads_output(tmp_path, export_cache, precision):
+    """backend.head_maps on the 128-px yolov8n, dynamic: the host decode of the engine's maps against onnxruntime's
+    whole graph, and the GPU decode in the score filter against the host's, detection for detection, at batch 1 and
+    at batch 2 non-square."""
+    reference = export_onnx(export_spec("ultralytics", dynamic=True, imgsz=SMALL_IMGSZ), export_cache)
+    cut = head_maps_onnx(reference, tmp_path)
+    built = build_engine(BuildSpec(onnx_path=cut.path, precision=precision,
+                                   mechanism="builder_flag" if precision == "fp16" else "none",
+                                   min_shape=[1, 3, 64, 64], opt_shape=[2, 3, 128, 128], max_shape=[2, 3, 128, 128],
+                                   optimization_level=0, workspace_gib=1.0, cache_dir=str(tmp_path / "cache")))
+    whole = open_reference(reference.path)
+    with TrtRunner(built.artifact, cuda_graph=True, head_maps=cut.head_maps) as runner:
+        score_filter = runner.gpu_score_filter()
+        for batch in (frames(21)[0][:1], frames(22)[2]):
+            hw = (128, 128) if len(batch) == 1 else (96, 128)
+            blob, boxes = preprocess(batch, hw)
+            ours = runner.infer(blob)
+            assert list(ours) == ["output0"]
+            rel_l2 = tensor_metrics(ours["output0"], whole.infer(blob)["output0"], 1e-3, 1e-3)["rel_l2"]
+            assert rel_l2 < (1e-5 if precision == "fp32" else 3e-3), rel_l2
+            on_host = Chain(conf=0.01).post(runner, boxes)
+            on_gpu = Chain(score_filter=score_filter, conf=0.01).post(runner, boxes)
+            assert sum(len(d) for d in on_host) > 0
+            for a, b in zip(on_gpu, on_host, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
+    whole.close()

@@ -1,5 +1,8 @@
-"""The Split->Concat fold of the ONNX under test: what it rewrites and what it leaves, that onnxruntime gives the
-same bits before and after on the 128-px yolov8n and yolo11n, and which variants' export stage folds."""
+"""The rewrites of the ONNX under test. The Split->Concat fold: what it rewrites and what it leaves, that onnxruntime
+gives the same bits before and after on the 128-px yolov8n and yolo11n, and which variants' export stage folds. The
+cut at the head's maps: the host decode of the maps gives the whole graph's output on yolov8n, yolov5nu and yolo11n
+(dynamic, batch 2, non-square), the cut is refused in one line where there is no Detect head, and only runner's
+TensorRT runner on the API build gets it."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +14,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import ASSETS, SMALL_IMGSZ, export_spec
-from runner.config import BackendName, BuildTool, Mechanism
+from runner.config import BackendName, BuildTool, Head, Mechanism
 from runner.export import export_onnx
 from runner.preflight import preflight
-from runner.rewrite import fold_split_concat, folded_onnx
+from runner.processing import decode_maps
+from runner.results import StageError
+from runner.rewrite import NoHeadMaps, cut_at_head_maps, fold_split_concat, folded_onnx, head_maps_onnx
 from runner.variant import export_stage
 
 
@@ -81,12 +86,50 @@ def test_folded_yolo_gives_the_same_bits_and_is_cached(export_cache, tmp_path, m
 def test_the_export_stage_folds_the_onnx_under_test_of_tensorrt_api_builds_only(export_cache):
     cfg, = preflight(["backend=onnxruntime", "tracking.enabled=false", f"cache_dir={export_cache}",
                       f"model.imgsz=[{SMALL_IMGSZ[0]},{SMALL_IMGSZ[1]}]"])
-    on_ort = export_stage(cfg, Mechanism.none)
+    on_ort = export_stage(cfg, Mechanism.none, "onnxruntime")
     assert (on_ort.folded_splits, on_ort.tested.path) == (None, on_ort.reference.path)
     trt = dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, name=BackendName.tensorrt))
-    on_trt = export_stage(trt, Mechanism.builder_flag)
+    on_trt = export_stage(trt, Mechanism.builder_flag, "tensorrt")
     assert on_trt.folded_splits == 8 and on_trt.tested.path != on_trt.reference.path
     assert on_trt.reference.path == on_ort.reference.path  # onnxruntime's reference stays the export
     for off in (dataclasses.replace(trt, backend=dataclasses.replace(trt.backend, fold_split_concat=False)),
                 dataclasses.replace(trt, build=dataclasses.replace(trt.build, tool=BuildTool.ultralytics))):
-        assert export_stage(off, Mechanism.builder_flag).folded_splits is None
+        assert export_stage(off, Mechanism.builder_flag, "tensorrt").folded_splits is None
+
+
+@pytest.mark.parametrize("model", ["yolov8n", "yolov5nu", "yolo11n"])
+def test_the_decode_of_the_head_maps_gives_the_whole_graphs_output(export_cache, tmp_path, model):
+    reference = export_onnx(export_spec("ultralytics", weights=ASSETS / f"{model}.pt", imgsz=SMALL_IMGSZ,
+                                        dynamic=True), export_cache)
+    cut = head_maps_onnx(reference, tmp_path)
+    record = cut.head_maps
+    assert (record["output"], record["reg_max"], len(record["maps"])) == ("output0", 16, 6)
+    assert record["classes"] == len(reference.names) and not cut.cached
+    x = np.random.default_rng(1).random((2, 3, 96, 128), np.float32)  # batch 2, non-square, inside 128 px
+    whole = ort.InferenceSession(reference.path, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    maps = ort.InferenceSession(cut.path, providers=["CPUExecutionProvider"]).run(record["maps"], {"images": x})
+    assert [m.shape[1] for m in maps] == [64, record["classes"]] * 3
+    decoded = decode_maps(maps, record["reg_max"], x.shape[2:])
+    assert decoded.shape == whole.shape
+    np.testing.assert_allclose(decoded, whole, rtol=1e-5, atol=1e-3)  # fp32 rounding of box pixels up to 128
+    assert head_maps_onnx(reference, tmp_path).cached
+
+
+def test_a_graph_without_a_detect_head_is_refused_in_one_line():
+    with pytest.raises(NoHeadMaps, match="no YOLO Detect head maps to cut at .*one-to-many YOLO heads"):
+        cut_at_head_maps(graph_of(split(), concat("a", "b")))
+
+
+def test_only_runners_tensorrt_runner_on_the_api_build_ends_at_the_head_maps(export_cache):
+    cfg, = preflight(["backend=tensorrt", "backend.head_maps=true", "tracking.enabled=false",
+                      f"cache_dir={export_cache}", f"model.imgsz=[{SMALL_IMGSZ[0]},{SMALL_IMGSZ[1]}]"])
+    cut = export_stage(cfg, Mechanism.builder_flag, "tensorrt")
+    assert cut.tested.head_maps["maps"] == [o["name"] for o in cut.tested.signature["outputs"]]
+    assert cut.reference.head_maps is None
+    for backend, off in (("ultralytics", cfg), ("tensorrt", dataclasses.replace(
+            cfg, build=dataclasses.replace(cfg.build, tool=BuildTool.ultralytics)))):
+        assert export_stage(off, Mechanism.builder_flag, backend).tested.head_maps is None
+    end2end = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(ASSETS / "yolov10n.pt")),
+                                  export=dataclasses.replace(cfg.export, head=Head.end2end))
+    with pytest.raises(StageError, match=r"backend.head_maps: the output output0 \[1, 300, 6\] is not the one-to-many"):
+        export_stage(end2end, Mechanism.builder_flag, "tensorrt")

@@ -42,6 +42,8 @@ class TensorrtBackend(Backend):
     def applies(self, cfg: RunConfig) -> str | None:
         if cfg.backend.half_input and (why := self._half_input_refusal(cfg)):
             return why
+        if cfg.backend.head_maps and (why := self._head_maps_refusal(cfg)):
+            return why
         if cfg.build.tool != BuildTool.ultralytics:
             calibrated = cfg.precision.name == Precision.int8 and self.precision_mechanism(cfg) == Mechanism.calibrator
             return calibrator_refusal(cfg.precision) if calibrated else None  # int8_mode=auto on TensorRT <= 10
@@ -69,6 +71,17 @@ class TensorrtBackend(Backend):
                     f"it applies to fp16 (builder_flag) and int8 Q/DQ")
         return None
 
+    @staticmethod
+    def _head_maps_refusal(cfg: RunConfig) -> str | None:
+        """Where an engine ending at the head's maps does not apply: build=ultralytics (its own engine) and heads
+        that are not one-to-many (no maps to decode)."""
+        if cfg.build.tool == BuildTool.ultralytics:
+            return "backend.head_maps: build=ultralytics makes its own engine; use build=tensorrt_api"
+        if cfg.export.head != Head.one2many:
+            return (f"backend.head_maps: export.head={cfg.export.head.value} ends in its own (B, N, 6) detections; it "
+                    f"applies to export.head=one2many")
+        return None
+
     def build(self, cfg: RunConfig, export: ExportResult, calibration: CalibrationSet | None = None) -> BuildResult:
         b = cfg.backend
         if cfg.build.tool == BuildTool.ultralytics:
@@ -83,7 +96,7 @@ class TensorrtBackend(Backend):
                 use_engine_cache=b.engine_cache))
         from runner.backends.tensorrt.build import BuildSpec, build_engine
 
-        return build_engine(BuildSpec(
+        built = build_engine(BuildSpec(
             onnx_path=export.tested.path, precision=cfg.precision.name.value, mechanism=self.precision_mechanism(cfg),
             calibration=calibration, calibrator=cfg.precision.calibrator.value,
             keep_float=tuple(cfg.precision.keep_float), concat_scales=cfg.precision.concat_scales.value,
@@ -91,8 +104,10 @@ class TensorrtBackend(Backend):
             optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,
             use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32,
             half_input=b.half_input))
+        built.head_maps = export.tested.head_maps
+        return built
 
     def runner(self, cfg: RunConfig, build: BuildResult):
         from runner.backends.tensorrt.runtime import TrtRunner
 
-        return TrtRunner(build.artifact, cuda_graph=cfg.bench.cuda_graph)
+        return TrtRunner(build.artifact, cuda_graph=cfg.bench.cuda_graph, head_maps=build.head_maps)

@@ -10,6 +10,11 @@ rounding of an fp16 input).
 `candidates_*`: the one-to-many head `(B, 4 + nc, A)` -> per image the anchors whose best class score is above
 the threshold, as rows [cx, cy, w, h, score, class, anchor, 0], compacted with an atomic counter. Only these rows
 and the counts cross to the host, instead of the whole head output.
+
+`map_candidates_*`: the same rows from a Detect head's three levels of maps (`backend.head_maps`), box
+`(B, 4 * reg_max, h, w)` and class `(B, nc, h, w)` each: the best class logit's sigmoid against the threshold, then,
+for the anchors kept only, the decode `processing.decode_maps` does (DFL expectation, distances from the cell's
+centre, times the level's stride).
 """
 from __future__ import annotations
 
@@ -86,6 +91,41 @@ __device__ void candidates(const T* pred, int C, int A, float conf, float* rows,
     r[4] = best; r[5] = (float)cls; r[6] = (float)a; r[7] = 0.f;
 }
 
+template <typename T>
+__device__ void map_candidates(const T* b0, const T* c0, const T* b1, const T* c1, const T* b2, const T* c2,
+                               int h0, int w0, int h1, int w1, int h2, int w2, int nc, int reg, int H,
+                               float conf, float* rows, int* counts, int cap) {
+    int a = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
+    int a0 = h0 * w0, a1 = h1 * w1;
+    if (a >= a0 + a1 + h2 * w2) return;
+    const T *box = b0, *cls = c0; int i = a, h = h0, w = w0;
+    if (a >= a0 + a1) { box = b2; cls = c2; i = a - a0 - a1; h = h2; w = w2; }
+    else if (a >= a0) { box = b1; cls = c1; i = a - a0; h = h1; w = w1; }
+    size_t hw = (size_t)h * w;
+    box += (size_t)n * 4 * reg * hw + i;
+    cls += (size_t)n * nc * hw + i;
+    float best = get(cls); int k = 0;
+    for (int c = 1; c < nc; ++c) { float v = get(cls + c * hw); if (v > best) { best = v; k = c; } }
+    float score = 1.f / (1.f + expf(-best));
+    if (!(score > conf)) return;
+    float d[4];
+    for (int s = 0; s < 4; ++s) {
+        const T* p = box + s * reg * hw;
+        float m = get(p);
+        for (int j = 1; j < reg; ++j) m = fmaxf(m, get(p + j * hw));
+        float sum = 0.f, mean = 0.f;
+        for (int j = 0; j < reg; ++j) { float e = expf(get(p + j * hw) - m); sum += e; mean += e * j; }
+        d[s] = reg > 1 ? mean / sum : m;
+    }
+    float stride = (float)H / (float)h, x = (i % w) + 0.5f, y = (i / w) + 0.5f;
+    float x1 = x - d[0], y1 = y - d[1], x2 = x + d[2], y2 = y + d[3];
+    int slot = atomicAdd(counts + n, 1);
+    if (slot >= cap) return;
+    float* r = rows + ((size_t)n * cap + slot) * 8;
+    r[0] = (x1 + x2) / 2 * stride; r[1] = (y1 + y2) / 2 * stride; r[2] = (x2 - x1) * stride; r[3] = (y2 - y1) * stride;
+    r[4] = score; r[5] = (float)k; r[6] = (float)a; r[7] = 0.f;
+}
+
 extern "C" {
 typedef const unsigned char* Src;
 __global__ void letterbox_float(Src s, const Fit* f, float* d, int H, int W) { letterbox(s, f, d, H, W); }
@@ -96,9 +136,14 @@ __global__ void candidates_float(const float* p, int C, int A, float t, float* r
 __global__ void candidates_half(const half_bits* p, int C, int A, float t, float* r, int* n, int k) {
     candidates(p, C, A, t, r, n, k);
 }
+#define MAPS(T) const T* b0, const T* c0, const T* b1, const T* c1, const T* b2, const T* c2, int h0, int w0, \
+    int h1, int w1, int h2, int w2, int nc, int reg, int H, float t, float* r, int* n, int k
+__global__ void map_candidates_float(MAPS(float)) { map_candidates(b0, c0, b1, c1, b2, c2, h0, w0, h1, w1, h2, w2, nc, reg, H, t, r, n, k); }
+__global__ void map_candidates_half(MAPS(half_bits)) { map_candidates(b0, c0, b1, c1, b2, c2, h0, w0, h1, w1, h2, w2, nc, reg, H, t, r, n, k); }
 }
 """
-KERNELS = ("letterbox_float", "letterbox_half", "candidates_float", "candidates_half")
+KERNELS = ("letterbox_float", "letterbox_half", "candidates_float", "candidates_half", "map_candidates_float",
+           "map_candidates_half")
 BLOCK = 256
 
 
@@ -154,6 +199,16 @@ class Kernels:
         self.launch("candidates_half" if half else "candidates_float", (-(-anchors // BLOCK), batch, 1), stream,
                     (pred, ctypes.c_void_p), (channels, ctypes.c_int), (anchors, ctypes.c_int),
                     (conf, ctypes.c_float), (rows, ctypes.c_void_p), (counts, ctypes.c_void_p), (cap, ctypes.c_int))
+
+    def map_candidates(self, stream, maps: list[tuple[int, tuple[int, ...]]], classes: int, reg_max: int,
+                       input_h: int, conf: float, rows: int, counts: int, cap: int, half: bool) -> None:
+        """`candidates` from the head's maps, (device address, shape) per level: box, class, box, class, ..."""
+        batch, anchors = maps[0][1][0], sum(shape[2] * shape[3] for _, shape in maps[::2])
+        self.launch("map_candidates_half" if half else "map_candidates_float", (-(-anchors // BLOCK), batch, 1),
+                    stream, *((address, ctypes.c_void_p) for address, _ in maps),
+                    *((size, ctypes.c_int) for _, shape in maps[::2] for size in shape[2:]),
+                    (classes, ctypes.c_int), (reg_max, ctypes.c_int), (input_h, ctypes.c_int), (conf, ctypes.c_float),
+                    (rows, ctypes.c_void_p), (counts, ctypes.c_void_p), (cap, ctypes.c_int))
 
     def unload(self) -> None:
         cuda_call(cuda_driver().cuModuleUnload, self.module)

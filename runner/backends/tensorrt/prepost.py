@@ -108,12 +108,18 @@ class Candidates:
         return self.buffers.ensure(self.counts, batch * 4) | self.buffers.ensure(self.rows, self._rows_bytes(batch))
 
     def queue(self, runner, kernels: Kernels, conf: float) -> None:
-        """Zero the counts and filter the head output by `conf` into the rows, on the runner's stream."""
-        head, (batch, channels, anchors), dtype = runner.tensor(runner.output_names[0])
-        device = self.buffers.device
-        cuda_call(runner.rt.cudaMemsetAsync, device[self.counts], 0, batch * 4, runner.stream)
-        kernels.candidates(runner.stream, head, batch, channels, anchors, conf, device[self.rows],
-                           device[self.counts], CANDIDATE_CAP, dtype == np.float16)
+        """Zero the counts and filter the head output (or decode its maps, `runner.head_maps`) by `conf` into the
+        rows, on the runner's stream."""
+        device, maps = self.buffers.device, runner.head_maps
+        head, shape, dtype = runner.tensor(runner.output_names[0])
+        cuda_call(runner.rt.cudaMemsetAsync, device[self.counts], 0, shape[0] * 4, runner.stream)
+        if maps:
+            tensors = [runner.tensor(name)[:2] for name in maps["maps"]]
+            kernels.map_candidates(runner.stream, tensors, maps["classes"], maps["reg_max"], runner.shape[2], conf,
+                                   device[self.rows], device[self.counts], CANDIDATE_CAP, dtype == np.float16)
+        else:
+            kernels.candidates(runner.stream, head, *shape, conf, device[self.rows], device[self.counts],
+                               CANDIDATE_CAP, dtype == np.float16)
 
     def copy_back(self, runner, batch: int) -> None:
         """Queue the copies of the counts and rows to their pinned host buffers on the runner's stream."""
@@ -169,7 +175,8 @@ class GpuLetterbox(GpuEnd):
 
 
 class GpuScoreFilter(GpuEnd):
-    """The runner's first output, a one-to-many head `(B, 4 + nc, A)`, cut to its candidates on the GPU."""
+    """The runner's first output, a one-to-many head `(B, 4 + nc, A)`, or its head maps, cut to its candidates on the
+    GPU."""
 
     def __init__(self, runner):
         super().__init__(runner)

@@ -20,6 +20,7 @@ from runner.backends import Runner
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.compat import cuda_call
 from runner.config import BackendName
+from runner.processing import decode_maps
 
 
 class ShapeError(ValueError):
@@ -163,13 +164,14 @@ class TrtRunner(Runner):
 
     Reads plain plans and ultralytics .engine files (JSON header + plan). What runs around the engine on its stream
     (`gpu_letterbox`, `gpu_score_filter`, `lanes`) takes `stream`, `graphs`, `timed` and `tensor` from it, and is
-    closed with it."""
+    closed with it. `head_maps`: an engine that ends at a Detect head's maps (`rewrite.cut_at_head_maps`'s record):
+    its outputs on the host are their decode, under the original output's name."""
 
     name = BackendName.tensorrt.value
     queues = True
 
-    def __init__(self, engine_path: str, cuda_graph: bool = False):
-        self.engine_path, self._want_graph = engine_path, cuda_graph
+    def __init__(self, engine_path: str, cuda_graph: bool = False, head_maps: dict | None = None):
+        self.engine_path, self._want_graph, self.head_maps = engine_path, cuda_graph, head_maps
         self._closed = True
 
     def open(self) -> None:
@@ -307,11 +309,15 @@ class TrtRunner(Runner):
                           to_device=False)
 
     def outputs(self) -> dict[str, np.ndarray]:
-        """Copies of the outputs `queue_d2h` brought back (floats as float32), once the stream is synchronized."""
+        """Copies of the outputs `queue_d2h` brought back (floats as float32), once the stream is synchronized; the
+        head maps' decode (`processing.decode_maps`) where the engine ends at them."""
         out = {}
         for name in self.output_names:
             view = self._views[name]
             out[name] = view.astype(np.float32) if view.dtype.kind == "f" else view.copy()
+        if self.head_maps:
+            maps = self.head_maps
+            return {maps["output"]: decode_maps([out[n] for n in maps["maps"]], maps["reg_max"], self.shape[2:])}
         return out
 
     def read(self, name: str) -> np.ndarray:
@@ -355,7 +361,11 @@ class TrtRunner(Runner):
         return self._ends[-1]
 
     def overlapped(self, geometry, score_filter: bool):
+        """None for head maps without the score filter: their host decode runs one batch at a time."""
         from runner.backends.tensorrt.overlap import Overlapped
+
+        if self.head_maps and not score_filter:
+            return None
 
         self._ends.append(Overlapped(self, geometry, score_filter))
         return self._ends[-1]
@@ -421,6 +431,9 @@ class TrtRunner(Runner):
         }
         if self.graphs.note:
             s["cuda_graph_note"] = self.graphs.note
+        if self.head_maps:
+            s["head_maps"] = (f"the engine ends at the head's {len(self.head_maps['maps'])} maps; the GPU score "
+                              f"filter, or the host, decodes them")
         return s
 
     def close(self) -> None:
