@@ -153,11 +153,11 @@ class BuildVariant(_Variant):
     pipeline: str = ""
     setting: str = ""  # set by the report where variants of one cell differ: the settings that tell them apart
     input_dtype: str = field(default="", kw_only=True)  # `fp16` with backend.half_input; "" for float32
-    head_maps: bool = field(default=False, kw_only=True)  # backend.head_maps: the engine ends at the head's maps
+    head_maps: str = field(default="", kw_only=True)  # `head-maps` with backend.head_maps: the engine ends at them
     TOOLS: ClassVar[dict[str, str]] = BUILD_TOOLS
 
     def _label_tail(self) -> tuple[str, ...]:
-        return self.input_dtype and f"{self.input_dtype}-in", self.head_maps and "head-maps", self.pipeline, self.setting
+        return self.input_dtype and f"{self.input_dtype}-in", self.head_maps, self.pipeline, self.setting
 
 
 @dataclass(frozen=True)

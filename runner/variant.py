@@ -44,7 +44,7 @@ def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
                        cfg.export.head.value, **int8_settings(cfg, mechanism, Mechanism.qdq))
     build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, prepost_label(cfg, backend),
                          input_dtype="fp16" if backend in ENGINE_BACKENDS and cfg.backend.half_input else "",
-                         head_maps=cuts_head(cfg, backend),
+                         head_maps="head-maps" if cuts_head(cfg, backend) else "",
                          **int8_settings(cfg, mechanism, Mechanism.calibrator))  # calibrated in the build
     return Cell(onnx, build, cfg.model.label)
 
