@@ -98,9 +98,10 @@ def plot_pareto(points: pd.DataFrame, path: Path, title: str, panels: list[tuple
     qualifying points filled and ranked, the others hollow, the panel's Pareto front drawn, the budget dashed,
     every point labelled in a column beside the axes (a leader line to each, no label over another)."""
     height = max(4.5, 0.16 * len(points) + 1.5)
-    fig = Figure(figsize=(11, 2 * height + 0.6))
-    fig.subplots_adjust(left=0.08, right=0.7, top=1 - 0.9 / fig.get_figheight(), bottom=0.45 / fig.get_figheight(),
-                        hspace=0.9 / height)
+    labels_in = 0.6 + 0.055 * max((len(label) for label in points["label"]), default=0)  # the label column, inches
+    fig = Figure(figsize=(7.7 + labels_in, 2 * height + 0.6))
+    fig.subplots_adjust(left=0.08 * 11 / fig.get_figwidth(), right=1 - labels_in / fig.get_figwidth(),
+                        top=1 - 0.9 / fig.get_figheight(), bottom=0.45 / fig.get_figheight(), hspace=0.9 / height)
     for ax, (front, column, label, bound) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
         _pareto_panel(ax, points.dropna(subset=[column, "map50_95"]), front, column, bound, min_map)
         ax.set_xlabel(label)
