@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 FOLD_VERSION = 1  # in the cache key: a change to what fold_split_concat rewrites
 HEAD_MAPS_VERSION = 1  # in the cache key: a change to where `cut_at_head_maps` cuts
 LEVELS = 3  # the head maps' levels the GPU decode takes (P3-P5)
+MAX_BINS = 16  # the DFL bins per side the GPU decode takes (yolov8, yolov5u, yolo11: 16)
 
 
 class NoHeadMaps(ValueError):
@@ -115,6 +116,8 @@ def cut_at_head_maps(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     classes, box = channels[1], channels[0]
     if box % 4 or any(c != box for c in channels[::2]) or any(c != classes for c in channels[1::2]):
         raise NoHeadMaps(f"head maps of {channels} channels are not box maps of 4 x bins and class maps per level")
+    if box // 4 > MAX_BINS:
+        raise NoHeadMaps(f"the head's DFL has {box // 4} bins per side; the GPU decode takes at most {MAX_BINS}")
     output = model.graph.output[0]
     shape = [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim]
     if len(shape) != 3 or shape[1] != 4 + classes:

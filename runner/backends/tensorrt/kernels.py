@@ -91,6 +91,7 @@ __device__ void candidates(const T* pred, int C, int A, float conf, float* rows,
     r[4] = best; r[5] = (float)cls; r[6] = (float)a; r[7] = 0.f;
 }
 
+#define MAX_BINS 16  // the DFL's bins per side (`rewrite.MAX_BINS`)
 template <typename T>
 __device__ void map_candidates(const T* b0, const T* c0, const T* b1, const T* c1, const T* b2, const T* c2,
                                int h0, int w0, int h1, int w1, int h2, int w2, int nc, int reg, int H,
@@ -105,16 +106,22 @@ __device__ void map_candidates(const T* b0, const T* c0, const T* b1, const T* c
     box += (size_t)n * 4 * reg * hw + i;
     cls += (size_t)n * nc * hw + i;
     float best = get(cls); int k = 0;
+    #pragma unroll 8
     for (int c = 1; c < nc; ++c) { float v = get(cls + c * hw); if (v > best) { best = v; k = c; } }
     float score = 1.f / (1.f + expf(-best));
     if (!(score > conf)) return;
-    float d[4];
+    float d[4];  // every bin of the four sides is loaded at once: a kept anchor waits for one round of loads
+    #pragma unroll
     for (int s = 0; s < 4; ++s) {
-        const T* p = box + s * reg * hw;
-        float m = get(p);
-        for (int j = 1; j < reg; ++j) m = fmaxf(m, get(p + j * hw));
+        float v[MAX_BINS];
+        #pragma unroll
+        for (int j = 0; j < MAX_BINS; ++j) v[j] = j < reg ? get(box + (s * reg + j) * hw) : -3.4e38f;
+        float m = v[0];
+        #pragma unroll
+        for (int j = 1; j < MAX_BINS; ++j) m = fmaxf(m, v[j]);
         float sum = 0.f, mean = 0.f;
-        for (int j = 0; j < reg; ++j) { float e = expf(get(p + j * hw) - m); sum += e; mean += e * j; }
+        #pragma unroll
+        for (int j = 0; j < MAX_BINS; ++j) { float e = j < reg ? expf(v[j] - m) : 0.f; sum += e; mean += e * j; }
         d[s] = reg > 1 ? mean / sum : m;
     }
     float stride = (float)H / (float)h, x = (i % w) + 0.5f, y = (i / w) + 0.5f;
