@@ -183,7 +183,8 @@ def decode_maps(maps: list[np.ndarray], reg_max: int, input_hw: tuple[int, int])
     box = np.concatenate(boxes, -1).astype(np.float32)
     if reg_max > 1:
         weights = np.exp(box - box.max(2, keepdims=True))
-        box = (weights * np.arange(reg_max, dtype=np.float32)[:, None]).sum(2, keepdims=True) / weights.sum(2, keepdims=True)
+        bins = np.arange(reg_max, dtype=np.float32)[:, None]
+        box = (weights * bins).sum(2, keepdims=True) / weights.sum(2, keepdims=True)
     dist, centre = box[:, :, 0], np.concatenate(centres, -1)
     left_top, right_bottom = centre - dist[:, :2], centre + dist[:, 2:]
     xywh = np.concatenate([(left_top + right_bottom) / 2, right_bottom - left_top], 1) * np.concatenate(strides)

@@ -145,8 +145,9 @@ __global__ void candidates_half(const half_bits* p, int C, int A, float t, float
 }
 #define MAPS(T) const T* b0, const T* c0, const T* b1, const T* c1, const T* b2, const T* c2, int h0, int w0, \
     int h1, int w1, int h2, int w2, int nc, int reg, int H, float t, float* r, int* n, int k
-__global__ void map_candidates_float(MAPS(float)) { map_candidates(b0, c0, b1, c1, b2, c2, h0, w0, h1, w1, h2, w2, nc, reg, H, t, r, n, k); }
-__global__ void map_candidates_half(MAPS(half_bits)) { map_candidates(b0, c0, b1, c1, b2, c2, h0, w0, h1, w1, h2, w2, nc, reg, H, t, r, n, k); }
+#define MAPS_ARGS b0, c0, b1, c1, b2, c2, h0, w0, h1, w1, h2, w2, nc, reg, H, t, r, n, k
+__global__ void map_candidates_float(MAPS(float)) { map_candidates(MAPS_ARGS); }
+__global__ void map_candidates_half(MAPS(half_bits)) { map_candidates(MAPS_ARGS); }
 }
 """
 KERNELS = ("letterbox_float", "letterbox_half", "candidates_float", "candidates_half", "map_candidates_float",
