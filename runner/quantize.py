@@ -408,6 +408,7 @@ def _quantize(reference: OnnxArtifact, calibration: CalibrationSet, method: str,
                             signature=signature(model), checker=checker_verdict(model),
                             size_bytes=path.stat().st_size, export_s=time.perf_counter() - start, cached=False,
                             end2end=reference.end2end, names=reference.names,
+                            folded_splits=reference.folded_splits, head_maps=reference.head_maps,  # its outputs'
                             quantization={"calibrator": method, "images": len(calibration.files),
                                           "source": str(Path(calibration.files[0]).parent), "ops": list(ops),
                                           "keep_float": list(keep_float), "quantized_nodes": len(quantized),

@@ -2,7 +2,7 @@
 gives the same bits before and after on the 128-px yolov8n and yolo11n, and which variants' export stage folds. The
 cut at the head's maps: the host decode of the maps gives the whole graph's output on yolov8n, yolov5nu and yolo11n
 (dynamic, batch 2, non-square), the cut is refused in one line where there is no Detect head, and only runner's
-TensorRT runner on the API build gets it."""
+TensorRT runner on the API build gets it, and a Q/DQ ONNX made from the cut keeps its record."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import ASSETS, SMALL_IMGSZ, export_spec
-from runner.config import BackendName, BuildTool, Head, Mechanism
+from runner.config import BackendName, BuildTool, Calibrator, Head, Mechanism, Precision
 from runner.export import export_onnx
 from runner.preflight import preflight
 from runner.processing import decode_maps
@@ -126,6 +126,11 @@ def test_only_runners_tensorrt_runner_on_the_api_build_ends_at_the_head_maps(exp
     cut = export_stage(cfg, Mechanism.builder_flag, "tensorrt")
     assert cut.tested.head_maps["maps"] == [o["name"] for o in cut.tested.signature["outputs"]]
     assert cut.reference.head_maps is None
+    qdq = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, name=Precision.int8,
+                                                                 calibration_images=4, calibrator=Calibrator.minmax))
+    quantized = export_stage(qdq, Mechanism.qdq, "tensorrt").tested  # cut first, then Q/DQ: the record stays
+    assert quantized.quantization and quantized.head_maps == cut.tested.head_maps
+    assert [o["name"] for o in quantized.signature["outputs"]] == cut.tested.head_maps["maps"]
     for backend, off in (("ultralytics", cfg), ("tensorrt", dataclasses.replace(
             cfg, build=dataclasses.replace(cfg.build, tool=BuildTool.ultralytics)))):
         assert export_stage(off, Mechanism.builder_flag, backend).tested.head_maps is None
