@@ -30,7 +30,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -48,6 +48,7 @@ from runner.data import calibration_files
 from runner.export import cached_onnx, checker_verdict, signature, store_onnx
 from runner.processing import preprocess
 from runner.results import OnnxArtifact, StageError
+from runner.rewrite import readers
 
 log = logging.getLogger(__name__)
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -192,7 +193,8 @@ def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cach
         log.info("build: calibrating int8 ranges (%s) on onnxruntime, %d images at %s...", method,
                  len(calibration.files), list(calibration.shape))
         model = onnx.load(onnx_path, load_external_data=False)
-        chosen = [n for n in model.graph.node if n.name in set(quantized_nodes(model, ops, keep_float))]
+        quantized = set(quantized_nodes(model, ops, keep_float))
+        chosen = [n for n in model.graph.node if n.name in quantized]
         with tempfile.TemporaryDirectory() as tmp:
             data = calibrate(onnx_path, model.graph.input[0].name, calibration, method, ops, Path(tmp))
             if concat_scales == "shared":
@@ -208,13 +210,10 @@ def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cach
 def activated(model: onnx.ModelProto, convs: Sequence[onnx.NodeProto]) -> set[str]:
     """The tensors the convolutions' activations make (SiLU's Mul, or one of `ACTIVATIONS`); a convolution's own
     output where it has none."""
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in model.graph.node:
-        for tensor in node.input:
-            readers[tensor].append(node)
+    read = readers(model)
 
     def made(conv: onnx.NodeProto) -> str:
-        after = readers[conv.output[0]]
+        after = read[conv.output[0]]
         return next((n.output[0] for n in after if n.op_type == "Mul"),
                     next((n.output[0] for n in after if n.op_type in ACTIVATIONS), conv.output[0]))
 
@@ -231,16 +230,11 @@ def quantized_nodes(model: onnx.ModelProto, ops: Sequence[str], keep_float: Sequ
     whose output reaches a node that is not quantized, or the graph's output."""
     kept = set(kept_float(model, keep_float))
     chosen = {n.name: n for n in model.graph.node if n.op_type in ops and n.name not in kept}
-    consumers: dict[str, list[str]] = defaultdict(list)
-    for node in model.graph.node:
-        for tensor in node.input:
-            consumers[tensor].append(node.name)
-    for output in model.graph.output:
-        consumers[output.name].append("")  # the graph's output: float
+    read, outputs = readers(model), {output.name for output in model.graph.output}  # the graph's outputs: float
     dropped = True
     while dropped:  # dropping one may strand the Add or Concat that feeds it
         stranded = [name for name, node in chosen.items() if node.op_type in FLOW_OPS
-                    and any(c not in chosen for t in node.output for c in consumers[t])]
+                    and any(t in outputs or any(r.name not in chosen for r in read[t]) for t in node.output)]
         for name in stranded:
             del chosen[name]
         dropped = bool(stranded)

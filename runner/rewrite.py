@@ -71,16 +71,21 @@ def fold_split_concat(model: onnx.ModelProto) -> int:
     return folded
 
 
+def readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes that read each tensor, by its name."""
+    read = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            read[name].append(node)
+    return read
+
+
 def head_maps(model: onnx.ModelProto) -> list[str]:
     """The outputs of a YOLO Detect head's last convolutions, per level its box map then its class map, in the order
     the head concatenates the levels. They are found by the head's decode: one Concat of Reshaped convolution
     outputs read by a Sigmoid (the classes) and one other (the boxes, into the DFL). Raises NoHeadMaps."""
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    readers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            readers[name].append(node.op_type)
+    producer, read = {out: node for node in graph.node for out in node.output}, readers(model)
 
     def conv_outputs(concat: onnx.NodeProto) -> list[str] | None:
         outputs = []
@@ -93,8 +98,9 @@ def head_maps(model: onnx.ModelProto) -> list[str]:
         return outputs
 
     branches = [(node, maps) for node in graph.node if node.op_type == "Concat" and (maps := conv_outputs(node))]
-    classes = [maps for node, maps in branches if "Sigmoid" in readers[node.output[0]]]
-    boxes = [maps for node, maps in branches if "Sigmoid" not in readers[node.output[0]]]
+    sigmoid = {node.name for node, _ in branches if any(r.op_type == "Sigmoid" for r in read[node.output[0]])}
+    classes = [maps for node, maps in branches if node.name in sigmoid]
+    boxes = [maps for node, maps in branches if node.name not in sigmoid]
     if len(classes) != 1 or len(boxes) != 1 or {len(classes[0]), len(boxes[0])} != {LEVELS} or len(graph.output) != 1:
         raise NoHeadMaps(f"no YOLO Detect head maps to cut at (found {len(boxes)} box and {len(classes)} class "
                          f"branches of {[len(b) for b in boxes + classes]} levels, {len(graph.output)} outputs; "
