@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from runner.quantize import CalibrationSet
 
 
+API_BUILD_SETTINGS = ("half_input", "head_maps")  # backend settings of runner's own build, not build=ultralytics'
+
+
 class TensorrtBackend(Backend):
     name = BackendName.tensorrt.value
     gpu_ends = True
@@ -40,6 +43,9 @@ class TensorrtBackend(Backend):
         return resolve_fp16_mode(trt, cfg.precision.fp16_mode.value)
 
     def applies(self, cfg: RunConfig) -> str | None:
+        asked = [key for key in API_BUILD_SETTINGS if getattr(cfg.backend, key)]
+        if asked and cfg.build.tool == BuildTool.ultralytics:
+            return f"backend.{asked[0]}: build=ultralytics makes its own engine; use build=tensorrt_api"
         if cfg.backend.half_input and (why := self._half_input_refusal(cfg)):
             return why
         if cfg.backend.head_maps and (why := self._head_maps_refusal(cfg)):
@@ -60,11 +66,9 @@ class TensorrtBackend(Backend):
 
     def _half_input_refusal(self, cfg: RunConfig) -> str | None:
         """Where an fp16 input does not apply: fp32 (IEEE fp32 throughout), TensorRT's calibrator (it feeds float
-        batches), a strongly typed network (the ONNX's input type) and build=ultralytics (its own engine)."""
+        batches) and a strongly typed network (the ONNX's input type)."""
         from runner.backends.tensorrt.build import HALF_INPUT_MECHANISMS
 
-        if cfg.build.tool == BuildTool.ultralytics:
-            return "backend.half_input: build=ultralytics makes its own engine; use build=tensorrt_api"
         mechanism = self.precision_mechanism(cfg)
         if mechanism not in HALF_INPUT_MECHANISMS:
             return (f"backend.half_input: precision {cfg.precision.name.value} via {mechanism} keeps a float input; "
@@ -73,10 +77,8 @@ class TensorrtBackend(Backend):
 
     @staticmethod
     def _head_maps_refusal(cfg: RunConfig) -> str | None:
-        """Where an engine ending at the head's maps does not apply: build=ultralytics (its own engine) and heads
-        that are not one-to-many (no maps to decode)."""
-        if cfg.build.tool == BuildTool.ultralytics:
-            return "backend.head_maps: build=ultralytics makes its own engine; use build=tensorrt_api"
+        """Where an engine ending at the head's maps does not apply: heads that are not one-to-many (no maps to
+        decode)."""
         if cfg.export.head != Head.one2many:
             return (f"backend.head_maps: export.head={cfg.export.head.value} ends in its own (B, N, 6) detections; it "
                     f"applies to export.head=one2many")
