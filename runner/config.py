@@ -222,7 +222,8 @@ class BackendConfig:
     fold_split_concat: bool = True  # TensorRT API build: a Concat of a Split's every output reads its input (exact;
     #   `rewrite`), so the engine writes the tensor in place instead of copying its halves
     head_maps: bool = False  # TensorRT API build of a one-to-many YOLO head: the engine ends at the head's per-level
-    #   maps (`rewrite`); the GPU score filter, or the host, decodes them. The peer keeps the whole head
+    #   maps (`rewrite`), in fp16 where the precision is fp16 or int8; the GPU score filter, or the host, decodes
+    #   them. The peer keeps the whole head
     engine_cache: bool = True
     timing_cache: bool = True
     ort_provider: str = "CPUExecutionProvider"  # for backend=onnxruntime; the reference always runs on the CPU

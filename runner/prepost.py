@@ -8,8 +8,9 @@ from its runner and its config (`preprocess=cpu|gpu`, `postprocess=cpu|gpu`).
   - pre on gpu: the uint8 source crosses; the runner's `gpu_letterbox` fits it on the device, with the same
     geometry (`processing.geometry` of the decode).
   - post on cpu: every output crosses back; decode + NMS on the host.
-  - post on gpu: the runner's `gpu_score_filter` runs on the device and only its candidates cross back; NMS on the
-    host. An end-to-end output `(B, N, 6)` is small already: it is copied back as it is.
+  - post on gpu: the runner's `gpu_score_filter` filters by score and runs NMS on the device; only the detections
+    cross back, the host scales them to the source. An end-to-end output `(B, N, 6)` is small already: it is copied
+    back as it is.
   On a runner that queues its device work (`Runner.queues`: TensorRT) a run is queued and waited for once, as an
   application runs it; each stage is its host work until its device work is queued, plus that work's GPU time
   between CUDA events (`ONE_WAIT`). Elsewhere each stage is waited for and timed on the host clock.
@@ -29,7 +30,7 @@ import numpy as np
 
 from runner.backends import Predictor, Runner
 from runner.config import Device, RunConfig
-from runner.processing import ONE2MANY, RTDETR, decode_candidates, geometry, postprocess, preprocess, scale_all
+from runner.processing import ONE2MANY, RTDETR, geometry, postprocess, preprocess, scale_all
 
 ONE_AT_A_TIME = "one batch at a time"
 ONE_WAIT = ("one wait per run: each stage's host work until its device work is queued, plus that work's GPU time "
@@ -69,14 +70,11 @@ class Chain:
     def post(self, runner: Runner, boxes) -> list[np.ndarray]:
         """Detections [x1, y1, x2, y2, score, cls] in source pixels, per frame."""
         if self.score_filter is not None and self.head == ONE2MANY:
-            rows = self.score_filter.run(self.conf)
-            if all(r is not None for r in rows):
-                return self._from_candidates(rows, boxes)
+            dets = self.score_filter.run(self.conf, self.iou, self.max_det)
+            if all(d is not None for d in dets):
+                return scale_all(dets, boxes)
         outputs = runner.d2h()  # cpu post, an end-to-end output, or more candidates than the filter keeps
         return self._from_output(next(iter(outputs.values())), boxes)
-
-    def _from_candidates(self, rows: list[np.ndarray], boxes) -> list[np.ndarray]:
-        return scale_all([decode_candidates(r, self.conf, self.iou, self.max_det) for r in rows], boxes)
 
     def _from_output(self, output: np.ndarray, boxes) -> list[np.ndarray]:
         return postprocess(output, boxes, self.conf, self.iou, self.max_det, self.head)
@@ -104,24 +102,23 @@ class Chain:
         t1 = time.perf_counter()
         runner.launch()
         if filtered:
-            self.score_filter.queue(self.conf)
+            self.score_filter.queue(self.conf, self.iou, self.max_det)
         else:
             runner.queue_d2h()
         runner.sync()
         t2 = time.perf_counter()
-        gpu_pre, gpu_post = runner.around_engine_ms()
-        copies = runner.copy_ms()
-        rows = self.score_filter.rows() if filtered else None
-        if rows is None:
+        found = self.score_filter.detections() if filtered else None
+        if found is None:
             dets = self._from_output(next(iter(runner.outputs().values())), boxes)
-        elif all(r is not None for r in rows):
-            dets = self._from_candidates(rows, boxes)
+        elif all(d is not None for d in found):
+            dets = scale_all(found, boxes)
         else:  # more candidates than the filter keeps: the whole output crosses, on the host clock
             dets = self._from_output(next(iter(runner.d2h().values())), boxes)
         t3 = time.perf_counter()
+        gpu_pre, gpu_post = runner.around_engine_ms()  # the events are read after the clock stops: no app reads them
         times = {"preprocess": (t1 - t0) * 1e3 + gpu_pre, "infer": runner.infer_ms(),
                  "postprocess": gpu_post + (t3 - t2) * 1e3, "e2e": (t3 - t0) * 1e3}
-        return dets, {**times, **copies}
+        return dets, {**times, **runner.copy_ms()}
 
     def stream(self, runner: Runner, batches: Iterable[list[np.ndarray]], hw: tuple[int, int]
                ) -> Iterator[list[np.ndarray]]:
@@ -130,11 +127,11 @@ class Chain:
         if self.overlap is None:
             yield from one_at_a_time(self, runner, batches, hw)
             return
-        for frames, boxes, out in self.overlap.run(batches, hw, self.conf):
+        for frames, boxes, out in self.overlap.run(batches, hw, self.conf, self.iou, self.max_det):
             if not isinstance(out, list):
                 yield self._from_output(out, boxes)
-            elif all(r is not None for r in out):
-                yield self._from_candidates(out, boxes)
+            elif all(d is not None for d in out):
+                yield scale_all(out, boxes)
             else:
                 yield self.run(runner, frames, hw)[0]
 
@@ -153,7 +150,8 @@ class Chain:
     def settings(self) -> dict:
         post = "host decode + NMS"
         if self.score_filter is not None:
-            post = ("gpu score filter, host NMS" if self.head == ONE2MANY else "end-to-end output copied as is")
+            post = ("gpu score filter + NMS, host scaling" if self.head == ONE2MANY else
+                    "end-to-end output copied as is")
         fitting = "stretch" if self.head == RTDETR else "letterbox"
         pre = f"host {fitting} (float upload)" if self.letterbox is None else f"gpu {fitting} (uint8 upload)"
         return {"preprocess": pre, "postprocess": post, "decode": self.head,

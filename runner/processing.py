@@ -192,13 +192,6 @@ def decode_maps(maps: list[np.ndarray], reg_max: int, input_hw: tuple[int, int])
     return np.concatenate([xywh, scores], 1)
 
 
-def decode_candidates(rows: np.ndarray, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> np.ndarray:
-    """One image's candidate rows [cx, cy, w, h, score, cls, anchor, 0] from the GPU filter, in any order ->
-    the same detections as `decode` (rows are put back in anchor order first, as `decode` sees them)."""
-    rows = rows[np.argsort(rows[:, 6], kind="stable")]
-    return nms(rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64), conf, iou, max_det)
-
-
 def scale_all(dets: list[np.ndarray], boxes: list[Letterbox]) -> list[np.ndarray]:
     """Detections in network-input pixels -> each source image's pixels, in place."""
     for d, lb in zip(dets, boxes):

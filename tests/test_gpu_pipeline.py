@@ -20,7 +20,7 @@ from runner import prepost
 from runner.preflight import preflight
 from runner.prepost import Chain
 from runner.rewrite import head_maps_onnx
-from runner.processing import ONE2MANY, decode, decode_candidates, fit, preprocess
+from runner.processing import ONE2MANY, decode, fit, preprocess
 from runner.validate import GPU_LETTERBOX_TOLERANCE
 
 pytestmark = pytest.mark.gpu
@@ -146,29 +146,45 @@ def test_gpu_letterbox_from_pinned_frames(tmp_path):
         assert runner.copy_ms()["h2d"] > 0
 
 
+def head_of(rng, clustered: bool) -> np.ndarray:
+    """A one-to-many head `HEAD` with 200 anchors above 0.25 at random, or 700 in 12 clusters of near-equal boxes of
+    two classes, their scores in steps of 0.05 (ties ranked by anchor): more than max_det, overlapping around the
+    IoU threshold."""
+    head = np.zeros(HEAD, np.float32)
+    head[0, :2] = rng.uniform(0, 640, (2, HEAD[2]))  # cx, cy
+    head[0, 2:4] = rng.uniform(4, 60, (2, HEAD[2]))  # w, h
+    head[0, 4:] = rng.uniform(0, 0.2, (20, HEAD[2]))
+    hits = rng.choice(HEAD[2], 700 if clustered else 200, replace=False)
+    scores = rng.uniform(0.2, 1, len(hits))
+    if clustered:
+        centres = rng.uniform(100, 540, (12, 2))[np.arange(len(hits)) % 12]
+        head[0, :2, hits] = centres + rng.normal(0, 6, (len(hits), 2))
+        head[0, 2:4, hits] = 80 + rng.normal(0, 6, (len(hits), 2))
+        scores = np.round(scores * 20) / 20
+    head[0, 4 + rng.integers(0, 2 if clustered else 20, len(hits)), hits] = scores
+    return head
+
+
 @pytest.mark.parametrize("fp16", [False, True], ids=["float-output", "half-output"])
 @pytest.mark.parametrize("graph", [False, True], ids=["plain", "cuda-graph"])
-def test_gpu_candidates_give_the_host_decode(tmp_path, fp16, graph):
-    """Filter on the GPU + NMS on the host == the whole output decoded on the host; too many rows -> None."""
+def test_gpu_filter_and_nms_give_the_host_decode(tmp_path, fp16, graph):
+    """Filter and NMS on the GPU == the whole output decoded on the host (OpenCV's NMS), detection for detection:
+    scattered boxes, and clusters with tied scores past max_det, at two IoU thresholds and max_det; too many rows ->
+    None."""
     rng = np.random.default_rng(2)
     with TrtRunner(engine(tmp_path, HEAD_INPUT, fp16, HEAD), cuda_graph=graph) as runner:
         runner.set_shape(tuple(HEAD_INPUT))
         score_filter = runner.gpu_score_filter()
-        for trial in range(3):
-            head = np.zeros(HEAD, np.float32)
-            head[0, :2] = rng.uniform(0, 640, (2, HEAD[2]))  # cx, cy
-            head[0, 2:4] = rng.uniform(4, 60, (2, HEAD[2]))  # w, h
-            head[0, 4:] = rng.uniform(0, 0.2, (20, HEAD[2]))
-            hits = rng.choice(HEAD[2], 200, replace=False)
-            head[0, 4 + rng.integers(0, 20, 200), hits] = rng.uniform(0.2, 1, 200)
-            runner.h2d(head.reshape(HEAD_INPUT))
+        for clustered in (False, True, False, True):
+            runner.h2d(head_of(rng, clustered).reshape(HEAD_INPUT))
             runner.execute()
-            rows, = score_filter.run(0.25)
             full = runner.d2h()["output0"]
-            assert 0 < len(rows) <= CANDIDATE_CAP
-            assert len(rows) == int((full[0, 4:].max(0) > 0.25).sum())
-            np.testing.assert_allclose(decode_candidates(rows), decode(full)[0], rtol=0, atol=0)
-        assert score_filter.run(0.0) == [None]  # every anchor qualifies: more than the cap
+            for iou, max_det in ((0.7, 300), (0.45, 50)):
+                dets, = score_filter.run(0.25, iou, max_det)
+                expected = decode(full, 0.25, iou, max_det)[0]
+                assert 0 < len(dets) < max_det if clustered else 0 < len(dets) <= max_det  # clusters: suppressed
+                np.testing.assert_array_equal(dets, expected)
+        assert score_filter.run(0.0, 0.7, 300) == [None]  # every anchor qualifies: more than the cap
 
 
 def test_gpu_letterbox_at_every_batch_of_a_dynamic_engine(tmp_path):
@@ -194,7 +210,7 @@ def test_gpu_letterbox_at_every_batch_of_a_dynamic_engine(tmp_path):
         assert runner.settings()["cuda_graph"] is True
 
 
-def test_gpu_candidates_per_image_at_batch_on_a_dynamic_engine(tmp_path):
+def test_gpu_nms_per_image_at_batch_on_a_dynamic_engine(tmp_path):
     """Batch 3 of heads with their own candidate counts, one past the cap: the others still match the host decode."""
     rng, batch = np.random.default_rng(6), 3
     heads = np.zeros((batch, *HEAD[1:]), np.float32)
@@ -209,16 +225,17 @@ def test_gpu_candidates_per_image_at_batch_on_a_dynamic_engine(tmp_path):
         runner.set_shape((1, *HEAD_INPUT[1:]))
         runner.h2d(heads[:1].reshape(1, *HEAD_INPUT[1:]))
         runner.execute()
-        assert len(score_filter.run(0.25)) == 1
+        assert len(score_filter.run(0.25, 0.7, 300)) == 1
         runner.set_shape((batch, *HEAD_INPUT[1:]))
         runner.h2d(heads.reshape(batch, *HEAD_INPUT[1:]))
         runner.execute()
-        rows = score_filter.run(0.25)
+        dets = score_filter.run(0.25, 0.7, 300)
         full = runner.d2h()["output0"]
-    assert rows[2] is None  # past the cap: the chain decodes the whole output
+    assert dets[2] is None  # past the cap: the chain decodes the whole output
+    expected = decode(full)
     for n in (0, 1):
-        assert len(rows[n]) == int((full[n, 4:].max(0) > 0.25).sum())
-        np.testing.assert_allclose(decode_candidates(rows[n]), decode(full)[n], rtol=0, atol=0)
+        assert len(dets[n]) > 0
+        np.testing.assert_array_equal(dets[n], expected[n])
 
 
 def test_offline_on_a_dynamic_engine_with_both_gpu_ends(tmp_path):
@@ -330,17 +347,19 @@ def test_throughput_on_one_and_two_streams(tmp_path, cuda_graph):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_an_engine_ending_at_the_head_maps_decodes_to_the_whole_heads_output(tmp_path, export_cache, precision):
-    """backend.head_maps on the 128-px yolov8n, dynamic: the host decode of the engine's maps against onnxruntime's
-    whole graph, and the GPU decode in the score filter against the host's, detection for detection, at batch 1 and
+    """backend.head_maps on the 128-px yolov8n, dynamic, the maps in the engine's precision: the host decode of the
+    engine's maps against onnxruntime's whole graph, and the GPU decode in the score filter against the host's, detection for detection, at batch 1 and
     at batch 2 non-square."""
     reference = export_onnx(export_spec("ultralytics", dynamic=True, imgsz=SMALL_IMGSZ), export_cache)
     cut = head_maps_onnx(reference, tmp_path)
     built = build_engine(BuildSpec(onnx_path=cut.path, precision=precision,
                                    mechanism="builder_flag" if precision == "fp16" else "none",
                                    min_shape=[1, 3, 64, 64], opt_shape=[2, 3, 128, 128], max_shape=[2, 3, 128, 128],
-                                   optimization_level=0, workspace_gib=1.0, cache_dir=str(tmp_path / "cache")))
+                                   optimization_level=0, workspace_gib=1.0, cache_dir=str(tmp_path / "cache"),
+                                   half_outputs=precision == "fp16"))
     whole = open_reference(reference.path)
     with TrtRunner(built.artifact, cuda_graph=True, head_maps=cut.head_maps) as runner:
+        assert {runner.dtypes[name] for name in cut.head_maps["maps"]} == {np.dtype(precision.replace("fp", "float"))}
         score_filter = runner.gpu_score_filter()
         for batch in (frames(21)[0][:1], frames(22)[2]):
             hw = (128, 128) if len(batch) == 1 else (96, 128)

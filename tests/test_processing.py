@@ -11,7 +11,7 @@ from ultralytics.utils import ASSETS
 from ultralytics.utils import ops
 from ultralytics.utils.nms import non_max_suppression
 
-from runner.processing import (PAD_VALUE, decode, decode_candidates, fit, letterbox, postprocess, preprocess,
+from runner.processing import (PAD_VALUE, decode, fit, letterbox, postprocess, preprocess,
                                scale_boxes, to_blob)
 
 WHEEL_IMAGES = ["bus.jpg", "zidane.jpg"]  # 810x1080 portrait, 1280x720 landscape
@@ -113,25 +113,6 @@ def test_fit_is_the_geometry_the_letterbox_draws(wheel_image, shape):
     outside = np.ones(shape, bool)
     outside[top:top + new_h, left:left + new_w] = False
     assert (ours[outside] == PAD_VALUE[0]).all()
-
-
-def test_decode_of_gpu_candidates_in_any_order_equals_decode():
-    """The GPU filter's contract: rows [cx, cy, w, h, best score, class, anchor, 0] of the anchors above the
-    threshold, in whatever order the atomics left them. Decoded, they give exactly the host decode."""
-    rng = np.random.default_rng(0)
-    pred = np.zeros((1, 4 + 80, 8400), np.float32)
-    pred[0, :2] = rng.uniform(0, 640, (2, 8400))
-    pred[0, 2:4] = rng.uniform(4, 80, (2, 8400))
-    pred[0, 4:] = rng.uniform(0, 0.2, (80, 8400))
-    hits = rng.choice(8400, 300, replace=False)
-    pred[0, 4 + rng.integers(0, 80, 300), hits] = rng.uniform(0.2, 1, 300)  # some near-equal, some overlapping
-    scores, cls = pred[0, 4:].max(0), pred[0, 4:].argmax(0)
-    keep = np.flatnonzero(scores > CONF)
-    rows = np.concatenate([pred[0, :4, keep], scores[keep, None], cls[keep, None], keep[:, None],
-                           np.zeros((len(keep), 1))], 1).astype(np.float32)
-    assert 50 < len(rows) < 1024
-    expected = decode(pred, CONF, IOU, MAX_DET)[0]
-    np.testing.assert_array_equal(decode_candidates(rng.permutation(rows), CONF, IOU, MAX_DET), expected)
 
 
 def test_decode_of_nothing_above_threshold_is_empty():

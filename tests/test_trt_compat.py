@@ -324,6 +324,15 @@ def test_half_input_sets_the_network_input_to_fp16_or_says_why_not():
         trt_compat.set_half_input(TRT11, network, strongly_typed=True)
 
 
+def test_half_outputs_set_every_float_output_to_fp16():
+    outputs = [NS(name="box0", dtype=TRT86.DataType.FLOAT), NS(name="count", dtype=TRT86.DataType.INT32),
+               NS(name="cls0", dtype=TRT86.DataType.HALF), NS(name="cls1", dtype=TRT86.DataType.FLOAT)]
+    network = NS(num_outputs=len(outputs), get_output=outputs.__getitem__)
+    assert trt_compat.set_half_outputs(TRT86, network) == ["box0", "cls1"]
+    assert [t.dtype for t in outputs] == [TRT86.DataType.HALF, TRT86.DataType.INT32, TRT86.DataType.HALF,
+                                          TRT86.DataType.HALF]
+
+
 @pytest.mark.skipif(trt_compat.trt_available()[0], reason="tensorrt is installed here")
 def test_tensorrt_backend_says_why_it_cannot_run():
     assert backends.get("tensorrt").unavailable() == "tensorrt is not installed (pip install 'runner[gpu]')"

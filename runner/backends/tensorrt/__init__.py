@@ -104,8 +104,8 @@ class TensorrtBackend(Backend):
             keep_float=tuple(cfg.precision.keep_float), concat_scales=cfg.precision.concat_scales.value,
             min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
             optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,
-            use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32,
-            half_input=b.half_input))
+            use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32, half_input=b.half_input,
+            half_outputs=export.tested.head_maps is not None and cfg.precision.name != Precision.fp32))
         built.head_maps = export.tested.head_maps
         return built
 

@@ -51,6 +51,8 @@ class BuildSpec:
     use_timing_cache: bool = True
     tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default
     half_input: bool = False  # the input tensor in fp16 (fp16 and int8 Q/DQ engines)
+    half_outputs: bool = False  # every float output in fp16, where the network is weakly typed (strongly typed: the
+    #   ONNX's types)
     calibration: CalibrationSet | None = None  # mechanism=calibrator: the images, at the opt shape
     calibrator: str = "entropy2"  # mechanism=calibrator: entropy2 | minmax (TensorRT's) | percentile (onnxruntime's
     #   ranges, `quantize.tensor_ranges`, set as dynamic ranges)
@@ -73,6 +75,7 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
         "workspace_gib": spec.workspace_gib,
         "tf32": spec.tf32,
         "half_input": spec.half_input,
+        "half_outputs": spec.half_outputs,
         "profiling_verbosity": "detailed",
     }
     h = cache.file_sha256(spec.onnx_path)
@@ -308,6 +311,8 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
             raise failed(f"expected a single network input, got {network.num_inputs}")
         if spec.half_input:
             log.info("build: input '%s' in fp16", compat.set_half_input(trt, network, strongly_typed))
+        if spec.half_outputs and not strongly_typed:
+            log.info("build: outputs %s in fp16", ", ".join(compat.set_half_outputs(trt, network)))
 
         config = builder.create_builder_config()
         compat.set_workspace(config, spec.workspace_gib * (1 << 30))

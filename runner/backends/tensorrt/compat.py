@@ -229,6 +229,18 @@ def set_half_input(trt, network, strongly_typed: bool) -> str:
     return tensor.name
 
 
+def set_half_outputs(trt, network) -> list[str]:
+    """Every float output of a weakly typed network in fp16, so its last layers write half instead of converting to
+    float. Returns their names."""
+    names = []
+    for i in range(network.num_outputs):
+        tensor = network.get_output(i)
+        if tensor.dtype == trt.DataType.FLOAT:
+            tensor.dtype = trt.DataType.HALF
+            names.append(tensor.name)
+    return names
+
+
 def set_dynamic_ranges(trt, network, config, ranges: dict[str, float]) -> int:
     """Implicit INT8 from ranges calibrated elsewhere: the INT8 (and FP16) flags, and each float tensor named in
     `ranges` (the network's input and the layers' outputs, named after the ONNX's tensors) given the symmetric

@@ -15,6 +15,12 @@ and the counts cross to the host, instead of the whole head output.
 `(B, 4 * reg_max, h, w)` and class `(B, nc, h, w)` each: the best class logit's sigmoid against the threshold, then,
 for the anchors kept only, the decode `processing.decode_maps` does (DFL expectation, distances from the cell's
 centre, times the level's stride).
+
+`nms`: one block per image over the rows above, the host's class-aware NMS (`processing.nms`, OpenCV's
+`NMSBoxesBatched`) done on the GPU: rows ranked by score, ties in anchor order (as the host decode sees them), the
+best `max_det` kept (OpenCV's top_k), then greedy suppression of a class's boxes whose IoU with a kept one is above the threshold.
+Each image's kept count and its detections [x1, y1, x2, y2, score, class] in input pixels, best first, are what
+crosses back; the count is -1 where the filter found more rows than it keeps (the host decodes the whole output).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from runner.backends.tensorrt.compat import cuda_call, cuda_driver, nvrtc
 
 FIT_FIELDS = 8  # int32 per image in the letterbox parameters: see `struct Fit`
 ROW = 8  # float32 per candidate row
+DETECTION = 6  # float32 per detection: x1, y1, x2, y2, score, class
+NMS_ROWS = 1024  # the candidate rows per image the NMS kernel sorts at once, a thread each
 SOURCE = r"""
 typedef unsigned short half_bits;
 __device__ __forceinline__ half_bits to_half(float v) {
@@ -133,6 +141,63 @@ __device__ void map_candidates(const T* b0, const T* c0, const T* b1, const T* c
     r[4] = score; r[5] = (float)k; r[6] = (float)a; r[7] = 0.f;
 }
 
+#define NMS_ROWS 1024  // one thread per candidate row: the filter's cap (`prepost.CANDIDATE_CAP`)
+__device__ __forceinline__ bool ranked_before(float s, int a, float t, int b) { return s > t || (s == t && a < b); }
+
+__device__ void nms(const float* rows, const int* counts, float iou, int max_det, int* kept, float* dets) {
+    __shared__ float score[NMS_ROWS], x1[NMS_ROWS], y1[NMS_ROWS], w[NMS_ROWS], h[NMS_ROWS];
+    __shared__ int anchor[NMS_ROWS], order[NMS_ROWS], cls[NMS_ROWS];
+    __shared__ bool removed[NMS_ROWS];
+    __shared__ int found;
+    int t = threadIdx.x, n = blockIdx.x, count = counts[n];
+    if (count > NMS_ROWS) { if (t == 0) kept[n] = -1; return; }
+    rows += (size_t)n * NMS_ROWS * 8;
+    score[t] = t < count ? rows[t * 8 + 4] : -3.4e38f;
+    anchor[t] = t < count ? (int)rows[t * 8 + 6] : 0x7fffffff;
+    order[t] = t;
+    __syncthreads();
+    for (int k = 2; k <= NMS_ROWS; k <<= 1) {  // bitonic sort of (score desc, anchor asc)
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            int p = t ^ j;
+            if (p > t && ((t & k) == 0) != ranked_before(score[t], anchor[t], score[p], anchor[p])) {
+                float s = score[t]; score[t] = score[p]; score[p] = s;
+                int a = anchor[t]; anchor[t] = anchor[p]; anchor[p] = a;
+                int o = order[t]; order[t] = order[p]; order[p] = o;
+            }
+            __syncthreads();
+        }
+    }
+    int K = min(count, max_det);  // OpenCV's top_k: the best max_det rows, then NMS among them
+    if (t < K) {
+        const float* r = rows + order[t] * 8;
+        x1[t] = r[0] - r[2] / 2; y1[t] = r[1] - r[3] / 2; w[t] = r[2]; h[t] = r[3]; cls[t] = (int)r[5];
+    }
+    removed[t] = false;
+    if (t == 0) found = 0;
+    __syncthreads();
+    float* out = dets + (size_t)n * max_det * 6;
+    for (int i = 0; i < K; ++i) {
+        if (removed[i]) continue;
+        if (t == 0) {  // the box as the host writes it: centre -/+ half the size
+            const float* r = rows + order[i] * 8;
+            float* d = out + found * 6;
+            d[0] = x1[i]; d[1] = y1[i]; d[2] = r[0] + r[2] / 2; d[3] = r[1] + r[3] / 2; d[4] = score[i];
+            d[5] = (float)cls[i];
+        }
+        for (int j = i + 1 + t; j < K; j += blockDim.x) {
+            if (removed[j] || cls[j] != cls[i]) continue;
+            float iw = fminf(x1[i] + w[i], x1[j] + w[j]) - fmaxf(x1[i], x1[j]);
+            float ih = fminf(y1[i] + h[i], y1[j] + h[j]) - fmaxf(y1[i], y1[j]);
+            float both = w[i] * h[i] + w[j] * h[j], inter = iw > 0.f && ih > 0.f ? iw * ih : 0.f;
+            if (both <= 0.f || inter / (both - inter) > iou) removed[j] = true;
+        }
+        __syncthreads();
+        if (t == 0) ++found;
+        __syncthreads();
+    }
+    if (t == 0) kept[n] = found;
+}
+
 extern "C" {
 typedef const unsigned char* Src;
 __global__ void letterbox_float(Src s, const Fit* f, float* d, int H, int W) { letterbox(s, f, d, H, W); }
@@ -148,10 +213,14 @@ __global__ void candidates_half(const half_bits* p, int C, int A, float t, float
 #define MAPS_ARGS b0, c0, b1, c1, b2, c2, h0, w0, h1, w1, h2, w2, nc, reg, H, t, r, n, k
 __global__ void map_candidates_float(MAPS(float)) { map_candidates(MAPS_ARGS); }
 __global__ void map_candidates_half(MAPS(half_bits)) { map_candidates(MAPS_ARGS); }
+__global__ void __launch_bounds__(NMS_ROWS) nms_rows(const float* r, const int* n, float iou, int m, int* kept,
+                                                     float* d) {
+    nms(r, n, iou, m, kept, d);
+}
 }
 """
 KERNELS = ("letterbox_float", "letterbox_half", "candidates_float", "candidates_half", "map_candidates_float",
-           "map_candidates_half")
+           "map_candidates_half", "nms_rows")
 BLOCK = 256
 
 
@@ -190,10 +259,10 @@ class Kernels:
         module = cuda_call(drv.cuModuleLoadData, compile_ptx(f"compute_{props.major}{props.minor}"))
         return cls(module, {name: cuda_call(drv.cuModuleGetFunction, module, name.encode()) for name in KERNELS})
 
-    def launch(self, name: str, grid: tuple[int, int, int], stream, *args) -> None:
+    def launch(self, name: str, grid: tuple[int, int, int], stream, *args, block: int = BLOCK) -> None:
         """Launch `name` on `stream` with (value, ctypes type) arguments."""
         values, types = zip(*args)
-        cuda_call(cuda_driver().cuLaunchKernel, self.functions[name], *grid, BLOCK, 1, 1, 0, stream,
+        cuda_call(cuda_driver().cuLaunchKernel, self.functions[name], *grid, block, 1, 1, 0, stream,
                   (values, types), 0)
 
     def letterbox(self, stream, src: int, fits: int, dst: int, batch: int, hw: tuple[int, int], half: bool) -> None:
@@ -217,6 +286,14 @@ class Kernels:
                     *((size, ctypes.c_int) for _, shape in maps[::2] for size in shape[2:]),
                     (classes, ctypes.c_int), (reg_max, ctypes.c_int), (input_h, ctypes.c_int), (conf, ctypes.c_float),
                     (rows, ctypes.c_void_p), (counts, ctypes.c_void_p), (cap, ctypes.c_int))
+
+    def nms(self, stream, batch: int, rows: int, counts: int, iou: float, max_det: int, kept: int,
+            detections: int) -> None:
+        """Per image, NMS over its `counts` candidate rows (NMS_ROWS apart) into its kept count and its `max_det`
+        detection rows."""
+        self.launch("nms_rows", (batch, 1, 1), stream, (rows, ctypes.c_void_p), (counts, ctypes.c_void_p),
+                    (iou, ctypes.c_float), (max_det, ctypes.c_int), (kept, ctypes.c_void_p),
+                    (detections, ctypes.c_void_p), block=NMS_ROWS)
 
     def unload(self) -> None:
         cuda_call(cuda_driver().cuModuleUnload, self.module)

@@ -1,8 +1,8 @@
 """Offline batches through a `TrtRunner`'s engine, overlapped: a batch's upload (on a copy stream of its own) runs
-while the letterbox, the engine and the score filter work on the batch before (on the runner's stream), and the
-host decodes the one before that.
+while the letterbox, the engine and the score filter with its NMS work on the batch before (on the runner's
+stream), and the host scales (or decodes) the one before that.
 
-Each of the two slots has its own device source and fit table, candidate counts and rows, and their pinned host
+Each of the two slots has its own device source and fit table, candidates and detections, and their pinned host
 copies; the engine's input and output are the runner's, used in stream order. CUDA events order the two streams: a
 slot's upload waits until the letterbox has read the slot's last batch, the letterbox waits for the upload, and the
 host reads a slot's results after its `done` event, before the slot takes another batch.
@@ -25,8 +25,8 @@ EVENTS = ("uploaded", "read", "done")  # per slot: its upload, the letterbox's r
 
 
 class Overlapped(GpuEnd):
-    """`run(batches, hw, conf)` yields per batch, in order, (frames, fits, candidates): the candidate rows per image
-    (None past CANDIDATE_CAP) where `score_filter`, else the first output as float32. The runner's shape must be
+    """`run(batches, hw, conf, iou, max_det)` yields per batch, in order, (frames, fits, out): the detections per
+    image in input pixels (None past CANDIDATE_CAP) where `score_filter`, else the first output as float32. The runner's shape must be
     each batch's; closed with the runner."""
 
     def __init__(self, runner, geometry, score_filter: bool):
@@ -37,25 +37,29 @@ class Overlapped(GpuEnd):
         self._events = [{name: cuda_call(rt.cudaEventCreateWithFlags, rt.cudaEventDisableTiming) for name in EVENTS}
                         for _ in range(SLOTS)]
         self._candidates = [Candidates(self._buffers, str(slot)) for slot in range(SLOTS)]
+        self._max_det = [0] * SLOTS
 
     def settings(self) -> str:
         return (f"overlapped: {SLOTS} slots, each batch uploaded on a copy stream while the batch before runs, "
-                f"host NMS of the one before that")
+                f"host scaling of the one before that" + ("" if self.score_filter else " (decode + NMS)"))
 
-    def run(self, batches: Iterable[list[np.ndarray]], hw: tuple[int, int], conf: float) -> Iterator[tuple]:
+    def run(self, batches: Iterable[list[np.ndarray]], hw: tuple[int, int], conf: float, iou: float, max_det: int
+            ) -> Iterator[tuple]:
         in_flight: deque = deque()
         for n, frames in enumerate(batches):
             # the slot's last batch is collected (copied out) first, this batch queued, and only then handed over:
             # the host decodes it while the GPU has the two after it
             done = self._collect(*in_flight.popleft()) if len(in_flight) == SLOTS else None
-            in_flight.append((n % SLOTS, frames, self._enqueue(n % SLOTS, frames, hw, conf)))
+            in_flight.append((n % SLOTS, frames, self._enqueue(n % SLOTS, frames, hw, (conf, iou, max_det))))
             if done is not None:
                 yield done
         while in_flight:
             yield self._collect(*in_flight.popleft())
 
-    def _enqueue(self, slot: int, frames: list[np.ndarray], hw: tuple[int, int], conf: float) -> list:
-        """Queue one batch in `slot`, whose last batch the host has collected; returns how each frame was fitted."""
+    def _enqueue(self, slot: int, frames: list[np.ndarray], hw: tuple[int, int], nms: tuple[float, float, int]
+                 ) -> list:
+        """Queue one batch in `slot`, whose last batch the host has collected, its filter and NMS at `nms` (conf,
+        iou, max_det); returns how each frame was fitted."""
         runner, buffers, rt, events = self.runner, self._buffers, self.runner.rt, self._events[slot]
         images, fits, boxes = fitted(runner, frames, hw, self.geometry)
         batch, _, h, w = runner.shape
@@ -76,11 +80,11 @@ class Overlapped(GpuEnd):
                                  dtype == np.float16)
         cuda_call(rt.cudaEventRecord, events["read"], runner.stream)
         runner.enqueue()
-        self._results(slot, conf)
+        self._results(slot, *nms)
         cuda_call(rt.cudaEventRecord, events["done"], runner.stream)
         return boxes
 
-    def _results(self, slot: int, conf: float) -> None:
+    def _results(self, slot: int, conf: float, iou: float, max_det: int) -> None:
         """Queue, on the runner's stream, what crosses back into the slot's pinned buffers."""
         runner, buffers = self.runner, self._buffers
         head, shape, dtype = runner.tensor(runner.output_names[0])
@@ -89,9 +93,10 @@ class Overlapped(GpuEnd):
             runner.copy(buffers.host[f"out{slot}"], head, math.prod(shape) * dtype.itemsize, to_device=False)
             return
         candidates = self._candidates[slot]
-        candidates.ensure(shape[0])
-        candidates.queue(runner, self.kernels(), conf)
-        candidates.copy_back(runner, shape[0])
+        candidates.ensure(shape[0], max_det)
+        candidates.queue(runner, self.kernels(), conf, iou, max_det)
+        candidates.copy_back(runner, shape[0], max_det)
+        self._max_det[slot] = max_det
 
     def _collect(self, slot: int, frames: list[np.ndarray], boxes: list) -> tuple:
         """Wait for the slot's batch; its frames, fits and what crossed back (copies: the slot is reused next)."""
@@ -101,7 +106,7 @@ class Overlapped(GpuEnd):
         if not self.score_filter:
             out = buffers.host_array(f"out{slot}", dtype, math.prod(shape)).reshape(shape)
             return frames, boxes, out.astype(np.float32)
-        return frames, boxes, self._candidates[slot].read(shape[0])
+        return frames, boxes, self._candidates[slot].read(shape[0], self._max_det[slot])
 
     def close(self) -> None:
         rt = self.runner.rt

@@ -2,23 +2,22 @@
 
 `GpuLetterbox` uploads a batch of uint8 source images (each from its own memory where the runner pinned it, else
 through a pinned staging buffer, contiguous copies merged into one) and letterboxes (for RT-DETR: stretches) them
-into the runner's input buffer in one launch; `GpuScoreFilter` filters the one-to-many head output by score before
-the copy back, so only the candidates
-cross to the host. Each
-owns its buffers and kernels and is closed with the runner that made it; its GPU work is a stage of the runner's
-`CudaGraphs` (a graph per shape; growing a buffer of its own drops the stage's graphs), and its copies are timed as
-the runner's h2d / d2h.
+into the runner's input buffer in one launch; `GpuScoreFilter` filters the one-to-many head output by score and
+runs NMS on the candidates before the copy back, so only the detections cross to the host. Each owns its buffers
+and kernels and is closed with the runner that made it; its GPU work is a stage of the runner's `CudaGraphs` (a
+graph per shape; growing a buffer of its own drops the stage's graphs), and its copies are timed as the runner's
+h2d / d2h.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from runner.backends.tensorrt.compat import cuda_call
-from runner.backends.tensorrt.kernels import FIT_FIELDS, ROW, Kernels
+from runner.backends.tensorrt.kernels import DETECTION, FIT_FIELDS, NMS_ROWS, ROW, Kernels
 from runner.backends.tensorrt.runtime import Buffers
 from runner.processing import Letterbox, fit
 
-CANDIDATE_CAP = 1024  # rows per image the GPU filter copies back; more falls back to the whole output
+CANDIDATE_CAP = NMS_ROWS  # rows per image the GPU filter keeps for its NMS; more falls back to the whole output
 MAX_SOURCE_BYTES = 2**31 - 1  # a batch's source images: the letterbox kernel reads their offsets as int32
 
 
@@ -97,22 +96,27 @@ def fitted(runner, images: list[np.ndarray], hw: tuple[int, int], geometry
 
 
 class Candidates:
-    """The score filter's per-image counts and candidate rows in `buffers`, under the names `counts<suffix>` and
-    `rows<suffix>`: filled on the runner's stream from its first output, copied back, read per image."""
+    """The score filter's per-image counts and candidate rows (device only), and the NMS's kept counts and
+    detections after them (`found<suffix>`: every image's count, int32, then every image's `max_det` detection
+    rows, float32), in `buffers`: filled on the runner's stream from its first output, copied back in one copy, read
+    per image."""
 
     def __init__(self, buffers: Buffers, suffix: str = ""):
-        self.buffers, self.counts, self.rows = buffers, f"counts{suffix}", f"rows{suffix}"
+        self.buffers = buffers
+        self.counts, self.rows, self.found = f"counts{suffix}", f"rows{suffix}", f"found{suffix}"
 
-    def ensure(self, batch: int) -> bool:
-        """Room for `batch` images; True where a buffer moved."""
-        return self.buffers.ensure(self.counts, batch * 4) | self.buffers.ensure(self.rows, self._rows_bytes(batch))
+    def ensure(self, batch: int, max_det: int) -> bool:
+        """Room for `batch` images of `max_det` detections; True where a buffer moved."""
+        return (self.buffers.ensure(self.counts, batch * 4) | self.buffers.ensure(self.rows, batch * NMS_ROWS * ROW * 4)
+                | self.buffers.ensure(self.found, self._found_bytes(batch, max_det)))
 
-    def queue(self, runner, kernels: Kernels, conf: float) -> None:
-        """Zero the counts and filter the head output (or decode its maps, `runner.head_maps`) by `conf` into the
-        rows, on the runner's stream."""
+    def queue(self, runner, kernels: Kernels, conf: float, iou: float, max_det: int) -> None:
+        """Zero the counts, filter the head output (or decode its maps, `runner.head_maps`) by `conf` into the rows,
+        then NMS them at `iou` into the detections, on the runner's stream."""
         device, maps = self.buffers.device, runner.head_maps
         head, shape, dtype = runner.tensor(runner.output_names[0])
-        cuda_call(runner.rt.cudaMemsetAsync, device[self.counts], 0, shape[0] * 4, runner.stream)
+        batch = shape[0]
+        cuda_call(runner.rt.cudaMemsetAsync, device[self.counts], 0, batch * 4, runner.stream)
         if maps:
             tensors = [runner.tensor(name)[:2] for name in maps["maps"]]
             kernels.map_candidates(runner.stream, tensors, maps["classes"], maps["reg_max"], runner.shape[2], conf,
@@ -120,24 +124,24 @@ class Candidates:
         else:
             kernels.candidates(runner.stream, head, *shape, conf, device[self.rows], device[self.counts],
                                CANDIDATE_CAP, dtype == np.float16)
+        found = device[self.found]
+        kernels.nms(runner.stream, batch, device[self.rows], device[self.counts], iou, max_det, found, found + batch * 4)
 
-    def copy_back(self, runner, batch: int) -> None:
-        """Queue the copies of the counts and rows to their pinned host buffers on the runner's stream."""
-        host, device = self.buffers.host, self.buffers.device
-        runner.copy(host[self.counts], device[self.counts], batch * 4, to_device=False)
-        runner.copy(host[self.rows], device[self.rows], self._rows_bytes(batch), to_device=False)
+    def copy_back(self, runner, batch: int, max_det: int) -> None:
+        """Queue the copy of the kept counts and detections to their pinned host buffer on the runner's stream."""
+        runner.copy(self.buffers.host[self.found], self.buffers.device[self.found], self._found_bytes(batch, max_det),
+                    to_device=False)
 
-    def read(self, batch: int) -> list[np.ndarray | None]:
-        """Per image, a copy of its rows [cx, cy, w, h, score, class, anchor, 0]; None past CANDIDATE_CAP. After the
-        copies back are done."""
-        found = self.buffers.host_array(self.counts, np.int32, batch).tolist()
-        kept = self.buffers.host_array(self.rows, np.float32, batch * CANDIDATE_CAP * ROW)
-        kept = kept.reshape(batch, CANDIDATE_CAP, ROW)
-        return [kept[n, :k].copy() if k <= CANDIDATE_CAP else None for n, k in enumerate(found)]
+    def read(self, batch: int, max_det: int) -> list[np.ndarray | None]:
+        """Per image, a copy of its detections [x1, y1, x2, y2, score, class] in input pixels, best first; None
+        where the filter found more than CANDIDATE_CAP rows. After the copy back is done."""
+        found = self.buffers.host_array(self.found, np.int32, batch + batch * max_det * DETECTION)
+        kept = found[batch:].view(np.float32).reshape(batch, max_det, DETECTION)
+        return [kept[n, :k].copy() if k >= 0 else None for n, k in enumerate(found[:batch].tolist())]
 
     @staticmethod
-    def _rows_bytes(batch: int) -> int:
-        return batch * CANDIDATE_CAP * ROW * 4
+    def _found_bytes(batch: int, max_det: int) -> int:
+        return batch * 4 * (1 + max_det * DETECTION)
 
 
 class GpuLetterbox(GpuEnd):
@@ -175,31 +179,34 @@ class GpuLetterbox(GpuEnd):
 
 
 class GpuScoreFilter(GpuEnd):
-    """The runner's first output, a one-to-many head `(B, 4 + nc, A)`, or its head maps, cut to its candidates on the
-    GPU."""
+    """The runner's first output, a one-to-many head `(B, 4 + nc, A)`, or its head maps, cut to its candidates and
+    NMS'd on the GPU: only the detections cross to the host."""
 
     def __init__(self, runner):
         super().__init__(runner)
         self._candidates = Candidates(self._buffers)
+        self._max_det = 0
 
-    def run(self, conf: float) -> list[np.ndarray | None]:
-        """Per image, the rows [cx, cy, w, h, score, class, anchor, 0] whose best class score is above `conf`:
-        only these cross to the host. None for an image with more than CANDIDATE_CAP of them (decode the whole
-        output instead)."""
-        self.queue(conf)
+    def run(self, conf: float, iou: float, max_det: int) -> list[np.ndarray | None]:
+        """Per image, its detections [x1, y1, x2, y2, score, class] in input pixels after NMS, as `processing.nms`
+        gives them from the rows whose best class score is above `conf`. None for an image with more than
+        CANDIDATE_CAP such rows (decode the whole output instead)."""
+        self.queue(conf, iou, max_det)
         self.runner.sync()
-        return self.rows()
+        return self.detections()
 
-    def queue(self, conf: float) -> None:
-        """Queue the filter and the copy back of its candidates on the runner's stream (`rows` after a sync)."""
+    def queue(self, conf: float, iou: float, max_det: int) -> None:
+        """Queue the filter, the NMS and the copy back of the detections on the runner's stream (`detections` after
+        a sync)."""
         runner, candidates = self.runner, self._candidates
-        batch = runner.tensor(runner.output_names[0])[1][0]
-        if candidates.ensure(batch):
+        batch, self._max_det = runner.tensor(runner.output_names[0])[1][0], max_det
+        if candidates.ensure(batch, max_det):
             runner.graphs.drop("candidates")  # its graphs write the old buffers
-        runner.graphs.launch("candidates", lambda: candidates.queue(runner, self.kernels(), conf), conf)
+        runner.graphs.launch("candidates", lambda: candidates.queue(runner, self.kernels(), conf, iou, max_det),
+                             (conf, iou, max_det))
         with runner.timed("d2h"):
-            candidates.copy_back(runner, batch)
+            candidates.copy_back(runner, batch, max_det)
 
-    def rows(self) -> list[np.ndarray | None]:
-        """`run`'s rows of the filter queued last, once the runner's stream is synchronized."""
-        return self._candidates.read(self.runner.tensor(self.runner.output_names[0])[1][0])
+    def detections(self) -> list[np.ndarray | None]:
+        """`run`'s detections of the run queued last, once the runner's stream is synchronized."""
+        return self._candidates.read(self.runner.tensor(self.runner.output_names[0])[1][0], self._max_det)
