@@ -76,15 +76,16 @@ class Runner(ABC):
         return None
 
     def gpu_score_filter(self):
-        """The score filter of this runner's one-to-many head output on its device (`postprocess=gpu`):
-        `run(conf)` -> per image the candidate rows, or None past its cap; closed with the runner. None where the
-        runtime has none."""
+        """The score filter and NMS of this runner's one-to-many head output on its device (`postprocess=gpu`):
+        `run(conf, iou, max_det)` -> per image its detections in input pixels, or None past the filter's cap; closed
+        with the runner. None where the runtime has none."""
         return None
 
     def overlapped(self, geometry, score_filter: bool):
-        """Offline batches through the GPU letterbox, the model and (`score_filter`) the score filter, each batch's
-        upload overlapping the work on the one before: `run(batches, hw, conf)` yields per batch (frames, fits,
-        candidate rows per image or the first output); closed with the runner. None where the runtime has none."""
+        """Offline batches through the GPU letterbox, the model and (`score_filter`) the score filter and NMS, each
+        batch's upload overlapping the work on the one before: `run(batches, hw, conf, iou, max_det)` yields per batch
+        (frames, fits, detections per image or the first output); closed with the runner. None where the runtime has
+        none."""
         return None
 
     def lanes(self, shape: tuple[int, ...], streams: int):
