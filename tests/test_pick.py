@@ -128,6 +128,13 @@ def test_usage_errors_come_before_any_work(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err  # refused before the missing results are read
 
 
+def test_labels_rank_as_whole_numbers_whatever_the_rank_dtype():
+    frame = pd.DataFrame({"model": ["m", "m"], "onnx_label": ["o", "o"], "build_label": ["a", "b"],
+                          "cuda_graph": [1, 0]})
+    for ranks in (pd.array([1, None], dtype="Int64"), [1.0, float("nan")]):
+        assert pick.labels(frame.assign(rank=ranks)).tolist() == ["#1 m | a | CUDA graph", "m | b"]
+
+
 def test_labels_stay_apart():
     spread = _spread([0.1, 0.1, 0.12, 0.5, 0.99], gap=0.05)
     assert all(b - a >= 0.05 - 1e-9 for a, b in zip(spread, spread[1:])) and 0 <= spread[0] and spread[-1] <= 1

@@ -207,7 +207,7 @@ def labels(frame: pd.DataFrame) -> pd.Series:
     text = pair.where(~pair.duplicated(keep=False), frame["model"] + " | " + frame["onnx_label"] + " | "
                       + frame["build_label"])
     text = text + frame["cuda_graph"].map(lambda graph: " | CUDA graph" if graph == 1 else "")
-    return frame["rank"].map(lambda rank: "" if pd.isna(rank) else f"#{rank} ") + text
+    return frame["rank"].map(lambda rank: "" if pd.isna(rank) else f"#{int(rank)} ") + text  # a float where pandas maps
 
 
 def write(choice: Pick, out: Path, title: str) -> list[Path]:
