@@ -64,7 +64,10 @@ def plot_latency(frame: pd.DataFrame, path: Path) -> None:
     backends = ", ".join(sorted(set(frame["backend"]) - {""})) or "unknown backend"
     gpus = sorted(set(frame["gpu"]) - {"", "none"})
     title = f"p50 latency per variant: {backends}" + (f" on {', '.join(gpus)}" if gpus else "")
-    fig = Figure(figsize=(9, 1.6 + 0.45 * max(len(bench), 1)))
+    labels = [f"{m} | {o} | {b}" + (" | CUDA graph" if graph == 1 else "") for m, o, b, graph
+              in zip(bench["model"], bench["onnx_label"], bench["build_label"], bench["cuda_graph"])]
+    labels_in = 0.075 * max((len(label) for label in labels), default=0)  # the row labels, inches at 10 pt
+    fig = Figure(figsize=(max(9, 5.5 + labels_in), 1.6 + 0.45 * max(len(bench), 1)))  # the bars keep 5.5 in
     ax = fig.subplots()
     if bench.empty:
         ax.text(0.5, 0.5, "no variant reached the bench stage", ha="center", va="center", transform=ax.transAxes)
@@ -81,8 +84,7 @@ def plot_latency(frame: pd.DataFrame, path: Path) -> None:
         spread = (bench["e2e_p90_ms"] - bench["e2e_p50_ms"]).clip(lower=0).fillna(0.0)
         ax.errorbar(bench["e2e_p50_ms"], y, xerr=[[0.0] * len(bench), spread], fmt="|", color="black",
                     markersize=14, capsize=4, label="end to end p50 → p90")
-        ax.set_yticks(list(y), [f"{m} | {o} | {b}" + (" | CUDA graph" if graph == 1 else "") for m, o, b, graph
-                                in zip(bench["model"], bench["onnx_label"], bench["build_label"], bench["cuda_graph"])])
+        ax.set_yticks(list(y), labels)
         ax.invert_yaxis()
         ax.set_xlabel("milliseconds")
         ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)
