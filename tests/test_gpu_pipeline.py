@@ -348,8 +348,8 @@ def test_throughput_on_one_and_two_streams(tmp_path, cuda_graph):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_an_engine_ending_at_the_head_maps_decodes_to_the_whole_heads_output(tmp_path, export_cache, precision):
     """backend.head_maps on the 128-px yolov8n, dynamic, the maps in the engine's precision: the host decode of the
-    engine's maps against onnxruntime's whole graph, and the GPU decode in the score filter against the host's, detection for detection, at batch 1 and
-    at batch 2 non-square."""
+    engine's maps against onnxruntime's whole graph, and the GPU decode in the score filter against the host's,
+    detection for detection, at batch 1 and at batch 2 non-square."""
     reference = export_onnx(export_spec("ultralytics", dynamic=True, imgsz=SMALL_IMGSZ), export_cache)
     cut = head_maps_onnx(reference, tmp_path)
     built = build_engine(BuildSpec(onnx_path=cut.path, precision=precision,

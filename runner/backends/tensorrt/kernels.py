@@ -16,11 +16,12 @@ and the counts cross to the host, instead of the whole head output.
 for the anchors kept only, the decode `processing.decode_maps` does (DFL expectation, distances from the cell's
 centre, times the level's stride).
 
-`nms`: one block per image over the rows above, the host's class-aware NMS (`processing.nms`, OpenCV's
+`nms_rows`: one block per image over the rows above, the host's class-aware NMS (`processing.nms`, OpenCV's
 `NMSBoxesBatched`) done on the GPU: rows ranked by score, ties in anchor order (as the host decode sees them), the
-best `max_det` kept (OpenCV's top_k), then greedy suppression of a class's boxes whose IoU with a kept one is above the threshold.
-Each image's kept count and its detections [x1, y1, x2, y2, score, class] in input pixels, best first, are what
-crosses back; the count is -1 where the filter found more rows than it keeps (the host decodes the whole output).
+best `max_det` kept (OpenCV's top_k), then greedy suppression of a class's boxes whose IoU with a kept one is above
+the threshold. Each image's kept count and its detections [x1, y1, x2, y2, score, class] in input pixels, best
+first, are what crosses back; the count is -1 where the filter found more rows than it keeps (the host decodes the
+whole output).
 """
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ EVENTS = ("uploaded", "read", "done")  # per slot: its upload, the letterbox's r
 
 class Overlapped(GpuEnd):
     """`run(batches, hw, conf, iou, max_det)` yields per batch, in order, (frames, fits, out): the detections per
-    image in input pixels (None past CANDIDATE_CAP) where `score_filter`, else the first output as float32. The runner's shape must be
-    each batch's; closed with the runner."""
+    image in input pixels (None past CANDIDATE_CAP) where `score_filter`, else the first output as float32. The
+    runner's shape must be each batch's; closed with the runner."""
 
     def __init__(self, runner, geometry, score_filter: bool):
         super().__init__(runner)

@@ -125,7 +125,8 @@ class Candidates:
             kernels.candidates(runner.stream, head, *shape, conf, device[self.rows], device[self.counts],
                                CANDIDATE_CAP, dtype == np.float16)
         found = device[self.found]
-        kernels.nms(runner.stream, batch, device[self.rows], device[self.counts], iou, max_det, found, found + batch * 4)
+        kernels.nms(runner.stream, batch, device[self.rows], device[self.counts], iou, max_det, found,
+                    found + batch * 4)
 
     def copy_back(self, runner, batch: int, max_det: int) -> None:
         """Queue the copy of the kept counts and detections to their pinned host buffer on the runner's stream."""
