@@ -17,7 +17,7 @@ from runner.bench import bench, offline_batches, offline_point, runs_per_batch, 
 from runner.config import BenchConfig
 from runner.export import export_onnx
 from runner.prepost import Chain
-from runner.processing import preprocess
+from runner.processing import decode, preprocess
 from runner.results import BenchResult
 
 PROFILE = [[1, 3, 64, 64], [1, 3, 128, 128], [4, 3, 128, 128]]
@@ -60,44 +60,36 @@ def test_offline_batches_are_those_the_profile_holds():
 
 class HostOverlap:
     """A stand-in for TensorRT's overlapped batches (`Overlapped`; CUDA does not run here): each batch letterboxed
-    and run on the host, handed back as `Overlapped.run` hands it: the first output, or per image the rows the GPU
-    score filter keeps [cx, cy, w, h, score, class, anchor, 0], None for an image past its cap (`past_cap`)."""
+    and run on the host, handed back as `Overlapped.run` hands it: the first output, or per image the detections in
+    input pixels that the GPU score filter and NMS give, None for an image past the filter's cap (`past_cap`)."""
 
-    def __init__(self, runner, rows: bool, past_cap: tuple[int, ...] = ()):
-        self.runner, self.rows, self.past_cap = runner, rows, past_cap
+    def __init__(self, runner, detections: bool, past_cap: tuple[int, ...] = ()):
+        self.runner, self.detections, self.past_cap = runner, detections, past_cap
 
-    def run(self, batches, hw, conf):
+    def run(self, batches, hw, conf, iou, max_det):
         for n, frames in enumerate(batches):
             blob, boxes = preprocess(frames, hw)
             out = self.runner.infer(blob)["output0"]
-            yield frames, boxes, [None if n in self.past_cap else kept(p, conf) for p in out] if self.rows else out
+            found = [None if n in self.past_cap else dets for dets in decode(out, conf, iou, max_det)]
+            yield frames, boxes, found if self.detections else out
 
     def settings(self) -> str:
         return "overlapped: on the host"
 
 
-def kept(pred: np.ndarray, conf: float) -> np.ndarray:
-    """One image's (4 + nc, anchors) head output cut to its rows above `conf`, as the GPU filter writes them."""
-    scores = pred[4:].max(0)
-    anchors = np.flatnonzero(scores > conf)
-    rows = np.zeros((len(anchors), 8), np.float32)
-    rows[:, :4], rows[:, 4], rows[:, 5] = pred[:4, anchors].T, scores[anchors], pred[4:, anchors].argmax(0)
-    rows[:, 6] = anchors
-    return rows[::-1].copy()  # the filter's rows come in any order
-
-
-@pytest.mark.parametrize(("rows", "past_cap"), [(False, ()), (True, ()), (True, (1,))],
-                         ids=["output", "candidates", "past-the-cap"])
-def test_a_chain_streams_overlapped_batches_into_the_detections_of_one_batch_at_a_time(onnx_path, frames, rows,
+@pytest.mark.parametrize(("detections", "past_cap"), [(False, ()), (True, ()), (True, (1,))],
+                         ids=["output", "detections", "past-the-cap"])
+def test_a_chain_streams_overlapped_batches_into_the_detections_of_one_batch_at_a_time(onnx_path, frames, detections,
                                                                                       past_cap):
-    """`Chain.stream` decodes what an overlap hands back (the first output, or the candidates; a batch past the
-    filter's cap runs again through the chain) into the detections the chain gives one batch at a time."""
+    """`Chain.stream` decodes or scales what an overlap hands back (the first output, or the detections in input
+    pixels; a batch past the filter's cap runs again through the chain) into the detections the chain gives one
+    batch at a time."""
     batches = [frames[:2], frames[1:], frames[::2]]
     hw = tuple(SMALL_IMGSZ)
     with OrtRunner(onnx_path) as runner:
         runner.set_shape((2, 3, *hw))
         expected = list(Chain(conf=0.01).stream(runner, batches, hw))  # a 128-px model finds little above 0.25
-        overlapped = Chain(conf=0.01, overlap=HostOverlap(runner, rows, past_cap))
+        overlapped = Chain(conf=0.01, overlap=HostOverlap(runner, detections, past_cap))
         got = list(overlapped.stream(runner, batches, hw))
         assert overlapped.settings()["offline"] == "overlapped: on the host"
     assert Chain().settings()["offline"] == "one batch at a time"
