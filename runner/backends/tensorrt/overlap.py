@@ -37,7 +37,6 @@ class Overlapped(GpuEnd):
         self._events = [{name: cuda_call(rt.cudaEventCreateWithFlags, rt.cudaEventDisableTiming) for name in EVENTS}
                         for _ in range(SLOTS)]
         self._candidates = [Candidates(self._buffers, str(slot)) for slot in range(SLOTS)]
-        self._max_det = [0] * SLOTS
 
     def settings(self) -> str:
         return (f"overlapped: {SLOTS} slots, each batch uploaded on a copy stream while the batch before runs, "
@@ -95,8 +94,7 @@ class Overlapped(GpuEnd):
         candidates = self._candidates[slot]
         candidates.ensure(shape[0], max_det)
         candidates.queue(runner, self.kernels(), conf, iou, max_det)
-        candidates.copy_back(runner, shape[0], max_det)
-        self._max_det[slot] = max_det
+        candidates.copy_back(runner, shape[0])
 
     def _collect(self, slot: int, frames: list[np.ndarray], boxes: list) -> tuple:
         """Wait for the slot's batch; its frames, fits and what crossed back (copies: the slot is reused next)."""
@@ -106,7 +104,7 @@ class Overlapped(GpuEnd):
         if not self.score_filter:
             out = buffers.host_array(f"out{slot}", dtype, math.prod(shape)).reshape(shape)
             return frames, boxes, out.astype(np.float32)
-        return frames, boxes, self._candidates[slot].read(shape[0], self._max_det[slot])
+        return frames, boxes, self._candidates[slot].read(shape[0])
 
     def close(self) -> None:
         rt = self.runner.rt

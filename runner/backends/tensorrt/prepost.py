@@ -99,16 +99,18 @@ class Candidates:
     """The score filter's per-image counts and candidate rows (device only), and the NMS's kept counts and
     detections after them (`found<suffix>`: every image's count, int32, then every image's `max_det` detection
     rows, float32), in `buffers`: filled on the runner's stream from its first output, copied back in one copy, read
-    per image."""
+    per image. `max_det`: the detections per image of the run queued last (`ensure`)."""
 
     def __init__(self, buffers: Buffers, suffix: str = ""):
-        self.buffers = buffers
+        self.buffers, self.max_det = buffers, 0
         self.counts, self.rows, self.found = f"counts{suffix}", f"rows{suffix}", f"found{suffix}"
 
     def ensure(self, batch: int, max_det: int) -> bool:
-        """Room for `batch` images of `max_det` detections; True where a buffer moved."""
+        """Room for `batch` images of `max_det` detections, the run about to be queued's; True where a buffer
+        moved."""
+        self.max_det = max_det
         return (self.buffers.ensure(self.counts, batch * 4) | self.buffers.ensure(self.rows, batch * NMS_ROWS * ROW * 4)
-                | self.buffers.ensure(self.found, self._found_bytes(batch, max_det)))
+                | self.buffers.ensure(self.found, self._found_bytes(batch)))
 
     def queue(self, runner, kernels: Kernels, conf: float, iou: float, max_det: int) -> None:
         """Zero the counts, filter the head output (or decode its maps, `runner.head_maps`) by `conf` into the rows,
@@ -128,21 +130,20 @@ class Candidates:
         kernels.nms(runner.stream, batch, device[self.rows], device[self.counts], iou, max_det, found,
                     found + batch * 4)
 
-    def copy_back(self, runner, batch: int, max_det: int) -> None:
+    def copy_back(self, runner, batch: int) -> None:
         """Queue the copy of the kept counts and detections to their pinned host buffer on the runner's stream."""
-        runner.copy(self.buffers.host[self.found], self.buffers.device[self.found], self._found_bytes(batch, max_det),
+        runner.copy(self.buffers.host[self.found], self.buffers.device[self.found], self._found_bytes(batch),
                     to_device=False)
 
-    def read(self, batch: int, max_det: int) -> list[np.ndarray | None]:
+    def read(self, batch: int) -> list[np.ndarray | None]:
         """Per image, a copy of its detections [x1, y1, x2, y2, score, class] in input pixels, best first; None
         where the filter found more than CANDIDATE_CAP rows. After the copy back is done."""
-        found = self.buffers.host_array(self.found, np.int32, batch + batch * max_det * DETECTION)
-        kept = found[batch:].view(np.float32).reshape(batch, max_det, DETECTION)
+        found = self.buffers.host_array(self.found, np.int32, batch + batch * self.max_det * DETECTION)
+        kept = found[batch:].view(np.float32).reshape(batch, self.max_det, DETECTION)
         return [kept[n, :k].copy() if k >= 0 else None for n, k in enumerate(found[:batch].tolist())]
 
-    @staticmethod
-    def _found_bytes(batch: int, max_det: int) -> int:
-        return batch * 4 * (1 + max_det * DETECTION)
+    def _found_bytes(self, batch: int) -> int:
+        return batch * 4 * (1 + self.max_det * DETECTION)
 
 
 class GpuLetterbox(GpuEnd):
@@ -186,7 +187,6 @@ class GpuScoreFilter(GpuEnd):
     def __init__(self, runner):
         super().__init__(runner)
         self._candidates = Candidates(self._buffers)
-        self._max_det = 0
 
     def run(self, conf: float, iou: float, max_det: int) -> list[np.ndarray | None]:
         """Per image, its detections [x1, y1, x2, y2, score, class] in input pixels after NMS, as `processing.nms`
@@ -200,14 +200,14 @@ class GpuScoreFilter(GpuEnd):
         """Queue the filter, the NMS and the copy back of the detections on the runner's stream (`detections` after
         a sync)."""
         runner, candidates = self.runner, self._candidates
-        batch, self._max_det = runner.tensor(runner.output_names[0])[1][0], max_det
+        batch = runner.tensor(runner.output_names[0])[1][0]
         if candidates.ensure(batch, max_det):
             runner.graphs.drop("candidates")  # its graphs write the old buffers
         runner.graphs.launch("candidates", lambda: candidates.queue(runner, self.kernels(), conf, iou, max_det),
                              (conf, iou, max_det))
         with runner.timed("d2h"):
-            candidates.copy_back(runner, batch, max_det)
+            candidates.copy_back(runner, batch)
 
     def detections(self) -> list[np.ndarray | None]:
         """`run`'s detections of the run queued last, once the runner's stream is synchronized."""
-        return self._candidates.read(self.runner.tensor(self.runner.output_names[0])[1][0], self._max_det)
+        return self._candidates.read(self.runner.tensor(self.runner.output_names[0])[1][0])
