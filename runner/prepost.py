@@ -8,8 +8,8 @@ from its runner and its config (`preprocess=cpu|gpu`, `postprocess=cpu|gpu`).
   - pre on gpu: the uint8 source crosses; the runner's `gpu_letterbox` fits it on the device, with the same
     geometry (`processing.geometry` of the decode).
   - post on cpu: every output crosses back; decode + NMS on the host.
-  - post on gpu: the runner's `gpu_score_filter` filters by score and runs NMS on the device; only the detections
-    cross back, the host scales them to the source. An end-to-end output `(B, N, 6)` is small already: it is copied
+  - post on gpu: the runner's `gpu_score_filter` filters by score, runs NMS and maps the boxes to the source images
+    on the device; only the detections cross back. An end-to-end output `(B, N, 6)` is small already: it is copied
     back as it is.
   On a runner that queues its device work (`Runner.queues`: TensorRT) a run is queued and waited for once, as an
   application runs it; each stage is its host work until its device work is queued, plus that work's GPU time
@@ -30,7 +30,7 @@ import numpy as np
 
 from runner.backends import Predictor, Runner
 from runner.config import Device, RunConfig
-from runner.processing import ONE2MANY, RTDETR, geometry, postprocess, preprocess, scale_all
+from runner.processing import ONE2MANY, RTDETR, geometry, postprocess, preprocess
 
 ONE_AT_A_TIME = "one batch at a time"
 ONE_WAIT = ("one wait per run: each stage's host work until its device work is queued, plus that work's GPU time "
@@ -70,9 +70,9 @@ class Chain:
     def post(self, runner: Runner, boxes) -> list[np.ndarray]:
         """Detections [x1, y1, x2, y2, score, cls] in source pixels, per frame."""
         if self.score_filter is not None and self.head == ONE2MANY:
-            dets = self.score_filter.run(self.conf, self.iou, self.max_det)
+            dets = self.score_filter.run(self.conf, self.iou, self.max_det, boxes)
             if all(d is not None for d in dets):
-                return scale_all(dets, boxes)
+                return dets
         outputs = runner.d2h()  # cpu post, an end-to-end output, or more candidates than the filter keeps
         return self._from_output(next(iter(outputs.values())), boxes)
 
@@ -102,7 +102,7 @@ class Chain:
         t1 = time.perf_counter()
         runner.launch()
         if filtered:
-            self.score_filter.queue(self.conf, self.iou, self.max_det)
+            self.score_filter.queue(self.conf, self.iou, self.max_det, boxes)
         else:
             runner.queue_d2h()
         runner.sync()
@@ -111,7 +111,7 @@ class Chain:
         if found is None:
             dets = self._from_output(next(iter(runner.outputs().values())), boxes)
         elif all(d is not None for d in found):
-            dets = scale_all(found, boxes)
+            dets = found
         else:  # more candidates than the filter keeps: the whole output crosses, on the host clock
             dets = self._from_output(next(iter(runner.d2h().values())), boxes)
         t3 = time.perf_counter()
@@ -131,7 +131,7 @@ class Chain:
             if not isinstance(out, list):
                 yield self._from_output(out, boxes)
             elif all(d is not None for d in out):
-                yield scale_all(out, boxes)
+                yield out
             else:
                 yield self.run(runner, frames, hw)[0]
 
@@ -150,7 +150,7 @@ class Chain:
     def settings(self) -> dict:
         post = "host decode + NMS"
         if self.score_filter is not None:
-            post = ("gpu score filter + NMS, host scaling" if self.head == ONE2MANY else
+            post = ("gpu score filter + NMS + scaling" if self.head == ONE2MANY else
                     "end-to-end output copied as is")
         fitting = "stretch" if self.head == RTDETR else "letterbox"
         pre = f"host {fitting} (float upload)" if self.letterbox is None else f"gpu {fitting} (uint8 upload)"

@@ -20,7 +20,7 @@ from runner import prepost
 from runner.preflight import preflight
 from runner.prepost import Chain
 from runner.rewrite import head_maps_onnx
-from runner.processing import ONE2MANY, decode, fit, preprocess
+from runner.processing import ONE2MANY, fit, postprocess, preprocess
 from runner.validate import GPU_LETTERBOX_TOLERANCE
 
 pytestmark = pytest.mark.gpu
@@ -168,23 +168,24 @@ def head_of(rng, clustered: bool) -> np.ndarray:
 @pytest.mark.parametrize("fp16", [False, True], ids=["float-output", "half-output"])
 @pytest.mark.parametrize("graph", [False, True], ids=["plain", "cuda-graph"])
 def test_gpu_filter_and_nms_give_the_host_decode(tmp_path, fp16, graph):
-    """Filter and NMS on the GPU == the whole output decoded on the host (OpenCV's NMS), detection for detection:
-    scattered boxes, and clusters with tied scores past max_det, at two IoU thresholds and max_det; too many rows ->
-    None."""
+    """Filter, NMS and the way back to the source image on the GPU == the whole output decoded and scaled on the
+    host (OpenCV's NMS), detection for detection: scattered boxes, and clusters with tied scores past max_det, at two
+    IoU thresholds and max_det, from sources of four sizes; too many rows -> None."""
     rng = np.random.default_rng(2)
     with TrtRunner(engine(tmp_path, HEAD_INPUT, fp16, HEAD), cuda_graph=graph) as runner:
         runner.set_shape(tuple(HEAD_INPUT))
         score_filter = runner.gpu_score_filter()
-        for clustered in (False, True, False, True):
+        for clustered, source in ((False, (480, 640)), (True, (720, 1280)), (False, (1080, 810)), (True, (333, 517))):
+            boxes = [fit(*source, (640, 640))[2]]
             runner.h2d(head_of(rng, clustered).reshape(HEAD_INPUT))
             runner.execute()
             full = runner.d2h()["output0"]
             for iou, max_det in ((0.7, 300), (0.45, 50)):
-                dets, = score_filter.run(0.25, iou, max_det)
-                expected = decode(full, 0.25, iou, max_det)[0]
+                dets, = score_filter.run(0.25, iou, max_det, boxes)
+                expected = postprocess(full, boxes, 0.25, iou, max_det)[0]
                 assert 0 < len(dets) < max_det if clustered else 0 < len(dets) <= max_det  # clusters: suppressed
                 np.testing.assert_array_equal(dets, expected)
-        assert score_filter.run(0.0, 0.7, 300) == [None]  # every anchor qualifies: more than the cap
+        assert score_filter.run(0.0, 0.7, 300, boxes) == [None]  # every anchor qualifies: more than the cap
 
 
 def test_gpu_letterbox_at_every_batch_of_a_dynamic_engine(tmp_path):
@@ -220,19 +221,20 @@ def test_gpu_nms_per_image_at_batch_on_a_dynamic_engine(tmp_path):
     for n, hits in enumerate((50, 300, CANDIDATE_CAP + 100)):
         anchors = rng.choice(HEAD[2], hits, replace=False)
         heads[n, 4 + rng.integers(0, 20, hits), anchors] = rng.uniform(0.3, 1, hits)
+    boxes = [fit(h, w, (640, 640))[2] for h, w in ((480, 640), (1280, 720), (640, 640))]
     with TrtRunner(engine(tmp_path, HEAD_INPUT, False, [-1, *HEAD[1:]], batches=(1, 2, 4))) as runner:
         score_filter = runner.gpu_score_filter()
         runner.set_shape((1, *HEAD_INPUT[1:]))
         runner.h2d(heads[:1].reshape(1, *HEAD_INPUT[1:]))
         runner.execute()
-        assert len(score_filter.run(0.25, 0.7, 300)) == 1
+        assert len(score_filter.run(0.25, 0.7, 300, boxes[:1])) == 1
         runner.set_shape((batch, *HEAD_INPUT[1:]))
         runner.h2d(heads.reshape(batch, *HEAD_INPUT[1:]))
         runner.execute()
-        dets = score_filter.run(0.25, 0.7, 300)
+        dets = score_filter.run(0.25, 0.7, 300, boxes)
         full = runner.d2h()["output0"]
     assert dets[2] is None  # past the cap: the chain decodes the whole output
-    expected = decode(full)
+    expected = postprocess(full, boxes)
     for n in (0, 1):
         assert len(dets[n]) > 0
         np.testing.assert_array_equal(dets[n], expected[n])

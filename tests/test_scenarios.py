@@ -17,7 +17,7 @@ from runner.bench import bench, offline_batches, offline_point, runs_per_batch, 
 from runner.config import BenchConfig
 from runner.export import export_onnx
 from runner.prepost import Chain
-from runner.processing import decode, preprocess
+from runner.processing import postprocess, preprocess
 from runner.results import BenchResult
 
 PROFILE = [[1, 3, 64, 64], [1, 3, 128, 128], [4, 3, 128, 128]]
@@ -61,7 +61,7 @@ def test_offline_batches_are_those_the_profile_holds():
 class HostOverlap:
     """A stand-in for TensorRT's overlapped batches (`Overlapped`; CUDA does not run here): each batch letterboxed
     and run on the host, handed back as `Overlapped.run` hands it: the first output, or per image the detections in
-    input pixels that the GPU score filter and NMS give, None for an image past the filter's cap (`past_cap`)."""
+    source pixels that the GPU score filter and NMS give, None for an image past the filter's cap (`past_cap`)."""
 
     def __init__(self, runner, detections: bool, past_cap: tuple[int, ...] = ()):
         self.runner, self.detections, self.past_cap = runner, detections, past_cap
@@ -70,7 +70,7 @@ class HostOverlap:
         for n, frames in enumerate(batches):
             blob, boxes = preprocess(frames, hw)
             out = self.runner.infer(blob)["output0"]
-            found = [None if n in self.past_cap else dets for dets in decode(out, conf, iou, max_det)]
+            found = [None if n in self.past_cap else dets for dets in postprocess(out, boxes, conf, iou, max_det)]
             yield frames, boxes, found if self.detections else out
 
     def settings(self) -> str:
@@ -81,9 +81,9 @@ class HostOverlap:
                          ids=["output", "detections", "past-the-cap"])
 def test_a_chain_streams_overlapped_batches_into_the_detections_of_one_batch_at_a_time(onnx_path, frames, detections,
                                                                                       past_cap):
-    """`Chain.stream` decodes or scales what an overlap hands back (the first output, or the detections in input
-    pixels; a batch past the filter's cap runs again through the chain) into the detections the chain gives one
-    batch at a time."""
+    """`Chain.stream` decodes what an overlap hands back (the first output) or takes its detections in source
+    pixels (a batch past the filter's cap runs again through the chain): the detections the chain gives one batch at
+    a time."""
     batches = [frames[:2], frames[1:], frames[::2]]
     hw = tuple(SMALL_IMGSZ)
     with OrtRunner(onnx_path) as runner:

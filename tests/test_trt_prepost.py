@@ -1,13 +1,14 @@
-"""The host side of the GPU letterbox at batch > 1, on the CPU: the kernel's parameter table against the CPU path's
-own geometry, the limit of its int32 offsets, and the batch's upload merged into as few copies as are contiguous.
-The kernels themselves run in test_gpu_pipeline.py."""
+"""The host side of the GPU letterbox at batch > 1 and of the NMS's way back, on the CPU: the kernels' parameter
+tables against the CPU path's own geometry and scaling, the limit of the int32 offsets, and the batch's upload merged
+into as few copies as are contiguous. The kernels themselves run in test_gpu_pipeline.py."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from runner.backends.tensorrt.prepost import MAX_SOURCE_BYTES, coalesced, fit_table
-from runner.processing import fit, preprocess, stretch_fit
+from runner.backends.tensorrt.kernels import SCALE_FIELDS
+from runner.backends.tensorrt.prepost import MAX_SOURCE_BYTES, coalesced, fit_table, scale_table
+from runner.processing import fit, preprocess, scale_boxes, stretch_fit
 
 HW = (96, 128)
 
@@ -32,6 +33,21 @@ def test_fit_table_refuses_a_batch_past_int32_offsets():
     assert len(fit_table([frame] * (batch - 1), HW)[1]) == batch - 1
     with pytest.raises(ValueError, match=rf"^{batch} source images of 2\.0 GiB in one batch: .* preprocess=cpu$"):
         fit_table([frame] * batch, HW)
+
+
+def test_the_scale_table_gives_scale_boxes_in_the_kernels_float32_arithmetic():
+    """The NMS kernel's way back to source pixels, (v - pad) / gain clipped to [0, size] in float32 from its
+    `Scale` rows, is `processing.scale_boxes` bit for bit."""
+    rng = np.random.default_rng(1)
+    boxes = [fit(h, w, (640, 640))[2] for h, w in ((300, 200), (47, 61), (810, 1080), (333, 517))]
+    table = scale_table(boxes)
+    assert table.dtype == np.float32 and table.shape == (len(boxes), SCALE_FIELDS)
+    for (left, top, gain_x, gain_y, w, h), box in zip(table, boxes):
+        xyxy = rng.uniform(-20, 660, (50, 4)).astype(np.float32)
+        axes = [(left, gain_x, w), (top, gain_y, h)] * 2
+        kernel = np.stack([np.minimum(np.maximum((xyxy[:, k] - pad) / gain, np.float32(0)), size)
+                           for k, (pad, gain, size) in enumerate(axes)], 1)
+        np.testing.assert_array_equal(kernel, scale_boxes(xyxy, box))
 
 
 def test_contiguous_copies_merge_into_one():

@@ -77,8 +77,8 @@ class Runner(ABC):
 
     def gpu_score_filter(self):
         """The score filter and NMS of this runner's one-to-many head output on its device (`postprocess=gpu`):
-        `run(conf, iou, max_det)` -> per image its detections in input pixels, or None past the filter's cap; closed
-        with the runner. None where the runtime has none."""
+        `run(conf, iou, max_det, fits)` -> per image its detections in source pixels, or None past the filter's cap;
+        closed with the runner. None where the runtime has none."""
         return None
 
     def overlapped(self, geometry, score_filter: bool):

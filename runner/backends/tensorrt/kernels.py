@@ -19,9 +19,12 @@ centre, times the level's stride).
 `nms_rows`: one block per image over the rows above, the host's class-aware NMS (`processing.nms`, OpenCV's
 `NMSBoxesBatched`) done on the GPU: rows ranked by score, ties in anchor order (as the host decode sees them), the
 best `max_det` kept (OpenCV's top_k), then greedy suppression of a class's boxes whose IoU with a kept one is above
-the threshold. Each image's kept count and its detections [x1, y1, x2, y2, score, class] in input pixels, best
-first, are what crosses back; the count is -1 where the filter found more rows than it keeps (the host decodes the
-whole output).
+the threshold, by one warp. The kept boxes are mapped back to the source image as `processing.scale_boxes` maps them (less the
+padding, over the gain, clipped to the image; IEEE float32 like NumPy), from each image's `Scale` row, which the
+host writes into pinned memory that the kernel reads over the bus. Each image's kept count and its detections
+[x1, y1, x2, y2, score, class] in source pixels, best first, are what crosses back; the count is -1 where the filter
+found more rows than it keeps (the host decodes the whole output). The sort spans the next power of two above the
+image's count, not every slot.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from functools import lru_cache
 from runner.backends.tensorrt.compat import cuda_call, cuda_driver, nvrtc
 
 FIT_FIELDS = 8  # int32 per image in the letterbox parameters: see `struct Fit`
+SCALE_FIELDS = 6  # float32 per image in the NMS's way back to source pixels: see `struct Scale`
 ROW = 8  # float32 per candidate row
 DETECTION = 6  # float32 per detection: x1, y1, x2, y2, score, class
 NMS_ROWS = 1024  # the candidate rows per image the NMS kernel sorts at once, a thread each
@@ -145,19 +149,28 @@ __device__ void map_candidates(const T* b0, const T* c0, const T* b1, const T* c
 #define NMS_ROWS 1024  // one thread per candidate row: the filter's cap (`prepost.CANDIDATE_CAP`)
 __device__ __forceinline__ bool ranked_before(float s, int a, float t, int b) { return s > t || (s == t && a < b); }
 
-__device__ void nms(const float* rows, const int* counts, float iou, int max_det, int* kept, float* dets) {
+struct Scale { float left, top, gain_x, gain_y, w, h; };  // `Letterbox`: padding, gains (as float32), source size
+__device__ __forceinline__ float to_source(float v, float pad, float gain, float size) {
+    return fminf(fmaxf((v - pad) / gain, 0.f), size);
+}
+
+__device__ void nms(const float* rows, const int* counts, float iou, int max_det, const Scale* scales, int* kept,
+                    float* dets) {
     __shared__ float score[NMS_ROWS], x1[NMS_ROWS], y1[NMS_ROWS], w[NMS_ROWS], h[NMS_ROWS];
     __shared__ int anchor[NMS_ROWS], order[NMS_ROWS], cls[NMS_ROWS];
     __shared__ bool removed[NMS_ROWS];
-    __shared__ int found;
     int t = threadIdx.x, n = blockIdx.x, count = counts[n];
     if (count > NMS_ROWS) { if (t == 0) kept[n] = -1; return; }
+    Scale fit;
+    if (t == 0) fit = scales[n];  // pinned host memory: one read over the bus, by the one thread that writes
     rows += (size_t)n * NMS_ROWS * 8;
     score[t] = t < count ? rows[t * 8 + 4] : -3.4e38f;
     anchor[t] = t < count ? (int)rows[t * 8 + 6] : 0x7fffffff;
     order[t] = t;
     __syncthreads();
-    for (int k = 2; k <= NMS_ROWS; k <<= 1) {  // bitonic sort of (score desc, anchor asc)
+    int span = 2;
+    while (span < count) span <<= 1;  // the rows past it rank last already
+    for (int k = 2; k <= span; k <<= 1) {  // bitonic sort of (score desc, anchor asc)
         for (int j = k >> 1; j > 0; j >>= 1) {
             int p = t ^ j;
             if (p > t && ((t & k) == 0) != ranked_before(score[t], anchor[t], score[p], anchor[p])) {
@@ -174,27 +187,31 @@ __device__ void nms(const float* rows, const int* counts, float iou, int max_det
         x1[t] = r[0] - r[2] / 2; y1[t] = r[1] - r[3] / 2; w[t] = r[2]; h[t] = r[3]; cls[t] = (int)r[5];
     }
     removed[t] = false;
-    if (t == 0) found = 0;
     __syncthreads();
+    if (t >= 32) return;  // the greedy pass is one warp's: it syncs as a warp, not as a block
+    int found = 0;
     float* out = dets + (size_t)n * max_det * 6;
     for (int i = 0; i < K; ++i) {
         if (removed[i]) continue;
-        if (t == 0) {  // the box as the host writes it: centre -/+ half the size
+        if (t == 0) {  // the box as the host writes it (centre -/+ half the size), then in source pixels
             const float* r = rows + order[i] * 8;
             float* d = out + found * 6;
-            d[0] = x1[i]; d[1] = y1[i]; d[2] = r[0] + r[2] / 2; d[3] = r[1] + r[3] / 2; d[4] = score[i];
+            d[0] = to_source(x1[i], fit.left, fit.gain_x, fit.w);
+            d[1] = to_source(y1[i], fit.top, fit.gain_y, fit.h);
+            d[2] = to_source(r[0] + r[2] / 2, fit.left, fit.gain_x, fit.w);
+            d[3] = to_source(r[1] + r[3] / 2, fit.top, fit.gain_y, fit.h);
+            d[4] = score[i];
             d[5] = (float)cls[i];
         }
-        for (int j = i + 1 + t; j < K; j += blockDim.x) {
+        for (int j = i + 1 + t; j < K; j += 32) {
             if (removed[j] || cls[j] != cls[i]) continue;
             float iw = fminf(x1[i] + w[i], x1[j] + w[j]) - fmaxf(x1[i], x1[j]);
             float ih = fminf(y1[i] + h[i], y1[j] + h[j]) - fmaxf(y1[i], y1[j]);
             float both = w[i] * h[i] + w[j] * h[j], inter = iw > 0.f && ih > 0.f ? iw * ih : 0.f;
             if (both <= 0.f || inter / (both - inter) > iou) removed[j] = true;
         }
-        __syncthreads();
-        if (t == 0) ++found;
-        __syncthreads();
+        ++found;
+        __syncwarp();
     }
     if (t == 0) kept[n] = found;
 }
@@ -214,9 +231,9 @@ __global__ void candidates_half(const half_bits* p, int C, int A, float t, float
 #define MAPS_ARGS b0, c0, b1, c1, b2, c2, h0, w0, h1, w1, h2, w2, nc, reg, H, t, r, n, k
 __global__ void map_candidates_float(MAPS(float)) { map_candidates(MAPS_ARGS); }
 __global__ void map_candidates_half(MAPS(half_bits)) { map_candidates(MAPS_ARGS); }
-__global__ void __launch_bounds__(NMS_ROWS) nms_rows(const float* r, const int* n, float iou, int m, int* kept,
-                                                     float* d) {
-    nms(r, n, iou, m, kept, d);
+__global__ void __launch_bounds__(NMS_ROWS) nms_rows(const float* r, const int* n, float iou, int m,
+                                                     const Scale* s, int* kept, float* d) {
+    nms(r, n, iou, m, s, kept, d);
 }
 }
 """
@@ -288,13 +305,13 @@ class Kernels:
                     (classes, ctypes.c_int), (reg_max, ctypes.c_int), (input_h, ctypes.c_int), (conf, ctypes.c_float),
                     (rows, ctypes.c_void_p), (counts, ctypes.c_void_p), (cap, ctypes.c_int))
 
-    def nms(self, stream, batch: int, rows: int, counts: int, iou: float, max_det: int, kept: int,
+    def nms(self, stream, batch: int, rows: int, counts: int, iou: float, max_det: int, scales: int, kept: int,
             detections: int) -> None:
         """Per image, NMS over its `counts` candidate rows (NMS_ROWS apart) into its kept count and its `max_det`
-        detection rows."""
+        detection rows, mapped to its source image by its `Scale` row (`scales`: pinned host memory)."""
         self.launch("nms_rows", (batch, 1, 1), stream, (rows, ctypes.c_void_p), (counts, ctypes.c_void_p),
-                    (iou, ctypes.c_float), (max_det, ctypes.c_int), (kept, ctypes.c_void_p),
-                    (detections, ctypes.c_void_p), block=NMS_ROWS)
+                    (iou, ctypes.c_float), (max_det, ctypes.c_int), (scales, ctypes.c_void_p),
+                    (kept, ctypes.c_void_p), (detections, ctypes.c_void_p), block=NMS_ROWS)
 
     def unload(self) -> None:
         cuda_call(cuda_driver().cuModuleUnload, self.module)

@@ -1,6 +1,6 @@
 """Offline batches through a `TrtRunner`'s engine, overlapped: a batch's upload (on a copy stream of its own) runs
 while the letterbox, the engine and the score filter with its NMS work on the batch before (on the runner's
-stream), and the host scales (or decodes) the one before that.
+stream), and the host collects (or decodes) the one before that.
 
 Each of the two slots has its own device source and fit table, candidates and detections, and their pinned host
 copies; the engine's input and output are the runner's, used in stream order. CUDA events order the two streams: a
@@ -17,7 +17,8 @@ import numpy as np
 
 from runner.backends.tensorrt.compat import cuda_call
 from runner.backends.tensorrt.kernels import FIT_FIELDS
-from runner.backends.tensorrt.prepost import Candidates, GpuEnd, coalesced, fitted, uploads
+from runner.backends.tensorrt.prepost import (Candidates, GpuEnd, coalesced, contiguous, fit_table, source_offsets,
+                                              uploads)
 from runner.backends.tensorrt.runtime import copy_async
 
 SLOTS = 2
@@ -26,7 +27,7 @@ EVENTS = ("uploaded", "read", "done")  # per slot: its upload, the letterbox's r
 
 class Overlapped(GpuEnd):
     """`run(batches, hw, conf, iou, max_det)` yields per batch, in order, (frames, fits, out): the detections per
-    image in input pixels (None past CANDIDATE_CAP) where `score_filter`, else the first output as float32. The
+    image in source pixels (None past CANDIDATE_CAP) where `score_filter`, else the first output as float32. The
     runner's shape must be each batch's; closed with the runner."""
 
     def __init__(self, runner, geometry, score_filter: bool):
@@ -40,7 +41,7 @@ class Overlapped(GpuEnd):
 
     def settings(self) -> str:
         return (f"overlapped: {SLOTS} slots, each batch uploaded on a copy stream while the batch before runs, "
-                f"host scaling of the one before that" + ("" if self.score_filter else " (decode + NMS)"))
+                f"the host collecting the one before that" + ("" if self.score_filter else " (decode + NMS)"))
 
     def run(self, batches: Iterable[list[np.ndarray]], hw: tuple[int, int], conf: float, iou: float, max_det: int
             ) -> Iterator[tuple]:
@@ -60,14 +61,16 @@ class Overlapped(GpuEnd):
         """Queue one batch in `slot`, whose last batch the host has collected, its filter and NMS at `nms` (conf,
         iou, max_det); returns how each frame was fitted."""
         runner, buffers, rt, events = self.runner, self._buffers, self.runner.rt, self._events[slot]
-        images, fits, boxes = fitted(runner, frames, hw, self.geometry)
+        images = contiguous(runner, frames, hw)
+        offsets = source_offsets(images)
         batch, _, h, w = runner.shape
+        fits, boxes = fit_table(images, (h, w), self.geometry)
         source, table = f"source{slot}", f"fits{slot}"
-        buffers.ensure(source, sum(image.nbytes for image in images))
+        buffers.ensure(source, offsets[-1])
         buffers.ensure(table, batch * FIT_FIELDS * 4)
         buffers.host_array(table, np.int32, fits.size)[:] = fits.reshape(-1)
         cuda_call(rt.cudaStreamWaitEvent, self._copy_stream, events["read"], 0)
-        copies = uploads(runner, buffers, source, images, fits[:, 0].tolist())
+        copies = uploads(runner, buffers, source, images, offsets)
         copies.append((buffers.device[table], buffers.host[table], fits.nbytes))
         for dst, src, nbytes in coalesced(copies):
             copy_async(rt, self._copy_stream, dst, src, nbytes, to_device=True)
@@ -79,12 +82,13 @@ class Overlapped(GpuEnd):
                                  dtype == np.float16)
         cuda_call(rt.cudaEventRecord, events["read"], runner.stream)
         runner.enqueue()
-        self._results(slot, *nms)
+        self._results(slot, boxes, *nms)
         cuda_call(rt.cudaEventRecord, events["done"], runner.stream)
         return boxes
 
-    def _results(self, slot: int, conf: float, iou: float, max_det: int) -> None:
-        """Queue, on the runner's stream, what crosses back into the slot's pinned buffers."""
+    def _results(self, slot: int, boxes: list, conf: float, iou: float, max_det: int) -> None:
+        """Queue, on the runner's stream, what crosses back into the slot's pinned buffers (`boxes`: how each image
+        was fitted, for the NMS's way back to source pixels)."""
         runner, buffers = self.runner, self._buffers
         head, shape, dtype = runner.tensor(runner.output_names[0])
         if not self.score_filter:
@@ -93,6 +97,7 @@ class Overlapped(GpuEnd):
             return
         candidates = self._candidates[slot]
         candidates.ensure(shape[0], max_det)
+        candidates.fit_to(boxes)
         candidates.queue(runner, self.kernels(), conf, iou, max_det)
         candidates.copy_back(runner, shape[0])
 

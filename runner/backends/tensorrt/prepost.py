@@ -2,8 +2,9 @@
 
 `GpuLetterbox` uploads a batch of uint8 source images (each from its own memory where the runner pinned it, else
 through a pinned staging buffer, contiguous copies merged into one) and letterboxes (for RT-DETR: stretches) them
-into the runner's input buffer in one launch; `GpuScoreFilter` filters the one-to-many head output by score and
-runs NMS on the candidates before the copy back, so only the detections cross to the host. Each owns its buffers
+into the runner's input buffer in one launch; `GpuScoreFilter` filters the one-to-many head output by score, runs
+NMS on the candidates and maps the kept boxes to their source images before the copy back, so only the detections
+cross to the host, as they are returned. Each owns its buffers
 and kernels and is closed with the runner that made it; its GPU work is a stage of the runner's `CudaGraphs` (a
 graph per shape; growing a buffer of its own drops the stage's graphs), and its copies are timed as the runner's
 h2d / d2h.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from runner.backends.tensorrt.compat import cuda_call
-from runner.backends.tensorrt.kernels import DETECTION, FIT_FIELDS, NMS_ROWS, ROW, Kernels
+from runner.backends.tensorrt.kernels import DETECTION, FIT_FIELDS, NMS_ROWS, ROW, SCALE_FIELDS, Kernels
 from runner.backends.tensorrt.runtime import Buffers
 from runner.processing import Letterbox, fit
 
@@ -41,21 +42,33 @@ class GpuEnd:
 
 
 def fit_table(images: list[np.ndarray], hw: tuple[int, int], geometry=fit) -> tuple[np.ndarray, list[Letterbox]]:
-    """The letterbox kernel's parameters for `images` packed back to back in one source buffer, a `Fit` row per
-    image [offset, w, h, new_w, new_h, left, top, 0] (int32), and the `Letterbox` of each. Raises ValueError where
-    the batch's sources pass what an int32 offset reaches."""
-    total = sum(image.nbytes for image in images)
-    if total > MAX_SOURCE_BYTES:
-        raise ValueError(f"{len(images)} source images of {total / 2**30:.1f} GiB in one batch: the GPU letterbox "
-                         f"takes at most 2 GiB; use a smaller batch or preprocess=cpu")
-    fits, boxes, offset = np.zeros((len(images), FIT_FIELDS), np.int32), [], 0
-    for n, image in enumerate(images):
+    """The letterbox kernel's parameters for `images` packed back to back in one source buffer (`source_offsets`),
+    a `Fit` row per image [offset, w, h, new_w, new_h, left, top, 0] (int32), and the `Letterbox` of each."""
+    fits, boxes = np.zeros((len(images), FIT_FIELDS), np.int32), []
+    for n, (image, offset) in enumerate(zip(images, source_offsets(images))):
         h, w = image.shape[:2]
         (new_w, new_h), (top, _, left, _), box = geometry(h, w, hw)
         fits[n] = offset, w, h, new_w, new_h, left, top, 0
         boxes.append(box)
-        offset += image.nbytes
     return fits, boxes
+
+
+def source_offsets(images: list[np.ndarray]) -> list[int]:
+    """Where each of `images` starts with the batch packed back to back in one source buffer, and (last) its end.
+    Raises ValueError where that passes what the letterbox kernel's int32 offsets reach."""
+    offsets = [0]
+    for image in images:
+        offsets.append(offsets[-1] + image.nbytes)
+    if offsets[-1] > MAX_SOURCE_BYTES:
+        raise ValueError(f"{len(images)} source images of {offsets[-1] / 2**30:.1f} GiB in one batch: the GPU "
+                         f"letterbox takes at most 2 GiB; use a smaller batch or preprocess=cpu")
+    return offsets
+
+
+def scale_table(boxes: list[Letterbox]) -> np.ndarray:
+    """The NMS kernel's way back to each source image, a `Scale` row per image [left, top, gain_x, gain_y, w, h]
+    (float32: the gains as NumPy divides by them in `processing.scale_boxes`)."""
+    return np.array([(*lb.pad, *lb.gain, lb.orig_shape[1], lb.orig_shape[0]) for lb in boxes], np.float32)
 
 
 def coalesced(copies: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -73,44 +86,51 @@ def uploads(runner, buffers: Buffers, name: str, images: list[np.ndarray], offse
             ) -> list[tuple[int, int, int]]:
     """Each image's copy to its offset in the device buffer `name`, as (dst, src, nbytes): straight from its own
     memory where `runner` pinned it, else through the pinned host buffer `name`, written here."""
-    copies = []
-    staging = buffers.host_array(name, np.uint8, offsets[-1] + images[-1].nbytes)
+    copies, staging = [], None
     for image, offset in zip(images, offsets):
         source = image.ctypes.data
         if not runner.pinned(image):
+            if staging is None:
+                staging = buffers.host_array(name, np.uint8, offsets[-1])
             staging[offset:offset + image.nbytes] = image.reshape(-1)
             source = buffers.host[name] + offset
         copies.append((buffers.device[name] + offset, source, image.nbytes))
     return copies
 
 
-def fitted(runner, images: list[np.ndarray], hw: tuple[int, int], geometry
-           ) -> tuple[list[np.ndarray], np.ndarray, list[Letterbox]]:
-    """`images` made contiguous, their fit table and how each is fitted (`fit_table`) into the runner's input
-    shape. Raises ValueError where they do not fill it."""
+def contiguous(runner, images: list[np.ndarray], hw: tuple[int, int]) -> list[np.ndarray]:
+    """`images` made contiguous. Raises ValueError where they do not fill the runner's input shape at `hw`."""
     batch, _, h, w = runner.shape
     if len(images) != batch or (h, w) != tuple(hw):
         raise ValueError(f"{len(images)} images at {list(hw)} do not fill the input shape {list(runner.shape)}")
-    images = [np.ascontiguousarray(image) for image in images]
-    return images, *fit_table(images, (h, w), geometry)
+    return [np.ascontiguousarray(image) for image in images]
 
 
 class Candidates:
-    """The score filter's per-image counts and candidate rows (device only), and the NMS's kept counts and
-    detections after them (`found<suffix>`: every image's count, int32, then every image's `max_det` detection
-    rows, float32), in `buffers`: filled on the runner's stream from its first output, copied back in one copy, read
-    per image. `max_det`: the detections per image of the run queued last (`ensure`)."""
+    """The score filter's per-image counts and candidate rows (device only), the NMS's way back to each source image
+    (`scales<suffix>`, pinned host only: a `Scale` row per image, read by the kernel), and its kept counts and
+    detections (`found<suffix>`: every image's count, int32, then every image's `max_det` detection rows, float32),
+    in `buffers`: filled on the runner's stream from its first output, copied back in one copy, read per image.
+    `max_det`: the detections per image of the run queued last (`ensure`)."""
 
     def __init__(self, buffers: Buffers, suffix: str = ""):
         self.buffers, self.max_det = buffers, 0
         self.counts, self.rows, self.found = f"counts{suffix}", f"rows{suffix}", f"found{suffix}"
+        self.scales = f"scales{suffix}"
 
     def ensure(self, batch: int, max_det: int) -> bool:
         """Room for `batch` images of `max_det` detections, the run about to be queued's; True where a buffer
         moved."""
         self.max_det = max_det
-        return (self.buffers.ensure(self.counts, batch * 4) | self.buffers.ensure(self.rows, batch * NMS_ROWS * ROW * 4)
-                | self.buffers.ensure(self.found, self._found_bytes(batch)))
+        buffers = self.buffers
+        return (buffers.ensure(self.counts, batch * 4) | buffers.ensure(self.rows, batch * NMS_ROWS * ROW * 4)
+                | buffers.ensure(self.scales, batch * SCALE_FIELDS * 4, device=False)
+                | buffers.ensure(self.found, self._found_bytes(batch)))
+
+    def fit_to(self, boxes: list[Letterbox]) -> None:
+        """Write how each image of the run about to be queued was fitted (after `ensure`, before the GPU runs it)."""
+        table = scale_table(boxes)
+        self.buffers.host_array(self.scales, np.float32, table.size)[:] = table.reshape(-1)
 
     def queue(self, runner, kernels: Kernels, conf: float, iou: float, max_det: int) -> None:
         """Zero the counts, filter the head output (or decode its maps, `runner.head_maps`) by `conf` into the rows,
@@ -127,8 +147,8 @@ class Candidates:
             kernels.candidates(runner.stream, head, *shape, conf, device[self.rows], device[self.counts],
                                CANDIDATE_CAP, dtype == np.float16)
         found = device[self.found]
-        kernels.nms(runner.stream, batch, device[self.rows], device[self.counts], iou, max_det, found,
-                    found + batch * 4)
+        kernels.nms(runner.stream, batch, device[self.rows], device[self.counts], iou, max_det,
+                    self.buffers.host[self.scales], found, found + batch * 4)
 
     def copy_back(self, runner, batch: int) -> None:
         """Queue the copy of the kept counts and detections to their pinned host buffer on the runner's stream."""
@@ -136,7 +156,7 @@ class Candidates:
                     to_device=False)
 
     def read(self, batch: int) -> list[np.ndarray | None]:
-        """Per image, a copy of its detections [x1, y1, x2, y2, score, class] in input pixels, best first; None
+        """Per image, a copy of its detections [x1, y1, x2, y2, score, class] in source pixels, best first; None
         where the filter found more than CANDIDATE_CAP rows. After the copy back is done."""
         found = self.buffers.host_array(self.found, np.int32, batch + batch * self.max_det * DETECTION)
         kept = found[batch:].view(np.float32).reshape(batch, self.max_det, DETECTION)
@@ -155,16 +175,17 @@ class GpuLetterbox(GpuEnd):
         `stretch_fit` for RT-DETR: the kernel resizes each axis by its own scale). Asynchronous: the runner's sync()
         before reading anything it wrote."""
         runner, buffers = self.runner, self._buffers
-        images, fits, boxes = fitted(runner, images, hw, geometry)
+        images = contiguous(runner, images, hw)
+        offsets = source_offsets(images)
         batch, _, h, w = runner.shape
-        total = sum(image.nbytes for image in images)
-        if buffers.ensure("source", total) | buffers.ensure("fits", batch * FIT_FIELDS * 4):
+        if buffers.ensure("source", offsets[-1]) | buffers.ensure("fits", batch * FIT_FIELDS * 4):
             runner.graphs.drop("letterbox")  # its graphs read the old buffers
-        buffers.host_array("fits", np.int32, fits.size)[:] = fits.reshape(-1)
-        copies = coalesced(uploads(runner, buffers, "source", images, fits[:, 0].tolist()))  # host staging first
+        copies = coalesced(uploads(runner, buffers, "source", images, offsets))  # host staging first
         with runner.timed("h2d"):
             for dst, src, nbytes in copies:
                 runner.copy(dst, src, nbytes, to_device=True)
+        fits, boxes = fit_table(images, (h, w), geometry)  # while the upload runs
+        buffers.host_array("fits", np.int32, fits.size)[:] = fits.reshape(-1)
         target, _, dtype = runner.tensor(runner.input_name)
 
         def enqueue():
@@ -181,28 +202,29 @@ class GpuLetterbox(GpuEnd):
 
 
 class GpuScoreFilter(GpuEnd):
-    """The runner's first output, a one-to-many head `(B, 4 + nc, A)`, or its head maps, cut to its candidates and
-    NMS'd on the GPU: only the detections cross to the host."""
+    """The runner's first output, a one-to-many head `(B, 4 + nc, A)`, or its head maps, cut to its candidates,
+    NMS'd and mapped to the source images on the GPU: only the detections cross to the host."""
 
     def __init__(self, runner):
         super().__init__(runner)
         self._candidates = Candidates(self._buffers)
 
-    def run(self, conf: float, iou: float, max_det: int) -> list[np.ndarray | None]:
-        """Per image, its detections [x1, y1, x2, y2, score, class] in input pixels after NMS, as `processing.nms`
-        gives them from the rows whose best class score is above `conf`. None for an image with more than
-        CANDIDATE_CAP such rows (decode the whole output instead)."""
-        self.queue(conf, iou, max_det)
+    def run(self, conf: float, iou: float, max_det: int, boxes: list[Letterbox]) -> list[np.ndarray | None]:
+        """Per image, fitted into the input as `boxes` says, its detections [x1, y1, x2, y2, score, class] in source
+        pixels after NMS, as `processing.postprocess` gives them from the rows whose best class score is above
+        `conf`. None for an image with more than CANDIDATE_CAP such rows (decode the whole output instead)."""
+        self.queue(conf, iou, max_det, boxes)
         self.runner.sync()
         return self.detections()
 
-    def queue(self, conf: float, iou: float, max_det: int) -> None:
+    def queue(self, conf: float, iou: float, max_det: int, boxes: list[Letterbox]) -> None:
         """Queue the filter, the NMS and the copy back of the detections on the runner's stream (`detections` after
         a sync)."""
         runner, candidates = self.runner, self._candidates
         batch = runner.tensor(runner.output_names[0])[1][0]
         if candidates.ensure(batch, max_det):
-            runner.graphs.drop("candidates")  # its graphs write the old buffers
+            runner.graphs.drop("candidates")  # its graphs use the old buffers
+        candidates.fit_to(boxes)
         runner.graphs.launch("candidates", lambda: candidates.queue(runner, self.kernels(), conf, iou, max_det),
                              (conf, iou, max_det))
         with runner.timed("d2h"):

@@ -59,7 +59,8 @@ def copy_async(rt, stream, dst: int, src: int, nbytes: int, to_device: bool) -> 
 
 
 class Buffers:
-    """Device buffers by name, each paired with a pinned host buffer of the same size; they only grow."""
+    """Pinned host buffers by name, each paired with a device buffer of the same size unless asked for alone (one
+    that kernels read over the bus); they only grow."""
 
     def __init__(self, rt):
         self._rt = rt
@@ -67,13 +68,15 @@ class Buffers:
         self.host: dict[str, int] = {}
         self._capacity: dict[str, int] = {}
 
-    def ensure(self, name: str, nbytes: int) -> bool:
-        """At least `nbytes` under `name`; True where it (re)allocated, which moves the buffer."""
+    def ensure(self, name: str, nbytes: int, device: bool = True) -> bool:
+        """At least `nbytes` under `name` (on the host only where not `device`); True where it (re)allocated, which
+        moves the buffer."""
         if self._capacity.get(name, -1) >= nbytes:
             return False
         self.free(name)
         size = max(nbytes, 1)
-        self.device[name] = cuda_call(self._rt.cudaMalloc, size)
+        if device:
+            self.device[name] = cuda_call(self._rt.cudaMalloc, size)
         self.host[name] = cuda_call(self._rt.cudaMallocHost, size)
         self._capacity[name] = nbytes
         return True
@@ -86,11 +89,12 @@ class Buffers:
     def free(self, name: str) -> None:
         if name in self.device:
             cuda_call(self._rt.cudaFree, self.device.pop(name))
+        if name in self.host:
             cuda_call(self._rt.cudaFreeHost, self.host.pop(name))
             del self._capacity[name]
 
     def close(self) -> None:
-        for name in list(self.device):
+        for name in list(self.host):
             self.free(name)
 
 
