@@ -51,6 +51,7 @@ warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigSto
 
 
 AUTO = "auto"  # a setting resolved per variant once its backend is known (`backends.resolve_auto`)
+API_BUILD_SETTINGS = ("half_input", "head_maps")  # backend settings of runner's TensorRT API build (`Backend.takes`)
 
 
 class ConfigError(ValueError):
@@ -218,12 +219,14 @@ class BackendConfig:
     builder_optimization_level: Optional[int] = None  # null: TensorRT's default (3); 0 builds fastest
     workspace_gib: float = 4.0
     tf32: bool = False  # TensorRT turns TF32 on for fp32 layers by default; fp32 here means IEEE fp32
-    half_input: bool = False  # TensorRT fp16 and int8 Q/DQ engines: the input in fp16, as the GPU letterbox writes it
+    half_input: Any = AUTO  # true | false | auto: TensorRT fp16 and int8 Q/DQ engines of runner's own build: the input
+    #   in fp16, as the GPU letterbox writes it. auto: on where it applies (`backends.resolve_auto`)
     fold_split_concat: bool = True  # TensorRT API build: a Concat of a Split's every output reads its input (exact;
     #   `rewrite`), so the engine writes the tensor in place instead of copying its halves
-    head_maps: bool = False  # TensorRT API build of a one-to-many YOLO head: the engine ends at the head's per-level
-    #   maps (`rewrite`), in fp16 where the precision is fp16 or int8; the GPU score filter, or the host, decodes
-    #   them. The peer keeps the whole head
+    head_maps: Any = AUTO  # true | false | auto: TensorRT API build of a one-to-many YOLO head: the engine ends at the
+    #   head's per-level maps (`rewrite`), in fp16 where the precision is fp16 or int8; the GPU score filter, or the
+    #   host, decodes them. The peer keeps the whole head. auto: on where it applies and the ONNX has the maps, else
+    #   the whole head (said in the log)
     engine_cache: bool = True
     timing_cache: bool = True
     ort_provider: str = "CPUExecutionProvider"  # for backend=onnxruntime; the reference always runs on the CPU
@@ -543,8 +546,10 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
     if cfg.bench.warmup < 0:
         raise ConfigError(f"bench.warmup: must be >= 0, got {cfg.bench.warmup}")
-    if not (isinstance(cfg.bench.cuda_graph, bool) or cfg.bench.cuda_graph == AUTO):
-        raise ConfigError(f"bench.cuda_graph: true, false or auto, got {cfg.bench.cuda_graph!r}")
+    for key, value in (("bench.cuda_graph", cfg.bench.cuda_graph), ("backend.half_input", cfg.backend.half_input),
+                       ("backend.head_maps", cfg.backend.head_maps)):
+        if not (isinstance(value, bool) or value == AUTO):
+            raise ConfigError(f"{key}: true, false or auto, got {value!r}")
     _check_timed_shape(cfg)
     _check_scenarios(cfg.bench)
     _check_precision(cfg.precision)

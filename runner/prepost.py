@@ -12,7 +12,7 @@ from its runner and its config (`preprocess=cpu|gpu`, `postprocess=cpu|gpu`).
     on the device; only the detections cross back. An end-to-end output `(B, N, 6)` is small already: it is copied
     back as it is.
   On a runner that queues its device work (`Runner.queues`: TensorRT) a run is queued and waited for once, as an
-  application runs it; each stage is its host work until its device work is queued, plus that work's GPU time
+  application runs it; each stage is its host work until its device work starts, plus that work's GPU time
   between CUDA events (`ONE_WAIT`). Elsewhere each stage is waited for and timed on the host clock.
   `stream(runner, batches, hw)` gives the detections of many batches (the offline scenario): overlapped where the
   runner offers it with the GPU letterbox (`Runner.overlapped`: each batch's upload on a stream of its own while
@@ -33,9 +33,10 @@ from runner.config import Device, RunConfig
 from runner.processing import ONE2MANY, RTDETR, geometry, postprocess, preprocess
 
 ONE_AT_A_TIME = "one batch at a time"
-ONE_WAIT = ("one wait per run: each stage's host work until its device work is queued, plus that work's GPU time "
-            "between CUDA events (pre: from the upload's start to the engine's; post: from the engine's end to the "
-            "copy back's end, then the host's decode); e2e on the host clock")
+ONE_WAIT = ("one wait per run: each stage's host work until its device work starts, plus that work's GPU time "
+            "between CUDA events (pre: the host until the upload is queued, then the GPU from the upload's start to "
+            "the engine's; post: from the engine's end to the copy back's end, then the host's reading or decode); "
+            "e2e on the host clock")
 A_WAIT_PER_STAGE = "a wait after each stage: pre and post on the host clock, infer as the runner times it"
 
 
@@ -99,7 +100,6 @@ class Chain:
         filtered = self.score_filter is not None and self.head == ONE2MANY
         t0 = time.perf_counter()
         boxes = self._queue_pre(runner, frames, hw)
-        t1 = time.perf_counter()
         runner.launch()
         if filtered:
             self.score_filter.queue(self.conf, self.iou, self.max_det, boxes)
@@ -116,7 +116,7 @@ class Chain:
             dets = self._from_output(next(iter(runner.d2h().values())), boxes)
         t3 = time.perf_counter()
         gpu_pre, gpu_post = runner.around_engine_ms()  # the events are read after the clock stops: no app reads them
-        times = {"preprocess": (t1 - t0) * 1e3 + gpu_pre, "infer": runner.infer_ms(),
+        times = {"preprocess": (runner.upload_queued_at - t0) * 1e3 + gpu_pre, "infer": runner.infer_ms(),
                  "postprocess": gpu_post + (t3 - t2) * 1e3, "e2e": (t3 - t0) * 1e3}
         return dets, {**times, **runner.copy_ms()}
 

@@ -466,19 +466,23 @@ class BenchResult(Record):
 
 @dataclass
 class Resolved(Record):
-    """How the variant pre/postprocesses and whether it replays CUDA graphs, as resolved on its backend, and which
-    of these the config left to `auto` (`backends.resolve_auto`)."""
+    """How the variant pre/postprocesses, whether it replays CUDA graphs, takes an fp16 input and ends at the head's
+    maps, as resolved on its backend, and which of these the config left to `auto` (`backends.resolve_auto`)."""
     preprocess: str  # cpu | gpu
     postprocess: str
     cuda_graph: bool | None  # None: the backend has no CUDA graph
-    auto: list[str] = field(default_factory=list)  # of preprocess, postprocess, cuda_graph
+    auto: list[str] = field(default_factory=list)  # of preprocess, postprocess, cuda_graph, half_input, head_maps
+    half_input: bool = False
+    head_maps: bool = False
 
     def auto_text(self) -> str:
-        """What `auto` became, as the tables show it: `pre gpu, post gpu, graph on`; "" where nothing was auto."""
+        """What `auto` became, as the tables show it: `pre gpu, post gpu, graph on, fp16 input, head maps`; "" where
+        nothing was auto. A build setting that `auto` left off is not named."""
         graph = "n/a" if self.cuda_graph is None else "on" if self.cuda_graph else "off"
         words = {"preprocess": f"pre {self.preprocess}", "postprocess": f"post {self.postprocess}",
-                 "cuda_graph": f"graph {graph}"}
-        return ", ".join(words[key] for key in words if key in self.auto)
+                 "cuda_graph": f"graph {graph}", "half_input": self.half_input and "fp16 input",
+                 "head_maps": self.head_maps and "head maps"}
+        return ", ".join(words[key] for key in words if key in self.auto and words[key])
 
 
 @dataclass

@@ -43,7 +43,7 @@ def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
     onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision,
                        cfg.export.head.value, **int8_settings(cfg, mechanism, Mechanism.qdq))
     build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, prepost_label(cfg, backend),
-                         input_dtype="fp16" if backend in ENGINE_BACKENDS and cfg.backend.half_input else "",
+                         input_dtype="fp16" if backend in ENGINE_BACKENDS and cfg.backend.half_input is True else "",
                          head_maps="head-maps" if cuts_head(cfg, backend) else "",
                          **int8_settings(cfg, mechanism, Mechanism.calibrator))  # calibrated in the build
     return Cell(onnx, build, cfg.model.label)
@@ -110,7 +110,10 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         clock.enter("export")
         mechanism = backend.precision_mechanism(cfg)
         result.cell = cell_of(cfg, backend_name, mechanism)
-        result.export = export_stage(cfg, mechanism, backend_name)
+        result.export = export_stage(cfg, mechanism, backend_name, "head_maps" in resolved.auto)
+        if cuts_head(cfg, backend_name) and result.export.tested.head_maps is None:  # auto, on a head without maps
+            cfg = replace(cfg, backend=replace(cfg.backend, head_maps=False))
+            resolved.head_maps, result.cell = False, cell_of(cfg, backend_name, mechanism)
         output_head(result.export)  # a head runner cannot decode goes no further
         publish(result)
 
@@ -146,10 +149,11 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
     return result
 
 
-def export_stage(cfg: RunConfig, mechanism: str, backend: str) -> ExportResult:
+def export_stage(cfg: RunConfig, mechanism: str, backend: str, head_maps_auto: bool = False) -> ExportResult:
     """The fp32 reference ONNX, and the ONNX under test: the fp16 one, or the Q/DQ int8 one calibrated on the CPU,
     where the mechanism needs it; its Split->Concat copies folded where `folds` says, cut at the head's maps (before
-    any Q/DQ) where `cuts_head` does. Raises StageError."""
+    any Q/DQ) where `cuts_head` does: where the ONNX has none, the whole head if `backend.head_maps` came from
+    `head_maps_auto`, else StageError."""
     weights = cfg.model.weights
     dynamic = (cfg.export.shape or cfg.shape.mode) == ShapeMode.dynamic
     spec = ExportSpec(weights=weights, tool=cfg.export.tool.value, dynamic=dynamic, half=False,
@@ -164,7 +168,9 @@ def export_stage(cfg: RunConfig, mechanism: str, backend: str) -> ExportResult:
         try:
             tested = head_maps_onnx(tested, cache_dir)
         except NoHeadMaps as exc:
-            raise StageError("export", f"backend.head_maps: {exc}") from None
+            if not head_maps_auto:
+                raise StageError("export", f"backend.head_maps: {exc}") from None
+            log.info("export: backend.head_maps=auto keeps the whole head: %s", exc)
     if mechanism == Mechanism.qdq:
         tested = quantize_variant(cfg, tested)  # Q/DQ placed on the folded graph
     return ExportResult(weights=weights, reference=reference, tested=tested, folded_splits=folded)
@@ -178,8 +184,8 @@ def folds(cfg: RunConfig, backend: str) -> bool:
 
 def cuts_head(cfg: RunConfig, backend: str) -> bool:
     """Whether the engine ends at the head's maps (`rewrite`): runner's own TensorRT runner on the API build, as
-    `backend.head_maps` says; the peer's predict needs the whole head."""
-    return cfg.backend.head_maps and backend == BackendName.tensorrt and cfg.build.tool == BuildTool.tensorrt_api
+    `backend.head_maps` says once resolved; the peer's predict needs the whole head."""
+    return cfg.backend.head_maps is True and backend == BackendName.tensorrt and cfg.build.tool == BuildTool.tensorrt_api
 
 
 def output_head(export: ExportResult, build: BuildResult | None = None) -> str:

@@ -38,7 +38,8 @@ def test_backends_are_chosen_by_name():
 def test_the_pipeline_is_part_of_the_row_and_the_gpu_ends_need_tensorrt(backend, overrides, label, skip):
     """preprocess/postprocess=gpu and the peer are build rows of their own; where they cannot apply, the variant
     is skipped with the reason (whatever this machine has)."""
-    cfg, = preflight(["precision=fp16", f"backend={backend}", *overrides])
+    cfg, = preflight(["precision=fp16", f"backend={backend}", "backend.half_input=false", "backend.head_maps=false",
+                      *overrides])
     cfg, _ = backends.resolve_auto(cfg, backends.get(backend))
     assert cell_of(cfg, backend, "builder_flag").build.label == label
     reason = backends.get(backend).applies(cfg)
@@ -56,38 +57,59 @@ def test_an_fp16_input_is_part_of_an_engine_row(backend, label):
     assert cell_of(cfg, backend, "builder_flag").build.label == label
 
 
+ALL_AUTO = ["preprocess", "postprocess", "cuda_graph", "half_input", "head_maps"]
+OFF = ["backend.half_input=false", "backend.head_maps=false"]
+
+
 @pytest.mark.parametrize("backend, overrides, ends, graph, auto, label", [
-    ("tensorrt", [], ("gpu", "gpu"), True, ["preprocess", "postprocess", "cuda_graph"], "trt st fp16 gpu-pre gpu-post"),
-    ("onnxruntime", [], ("cpu", "cpu"), None, ["preprocess", "postprocess", "cuda_graph"], "ort st fp16"),
-    ("ultralytics", [], ("cpu", "cpu"), None, ["preprocess", "postprocess", "cuda_graph"], "trt st fp16 predict"),
-    ("tensorrt", ["preprocess=cpu", "bench.cuda_graph=false"], ("cpu", "gpu"), False, ["postprocess"],
-     "trt st fp16 gpu-post"),
-    ("tensorrt", ["postprocess=cpu", "bench.cuda_graph=true"], ("gpu", "cpu"), True, ["preprocess"],
-     "trt st fp16 gpu-pre"),
-    ("onnxruntime", ["preprocess=cpu", "postprocess=cpu", "bench.cuda_graph=true"], ("cpu", "cpu"), None, [],
+    ("tensorrt", [], ("gpu", "gpu"), True, ALL_AUTO, "trt st fp16 fp16-in head-maps gpu-pre gpu-post"),
+    ("onnxruntime", [], ("cpu", "cpu"), None, ALL_AUTO, "ort st fp16"),
+    ("ultralytics", [], ("cpu", "cpu"), None, ALL_AUTO, "trt st fp16 predict"),  # the engine ultralytics makes
+    ("tensorrt", ["build=ultralytics"], ("gpu", "gpu"), True, ALL_AUTO, "ul-trt st fp16 gpu-pre gpu-post"),
+    ("tensorrt", ["preprocess=cpu", "bench.cuda_graph=false", "backend.head_maps=false"], ("cpu", "gpu"), False,
+     ["postprocess", "half_input"], "trt st fp16 fp16-in gpu-post"),
+    ("tensorrt", ["postprocess=cpu", "bench.cuda_graph=true", "backend.half_input=false"], ("gpu", "cpu"), True,
+     ["preprocess", "head_maps"], "trt st fp16 head-maps gpu-pre"),
+    ("onnxruntime", ["preprocess=cpu", "postprocess=cpu", "bench.cuda_graph=true", *OFF], ("cpu", "cpu"), None, [],
      "ort st fp16"),
 ])
-def test_auto_is_the_fastest_path_of_the_backend_and_explicit_values_stay(backend, overrides, ends, graph, auto,
-                                                                          label):
-    """The defaults (`auto`): GPU pre/post and CUDA graphs on TensorRT, the host elsewhere (no graph there); never
-    a reason to skip. What is given explicitly is kept, and the record says which values came from `auto`."""
+def test_auto_is_the_fastest_path_of_the_backend_and_explicit_values_stay(monkeypatch, backend, overrides, ends, graph,
+                                                                          auto, label):
+    """The defaults (`auto`): GPU pre/post, CUDA graphs, an fp16 input and the engine ending at the head's maps on
+    runner's TensorRT API build, the host elsewhere (no graph there, the engine ultralytics makes for the peer);
+    never a reason to skip. What is given explicitly is kept, and the record says which values came from `auto`."""
+    monkeypatch.setattr(TensorrtBackend, "precision_mechanism", lambda self, cfg: "builder_flag")  # TensorRT <= 10
     requested, = preflight(["precision=fp16", f"backend={backend}", *overrides])
     cfg, resolved = backends.resolve_auto(requested, backends.get(backend))
     assert (cfg.preprocess.device.value, cfg.postprocess.device.value) == ends == (resolved.preprocess,
                                                                                   resolved.postprocess)
     assert (resolved.cuda_graph, resolved.auto) == (graph, auto)
     assert cfg.bench.cuda_graph is bool(graph)  # what the runner is given: a switch, never "auto"
+    assert (cfg.backend.half_input, cfg.backend.head_maps) == (resolved.half_input, resolved.head_maps)
     assert cell_of(cfg, backend, "builder_flag").build.label == label
     assert backends.get(backend).applies(cfg) is None
     assert backends.resolve_auto(cfg, backends.get(backend))[0] == cfg  # a resolved config has nothing left to resolve
 
 
-def test_auto_text_says_what_auto_became():
+def test_auto_text_says_what_auto_became(monkeypatch):
+    monkeypatch.setattr(TensorrtBackend, "precision_mechanism", lambda self, cfg: "builder_flag")
     requested, = preflight(["preprocess=cpu"])
-    assert backends.resolve_auto(requested, backends.get("tensorrt"))[1].auto_text() == "post gpu, graph on"
+    assert (backends.resolve_auto(requested, backends.get("tensorrt"))[1].auto_text()
+            == "post gpu, graph on, fp16 input, head maps")
     assert backends.resolve_auto(requested, backends.get("onnxruntime"))[1].auto_text() == "post cpu, graph n/a"
-    explicit, = preflight(["preprocess=cpu", "postprocess=cpu", "bench.cuda_graph=false"])
+    explicit, = preflight(["preprocess=cpu", "postprocess=cpu", "bench.cuda_graph=false", *OFF])
     assert backends.resolve_auto(explicit, backends.get("tensorrt"))[1].auto_text() == ""
+
+
+def test_auto_leaves_out_an_fp16_input_where_the_precision_keeps_a_float_one(monkeypatch):
+    """fp32 and TensorRT's calibrator keep a float input; an end-to-end head has no maps to end at."""
+    trt = backends.get("tensorrt")
+    fp32, = preflight(["precision=fp32"])
+    assert backends.resolve_auto(fp32, trt)[0].backend.half_input is False
+    monkeypatch.setattr(TensorrtBackend, "precision_mechanism", lambda self, cfg: "calibrator")
+    calibrated, = preflight(["precision=int8_calibrator", "model=yolov10n", "export.head=end2end"])
+    resolved = backends.resolve_auto(calibrated, trt)[1]
+    assert (resolved.half_input, resolved.head_maps) == (False, False)
 
 
 def test_the_cell_names_the_calibrator_where_it_calibrates():

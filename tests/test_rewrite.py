@@ -138,3 +138,4 @@ def test_only_runners_tensorrt_runner_on_the_api_build_ends_at_the_head_maps(exp
                                   export=dataclasses.replace(cfg.export, head=Head.end2end))
     with pytest.raises(StageError, match=r"backend.head_maps: the output output0 \[1, 300, 6\] is not the one-to-many"):
         export_stage(end2end, Mechanism.builder_flag, "tensorrt")
+    assert export_stage(end2end, Mechanism.builder_flag, "tensorrt", head_maps_auto=True).tested.head_maps is None

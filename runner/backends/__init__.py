@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runner.config import AUTO, BackendName, Device, RunConfig
+from runner.config import API_BUILD_SETTINGS, AUTO, BackendName, Device, RunConfig
 from runner.results import BuildResult, ExportResult, Resolved
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class Runner(ABC):
     """One loaded model with a single input. Subclasses set `name`, `input_name`, `input_dtype`, `output_names`.
     Where `queues`, a run's device work can be queued and waited for once: `launch`, `queue_d2h`, `outputs`,
-    `infer_ms` and `around_engine_ms` (TensorRT's runner)."""
+    `infer_ms`, `around_engine_ms` and `upload_queued_at` (TensorRT's runner)."""
 
     name: str
     queues = False
@@ -145,6 +145,11 @@ class Backend(ABC):
     def applies(self, cfg: RunConfig) -> str | None:
         """Why this variant makes no sense on this backend (it is skipped with that reason), or None."""
 
+    def takes(self, cfg: RunConfig, setting: str) -> bool:
+        """Whether this backend's build takes `backend.<setting>` (`API_BUILD_SETTINGS`) for this variant: what
+        `auto` becomes. None does here."""
+        return False
+
     @abstractmethod
     def build(self, cfg: RunConfig, export: ExportResult, calibration: CalibrationSet | None = None) -> BuildResult:
         """Make the model under test runnable; `calibration`: the images of a build that calibrates (the
@@ -198,22 +203,27 @@ def resolve(cfg: RunConfig) -> tuple[Backend, str | None]:
 
 
 def resolve_auto(cfg: RunConfig, backend: Backend) -> tuple[RunConfig, Resolved]:
-    """`cfg` with `preprocess`, `postprocess` and `bench.cuda_graph` resolved on `backend`, and the record of it.
+    """`cfg` with `preprocess`, `postprocess`, `bench.cuda_graph` and the build settings `API_BUILD_SETTINGS`
+    resolved on `backend`, and the record of it.
 
     `auto` is the fastest path the backend has: GPU pre/post and CUDA graphs where it has GPU ends (TensorRT, which
-    runs only on a CUDA GPU), else host pre/post. A backend without graphs has none, whatever was asked (None).
-    Values given explicitly stay as they are."""
+    runs only on a CUDA GPU), else host pre/post; an fp16 input and an engine ending at the head's maps where its
+    build takes them (`Backend.takes`). A backend without graphs has none, whatever was asked (None). Values given
+    explicitly stay as they are."""
     device = Device.gpu if backend.gpu_ends else Device.cpu
     pre, post, graph = cfg.preprocess.device, cfg.postprocess.device, cfg.bench.cuda_graph
+    given = {"preprocess": pre, "postprocess": post, "cuda_graph": graph,
+             **{key: getattr(cfg.backend, key) for key in API_BUILD_SETTINGS}}
+    settings = {key: backend.takes(cfg, key) if given[key] == AUTO else given[key] for key in API_BUILD_SETTINGS}
     resolved = Resolved(preprocess=(device if pre == Device.auto else pre).value,
                         postprocess=(device if post == Device.auto else post).value,
                         cuda_graph=(graph == AUTO or graph) if backend.gpu_ends else None,
-                        auto=[key for key, value in (("preprocess", pre), ("postprocess", post), ("cuda_graph", graph))
-                              if value == AUTO])
+                        auto=[key for key, value in given.items() if value == AUTO], **settings)
     return dataclasses.replace(
         cfg, preprocess=dataclasses.replace(cfg.preprocess, device=Device(resolved.preprocess)),
         postprocess=dataclasses.replace(cfg.postprocess, device=Device(resolved.postprocess)),
-        bench=dataclasses.replace(cfg.bench, cuda_graph=bool(resolved.cuda_graph))), resolved
+        bench=dataclasses.replace(cfg.bench, cuda_graph=bool(resolved.cuda_graph)),
+        backend=dataclasses.replace(cfg.backend, **settings)), resolved
 
 
 def auto_choice() -> str:

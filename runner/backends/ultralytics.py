@@ -118,6 +118,10 @@ class UltralyticsBackend(TensorrtBackend):
                 reason = "ultralytics predict on a TensorRT engine needs torch with CUDA"
         return reason
 
+    def takes(self, cfg: RunConfig, setting: str) -> bool:
+        """The peer's engine, left to auto, is the one ultralytics makes itself: a float input and the whole head."""
+        return False
+
     def applies(self, cfg: RunConfig) -> str | None:
         if Device.gpu in (cfg.preprocess.device, cfg.postprocess.device):
             return "backend=ultralytics runs predict's own pre/postprocessing; preprocess/postprocess=gpu do not apply"

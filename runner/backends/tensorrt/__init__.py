@@ -7,15 +7,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from runner.backends import Backend
-from runner.config import (BackendName, BuildTool, ExportTool, Head, Mechanism, Precision, RunConfig, ShapeMode,
-                           calibrator_refusal)
+from runner.config import (API_BUILD_SETTINGS, BackendName, BuildTool, ExportTool, Head, Mechanism, Precision,
+                           RunConfig, ShapeMode, calibrator_refusal)
 from runner.results import BuildResult, ExportResult
 
 if TYPE_CHECKING:
     from runner.quantize import CalibrationSet
 
-
-API_BUILD_SETTINGS = ("half_input", "head_maps")  # backend settings of runner's own build, not build=ultralytics'
 
 
 class TensorrtBackend(Backend):
@@ -43,12 +41,12 @@ class TensorrtBackend(Backend):
         return resolve_fp16_mode(trt, cfg.precision.fp16_mode.value)
 
     def applies(self, cfg: RunConfig) -> str | None:
-        asked = [key for key in API_BUILD_SETTINGS if getattr(cfg.backend, key)]
+        asked = [key for key in API_BUILD_SETTINGS if getattr(cfg.backend, key) is True]  # auto: `takes`
         if asked and cfg.build.tool == BuildTool.ultralytics:
             return f"backend.{asked[0]}: build=ultralytics makes its own engine; use build=tensorrt_api"
-        if cfg.backend.half_input and (why := self._half_input_refusal(cfg)):
+        if cfg.backend.half_input is True and (why := self._half_input_refusal(cfg)):
             return why
-        if cfg.backend.head_maps and (why := self._head_maps_refusal(cfg)):
+        if cfg.backend.head_maps is True and (why := self._head_maps_refusal(cfg)):
             return why
         if cfg.build.tool != BuildTool.ultralytics:
             calibrated = cfg.precision.name == Precision.int8 and self.precision_mechanism(cfg) == Mechanism.calibrator
@@ -63,6 +61,18 @@ class TensorrtBackend(Backend):
             return (f"build=ultralytics makes the ONNX and the engine with one `dynamic` flag; "
                     f"export.shape={cfg.export.shape.value} with shape={cfg.shape.mode.value} does not apply")
         return None
+
+    def takes(self, cfg: RunConfig, setting: str) -> bool:
+        """Where runner's own build (the API build) takes `setting` without a refusal. Without TensorRT here the
+        mechanism is unknown: no fp16 input (the variant is skipped anyway)."""
+        if cfg.build.tool != BuildTool.tensorrt_api:
+            return False
+        if setting == "head_maps":
+            return self._head_maps_refusal(cfg) is None
+        try:
+            return self._half_input_refusal(cfg) is None
+        except ImportError:
+            return False
 
     def _half_input_refusal(self, cfg: RunConfig) -> str | None:
         """Where an fp16 input does not apply: fp32 (IEEE fp32 throughout), TensorRT's calibrator (it feeds float

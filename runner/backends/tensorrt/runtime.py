@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -214,6 +215,7 @@ class TrtRunner(Runner):
         self._copy_events = {copy: (cuda_call(rt.cudaEventCreate), cuda_call(rt.cudaEventCreate))
                              for copy in ("h2d", "d2h")}
         self.shape: tuple[int, ...] | None = None
+        self.upload_queued_at = 0.0  # perf_counter() as the last upload's events started (`timed`)
         self._closed = False
 
     def set_shape(self, shape: tuple[int, ...]) -> None:
@@ -260,8 +262,11 @@ class TrtRunner(Runner):
 
     @contextmanager
     def timed(self, copy: str):
-        """Record the CUDA events of `copy` (h2d or d2h) around the copies queued inside the block."""
+        """Record the CUDA events of `copy` (h2d or d2h) around the copies queued inside the block; for h2d, the host
+        clock as it starts (`upload_queued_at`)."""
         start, end = self._copy_events[copy]
+        if copy == "h2d":
+            self.upload_queued_at = time.perf_counter()
         cuda_call(self.rt.cudaEventRecord, start, self.stream)
         yield
         cuda_call(self.rt.cudaEventRecord, end, self.stream)
