@@ -255,6 +255,17 @@ def verify(path: str | Path, shown: str | None = None) -> Verified:
     return Verified(head, [str(names[i]) for i in range(len(names))] if isinstance(names, (dict, list)) else [])
 
 
+def head_of(path: str | Path) -> str:
+    """`verify(path).head`, checked once per file content (path, size, modification time) in this process."""
+    stat = Path(path).stat()
+    return _head(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _head(path: str, size: int, mtime_ns: int) -> str:
+    return verify(path).head
+
+
 def verified_copy(source: str, local: Path, stage: str) -> Path:
     """`source` copied to `local` and that copy verified, for a stage to hand to ultralytics: the bytes loaded
     are the bytes checked, whatever became of `source` since preflight. Raises StageError of `stage`."""

@@ -111,9 +111,10 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         mechanism = backend.precision_mechanism(cfg)
         result.cell = cell_of(cfg, backend_name, mechanism)
         result.export = export_stage(cfg, mechanism, backend_name, "head_maps" in resolved.auto)
-        if cuts_head(cfg, backend_name) and result.export.tested.head_maps is None:  # auto, on a head without maps
-            cfg = replace(cfg, backend=replace(cfg.backend, head_maps=False))
-            resolved.head_maps, result.cell = False, cell_of(cfg, backend_name, mechanism)
+        ends_at_maps = result.export.tested.head_maps is not None  # not for the peer, nor auto on a head without maps
+        if cfg.backend.head_maps is not ends_at_maps:
+            cfg = replace(cfg, backend=replace(cfg.backend, head_maps=ends_at_maps))
+            resolved.head_maps, result.cell = ends_at_maps, cell_of(cfg, backend_name, mechanism)
         output_head(result.export)  # a head runner cannot decode goes no further
         publish(result)
 
@@ -185,7 +186,8 @@ def folds(cfg: RunConfig, backend: str) -> bool:
 def cuts_head(cfg: RunConfig, backend: str) -> bool:
     """Whether the engine ends at the head's maps (`rewrite`): runner's own TensorRT runner on the API build, as
     `backend.head_maps` says once resolved; the peer's predict needs the whole head."""
-    return cfg.backend.head_maps is True and backend == BackendName.tensorrt and cfg.build.tool == BuildTool.tensorrt_api
+    return (cfg.backend.head_maps is True and backend == BackendName.tensorrt
+            and cfg.build.tool == BuildTool.tensorrt_api)
 
 
 def output_head(export: ExportResult, build: BuildResult | None = None) -> str:

@@ -101,8 +101,9 @@ def test_auto_text_says_what_auto_became(monkeypatch):
     assert backends.resolve_auto(explicit, backends.get("tensorrt"))[1].auto_text() == ""
 
 
-def test_auto_leaves_out_an_fp16_input_where_the_precision_keeps_a_float_one(monkeypatch):
-    """fp32 and TensorRT's calibrator keep a float input; an end-to-end head has no maps to end at."""
+def test_auto_leaves_out_what_the_variant_cannot_take(monkeypatch):
+    """fp32 and TensorRT's calibrator keep a float input; an end-to-end head, and RT-DETR's decoder, have no maps to
+    end at."""
     trt = backends.get("tensorrt")
     fp32, = preflight(["precision=fp32"])
     assert backends.resolve_auto(fp32, trt)[0].backend.half_input is False
@@ -110,6 +111,8 @@ def test_auto_leaves_out_an_fp16_input_where_the_precision_keeps_a_float_one(mon
     calibrated, = preflight(["precision=int8_calibrator", "model=yolov10n", "export.head=end2end"])
     resolved = backends.resolve_auto(calibrated, trt)[1]
     assert (resolved.half_input, resolved.head_maps) == (False, False)
+    rtdetr, = preflight(["model=rtdetr-n"])
+    assert backends.resolve_auto(rtdetr, trt)[1].head_maps is False
 
 
 def test_the_cell_names_the_calibrator_where_it_calibrates():

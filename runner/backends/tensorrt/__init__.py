@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from runner import checkpoint, heads
 from runner.backends import Backend
 from runner.config import (API_BUILD_SETTINGS, BackendName, BuildTool, ExportTool, Head, Mechanism, Precision,
                            RunConfig, ShapeMode, calibrator_refusal)
@@ -63,12 +64,13 @@ class TensorrtBackend(Backend):
         return None
 
     def takes(self, cfg: RunConfig, setting: str) -> bool:
-        """Where runner's own build (the API build) takes `setting` without a refusal. Without TensorRT here the
-        mechanism is unknown: no fp16 input (the variant is skipped anyway)."""
+        """Where runner's own build (the API build) takes `setting` without a refusal: the head maps of a YOLO Detect
+        head's checkpoint. Without TensorRT here the mechanism is unknown: no fp16 input (the variant is skipped
+        anyway)."""
         if cfg.build.tool != BuildTool.tensorrt_api:
             return False
         if setting == "head_maps":
-            return self._head_maps_refusal(cfg) is None
+            return self._head_maps_refusal(cfg) is None and checkpoint.head_of(cfg.model.weights) in heads.YOLO_HEADS
         try:
             return self._half_input_refusal(cfg) is None
         except ImportError:

@@ -19,12 +19,12 @@ centre, times the level's stride).
 `nms_rows`: one block per image over the rows above, the host's class-aware NMS (`processing.nms`, OpenCV's
 `NMSBoxesBatched`) done on the GPU: rows ranked by score, ties in anchor order (as the host decode sees them), the
 best `max_det` kept (OpenCV's top_k), then greedy suppression of a class's boxes whose IoU with a kept one is above
-the threshold, by one warp. The kept boxes are mapped back to the source image as `processing.scale_boxes` maps them (less the
-padding, over the gain, clipped to the image; IEEE float32 like NumPy), from each image's `Scale` row, which the
-host writes into pinned memory that the kernel reads over the bus. Each image's kept count and its detections
-[x1, y1, x2, y2, score, class] in source pixels, best first, are what crosses back; the count is -1 where the filter
-found more rows than it keeps (the host decodes the whole output). The sort spans the next power of two above the
-image's count, not every slot.
+the threshold, by one warp. The kept boxes are mapped back to the source image as `processing.scale_boxes` maps
+them (less the padding, over the gain, clipped to the image; IEEE float32 like NumPy), from each image's `Scale`
+row, which the host writes into pinned memory that the kernel reads over the bus. Each image's kept count and its
+detections [x1, y1, x2, y2, score, class] in source pixels, best first, are what crosses back; the count is -1
+where the filter found more rows than it keeps (the host decodes the whole output). The sort spans the next power
+of two above the image's count, not every slot.
 """
 from __future__ import annotations
 
