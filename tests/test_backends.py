@@ -187,7 +187,8 @@ def test_half_input_applies_to_engines_whose_first_layers_are_not_fp32():
 
 @pytest.mark.parametrize("backend, overrides, label, refusal", [
     ("tensorrt", [], "trt st fp16 head-maps gpu-pre gpu-post", None),
-    ("ultralytics", [], "trt st fp16 predict", None),  # the peer keeps the whole head
+    ("ultralytics", [], "trt st fp16 predict",  # the peer keeps the whole head: it is measured once, without
+     "backend.head_maps: predict decodes the whole head; it applies to backend=tensorrt"),
     ("tensorrt", ["build=ultralytics"], "ul-trt st fp16 gpu-pre gpu-post",
      "backend.head_maps: build=ultralytics makes its own engine; use build=tensorrt_api"),
     ("tensorrt", ["export.head=end2end", "model=yolov10n"], "trt st fp16 head-maps gpu-pre gpu-post",
@@ -197,8 +198,7 @@ def test_head_maps_are_runners_tensorrt_rows_of_one_to_many_heads(backend, overr
     cfg, = preflight(["precision=fp16", f"backend={backend}", "backend.head_maps=true", *overrides])
     cfg, _ = backends.resolve_auto(cfg, backends.get(backend))
     assert cell_of(cfg, backend, "builder_flag").build.label == label
-    if backend == "tensorrt":
-        assert TensorrtBackend().applies(cfg) == refusal
+    assert backends.get(backend).applies(cfg) == refusal
 
 
 def test_int8_auto_refuses_shared_concat_scales_where_tensorrts_own_calibrator_takes_it(monkeypatch):

@@ -125,6 +125,8 @@ class UltralyticsBackend(TensorrtBackend):
     def applies(self, cfg: RunConfig) -> str | None:
         if Device.gpu in (cfg.preprocess.device, cfg.postprocess.device):
             return "backend=ultralytics runs predict's own pre/postprocessing; preprocess/postprocess=gpu do not apply"
+        if cfg.backend.head_maps is True:
+            return "backend.head_maps: predict decodes the whole head; it applies to backend=tensorrt"
         return super().applies(cfg)
 
     def runner(self, cfg: RunConfig, build: BuildResult) -> UltralyticsRunner:
