@@ -243,8 +243,8 @@ class PreprocessConfig:
 
 @dataclass
 class PostprocessConfig:
-    """cpu: copy every output back, decode on the host. gpu: filter by score and NMS on the GPU, copy back only
-    the detections, scale them on the host (TensorRT). auto: gpu on TensorRT, else cpu."""
+    """cpu: copy every output back, decode on the host. gpu: filter by score, NMS and scale to the source image on
+    the GPU, copy back only the detections (TensorRT). auto: gpu on TensorRT, else cpu."""
     device: Device = Device.auto
 
 

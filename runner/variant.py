@@ -111,7 +111,7 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         mechanism = backend.precision_mechanism(cfg)
         result.cell = cell_of(cfg, backend_name, mechanism)
         result.export = export_stage(cfg, mechanism, backend_name, "head_maps" in resolved.auto)
-        ends_at_maps = result.export.tested.head_maps is not None  # not for the peer, nor auto on a head without maps
+        ends_at_maps = result.export.tested.head_maps is not None  # not where auto found no maps in the ONNX
         if cfg.backend.head_maps is not ends_at_maps:
             cfg = replace(cfg, backend=replace(cfg.backend, head_maps=ends_at_maps))
             resolved.head_maps, result.cell = ends_at_maps, cell_of(cfg, backend_name, mechanism)
@@ -198,7 +198,7 @@ def output_head(export: ExportResult, build: BuildResult | None = None) -> str:
                                                      else export.tested).signature
     metadata = heads.onnx_metadata(export.reference.path)
     if "head" not in metadata:  # a torch export cached before the exporter wrote its head: the checkpoint says it
-        metadata["head"] = checkpoint.verify(export.weights).head
+        metadata["head"] = checkpoint.head_of(export.weights)
     try:
         return heads.decode(metadata, signature["outputs"][0], len(export.tested.names) or None)
     except heads.UnsupportedHead as exc:

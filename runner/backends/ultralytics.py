@@ -130,5 +130,5 @@ class UltralyticsBackend(TensorrtBackend):
         return super().applies(cfg)
 
     def runner(self, cfg: RunConfig, build: BuildResult) -> UltralyticsRunner:
-        rtdetr = checkpoint.verify(cfg.model.weights).head == heads.RTDETR_HEAD  # what the engine was built from
+        rtdetr = checkpoint.head_of(cfg.model.weights) == heads.RTDETR_HEAD  # what the engine was built from
         return UltralyticsRunner(build.artifact, tuple(build.profile[1][2:]), rtdetr)

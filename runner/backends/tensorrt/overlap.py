@@ -64,7 +64,7 @@ class Overlapped(GpuEnd):
         images = contiguous(runner, frames, hw)
         offsets = source_offsets(images)
         batch, _, h, w = runner.shape
-        fits, boxes = fit_table(images, (h, w), self.geometry)
+        fits, boxes = fit_table(images, offsets, (h, w), self.geometry)
         source, table = f"source{slot}", f"fits{slot}"
         buffers.ensure(source, offsets[-1])
         buffers.ensure(table, batch * FIT_FIELDS * 4)
@@ -96,8 +96,7 @@ class Overlapped(GpuEnd):
             runner.copy(buffers.host[f"out{slot}"], head, math.prod(shape) * dtype.itemsize, to_device=False)
             return
         candidates = self._candidates[slot]
-        candidates.ensure(shape[0], max_det)
-        candidates.fit_to(boxes)
+        candidates.prepare(boxes, max_det)
         candidates.queue(runner, self.kernels(), conf, iou, max_det)
         candidates.copy_back(runner, shape[0])
 

@@ -41,11 +41,13 @@ class GpuEnd:
         self._buffers.close()
 
 
-def fit_table(images: list[np.ndarray], hw: tuple[int, int], geometry=fit) -> tuple[np.ndarray, list[Letterbox]]:
-    """The letterbox kernel's parameters for `images` packed back to back in one source buffer (`source_offsets`),
-    a `Fit` row per image [offset, w, h, new_w, new_h, left, top, 0] (int32), and the `Letterbox` of each."""
+def fit_table(images: list[np.ndarray], offsets: list[int], hw: tuple[int, int], geometry=fit
+              ) -> tuple[np.ndarray, list[Letterbox]]:
+    """The letterbox kernel's parameters for `images` packed back to back at `offsets` in one source buffer
+    (`source_offsets`), a `Fit` row per image [offset, w, h, new_w, new_h, left, top, 0] (int32), and the
+    `Letterbox` of each."""
     fits, boxes = np.zeros((len(images), FIT_FIELDS), np.int32), []
-    for n, (image, offset) in enumerate(zip(images, source_offsets(images))):
+    for n, (image, offset) in enumerate(zip(images, offsets)):
         h, w = image.shape[:2]
         (new_w, new_h), (top, _, left, _), box = geometry(h, w, hw)
         fits[n] = offset, w, h, new_w, new_h, left, top, 0
@@ -111,26 +113,23 @@ class Candidates:
     (`scales<suffix>`, pinned host only: a `Scale` row per image, read by the kernel), and its kept counts and
     detections (`found<suffix>`: every image's count, int32, then every image's `max_det` detection rows, float32),
     in `buffers`: filled on the runner's stream from its first output, copied back in one copy, read per image.
-    `max_det`: the detections per image of the run queued last (`ensure`)."""
+    `max_det`: the detections per image of the run queued last (`prepare`)."""
 
     def __init__(self, buffers: Buffers, suffix: str = ""):
         self.buffers, self.max_det = buffers, 0
         self.counts, self.rows, self.found = f"counts{suffix}", f"rows{suffix}", f"found{suffix}"
         self.scales = f"scales{suffix}"
 
-    def ensure(self, batch: int, max_det: int) -> bool:
-        """Room for `batch` images of `max_det` detections, the run about to be queued's; True where a buffer
-        moved."""
-        self.max_det = max_det
-        buffers = self.buffers
-        return (buffers.ensure(self.counts, batch * 4) | buffers.ensure(self.rows, batch * NMS_ROWS * ROW * 4)
-                | buffers.ensure(self.scales, batch * SCALE_FIELDS * 4, device=False)
-                | buffers.ensure(self.found, self._found_bytes(batch)))
-
-    def fit_to(self, boxes: list[Letterbox]) -> None:
-        """Write how each image of the run about to be queued was fitted (after `ensure`, before the GPU runs it)."""
+    def prepare(self, boxes: list[Letterbox], max_det: int) -> bool:
+        """Room for the run about to be queued, its images fitted as `boxes` and `max_det` detections each, and
+        their `Scale` rows written (before the GPU runs it); True where a buffer moved."""
+        self.max_det, batch, buffers = max_det, len(boxes), self.buffers
+        moved = (buffers.ensure(self.counts, batch * 4) | buffers.ensure(self.rows, batch * NMS_ROWS * ROW * 4)
+                 | buffers.ensure(self.scales, batch * SCALE_FIELDS * 4, device=False)
+                 | buffers.ensure(self.found, self._found_bytes(batch)))
         table = scale_table(boxes)
-        self.buffers.host_array(self.scales, np.float32, table.size)[:] = table.reshape(-1)
+        buffers.host_array(self.scales, np.float32, table.size)[:] = table.reshape(-1)
+        return moved
 
     def queue(self, runner, kernels: Kernels, conf: float, iou: float, max_det: int) -> None:
         """Zero the counts, filter the head output (or decode its maps, `runner.head_maps`) by `conf` into the rows,
@@ -184,7 +183,7 @@ class GpuLetterbox(GpuEnd):
         with runner.timed("h2d"):
             for dst, src, nbytes in copies:
                 runner.copy(dst, src, nbytes, to_device=True)
-        fits, boxes = fit_table(images, (h, w), geometry)  # while the upload runs
+        fits, boxes = fit_table(images, offsets, (h, w), geometry)  # while the upload runs
         buffers.host_array("fits", np.int32, fits.size)[:] = fits.reshape(-1)
         target, _, dtype = runner.tensor(runner.input_name)
 
@@ -222,9 +221,10 @@ class GpuScoreFilter(GpuEnd):
         a sync)."""
         runner, candidates = self.runner, self._candidates
         batch = runner.tensor(runner.output_names[0])[1][0]
-        if candidates.ensure(batch, max_det):
+        if len(boxes) != batch:
+            raise ValueError(f"{len(boxes)} fitted images for an output of batch {batch}")
+        if candidates.prepare(boxes, max_det):
             runner.graphs.drop("candidates")  # its graphs use the old buffers
-        candidates.fit_to(boxes)
         runner.graphs.launch("candidates", lambda: candidates.queue(runner, self.kernels(), conf, iou, max_det),
                              (conf, iou, max_det))
         with runner.timed("d2h"):
