@@ -150,13 +150,14 @@ class Chain:
     def settings(self) -> dict:
         post = "host decode + NMS"
         if self.score_filter is not None:
-            post = ("gpu score filter + NMS + scaling" if self.head == ONE2MANY else
+            post = ("gpu score filter + NMS + scaling, written to host memory" if self.head == ONE2MANY else
                     "end-to-end output copied as is")
         fitting = "stretch" if self.head == RTDETR else "letterbox"
         pre = f"host {fitting} (float upload)" if self.letterbox is None else f"gpu {fitting} (uint8 upload)"
         return {"preprocess": pre, "postprocess": post, "decode": self.head,
                 "stage_timer": ONE_WAIT if self.queued else A_WAIT_PER_STAGE,
-                "copies": "h2d in preprocess, d2h in postprocess, each between CUDA events where there is a device",
+                "copies": ("h2d in preprocess, d2h in postprocess (none after the GPU NMS), each between CUDA events "
+                           "where there is a device"),
                 "offline": ONE_AT_A_TIME if self.overlap is None else self.overlap.settings()}
 
 

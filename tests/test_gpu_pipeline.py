@@ -170,7 +170,7 @@ def head_of(rng, clustered: bool) -> np.ndarray:
 def test_gpu_filter_and_nms_give_the_host_decode(tmp_path, fp16, graph):
     """Filter, NMS and the way back to the source image on the GPU == the whole output decoded and scaled on the
     host (OpenCV's NMS), detection for detection: scattered boxes, and clusters with tied scores past max_det, at two
-    IoU thresholds and max_det, from sources of four sizes; too many rows -> None."""
+    IoU thresholds and max_det, from sources of four sizes; too many rows -> None, and the next run counts afresh."""
     rng = np.random.default_rng(2)
     with TrtRunner(engine(tmp_path, HEAD_INPUT, fp16, HEAD), cuda_graph=graph) as runner:
         runner.set_shape(tuple(HEAD_INPUT))
@@ -186,6 +186,8 @@ def test_gpu_filter_and_nms_give_the_host_decode(tmp_path, fp16, graph):
                 assert 0 < len(dets) < max_det if clustered else 0 < len(dets) <= max_det  # clusters: suppressed
                 np.testing.assert_array_equal(dets, expected)
         assert score_filter.run(0.0, 0.7, 300, boxes) == [None]  # every anchor qualifies: more than the cap
+        np.testing.assert_array_equal(score_filter.run(0.25, 0.7, 300, boxes)[0],  # counted from zero again
+                                      postprocess(full, boxes, 0.25, 0.7, 300)[0])
 
 
 def test_gpu_letterbox_at_every_batch_of_a_dynamic_engine(tmp_path):

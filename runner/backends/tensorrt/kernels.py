@@ -14,17 +14,20 @@ and the counts cross to the host, instead of the whole head output.
 `map_candidates_*`: the same rows from a Detect head's three levels of maps (`backend.head_maps`), box
 `(B, 4 * reg_max, h, w)` and class `(B, nc, h, w)` each: the best class logit's sigmoid against the threshold, then,
 for the anchors kept only, the decode `processing.decode_maps` does (DFL expectation, distances from the cell's
-centre, times the level's stride).
+centre, times the level's stride). Four threads take each anchor: a quarter of the classes each, then a side each.
 
 `nms_rows`: one block per image over the rows above, the host's class-aware NMS (`processing.nms`, OpenCV's
 `NMSBoxesBatched`) done on the GPU: rows ranked by score, ties in anchor order (as the host decode sees them), the
 best `max_det` kept (OpenCV's top_k), then greedy suppression of a class's boxes whose IoU with a kept one is above
-the threshold, by one warp. The kept boxes are mapped back to the source image as `processing.scale_boxes` maps
+the threshold, by one warp: the rows suppressed are bits, a 32-row word per lane, so the next row kept is found by a
+ballot and each kept row tests 32 later rows at once. The kept boxes are mapped back to the source image as `processing.scale_boxes` maps
 them (less the padding, over the gain, clipped to the image; IEEE float32 like NumPy), from each image's `Scale`
 row, which the host writes into pinned memory that the kernel reads over the bus. Each image's kept count and its
-detections [x1, y1, x2, y2, score, class] in source pixels, best first, are what crosses back; the count is -1
-where the filter found more rows than it keeps (the host decodes the whole output). The sort spans the next power
-of two above the image's count, not every slot.
+detections [x1, y1, x2, y2, score, class] in source pixels, best first, are written straight into pinned host
+memory (no copy back); the count is -1 where the filter found more rows than it keeps (the host decodes the whole
+output). The NMS zeroes each image's candidate count once read, so the next run's filter counts from zero with no
+memset. The bitonic sort spans the next power of two above the image's count, not every slot, and syncs the block
+only where a step's partners lie in another warp.
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ SCALE_FIELDS = 6  # float32 per image in the NMS's way back to source pixels: se
 ROW = 8  # float32 per candidate row
 DETECTION = 6  # float32 per detection: x1, y1, x2, y2, score, class
 NMS_ROWS = 1024  # the candidate rows per image the NMS kernel sorts at once, a thread each
+MAP_ANCHORS = 64  # anchors per block of `map_candidates`
+SIDES = 4  # threads per anchor in `map_candidates`: the classes split four ways, then one side of the box each
+DEFINES = {"NMS_ROWS": NMS_ROWS, "MAP_ANCHORS": MAP_ANCHORS, "SIDES": SIDES}  # the kernels' sizes, from here
 SOURCE = r"""
 typedef unsigned short half_bits;
 __device__ __forceinline__ half_bits to_half(float v) {
@@ -109,36 +115,50 @@ template <typename T>
 __device__ void map_candidates(const T* b0, const T* c0, const T* b1, const T* c1, const T* b2, const T* c2,
                                int h0, int w0, int h1, int w1, int h2, int w2, int nc, int reg, int H,
                                float conf, float* rows, int* counts, int cap) {
-    int a = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
+    __shared__ float best_of[SIDES][MAP_ANCHORS], side[SIDES][MAP_ANCHORS];
+    __shared__ int class_of[SIDES][MAP_ANCHORS];
+    int t = threadIdx.x, g = threadIdx.y, a = blockIdx.x * MAP_ANCHORS + t, n = blockIdx.y;
     int a0 = h0 * w0, a1 = h1 * w1;
-    if (a >= a0 + a1 + h2 * w2) return;
-    const T *box = b0, *cls = c0; int i = a, h = h0, w = w0;
+    bool inside = a < a0 + a1 + h2 * w2;
+    const T *box = b0, *cls = c0; int i = a, h = h0, w = w0;  // past the last level: addressed, never read
     if (a >= a0 + a1) { box = b2; cls = c2; i = a - a0 - a1; h = h2; w = w2; }
     else if (a >= a0) { box = b1; cls = c1; i = a - a0; h = h1; w = w1; }
     size_t hw = (size_t)h * w;
     box += (size_t)n * 4 * reg * hw + i;
     cls += (size_t)n * nc * hw + i;
-    float best = get(cls); int k = 0;
-    #pragma unroll 8
-    for (int c = 1; c < nc; ++c) { float v = get(cls + c * hw); if (v > best) { best = v; k = c; } }
+    float best = -3.4e38f; int k = nc;
+    if (inside) {
+        #pragma unroll 4
+        for (int c = g; c < nc; c += SIDES) {
+            float v = get(cls + c * hw);
+            if (v > best || k == nc) { best = v; k = c; }
+        }
+    }
+    best_of[g][t] = best; class_of[g][t] = k;
+    __syncthreads();
+    best = best_of[0][t]; k = class_of[0][t];  // the first class of the highest logit, as a scan of all would find
+    for (int j = 1; j < SIDES; ++j) {
+        float v = best_of[j][t]; int c = class_of[j][t];
+        if (c < nc && (v > best || (v == best && c < k))) { best = v; k = c; }
+    }
     float score = 1.f / (1.f + expf(-best));
-    if (!(score > conf)) return;
-    float d[4];  // every bin of the four sides is loaded at once: a kept anchor waits for one round of loads
-    #pragma unroll
-    for (int s = 0; s < 4; ++s) {
+    bool keep = inside && score > conf;
+    if (keep) {  // this thread's side: every bin loaded at once, so a kept anchor waits for one round of loads
         float v[MAX_BINS];
         #pragma unroll
-        for (int j = 0; j < MAX_BINS; ++j) v[j] = j < reg ? get(box + (s * reg + j) * hw) : -3.4e38f;
+        for (int j = 0; j < MAX_BINS; ++j) v[j] = j < reg ? get(box + (g * reg + j) * hw) : -3.4e38f;
         float m = v[0];
         #pragma unroll
         for (int j = 1; j < MAX_BINS; ++j) m = fmaxf(m, v[j]);
         float sum = 0.f, mean = 0.f;
         #pragma unroll
         for (int j = 0; j < MAX_BINS; ++j) { float e = j < reg ? expf(v[j] - m) : 0.f; sum += e; mean += e * j; }
-        d[s] = reg > 1 ? mean / sum : m;
+        side[g][t] = reg > 1 ? mean / sum : m;
     }
+    __syncthreads();
+    if (!keep || g != 0) return;
     float stride = (float)H / (float)h, x = (i % w) + 0.5f, y = (i / w) + 0.5f;
-    float x1 = x - d[0], y1 = y - d[1], x2 = x + d[2], y2 = y + d[3];
+    float x1 = x - side[0][t], y1 = y - side[1][t], x2 = x + side[2][t], y2 = y + side[3][t];
     int slot = atomicAdd(counts + n, 1);
     if (slot >= cap) return;
     float* r = rows + ((size_t)n * cap + slot) * 8;
@@ -146,7 +166,6 @@ __device__ void map_candidates(const T* b0, const T* c0, const T* b1, const T* c
     r[4] = score; r[5] = (float)k; r[6] = (float)a; r[7] = 0.f;
 }
 
-#define NMS_ROWS 1024  // one thread per candidate row: the filter's cap (`prepost.CANDIDATE_CAP`)
 __device__ __forceinline__ bool ranked_before(float s, int a, float t, int b) { return s > t || (s == t && a < b); }
 
 struct Scale { float left, top, gain_x, gain_y, w, h; };  // `Letterbox`: padding, gains (as float32), source size
@@ -154,15 +173,17 @@ __device__ __forceinline__ float to_source(float v, float pad, float gain, float
     return fminf(fmaxf((v - pad) / gain, 0.f), size);
 }
 
-__device__ void nms(const float* rows, const int* counts, float iou, int max_det, const Scale* scales, int* kept,
+__device__ void nms(const float* rows, int* counts, float iou, int max_det, const Scale* scales, int* kept,
                     float* dets) {
-    __shared__ float score[NMS_ROWS], x1[NMS_ROWS], y1[NMS_ROWS], w[NMS_ROWS], h[NMS_ROWS];
+    __shared__ float score[NMS_ROWS], x1[NMS_ROWS], y1[NMS_ROWS], x2[NMS_ROWS], y2[NMS_ROWS], w[NMS_ROWS],
+        h[NMS_ROWS];
     __shared__ int anchor[NMS_ROWS], order[NMS_ROWS], cls[NMS_ROWS];
-    __shared__ bool removed[NMS_ROWS];
     int t = threadIdx.x, n = blockIdx.x, count = counts[n];
-    if (count > NMS_ROWS) { if (t == 0) kept[n] = -1; return; }
     Scale fit;
-    if (t == 0) fit = scales[n];  // pinned host memory: one read over the bus, by the one thread that writes
+    if (t == 0) fit = scales[n];  // pinned host memory: one read over the bus, waited for only at the write-out
+    __syncthreads();  // every thread has the count: the next run's filter counts from zero
+    if (t == 0) counts[n] = 0;
+    if (count > NMS_ROWS) { if (t == 0) kept[n] = -1; return; }
     rows += (size_t)n * NMS_ROWS * 8;
     score[t] = t < count ? rows[t * 8 + 4] : -3.4e38f;
     anchor[t] = t < count ? (int)rows[t * 8 + 6] : 0x7fffffff;
@@ -178,40 +199,59 @@ __device__ void nms(const float* rows, const int* counts, float iou, int max_det
                 int a = anchor[t]; anchor[t] = anchor[p]; anchor[p] = a;
                 int o = order[t]; order[t] = order[p]; order[p] = o;
             }
-            __syncthreads();
+            int next = j > 1 ? j >> 1 : k;  // the next step's partner distance: under 32, a partner in the warp
+            if (next >= 32) __syncthreads(); else __syncwarp();
         }
     }
     int K = min(count, max_det);  // OpenCV's top_k: the best max_det rows, then NMS among them
-    if (t < K) {
+    if (t < K) {  // the box as the host writes it: centre -/+ half the size
         const float* r = rows + order[t] * 8;
-        x1[t] = r[0] - r[2] / 2; y1[t] = r[1] - r[3] / 2; w[t] = r[2]; h[t] = r[3]; cls[t] = (int)r[5];
+        x1[t] = r[0] - r[2] / 2; y1[t] = r[1] - r[3] / 2; x2[t] = r[0] + r[2] / 2; y2[t] = r[1] + r[3] / 2;
+        w[t] = r[2]; h[t] = r[3]; cls[t] = (int)r[5];
     }
-    removed[t] = false;
     __syncthreads();
     if (t >= 32) return;  // the greedy pass is one warp's: it syncs as a warp, not as a block
-    int found = 0;
+    int* chosen = order;  // the rows kept, best first: the sort's order is spent once the boxes are gathered
+    unsigned gone = 0;  // lane w: which of the rows 32w..32w+31 a kept row suppressed
+    int found = 0, first = 32 * t;
+    for (int from = 0;; ++found) {
+        unsigned open = 0;  // this lane's rows from `from` on, below K, not suppressed
+        if (from < first + 32 && first < K) {
+            open = ~gone;
+            if (from > first) open &= ~0u << (from - first);
+            if (K < first + 32) open &= (1u << (K - first)) - 1u;
+        }
+        unsigned lanes = __ballot_sync(~0u, open != 0);
+        if (lanes == 0) break;
+        int word = __ffs(lanes) - 1, i = 32 * word + __ffs(__shfl_sync(~0u, open, word)) - 1;  // the best left
+        if (t == 0) chosen[found] = i;
+        float ax = x1[i], ay = y1[i], aw = w[i], ah = h[i];
+        int ac = cls[i];
+        for (int base = (i + 1) & ~31; base < K; base += 32) {  // its class's later rows, a word of them at once
+            int j = base + t;
+            bool hit = false;
+            if (j > i && j < K && cls[j] == ac) {
+                float iw = fminf(ax + aw, x1[j] + w[j]) - fmaxf(ax, x1[j]);
+                float ih = fminf(ay + ah, y1[j] + h[j]) - fmaxf(ay, y1[j]);
+                float both = aw * ah + w[j] * h[j], inter = iw > 0.f && ih > 0.f ? iw * ih : 0.f;
+                hit = both <= 0.f || inter / (both - inter) > iou;
+            }
+            unsigned hits = __ballot_sync(~0u, hit);
+            if (t == base >> 5) gone |= hits;
+        }
+        from = i + 1;
+    }
+    __syncwarp();
+    // the detections straight into pinned host memory, a warp's consecutive floats at a time, in source pixels
+    float left = __shfl_sync(~0u, fit.left, 0), top = __shfl_sync(~0u, fit.top, 0);
+    float gain_x = __shfl_sync(~0u, fit.gain_x, 0), gain_y = __shfl_sync(~0u, fit.gain_y, 0);
+    float width = __shfl_sync(~0u, fit.w, 0), height = __shfl_sync(~0u, fit.h, 0);
     float* out = dets + (size_t)n * max_det * 6;
-    for (int i = 0; i < K; ++i) {
-        if (removed[i]) continue;
-        if (t == 0) {  // the box as the host writes it (centre -/+ half the size), then in source pixels
-            const float* r = rows + order[i] * 8;
-            float* d = out + found * 6;
-            d[0] = to_source(x1[i], fit.left, fit.gain_x, fit.w);
-            d[1] = to_source(y1[i], fit.top, fit.gain_y, fit.h);
-            d[2] = to_source(r[0] + r[2] / 2, fit.left, fit.gain_x, fit.w);
-            d[3] = to_source(r[1] + r[3] / 2, fit.top, fit.gain_y, fit.h);
-            d[4] = score[i];
-            d[5] = (float)cls[i];
-        }
-        for (int j = i + 1 + t; j < K; j += 32) {
-            if (removed[j] || cls[j] != cls[i]) continue;
-            float iw = fminf(x1[i] + w[i], x1[j] + w[j]) - fmaxf(x1[i], x1[j]);
-            float ih = fminf(y1[i] + h[i], y1[j] + h[j]) - fmaxf(y1[i], y1[j]);
-            float both = w[i] * h[i] + w[j] * h[j], inter = iw > 0.f && ih > 0.f ? iw * ih : 0.f;
-            if (both <= 0.f || inter / (both - inter) > iou) removed[j] = true;
-        }
-        ++found;
-        __syncwarp();
+    for (int e = t; e < found * 6; e += 32) {
+        int i = chosen[e / 6], field = e % 6;
+        out[e] = field == 0 ? to_source(x1[i], left, gain_x, width) : field == 1 ? to_source(y1[i], top, gain_y, height)
+               : field == 2 ? to_source(x2[i], left, gain_x, width) : field == 3 ? to_source(y2[i], top, gain_y, height)
+               : field == 4 ? score[i] : (float)cls[i];
     }
     if (t == 0) kept[n] = found;
 }
@@ -231,7 +271,7 @@ __global__ void candidates_half(const half_bits* p, int C, int A, float t, float
 #define MAPS_ARGS b0, c0, b1, c1, b2, c2, h0, w0, h1, w1, h2, w2, nc, reg, H, t, r, n, k
 __global__ void map_candidates_float(MAPS(float)) { map_candidates(MAPS_ARGS); }
 __global__ void map_candidates_half(MAPS(half_bits)) { map_candidates(MAPS_ARGS); }
-__global__ void __launch_bounds__(NMS_ROWS) nms_rows(const float* r, const int* n, float iou, int m,
+__global__ void __launch_bounds__(NMS_ROWS) nms_rows(const float* r, int* n, float iou, int m,
                                                      const Scale* s, int* kept, float* d) {
     nms(r, n, iou, m, s, kept, d);
 }
@@ -249,7 +289,8 @@ def compile_ptx(arch: str) -> bytes:
     nv = nvrtc()
     program = cuda_call(nv.nvrtcCreateProgram, SOURCE.encode(), b"runner_kernels.cu", 0, [], [])
     try:
-        options = [f"--gpu-architecture={arch}".encode(), b"--std=c++14", b"-default-device"]
+        options = [f"--gpu-architecture={arch}".encode(), b"--std=c++14", b"-default-device",
+                   *(f"-D{name}={value}".encode() for name, value in DEFINES.items())]
         err, = nv.nvrtcCompileProgram(program, len(options), options)
         if int(err) != 0:
             size = cuda_call(nv.nvrtcGetProgramLogSize, program)
@@ -277,11 +318,11 @@ class Kernels:
         module = cuda_call(drv.cuModuleLoadData, compile_ptx(f"compute_{props.major}{props.minor}"))
         return cls(module, {name: cuda_call(drv.cuModuleGetFunction, module, name.encode()) for name in KERNELS})
 
-    def launch(self, name: str, grid: tuple[int, int, int], stream, *args, block: int = BLOCK) -> None:
+    def launch(self, name: str, grid: tuple[int, int, int], stream, *args,
+               block: tuple[int, int, int] = (BLOCK, 1, 1)) -> None:
         """Launch `name` on `stream` with (value, ctypes type) arguments."""
         values, types = zip(*args)
-        cuda_call(cuda_driver().cuLaunchKernel, self.functions[name], *grid, block, 1, 1, 0, stream,
-                  (values, types), 0)
+        cuda_call(cuda_driver().cuLaunchKernel, self.functions[name], *grid, *block, 0, stream, (values, types), 0)
 
     def letterbox(self, stream, src: int, fits: int, dst: int, batch: int, hw: tuple[int, int], half: bool) -> None:
         h, w = hw
@@ -299,19 +340,21 @@ class Kernels:
                        input_h: int, conf: float, rows: int, counts: int, cap: int, half: bool) -> None:
         """`candidates` from the head's maps, (device address, shape) per level: box, class, box, class, ..."""
         batch, anchors = maps[0][1][0], sum(shape[2] * shape[3] for _, shape in maps[::2])
-        self.launch("map_candidates_half" if half else "map_candidates_float", (-(-anchors // BLOCK), batch, 1),
+        self.launch("map_candidates_half" if half else "map_candidates_float", (-(-anchors // MAP_ANCHORS), batch, 1),
                     stream, *((address, ctypes.c_void_p) for address, _ in maps),
                     *((size, ctypes.c_int) for _, shape in maps[::2] for size in shape[2:]),
                     (classes, ctypes.c_int), (reg_max, ctypes.c_int), (input_h, ctypes.c_int), (conf, ctypes.c_float),
-                    (rows, ctypes.c_void_p), (counts, ctypes.c_void_p), (cap, ctypes.c_int))
+                    (rows, ctypes.c_void_p), (counts, ctypes.c_void_p), (cap, ctypes.c_int),
+                    block=(MAP_ANCHORS, SIDES, 1))
 
     def nms(self, stream, batch: int, rows: int, counts: int, iou: float, max_det: int, scales: int, kept: int,
             detections: int) -> None:
-        """Per image, NMS over its `counts` candidate rows (NMS_ROWS apart) into its kept count and its `max_det`
-        detection rows, mapped to its source image by its `Scale` row (`scales`: pinned host memory)."""
+        """Per image, NMS over its `counts` candidate rows (NMS_ROWS apart), zeroing the counts, into its kept count
+        and its `max_det` detection rows, mapped to its source image by its `Scale` row (`scales`, `kept` and
+        `detections`: pinned host memory)."""
         self.launch("nms_rows", (batch, 1, 1), stream, (rows, ctypes.c_void_p), (counts, ctypes.c_void_p),
                     (iou, ctypes.c_float), (max_det, ctypes.c_int), (scales, ctypes.c_void_p),
-                    (kept, ctypes.c_void_p), (detections, ctypes.c_void_p), block=NMS_ROWS)
+                    (kept, ctypes.c_void_p), (detections, ctypes.c_void_p), block=(NMS_ROWS, 1, 1))
 
     def unload(self) -> None:
         cuda_call(cuda_driver().cuModuleUnload, self.module)

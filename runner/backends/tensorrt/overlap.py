@@ -87,8 +87,9 @@ class Overlapped(GpuEnd):
         return boxes
 
     def _results(self, slot: int, boxes: list, conf: float, iou: float, max_det: int) -> None:
-        """Queue, on the runner's stream, what crosses back into the slot's pinned buffers (`boxes`: how each image
-        was fitted, for the NMS's way back to source pixels)."""
+        """Queue, on the runner's stream, what crosses back into the slot's pinned buffers: the detections the NMS
+        writes there (`boxes`: how each image was fitted, for their way back to source pixels), else the output's
+        copy."""
         runner, buffers = self.runner, self._buffers
         head, shape, dtype = runner.tensor(runner.output_names[0])
         if not self.score_filter:
@@ -98,7 +99,6 @@ class Overlapped(GpuEnd):
         candidates = self._candidates[slot]
         candidates.prepare(boxes, max_det)
         candidates.queue(runner, self.kernels(), conf, iou, max_det)
-        candidates.copy_back(runner, shape[0])
 
     def _collect(self, slot: int, frames: list[np.ndarray], boxes: list) -> tuple:
         """Wait for the slot's batch; its frames, fits and what crossed back (copies: the slot is reused next)."""

@@ -3,17 +3,15 @@
 `GpuLetterbox` uploads a batch of uint8 source images (each from its own memory where the runner pinned it, else
 through a pinned staging buffer, contiguous copies merged into one) and letterboxes (for RT-DETR: stretches) them
 into the runner's input buffer in one launch; `GpuScoreFilter` filters the one-to-many head output by score, runs
-NMS on the candidates and maps the kept boxes to their source images before the copy back, so only the detections
-cross to the host, as they are returned. Each owns its buffers
-and kernels and is closed with the runner that made it; its GPU work is a stage of the runner's `CudaGraphs` (a
-graph per shape; growing a buffer of its own drops the stage's graphs), and its copies are timed as the runner's
-h2d / d2h.
+NMS on the candidates and maps the kept boxes to their source images, writing them into pinned host memory, so only
+the detections cross to the host, with no copy back. Each owns its buffers and kernels and is closed with the runner
+that made it; its GPU work is a stage of the runner's `CudaGraphs` (a graph per shape; growing a buffer of its own
+drops the stage's graphs), and the letterbox's upload is timed as the runner's h2d.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from runner.backends.tensorrt.compat import cuda_call
 from runner.backends.tensorrt.kernels import DETECTION, FIT_FIELDS, NMS_ROWS, ROW, SCALE_FIELDS, Kernels
 from runner.backends.tensorrt.runtime import Buffers
 from runner.processing import Letterbox, fit
@@ -109,11 +107,12 @@ def contiguous(runner, images: list[np.ndarray], hw: tuple[int, int]) -> list[np
 
 
 class Candidates:
-    """The score filter's per-image counts and candidate rows (device only), the NMS's way back to each source image
-    (`scales<suffix>`, pinned host only: a `Scale` row per image, read by the kernel), and its kept counts and
+    """The score filter's per-image counts and candidate rows (device only; the counts are zero between runs), the
+    NMS's way back to each source image (`scales<suffix>`: a `Scale` row per image), and its kept counts and
     detections (`found<suffix>`: every image's count, int32, then every image's `max_det` detection rows, float32),
-    in `buffers`: filled on the runner's stream from its first output, copied back in one copy, read per image.
-    `max_det`: the detections per image of the run queued last (`prepare`)."""
+    the last two in pinned host memory that the kernels read and write over the bus, in `buffers`: filled on the
+    runner's stream from its first output, read per image. `max_det`: the detections per image of the run queued
+    last (`prepare`)."""
 
     def __init__(self, buffers: Buffers, suffix: str = ""):
         self.buffers, self.max_det = buffers, 0
@@ -124,20 +123,19 @@ class Candidates:
         """Room for the run about to be queued, its images fitted as `boxes` and `max_det` detections each, and
         their `Scale` rows written (before the GPU runs it); True where a buffer moved."""
         self.max_det, batch, buffers = max_det, len(boxes), self.buffers
-        moved = (buffers.ensure(self.counts, batch * 4) | buffers.ensure(self.rows, batch * NMS_ROWS * ROW * 4)
+        moved = (buffers.ensure(self.counts, batch * 4, zeroed=True)  # from here on the NMS zeroes what it reads
+                 | buffers.ensure(self.rows, batch * NMS_ROWS * ROW * 4)
                  | buffers.ensure(self.scales, batch * SCALE_FIELDS * 4, device=False)
-                 | buffers.ensure(self.found, self._found_bytes(batch)))
+                 | buffers.ensure(self.found, self._found_bytes(batch), device=False))
         table = scale_table(boxes)
         buffers.host_array(self.scales, np.float32, table.size)[:] = table.reshape(-1)
         return moved
 
     def queue(self, runner, kernels: Kernels, conf: float, iou: float, max_det: int) -> None:
-        """Zero the counts, filter the head output (or decode its maps, `runner.head_maps`) by `conf` into the rows,
-        then NMS them at `iou` into the detections, on the runner's stream."""
-        device, maps = self.buffers.device, runner.head_maps
+        """Filter the head output (or decode its maps, `runner.head_maps`) by `conf` into the rows, then NMS them at
+        `iou` into the detections on the host, on the runner's stream."""
+        device, host, maps = self.buffers.device, self.buffers.host, runner.head_maps
         head, shape, dtype = runner.tensor(runner.output_names[0])
-        batch = shape[0]
-        cuda_call(runner.rt.cudaMemsetAsync, device[self.counts], 0, batch * 4, runner.stream)
         if maps:
             tensors = [runner.tensor(name)[:2] for name in maps["maps"]]
             kernels.map_candidates(runner.stream, tensors, maps["classes"], maps["reg_max"], runner.shape[2], conf,
@@ -145,18 +143,13 @@ class Candidates:
         else:
             kernels.candidates(runner.stream, head, *shape, conf, device[self.rows], device[self.counts],
                                CANDIDATE_CAP, dtype == np.float16)
-        found = device[self.found]
-        kernels.nms(runner.stream, batch, device[self.rows], device[self.counts], iou, max_det,
-                    self.buffers.host[self.scales], found, found + batch * 4)
-
-    def copy_back(self, runner, batch: int) -> None:
-        """Queue the copy of the kept counts and detections to their pinned host buffer on the runner's stream."""
-        runner.copy(self.buffers.host[self.found], self.buffers.device[self.found], self._found_bytes(batch),
-                    to_device=False)
+        batch, found = shape[0], host[self.found]
+        kernels.nms(runner.stream, batch, device[self.rows], device[self.counts], iou, max_det, host[self.scales],
+                    found, found + batch * 4)
 
     def read(self, batch: int) -> list[np.ndarray | None]:
         """Per image, a copy of its detections [x1, y1, x2, y2, score, class] in source pixels, best first; None
-        where the filter found more than CANDIDATE_CAP rows. After the copy back is done."""
+        where the filter found more than CANDIDATE_CAP rows. After the NMS is done."""
         found = self.buffers.host_array(self.found, np.int32, batch + batch * self.max_det * DETECTION)
         kept = found[batch:].view(np.float32).reshape(batch, self.max_det, DETECTION)
         return [kept[n, :k].copy() if k >= 0 else None for n, k in enumerate(found[:batch].tolist())]
@@ -217,8 +210,8 @@ class GpuScoreFilter(GpuEnd):
         return self.detections()
 
     def queue(self, conf: float, iou: float, max_det: int, boxes: list[Letterbox]) -> None:
-        """Queue the filter, the NMS and the copy back of the detections on the runner's stream (`detections` after
-        a sync)."""
+        """Queue the filter and the NMS, which writes the detections to the host, on the runner's stream
+        (`detections` after a sync)."""
         runner, candidates = self.runner, self._candidates
         batch = runner.tensor(runner.output_names[0])[1][0]
         if len(boxes) != batch:
@@ -227,8 +220,7 @@ class GpuScoreFilter(GpuEnd):
             runner.graphs.drop("candidates")  # its graphs use the old buffers
         runner.graphs.launch("candidates", lambda: candidates.queue(runner, self.kernels(), conf, iou, max_det),
                              (conf, iou, max_det))
-        with runner.timed("d2h"):
-            candidates.copy_back(runner, batch)
+        runner.posted()
 
     def detections(self) -> list[np.ndarray | None]:
         """`run`'s detections of the run queued last, once the runner's stream is synchronized."""

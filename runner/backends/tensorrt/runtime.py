@@ -69,15 +69,17 @@ class Buffers:
         self.host: dict[str, int] = {}
         self._capacity: dict[str, int] = {}
 
-    def ensure(self, name: str, nbytes: int, device: bool = True) -> bool:
-        """At least `nbytes` under `name` (on the host only where not `device`); True where it (re)allocated, which
-        moves the buffer."""
+    def ensure(self, name: str, nbytes: int, device: bool = True, zeroed: bool = False) -> bool:
+        """At least `nbytes` under `name` (on the host only where not `device`; the device's set to zero where
+        `zeroed`); True where it (re)allocated, which moves the buffer."""
         if self._capacity.get(name, -1) >= nbytes:
             return False
         self.free(name)
         size = max(nbytes, 1)
         if device:
             self.device[name] = cuda_call(self._rt.cudaMalloc, size)
+            if zeroed:
+                cuda_call(self._rt.cudaMemset, self.device[name], 0, size)
         self.host[name] = cuda_call(self._rt.cudaMallocHost, size)
         self._capacity[name] = nbytes
         return True
@@ -214,6 +216,7 @@ class TrtRunner(Runner):
         self._end = cuda_call(rt.cudaEventCreate)
         self._copy_events = {copy: (cuda_call(rt.cudaEventCreate), cuda_call(rt.cudaEventCreate))
                              for copy in ("h2d", "d2h")}
+        self._posted = cuda_call(rt.cudaEventCreate)  # the end of the last post's GPU work (`posted`)
         self.shape: tuple[int, ...] | None = None
         self.upload_queued_at = 0.0  # perf_counter() as the last upload's events started (`timed`)
         self._closed = False
@@ -265,8 +268,9 @@ class TrtRunner(Runner):
         """Record the CUDA events of `copy` (h2d or d2h) around the copies queued inside the block; for h2d, the host
         clock as it starts (`upload_queued_at`)."""
         start, end = self._copy_events[copy]
-        if copy == "h2d":
+        if copy == "h2d":  # a run starts: the copies of the one before are not its own
             self.upload_queued_at = time.perf_counter()
+            self._timed_copies.clear()
         cuda_call(self.rt.cudaEventRecord, start, self.stream)
         yield
         cuda_call(self.rt.cudaEventRecord, end, self.stream)
@@ -295,10 +299,15 @@ class TrtRunner(Runner):
         return float(cuda_call(self.rt.cudaEventElapsedTime, self._start, self._end))
 
     def around_engine_ms(self) -> tuple[float, float]:
-        """GPU ms from the last upload's start (h2d) to the last engine run's start, and from its end to the last
-        copy back's end (d2h): the GPU work of a pre and a post queued with the engine's run, once done."""
-        elapsed, upload, copied = self.rt.cudaEventElapsedTime, self._copy_events["h2d"][0], self._copy_events["d2h"][1]
-        return float(cuda_call(elapsed, upload, self._start)), float(cuda_call(elapsed, self._end, copied))
+        """GPU ms from the last upload's start (h2d) to the last engine run's start, and from its end to the end of
+        the last post's work (`posted`): the GPU work of a pre and a post queued with the engine's run, once done."""
+        elapsed, upload = self.rt.cudaEventElapsedTime, self._copy_events["h2d"][0]
+        return float(cuda_call(elapsed, upload, self._start)), float(cuda_call(elapsed, self._end, self._posted))
+
+    def posted(self) -> None:
+        """Mark the end of the post's GPU work just queued (the copy back of the outputs, or the GPU NMS writing the
+        detections to the host)."""
+        cuda_call(self.rt.cudaEventRecord, self._posted, self.stream)
 
     def enqueue(self) -> None:
         """Queue one run of the engine (its CUDA graph at the shape set, where graphs are on) on the stream."""
@@ -316,6 +325,7 @@ class TrtRunner(Runner):
             for name in self.output_names:
                 self.copy(self._buffers.host[name], self._buffers.device[name], self._views[name].nbytes,
                           to_device=False)
+        self.posted()
 
     def outputs(self) -> dict[str, np.ndarray]:
         """Copies of the outputs `queue_d2h` brought back (floats as float32), once the stream is synchronized; the
@@ -460,7 +470,7 @@ class TrtRunner(Runner):
         self._pinned.clear()
         self._views.clear()
         self._buffers.close()
-        for event in (self._start, self._end, *(e for pair in self._copy_events.values() for e in pair)):
+        for event in (self._start, self._end, self._posted, *(e for pair in self._copy_events.values() for e in pair)):
             cuda_call(rt.cudaEventDestroy, event)
         cuda_call(rt.cudaStreamDestroy, self.stream)
         self._context = None
