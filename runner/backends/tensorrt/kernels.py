@@ -19,8 +19,8 @@ centre, times the level's stride). Four threads take each anchor: a quarter of t
 `nms_rows`: one block per image over the rows above, the host's class-aware NMS (`processing.nms`, OpenCV's
 `NMSBoxesBatched`) done on the GPU: rows ranked by score, ties in anchor order (as the host decode sees them), the
 best `max_det` kept (OpenCV's top_k), then greedy suppression of a class's boxes whose IoU with a kept one is above
-the threshold, by one warp: the rows suppressed are bits, a 32-row word per lane, so the next row kept is found by a
-ballot and each kept row tests 32 later rows at once. The kept boxes are mapped back to the source image as `processing.scale_boxes` maps
+the threshold, a round per kept row: the rows suppressed are bits, a 32-row word per warp, so each warp finds the
+next row kept by a ballot and the block tests every later row against it at once. The kept boxes are mapped back to the source image as `processing.scale_boxes` maps
 them (less the padding, over the gain, clipped to the image; IEEE float32 like NumPy), from each image's `Scale`
 row, which the host writes into pinned memory that the kernel reads over the bus. Each image's kept count and its
 detections [x1, y1, x2, y2, score, class] in source pixels, best first, are written straight into pinned host
@@ -199,8 +199,8 @@ __device__ void nms(const float* rows, int* counts, float iou, int max_det, cons
                 int a = anchor[t]; anchor[t] = anchor[p]; anchor[p] = a;
                 int o = order[t]; order[t] = order[p]; order[p] = o;
             }
-            int next = j > 1 ? j >> 1 : k;  // the next step's partner distance: under 32, a partner in the warp
-            if (next >= 32) __syncthreads(); else __syncwarp();
+            int next = j > 1 ? j >> 1 : k;  // the next step's partner distance
+            if (j >= 32 || next >= 32) __syncthreads(); else __syncwarp();  // both steps' partners in the warp
         }
     }
     int K = min(count, max_det);  // OpenCV's top_k: the best max_det rows, then NMS among them
@@ -209,39 +209,40 @@ __device__ void nms(const float* rows, int* counts, float iou, int max_det, cons
         x1[t] = r[0] - r[2] / 2; y1[t] = r[1] - r[3] / 2; x2[t] = r[0] + r[2] / 2; y2[t] = r[1] + r[3] / 2;
         w[t] = r[2]; h[t] = r[3]; cls[t] = (int)r[5];
     }
+    __shared__ unsigned gone[2][32];  // per round, the rows suppressed as bits: word w is rows 32w..32w+31
+    if (t < 32) gone[0][t] = 0;
     __syncthreads();
-    if (t >= 32) return;  // the greedy pass is one warp's: it syncs as a warp, not as a block
+    // the greedy pass, a round per kept row: every warp finds the same next row from the round's bits, then thread t
+    // tests row t against it and warp w writes word w of the next round's bits
+    int lane = t & 31, first = 32 * lane, found = 0;
     int* chosen = order;  // the rows kept, best first: the sort's order is spent once the boxes are gathered
-    unsigned gone = 0;  // lane w: which of the rows 32w..32w+31 a kept row suppressed
-    int found = 0, first = 32 * t;
+    float bx = x1[t], by = y1[t], bw = w[t], bh = h[t];  // this thread's row (meaningful below K)
+    int bc = cls[t];
     for (int from = 0;; ++found) {
-        unsigned open = 0;  // this lane's rows from `from` on, below K, not suppressed
+        const unsigned* now = gone[found & 1];
+        unsigned open = 0;  // lane l: the rows of word l from `from` on, below K, not suppressed
         if (from < first + 32 && first < K) {
-            open = ~gone;
+            open = ~now[lane];
             if (from > first) open &= ~0u << (from - first);
             if (K < first + 32) open &= (1u << (K - first)) - 1u;
         }
-        unsigned lanes = __ballot_sync(~0u, open != 0);
-        if (lanes == 0) break;
-        int word = __ffs(lanes) - 1, i = 32 * word + __ffs(__shfl_sync(~0u, open, word)) - 1;  // the best left
+        unsigned words = __ballot_sync(~0u, open != 0);
+        if (words == 0) break;
+        int word = __ffs(words) - 1, i = 32 * word + __ffs(__shfl_sync(~0u, open, word)) - 1;  // the best left
         if (t == 0) chosen[found] = i;
-        float ax = x1[i], ay = y1[i], aw = w[i], ah = h[i];
-        int ac = cls[i];
-        for (int base = (i + 1) & ~31; base < K; base += 32) {  // its class's later rows, a word of them at once
-            int j = base + t;
-            bool hit = false;
-            if (j > i && j < K && cls[j] == ac) {
-                float iw = fminf(ax + aw, x1[j] + w[j]) - fmaxf(ax, x1[j]);
-                float ih = fminf(ay + ah, y1[j] + h[j]) - fmaxf(ay, y1[j]);
-                float both = aw * ah + w[j] * h[j], inter = iw > 0.f && ih > 0.f ? iw * ih : 0.f;
-                hit = both <= 0.f || inter / (both - inter) > iou;
-            }
-            unsigned hits = __ballot_sync(~0u, hit);
-            if (t == base >> 5) gone |= hits;
+        bool hit = false;
+        if (t > i && t < K && bc == cls[i]) {
+            float ax = x1[i], ay = y1[i], aw = w[i], ah = h[i];
+            float iw = fminf(ax + aw, bx + bw) - fmaxf(ax, bx), ih = fminf(ay + ah, by + bh) - fmaxf(ay, by);
+            float both = aw * ah + bw * bh, inter = iw > 0.f && ih > 0.f ? iw * ih : 0.f;
+            hit = both <= 0.f || inter / (both - inter) > iou;
         }
+        unsigned hits = __ballot_sync(~0u, hit);
+        if (lane == 0) gone[(found + 1) & 1][t >> 5] = now[t >> 5] | hits;
+        __syncthreads();
         from = i + 1;
     }
-    __syncwarp();
+    if (t >= 32) return;  // the write-out is one warp's
     // the detections straight into pinned host memory, a warp's consecutive floats at a time, in source pixels
     float left = __shfl_sync(~0u, fit.left, 0), top = __shfl_sync(~0u, fit.top, 0);
     float gain_x = __shfl_sync(~0u, fit.gain_x, 0), gain_y = __shfl_sync(~0u, fit.gain_y, 0);
