@@ -35,8 +35,8 @@ from runner.processing import ONE2MANY, RTDETR, geometry, postprocess, preproces
 ONE_AT_A_TIME = "one batch at a time"
 ONE_WAIT = ("one wait per run: each stage's host work until its device work starts, plus that work's GPU time "
             "between CUDA events (pre: the host until the upload is queued, then the GPU from the upload's start to "
-            "the engine's; post: from the engine's end to the copy back's end, then the host's reading or decode); "
-            "e2e on the host clock")
+            "the engine's; post: from the engine's end to the end of its GPU work (the copy back, or the NMS writing "
+            "to host memory), then the host's reading or decode); e2e on the host clock")
 A_WAIT_PER_STAGE = "a wait after each stage: pre and post on the host clock, infer as the runner times it"
 
 
