@@ -11,7 +11,8 @@ Every variant of a sweep is timed at one shape, the static variant's (`RunConfig
 batch of its first dim (`BenchResult.per_image` divides it).
 
 Scenarios: the chain loop is single-stream at batch 1 (multi-stream at a larger `bench.batch`): one query after
-another, latency percentiles. Offline: images/s end to end (frames in, detections out, the variant's own chain in
+another, latency percentiles, after a warm-up of a count and a duration both, and timed for a count and a duration
+both (`run_until`), as trtexec does. Offline: images/s end to end (frames in, detections out, the variant's own chain in
 steady state, its batches overlapped where the chain overlaps them) and of the engine alone, at each batch of
 `bench.offline_batches` that the built profile holds. Server (where
 `bench.server_rate` is set): Poisson arrivals served one at a time at batch 1, latency from arrival.
@@ -102,6 +103,16 @@ def offline_batches(wanted: list[int], profile: list[list[int]]) -> tuple[list[i
 def runs_per_batch(batch: int, images: int) -> int:
     """Timed runs of an offline point: about `images` images, at least OFFLINE_MIN_RUNS batches."""
     return max(OFFLINE_MIN_RUNS, -(-images // batch))
+
+
+def run_until(runs: int, seconds: float, run, first: int = 0) -> tuple[int, float]:
+    """`run(n)` for n = first, first + 1, ... until it has run at least `runs` times and for `seconds`; (the runs,
+    the seconds they took)."""
+    n, start = 0, time.perf_counter()
+    while n < runs or time.perf_counter() - start < seconds:
+        run(first + n)
+        n += 1
+    return n, time.perf_counter() - start
 
 
 def batch_of(images: list[np.ndarray], i: int, batch: int) -> list[np.ndarray]:
@@ -215,21 +226,23 @@ def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchC
     """Time `chain` at `shape` (N, 3, H, W) over `images`, cycling through them; then the scenarios of `cfg` that
     the built `profile` (min, opt, max) holds; last, untimed, each layer's time at `shape` (or at
     `cfg.layers_batch`) where the runtime profiles layers (`layers_path`: the engine inspector's JSON)."""
-    batch, hw, warmup, iters = shape[0], (shape[2], shape[3]), cfg.warmup, cfg.iters
+    batch, hw, iters = shape[0], (shape[2], shape[3]), cfg.iters
     runner.set_shape(tuple(shape))
     pinned = runner.pin(images)
+    log.info("bench: %s at %s: warm-up for %d runs and %.1f s, then %d timed runs and %.1f s...",
+             latency_scenario(batch), list(shape), cfg.warmup, cfg.warmup_s, iters, cfg.min_timed_s)
+    warmup, warmup_s = run_until(cfg.warmup, cfg.warmup_s, lambda n: chain.run(runner, batch_of(images, n, batch), hw))
     times: dict[str, list[float]] = {}
-    log.info("bench: %s, %d warm-up + %d timed runs at %s...", latency_scenario(batch), warmup, iters, list(shape))
-    for i in range(warmup + iters):
-        frames = batch_of(images, i, batch)
-        _, stage_ms = chain.run(runner, frames, hw)
-        if i >= warmup:
-            for stage, ms in stage_ms.items():
-                times.setdefault(stage, []).append(ms)
+
+    def timed(n: int) -> None:
+        for stage, ms in chain.run(runner, batch_of(images, n, batch), hw)[1].items():
+            times.setdefault(stage, []).append(ms)
+    timed_runs, timed_s = run_until(iters, cfg.min_timed_s, timed, first=warmup)
     compute = [runner.execute() for _ in range(iters)]
     figures, note = throughput(runner, shape, iters)
-    settings = {"scenario": latency_scenario(batch), "warmup": warmup, "iters": iters, "shape": list(shape),
-                "images": len(images), "source_pinned": pinned, **chain.settings(), **runner.settings()}
+    settings = {"scenario": latency_scenario(batch), "warmup": warmup, "warmup_s": round(warmup_s, 3),
+                "iters": timed_runs, "timed_s": round(timed_s, 3), "shape": list(shape), "images": len(images),
+                "source_pinned": pinned, **chain.settings(), **runner.settings()}
     if note:
         settings["throughput_note"] = note
     copies = {name: summarize(times[name]) for name in ("h2d", "d2h") if name in times}

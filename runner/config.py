@@ -285,8 +285,13 @@ class ValidateConfig:
 
 @dataclass
 class BenchConfig:
+    # the single-stream chain loop, as trtexec times (--warmUp 200 ms, --duration): warm-up runs for at least
+    # `warmup` runs and `warmup_s` seconds, so clocks and caches settle; timed runs for at least `iters` and
+    # `min_timed_s` seconds
     warmup: int = 20
+    warmup_s: float = 0.2
     iters: int = 200
+    min_timed_s: float = 1.0
     # offline scenario: images/s end to end and of the engine alone at each of these batches the profile holds
     # (else at its max batch), about `offline_images` images per batch; [] leaves it out
     offline_batches: List[int] = field(default_factory=lambda: [1, 8, 32])
@@ -544,8 +549,9 @@ def check(cfg: RunConfig) -> None:
                        ("bench.iters", cfg.bench.iters)):
         if value <= 0:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
-    if cfg.bench.warmup < 0:
-        raise ConfigError(f"bench.warmup: must be >= 0, got {cfg.bench.warmup}")
+    for key in ("warmup", "warmup_s", "min_timed_s"):
+        if getattr(cfg.bench, key) < 0:
+            raise ConfigError(f"bench.{key}: must be >= 0, got {getattr(cfg.bench, key)}")
     for key, value in (("bench.cuda_graph", cfg.bench.cuda_graph), ("backend.half_input", cfg.backend.half_input),
                        ("backend.head_maps", cfg.backend.head_maps)):
         if not (isinstance(value, bool) or value == AUTO):

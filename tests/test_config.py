@@ -51,8 +51,10 @@ BAD_INPUTS = {
     "added-key": (["+foo=1"], "foo", r"not a key of the config; allowed: backend, bench, build, cache_dir"),
     "added-key-typo": (["+bench.iter=5"], "bench.iter", r"not a key of 'bench'; did you mean bench\.iters\? "
                                                         r"allowed: batch, cuda_graph, iters, layers_batch, "
-                                                        r"offline_batches, offline_images, offline_overlap, "
-                                                        r"server_queries, server_rate, warmup"),
+                                                        r"min_timed_s, offline_batches, offline_images, "
+                                                        r"offline_overlap, server_queries, server_rate, warmup, "
+                                                        r"warmup_s$"),
+    "negative-warmup-seconds": (["bench.warmup_s=-0.5"], "bench.warmup_s", r"must be >= 0, got -0\.5$"),
     "zero-offline-batch": (["bench.offline_batches=[0,8]"], "bench.offline_batches",
                            r"a list of positive batch sizes such as \[1,8,32\] \(\[\] for none\), got \[0, 8\]"),
     "zero-layers-batch": (["bench.layers_batch=0"], "bench.layers_batch",

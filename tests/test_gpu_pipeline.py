@@ -247,7 +247,8 @@ def test_offline_on_a_dynamic_engine_with_both_gpu_ends(tmp_path):
     8 is past the profile; the engine alone outruns the chain that waits for the host's NMS."""
     batches = frames(7)
     images = [batches[1][1], batches[2][0]]  # 810x1080 noise, a 480x640 gradient
-    cfg = BenchConfig(warmup=2, iters=5, offline_batches=[1, 2, 4, 8], offline_images=16)
+    cfg = BenchConfig(warmup=2, warmup_s=0, iters=5, min_timed_s=0, offline_batches=[1, 2, 4, 8],
+                      offline_images=16)
     profile = [[b, *HEAD_INPUT[1:]] for b in (1, 2, 4)]
     with TrtRunner(engine(tmp_path, HEAD_INPUT, True, [-1, *HEAD[1:]], batches=(1, 2, 4))) as runner:
         chain = Chain(runner.gpu_letterbox(), runner.gpu_score_filter(), overlap=runner.overlapped(fit, True))

@@ -13,7 +13,7 @@ import pytest
 from conftest import ASSETS, SMALL_IMGSZ, export_spec
 
 from runner.backends.onnxruntime import OrtRunner
-from runner.bench import bench, offline_batches, offline_point, runs_per_batch, warmup_rounds
+from runner.bench import bench, offline_batches, offline_point, run_until, runs_per_batch, warmup_rounds
 from runner.config import BenchConfig
 from runner.export import export_onnx
 from runner.prepost import Chain
@@ -21,6 +21,7 @@ from runner.processing import postprocess, preprocess
 from runner.results import BenchResult
 
 PROFILE = [[1, 3, 64, 64], [1, 3, 128, 128], [4, 3, 128, 128]]
+BY_COUNT = {"warmup_s": 0, "min_timed_s": 0}  # the chain loop by its counts alone
 SHAPE = [1, 3, *SMALL_IMGSZ]
 
 
@@ -100,7 +101,7 @@ def test_a_chain_streams_overlapped_batches_into_the_detections_of_one_batch_at_
 
 
 def test_offline_sweeps_the_batches_end_to_end_and_the_engine_alone(onnx_path, frames):
-    cfg = BenchConfig(warmup=1, iters=3, offline_batches=[4, 1, 2, 16], offline_images=8)
+    cfg = BenchConfig(warmup=1, iters=3, offline_batches=[4, 1, 2, 16], offline_images=8, **BY_COUNT)
     chain = CountingChain()
     with OrtRunner(onnx_path) as runner:
         result = bench(runner, chain, frames, SHAPE, cfg, PROFILE)
@@ -117,6 +118,24 @@ def test_offline_sweeps_the_batches_end_to_end_and_the_engine_alone(onnx_path, f
     best = result.offline_best()
     assert best.e2e_img_s == max(p.e2e_img_s for p in result.offline)
     assert BenchResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_run_until_runs_for_the_count_and_the_time_both():
+    calls = []
+    assert run_until(3, 0, calls.append, first=5)[0] == 3 and calls == [5, 6, 7]
+    runs, seconds = run_until(1, 0.05, lambda n: time.sleep(0.01))
+    assert seconds >= 0.05 and 5 <= runs <= 6
+
+
+def test_the_chain_loop_warms_up_and_times_for_its_seconds_too(onnx_path, frames):
+    """As trtexec does: a warm-up of 1 run and 0.2 s, then 2 timed runs and 0.2 s, each run counted and recorded."""
+    chain = CountingChain()
+    cfg = BenchConfig(warmup=1, warmup_s=0.2, iters=2, min_timed_s=0.2, offline_batches=[])
+    with OrtRunner(onnx_path) as runner:
+        settings = bench(runner, chain, frames, SHAPE, cfg, PROFILE).settings
+    assert settings["warmup_s"] >= 0.2 and settings["timed_s"] >= 0.2
+    assert settings["warmup"] > 1 and settings["iters"] > 2
+    assert len(chain.batches) == settings["warmup"] + settings["iters"]
 
 
 class SlowToFill(Chain):
@@ -143,9 +162,10 @@ def test_a_static_profile_gives_its_own_batch_and_no_list_none(onnx_path, frames
     """A profile of batch 2 only: offline at 2, the listed batches named, no server (it serves batch 1)."""
     with OrtRunner(onnx_path) as runner:
         static = bench(runner, Chain(), frames, [2, 3, *SMALL_IMGSZ], BenchConfig(
-            warmup=0, iters=1, offline_batches=[1, 8], offline_images=4, server_rate=100.0),
+            warmup=0, iters=1, offline_batches=[1, 8], offline_images=4, server_rate=100.0, **BY_COUNT),
             [[2, 3, *SMALL_IMGSZ]] * 3)
-        off = bench(runner, Chain(), frames, SHAPE, BenchConfig(warmup=0, iters=1, offline_batches=[]), PROFILE)
+        off = bench(runner, Chain(), frames, SHAPE, BenchConfig(warmup=0, iters=1, offline_batches=[], **BY_COUNT),
+                    PROFILE)
     assert static.settings["scenario"] == "multi-stream"
     assert [(p.batch, p.runs) for p in static.offline] == [(2, 3)]
     assert set(static.offline_skipped) == {"1", "8"}
@@ -160,12 +180,12 @@ def test_server_queues_poisson_arrivals_behind_one_worker(onnx_path, frames):
     back to back.)"""
     queries = 12
     with OrtRunner(onnx_path) as runner:
-        flooded = bench(runner, Chain(), frames, SHAPE, BenchConfig(warmup=1, iters=5, offline_batches=[],
-                                                                    server_rate=1e6, server_queries=queries), PROFILE)
+        flooded = bench(runner, Chain(), frames, SHAPE, BenchConfig(
+            warmup=1, iters=5, offline_batches=[], server_rate=1e6, server_queries=queries, **BY_COUNT), PROFILE)
         service = flooded.e2e.p50
         rate = 1e3 / (10 * service)  # images/s: a tenth of what one worker serves on this host now
-        calm = bench(runner, Chain(), frames, SHAPE, BenchConfig(warmup=1, iters=5, offline_batches=[],
-                                                                 server_rate=rate, server_queries=queries), PROFILE)
+        calm = bench(runner, Chain(), frames, SHAPE, BenchConfig(
+            warmup=1, iters=5, offline_batches=[], server_rate=rate, server_queries=queries, **BY_COUNT), PROFILE)
     arrivals = np.cumsum(np.random.default_rng(0).exponential(1 / rate, queries))
     assert calm.server.queries == queries and calm.server.latency.n == queries
     assert calm.server.offered_rate == pytest.approx(queries / (arrivals[-1] - arrivals[0]))
