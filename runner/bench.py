@@ -115,6 +115,11 @@ def run_until(runs: int, seconds: float, run, first: int = 0) -> tuple[int, floa
     return n, time.perf_counter() - start
 
 
+def runs_text(runs: int, seconds: float) -> str:
+    """'20 runs and 0.2 s', or '3 runs' where no time is asked for."""
+    return f"{runs} runs" + (f" and {seconds:g} s" if seconds else "")
+
+
 def batch_of(images: list[np.ndarray], i: int, batch: int) -> list[np.ndarray]:
     """The `i`-th batch of `batch` frames, cycling through `images`."""
     return [images[(i * batch + k) % len(images)] for k in range(batch)]
@@ -229,8 +234,8 @@ def bench(runner, chain, images: list[np.ndarray], shape: list[int], cfg: BenchC
     batch, hw, iters = shape[0], (shape[2], shape[3]), cfg.iters
     runner.set_shape(tuple(shape))
     pinned = runner.pin(images)
-    log.info("bench: %s at %s: warm-up for %d runs and %.1f s, then %d timed runs and %.1f s...",
-             latency_scenario(batch), list(shape), cfg.warmup, cfg.warmup_s, iters, cfg.min_timed_s)
+    log.info("bench: %s at %s: warm-up for %s, then %s timed...", latency_scenario(batch), list(shape),
+             runs_text(cfg.warmup, cfg.warmup_s), runs_text(iters, cfg.min_timed_s))
     warmup, warmup_s = run_until(cfg.warmup, cfg.warmup_s, lambda n: chain.run(runner, batch_of(images, n, batch), hw))
     times: dict[str, list[float]] = {}
 
