@@ -20,14 +20,15 @@ centre, times the level's stride). Four threads take each anchor: a quarter of t
 `NMSBoxesBatched`) done on the GPU: rows ranked by score, ties in anchor order (as the host decode sees them), the
 best `max_det` kept (OpenCV's top_k), then greedy suppression of a class's boxes whose IoU with a kept one is above
 the threshold, a round per kept row: the rows suppressed are bits, a 32-row word per warp, so each warp finds the
-next row kept by a ballot and the block tests every later row against it at once. The kept boxes are mapped back to the source image as `processing.scale_boxes` maps
-them (less the padding, over the gain, clipped to the image; IEEE float32 like NumPy), from each image's `Scale`
-row, which the host writes into pinned memory that the kernel reads over the bus. Each image's kept count and its
-detections [x1, y1, x2, y2, score, class] in source pixels, best first, are written straight into pinned host
-memory (no copy back); the count is -1 where the filter found more rows than it keeps (the host decodes the whole
-output). The NMS zeroes each image's candidate count once read, so the next run's filter counts from zero with no
-memset. The bitonic sort spans the next power of two above the image's count, not every slot, and syncs the block
-only where a step's partners lie in another warp.
+next row kept by a ballot and the block tests every later row against it at once. The kept boxes are mapped back to
+the source image as `processing.scale_boxes` maps them (less the padding, over the gain, clipped to the image; IEEE
+float32 like NumPy), from each image's `Scale` row, which the host writes into pinned memory that the kernel reads
+over the bus. Each image's kept count and its detections [x1, y1, x2, y2, score, class] in source pixels, best
+first, are written straight into pinned host memory (no copy back); the count is -1 where the filter found more
+rows than it keeps (the host decodes the whole output). The NMS zeroes each image's candidate count once read, so
+the next run's filter counts from zero with no memset. The bitonic sort spans the next power of two above the
+image's count, not every slot, and syncs the block only where a step's partners, or the next step's, lie in another
+warp.
 """
 from __future__ import annotations
 
