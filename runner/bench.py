@@ -11,11 +11,11 @@ Every variant of a sweep is timed at one shape, the static variant's (`RunConfig
 batch of its first dim (`BenchResult.per_image` divides it).
 
 Scenarios: the chain loop is single-stream at batch 1 (multi-stream at a larger `bench.batch`): one query after
-another, latency percentiles, after a warm-up of a count and a duration both, and timed for a count and a duration
-both (`run_until`), as trtexec does. Offline: images/s end to end (frames in, detections out, the variant's own chain in
-steady state, its batches overlapped where the chain overlaps them) and of the engine alone, at each batch of
-`bench.offline_batches` that the built profile holds. Server (where
-`bench.server_rate` is set): Poisson arrivals served one at a time at batch 1, latency from arrival.
+another, latency percentiles, after a warm-up of a count and a duration both, and timed for a count and a
+duration both (`run_until`), as trtexec does. Offline: images/s end to end (frames in, detections out, the
+variant's own chain in steady state, its batches overlapped where the chain overlaps them) and of the engine
+alone, at each batch of `bench.offline_batches` that the built profile holds. Server (where `bench.server_rate` is
+set): Poisson arrivals served one at a time at batch 1, latency from arrival.
 
 Last, after everything timed, each layer's time at the timed shape (or at `bench.layers_batch`) where the runtime
 has a per-layer profiler (`Runner.layer_times`): a profiler slows the runs it watches, so no figure above is taken
