@@ -201,6 +201,17 @@ def test_head_maps_are_runners_tensorrt_rows_of_one_to_many_heads(backend, overr
     assert backends.get(backend).applies(cfg) == refusal
 
 
+def test_the_peer_is_measured_once_whatever_bench_cuda_graph_says():
+    """A sweep over bench.cuda_graph runs the peer at false and auto (one row: graphs do not apply to predict) and
+    skips it at true, saying why; runner's TensorRT rows take every value."""
+    peer, ours = backends.get("ultralytics"), backends.get("tensorrt")
+    for value, refusal in (("false", None), ("auto", None), ("true", "bench.cuda_graph: predict launches its own "
+                                                              "work; runner's CUDA graphs apply to backend=tensorrt")):
+        cfg, = preflight(["precision=fp16", "backend=ultralytics", f"bench.cuda_graph={value}"])
+        assert peer.applies(cfg) == refusal
+        assert ours.applies(cfg) is None
+
+
 def test_int8_auto_refuses_shared_concat_scales_where_tensorrts_own_calibrator_takes_it(monkeypatch):
     """The int8 preset shares Concat ranges; where auto resolves to TensorRT's calibrator (8.6, 10: stood in for
     here), entropy2 cannot, and the variant says so; percentile ranges can."""
