@@ -46,6 +46,9 @@
 #                                           #   time: single-stream at batch 1; table and pick
 #   bash scripts/gpu-proof.sh levels        # yolov8n fp16 static with the defaults at builder levels 3, 4 and 5, each
 #                                           #   beside the peer: single-stream at batch 1; table and pick
+#   bash scripts/gpu-proof.sh warmup        # yolov8n fp16 static with the defaults beside the peer, the chain loop's
+#                                           #   warm-up and timed seconds off or on (runs counted only, as before);
+#                                           #   table and pick
 #   bash scripts/gpu-proof.sh fold-static   # yolov8n fp16 static at level $LEVEL (3) beside the peer, the Split->Concat
 #                                           #   fold off/on x float/fp16 input, one variant per GPU; table, layers, pick
 #   bash scripts/gpu-proof.sh fold-dynamic  # yolov8n fp16 and int8 Q/DQ, dynamic to batch 64 (opt 32), level $LEVEL (3),
@@ -61,7 +64,7 @@
 #                                           #   timed on TensorRT (--latency), level 1
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|levels|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic|sensitivity}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|levels|warmup|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic|sensitivity}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -133,7 +136,7 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
         | tee -a "$DEST/$step/run.log"
     done
     exit 0 ;;
-  l3-dynamic|l3-static|levels|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic)
+  l3-dynamic|l3-static|levels|warmup|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic)
     DEST=$DEST/$step bash "$0" "$step-sweep" "${@:2}" || exit
     id=$(cat "$DEST/$step/$step-sweep/sweep_id") uri=sqlite:///$RUNS/mlflow.db
     python3 -m runner table --tracking-uri "$uri" --sweep "$id" --out "$DEST/$step/table" 2>&1 | tee "$DEST/$step/run.log"
@@ -227,6 +230,10 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
     args=(-m model=yolov8n precision=fp16 backend=tensorrt,ultralytics shape=static data.limit=64
           bench.warmup=50 bench.iters=300 backend.builder_optimization_level=3,4,5) ;;
+  warmup-sweep)  # one engine: what a warm-up and timed run by the clock change against counts alone
+    common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
+    args=(-m model=yolov8n precision=fp16 backend=tensorrt,ultralytics shape=static data.limit=64
+          bench.warmup_s=0,0.2 bench.min_timed_s=0,1) ;;
   fold-static-sweep)
     common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
     args=(-m model=yolov8n precision=fp16 backend=tensorrt,ultralytics shape=static data.limit=64
