@@ -189,7 +189,7 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
   pipeline-shapes|pipeline-bus)
     common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
     args=(-m model=yolov8n precision=fp16 shape=static backend=tensorrt,ultralytics preprocess=cpu,gpu
-          postprocess=cpu,gpu bench.cuda_graph=true bench.warmup=50 bench.iters=300 data=${step#pipeline-}) ;;
+          postprocess=cpu,gpu bench.warmup=50 bench.iters=300 data=${step#pipeline-}) ;;
   fast-sweep)
     common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
     args=(-m model=yolov8n precision=fp16 shape=static,dynamic backend=tensorrt,ultralytics
