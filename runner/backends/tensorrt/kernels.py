@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from runner.backends.tensorrt.compat import cuda_call, cuda_driver, nvrtc
+from runner.rewrite import MAX_BINS
 
 FIT_FIELDS = 8  # int32 per image in the letterbox parameters: see `struct Fit`
 SCALE_FIELDS = 6  # float32 per image in the NMS's way back to source pixels: see `struct Scale`
@@ -45,7 +46,8 @@ DETECTION = 6  # float32 per detection: x1, y1, x2, y2, score, class
 NMS_ROWS = 1024  # the candidate rows per image the NMS kernel sorts at once, a thread each
 MAP_ANCHORS = 64  # anchors per block of `map_candidates`
 SIDES = 4  # threads per anchor in `map_candidates`: the classes split four ways, then one side of the box each
-DEFINES = {"NMS_ROWS": NMS_ROWS, "MAP_ANCHORS": MAP_ANCHORS, "SIDES": SIDES}  # the kernels' sizes, from here
+DEFINES = {"NMS_ROWS": NMS_ROWS, "MAP_ANCHORS": MAP_ANCHORS, "SIDES": SIDES,  # the kernels' sizes, from here
+           "MAX_BINS": MAX_BINS}  # the DFL's bins per side that the head-maps rewrite lets through
 SOURCE = r"""
 typedef unsigned short half_bits;
 __device__ __forceinline__ half_bits to_half(float v) {
@@ -111,7 +113,6 @@ __device__ void candidates(const T* pred, int C, int A, float conf, float* rows,
     r[4] = best; r[5] = (float)cls; r[6] = (float)a; r[7] = 0.f;
 }
 
-#define MAX_BINS 16  // the DFL's bins per side (`rewrite.MAX_BINS`)
 template <typename T>
 __device__ void map_candidates(const T* b0, const T* c0, const T* b1, const T* c1, const T* b2, const T* c2,
                                int h0, int w0, int h1, int w1, int h2, int w2, int nc, int reg, int H,
