@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -550,8 +551,11 @@ def check(cfg: RunConfig) -> None:
         if value <= 0:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
     for key in ("warmup", "warmup_s", "min_timed_s"):
-        if getattr(cfg.bench, key) < 0:
-            raise ConfigError(f"bench.{key}: must be >= 0, got {getattr(cfg.bench, key)}")
+        value = getattr(cfg.bench, key)
+        if not math.isfinite(value):  # inf would time for ever; nan compares false and would be ignored
+            raise ConfigError(f"bench.{key}: must be finite, got {value}")
+        if value < 0:
+            raise ConfigError(f"bench.{key}: must be >= 0, got {value}")
     for key, value in (("bench.cuda_graph", cfg.bench.cuda_graph), ("backend.half_input", cfg.backend.half_input),
                        ("backend.head_maps", cfg.backend.head_maps)):
         if not (isinstance(value, bool) or value == AUTO):

@@ -55,6 +55,8 @@ BAD_INPUTS = {
                                                         r"offline_overlap, server_queries, server_rate, warmup, "
                                                         r"warmup_s$"),
     "negative-warmup-seconds": (["bench.warmup_s=-0.5"], "bench.warmup_s", r"must be >= 0, got -0\.5$"),
+    "endless-timed-seconds": (["bench.min_timed_s=inf"], "bench.min_timed_s", r"must be finite, got inf$"),
+    "nan-warmup-seconds": (["bench.warmup_s=nan"], "bench.warmup_s", r"must be finite, got nan$"),
     "zero-offline-batch": (["bench.offline_batches=[0,8]"], "bench.offline_batches",
                            r"a list of positive batch sizes such as \[1,8,32\] \(\[\] for none\), got \[0, 8\]"),
     "zero-layers-batch": (["bench.layers_batch=0"], "bench.layers_batch",
