@@ -188,6 +188,8 @@ class PrecisionConfig:
     int8_mode: Int8Mode = Int8Mode.auto
     calibrator: Calibrator = Calibrator.entropy2
     keep_float: List[str] = field(default_factory=list)  # int8: fnmatch patterns on ONNX node names kept in float
+    pin_int8: List[str] = field(default_factory=list)  # TensorRT's implicit INT8: fnmatch patterns on layer names run
+    #   in int8, precision constraints obeyed (those kept in float excepted); []: TensorRT picks each layer's precision
     qdq_ops: List[str] = field(default_factory=lambda: ["Conv", "Add", "Concat"])  # Q/DQ: the op types quantized
     concat_scales: ConcatScales = ConcatScales.own  # Q/DQ: a Concat's inputs and output at their own scales, or one
     add_inputs: AddInputs = AddInputs.all  # Q/DQ: both inputs of a residual Add, or the skip input alone
@@ -517,16 +519,27 @@ def calibrator_refusal(p: PrecisionConfig) -> str | None:
     return None
 
 
+def qdq_refusal(p: PrecisionConfig) -> str | None:
+    """Why a Q/DQ ONNX cannot take `p`'s int8 pins, in one line; None where it can (its Q/DQ nodes place int8)."""
+    if p.pin_int8:
+        return (f"precision.pin_int8={list(p.pin_int8)}: a Q/DQ ONNX runs int8 where its Q/DQ nodes are; the pins "
+                f"apply to TensorRT's implicit INT8 (precision=int8_calibrator or int8, TensorRT <= 10)")
+    return None
+
+
 def _check_precision(p: PrecisionConfig) -> None:
     """The calibration and Q/DQ settings: what the mechanism has, well-formed."""
     if p.int8_mode == Int8Mode.calibrator and (why := calibrator_refusal(p)):
         raise ConfigError(why)
+    if p.int8_mode == Int8Mode.qdq and (why := qdq_refusal(p)):
+        raise ConfigError(why)
     unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]
     if not p.qdq_ops or unknown:
         raise ConfigError(f"precision.qdq_ops: a list of op types from {', '.join(QDQ_OPS)}, got {list(p.qdq_ops)}")
-    if not all(isinstance(k, str) and k for k in p.keep_float):
-        raise ConfigError(f"precision.keep_float: a list of fnmatch patterns on ONNX node names such as "
-                          f"'*/dfl/*', got {list(p.keep_float)}")
+    for key, example in (("keep_float", "'*/dfl/*'"), ("pin_int8", "'*/Conv'")):
+        if not all(isinstance(k, str) and k for k in getattr(p, key)):
+            raise ConfigError(f"precision.{key}: a list of fnmatch patterns on ONNX node names such as {example}, "
+                              f"got {list(getattr(p, key))}")
 
 
 def check(cfg: RunConfig) -> None:

@@ -168,8 +168,8 @@ def calibration_digest(onnx_path: str, calibration: CalibrationSet, method: str,
 
 
 def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cache_dir: Path,
-                  keep_float: Sequence[str] = (), concat_scales: str = "own",
-                  ops: Sequence[str] = QUANTIZED_OPS) -> tuple[dict[str, float], Path, bool]:
+                  keep_float: Sequence[str] = (), concat_scales: str = "own", ops: Sequence[str] = QUANTIZED_OPS,
+                  conv_outputs: bool = False) -> tuple[dict[str, float], Path, bool]:
     """For TensorRT's implicit INT8 from ranges calibrated here (`ITensor.set_dynamic_range`): per tensor, its
     symmetric range (the larger magnitude of its calibrated bounds), for the inputs of the nodes a Q/DQ ONNX would
     quantize (`quantized_nodes`) and the activated output of each of its convolutions, so the head's decode gets
@@ -177,11 +177,12 @@ def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cach
     at its input and none at its output has no implementation: a pinned layer reads its int8 producer in fp16.
     Calibrated with `method` on onnxruntime (`calibrate`), Concats at one range where `concat_scales` is shared.
     Cached by the ONNX's bytes, the images, the method, the pins, the Concats' scales, the ops and onnxruntime's
-    version. Returns (ranges, cache file, whether it was cached)."""
+    version. With `conv_outputs`, each convolution's own output too, so a convolution pinned in int8 has a range
+    where TensorRT does not fuse its activation. Returns (ranges, cache file, whether it was cached)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     digest = calibration_digest(onnx_path, calibration, method, ops, keep_float, concat_scales=concat_scales,
-                                tensors="inputs+activations")
+                                tensors="inputs+activations" + ("+convs" if conv_outputs else ""))
     path = Path(cache_dir).absolute() / "ranges" / f"{Path(onnx_path).parent.name}-{method}-{digest[:16]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with cache.locked(path.with_suffix(".calibrating")):  # one calibration; read_recorded holds `<name>.lock`
@@ -200,7 +201,9 @@ def tensor_ranges(onnx_path: str, calibration: CalibrationSet, method: str, cach
             if concat_scales == "shared":
                 share_concat_ranges(model, {n.name for n in chosen if n.op_type == "Concat"}, data)
             data = load_tensors_data(data)
-        tensors = {t for n in chosen for t in n.input} | activated(model, [n for n in chosen if n.op_type == "Conv"])
+        convs = [n for n in chosen if n.op_type == "Conv"]
+        tensors = {t for n in chosen for t in n.input} | activated(model, convs)
+        tensors |= {n.output[0] for n in convs} if conv_outputs else set()
         ranges = {t: float(np.abs(np.asarray(data[t].range_value, np.float64)).max())
                   for t in sorted(tensors) if t in data}
         cache.write_recorded(path, json.dumps(ranges, indent=1).encode())

@@ -68,7 +68,7 @@ def _decode(tp, value):
 
 QDQ_NODE = re.compile(r"(Dequantize|Quantize)Linear(_clone_\d+)?$")  # a Q/DQ node's name, or a TensorRT clone
 INT8_FIELDS = ("keep_float", "qdq_ops", "calibration_images", "calibration_source", "concat_scales",
-               "add_inputs")  # of _Variant
+               "add_inputs", "pin_int8")  # of _Variant
 
 
 class Record:
@@ -104,7 +104,7 @@ def _metric_key(name: str) -> str:
 class _Variant(Record):
     """Where the variant calibrates, its int8 settings that make another ONNX or engine, each "" where it is the
     precision preset's: the patterns kept in float (JSON), the op types Q/DQ quantizes, its Concats' scales, its
-    residual Adds' quantized inputs, the calibration images' count and folder."""
+    residual Adds' quantized inputs, the calibration images' count and folder, the patterns pinned in int8 (JSON)."""
     tool: str
     shape: str
     precision: str  # fp32 | fp16 | int8, or qdq for a Q/DQ ONNX
@@ -115,6 +115,7 @@ class _Variant(Record):
     calibration_source: str = field(default="", kw_only=True)  # a folder; labelled `cal from <its name>`
     concat_scales: str = field(default="", kw_only=True)  # `shared`; labelled `concat shared`
     add_inputs: str = field(default="", kw_only=True)  # `skip`; labelled `add skip`
+    pin_int8: str = field(default="", kw_only=True)  # e.g. '["*/Conv"]'; labelled `int8 pins 1`
     TOOLS: ClassVar[dict[str, str]] = {}  # tool -> its word in a label
 
     @property
@@ -128,7 +129,8 @@ class _Variant(Record):
         calibration = " ".join(filter(None, (self.calibration_images, source)))
         return ("" if kept is None else f"keep {kept or 'none'}", self.qdq_ops and f"ops {self.qdq_ops}",
                 self.concat_scales and f"concat {self.concat_scales}", self.add_inputs and f"add {self.add_inputs}",
-                calibration and f"cal {calibration}")
+                calibration and f"cal {calibration}",
+                self.pin_int8 and f"int8 pins {len(json.loads(self.pin_int8))}")
 
     def _label_tail(self) -> tuple[str, ...]:
         return ()

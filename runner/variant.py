@@ -58,6 +58,7 @@ def int8_settings(cfg: RunConfig, mechanism: str | None, where: Mechanism) -> di
     differs = {"keep_float": sorted(p.keep_float) != sorted(shipped.keep_float) and json.dumps(list(p.keep_float)),
                "qdq_ops": where == Mechanism.qdq and sorted(p.qdq_ops) != sorted(shipped.qdq_ops)
                and "+".join(p.qdq_ops),
+               "pin_int8": sorted(p.pin_int8) != sorted(shipped.pin_int8) and json.dumps(list(p.pin_int8)),
                "calibration_images": p.calibration_images != shipped.calibration_images and str(p.calibration_images),
                "calibration_source": p.calibration_source != shipped.calibration_source and p.calibration_source,
                **{key: getattr(p, key) != getattr(shipped, key) and getattr(p, key).value  # refused where the

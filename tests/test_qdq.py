@@ -128,7 +128,7 @@ def test_the_calibrator_takes_percentile_ranges_whose_concats_may_share_them():
 def test_tensor_ranges_cover_what_qdq_quantizes_and_leave_the_pins_and_the_decode_float(small, export_cache):
     """onnxruntime's percentile ranges for TensorRT's implicit INT8: the Conv/Add/Concat tensors Q/DQ would quantize,
     none for a pinned convolution's own input or the head's decode; shared Concat ranges are one; cached."""
-    from runner.quantize import tensor_ranges
+    from runner.quantize import kept_float, tensor_ranges
 
     reference, calibration = small
     p = default_int8()
@@ -151,12 +151,19 @@ def test_tensor_ranges_cover_what_qdq_quantizes_and_leave_the_pins_and_the_decod
     assert cached and again == ranges
     own, other, _ = tensor_ranges(reference.path, calibration, "percentile", export_cache, p.keep_float, "own")
     assert other != path and set(own) == set(ranges)
+    pinned, elsewhere, _ = tensor_ranges(reference.path, calibration, "percentile", export_cache, p.keep_float,
+                                         "shared", conv_outputs=True)  # for convolutions pinned in int8
+    assert elsewhere not in (path, other) and set(pinned) - set(ranges) == {
+        n.output[0] for n in model.graph.node if n.op_type == "Conv" and n.name not in kept_float(model, p.keep_float)}
 
 
 @pytest.mark.parametrize("override, message", [
     ("precision.qdq_ops=[Conv,Relu]", "precision.qdq_ops: a list of op types from Conv, Add, Concat, MatMul, Gemm, "
                                       "got ['Conv', 'Relu']"),
     ("precision.calibration_images=0", "precision.calibration_images: must be a positive integer, got 0"),
+    ("precision.pin_int8=[*/Conv]", "precision.pin_int8=['*/Conv']: a Q/DQ ONNX runs int8 where its Q/DQ nodes are; "
+                                    "the pins apply to TensorRT's implicit INT8 (precision=int8_calibrator or int8, "
+                                    "TensorRT <= 10)"),
 ])
 def test_bad_int8_settings_are_refused_naming_the_key(runner_main, tmp_path, override, message):
     said = runner_main(["precision=int8_qdq", override, f"outputs={tmp_path}"])

@@ -445,3 +445,26 @@ def test_int8_calibrator_builds_the_pinned_layers_in_fp16(models, calibration_im
     assert len(res.calibration["fp16_layers"]) >= 3 and res.calibration["keep_float"] == ["*"]
     layers = json.loads(Path(res.layers_path).read_text())["Layers"]
     assert layers and not any("int8" in json.dumps(layer.get("Outputs", [])).lower() for layer in layers)
+
+
+def test_int8_from_onnxruntime_ranges_takes_an_fp16_input_and_pins_layers_in_int8(models, calibration_images,
+                                                                                   tmp_path):
+    """precision.pin_int8="*" on implicit INT8 from onnxruntime's ranges, with an fp16 input: both convolutions are
+    pinned and built in int8, and the engine stays close to onnxruntime's fp32."""
+    import tensorrt as trt
+
+    from runner.quantize import CalibrationSet
+
+    if not trt_compat.has_implicit_int8(trt):
+        pytest.skip(f"TensorRT {trt.__version__} has no implicit INT8 to pin layers in")
+    res = build_ok(spec(models["static"], tmp_path, STATIC, precision="int8", mechanism="calibrator",
+                        calibration=CalibrationSet(calibration_images, tuple(STATIC)), calibrator="percentile",
+                        pin_int8=("*",), half_input=True))
+    assert res.calibration["pin_int8"] == ["*"] and len(res.calibration["int8_layers"]) >= 2
+    convs = [r for r in map(lambda layer: forensics.row(layer, None), forensics.read_layers(res.layers_path))
+             if "Convolution" in r.type]
+    assert len(convs) == 2 and {r.input_precision for r in convs} == {"int8"}, convs  # int8 in, the last out float
+    x = rand(STATIC)
+    with TrtRunner(res.artifact) as runner:
+        assert runner.input_dtype == np.float16
+        assert rel_l2(runner.infer(x)["output0"], ort_run(models["static"], x)) < 0.1

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from runner import checkpoint, heads
 from runner.backends import Backend
 from runner.config import (API_BUILD_SETTINGS, BackendName, BuildTool, ExportTool, Head, Mechanism, Precision,
-                           RunConfig, ShapeMode, calibrator_refusal)
+                           RunConfig, ShapeMode, calibrator_refusal, qdq_refusal)
 from runner.results import BuildResult, ExportResult
 
 if TYPE_CHECKING:
@@ -50,8 +50,10 @@ class TensorrtBackend(Backend):
         if cfg.backend.head_maps is True and (why := self._head_maps_refusal(cfg)):
             return why
         if cfg.build.tool != BuildTool.ultralytics:
-            calibrated = cfg.precision.name == Precision.int8 and self.precision_mechanism(cfg) == Mechanism.calibrator
-            return calibrator_refusal(cfg.precision) if calibrated else None  # int8_mode=auto on TensorRT <= 10
+            if cfg.precision.name != Precision.int8:
+                return None
+            calibrated = self.precision_mechanism(cfg) == Mechanism.calibrator  # int8_mode=auto on TensorRT <= 10
+            return calibrator_refusal(cfg.precision) if calibrated else qdq_refusal(cfg.precision)
         if cfg.precision.name == Precision.int8:
             return ("build=ultralytics int8 calibrates with ultralytics' own data loader from a dataset yaml; runner "
                     "builds int8 with build=tensorrt_api (precision=int8_calibrator or int8_qdq)")
@@ -77,14 +79,16 @@ class TensorrtBackend(Backend):
             return False
 
     def _half_input_refusal(self, cfg: RunConfig) -> str | None:
-        """Where an fp16 input does not apply: fp32 (IEEE fp32 throughout), TensorRT's calibrator (it feeds float
+        """Where an fp16 input does not apply: fp32 (IEEE fp32 throughout), TensorRT's calibrators (they feed float
         batches) and a strongly typed network (the ONNX's input type)."""
-        from runner.backends.tensorrt.build import HALF_INPUT_MECHANISMS
+        from runner.backends.tensorrt.build import half_input_applies
 
         mechanism = self.precision_mechanism(cfg)
-        if mechanism not in HALF_INPUT_MECHANISMS:
-            return (f"backend.half_input: precision {cfg.precision.name.value} via {mechanism} keeps a float input; "
-                    f"it applies to fp16 (builder_flag) and int8 Q/DQ")
+        if not half_input_applies(mechanism, cfg.precision.calibrator.value):
+            via = f"{mechanism} {cfg.precision.calibrator.value}" if mechanism == Mechanism.calibrator else mechanism
+            return (f"backend.half_input: precision {cfg.precision.name.value} via {via} keeps a float input; it "
+                    f"applies to fp16 (builder_flag), int8 Q/DQ and implicit int8 from onnxruntime's ranges "
+                    f"(precision.calibrator=percentile)")
         return None
 
     @staticmethod
@@ -114,6 +118,7 @@ class TensorrtBackend(Backend):
             onnx_path=export.tested.path, precision=cfg.precision.name.value, mechanism=self.precision_mechanism(cfg),
             calibration=calibration, calibrator=cfg.precision.calibrator.value,
             keep_float=tuple(cfg.precision.keep_float), concat_scales=cfg.precision.concat_scales.value,
+            pin_int8=tuple(cfg.precision.pin_int8),
             min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
             optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,
             use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32, half_input=b.half_input,

@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 MECHANISMS = {Precision.fp32.value: (Mechanism.none.value,),
               Precision.fp16.value: (Mechanism.builder_flag.value, Mechanism.strongly_typed.value),
               Precision.int8.value: (Mechanism.calibrator.value, Mechanism.qdq.value)}
-# an fp16 input: where the engine's first layers run in fp16 or int8 anyway, and no calibrator reads float batches
+# an fp16 input: where the engine's first layers run in fp16 or int8 anyway, and no TensorRT calibrator reads float
+# batches (implicit INT8 from onnxruntime's ranges has none)
 HALF_INPUT_MECHANISMS = (Mechanism.builder_flag.value, Mechanism.qdq.value)
+
+
+def half_input_applies(mechanism: str, calibrator: str) -> bool:
+    """Whether an engine of `mechanism` (and for the calibrator mechanism, `calibrator`) can take an fp16 input."""
+    return mechanism in HALF_INPUT_MECHANISMS or (mechanism == Mechanism.calibrator
+                                                   and calibrator not in compat.CALIBRATORS)
 
 
 @dataclass
@@ -59,6 +66,8 @@ class BuildSpec:
     keep_float: tuple[str, ...] = ()  # mechanism=calibrator: fnmatch patterns on layer names built in fp16 (and for
     #   percentile, the tensors left without a range)
     concat_scales: str = "own"  # calibrator=percentile: each Concat's tensors at their own ranges, or one (shared)
+    pin_int8: tuple[str, ...] = ()  # mechanism=calibrator: fnmatch patterns on layer names built in int8 (those of
+    #   keep_float excepted); for percentile, the convolutions' own outputs get ranges too
 
 
 def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
@@ -68,6 +77,7 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
         "mechanism": spec.mechanism,
         "calibration": _calibration_fields(spec),
         "keep_float": sorted(spec.keep_float) if spec.mechanism == Mechanism.calibrator else None,
+        **({"pin_int8": sorted(spec.pin_int8)} if spec.pin_int8 else {}),  # the keys of engines built before
         "min_shape": list(spec.min_shape),
         "opt_shape": list(spec.opt_shape),
         "max_shape": list(spec.max_shape),
@@ -257,8 +267,9 @@ def build_engine(spec: BuildSpec) -> BuildResult:
         raise ValueError(f"precision {spec.precision!r} with mechanism {spec.mechanism!r}: expected {MECHANISMS}")
     if spec.mechanism == Mechanism.calibrator and spec.calibration is None:
         raise ValueError("mechanism 'calibrator' needs calibration images")
-    if spec.half_input and spec.mechanism not in HALF_INPUT_MECHANISMS:
-        raise ValueError(f"half_input with mechanism {spec.mechanism!r}: only {HALF_INPUT_MECHANISMS}")
+    if spec.half_input and not half_input_applies(spec.mechanism, spec.calibrator):
+        raise ValueError(f"half_input with mechanism {spec.mechanism!r} ({spec.calibrator}): only "
+                         f"{HALF_INPUT_MECHANISMS} or onnxruntime's ranges")
     import tensorrt as trt
 
     engines = EngineCache(spec.cache_dir)
@@ -336,10 +347,14 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
                 compat.enable_int8_calibration(trt, config, calibrator.trt_calibrator, profile)
             else:
                 result.calibration = _set_ranges(trt, spec, network, config)
-            pinned = compat.pin_fp16(trt, network, config, spec.keep_float)
+            pinned = compat.pin_layers(trt, network, config, spec.keep_float, "fp16")
             if spec.keep_float and not pinned:
                 log.warning("build: no layer matches precision.keep_float %s: nothing is kept in fp16",
                             list(spec.keep_float))
+            int8_pinned = compat.pin_layers(trt, network, config, spec.pin_int8, "int8", unless=spec.keep_float)
+            if spec.pin_int8:
+                log.info("build: %d layers pinned in int8 (precision.pin_int8 %s)", len(int8_pinned),
+                         list(spec.pin_int8))
         timing_path = _load_timing_cache(spec, config, result)
         first_record = len(logger.records)
 
@@ -354,7 +369,9 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
                 calibrator.free()
                 result.calibration = calibrator.record
             if result.calibration is not None:
-                result.calibration.update(keep_float=list(spec.keep_float), fp16_layers=pinned)
+                result.calibration.update(keep_float=list(spec.keep_float), fp16_layers=pinned,
+                                          **({"pin_int8": list(spec.pin_int8), "int8_layers": int8_pinned}
+                                             if spec.pin_int8 else {}))
         result.build_s = time.perf_counter() - t0
     except RuntimeError as exc:  # compat.Unsupported, or a TensorRT binding error
         raise failed("\n".join(logger.errors()) or str(exc)) from None
@@ -370,7 +387,7 @@ def _set_ranges(trt, spec: BuildSpec, network, config) -> dict:
     """Implicit INT8 from onnxruntime's ranges of the ONNX's tensors (`quantize.tensor_ranges`): TensorRT has no
     calibrator for `spec.calibrator`. Returns the calibration record."""
     ranges, path, cached = tensor_ranges(spec.onnx_path, spec.calibration, spec.calibrator, Path(spec.cache_dir),
-                                         spec.keep_float, spec.concat_scales)
+                                         spec.keep_float, spec.concat_scales, conv_outputs=bool(spec.pin_int8))
     ranged = compat.set_dynamic_ranges(trt, network, config, ranges)
     log.info("build: int8 dynamic ranges on %d tensors (%s, onnxruntime%s)", ranged, spec.calibrator,
              ", cached" if cached else "")

@@ -195,22 +195,24 @@ def has_obey_precision(trt) -> bool:
     return hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS")
 
 
-def pin_fp16(trt, network, config, patterns) -> list[str]:
-    """The layers whose name matches an fnmatch pattern (the ONNX parser names a layer after its node) run in fp16,
-    precision constraints obeyed; layers with a non-float output (shape arithmetic) keep theirs. Returns the names
-    pinned. Unsupported on 11.x, which has no such flag."""
+def pin_layers(trt, network, config, patterns, precision: str, unless=()) -> list[str]:
+    """The layers whose name matches an fnmatch pattern of `patterns` and none of `unless` (the ONNX parser names a
+    layer after its node) run in `precision` (fp16 or int8: every tensor they read and write then needs a dynamic
+    range), precision constraints obeyed; layers with a non-float output (shape arithmetic) keep theirs. Returns the
+    names pinned. Unsupported on 11.x, which has no such flag."""
     if not patterns:
         return []
     if not has_obey_precision(trt):
         raise Unsupported(f"this TensorRT ({getattr(trt, '__version__', '?')}) has no "
-                          f"BuilderFlag.OBEY_PRECISION_CONSTRAINTS to keep layers in fp16; use precision=int8_qdq")
+                          f"BuilderFlag.OBEY_PRECISION_CONSTRAINTS to pin layers in {precision}; "
+                          f"use precision=int8_qdq")
+    dtype = {"fp16": trt.DataType.HALF, "int8": trt.DataType.INT8}[precision]
     floats = (trt.DataType.FLOAT, trt.DataType.HALF)
     pinned = []
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if (any(fnmatchcase(layer.name, p) for p in patterns)
+    for layer in map(network.get_layer, range(network.num_layers)):
+        if (any(fnmatchcase(layer.name, p) for p in patterns) and not any(fnmatchcase(layer.name, p) for p in unless)
                 and all(layer.get_output(j).dtype in floats for j in range(layer.num_outputs))):
-            layer.precision = trt.DataType.HALF
+            layer.precision = dtype
             pinned.append(layer.name)
     if pinned:
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
