@@ -519,9 +519,15 @@ def calibrator_refusal(p: PrecisionConfig) -> str | None:
     return None
 
 
-def qdq_refusal(p: PrecisionConfig) -> str | None:
-    """Why a Q/DQ ONNX cannot take `p`'s int8 pins, in one line; None where it can (its Q/DQ nodes place int8)."""
-    if p.pin_int8:
+def pins_refusal(p: PrecisionConfig, implicit_int8: bool) -> str | None:
+    """Why `p`'s int8 pins do not apply, in one line: no int8, or a Q/DQ ONNX (not `implicit_int8`), whose Q/DQ
+    nodes place int8; None where they do, or there are none."""
+    if not p.pin_int8:
+        return None
+    if p.name != Precision.int8:
+        return (f"precision.pin_int8={list(p.pin_int8)}: precision {p.name.value} has no int8 layer; the pins apply "
+                f"to precision=int8")
+    if not implicit_int8:
         return (f"precision.pin_int8={list(p.pin_int8)}: a Q/DQ ONNX runs int8 where its Q/DQ nodes are; the pins "
                 f"apply to TensorRT's implicit INT8 (precision=int8_calibrator or int8, TensorRT <= 10)")
     return None
@@ -531,7 +537,7 @@ def _check_precision(p: PrecisionConfig) -> None:
     """The calibration and Q/DQ settings: what the mechanism has, well-formed."""
     if p.int8_mode == Int8Mode.calibrator and (why := calibrator_refusal(p)):
         raise ConfigError(why)
-    if p.int8_mode == Int8Mode.qdq and (why := qdq_refusal(p)):
+    if p.int8_mode == Int8Mode.qdq and (why := pins_refusal(p, implicit_int8=False)):
         raise ConfigError(why)
     unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]
     if not p.qdq_ops or unknown:

@@ -258,3 +258,9 @@ def test_the_peer_says_what_to_do_when_predict_letterboxes_outside_the_profile()
     runner.model = RefusingModel("something else")
     with pytest.raises(ValueError, match="^something else$"):
         runner.predict([np.zeros((480, 640, 3), np.uint8)], (640, 640), 0.25, 0.7, 300)
+
+
+def test_int8_pins_apply_to_int8_alone():
+    fp16, = preflight(["precision=fp16", "precision.pin_int8=[*/Conv]"])
+    why = "precision.pin_int8=['*/Conv']: precision fp16 has no int8 layer; the pins apply to precision=int8"
+    assert OnnxruntimeBackend().applies(fp16) == why and TensorrtBackend().applies(fp16) == why

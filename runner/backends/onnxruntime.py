@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runner.backends import Backend, Runner
-from runner.config import BackendName, BuildTool, Device, Int8Mode, Mechanism, Precision, RunConfig, qdq_refusal
+from runner.config import BackendName, BuildTool, Device, Int8Mode, Mechanism, Precision, RunConfig, pins_refusal
 from runner.results import BuildResult, ExportResult, StageError
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class OnnxruntimeBackend(Backend):
         if cfg.precision.name == Precision.int8 and cfg.precision.int8_mode == Int8Mode.calibrator:
             return ("precision.int8_mode=calibrator is TensorRT's implicit calibration; backend=onnxruntime runs "
                     "the Q/DQ ONNX (precision=int8_qdq)")
-        if cfg.precision.name == Precision.int8 and (why := qdq_refusal(cfg.precision)):
+        if why := pins_refusal(cfg.precision, implicit_int8=False):
             return why
         if Device.gpu in (cfg.preprocess.device, cfg.postprocess.device):
             return ("preprocess/postprocess=gpu run CUDA kernels around a TensorRT engine; backend=onnxruntime "

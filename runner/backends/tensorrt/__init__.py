@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from runner import checkpoint, heads
 from runner.backends import Backend
 from runner.config import (API_BUILD_SETTINGS, BackendName, BuildTool, ExportTool, Head, Mechanism, Precision,
-                           RunConfig, ShapeMode, calibrator_refusal, qdq_refusal)
+                           RunConfig, ShapeMode, calibrator_refusal, pins_refusal)
 from runner.results import BuildResult, ExportResult
 
 if TYPE_CHECKING:
@@ -51,9 +51,9 @@ class TensorrtBackend(Backend):
             return why
         if cfg.build.tool != BuildTool.ultralytics:
             if cfg.precision.name != Precision.int8:
-                return None
+                return pins_refusal(cfg.precision, implicit_int8=False)
             calibrated = self.precision_mechanism(cfg) == Mechanism.calibrator  # int8_mode=auto on TensorRT <= 10
-            return calibrator_refusal(cfg.precision) if calibrated else qdq_refusal(cfg.precision)
+            return (calibrator_refusal(cfg.precision) if calibrated else None) or pins_refusal(cfg.precision, calibrated)
         if cfg.precision.name == Precision.int8:
             return ("build=ultralytics int8 calibrates with ultralytics' own data loader from a dataset yaml; runner "
                     "builds int8 with build=tensorrt_api (precision=int8_calibrator or int8_qdq)")
