@@ -187,6 +187,23 @@ def test_layers_names_variants_of_one_cell_by_the_settings_the_table_shows(sweep
     assert "#1 and #0 side by side" in printed
 
 
+def test_layers_sets_variants_of_two_sweeps_side_by_side(sweep, tmp_path, capsys):
+    """A variant of one sweep beside one of another (fp16 swept apart from the int8 variants), numbered in sweep
+    then job order."""
+    rows = json.loads(sweep.read_text())
+    other = tmp_path / "other" / "results.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps([rows[3]]))
+    (tmp_path / "first").mkdir()
+    first = tmp_path / "first" / "results.json"
+    first.write_text(json.dumps(rows[:3]))
+    out = tmp_path / "report"
+    assert cli.main(["layers", "--results", str(first), "--results", str(other), "3", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Layers of sweep first+other: A against B" in printed and "#3 and #2 side by side" in printed
+    assert "A: yolov8n | ul st fp32 | trt st fp16" in printed
+
+
 def test_layers_refuses_in_one_line(sweep, tmp_path, capsys):
     def refused(*args) -> str:
         assert cli.main(["layers", "--results", str(sweep), *args, "--out", str(tmp_path / "r")]) == 2

@@ -165,11 +165,19 @@ def load(args) -> Source:
                       "+".join(_sweep_name(p) for p in args.results),
                       incomplete=[line for _, _, lines in read for line in lines])
     store = Store(args.tracking_uri, args.experiment)
-    ids = list(dict.fromkeys(store.resolve(s) for s in (args.sweep or ["latest"])))
+    ids = _sweep_ids(store, args)
     runs = {sweep_id: store.variant_runs(sweep_id) for sweep_id in ids}
     incomplete = [line for i in ids for line in _incomplete(i, len(runs[i]), store.expected(i))]
-    return Source(runs_frame([run for i in ids for run in runs[i]]),
-                  "+".join(i[:8] if len(ids) > 1 else i for i in ids), store, ids, incomplete)
+    return Source(runs_frame([run for i in ids for run in runs[i]]), _ids_name(ids), store, ids, incomplete)
+
+
+def _sweep_ids(store: Store, args) -> list[str]:
+    """The parent run ids of the sweeps `--sweep` names (the latest where none), each once."""
+    return list(dict.fromkeys(store.resolve(s) for s in (args.sweep or ["latest"])))
+
+
+def _ids_name(ids: list[str]) -> str:
+    return "+".join(i[:8] if len(ids) > 1 else i for i in ids)
 
 
 def writable(path: Path, option: str, folder: bool = False) -> None:
@@ -281,35 +289,35 @@ def cmd_pick(args) -> int:
     return 0 if len(choice.chosen) else 1
 
 
-def sweep_results(args) -> tuple[list, str, Store | None, str | None]:
-    """The variant results of the one sweep the arguments name, in job order, the variants of one cell told apart
-    by their settings as the table shows them (`told_apart`): (results, name, store, parent run)."""
-    if len(args.results or args.sweep or []) > 1:
-        raise ReportError("give one sweep (one --results or --sweep): two variants of it are compared")
+def sweep_results(args) -> tuple[list, str, Store | None, list[str]]:
+    """The variant results of the sweeps the arguments name, in sweep then job order, the variants of one cell told
+    apart by their settings as the table shows them (`told_apart`): (results, name, store, parent runs)."""
     if args.results:
-        path = args.results[0]
-        results, configs, _ = _read_folder(path)
-        return told_apart_results(results, [settings(c) for c in configs]), _sweep_name(path), None, None
+        read = [_read_folder(path) for path in args.results]
+        results, configs = [r for rs, _, _ in read for r in rs], [c for _, cs, _ in read for c in cs]
+        return (told_apart_results(results, [settings(c) for c in configs]),
+                "+".join(_sweep_name(p) for p in args.results), None, [])
     store = Store(args.tracking_uri, args.experiment)
-    sweep_id = store.resolve((args.sweep or ["latest"])[0])
-    runs = store.variant_runs(sweep_id)
+    ids = _sweep_ids(store, args)
+    runs = [run for sweep_id in ids for run in store.variant_runs(sweep_id)]
     results = [store.result(run) for run in runs]
-    return told_apart_results(results, [run_settings(run.data.params) for run in runs]), sweep_id, store, sweep_id
+    return (told_apart_results(results, [run_settings(run.data.params) for run in runs]), _ids_name(ids), store,
+            ids)
 
 
 def cmd_layers(args) -> int:
     writable(args.out or REPORTS, "--out", folder=True)
-    results, name, store, parent = sweep_results(args)
+    results, name, store, parents = sweep_results(args)
     chosen = [layers.select(results, selector, tag) for selector, tag in ((args.a, "A"), (args.b, "B"))]
     if chosen[0][0] == chosen[1][0]:
         raise ReportError(f"A and B both name variant #{chosen[0][0]} {chosen[0][1].cell.key}; give two variants")
     sides = [layers.side(tag, number, result) for tag, (number, result) in zip(layers.SIDES, chosen)]
     out = args.out or REPORTS / name / "layers"
     paths = layers.write(sides, out, f"Layers of sweep {name}: A against B", args.top)
-    if store:
+    for parent in parents:
         store.log_artifacts(parent, paths, "layers")
     print(paths[0].read_text())
-    logged = f" (logged to run {parent}, artifacts layers/)" if store else ""
+    logged = f" (logged to run {', '.join(parents)}, artifacts layers/)" if parents else ""
     print(f"runner: layers of #{chosen[0][0]} and #{chosen[1][0]} side by side in {out}{logged}")
     return 0
 
