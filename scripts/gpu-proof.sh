@@ -60,11 +60,15 @@
 #   bash scripts/gpu-proof.sh maps-static   # yolov8n fp16 static at level $LEVEL (3), the engine ending at the head's
 #                                           #   maps against the whole head, each beside the peer; table, layers, pick
 #   bash scripts/gpu-proof.sh maps-dynamic  # as int8-ranges with the int8 preset, head maps off/on; table, layers
+#   bash scripts/gpu-proof.sh int8-pins     # yolov8n fp16, then int8 from onnxruntime's ranges with no layer, the
+#                                           #   convolutions, and the convolutions, Adds and Concats pinned in int8
+#                                           #   (precision.pin_int8), dynamic to batch 64 (opt 32), level $LEVEL (3),
+#                                           #   offline batch 32 and layers profiled there; table, layers side by side
 #   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on yolov8n from everything quantized, each greedy step
 #                                           #   timed on TensorRT (--latency), level 1
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|levels|warmup|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic|sensitivity}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|levels|warmup|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic|int8-pins|sensitivity}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -155,6 +159,18 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     done
     python3 -m runner pick --tracking-uri "$uri" --sweep "$id" --max-e2e-ms 1.0 --max-map-drop 0.01 \
       --out "$DEST/$step/pick" 2>&1 | tee -a "$DEST/$step/run.log" || (( $? == 1 ))  # 1: none qualifies
+    exit 0 ;;
+  int8-pins)  # two sweeps, so no fp16 row is made for each int8 pin list
+    for sweep in int8-pins-fp16 int8-pins-int8; do DEST=$DEST/$step bash "$0" "$sweep" "${@:2}" || exit; done
+    ids=(--sweep "$(cat "$DEST/$step/int8-pins-fp16/sweep_id")" --sweep "$(cat "$DEST/$step/int8-pins-int8/sweep_id")")
+    uri=sqlite:///$RUNS/mlflow.db
+    python3 -m runner table --tracking-uri "$uri" "${ids[@]}" --out "$DEST/$step/table" 2>&1 | tee "$DEST/$step/run.log"
+    for pair in "dy fp16:shared fp16-in:fp16-vs-int8" "shared fp16-in:int8 pins 1:int8-vs-pins-conv" \
+                "dy fp16:int8 pins 1:fp16-vs-pins-conv" "dy fp16:int8 pins 3:fp16-vs-pins-flow"; do
+      IFS=: read -r a b name <<< "$pair"
+      python3 -m runner layers --tracking-uri "$uri" "${ids[@]}" "$a" "$b" --out "$DEST/$step/$name" 2>&1 \
+        | tee -a "$DEST/$step/run.log" || echo "layers $a against $b: exit $?" | tee -a "$DEST/$step/run.log"
+    done
     exit 0 ;;
   sensitivity)
     ${TIMEOUT:+timeout "$TIMEOUT"} python3 -m runner sensitivity 'precision.keep_float=[]' backend.builder_optimization_level=1 \
@@ -263,6 +279,14 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     args=(-m model=yolov8n precision=fp16 backend=tensorrt,ultralytics shape=static data.limit=64
           backend.head_maps=false,true bench.warmup=50 bench.iters=300 backend.builder_optimization_level=${LEVEL:-3}
           hydra/launcher=joblib backend.gpus=auto hydra.launcher.n_jobs=$(gpu_count)) ;;
+  int8-pins-fp16|int8-pins-int8)
+    pins=(precision=fp16)
+    [[ $step == int8-pins-int8 ]] && pins=(precision=int8 'precision.pin_int8=[],[*/Conv],[*/Conv,*/Add,*/Concat]')
+    args=(-m model=yolov8n "${pins[@]}" shape=dynamic
+          'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
+          'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
+          backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
+          hydra.launcher.n_jobs=$(gpu_count)) ;;
   maps-dynamic-sweep)
     args=(-m model=yolov8n precision=fp16,int8 backend.head_maps=false,true shape=dynamic
           'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
