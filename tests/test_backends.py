@@ -180,8 +180,8 @@ def test_half_input_applies_to_engines_whose_first_layers_are_not_fp32():
     trt = TensorrtBackend()
     fp32, theirs = (preflight(o)[0] for o in (["backend.half_input=true"],
                                               ["backend.half_input=true", "build=ultralytics", "precision=fp16"]))
-    assert trt.applies(fp32) == ("backend.half_input: precision fp32 via none keeps a float input; it "
-                                 "applies to fp16 (builder_flag), int8 Q/DQ and implicit int8 from onnxruntime's ranges "
+    assert trt.applies(fp32) == ("backend.half_input: precision fp32 via none keeps a float input; it applies to "
+                                 "fp16 (builder_flag), int8 Q/DQ and implicit int8 from onnxruntime's ranges "
                                  "(precision.calibrator=percentile)")
     assert trt.applies(theirs) == "backend.half_input: build=ultralytics makes its own engine; use build=tensorrt_api"
     from runner.backends.tensorrt.build import half_input_applies

@@ -53,7 +53,8 @@ class TensorrtBackend(Backend):
             if cfg.precision.name != Precision.int8:
                 return pins_refusal(cfg.precision, implicit_int8=False)
             calibrated = self.precision_mechanism(cfg) == Mechanism.calibrator  # int8_mode=auto on TensorRT <= 10
-            return (calibrator_refusal(cfg.precision) if calibrated else None) or pins_refusal(cfg.precision, calibrated)
+            placement = calibrator_refusal(cfg.precision) if calibrated else None
+            return placement or pins_refusal(cfg.precision, calibrated)
         if cfg.precision.name == Precision.int8:
             return ("build=ultralytics int8 calibrates with ultralytics' own data loader from a dataset yaml; runner "
                     "builds int8 with build=tensorrt_api (precision=int8_calibrator or int8_qdq)")
