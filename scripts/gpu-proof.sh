@@ -182,7 +182,8 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     exit "${PIPESTATUS[0]}" ;;
   int8-static|int8-dynamic)  # the host pipeline results/baseline-gpu.json was recorded with, so its cells match
     args=(-m precision=fp32,fp16,int8_calibrator,int8_qdq "shape=${step#int8-}" backend.builder_optimization_level=0
-          data.limit=64 bench.warmup=20 bench.iters=200 preprocess=cpu postprocess=cpu bench.cuda_graph=false) ;;
+          data.limit=64 bench.warmup=20 bench.iters=200 preprocess=cpu postprocess=cpu bench.cuda_graph=false
+          backend.half_input=false backend.head_maps=false) ;;
   models-table)
     sweeps=()
     for s in models models-e2e; do [[ -s $DEST/$s/sweep_id ]] && sweeps+=(--sweep "$(cat "$DEST/$s/sweep_id")"); done
