@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The TensorRT proof sweeps, one step per command: each fits a 10-minute slot on a warm machine that keeps
 # $CACHE and $RUNS (engine/ONNX/timing caches, the MLflow store) between steps. MLflow is on, as users run it.
-# Each step leaves $DEST/<step>/{run.log,results.json,summary.csv,sweep_id}. TIMEOUT=<s> stops a sweep step
+# Each step leaves $DEST/<step>/{run.log,results.json,summary.csv,sweep_id}, and the timing cache as it grew in
+# $DEST/timing-cache (for scripts/timing-cache). TIMEOUT=<s> stops a sweep step
 # after that many seconds (SIGTERM); the same step with resume=latest finishes it.
 #   bash scripts/gpu-proof.sh tests         # the GPU tests (pytest -m gpu)
 #   bash scripts/gpu-proof.sh seed          # the notes' table: ultralytics/torch export x ONNX shape x engine shape
@@ -304,3 +305,5 @@ echo "$step: $(cat "$DEST/$step/wall_s") s wall: python3 -m runner ${common[*]} 
 grep -o 'sweep run [0-9a-f]*' "$DEST/$step/run.log" | tail -1 | cut -d' ' -f3 > "$DEST/$step/sweep_id"
 sweep=$(ls -td "$RUNS"/sweeps/*/ | head -1)
 cp "$sweep/results.json" "$sweep/summary.csv" "$DEST/$step/"
+# the lease's timing cache as it grew, to commit to scripts/timing-cache for the next lease
+if [[ -d $CACHE/timing ]]; then mkdir -p "$DEST/timing-cache" && cp "$CACHE/timing/"* "$DEST/timing-cache/"; fi
