@@ -36,6 +36,7 @@ from runner.arguments import OneLineParser, positive
 from runner.config import BackendName, ConfigError, Int8Mode, Mechanism, Precision, RunConfig, to_plain
 from runner.data import HELD_OUT_COUNT, load_samples
 from runner.backends.onnxruntime import session_options
+from runner.bench import run_until, runs_text
 from runner.metrics import mean_average_precision, tensor_metrics
 from runner.processing import postprocess, preprocess
 from runner.quantize import calibration_set, keep_in_float, kept_float, quantize_variant, quantized_nodes
@@ -300,8 +301,9 @@ def _differs(evaluator: Evaluator, searched: onnx.ModelProto, final: str, images
 
 
 def measure_latency(cfg: RunConfig, reference, model: onnx.ModelProto, pinned: set[str], kept: list[Layer]) -> str:
-    """TensorRT infer p50 of each greedy step's ONNX (the variant's build settings), into its `Layer`; returns
-    what was measured, or why not."""
+    """TensorRT infer p50 of each greedy step's ONNX (the variant's build settings), warmed up and timed as the
+    sweep's chain loop is (`bench.warmup`/`warmup_s`, `bench.iters`/`min_timed_s`), into its `Layer`; returns what
+    was measured, or why not."""
     from runner import backends
     from runner.export import signature
 
@@ -321,12 +323,16 @@ def measure_latency(cfg: RunConfig, reference, model: onnx.ModelProto, pinned: s
         with backend.runner(trt_cfg, build) as runner:
             runner.set_shape(tuple(build.profile[1]))
             runner.h2d(np.zeros(build.profile[1], np.float32))
-            times = [runner.execute() for _ in range(cfg.bench.warmup + cfg.bench.iters)][cfg.bench.warmup:]
+            times: list[float] = []
+            run_until(cfg.bench.warmup, cfg.bench.warmup_s, lambda _: runner.execute())
+            run_until(cfg.bench.iters, cfg.bench.min_timed_s, lambda _: times.append(runner.execute()))
         ms = float(np.median(times))
         if step:
             kept[step - 1].latency_ms = ms
         print(f"sensitivity: latency with {step} layer(s) in float: infer p50 {ms:.3f} ms", flush=True)
-    return "TensorRT infer p50 per greedy step"
+    b = cfg.bench
+    return (f"TensorRT infer p50 per greedy step (warm-up {runs_text(b.warmup, b.warmup_s)}, timed at least "
+            f"{runs_text(b.iters, b.min_timed_s)})")
 
 
 def write(outcome: Outcome, out: Path, command: str) -> list[Path]:
