@@ -353,8 +353,8 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
                             list(spec.keep_float))
             int8_pinned = compat.pin_layers(trt, network, config, spec.pin_int8, "int8", unless=spec.keep_float)
             if spec.pin_int8:
-                log.info("build: %d layers pinned in int8 (precision.pin_int8 %s)", len(int8_pinned),
-                         list(spec.pin_int8))
+                log.log(logging.INFO if int8_pinned else logging.WARNING, "build: %d layers pinned in int8 "
+                        "(precision.pin_int8 %s)", len(int8_pinned), list(spec.pin_int8))
         timing_path = _load_timing_cache(spec, config, result)
         first_record = len(logger.records)
 
