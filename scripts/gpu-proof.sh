@@ -86,6 +86,15 @@ LAYERS=results/gpu/2026-11-30-h200x2-trt8.6.0-int8-layers  # its precision/ hold
 batch32=(shape=dynamic 'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[32,3,640,640]'
          'bench.offline_batches=[1,8,32]' data.limit=64 hydra/launcher=joblib backend.gpus=auto)  # default level
 seed=(profile=seed shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0)
+side_by_side() {  # each "A:B:name" argument's layers side by side in $DEST/$step/<name>, over the sweeps in $sweeps
+  local pair a b name
+  for pair in "$@"; do
+    IFS=: read -r a b name <<< "$pair"
+    python3 -m runner layers --tracking-uri "sqlite:///$RUNS/mlflow.db" "${sweeps[@]}" "$a" "$b" \
+      --out "$DEST/$step/$name" 2>&1 | tee -a "$DEST/$step/run.log" \
+      || echo "layers $a against $b: exit $?" | tee -a "$DEST/$step/run.log"
+  done
+}
 mkdir -p "$DEST/$step"
 case $step in
   tests)
@@ -153,25 +162,19 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
       maps-dynamic) pairs=("trt dy fp16 gpu-pre:trt dy fp16 head-maps:fp16-maps" "trt dy int8 percentile concat shared gpu-pre:trt dy int8 percentile concat shared head-maps:int8-maps" "trt dy fp16 head-maps:trt dy int8 percentile concat shared head-maps:fp16-vs-int8-maps") ;;
       *) pairs=() ;;
     esac
-    for pair in "${pairs[@]}"; do
-      IFS=: read -r a b name <<< "$pair"
-      python3 -m runner layers --tracking-uri "$uri" --sweep "$id" "$a" "$b" --out "$DEST/$step/$name" 2>&1 \
-        | tee -a "$DEST/$step/run.log" || echo "layers $a against $b: exit $?" | tee -a "$DEST/$step/run.log"
-    done
+    sweeps=(--sweep "$id")
+    side_by_side "${pairs[@]}"
     python3 -m runner pick --tracking-uri "$uri" --sweep "$id" --max-e2e-ms 1.0 --max-map-drop 0.01 \
       --out "$DEST/$step/pick" 2>&1 | tee -a "$DEST/$step/run.log" || (( $? == 1 ))  # 1: none qualifies
     exit 0 ;;
   int8-pins)  # two sweeps, so no fp16 row is made for each int8 pin list
     for sweep in int8-pins-fp16 int8-pins-int8; do DEST=$DEST/$step bash "$0" "$sweep" "${@:2}" || exit; done
-    ids=(--sweep "$(cat "$DEST/$step/int8-pins-fp16/sweep_id")" --sweep "$(cat "$DEST/$step/int8-pins-int8/sweep_id")")
-    uri=sqlite:///$RUNS/mlflow.db
-    python3 -m runner table --tracking-uri "$uri" "${ids[@]}" --out "$DEST/$step/table" 2>&1 | tee "$DEST/$step/run.log"
-    for pair in "dy fp16:shared fp16-in:fp16-vs-int8" "shared fp16-in:int8 pins 1:int8-vs-pins-conv" \
-                "dy fp16:int8 pins 1:fp16-vs-pins-conv" "dy fp16:int8 pins 3:fp16-vs-pins-flow"; do
-      IFS=: read -r a b name <<< "$pair"
-      python3 -m runner layers --tracking-uri "$uri" "${ids[@]}" "$a" "$b" --out "$DEST/$step/$name" 2>&1 \
-        | tee -a "$DEST/$step/run.log" || echo "layers $a against $b: exit $?" | tee -a "$DEST/$step/run.log"
-    done
+    sweeps=(--sweep "$(cat "$DEST/$step/int8-pins-fp16/sweep_id")"
+            --sweep "$(cat "$DEST/$step/int8-pins-int8/sweep_id")")
+    python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" "${sweeps[@]}" --out "$DEST/$step/table" 2>&1 \
+      | tee "$DEST/$step/run.log"
+    side_by_side "dy fp16:shared fp16-in:fp16-vs-int8" "shared fp16-in:int8 pins 1:int8-vs-pins-conv" \
+                 "dy fp16:int8 pins 1:fp16-vs-pins-conv" "dy fp16:int8 pins 3:fp16-vs-pins-flow"
     exit 0 ;;
   sensitivity)
     ${TIMEOUT:+timeout "$TIMEOUT"} python3 -m runner sensitivity 'precision.keep_float=[]' backend.builder_optimization_level=1 \
