@@ -133,26 +133,27 @@ class StandInLayer:
         return NS(dtype=self.dtype)
 
 
+TRT86_OBEY = NS(**{**vars(TRT86), "BuilderFlag": NS(FP16="FP16", INT8="INT8", OBEY_PRECISION_CONSTRAINTS="OBEY")})
+
+
 def test_keep_float_pins_the_matching_float_layers_to_fp16_with_constraints_obeyed():
-    trt = NS(**{**vars(TRT86), "BuilderFlag": NS(FP16="FP16", INT8="INT8", OBEY_PRECISION_CONSTRAINTS="OBEY")})
     layers = [StandInLayer("/model.22/cv2.0/cv2.0.2/Conv"), StandInLayer("/model.22/cv2.0/cv2.0.1/conv/Conv"),
               StandInLayer("/model.22/dfl/Softmax"), StandInLayer("/model.22/dfl/Shape", "i32"),
               StandInLayer("/model.2/m.0/Add")]
     network, config = NS(num_layers=len(layers), get_layer=layers.__getitem__), RecordingConfig()
-    pinned = trt_compat.pin_layers(trt, network, config, ["*cv2.*.2/Conv", "*/dfl/*"], "fp16")
+    pinned = trt_compat.pin_layers(TRT86_OBEY, network, config, ["*cv2.*.2/Conv", "*/dfl/*"], "fp16")
     assert pinned == ["/model.22/cv2.0/cv2.0.2/Conv", "/model.22/dfl/Softmax"]  # shape arithmetic keeps int32
     assert [layer.precision for layer in layers] == ["h", None, "h", None, None] and config.flags == ["OBEY"]
-    assert trt_compat.pin_layers(trt, network, RecordingConfig(), [], "fp16") == []
+    assert trt_compat.pin_layers(TRT86_OBEY, network, RecordingConfig(), [], "fp16") == []
     with pytest.raises(trt_compat.Unsupported, match="11.0.0.*no BuilderFlag.OBEY_PRECISION_CONSTRAINTS"):
         trt_compat.pin_layers(TRT11, network, config, ["*/dfl/*"], "fp16")
 
 
 def test_pin_int8_pins_the_matching_layers_but_those_kept_in_float():
-    trt = NS(**{**vars(TRT86), "BuilderFlag": NS(FP16="FP16", INT8="INT8", OBEY_PRECISION_CONSTRAINTS="OBEY")})
     layers = [StandInLayer("/model.22/cv2.0/cv2.0.2/Conv"), StandInLayer("/model.2/cv1/conv/Conv"),
               StandInLayer("/model.2/m.0/Add"), StandInLayer("/model.22/dfl/Shape", "i32")]
     network, config = NS(num_layers=len(layers), get_layer=layers.__getitem__), RecordingConfig()
-    pinned = trt_compat.pin_layers(trt, network, config, ["*/Conv", "*/Shape"], "int8", unless=["*cv2.*.2/Conv"])
+    pinned = trt_compat.pin_layers(TRT86_OBEY, network, config, ["*/Conv", "*/Shape"], "int8", unless=["*cv2.*.2/Conv"])
     assert pinned == ["/model.2/cv1/conv/Conv"] and config.flags == ["OBEY"]
     assert [layer.precision for layer in layers] == [None, "i8", None, None]
 

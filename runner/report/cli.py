@@ -152,18 +152,17 @@ def _read_folder(path: Path) -> tuple[list, list, list[str]]:
     return [r.result for r in records], [r.config for r in records], _incomplete(str(path), len(records), sweep.total)
 
 
-def _sweep_name(path: Path) -> str:
-    """A sweep folder's name, or that of the folder of its results.json."""
-    return (path.name if path.is_dir() else path.parent.name) or path.stem
+def _read_folders(paths: list[Path]) -> tuple[list, list, list[str]]:
+    """`_read_folder` of each path, joined: the results, their configs and the incompleteness lines."""
+    read = [_read_folder(path) for path in paths]
+    return ([r for results, _, _ in read for r in results], [c for _, configs, _ in read for c in configs],
+            [line for _, _, lines in read for line in lines])
 
 
 def load(args) -> Source:
     if args.results:
-        read = [_read_folder(path) for path in args.results]
-        return Source(results_frame([r for results, _, _ in read for r in results],
-                                    [c for _, configs, _ in read for c in configs]),
-                      "+".join(_sweep_name(p) for p in args.results),
-                      incomplete=[line for _, _, lines in read for line in lines])
+        results, configs, incomplete = _read_folders(args.results)
+        return Source(results_frame(results, configs), _paths_name(args.results), incomplete=incomplete)
     store = Store(args.tracking_uri, args.experiment)
     ids = _sweep_ids(store, args)
     runs = {sweep_id: store.variant_runs(sweep_id) for sweep_id in ids}
@@ -174,6 +173,11 @@ def load(args) -> Source:
 def _sweep_ids(store: Store, args) -> list[str]:
     """The parent run ids of the sweeps `--sweep` names (the latest where none), each once."""
     return list(dict.fromkeys(store.resolve(s) for s in (args.sweep or ["latest"])))
+
+
+def _paths_name(paths: list[Path]) -> str:
+    """The sweep folders' names (of a results.json, its folder's), joined by +."""
+    return "+".join((p.name if p.is_dir() else p.parent.name) or p.stem for p in paths)
 
 
 def _ids_name(ids: list[str]) -> str:
@@ -293,10 +297,8 @@ def sweep_results(args) -> tuple[list, str, Store | None, list[str]]:
     """The variant results of the sweeps the arguments name, in sweep then job order, the variants of one cell told
     apart by their settings as the table shows them (`told_apart`): (results, name, store, parent runs)."""
     if args.results:
-        read = [_read_folder(path) for path in args.results]
-        results, configs = [r for rs, _, _ in read for r in rs], [c for _, cs, _ in read for c in cs]
-        return (told_apart_results(results, [settings(c) for c in configs]),
-                "+".join(_sweep_name(p) for p in args.results), None, [])
+        results, configs, _ = _read_folders(args.results)
+        return told_apart_results(results, [settings(c) for c in configs]), _paths_name(args.results), None, []
     store = Store(args.tracking_uri, args.experiment)
     ids = _sweep_ids(store, args)
     runs = [run for sweep_id in ids for run in store.variant_runs(sweep_id)]

@@ -50,10 +50,8 @@ class TensorrtBackend(Backend):
         if cfg.backend.head_maps is True and (why := self._head_maps_refusal(cfg)):
             return why
         if cfg.build.tool != BuildTool.ultralytics:
-            if cfg.precision.name != Precision.int8:
-                return pins_refusal(cfg.precision, implicit_int8=False)
-            calibrated = self.precision_mechanism(cfg) == Mechanism.calibrator  # int8_mode=auto on TensorRT <= 10
-            placement = calibrator_refusal(cfg.precision) if calibrated else None
+            calibrated = cfg.precision.name == Precision.int8 and self.precision_mechanism(cfg) == Mechanism.calibrator
+            placement = calibrator_refusal(cfg.precision) if calibrated else None  # int8_mode=auto on TensorRT <= 10
             return placement or pins_refusal(cfg.precision, calibrated)
         if cfg.precision.name == Precision.int8:
             return ("build=ultralytics int8 calibrates with ultralytics' own data loader from a dataset yaml; runner "
