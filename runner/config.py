@@ -190,6 +190,9 @@ class PrecisionConfig:
     keep_float: List[str] = field(default_factory=list)  # int8: fnmatch patterns on ONNX node names kept in float
     pin_int8: List[str] = field(default_factory=list)  # TensorRT's implicit INT8: fnmatch patterns on layer names run
     #   in int8, precision constraints obeyed (those kept in float excepted); []: TensorRT picks each layer's precision
+    pin_int8_float_out: List[str] = field(default_factory=list)  # TensorRT's implicit INT8: fnmatch patterns on layer
+    #   names run in int8 from their int8 input with an fp16 output, kept in float or not (the Detect head's last
+    #   convolutions, whose outputs one int8 scale would not bear)
     qdq_ops: List[str] = field(default_factory=lambda: ["Conv", "Add", "Concat"])  # Q/DQ: the op types quantized
     concat_scales: ConcatScales = ConcatScales.own  # Q/DQ: a Concat's inputs and output at their own scales, or one
     add_inputs: AddInputs = AddInputs.all  # Q/DQ: both inputs of a residual Add, or the skip input alone
@@ -519,17 +522,20 @@ def calibrator_refusal(p: PrecisionConfig) -> str | None:
     return None
 
 
+PIN_KEYS = ("pin_int8", "pin_int8_float_out")  # of PrecisionConfig: layers pinned in int8 on TensorRT's implicit INT8
+
+
 def pins_refusal(p: PrecisionConfig, implicit_int8: bool) -> str | None:
     """Why `p`'s int8 pins do not apply, in one line: no int8, or a Q/DQ ONNX (not `implicit_int8`), whose Q/DQ
     nodes place int8; None where they do, or there are none."""
-    if not p.pin_int8:
+    pinned = next((f"precision.{key}={list(getattr(p, key))}" for key in PIN_KEYS if getattr(p, key)), None)
+    if pinned is None:
         return None
     if p.name != Precision.int8:
-        return (f"precision.pin_int8={list(p.pin_int8)}: precision {p.name.value} has no int8 layer; the pins apply "
-                f"to precision=int8")
+        return f"{pinned}: precision {p.name.value} has no int8 layer; the pins apply to precision=int8"
     if not implicit_int8:
-        return (f"precision.pin_int8={list(p.pin_int8)}: a Q/DQ ONNX runs int8 where its Q/DQ nodes are; the pins "
-                f"apply to TensorRT's implicit INT8 (precision=int8_calibrator or int8, TensorRT <= 10)")
+        return (f"{pinned}: a Q/DQ ONNX runs int8 where its Q/DQ nodes are; the pins apply to TensorRT's implicit "
+                f"INT8 (precision=int8_calibrator or int8, TensorRT <= 10)")
     return None
 
 
@@ -542,7 +548,8 @@ def _check_precision(p: PrecisionConfig) -> None:
     unknown = [op for op in p.qdq_ops if op not in QDQ_OPS]
     if not p.qdq_ops or unknown:
         raise ConfigError(f"precision.qdq_ops: a list of op types from {', '.join(QDQ_OPS)}, got {list(p.qdq_ops)}")
-    for key, example in (("keep_float", "'*/dfl/*'"), ("pin_int8", "'*/Conv'")):
+    for key, example in (("keep_float", "'*/dfl/*'"), ("pin_int8", "'*/Conv'"),
+                         ("pin_int8_float_out", "'*cv2.*.2/Conv'")):
         if not all(isinstance(k, str) and k for k in getattr(p, key)):
             raise ConfigError(f"precision.{key}: a list of fnmatch patterns on ONNX node names such as {example}, "
                               f"got {list(getattr(p, key))}")

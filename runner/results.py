@@ -68,7 +68,7 @@ def _decode(tp, value):
 
 QDQ_NODE = re.compile(r"(Dequantize|Quantize)Linear(_clone_\d+)?$")  # a Q/DQ node's name, or a TensorRT clone
 INT8_FIELDS = ("keep_float", "qdq_ops", "calibration_images", "calibration_source", "concat_scales",
-               "add_inputs", "pin_int8")  # of _Variant
+               "add_inputs", "pin_int8", "pin_int8_float_out")  # of _Variant
 
 
 class Record:
@@ -116,6 +116,7 @@ class _Variant(Record):
     concat_scales: str = field(default="", kw_only=True)  # `shared`; labelled `concat shared`
     add_inputs: str = field(default="", kw_only=True)  # `skip`; labelled `add skip`
     pin_int8: str = field(default="", kw_only=True)  # e.g. '["*/Conv"]'; labelled `int8 pins 1`
+    pin_int8_float_out: str = field(default="", kw_only=True)  # e.g. '["*cv2.*.2/Conv"]'; labelled `int8 float-out 1`
     TOOLS: ClassVar[dict[str, str]] = {}  # tool -> its word in a label
 
     @property
@@ -130,7 +131,8 @@ class _Variant(Record):
         return ("" if kept is None else f"keep {kept or 'none'}", self.qdq_ops and f"ops {self.qdq_ops}",
                 self.concat_scales and f"concat {self.concat_scales}", self.add_inputs and f"add {self.add_inputs}",
                 calibration and f"cal {calibration}",
-                self.pin_int8 and f"int8 pins {len(json.loads(self.pin_int8))}")
+                self.pin_int8 and f"int8 pins {len(json.loads(self.pin_int8))}",
+                self.pin_int8_float_out and f"int8 float-out {len(json.loads(self.pin_int8_float_out))}")
 
     def _label_tail(self) -> tuple[str, ...]:
         return ()

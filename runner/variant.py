@@ -18,8 +18,8 @@ from pathlib import Path
 from runner import backends, checkpoint, heads, prepost
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
-from runner.config import (ENGINE_BACKENDS, QDQ_PLACEMENT, BackendName, BuildTool, ConfigError, Device, Head,
-                           Mechanism, Precision, RunConfig, ShapeMode, shipped_precision)
+from runner.config import (ENGINE_BACKENDS, PIN_KEYS, QDQ_PLACEMENT, BackendName, BuildTool, ConfigError, Device,
+                           Head, Mechanism, Precision, RunConfig, ShapeMode, shipped_precision)
 from runner.data import Sample, Selection, class_names, load_samples, names_mismatch
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
@@ -58,7 +58,8 @@ def int8_settings(cfg: RunConfig, mechanism: str | None, where: Mechanism) -> di
     differs = {"keep_float": sorted(p.keep_float) != sorted(shipped.keep_float) and json.dumps(list(p.keep_float)),
                "qdq_ops": where == Mechanism.qdq and sorted(p.qdq_ops) != sorted(shipped.qdq_ops)
                and "+".join(p.qdq_ops),
-               "pin_int8": sorted(p.pin_int8) != sorted(shipped.pin_int8) and json.dumps(list(p.pin_int8)),
+               **{key: sorted(getattr(p, key)) != sorted(getattr(shipped, key)) and json.dumps(list(getattr(p, key)))
+                  for key in PIN_KEYS},
                "calibration_images": p.calibration_images != shipped.calibration_images and str(p.calibration_images),
                "calibration_source": p.calibration_source != shipped.calibration_source and p.calibration_source,
                **{key: getattr(p, key) != getattr(shipped, key) and getattr(p, key).value  # refused where the

@@ -65,11 +65,16 @@
 #                                           #   convolutions, and the convolutions, Adds and Concats pinned in int8
 #                                           #   (precision.pin_int8), dynamic to batch 64 (opt 32), level $LEVEL (3),
 #                                           #   offline batch 32 and layers profiled there; table, layers side by side
+#   bash scripts/gpu-proof.sh int8-head     # yolov8n fp16 and int8 with the convolutions pinned, the head's last ones
+#                                           #   in int8 with an fp16 output too, and that with the stem and first C2f in
+#                                           #   fp16 (presets in scripts/presets), as int8-pins; the sweep on every GPU,
+#                                           #   then again on GPU 0 alone from the engine cache (one GPU, one variant at a
+#                                           #   time: the figures to compare); table, layers side by side
 #   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on yolov8n from everything quantized, each greedy step
 #                                           #   timed on TensorRT (--latency), level 1
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
-step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|levels|warmup|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic|int8-pins|sensitivity}
+step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|levels|warmup|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic|int8-pins|int8-head|sensitivity}
 CACHE=${CACHE:-/tmp/runner-cache}
 RUNS=${RUNS:-/tmp/runner-out}
 DEST=${DEST:-outputs/gpu-proof}
@@ -175,6 +180,23 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
       | tee "$DEST/$step/run.log"
     side_by_side "dy fp16:shared fp16-in:fp16-vs-int8" "shared fp16-in:int8 pins 1:int8-vs-pins-conv" \
                  "dy fp16:int8 pins 1:fp16-vs-pins-conv" "dy fp16:int8 pins 3:fp16-vs-pins-flow"
+    exit 0 ;;
+  int8-head)  # built on every GPU, then (on a host of several) timed on GPU 0 alone, one variant after another, from
+    #   the engine cache
+    DEST=$DEST/$step bash "$0" int8-head-sweep "${@:2}" || exit
+    mv "$DEST/$step/int8-head-sweep" "$DEST/$step/every-gpu"
+    timed=every-gpu
+    if (( $(gpu_count) > 1 )); then
+      GPUS="[0]" JOBS=1 DEST=$DEST/$step bash "$0" int8-head-sweep "${@:2}" || exit
+      mv "$DEST/$step/int8-head-sweep" "$DEST/$step/gpu0" && timed=gpu0
+    fi
+    sweeps=(--sweep "$(cat "$DEST/$step/$timed/sweep_id")")
+    python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" "${sweeps[@]}" --out "$DEST/$step/table" 2>&1 \
+      | tee "$DEST/$step/run.log"
+    side_by_side "dy fp16:shared int8 pins 1 fp16-in:fp16-vs-pins-conv" \
+                 "shared int8 pins 1 fp16-in:percentile concat shared int8 pins 1 int8 float-out:pins-conv-vs-head" \
+                 "dy fp16:percentile concat shared int8 pins 1 int8 float-out:fp16-vs-head" \
+                 "dy fp16:keep 4:fp16-vs-head-stem-fp16"
     exit 0 ;;
   sensitivity)
     ${TIMEOUT:+timeout "$TIMEOUT"} python3 -m runner sensitivity 'precision.keep_float=[]' backend.builder_optimization_level=1 \
@@ -292,6 +314,13 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
           'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
           backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
           hydra.launcher.n_jobs=$(gpu_count)) ;;
+  int8-head-sweep)
+    args=(-m model=yolov8n "hydra.searchpath=[file://$PWD/scripts/presets]"
+          precision=fp16,int8_pins_conv,int8_pins_head,int8_pins_head_stem_fp16 shape=dynamic
+          'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
+          'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
+          backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib "backend.gpus=${GPUS:-auto}"
+          hydra.launcher.n_jobs=${JOBS:-$(gpu_count)}) ;;
   maps-dynamic-sweep)
     args=(-m model=yolov8n precision=fp16,int8 backend.head_maps=false,true shape=dynamic
           'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'

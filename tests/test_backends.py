@@ -260,7 +260,8 @@ def test_the_peer_says_what_to_do_when_predict_letterboxes_outside_the_profile()
         runner.predict([np.zeros((480, 640, 3), np.uint8)], (640, 640), 0.25, 0.7, 300)
 
 
-def test_int8_pins_apply_to_int8_alone():
-    fp16, = preflight(["precision=fp16", "precision.pin_int8=[*/Conv]"])
-    why = "precision.pin_int8=['*/Conv']: precision fp16 has no int8 layer; the pins apply to precision=int8"
+@pytest.mark.parametrize("key", ["pin_int8", "pin_int8_float_out"])
+def test_int8_pins_apply_to_int8_alone(key):
+    fp16, = preflight(["precision=fp16", f"precision.{key}=[*/Conv]"])
+    why = f"precision.{key}=['*/Conv']: precision fp16 has no int8 layer; the pins apply to precision=int8"
     assert OnnxruntimeBackend().applies(fp16) == why and TensorrtBackend().applies(fp16) == why

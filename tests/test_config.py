@@ -235,6 +235,14 @@ def test_preflight_raises_config_error_in_process():
         preflight(["shape.max=[1,3,1280,1280]"])
 
 
+@pytest.mark.parametrize("key, example", [("keep_float", "'*/dfl/*'"), ("pin_int8", "'*/Conv'"),
+                                          ("pin_int8_float_out", "'*cv2.*.2/Conv'")])
+def test_an_empty_layer_pattern_is_refused_naming_the_key(key, example):
+    with pytest.raises(ConfigError, match=rf"^precision\.{key}: a list of fnmatch patterns on ONNX node names such as "
+                                          rf"{re.escape(example)}, got \[''\]$"):
+        preflight(["precision=int8", f"precision.{key}=['']"])
+
+
 def test_seed_profile_dynamic_is_accepted():
     """min H = 1 is the user's experiment: preflight lets it through; the backend gives the verdict."""
     variants = preflight(["shape=dynamic", "profile=seed"])

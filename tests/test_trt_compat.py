@@ -127,10 +127,13 @@ def test_dynamic_ranges_go_on_the_named_float_tensors_with_int8_and_fp16_allowed
 
 class StandInLayer:
     def __init__(self, name: str, dtype: str = "f"):
-        self.name, self.num_outputs, self.precision, self.dtype = name, 1, None, dtype
+        self.name, self.num_outputs, self.precision, self.dtype, self.output_types = name, 1, None, dtype, {}
 
     def get_output(self, i):
         return NS(dtype=self.dtype)
+
+    def set_output_type(self, i, dtype):
+        self.output_types[i] = dtype
 
 
 TRT86_OBEY = NS(**{**vars(TRT86), "BuilderFlag": NS(FP16="FP16", INT8="INT8", OBEY_PRECISION_CONSTRAINTS="OBEY")})
@@ -156,6 +159,18 @@ def test_pin_int8_pins_the_matching_layers_but_those_kept_in_float():
     pinned = trt_compat.pin_layers(TRT86_OBEY, network, config, ["*/Conv", "*/Shape"], "int8", unless=["*cv2.*.2/Conv"])
     assert pinned == ["/model.2/cv1/conv/Conv"] and config.flags == ["OBEY"]
     assert [layer.precision for layer in layers] == [None, "i8", None, None]
+    assert not any(layer.output_types for layer in layers)  # their outputs have int8 ranges
+
+
+def test_pin_int8_float_out_pins_in_int8_with_fp16_outputs():
+    layers = [StandInLayer("/model.22/cv2.0/cv2.0.2/Conv"), StandInLayer("/model.22/cv3.0/cv3.0.2/Conv"),
+              StandInLayer("/model.22/cv3.0/cv3.0.1/conv/Conv")]
+    network, config = NS(num_layers=len(layers), get_layer=layers.__getitem__), RecordingConfig()
+    pinned = trt_compat.pin_layers(TRT86_OBEY, network, config, ["*cv2.*.2/Conv", "*cv3.*.2/Conv"], "int8",
+                                   float_out=True)
+    assert pinned == ["/model.22/cv2.0/cv2.0.2/Conv", "/model.22/cv3.0/cv3.0.2/Conv"] and config.flags == ["OBEY"]
+    assert [(layer.precision, layer.output_types) for layer in layers] == [("i8", {0: "h"}), ("i8", {0: "h"}),
+                                                                             (None, {})]
 
 
 def test_int8_calibration_sets_flags_calibrator_and_profile():

@@ -34,7 +34,8 @@ DYN_MIN, DYN_OPT, DYN_MAX = [1, 3, 32, 32], [2, 3, 64, 64], [4, 3, 96, 96]
 
 
 def make_onnx(path, shape, fp16=False):
-    """Conv(3->8, 3x3) -> Relu -> Conv(8->4, 1x1) named images -> output0; -1 dims become symbolic."""
+    """Conv(3->8, 3x3) -> Relu -> Conv(8->4, 1x1) named images -> output0, the nodes /stem/Conv, /stem/Relu and
+    /head/Conv; -1 dims become symbolic."""
     rng = np.random.default_rng(0)
     dtype, elem = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
     w1 = (rng.standard_normal((8, 3, 3, 3)) * 0.2).astype(dtype)
@@ -44,9 +45,11 @@ def make_onnx(path, shape, fp16=False):
     out_dims = [dims[0], 4, dims[2], dims[3]]
     graph = helper.make_graph(
         [
-            helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-            helper.make_node("Relu", ["c1"], ["r1"]),
-            helper.make_node("Conv", ["r1", "w2"], ["output0"], kernel_shape=[1, 1]),  # weights behind Q/DQ need it
+            helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], "/stem/Conv", pads=[1, 1, 1, 1],
+                             kernel_shape=[3, 3]),
+            helper.make_node("Relu", ["c1"], ["r1"], "/stem/Relu"),
+            helper.make_node("Conv", ["r1", "w2"], ["output0"], "/head/Conv", kernel_shape=[1, 1]),  # weights behind
+            #   Q/DQ need it
         ],
         "tiny",
         [helper.make_tensor_value_info("images", elem, dims)],
@@ -467,4 +470,27 @@ def test_int8_from_onnxruntime_ranges_takes_an_fp16_input_and_pins_layers_in_int
     x = rand(STATIC)
     with TrtRunner(res.artifact) as runner:
         assert runner.input_dtype == np.float16
+        assert rel_l2(runner.infer(x)["output0"], ort_run(models["static"], x)) < 0.1
+
+
+def test_int8_float_out_reads_its_int8_input_and_writes_fp16(models, calibration_images, tmp_path):
+    """precision.pin_int8_float_out on the last convolution, kept in float (its output has no int8 range): it is
+    built in int8 from its int8 input and writes fp16, and the engine stays close to onnxruntime's fp32."""
+    import tensorrt as trt
+
+    from runner.quantize import CalibrationSet
+
+    if not trt_compat.has_implicit_int8(trt):
+        pytest.skip(f"TensorRT {trt.__version__} has no implicit INT8 to pin layers in")
+    res = build_ok(spec(models["static"], tmp_path, STATIC, precision="int8", mechanism="calibrator",
+                        calibration=CalibrationSet(calibration_images, tuple(STATIC)), calibrator="percentile",
+                        keep_float=("/head/*",), pin_int8=("*",), pin_int8_float_out=("/head/*",), half_input=True,
+                        half_outputs=True))  # as the head's maps are
+    assert res.calibration["int8_float_out_layers"] == ["/head/Conv"]
+    assert "/head/Conv" not in res.calibration["int8_layers"] and res.calibration["fp16_layers"] == ["/head/Conv"]
+    rows = [forensics.row(layer, None) for layer in forensics.read_layers(res.layers_path)]
+    head, = [r for r in rows if "/head/Conv" in r.onnx_nodes and not r.reformat]
+    assert (head.input_precision, head.precision) == ("int8", "fp16"), rows
+    x = rand(STATIC)
+    with TrtRunner(res.artifact) as runner:
         assert rel_l2(runner.infer(x)["output0"], ort_run(models["static"], x)) < 0.1

@@ -117,7 +117,7 @@ class TensorrtBackend(Backend):
             onnx_path=export.tested.path, precision=cfg.precision.name.value, mechanism=self.precision_mechanism(cfg),
             calibration=calibration, calibrator=cfg.precision.calibrator.value,
             keep_float=tuple(cfg.precision.keep_float), concat_scales=cfg.precision.concat_scales.value,
-            pin_int8=tuple(cfg.precision.pin_int8),
+            pin_int8=tuple(cfg.precision.pin_int8), pin_int8_float_out=tuple(cfg.precision.pin_int8_float_out),
             min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
             optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,
             use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32, half_input=b.half_input,

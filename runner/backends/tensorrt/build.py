@@ -24,7 +24,7 @@ import numpy as np
 from runner import cache
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.runtime import engine_profile
-from runner.config import BuildTool, Mechanism, Precision
+from runner.config import PIN_KEYS, BuildTool, Mechanism, Precision
 from runner.quantize import CalibrationSet, tensor_ranges
 from runner.results import BuildResult, StageError
 
@@ -68,6 +68,8 @@ class BuildSpec:
     concat_scales: str = "own"  # calibrator=percentile: each Concat's tensors at their own ranges, or one (shared)
     pin_int8: tuple[str, ...] = ()  # mechanism=calibrator: fnmatch patterns on layer names built in int8 (those of
     #   keep_float excepted); for percentile, the convolutions' own outputs get ranges too
+    pin_int8_float_out: tuple[str, ...] = ()  # mechanism=calibrator: fnmatch patterns on layer names built in int8
+    #   with an fp16 output, those of keep_float too
 
 
 def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
@@ -77,7 +79,8 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
         "mechanism": spec.mechanism,
         "calibration": _calibration_fields(spec),
         "keep_float": sorted(spec.keep_float) if spec.mechanism == Mechanism.calibrator else None,
-        **({"pin_int8": sorted(spec.pin_int8)} if spec.pin_int8 else {}),  # the keys of engines built before
+        **{key: sorted(getattr(spec, key)) for key in PIN_KEYS if getattr(spec, key)},  # the keys of engines built
+        #   before
         "min_shape": list(spec.min_shape),
         "opt_shape": list(spec.opt_shape),
         "max_shape": list(spec.max_shape),
@@ -340,7 +343,7 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
             raise failed("\n".join(logger.errors()) or "TensorRT rejected the optimization profile")
         if spec.mechanism == Mechanism.qdq and not strongly_typed:
             compat.enable_int8_flags(trt, config)  # explicit quantization; fp16 where the Q/DQ ONNX has floats
-        calibrator, pinned = None, []
+        calibrator, pinned, int8_pinned = None, [], {}
         if spec.mechanism == Mechanism.calibrator:
             if spec.calibrator in compat.CALIBRATORS:
                 calibrator = Calibrator(trt, spec, calibration_cache_path(spec, result.trt_version, result.gpu))
@@ -351,10 +354,7 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
             if spec.keep_float and not pinned:
                 log.warning("build: no layer matches precision.keep_float %s: nothing is kept in fp16",
                             list(spec.keep_float))
-            int8_pinned = compat.pin_layers(trt, network, config, spec.pin_int8, "int8", unless=spec.keep_float)
-            if spec.pin_int8:
-                log.log(logging.INFO if int8_pinned else logging.WARNING, "build: %d layers pinned in int8 "
-                        "(precision.pin_int8 %s)", len(int8_pinned), list(spec.pin_int8))
+            int8_pinned = _pin_int8(trt, spec, network, config)
         timing_path = _load_timing_cache(spec, config, result)
         first_record = len(logger.records)
 
@@ -369,9 +369,7 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
                 calibrator.free()
                 result.calibration = calibrator.record
             if result.calibration is not None:
-                result.calibration.update(keep_float=list(spec.keep_float), fp16_layers=pinned,
-                                          **({"pin_int8": list(spec.pin_int8), "int8_layers": int8_pinned}
-                                             if spec.pin_int8 else {}))
+                result.calibration.update(keep_float=list(spec.keep_float), fp16_layers=pinned, **int8_pinned)
         result.build_s = time.perf_counter() - t0
     except RuntimeError as exc:  # compat.Unsupported, or a TensorRT binding error
         raise failed("\n".join(logger.errors()) or str(exc)) from None
@@ -381,6 +379,21 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
     if timing_path is not None:
         cache.write_recorded(timing_path, config.get_timing_cache().serialize())
     return plan
+
+
+def _pin_int8(trt, spec: BuildSpec, network, config) -> dict:
+    """Pin `spec`'s int8 layers (`pin_int8` but those kept in float, then `pin_int8_float_out` with an fp16 output),
+    saying how many; returns their calibration record: the patterns and the layers pinned, per list given."""
+    record = {}
+    for key, layers_key, float_out in (("pin_int8", "int8_layers", False),
+                                       ("pin_int8_float_out", "int8_float_out_layers", True)):
+        if patterns := getattr(spec, key):
+            names = compat.pin_layers(trt, network, config, patterns, "int8", float_out=float_out,
+                                      unless=() if float_out else spec.keep_float)
+            log.log(logging.INFO if names else logging.WARNING, "build: %d layers pinned in int8%s (precision.%s %s)",
+                    len(names), " with an fp16 output" * float_out, key, list(patterns))
+            record.update({key: list(patterns), layers_key: names})
+    return record
 
 
 def _set_ranges(trt, spec: BuildSpec, network, config) -> dict:

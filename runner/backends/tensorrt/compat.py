@@ -195,11 +195,12 @@ def has_obey_precision(trt) -> bool:
     return hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS")
 
 
-def pin_layers(trt, network, config, patterns, precision: str, unless=()) -> list[str]:
+def pin_layers(trt, network, config, patterns, precision: str, unless=(), float_out: bool = False) -> list[str]:
     """The layers whose name matches an fnmatch pattern of `patterns` and none of `unless` (the ONNX parser names a
     layer after its node) run in `precision` (fp16 or int8: every tensor they read and write then needs a dynamic
-    range), precision constraints obeyed; layers with a non-float output (shape arithmetic) keep theirs. Returns the
-    names pinned. Unsupported on 11.x, which has no such flag."""
+    range; with `float_out`, only what they read: their outputs are fp16), precision constraints obeyed; layers with
+    a non-float output (shape arithmetic) keep theirs. Returns the names pinned. Unsupported on 11.x, which has no
+    such flag."""
     if not patterns:
         return []
     if not has_obey_precision(trt):
@@ -213,6 +214,8 @@ def pin_layers(trt, network, config, patterns, precision: str, unless=()) -> lis
         if (any(fnmatchcase(layer.name, p) for p in patterns) and not any(fnmatchcase(layer.name, p) for p in unless)
                 and all(layer.get_output(j).dtype in floats for j in range(layer.num_outputs))):
             layer.precision = dtype
+            for j in range(layer.num_outputs) if float_out else ():
+                layer.set_output_type(j, trt.DataType.HALF)
             pinned.append(layer.name)
     if pinned:
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
