@@ -101,6 +101,7 @@ class Outcome:
     confirmed: Score | None = None  # the real quantize_variant(keep_float=kept), on the confirm images
     stopped_by: str = ""  # limit | budget: evals | budget: minutes | no nodes left
     latency: str = "not measured: TensorRT is not here"
+    latency_ms: float | None = None  # TensorRT infer p50 with every candidate quantized (--latency)
     evals: int = 0
     seconds: float = 0.0
     differs: str = ""  # where the real quantizer's model for `kept` is not the one searched, how
@@ -286,7 +287,7 @@ def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str
     outcome.precision = to_plain(cfg)["precision"]
     outcome.differs = _differs(evaluator, keep_in_float(model, pinned_nodes | nodes_of(kept)), final.path, subset)
     if latency:
-        outcome.latency = measure_latency(cfg, reference, model, pinned_nodes, kept)
+        outcome.latency, outcome.latency_ms = measure_latency(cfg, reference, model, pinned_nodes, kept)
     outcome.seconds = time.monotonic() - budget.start
     return outcome
 
@@ -300,15 +301,16 @@ def _differs(evaluator: Evaluator, searched: onnx.ModelProto, final: str, images
         else ""
 
 
-def measure_latency(cfg: RunConfig, reference, model: onnx.ModelProto, pinned: set[str], kept: list[Layer]) -> str:
+def measure_latency(cfg: RunConfig, reference, model: onnx.ModelProto, pinned: set[str],
+                    kept: list[Layer]) -> tuple[str, float | None]:
     """TensorRT infer p50 of each greedy step's ONNX (the variant's build settings), warmed up and timed as the
     sweep's chain loop is (`bench.warmup`/`warmup_s`, `bench.iters`/`min_timed_s`), into its `Layer`; returns what
-    was measured, or why not."""
+    was measured, or why not, and the p50 with every candidate quantized."""
     from runner import backends
     from runner.export import signature
 
     if problem := backends.unavailable(BackendName.tensorrt.value):
-        return f"not measured: {problem}"
+        return f"not measured: {problem}", None
     backend = backends.get(BackendName.tensorrt.value)
     trt_cfg, _ = backends.resolve_auto(replace(cfg, backend=replace(cfg.backend, name=BackendName.tensorrt)),
                                        backend)
@@ -329,10 +331,12 @@ def measure_latency(cfg: RunConfig, reference, model: onnx.ModelProto, pinned: s
         ms = float(np.median(times))
         if step:
             kept[step - 1].latency_ms = ms
+        else:
+            quantized_ms = ms
         print(f"sensitivity: latency with {step} layer(s) in float: infer p50 {ms:.3f} ms", flush=True)
     b = cfg.bench
     return (f"TensorRT infer p50 per greedy step (warm-up {runs_text(b.warmup, b.warmup_s)}, timed at least "
-            f"{runs_text(b.iters, b.min_timed_s)})")
+            f"{runs_text(b.iters, b.min_timed_s)})"), quantized_ms
 
 
 def write(outcome: Outcome, out: Path, command: str) -> list[Path]:
@@ -367,18 +371,24 @@ def summary_line(o: Outcome) -> str:
 
 
 def kept_table(o: Outcome) -> str:
-    """Markdown: each node kept, its sensitivity, and the mAP after keeping it, on the ranking images."""
+    """Markdown: each node kept, its sensitivity, and the mAP after keeping it, on the ranking images; with
+    `--latency`, TensorRT's infer p50 after keeping it."""
     by_name = {la.name: la for la in o.ranked}
-    lines = ["| layer kept in float | op | recovers alone (mAP50-95) | mAP50-95 after keeping | drop |",
-             "|---|---|---|---|---|",
+    timed = o.latency_ms is not None
+    lines = ["| layer kept in float | op | recovers alone (mAP50-95) | mAP50-95 after keeping | drop |"
+             + " infer p50 ms |" * timed, "|---|---|---|---|---|" + "---|" * timed,
              f"| (none: all quantized) | | | {o.quantized.map50_95:.4f} on {o.images} | "
-             f"{o.reference_map50_95 - o.quantized.map50_95:.4f} |"]
+             f"{o.reference_map50_95 - o.quantized.map50_95:.4f} |" + f" {_ms(o.latency_ms)} |" * timed]
     for name in o.kept:
         la = by_name[name]
         reference = o.reference_map50_95 if la.kept_images == o.images else o.confirmed_reference_map50_95
         lines.append(f"| `{name}` | {la.op} | {la.recovered:+.4f} | {la.kept_map50_95:.4f} on {la.kept_images} | "
-                     f"{reference - la.kept_map50_95:.4f} |")
+                     f"{reference - la.kept_map50_95:.4f} |" + f" {_ms(la.latency_ms)} |" * timed)
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def sweep_command(out: Path, overrides: list[str]) -> str:

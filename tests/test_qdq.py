@@ -123,8 +123,9 @@ def test_the_calibrator_takes_percentile_ranges_whose_concats_may_share_them():
                       "precision.concat_scales=own,shared", "backend=onnxruntime", "tracking.enabled=false"])
     builds = {cell_of(cfg, "tensorrt", "calibrator").build.label for cfg in cfgs}
     assert builds == {"trt st int8 percentile", "trt st int8 percentile concat shared"}
-    pinned, = preflight(["precision=int8", "precision.pin_int8=[*/Conv]", "precision.pin_int8_float_out=[*cv2.*.2/Conv]",
-                         "backend=onnxruntime", "tracking.enabled=false"])
+    pinned, = preflight(["precision=int8", "precision.pin_int8=[*/Conv]",
+                         "precision.pin_int8_float_out=[*cv2.*.2/Conv]", "backend=onnxruntime",
+                         "tracking.enabled=false"])
     assert cell_of(pinned, "tensorrt", "calibrator").build.label == (
         "trt st int8 percentile concat shared int8 pins 1 int8 float-out 1")
 
@@ -168,9 +169,9 @@ def test_tensor_ranges_cover_what_qdq_quantizes_and_leave_the_pins_and_the_decod
     ("precision.pin_int8=[*/Conv]", "precision.pin_int8=['*/Conv']: a Q/DQ ONNX runs int8 where its Q/DQ nodes are; "
                                     "the pins apply to TensorRT's implicit INT8 (precision=int8_calibrator or int8, "
                                     "TensorRT <= 10)"),
-    ("precision.pin_int8_float_out=[*cv2.*.2/Conv]", "precision.pin_int8_float_out=['*cv2.*.2/Conv']: a Q/DQ ONNX runs "
-                                                     "int8 where its Q/DQ nodes are; the pins apply to TensorRT's "
-                                                     "implicit INT8 (precision=int8_calibrator or int8, TensorRT <= 10)"),
+    ("precision.pin_int8_float_out=[*cv2.*.2/Conv]",
+     "precision.pin_int8_float_out=['*cv2.*.2/Conv']: a Q/DQ ONNX runs int8 where its Q/DQ nodes are; the pins apply "
+     "to TensorRT's implicit INT8 (precision=int8_calibrator or int8, TensorRT <= 10)"),
 ])
 def test_bad_int8_settings_are_refused_naming_the_key(runner_main, tmp_path, override, message):
     said = runner_main(["precision=int8_qdq", override, f"outputs={tmp_path}"])

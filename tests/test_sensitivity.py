@@ -122,6 +122,24 @@ def test_search_ranks_stops_and_writes_a_config_that_composes(tmp_path, runner_m
     assert sorted(list(v.precision.keep_float) for v in variants) == sorted([pins, result["keep_float"]])
 
 
+def test_the_kept_table_shows_each_steps_tensorrt_latency_where_it_was_timed():
+    """As the H200 run printed it (results/gpu/2026-12-01-h200-trt8.6.0-sensitivity-latency); without --latency the
+    column is left out."""
+    from runner.sensitivity import Layer, Outcome, Score, kept_table
+
+    kept = [Layer("/model.22/dfl/conv/Conv", "Conv", ["/model.22/dfl/conv/Conv"], "/model.22/dfl/conv/Conv*",
+                  recovered=0.0117, kept_map50_95=0.7078, kept_images=16, latency_ms=0.433)]
+    outcome = Outcome("yolov8n", 0.01, 16, 64, "percentile", 0.7186, Score(0.6961, 0.04), kept, [kept[0].name], [],
+                      Score(0.7078, 0.04), 0.7328, latency_ms=0.439)
+    assert kept_table(outcome).splitlines() == [
+        "| layer kept in float | op | recovers alone (mAP50-95) | mAP50-95 after keeping | drop | infer p50 ms |",
+        "|---|---|---|---|---|---|",
+        "| (none: all quantized) | | | 0.6961 on 16 | 0.0225 | 0.439 |",
+        "| `/model.22/dfl/conv/Conv` | Conv | +0.0117 | 0.7078 on 16 | 0.0108 | 0.433 |"]
+    outcome.latency_ms = None
+    assert kept_table(outcome).splitlines()[0].endswith("| drop |")
+
+
 @pytest.mark.parametrize("args, says", [
     (["--limit", "1.5"], "--limit: an mAP50-95 drop below 1"),
     (["precision=fp16"], "precision: the search makes a Q/DQ int8 model"),
