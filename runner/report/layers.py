@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from runner.results import LayerProfile, VariantResult
 FILES = ("layers.md", "layers.html", "layers.png")
 SIDES = ("A", "B")
 REFORMAT_SEGMENT = "reformat, requantize"
+LABEL_WIDTH = 56  # characters per line of a variant's label beside its bar
 PRECISION_COLOURS = {"int8": "#2e7d32", "fp16": "#1565c0", "fp32": "#ef6c00", "int32": "#6a1b9a",
                      REFORMAT_SEGMENT: "#c62828"}
 
@@ -154,7 +156,8 @@ def plot(sides: list[Side], path: Path, title: str) -> None:
                      hatch="//" if name == REFORMAT_SEGMENT else None, label=name if y == 0 else None)
             left += seg.get(name, 0.0)
         top.text(left, y, f"  {left:.3f} ms", va="center", fontsize=9)
-    top.set_yticks(range(len(sides)), [f"{s.tag}: {s.cell}" for s in sides], fontsize=8)
+    labels = [textwrap.fill(f"{s.tag}: {s.cell}", LABEL_WIDTH, break_on_hyphens=False) for s in sides]
+    top.set_yticks(range(len(sides)), labels, fontsize=8)
     top.invert_yaxis()
     top.set_xlabel("profiled ms per run, by precision (reformats apart)")
     top.set_xlim(0, max(s.profile.total_ms for s in sides) * 1.25)
@@ -171,7 +174,7 @@ def plot(sides: list[Side], path: Path, title: str) -> None:
     bottom.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # nothing cut at the edges, whatever the labels' length
 
 
 def _by_precision(profile: LayerProfile) -> dict[str, tuple[float, int]]:
