@@ -69,7 +69,8 @@
 #                                           #   in int8 with an fp16 output too, and that with the stem and first C2f in
 #                                           #   fp16 (presets in scripts/presets), as int8-pins; the sweep on every GPU,
 #                                           #   then again on GPU 0 alone from the engine cache (one GPU, one variant at a
-#                                           #   time: the figures to compare); table, layers side by side
+#                                           #   time: the figures to compare); table, layers side by side.
+#                                           #   LEVEL=5 PRECISIONS=fp16,int8_pins_conv: two of them at level 5
 #   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on yolov8n from everything quantized, each greedy step
 #                                           #   timed on TensorRT (--latency), level 1
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
@@ -316,7 +317,7 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
           hydra.launcher.n_jobs=$(gpu_count)) ;;
   int8-head-sweep)
     args=(-m model=yolov8n "hydra.searchpath=[file://$PWD/scripts/presets]"
-          precision=fp16,int8_pins_conv,int8_pins_head,int8_pins_head_stem_fp16 shape=dynamic
+          "precision=${PRECISIONS:-fp16,int8_pins_conv,int8_pins_head,int8_pins_head_stem_fp16}" shape=dynamic
           'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
           'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
           backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib "backend.gpus=${GPUS:-auto}"
