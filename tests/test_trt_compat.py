@@ -289,6 +289,8 @@ def test_cache_key_stable_and_sensitive(tmp_path):
         cache_key(int8_spec(tmp_path, "minmax"), "8.6.0", "NVIDIA H100"),
         cache_key(int8_spec(tmp_path, "minmax", images=1), "8.6.0", "NVIDIA H100"),
         cache_key(int8_spec(tmp_path, "minmax", keep_float=("*/dfl/*",)), "8.6.0", "NVIDIA H100"),
+        cache_key(int8_spec(tmp_path, "minmax", pin_int8=("*/Conv",)), "8.6.0", "NVIDIA H100"),
+        cache_key(int8_spec(tmp_path, "minmax", pin_int8_float_out=("*/Conv",)), "8.6.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path, half_input=True), "8.6.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path), "10.9.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H200"),
@@ -298,8 +300,8 @@ def test_cache_key_stable_and_sensitive(tmp_path):
     assert cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H100") != key
 
 
-def int8_spec(tmp_path, calibrator: str, images: int = 2, keep_float: tuple[str, ...] = ()) -> BuildSpec:
-    """An implicitly calibrated int8 spec over `images` generated pictures."""
+def int8_spec(tmp_path, calibrator: str, images: int = 2, keep_float: tuple[str, ...] = (), **pins) -> BuildSpec:
+    """An implicitly calibrated int8 spec over `images` generated pictures (`pins`: pin_int8, pin_int8_float_out)."""
     import cv2
 
     from runner.quantize import CalibrationSet
@@ -311,7 +313,7 @@ def int8_spec(tmp_path, calibrator: str, images: int = 2, keep_float: tuple[str,
         paths.append(tmp_path / f"calib{i}.jpg")
         cv2.imwrite(str(paths[-1]), make_image(rng)[0])
     return _spec(tmp_path, precision="int8", mechanism="calibrator", calibrator=calibrator, keep_float=keep_float,
-                 calibration=CalibrationSet(tuple(paths), (1, 3, 640, 640)))
+                 calibration=CalibrationSet(tuple(paths), (1, 3, 640, 640)), **pins)
 
 
 def test_calibration_cache_is_keyed_like_the_engine(tmp_path):

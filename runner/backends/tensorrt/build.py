@@ -79,8 +79,8 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
         "mechanism": spec.mechanism,
         "calibration": _calibration_fields(spec),
         "keep_float": sorted(spec.keep_float) if spec.mechanism == Mechanism.calibrator else None,
-        **{key: sorted(getattr(spec, key)) for key in PIN_KEYS if getattr(spec, key)},  # the keys of engines built
-        #   before
+        # only where given: engines built before the pins keep their keys
+        **{key: sorted(getattr(spec, key)) for key in PIN_KEYS if getattr(spec, key)},
         "min_shape": list(spec.min_shape),
         "opt_shape": list(spec.opt_shape),
         "max_shape": list(spec.max_shape),
