@@ -92,6 +92,14 @@ LAYERS=results/gpu/2026-11-30-h200x2-trt8.6.0-int8-layers  # its precision/ hold
 batch32=(shape=dynamic 'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[32,3,640,640]'
          'bench.offline_batches=[1,8,32]' data.limit=64 hydra/launcher=joblib backend.gpus=auto)  # default level
 seed=(profile=seed shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0)
+batch32_layers() {  # yolov8n with the given overrides, dynamic to batch 64 (opt 32), offline batch 32 and each layer
+  # profiled there, level $LEVEL (3), one variant per GPU ($GPUS: auto, $JOBS: every GPU)
+  args=(-m model=yolov8n "$@" shape=dynamic
+        'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
+        'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
+        "backend.builder_optimization_level=${LEVEL:-3}" hydra/launcher=joblib "backend.gpus=${GPUS:-auto}"
+        "hydra.launcher.n_jobs=${JOBS:-$(gpu_count)}")
+}
 side_by_side() {  # each "A:B:name" argument's layers side by side in $DEST/$step/<name>, over the sweeps in $sweeps
   local pair a b name
   for pair in "$@"; do
@@ -290,18 +298,9 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
           'bench.offline_batches=[1,32,64]' bench.offline_images=4096 data.limit=64 bench.warmup=50 bench.iters=300
           backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
           hydra.launcher.n_jobs=$(gpu_count)) ;;
-  int8-b32-sweep)
-    args=(-m model=yolov8n precision=fp16,int8_qdq shape=dynamic
-          'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
-          'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
-          backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
-          hydra.launcher.n_jobs=$(gpu_count)) ;;
+  int8-b32-sweep) batch32_layers precision=fp16,int8_qdq ;;
   int8-ranges-sweep)
-    args=(-m model=yolov8n precision=fp16,int8_calibrator precision.calibrator=percentile precision.concat_scales=shared
-          shape=dynamic 'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
-          'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
-          backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
-          hydra.launcher.n_jobs=$(gpu_count)) ;;
+    batch32_layers precision=fp16,int8_calibrator precision.calibrator=percentile precision.concat_scales=shared ;;
   maps-static-sweep)  # the engine ending at the head's maps against the whole head, each beside the peer
     common=(cache_dir=$CACHE outputs=$RUNS)  # the backend is a dimension here
     args=(-m model=yolov8n precision=fp16 backend=tensorrt,ultralytics shape=static data.limit=64
@@ -310,24 +309,11 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
   int8-pins-fp16|int8-pins-int8)
     pins=(precision=fp16)
     [[ $step == int8-pins-int8 ]] && pins=(precision=int8 'precision.pin_int8=[],[*/Conv],[*/Conv,*/Add,*/Concat]')
-    args=(-m model=yolov8n "${pins[@]}" shape=dynamic
-          'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
-          'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
-          backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
-          hydra.launcher.n_jobs=$(gpu_count)) ;;
+    batch32_layers "${pins[@]}" ;;
   int8-head-sweep)
-    args=(-m model=yolov8n "hydra.searchpath=[file://$PWD/scripts/presets]"
-          "precision=${PRECISIONS:-fp16,int8_pins_conv,int8_pins_head,int8_pins_head_stem_fp16}" shape=dynamic
-          'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
-          'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
-          backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib "backend.gpus=${GPUS:-auto}"
-          hydra.launcher.n_jobs=${JOBS:-$(gpu_count)}) ;;
-  maps-dynamic-sweep)
-    args=(-m model=yolov8n precision=fp16,int8 backend.head_maps=false,true shape=dynamic
-          'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
-          'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
-          backend.builder_optimization_level=${LEVEL:-3} hydra/launcher=joblib backend.gpus=auto
-          hydra.launcher.n_jobs=$(gpu_count)) ;;
+    batch32_layers "hydra.searchpath=[file://$PWD/scripts/presets]" \
+                   "precision=${PRECISIONS:-fp16,int8_pins_conv,int8_pins_head,int8_pins_head_stem_fp16}" ;;
+  maps-dynamic-sweep) batch32_layers precision=fp16,int8 backend.head_maps=false,true ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 start=$(date +%s.%N)
