@@ -55,11 +55,10 @@ def int8_settings(cfg: RunConfig, mechanism: str | None, where: Mechanism) -> di
     if mechanism != where:
         return {}
     p, shipped = cfg.precision, shipped_precision(INT8_PRESETS[where])
-    differs = {"keep_float": sorted(p.keep_float) != sorted(shipped.keep_float) and json.dumps(list(p.keep_float)),
+    differs = {**{key: sorted(getattr(p, key)) != sorted(getattr(shipped, key)) and json.dumps(list(getattr(p, key)))
+                  for key in ("keep_float", *PIN_KEYS)},  # pattern lists, as JSON
                "qdq_ops": where == Mechanism.qdq and sorted(p.qdq_ops) != sorted(shipped.qdq_ops)
                and "+".join(p.qdq_ops),
-               **{key: sorted(getattr(p, key)) != sorted(getattr(shipped, key)) and json.dumps(list(getattr(p, key)))
-                  for key in PIN_KEYS},
                "calibration_images": p.calibration_images != shipped.calibration_images and str(p.calibration_images),
                "calibration_source": p.calibration_source != shipped.calibration_source and p.calibration_source,
                **{key: getattr(p, key) != getattr(shipped, key) and getattr(p, key).value  # refused where the
