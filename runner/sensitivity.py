@@ -14,8 +14,11 @@ in float), so a candidate costs an inference pass, not a calibration.
 - Confirm: the set found is quantized for real (`quantize_variant(keep_float=...)`, as a sweep makes it) and measured
   on the variant's validation images (`data.limit`, the whole held-out split by default here). Where it misses the
   limit there, the greedy goes on on those images, within the same budget, and confirms again.
-Latency per node needs TensorRT (`--latency`, per greedy step, with the variant's TensorRT build); without it the
-result says it was not measured.
+- Prune: the greedy takes layers by their rank alone, so a later one can make an earlier one needless. Once the set
+  meets the limit, each layer, first taken first, goes back to int8 where the rest still meet the limit on the
+  confirm images; the smaller set is confirmed again, and stands only where the real quantizer's model meets it too.
+Latency per node needs TensorRT (`--latency`, per greedy and pruning step, with the variant's TensorRT build);
+without it the result says it was not measured.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -82,6 +86,8 @@ class Layer:
     kept_images: int = 0  # the images `kept_map50_95` is measured on
     images: int = 0  # the images `alone_float` is measured on
     latency_ms: float | None = None  # with every node up to it in float (TensorRT, --latency)
+    pruned: Score | None = None  # once pruning put it back in int8: the set left, on the confirm images
+    pruned_latency_ms: float | None = None  # the set left (TensorRT, --latency)
 
 
 @dataclass
@@ -94,7 +100,7 @@ class Outcome:
     reference_map50_95: float
     quantized: Score  # all candidates quantized, on the ranking images
     ranked: list[Layer]
-    kept: list[str]  # the layers kept in float, in the order the greedy took them
+    kept: list[str]  # the layers kept in float, in the order the greedy took them, less those pruned
     keep_float: list[str]  # the config's patterns: precision.keep_float given, then one per layer kept
     estimate: Score  # with the greedy's first set in float, on the ranking images
     confirmed_reference_map50_95: float
@@ -106,6 +112,7 @@ class Outcome:
     seconds: float = 0.0
     differs: str = ""  # where the real quantizer's model for `kept` is not the one searched, how
     precision: dict = field(default_factory=dict)  # the precision config searched, as plain values
+    taken: list[str] = field(default_factory=list)  # every layer the greedy took, in order, pruned ones too
 
     @property
     def drop(self) -> float:
@@ -224,13 +231,30 @@ def greedy(evaluator: Evaluator, model: onnx.ModelProto, pinned: set[str], image
     return kept, score, "limit" if reference_map - score.map50_95 <= limit else "no layers left"
 
 
+def prune(kept: list[Layer], score_of: Callable[[list[Layer]], Score], reference_map: float, limit: float,
+          spent: Callable[[], str | None]) -> list[Layer]:
+    """The layers of `kept` left once each, first taken first, is put back in int8 where `score_of` the rest is
+    still within `limit` of `reference_map`; `spent` stops it early with the budget line. Each layer put back
+    records the score of the set left (`Layer.pruned`)."""
+    kept = list(kept)
+    for layer in list(kept):
+        if spent():
+            break
+        rest = [la for la in kept if la is not layer]
+        score = score_of(rest)
+        if reference_map - score.map50_95 <= limit:
+            kept, layer.pruned = rest, score
+    return kept
+
+
 def nodes_of(kept: list[Layer]) -> set[str]:
     return {n for layer in kept for n in layer.nodes}
 
 
-def _progress(step: str, name: str, score: Score, evaluator: Evaluator, budget: Budget, extra: str) -> None:
+def _progress(step: str, name: str, score: Score, evaluator: Evaluator, budget: Budget, extra: str,
+              now: str = "float") -> None:
     print(f"sensitivity: [{evaluator.count}/{budget.evals} evals, {time.monotonic() - budget.start:.0f} s] {step}: "
-          f"{name} float: mAP50-95 {score.map50_95:.4f}, {extra}, rel-L2 {score.rel_l2:.3e}", flush=True)
+          f"{name} {now}: mAP50-95 {score.map50_95:.4f}, {extra}, rel-L2 {score.rel_l2:.3e}", flush=True)
 
 
 def load_images(cfg: RunConfig, names: list[str], head: str) -> Images:
@@ -274,22 +298,65 @@ def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str
     outcome = Outcome(cfg.model.label, limit, len(subset), len(every), method, reference_map, quantized, ranked,
                       [], [], estimate, evaluator.map50_95(every.reference, every))
     while True:
-        outcome.kept, outcome.keep_float = [la.name for la in kept], pinned + [la.pattern for la in kept]
-        final = quantize_variant(cfg, reference, outcome.keep_float, calibration)
-        outcome.confirmed = evaluator.score(Path(final.path).read_bytes(), every, counted=False)
-        print(f"sensitivity: confirm {len(kept)} layer(s) in float on {len(every)} images: drop {outcome.drop:.4f}",
-              flush=True)
+        final = _confirm(cfg, reference, calibration, evaluator, every, outcome, pinned, kept)
         if outcome.met or stopped_by != "limit" or len(subset) == len(every):
             break
         kept, _, stopped_by = greedy(evaluator, model, pinned_nodes, every, ranked,
                                      outcome.confirmed_reference_map50_95, outcome.confirmed, limit, budget, kept)
+    outcome.taken = [la.name for la in kept]
+    if outcome.met and kept:
+        kept, final = _prune(cfg, reference, calibration, evaluator, model, (pinned, pinned_nodes), every, outcome,
+                             kept, final, budget)
     outcome.stopped_by, outcome.evals = stopped_by, evaluator.count
     outcome.precision = to_plain(cfg)["precision"]
     outcome.differs = _differs(evaluator, keep_in_float(model, pinned_nodes | nodes_of(kept)), final.path, subset)
     if latency:
-        outcome.latency, outcome.latency_ms = measure_latency(cfg, reference, model, pinned_nodes, kept)
+        taken = [next(la for la in ranked if la.name == name) for name in outcome.taken]
+        outcome.latency, outcome.latency_ms = measure_latency(cfg, reference, model, pinned_nodes, taken)
     outcome.seconds = time.monotonic() - budget.start
     return outcome
+
+
+def _confirm(cfg: RunConfig, reference, calibration, evaluator: Evaluator, every: Images, outcome: Outcome,
+             pinned: list[str], kept: list[Layer]):
+    """`kept` quantized for real and scored on the confirm images, into `outcome`; returns the quantizer's ONNX."""
+    outcome.kept, outcome.keep_float = [la.name for la in kept], pinned + [la.pattern for la in kept]
+    final = quantize_variant(cfg, reference, outcome.keep_float, calibration)
+    outcome.confirmed = evaluator.score(Path(final.path).read_bytes(), every, counted=False)
+    print(f"sensitivity: confirm {len(kept)} layer(s) in float on {len(every)} images: drop {outcome.drop:.4f}",
+          flush=True)
+    return final
+
+
+def _prune(cfg: RunConfig, reference, calibration, evaluator: Evaluator, model: onnx.ModelProto,
+           pinned: tuple[list[str], set[str]], every: Images, outcome: Outcome, kept: list[Layer], final,
+           budget: Budget):
+    """`prune` on the confirm images, then the smaller set confirmed; where the quantizer's model misses the limit
+    with it, the greedy's set and its confirmation stand. `pinned`: the config's patterns and their nodes. Returns
+    the set and its quantizer's ONNX."""
+    patterns, nodes = pinned
+    reference_map = outcome.confirmed_reference_map50_95
+
+    def score_of(rest: list[Layer]) -> Score:
+        score = evaluator.score(keep_in_float(model, nodes | nodes_of(rest)).SerializeToString(), every)
+        _progress(f"prune on {len(every)} images", ", ".join(la.name for la in rest) or "nothing", score, evaluator,
+                  budget, f"drop {reference_map - score.map50_95:.4f}", now="left in float")
+        return score
+
+    left = prune(kept, score_of, reference_map, outcome.limit, lambda: budget.spent(evaluator.count))
+    if len(left) == len(kept):
+        return kept, final
+    confirmed = outcome.confirmed
+    smaller = _confirm(cfg, reference, calibration, evaluator, every, outcome, patterns, left)
+    if outcome.met:
+        return left, smaller
+    print("sensitivity: the quantizer's model misses the limit with the pruned set: the greedy's set stands",
+          flush=True)
+    for la in kept:
+        la.pruned = None
+    outcome.kept, outcome.keep_float = [la.name for la in kept], patterns + [la.pattern for la in kept]
+    outcome.confirmed = confirmed
+    return kept, final
 
 
 def _differs(evaluator: Evaluator, searched: onnx.ModelProto, final: str, images: Images) -> str:
@@ -302,10 +369,11 @@ def _differs(evaluator: Evaluator, searched: onnx.ModelProto, final: str, images
 
 
 def measure_latency(cfg: RunConfig, reference, model: onnx.ModelProto, pinned: set[str],
-                    kept: list[Layer]) -> tuple[str, float | None]:
-    """TensorRT infer p50 of each greedy step's ONNX (the variant's build settings), warmed up and timed as the
-    sweep's chain loop is (`bench.warmup`/`warmup_s`, `bench.iters`/`min_timed_s`), into its `Layer`; returns what
-    was measured, or why not, and the p50 with every candidate quantized."""
+                    taken: list[Layer]) -> tuple[str, float | None]:
+    """TensorRT infer p50 of each greedy step's ONNX, then of the set left after each layer pruned (the variant's
+    build settings), warmed up and timed as the sweep's chain loop is (`bench.warmup`/`warmup_s`,
+    `bench.iters`/`min_timed_s`), into its `Layer`; returns what was measured, or why not, and the p50 with every
+    candidate quantized."""
     from runner import backends
     from runner.export import signature
 
@@ -316,9 +384,16 @@ def measure_latency(cfg: RunConfig, reference, model: onnx.ModelProto, pinned: s
                                        backend)
     folder = Path(cfg.outputs) / "sensitivity" / cfg.model.label / "latency"
     folder.mkdir(parents=True, exist_ok=True)
-    for step in range(len(kept) + 1):
-        path = folder / f"keep{step}.onnx"
-        step_model = keep_in_float(model, pinned | nodes_of(kept[:step]))
+    steps = [(f"{step} layer(s) in float", taken[:step], taken[step - 1] if step else None, "latency_ms")
+             for step in range(len(taken) + 1)]
+    left = list(taken)
+    for layer in (la for la in taken if la.pruned is not None):
+        left = [la for la in left if la is not layer]
+        steps.append((f"{len(left)} layer(s) in float, {layer.name} pruned", left, layer, "pruned_latency_ms"))
+    quantized_ms = None
+    for i, (what, in_float, layer, attribute) in enumerate(steps):
+        path = folder / f"step{i}.onnx"
+        step_model = keep_in_float(model, pinned | nodes_of(in_float))
         onnx.save(step_model, str(path))
         tested = replace(reference, path=str(path), precision=Precision.int8.value, signature=signature(step_model))
         build = backend.build(trt_cfg, ExportResult(cfg.model.weights, reference, tested))
@@ -329,14 +404,14 @@ def measure_latency(cfg: RunConfig, reference, model: onnx.ModelProto, pinned: s
             run_until(cfg.bench.warmup, cfg.bench.warmup_s, lambda _: runner.execute())
             run_until(cfg.bench.iters, cfg.bench.min_timed_s, lambda _: times.append(runner.execute()))
         ms = float(np.median(times))
-        if step:
-            kept[step - 1].latency_ms = ms
-        else:
+        if layer is None:
             quantized_ms = ms
-        print(f"sensitivity: latency with {step} layer(s) in float: infer p50 {ms:.3f} ms", flush=True)
+        else:
+            setattr(layer, attribute, ms)
+        print(f"sensitivity: latency with {what}: infer p50 {ms:.3f} ms", flush=True)
     b = cfg.bench
-    return (f"TensorRT infer p50 per greedy step (warm-up {runs_text(b.warmup, b.warmup_s)}, timed at least "
-            f"{runs_text(b.iters, b.min_timed_s)})"), quantized_ms
+    return (f"TensorRT infer p50 per greedy and pruning step (warm-up {runs_text(b.warmup, b.warmup_s)}, timed at "
+            f"least {runs_text(b.iters, b.min_timed_s)})"), quantized_ms
 
 
 def write(outcome: Outcome, out: Path, command: str) -> list[Path]:
@@ -354,36 +429,46 @@ def write(outcome: Outcome, out: Path, command: str) -> list[Path]:
     with table.open("w", newline="") as f:
         rows = csv.writer(f)
         rows.writerow(["rank", "layer", "op", "map50_95_alone_float", "recovered", "rel_l2_alone_float", "kept",
-                       "map50_95_after_keeping", "on_images", "latency_ms"])
+                       "map50_95_after_keeping", "on_images", "latency_ms", "pruned", "map50_95_after_pruning",
+                       "latency_ms_after_pruning"])
         for i, la in enumerate(outcome.ranked, 1):
             rows.writerow([i, la.name, la.op, f"{la.alone_float.map50_95:.4f}", f"{la.recovered:.4f}",
                            f"{la.alone_float.rel_l2:.4e}", la.name in outcome.kept,
                            "" if la.kept_map50_95 is None else f"{la.kept_map50_95:.4f}", la.kept_images or "",
-                           "" if la.latency_ms is None else f"{la.latency_ms:.3f}"])
+                           _ms(la.latency_ms), la.pruned is not None,
+                           "" if la.pruned is None else f"{la.pruned.map50_95:.4f}", _ms(la.pruned_latency_ms)])
     return [config, report, table]
 
 
 def summary_line(o: Outcome) -> str:
     verdict = "limit met" if o.met else "limit NOT met"
-    return (f"{verdict}: {len(o.kept)} layer(s) kept in float, mAP50-95 drop {o.drop:.4f} (limit {o.limit}) on "
+    pruned = len(o.taken) - len(o.kept)
+    more = f" ({pruned} more taken, then pruned)" if pruned > 0 else ""
+    return (f"{verdict}: {len(o.kept)} layer(s) kept in float{more}, mAP50-95 drop {o.drop:.4f} (limit {o.limit}) on "
             f"{o.confirm_images} images, fp32 {o.confirmed_reference_map50_95:.4f} -> int8 "
             f"{o.confirmed.map50_95:.4f}; stopped by {o.stopped_by}; latency {o.latency}")
 
 
 def kept_table(o: Outcome) -> str:
-    """Markdown: each node kept, its sensitivity, and the mAP after keeping it, on the ranking images; with
-    `--latency`, TensorRT's infer p50 after keeping it."""
+    """Markdown: each layer the greedy took, its sensitivity, and the mAP after keeping it, on the images it was
+    taken on; then each layer pruning put back in int8, and the mAP of the set left; with `--latency`, TensorRT's
+    infer p50 of each step's set."""
     by_name = {la.name: la for la in o.ranked}
     timed = o.latency_ms is not None
     lines = ["| layer kept in float | op | recovers alone (mAP50-95) | mAP50-95 after keeping | drop |"
              + " infer p50 ms |" * timed, "|---|---|---|---|---|" + "---|" * timed,
              f"| (none: all quantized) | | | {o.quantized.map50_95:.4f} on {o.images} | "
              f"{o.reference_map50_95 - o.quantized.map50_95:.4f} |" + f" {_ms(o.latency_ms)} |" * timed]
-    for name in o.kept:
-        la = by_name[name]
+    taken = [by_name[name] for name in o.taken or o.kept]
+    for la in taken:
         reference = o.reference_map50_95 if la.kept_images == o.images else o.confirmed_reference_map50_95
-        lines.append(f"| `{name}` | {la.op} | {la.recovered:+.4f} | {la.kept_map50_95:.4f} on {la.kept_images} | "
+        lines.append(f"| `{la.name}` | {la.op} | {la.recovered:+.4f} | {la.kept_map50_95:.4f} on {la.kept_images} | "
                      f"{reference - la.kept_map50_95:.4f} |" + f" {_ms(la.latency_ms)} |" * timed)
+    for la in (la for la in taken if la.pruned is not None):
+        lines.append(f"| pruned: `{la.name}` back in int8 | {la.op} | {la.recovered:+.4f} | "
+                     f"{la.pruned.map50_95:.4f} on {o.confirm_images} | "
+                     f"{o.confirmed_reference_map50_95 - la.pruned.map50_95:.4f} |"
+                     + f" {_ms(la.pruned_latency_ms)} |" * timed)
     return "\n".join(lines)
 
 
@@ -414,6 +499,7 @@ def log_mlflow(outcome: Outcome, paths: list[Path], uri: str, experiment: str, a
               outcome.calibrator, "confirm_images": outcome.confirm_images, "stopped_by": outcome.stopped_by,
               "keep_float": json.dumps(outcome.keep_float)[:6000]}
     metrics = {"drop": outcome.drop, "met": float(outcome.met), "kept_layers": len(outcome.kept),
+               "pruned_layers": len(outcome.taken) - len(outcome.kept),
                "map50_95": outcome.confirmed.map50_95, "reference_map50_95": outcome.confirmed_reference_map50_95,
                "quantized_drop_ranking": outcome.reference_map50_95 - outcome.quantized.map50_95,
                "evals": outcome.evals, "seconds": outcome.seconds}

@@ -86,17 +86,20 @@ def test_search_ranks_stops_and_writes_a_config_that_composes(tmp_path, runner_m
     assert [(-r["recovered"], r["alone_float"]["rel_l2"]) for r in ranked] == \
         sorted((-r["recovered"], r["alone_float"]["rel_l2"]) for r in ranked)
     progress = [line for line in said.stdout.splitlines() if line.startswith("sensitivity: [")]
+    taken, pruned = result["taken"], [r["name"] for r in ranked if r["pruned"]]
     assert sum(" rank " in line for line in progress) == 21
-    assert len(progress) == 21 + len(result["kept"])
+    assert sum(" keep " in line for line in progress) == len(taken)
+    assert len(progress) == 21 + len(taken) + sum(" prune on " in line for line in progress)
+    assert result["kept"] == [name for name in taken if name not in pruned]
     reference = {result["images"]: result["reference_map50_95"],
                  result["confirm_images"]: result["confirmed_reference_map50_95"]}
-    drops = [reference[r["kept_images"]] - r["kept_map50_95"] for r in ranked[:len(result["kept"])]]
+    drops = [reference[r["kept_images"]] - r["kept_map50_95"] for r in ranked[:len(taken)]]
     if result["stopped_by"] == "limit":
         assert (drops or [result["reference_map50_95"] - result["quantized"]["map50_95"]])[-1] <= 0.0001
         assert all(d > 0.0001 for d in drops[:-1])
     else:
         assert result["stopped_by"] == "budget: evals" and result["evals"] == budget
-    assert result["kept"] == [r["name"] for r in ranked[:len(result["kept"])]]
+    assert taken == [r["name"] for r in ranked[:len(taken)]]
     config = yaml.safe_load((out / "precision" / "int8_qdq_pinned.yaml").read_text())
     assert config["keep_float"] == result["keep_float"] == pins + [f"{name}*" for name in result["kept"]]
     for name in result["kept"]:
@@ -138,6 +141,41 @@ def test_the_kept_table_shows_each_steps_tensorrt_latency_where_it_was_timed():
         "| `/model.22/dfl/conv/Conv` | Conv | +0.0117 | 0.7078 on 16 | 0.0108 | 0.433 |"]
     outcome.latency_ms = None
     assert kept_table(outcome).splitlines()[0].endswith("| drop |")
+
+
+def test_pruning_puts_back_in_int8_each_layer_the_rest_do_not_need():
+    """As the H200 run of yolo11n met it (results/gpu/2026-12-01-h200-trt8.6.0-sensitivity-prune): the greedy took
+    /model.4/ on 16 images, then /model.8/ (which moved nothing) and /model.23/ on 64. First taken first, each goes
+    back to int8 where the rest stay within the limit; the budget stops it; the table shows both steps."""
+    from runner.sensitivity import Layer, Outcome, Score, kept_table, prune
+
+    a, b, c = (Layer(n, "Conv", [n], f"{n}*", recovered=r, kept_map50_95=m, kept_images=k, latency_ms=ms)
+               for n, r, m, k, ms in (("/model.4/", 0.0162, 0.6856, 16, 0.561), ("/model.8/", 0.0138, 0.6649, 64, 0.561),
+                                      ("/model.23/", 0.0137, 0.6785, 64, 0.665)))
+    maps = {("/model.8/", "/model.23/"): 0.6770, ("/model.23/",): 0.6705, (): 0.6606}  # fp32 0.6788 on 64
+    tried = []
+
+    def score_of(rest):
+        tried.append(tuple(la.name for la in rest))
+        return Score(maps[tried[-1]], 0.02)
+
+    assert prune([a, b, c], score_of, 0.6788, 0.01, lambda: None) == [c]
+    assert tried == [("/model.8/", "/model.23/"), ("/model.23/",), ()]  # without /model.23/: 0.0182, kept
+    assert (a.pruned.map50_95, b.pruned.map50_95, c.pruned) == (0.6770, 0.6705, None)
+    a.pruned_latency_ms, b.pruned_latency_ms = 0.640, 0.598
+    outcome = Outcome("yolo11n", 0.01, 16, 64, "percentile", 0.6825, Score(0.6694, 0.03), [a, b, c], [c.name],
+                      [c.pattern], Score(0.6856, 0.02), 0.6788, taken=[a.name, b.name, c.name], latency_ms=0.532)
+    assert kept_table(outcome).splitlines()[3:] == [
+        "| `/model.4/` | Conv | +0.0162 | 0.6856 on 16 | -0.0031 | 0.561 |",
+        "| `/model.8/` | Conv | +0.0138 | 0.6649 on 64 | 0.0139 | 0.561 |",
+        "| `/model.23/` | Conv | +0.0137 | 0.6785 on 64 | 0.0003 | 0.665 |",
+        "| pruned: `/model.4/` back in int8 | Conv | +0.0162 | 0.6770 on 64 | 0.0018 | 0.640 |",
+        "| pruned: `/model.8/` back in int8 | Conv | +0.0138 | 0.6705 on 64 | 0.0083 | 0.598 |"]
+
+    for la in (a, b, c):
+        la.pruned = None
+    tried.clear()
+    assert prune([a, b, c], score_of, 0.6788, 0.01, lambda: "budget: evals" if tried else None) == [b, c]
 
 
 @pytest.mark.parametrize("args, says", [
