@@ -70,9 +70,10 @@
 #                                           #   fp16 (presets in scripts/presets), as int8-pins; the sweep on every GPU,
 #                                           #   then again on GPU 0 alone from the engine cache (one GPU, one variant at a
 #                                           #   time: the figures to compare); table, layers side by side.
-#                                           #   LEVEL=5 PRECISIONS=fp16,int8_pins_conv: two of them at level 5
-#   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on yolov8n from everything quantized, each greedy step
-#                                           #   timed on TensorRT (--latency), level 1
+#                                           #   LEVEL=5 PRECISIONS=fp16,int8,int8_pins_conv: those at level 5
+#   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on $MODEL (yolov8n) from everything quantized, by
+#                                           #   $GROUP (node), each greedy and pruning step timed on TensorRT (--latency),
+#                                           #   level 1; MODEL=yolo11n GROUP=block: the second family, by block
 #   bash scripts/gpu-proof.sh console       # static/dynamic x fp32/fp16, level 0: what a sweep prints on the console
 set -euo pipefail
 step=${1:?step: tests|console|seed|seed-dynamo|seed-engine|seed-table|matrix|level3|scale-1|scale-all|scale-table|models|models-e2e|models-table|fast|fast3|overlap|batch4|pipeline|nms|int8-static|int8-dynamic|int8-table|int8-layers|int8-report|int8-fuse|l3-dynamic|l3-static|levels|warmup|fold-static|fold-dynamic|int8-b32|int8-ranges|maps-static|maps-dynamic|int8-pins|int8-head|sensitivity}
@@ -208,8 +209,9 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
                  "dy fp16:keep 4:fp16-vs-head-stem-fp16"
     exit 0 ;;
   sensitivity)
-    ${TIMEOUT:+timeout "$TIMEOUT"} python3 -m runner sensitivity 'precision.keep_float=[]' backend.builder_optimization_level=1 \
-      cache_dir="$CACHE" outputs="$RUNS" --latency --out "$DEST/$step/yolov8n" 2>&1 | tee "$DEST/$step/run.log"
+    ${TIMEOUT:+timeout "$TIMEOUT"} python3 -m runner sensitivity "model=${MODEL:-yolov8n}" 'precision.keep_float=[]' \
+      --group "${GROUP:-node}" backend.builder_optimization_level=1 cache_dir="$CACHE" outputs="$RUNS" --latency \
+      --out "$DEST/$step/${MODEL:-yolov8n}" 2>&1 | tee "$DEST/$step/run.log"
     exit "${PIPESTATUS[0]}" ;;
   int8-table)
     python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" --sweep "$(cat "$DEST/int8-static/sweep_id")" \

@@ -150,9 +150,9 @@ def test_pruning_puts_back_in_int8_each_layer_the_rest_do_not_need():
     from runner.sensitivity import Layer, Outcome, Score, kept_table, prune
 
     a, b, c = (Layer(n, "Conv", [n], f"{n}*", recovered=r, kept_map50_95=m, kept_images=k, latency_ms=ms)
-               for n, r, m, k, ms in (("/model.4/", 0.0162, 0.6856, 16, 0.561), ("/model.8/", 0.0138, 0.6649, 64, 0.561),
-                                      ("/model.23/", 0.0137, 0.6785, 64, 0.665)))
-    maps = {("/model.8/", "/model.23/"): 0.6770, ("/model.23/",): 0.6705, (): 0.6606}  # fp32 0.6788 on 64
+               for n, r, m, k, ms in (("/model.4/", 0.0162, 0.6856, 16, 0.603), ("/model.8/", 0.0138, 0.6649, 64, 0.648),
+                                      ("/model.23/", 0.0137, 0.6785, 64, 0.721)))
+    maps = {("/model.8/", "/model.23/"): 0.6730, ("/model.23/",): 0.6726, (): 0.6590}  # fp32 0.6788 on 64
     tried = []
 
     def score_of(rest):
@@ -160,17 +160,17 @@ def test_pruning_puts_back_in_int8_each_layer_the_rest_do_not_need():
         return Score(maps[tried[-1]], 0.02)
 
     assert prune([a, b, c], score_of, 0.6788, 0.01, lambda: None) == [c]
-    assert tried == [("/model.8/", "/model.23/"), ("/model.23/",), ()]  # without /model.23/: 0.0182, kept
-    assert (a.pruned.map50_95, b.pruned.map50_95, c.pruned) == (0.6770, 0.6705, None)
-    a.pruned_latency_ms, b.pruned_latency_ms = 0.640, 0.598
+    assert tried == [("/model.8/", "/model.23/"), ("/model.23/",), ()]  # without /model.23/: 0.0199, kept
+    assert (a.pruned.map50_95, b.pruned.map50_95, c.pruned) == (0.6730, 0.6726, None)
+    a.pruned_latency_ms, b.pruned_latency_ms = 0.696, 0.674
     outcome = Outcome("yolo11n", 0.01, 16, 64, "percentile", 0.6825, Score(0.6694, 0.03), [a, b, c], [c.name],
-                      [c.pattern], Score(0.6856, 0.02), 0.6788, taken=[a.name, b.name, c.name], latency_ms=0.532)
+                      [c.pattern], Score(0.6856, 0.02), 0.6788, taken=[a.name, b.name, c.name], latency_ms=0.609)
     assert kept_table(outcome).splitlines()[3:] == [
-        "| `/model.4/` | Conv | +0.0162 | 0.6856 on 16 | -0.0031 | 0.561 |",
-        "| `/model.8/` | Conv | +0.0138 | 0.6649 on 64 | 0.0139 | 0.561 |",
-        "| `/model.23/` | Conv | +0.0137 | 0.6785 on 64 | 0.0003 | 0.665 |",
-        "| pruned: `/model.4/` back in int8 | Conv | +0.0162 | 0.6770 on 64 | 0.0018 | 0.640 |",
-        "| pruned: `/model.8/` back in int8 | Conv | +0.0138 | 0.6705 on 64 | 0.0083 | 0.598 |"]
+        "| `/model.4/` | Conv | +0.0162 | 0.6856 on 16 | -0.0031 | 0.603 |",
+        "| `/model.8/` | Conv | +0.0138 | 0.6649 on 64 | 0.0139 | 0.648 |",
+        "| `/model.23/` | Conv | +0.0137 | 0.6785 on 64 | 0.0003 | 0.721 |",
+        "| pruned: `/model.4/` back in int8 | Conv | +0.0162 | 0.6730 on 64 | 0.0058 | 0.696 |",
+        "| pruned: `/model.8/` back in int8 | Conv | +0.0138 | 0.6726 on 64 | 0.0062 | 0.674 |"]
 
     for la in (a, b, c):
         la.pruned = None
