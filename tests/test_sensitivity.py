@@ -149,9 +149,10 @@ def test_pruning_puts_back_in_int8_each_layer_the_rest_do_not_need():
     back to int8 where the rest stay within the limit; the budget stops it; the table shows both steps."""
     from runner.sensitivity import Layer, Outcome, Score, kept_table, prune
 
+    steps = (("/model.4/", 0.0162, 0.6856, 16, 0.603), ("/model.8/", 0.0138, 0.6649, 64, 0.648),
+             ("/model.23/", 0.0137, 0.6785, 64, 0.721))  # greedy order: recovered alone, mAP after, images, p50 ms
     a, b, c = (Layer(n, "Conv", [n], f"{n}*", recovered=r, kept_map50_95=m, kept_images=k, latency_ms=ms)
-               for n, r, m, k, ms in (("/model.4/", 0.0162, 0.6856, 16, 0.603), ("/model.8/", 0.0138, 0.6649, 64, 0.648),
-                                      ("/model.23/", 0.0137, 0.6785, 64, 0.721)))
+               for n, r, m, k, ms in steps)
     maps = {("/model.8/", "/model.23/"): 0.6730, ("/model.23/",): 0.6726, (): 0.6590}  # fp32 0.6788 on 64
     tried = []
 
