@@ -69,7 +69,8 @@
 #                                           #   in int8 with an fp16 output too, and that with the stem and first C2f in
 #                                           #   fp16 (presets in scripts/presets), as int8-pins; the sweep on every GPU,
 #                                           #   then again on GPU 0 alone from the engine cache (one GPU, one variant at a
-#                                           #   time: the figures to compare); table, layers side by side.
+#                                           #   time: the figures to compare); table, fp16 and each int8 preset swept
+#                                           #   side by side.
 #                                           #   LEVEL=5 PRECISIONS=fp16,int8,int8_pins_conv: those at level 5
 #   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on $MODEL (yolov8n) from everything quantized, by
 #                                           #   $GROUP (node), each greedy and pruning step timed on TensorRT (--latency),
@@ -203,10 +204,21 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     sweeps=(--sweep "$(cat "$DEST/$step/$timed/sweep_id")")
     python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" "${sweeps[@]}" --out "$DEST/$step/table" 2>&1 \
       | tee "$DEST/$step/run.log"
-    side_by_side "dy fp16:shared int8 pins 1 fp16-in:fp16-vs-pins-conv" \
-                 "shared int8 pins 1 fp16-in:percentile concat shared int8 pins 1 int8 float-out:pins-conv-vs-head" \
-                 "dy fp16:percentile concat shared int8 pins 1 int8 float-out:fp16-vs-head" \
-                 "dy fp16:keep 4:fp16-vs-head-stem-fp16"
+    declare -A cell=([int8]="concat shared fp16-in" [int8_pins_conv]="shared int8 pins 1 fp16-in"
+                     [int8_pins_head]="percentile concat shared int8 pins 1 int8 float-out"
+                     [int8_pins_head_stem_fp16]="keep 4")  # a piece of each preset's label, and no other's
+    declare -A name=([int8]=int8 [int8_pins_conv]=pins-conv [int8_pins_head]=head
+                     [int8_pins_head_stem_fp16]=head-stem-fp16)
+    list=${PRECISIONS:-fp16,int8_pins_conv,int8_pins_head,int8_pins_head_stem_fp16}
+    IFS=, read -ra swept <<< "$list"
+    pairs=()  # fp16 against each int8 preset swept, and the pinned convolutions against the int8 head
+    for preset in "${swept[@]}"; do
+      [[ -n ${cell[$preset]:-} ]] && pairs+=("dy fp16:${cell[$preset]}:fp16-vs-${name[$preset]}")
+    done
+    if [[ ,$list, == *,int8_pins_conv,* && ,$list, == *,int8_pins_head,* ]]; then
+      pairs+=("${cell[int8_pins_conv]}:${cell[int8_pins_head]}:pins-conv-vs-head")
+    fi
+    side_by_side "${pairs[@]}"
     exit 0 ;;
   sensitivity)
     ${TIMEOUT:+timeout "$TIMEOUT"} python3 -m runner sensitivity "model=${MODEL:-yolov8n}" 'precision.keep_float=[]' \
