@@ -303,7 +303,8 @@ def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str
             break
         kept, _, stopped_by = greedy(evaluator, model, pinned_nodes, every, ranked,
                                      outcome.confirmed_reference_map50_95, outcome.confirmed, limit, budget, kept)
-    outcome.taken = [la.name for la in kept]
+    taken = kept
+    outcome.taken = [la.name for la in taken]
     if outcome.met and kept:
         kept, final = _prune(cfg, reference, calibration, evaluator, model, (pinned, pinned_nodes), every, outcome,
                              kept, final, budget)
@@ -311,7 +312,6 @@ def search(cfg: RunConfig, images: int, limit: float, budget: Budget, group: str
     outcome.precision = to_plain(cfg)["precision"]
     outcome.differs = _differs(evaluator, keep_in_float(model, pinned_nodes | nodes_of(kept)), final.path, subset)
     if latency:
-        taken = [next(la for la in ranked if la.name == name) for name in outcome.taken]
         outcome.latency, outcome.latency_ms = measure_latency(cfg, reference, model, pinned_nodes, taken)
     outcome.seconds = time.monotonic() - budget.start
     return outcome
@@ -346,7 +346,7 @@ def _prune(cfg: RunConfig, reference, calibration, evaluator: Evaluator, model: 
     left = prune(kept, score_of, reference_map, outcome.limit, lambda: budget.spent(evaluator.count))
     if len(left) == len(kept):
         return kept, final
-    confirmed = outcome.confirmed
+    greedys = outcome.kept, outcome.keep_float, outcome.confirmed
     smaller = _confirm(cfg, reference, calibration, evaluator, every, outcome, patterns, left)
     if outcome.met:
         return left, smaller
@@ -354,8 +354,7 @@ def _prune(cfg: RunConfig, reference, calibration, evaluator: Evaluator, model: 
           flush=True)
     for la in kept:
         la.pruned = None
-    outcome.kept, outcome.keep_float = [la.name for la in kept], patterns + [la.pattern for la in kept]
-    outcome.confirmed = confirmed
+    outcome.kept, outcome.keep_float, outcome.confirmed = greedys
     return kept, final
 
 
