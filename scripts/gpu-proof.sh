@@ -71,7 +71,8 @@
 #                                           #   then again on GPU 0 alone from the engine cache (one GPU, one variant at a
 #                                           #   time: the figures to compare); table, fp16 and each int8 preset swept
 #                                           #   side by side.
-#                                           #   LEVEL=5 PRECISIONS=fp16,int8,int8_pins_conv: those at level 5
+#                                           #   LEVEL=5 PRECISIONS=fp16,int8,int8_pins_conv: those at level 5;
+#                                           #   SHAPE=static: engines fixed at batch 32
 #   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on $MODEL (yolov8n) from everything quantized, by
 #                                           #   $GROUP (node), each greedy and pruning step timed on TensorRT (--latency),
 #                                           #   level 1; MODEL=yolo11n GROUP=block: the second family, by block
@@ -94,10 +95,12 @@ LAYERS=results/gpu/2026-11-30-h200x2-trt8.6.0-int8-layers  # its precision/ hold
 batch32=(shape=dynamic 'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[32,3,640,640]'
          'bench.offline_batches=[1,8,32]' data.limit=64 hydra/launcher=joblib backend.gpus=auto)  # default level
 seed=(profile=seed shape=static,dynamic precision=fp32,fp16 backend.builder_optimization_level=0)
-batch32_layers() {  # yolov8n with the given overrides, dynamic to batch 64 (opt 32), offline batch 32 and each layer
-  # profiled there, level $LEVEL (3), one variant per GPU ($GPUS: auto, $JOBS: every GPU)
-  args=(-m model=yolov8n "$@" shape=dynamic
-        'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]'
+batch32_layers() {  # yolov8n with the given overrides, dynamic to batch 64 (opt 32) or, with SHAPE=static, fixed at
+  # batch 32; offline batch 32 and each layer profiled there, level $LEVEL (3), one variant per GPU ($GPUS: auto,
+  # $JOBS: every GPU)
+  local shape=(shape=dynamic 'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]')
+  [[ ${SHAPE:-dynamic} == static ]] && shape=(shape=static 'shape.opt=[32,3,640,640]')
+  args=(-m model=yolov8n "$@" "${shape[@]}"
         'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
         "backend.builder_optimization_level=${LEVEL:-3}" hydra/launcher=joblib "backend.gpus=${GPUS:-auto}"
         "hydra.launcher.n_jobs=${JOBS:-$(gpu_count)}")
@@ -204,20 +207,25 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     sweeps=(--sweep "$(cat "$DEST/$step/$timed/sweep_id")")
     python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" "${sweeps[@]}" --out "$DEST/$step/table" 2>&1 \
       | tee "$DEST/$step/run.log"
-    declare -A cell=([int8]="concat shared fp16-in" [int8_pins_conv]="shared int8 pins 1 fp16-in"
+    # a piece of each preset's label, and no other's
+    declare -A cell=([int8]="concat shared fp16-in" [int8_pins_conv]="percentile concat shared int8 pins 1 fp16-in"
                      [int8_pins_head]="percentile concat shared int8 pins 1 int8 float-out"
-                     [int8_pins_head_stem_fp16]="keep 4")  # a piece of each preset's label, and no other's
+                     [int8_pins_head_stem_fp16]="keep 4 concat shared int8 pins 1 int8 float-out"
+                     [int8_pins_conv_m0_fp16]="keep 4 concat shared int8 pins 1 fp16-in")
     declare -A name=([int8]=int8 [int8_pins_conv]=pins-conv [int8_pins_head]=head
-                     [int8_pins_head_stem_fp16]=head-stem-fp16)
+                     [int8_pins_head_stem_fp16]=head-stem-fp16 [int8_pins_conv_m0_fp16]=m0-fp16)
+    shape=$([[ ${SHAPE:-dynamic} == static ]] && echo st || echo dy)
     list=${PRECISIONS:-fp16,int8_pins_conv,int8_pins_head,int8_pins_head_stem_fp16}
     IFS=, read -ra swept <<< "$list"
-    pairs=()  # fp16 against each int8 preset swept, and the pinned convolutions against the int8 head
+    pairs=()  # fp16 against each int8 preset swept, and the pinned convolutions against the head's and m0's pins
     for preset in "${swept[@]}"; do
-      [[ -n ${cell[$preset]:-} ]] && pairs+=("dy fp16:${cell[$preset]}:fp16-vs-${name[$preset]}")
+      [[ -n ${cell[$preset]:-} ]] && pairs+=("$shape fp16:${cell[$preset]}:fp16-vs-${name[$preset]}")
     done
-    if [[ ,$list, == *,int8_pins_conv,* && ,$list, == *,int8_pins_head,* ]]; then
-      pairs+=("${cell[int8_pins_conv]}:${cell[int8_pins_head]}:pins-conv-vs-head")
-    fi
+    for preset in int8_pins_head int8_pins_conv_m0_fp16; do
+      if [[ ,$list, == *,int8_pins_conv,* && ,$list, == *,$preset,* ]]; then
+        pairs+=("${cell[int8_pins_conv]}:${cell[$preset]}:pins-conv-vs-${name[$preset]}")
+      fi
+    done
     side_by_side "${pairs[@]}"
     exit 0 ;;
   sensitivity)
