@@ -99,7 +99,7 @@ batch32_layers() {  # yolov8n with the given overrides, dynamic to batch 64 (opt
   # batch 32; offline batch 32 and each layer profiled there, level $LEVEL (3), one variant per GPU ($GPUS: auto,
   # $JOBS: every GPU)
   local shape=(shape=dynamic 'profile.min=[1,3,640,640]' 'profile.opt=[32,3,640,640]' 'profile.max=[64,3,640,640]')
-  [[ ${SHAPE:-dynamic} == static ]] && shape=(shape=static 'shape.opt=[32,3,640,640]')
+  [[ ${SHAPE:-dynamic} == static ]] && shape=(shape=static 'shape.opt=[32,3,640,640]' bench.batch=32)
   args=(-m model=yolov8n "$@" "${shape[@]}"
         'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
         "backend.builder_optimization_level=${LEVEL:-3}" hydra/launcher=joblib "backend.gpus=${GPUS:-auto}"
