@@ -122,6 +122,11 @@ class Outcome:
     def met(self) -> bool:
         return self.confirmed is not None and self.drop <= self.limit
 
+    @property
+    def pruned_count(self) -> int:
+        """How many layers the greedy took that pruning put back in int8."""
+        return len(self.taken) - len(self.kept)
+
 
 def layers(nodes: list[tuple[str, str]], group: str) -> list[Layer]:
     """The candidates searched: each node, or each block (ultralytics names a node `/model.<i>/...`; a node named
@@ -441,8 +446,7 @@ def write(outcome: Outcome, out: Path, command: str) -> list[Path]:
 
 def summary_line(o: Outcome) -> str:
     verdict = "limit met" if o.met else "limit NOT met"
-    pruned = len(o.taken) - len(o.kept)
-    more = f" ({pruned} more taken, then pruned)" if pruned > 0 else ""
+    more = f" ({o.pruned_count} more taken, then pruned)" if o.pruned_count > 0 else ""
     return (f"{verdict}: {len(o.kept)} layer(s) kept in float{more}, mAP50-95 drop {o.drop:.4f} (limit {o.limit}) on "
             f"{o.confirm_images} images, fp32 {o.confirmed_reference_map50_95:.4f} -> int8 "
             f"{o.confirmed.map50_95:.4f}; stopped by {o.stopped_by}; latency {o.latency}")
@@ -498,7 +502,7 @@ def log_mlflow(outcome: Outcome, paths: list[Path], uri: str, experiment: str, a
               outcome.calibrator, "confirm_images": outcome.confirm_images, "stopped_by": outcome.stopped_by,
               "keep_float": json.dumps(outcome.keep_float)[:6000]}
     metrics = {"drop": outcome.drop, "met": float(outcome.met), "kept_layers": len(outcome.kept),
-               "pruned_layers": len(outcome.taken) - len(outcome.kept),
+               "pruned_layers": outcome.pruned_count,
                "map50_95": outcome.confirmed.map50_95, "reference_map50_95": outcome.confirmed_reference_map50_95,
                "quantized_drop_ranking": outcome.reference_map50_95 - outcome.quantized.map50_95,
                "evals": outcome.evals, "seconds": outcome.seconds}
