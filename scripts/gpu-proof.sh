@@ -211,19 +211,29 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     declare -A cell=([int8]="concat shared fp16-in" [int8_pins_conv]="percentile concat shared int8 pins 1 fp16-in"
                      [int8_pins_head]="percentile concat shared int8 pins 1 int8 float-out"
                      [int8_pins_head_stem_fp16]="keep 4 concat shared int8 pins 1 int8 float-out"
-                     [int8_pins_conv_m0_fp16]="keep 4 concat shared int8 pins 1 fp16-in")
+                     [int8_pins_conv_m0_fp16]="keep 4 concat shared int8 pins 1 fp16-in"
+                     [int8_pins_m0_head1_conv_out]="keep 4 concat shared int8 pins 1 int8 float-out 2"
+                     [int8_pins_m0_head1_out]="keep 4 concat shared int8 pins 1 int8 float-out 1"
+                     [int8_pins_m0_head1_cv1_out]="keep 4 concat shared int8 pins 1 int8 float-out 3"
+                     [int8_pins_m0_head1_out_cal64]="cal 64 int8 pins 1 int8 float-out 1")
     declare -A name=([int8]=int8 [int8_pins_conv]=pins-conv [int8_pins_head]=head
-                     [int8_pins_head_stem_fp16]=head-stem-fp16 [int8_pins_conv_m0_fp16]=m0-fp16)
+                     [int8_pins_head_stem_fp16]=head-stem-fp16 [int8_pins_conv_m0_fp16]=m0-fp16
+                     [int8_pins_m0_head1_conv_out]=head1-conv-out [int8_pins_m0_head1_out]=head1-out
+                     [int8_pins_m0_head1_cv1_out]=head1-cv1-out [int8_pins_m0_head1_out_cal64]=head1-out-cal64)
     shape=$([[ ${SHAPE:-dynamic} == static ]] && echo st || echo dy)
     list=${PRECISIONS:-fp16,int8_pins_conv,int8_pins_head,int8_pins_head_stem_fp16}
     IFS=, read -ra swept <<< "$list"
-    pairs=()  # fp16 against each int8 preset swept, and the pinned convolutions against the head's and m0's pins
+    pairs=()  # fp16 against each int8 preset swept, and each preset against the one it builds on
     for preset in "${swept[@]}"; do
       [[ -n ${cell[$preset]:-} ]] && pairs+=("$shape fp16:${cell[$preset]}:fp16-vs-${name[$preset]}")
     done
-    for preset in int8_pins_head int8_pins_conv_m0_fp16; do
-      if [[ ,$list, == *,int8_pins_conv,* && ,$list, == *,$preset,* ]]; then
-        pairs+=("${cell[int8_pins_conv]}:${cell[$preset]}:pins-conv-vs-${name[$preset]}")
+    declare -A base=([int8_pins_head]=int8_pins_conv [int8_pins_conv_m0_fp16]=int8_pins_conv
+                     [int8_pins_m0_head1_conv_out]=int8_pins_conv_m0_fp16
+                     [int8_pins_m0_head1_out]=int8_pins_conv_m0_fp16 [int8_pins_m0_head1_cv1_out]=int8_pins_conv_m0_fp16
+                     [int8_pins_m0_head1_out_cal64]=int8_pins_m0_head1_out)
+    for preset in "${!base[@]}"; do
+      if [[ ,$list, == *,${base[$preset]},* && ,$list, == *,$preset,* ]]; then
+        pairs+=("${cell[${base[$preset]}]}:${cell[$preset]}:${name[${base[$preset]}]}-vs-${name[$preset]}")
       fi
     done
     side_by_side "${pairs[@]}"
