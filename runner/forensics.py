@@ -11,6 +11,8 @@ are only known from an inspector bound to a context at a shape (`Runner.layer_in
 type Reformat: TensorRT's own copies between formats or precisions ("Reformatting CopyNode for ..."); a
 requantize (`LayerRow.requantize`) is what is left of Q/DQ nodes TensorRT did not fuse (8.6: type Scale). An
 engine built without DETAILED profiling verbosity lists names only: its layers' type and precision are "unknown".
+A precision pin is checked against the layer that holds its node (`ignored_pins`): TensorRT 8.6 drops one it
+cannot keep in a fusion without an error.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner.results import LayerProfile, LayerRow
+from runner.results import PIN_LISTS, LayerProfile, LayerRow
 
 UNKNOWN = "unknown"
 REFORMAT = "Reformat"
@@ -30,6 +32,7 @@ DATATYPE = re.compile(rf"\b({'|'.join(DATATYPES)})\b", re.IGNORECASE)
 ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]\x1e\x1f]+)\]")
 NAME_NODE = re.compile(r"[^\s,()+\x1e\x1f]*/[^\s,()+\x1e\x1f]+")  # a node inside a fused layer's name
 CONTROL = re.compile(r"[\x00-\x1f]")
+FLOATS = ("fp16", "fp32")
 CSV_COLUMNS = ("name", "type", "precision", "input_precision", "tactic", "ms", "share", "reformat", "onnx_nodes")
 
 
@@ -108,3 +111,24 @@ def became(row_: LayerRow, other: LayerProfile) -> list[LayerRow]:
 
 def slowest(profile: LayerProfile, n: int) -> list[LayerRow]:
     return sorted((r for r in profile.rows if r.ms is not None), key=lambda r: -r.ms)[:n]
+
+
+def ignored_pins(calibration: dict, profile: LayerProfile) -> list[str]:
+    """The pinned layers of an implicit-INT8 build (`calibration`'s `PIN_LISTS`; a layer in two is asked what the
+    later one says) that the engine layer holding their node does not run as asked: an fp16 pin that reads or writes
+    int8, an int8 pin that does not read int8, a float-out pin that does not also write fp16. A node no layer holds
+    (a Concat made into copies) or a layer of unknown precision is not judged. Each as `<node>: asked <what>, runs
+    <input> -> <output>`."""
+    asked = {node: key for key in PIN_LISTS for node in calibration.get(key) or ()}
+    holder = {node: r for r in reversed(profile.rows) if not r.reformat for node in r.onnx_nodes}
+    ignored = []
+    for node, key in asked.items():
+        r = holder.get(node)
+        if r is None or UNKNOWN in (r.precision, r.input_precision):
+            continue
+        kept = {"fp16_layers": r.input_precision in FLOATS and r.precision in FLOATS,
+                "int8_layers": r.input_precision == "int8",
+                "int8_float_out_layers": r.input_precision == "int8" and r.precision == "fp16"}[key]
+        if not kept:
+            ignored.append(f"{node}: asked {PIN_LISTS[key]}, runs {r.input_precision} -> {r.precision}")
+    return ignored

@@ -66,6 +66,8 @@ def _decode(tp, value):
     return value
 
 
+PIN_LISTS = {"fp16_layers": "fp16", "int8_layers": "int8",  # an implicit-INT8 calibration record's pinned layers,
+             "int8_float_out_layers": "int8 with an fp16 output"}  # each with what it asks of them
 QDQ_NODE = re.compile(r"(Dequantize|Quantize)Linear(_clone_\d+)?$")  # a Q/DQ node's name, or a TensorRT clone
 INT8_FIELDS = ("keep_float", "qdq_ops", "calibration_images", "calibration_source", "concat_scales",
                "add_inputs", "pin_int8", "pin_int8_float_out")  # of _Variant
@@ -230,6 +232,15 @@ class BuildResult(Record):
     onnx_signature: dict | None = None  # build=ultralytics: the ONNX it made on the way
     calibration: dict | None = None  # implicit INT8: calibrator, images, shape, cache file and whether it was a hit
     head_maps: dict | None = None  # the engine ends at the head's maps: the ONNX's record (`rewrite.cut_at_head_maps`)
+    pins_ignored: list[str] = field(default_factory=list)  # calibration's pins the engine does not keep (`forensics`)
+
+    def pins_ignored_text(self) -> str:
+        """"TensorRT ignored 6 of 74 pins: <the first>, ..." ("" where it kept every pin)."""
+        if not self.pins_ignored:
+            return ""
+        asked = len(set().union(*((self.calibration or {}).get(key) or () for key in PIN_LISTS)))
+        more = f" and {len(self.pins_ignored) - 1} more" if len(self.pins_ignored) > 1 else ""
+        return f"TensorRT ignored {len(self.pins_ignored)} of {asked} pins: {self.pins_ignored[0]}{more}"
 
 
 @dataclass

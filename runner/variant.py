@@ -15,7 +15,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runner import backends, checkpoint, heads, prepost
+from runner import backends, checkpoint, forensics, heads, prepost
 from runner.backends.onnxruntime import REFERENCE_PROVIDER, open_reference
 from runner.bench import bench
 from runner.config import (ENGINE_BACKENDS, PIN_KEYS, QDQ_PLACEMENT, BackendName, BuildTool, ConfigError, Device,
@@ -24,8 +24,8 @@ from runner.data import Sample, Selection, class_names, load_samples, names_mism
 from runner.environment import environment
 from runner.export import ExportSpec, export_onnx
 from runner.quantize import calibration_set, quantize_variant
-from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, OnnxVariant, Resolved,
-                            StageError, VariantResult)
+from runner.results import (PEER_PIPELINE, BuildResult, BuildVariant, Cell, ExportResult, LayerProfile, OnnxVariant,
+                            Resolved, StageError, VariantResult)
 from runner.rewrite import NoHeadMaps, folded_onnx, head_maps_onnx
 from runner.validate import headline_shape, shapes_to_check, validate
 
@@ -137,6 +137,7 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
             clock.enter("bench")
             result.bench = bench(runner, chain, [s.image for s in samples], timed_shape(cfg, result.build), cfg.bench,
                                  result.build.profile, result.build.layers_path)
+            check_pins(result.build, result.bench.layers)
     except StageError as exc:
         if exc.partial is not None:
             setattr(result, exc.stage, exc.partial)
@@ -149,6 +150,15 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
     if result.status == "running":
         result.status = "ok"
     return result
+
+
+def check_pins(build: BuildResult, layers: LayerProfile | None) -> None:
+    """The calibration's precision pins the engine's layers do not keep, into `build.pins_ignored`, said; none
+    judged without a layer profile."""
+    if build.calibration and layers:
+        build.pins_ignored = forensics.ignored_pins(build.calibration, layers)
+        if build.pins_ignored:
+            log.warning("bench: %s", build.pins_ignored_text())
 
 
 def export_stage(cfg: RunConfig, mechanism: str, backend: str, head_maps_auto: bool = False) -> ExportResult:

@@ -72,7 +72,10 @@
 #                                           #   time: the figures to compare); table, fp16 and each int8 preset swept
 #                                           #   side by side.
 #                                           #   LEVEL=5 PRECISIONS=fp16,int8,int8_pins_conv: those at level 5;
-#                                           #   SHAPE=static: engines fixed at batch 32
+#                                           #   SHAPE=static: engines fixed at batch 32; PRECISIONS=fp16,
+#                                           #   int8_pins_conv_m0_fp16,int8_pins_conv_m0_fp16_cal64,
+#                                           #   int8_pins_m0_head1_conv_out: 64 calibration images, and a pin TensorRT
+#                                           #   ignores (the cell is △, the pins named)
 #   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on $MODEL (yolov8n) from everything quantized, by
 #                                           #   $GROUP (node), each greedy and pruning step timed on TensorRT (--latency),
 #                                           #   level 1; MODEL=yolo11n GROUP=block: the second family, by block
@@ -213,13 +216,10 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
                      [int8_pins_head_stem_fp16]="keep 4 concat shared int8 pins 1 int8 float-out"
                      [int8_pins_conv_m0_fp16]="keep 4 concat shared int8 pins 1 fp16-in"
                      [int8_pins_m0_head1_conv_out]="keep 4 concat shared int8 pins 1 int8 float-out 2"
-                     [int8_pins_m0_head1_out]="keep 4 concat shared int8 pins 1 int8 float-out 1"
-                     [int8_pins_m0_head1_cv1_out]="keep 4 concat shared int8 pins 1 int8 float-out 3"
-                     [int8_pins_m0_head1_out_cal64]="cal 64 int8 pins 1 int8 float-out 1")
+                     [int8_pins_conv_m0_fp16_cal64]="keep 4 concat shared cal 64 int8 pins 1 fp16-in")
     declare -A name=([int8]=int8 [int8_pins_conv]=pins-conv [int8_pins_head]=head
                      [int8_pins_head_stem_fp16]=head-stem-fp16 [int8_pins_conv_m0_fp16]=m0-fp16
-                     [int8_pins_m0_head1_conv_out]=head1-conv-out [int8_pins_m0_head1_out]=head1-out
-                     [int8_pins_m0_head1_cv1_out]=head1-cv1-out [int8_pins_m0_head1_out_cal64]=head1-out-cal64)
+                     [int8_pins_m0_head1_conv_out]=head1-conv-out [int8_pins_conv_m0_fp16_cal64]=m0-fp16-cal64)
     shape=$([[ ${SHAPE:-dynamic} == static ]] && echo st || echo dy)
     list=${PRECISIONS:-fp16,int8_pins_conv,int8_pins_head,int8_pins_head_stem_fp16}
     IFS=, read -ra swept <<< "$list"
@@ -229,8 +229,7 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     done
     declare -A base=([int8_pins_head]=int8_pins_conv [int8_pins_conv_m0_fp16]=int8_pins_conv
                      [int8_pins_m0_head1_conv_out]=int8_pins_conv_m0_fp16
-                     [int8_pins_m0_head1_out]=int8_pins_conv_m0_fp16 [int8_pins_m0_head1_cv1_out]=int8_pins_conv_m0_fp16
-                     [int8_pins_m0_head1_out_cal64]=int8_pins_m0_head1_out)
+                     [int8_pins_conv_m0_fp16_cal64]=int8_pins_conv_m0_fp16)
     for preset in "${!base[@]}"; do
       if [[ ,$list, == *,${base[$preset]},* && ,$list, == *,$preset,* ]]; then
         pairs+=("${cell[${base[$preset]}]}:${cell[$preset]}:${name[${base[$preset]}]}-vs-${name[$preset]}")

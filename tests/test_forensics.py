@@ -258,3 +258,28 @@ def test_the_h200_int8_sweep_shows_the_requantizes_at_concat_inputs(tmp_path, ca
                      str(tmp_path)]) == 0
     said = (tmp_path / "layers.md").read_text()
     assert "|Concat_output_0_QuantizeLinear" not in said and "|requantize|" in said and "0.427 (71)|" in said
+
+
+H200_PINS = {sweep: Path(__file__).parents[1] / "results/gpu" / folder / "results.json" for sweep, folder in
+             (("float-out", "2026-12-01-h200-trt8.6.0-int8-cal64/float-out/every-gpu"),
+              ("head", "2026-12-01-h200x2-trt8.6.0-int8-head/gpu0"),
+              ("pins", "2026-12-01-h200-trt8.6.0-int8-pins/int8-pins/by-hand-flow"))}
+
+
+def test_pins_tensorrt_ignored_are_named_and_those_it_kept_or_made_copies_are_not():
+    """The committed TensorRT 8.6 sweeps: an fp16 output asked of the head's middle convolutions, which TensorRT
+    fuses with their SiLU, is ignored without an error (they write int8); the head's last convolutions, kept in
+    float and then pinned in int8 with an fp16 output, are judged by the later pin; Concats pinned in int8, which
+    TensorRT made into copies, are not judged."""
+    def ignored(sweep: str) -> dict[str, list[str]]:
+        return {r.cell.build.label: forensics.ignored_pins(r.build.calibration, r.bench.layers)
+                for r in read_results(H200_PINS[sweep]) if r.status == "ok" and r.build.calibration}
+
+    float_out = ignored("float-out")
+    assert sorted(map(len, float_out.values())) == [0, 6]
+    said = next(v for v in float_out.values() if v)
+    assert said[0] == "/model.22/cv2.0/cv2.0.1/conv/Conv: asked int8 with an fp16 output, runs int8 -> int8"
+    assert all(".1/conv/Conv: asked int8 with an fp16 output, runs int8 -> int8" in line for line in said)
+    head, pins = ignored("head"), ignored("pins")
+    assert any("float-out" in label for label in head) and not any(head.values())
+    assert any("pins 3" in label for label in pins) and not any(pins.values())

@@ -125,6 +125,22 @@ def test_a_cell_that_ran_with_a_shape_unchecked_is_a_regression_from_a_fully_che
     assert f"|{KEPT.replace('|', chr(92) + '|')}|status|O|△|REGRESSION|" in summary.read_text()
 
 
+def test_a_cell_whose_precision_pins_tensorrt_ignored_is_a_regression_and_says_which(tmp_path):
+    results_file, _ = results_and_baseline(tmp_path)
+    ignored = [r.to_dict() for r in RESULTS]
+    kept = next(r for r in ignored if f"{r['cell']['model']} | ul st fp32 | trt st fp32" == KEPT)
+    kept["build"]["calibration"] = {"fp16_layers": ["/model.0/conv/Conv", "/model.1/conv/Conv"]}
+    kept["build"]["pins_ignored"] = ["/model.0/conv/Conv: asked fp16, runs int8 -> int8"]
+    results_file.write_text(json.dumps(ignored))
+    summary, table = tmp_path / "check.md", tmp_path / "table"
+    assert cli.main(["check", "--results", str(results_file), "--baseline", str(tmp_path / "recorded.json"),
+                     "--summary", str(summary)]) == 1
+    assert f"|{KEPT.replace('|', chr(92) + '|')}|status|O|△|REGRESSION|" in summary.read_text()
+    assert cli.main(["table", "--results", str(results_file), "--out", str(table)]) == 0
+    assert ("|ok|passed||TensorRT ignored 1 of 2 pins: /model.0/conv/Conv: asked fp16, runs int8 -> int8|"
+            in (table / "table.md").read_text())
+
+
 def results_and_baseline(tmp_path) -> tuple[Path, dict]:
     results_file = tmp_path / "results.json"
     results_file.write_text(json.dumps([r.to_dict() for r in RESULTS]))

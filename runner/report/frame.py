@@ -71,7 +71,8 @@ METRICS = (  # the details table's numbers first, in its order
     Metric("bench.batch", "batch"),
 )
 MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
-INACCURATE = "△"  # built and ran, but missed an accuracy limit, or some shapes of its profile were not validated
+INACCURATE = "△"  # built and ran, but missed an accuracy limit, some shapes of its profile were not validated, or
+#   TensorRT ignored some of its precision pins
 REFERENCE = "R"  # ran, and the model under test is the reference itself
 WHY_MARKS = (MARKS["failed"], INACCURATE)  # the marks shown with why: the failing stage, or the metric missed
 NOT_SETTINGS = (*NOT_IDENTITY, "outputs", "cache_dir")  # where a variant ran and was logged, not what it measured
@@ -84,10 +85,10 @@ class ReportError(Exception):
     """A problem the user can fix (no such sweep, unreadable file, unreachable store); one line, exit 2."""
 
 
-def mark(status: str, validation: str, failed_stage: str, unvalidated: str = "") -> str:
-    """A cell's mark in the grids: O ran and passed, △ missed an accuracy limit or ran with `unvalidated` shapes
-    (partly checked), X failed, R is the reference, - skipped."""
-    if status == "failed" and failed_stage == "accuracy" or status == "ok" and unvalidated:
+def mark(status: str, validation: str, failed_stage: str, unvalidated: str = "", pins_ignored: str = "") -> str:
+    """A cell's mark in the grids: O ran and passed, △ missed an accuracy limit, ran with `unvalidated` shapes
+    (partly checked) or with `pins_ignored` (not the engine asked for), X failed, R is the reference, - skipped."""
+    if status == "failed" and failed_stage == "accuracy" or status == "ok" and (unvalidated or pins_ignored):
         return INACCURATE
     return REFERENCE if status == "ok" and validation == "reference" else MARKS.get(status, "-")
 
@@ -96,8 +97,9 @@ def _row(cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
     outcome = {k: tags.get(k) or "" for k in OUTCOME}
     return {"cell": cell, "model": cell.model, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
             AUTO: tags.get(AUTO) or "", **outcome, "mark": mark(outcome["status"], outcome["validation"],
-                                                                outcome["failed_stage"], outcome["unvalidated_shapes"]),
-            "note": tags.get("error") or tags.get("validation_note") or "",  # the error, or what a pass left out
+                                                                outcome["failed_stage"], outcome["unvalidated_shapes"],
+                                                                outcome["pins_ignored"]),
+            "note": tags.get("error") or tags.get("pins_ignored") or tags.get("validation_note") or "",
             **{k: tags.get(k) or "" for k in SHAPES},
             **{m.column: metrics.get(m.key, math.nan) for m in METRICS}, "gpu": gpu or ""}
 
