@@ -74,11 +74,12 @@ def measure(run: RunConfig, record: JobRecord, progress: str) -> JobRecord:
         result = new_result(run, "-", None, "failed")
         result.failed_stage, result.error, result.error_detail = "start", f"{type(exc).__name__}: {exc}", \
             traceback.format_exc()
-    ignored = len(result.build.pins_ignored) if result.build else 0
+    build = result.build
+    pins = (build and build.pins_ignored and f", but TensorRT ignored {len(build.pins_ignored)} precision pins"
+            or build and build.pins_unchecked and f", but {len(build.pinned)} precision pins not checked" or "")
     log.info("  [%s] -> %s%s", result.name, result.status,
              f" at {result.failed_stage}: {result.first_error_line()}" if result.failed_stage
-             else f": {result.error}" if result.status == "skipped"
-             else f", but TensorRT ignored {ignored} precision pins" if ignored else "")
+             else f": {result.error}" if result.status == "skipped" else pins)
     record.result, record.ended_ms = result, int(time.time() * 1000)
     record.write()
     return record

@@ -233,14 +233,22 @@ class BuildResult(Record):
     calibration: dict | None = None  # implicit INT8: calibrator, images, shape, cache file and whether it was a hit
     head_maps: dict | None = None  # the engine ends at the head's maps: the ONNX's record (`rewrite.cut_at_head_maps`)
     pins_ignored: list[str] = field(default_factory=list)  # calibration's pins the engine does not keep (`forensics`)
+    pins_unchecked: str | None = None  # why its pins were not checked against the engine's layers
 
-    def pins_ignored_text(self) -> str:
-        """"TensorRT ignored 6 of 74 pins: <the first>, ..." ("" where it kept every pin)."""
+    @property
+    def pinned(self) -> set[str]:
+        """The layers the calibration record pins (`PIN_LISTS`)."""
+        return set().union(*((self.calibration or {}).get(key) or () for key in PIN_LISTS))
+
+    def pin_check_text(self) -> str:
+        """"TensorRT ignored 6 of 74 pins: <the first> and 5 more", or "74 precision pins not checked: <why>"; ""
+        where every pin was kept, or none asked."""
+        if self.pins_unchecked:
+            return f"{len(self.pinned)} precision pins not checked: {self.pins_unchecked}"
         if not self.pins_ignored:
             return ""
-        asked = len(set().union(*((self.calibration or {}).get(key) or () for key in PIN_LISTS)))
         more = f" and {len(self.pins_ignored) - 1} more" if len(self.pins_ignored) > 1 else ""
-        return f"TensorRT ignored {len(self.pins_ignored)} of {asked} pins: {self.pins_ignored[0]}{more}"
+        return f"TensorRT ignored {len(self.pins_ignored)} of {len(self.pinned)} pins: {self.pins_ignored[0]}{more}"
 
 
 @dataclass

@@ -14,7 +14,7 @@ SWEEP, VARIANT = "sweep", "variant"  # the values of KIND_TAG
 SWEEP_TAG = "runner.sweep_id"
 RESULT_TAG = "runner.result_id"  # the result.json a variant run was logged from
 OUTCOME = ("status", "failed_stage", "error", "backend", "validation", "validation_note", "accuracy_miss",
-           "unvalidated_shapes", "pins_ignored")
+           "unvalidated_shapes", "pin_check")
 SHAPES = ("timed_shape", "map_shape", "map_worst_shape")  # where the figures were measured, as `shape_text` says
 AUTO = "auto"  # the tag of what the variant's `auto` settings became (`Resolved.auto_text`)
 
@@ -41,15 +41,15 @@ def cell_from_tags(tags: dict) -> Cell:
 
 def outcome_tags(result: VariantResult) -> dict[str, str]:
     """Status, failing stage, error, backend, validation verdict (and what a pass or the reference did not check or
-    measure, or the accuracy limits missed, and the shapes not validated), and the precision pins TensorRT ignored,
-    as tags."""
+    measure, or the accuracy limits missed, and the shapes not validated), and the precision pins TensorRT ignored
+    or that were not checked, as tags."""
     v = result.validate
     return {"status": result.status, "failed_stage": result.failed_stage or "", "error": result.error or "",
             "backend": result.backend, "validation": v.status if v else "",
             "validation_note": (v.reason or "") if v and v.status in ("passed", "reference") else "",
             "accuracy_miss": ", ".join(v.failed_metrics) if v and v.status == "inaccurate" else "",
             "unvalidated_shapes": ", ".join(v.unvalidated) if v else "",
-            "pins_ignored": result.build.pins_ignored_text() if result.build else ""}
+            "pin_check": result.build.pin_check_text() if result.build else ""}
 
 
 def auto_tags(result: VariantResult) -> dict[str, str]:

@@ -153,12 +153,18 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
 
 
 def check_pins(build: BuildResult, layers: LayerProfile | None) -> None:
-    """The calibration's precision pins the engine's layers do not keep, into `build.pins_ignored`, said; none
-    judged without a layer profile."""
-    if build.calibration and layers:
+    """The calibration's precision pins the engine's layers do not keep, into `build.pins_ignored`; where no layer
+    profile with precisions can judge them, why, into `build.pins_unchecked`. Either is said."""
+    if not build.pinned:
+        return
+    if layers is None:
+        build.pins_unchecked = "no layer profile (see the bench's note)"
+    elif all(forensics.UNKNOWN in (r.precision, r.input_precision) for r in layers.rows):
+        build.pins_unchecked = "the engine inspector gave no layer precisions"
+    else:
         build.pins_ignored = forensics.ignored_pins(build.calibration, layers)
-        if build.pins_ignored:
-            log.warning("bench: %s", build.pins_ignored_text())
+    if said := build.pin_check_text():
+        log.warning("bench: %s", said)
 
 
 def export_stage(cfg: RunConfig, mechanism: str, backend: str, head_maps_auto: bool = False) -> ExportResult:

@@ -283,3 +283,28 @@ def test_pins_tensorrt_ignored_are_named_and_those_it_kept_or_made_copies_are_no
     head, pins = ignored("head"), ignored("pins")
     assert any("float-out" in label for label in head) and not any(head.values())
     assert any("pins 3" in label for label in pins) and not any(pins.values())
+
+
+def test_pins_no_layer_profile_can_judge_are_said_not_checked(inspector):
+    """The variant's check: pins judged where the profile has precisions; where it has none, or there is no
+    profile, the pins are said not checked (the cell's △); a build with no pins has nothing to say."""
+    from runner.results import BuildResult
+    from runner.variant import check_pins
+
+    def build(**calibration) -> BuildResult:
+        return BuildResult(tool="tensorrt_api", artifact="engine", profile=[[1, 3, 640, 640]] * 3,
+                           calibration=calibration)
+
+    names_only = forensics.join(["/model.0/conv/Conv"], {"/model.0/conv/Conv": 0.3}, [1, 3, 640, 640], 10)
+    detailed = forensics.join(forensics.read_layers(inspector), TIMES, [1, 3, 640, 640], 10)
+    said = {}
+    for name, layers in (("none", None), ("names only", names_only), ("detailed", detailed)):
+        pinned = build(fp16_layers=["/model.0/conv/Conv"], int8_layers=["/model.22/Concat_3"])
+        check_pins(pinned, layers)
+        said[name] = pinned.pin_check_text()
+    assert said == {"none": "2 precision pins not checked: no layer profile (see the bench's note)",
+                    "names only": "2 precision pins not checked: the engine inspector gave no layer precisions",
+                    "detailed": "TensorRT ignored 1 of 2 pins: /model.0/conv/Conv: asked fp16, runs fp16 -> int8"}
+    unpinned = build(calibrator="percentile")
+    check_pins(unpinned, None)
+    assert unpinned.pin_check_text() == "" and unpinned.pins_unchecked is None

@@ -85,10 +85,11 @@ class ReportError(Exception):
     """A problem the user can fix (no such sweep, unreadable file, unreachable store); one line, exit 2."""
 
 
-def mark(status: str, validation: str, failed_stage: str, unvalidated: str = "", pins_ignored: str = "") -> str:
+def mark(status: str, validation: str, failed_stage: str, unvalidated: str = "", pin_check: str = "") -> str:
     """A cell's mark in the grids: O ran and passed, △ missed an accuracy limit, ran with `unvalidated` shapes
-    (partly checked) or with `pins_ignored` (not the engine asked for), X failed, R is the reference, - skipped."""
-    if status == "failed" and failed_stage == "accuracy" or status == "ok" and (unvalidated or pins_ignored):
+    (partly checked) or with a `pin_check` note (pins TensorRT ignored, or pins not checked), X failed, R is the
+    reference, - skipped."""
+    if status == "failed" and failed_stage == "accuracy" or status == "ok" and (unvalidated or pin_check):
         return INACCURATE
     return REFERENCE if status == "ok" and validation == "reference" else MARKS.get(status, "-")
 
@@ -98,8 +99,8 @@ def _row(cell, tags: dict, metrics: dict, gpu: str | None) -> dict:
     return {"cell": cell, "model": cell.model, "onnx_label": cell.onnx.label, "build_label": cell.build.label,
             AUTO: tags.get(AUTO) or "", **outcome, "mark": mark(outcome["status"], outcome["validation"],
                                                                 outcome["failed_stage"], outcome["unvalidated_shapes"],
-                                                                outcome["pins_ignored"]),
-            "note": tags.get("error") or tags.get("pins_ignored") or tags.get("validation_note") or "",
+                                                                outcome["pin_check"]),
+            "note": tags.get("error") or tags.get("pin_check") or tags.get("validation_note") or "",
             **{k: tags.get(k) or "" for k in SHAPES},
             **{m.column: metrics.get(m.key, math.nan) for m in METRICS}, "gpu": gpu or ""}
 

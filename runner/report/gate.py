@@ -41,7 +41,7 @@ def cells(frame: pd.DataFrame) -> dict[str, dict]:
                           f"sweep, or its sweep folder")
     return {r.cell.key: {"cell": r.cell.to_dict(), "status": r.status, "failed_stage": r.failed_stage,
                          "validation": r.validation, "unvalidated_shapes": r.unvalidated_shapes,
-                         "pins_ignored": r.pins_ignored,
+                         "pin_check": r.pin_check,
                          **{k: _number(getattr(r, k)) for k in NUMBERS}}
             for r in frame.itertuples(index=False)}
 
@@ -56,7 +56,7 @@ def cell_problem(cell) -> str | None:
 
 def _mark(cell: dict) -> str:
     shown = mark(cell["status"], cell.get("validation") or "", cell.get("failed_stage") or "",
-                 cell.get("unvalidated_shapes") or "", cell.get("pins_ignored") or "")
+                 cell.get("unvalidated_shapes") or "", cell.get("pin_check") or "")
     return f"{shown} ({cell['failed_stage']})" if shown in WHY_MARKS and cell.get("failed_stage") else shown
 
 
@@ -82,7 +82,7 @@ def compare(baseline: dict[str, dict], current: dict[str, dict], latency_ratio: 
         if Cell.from_dict(old["cell"]) != Cell.from_dict(new["cell"]):  # one label, other settings: not comparable
             add(cell, "variant", "the baseline's", "another, of other int8 settings", True)
             continue
-        partly = any(not old.get(k) and bool(new.get(k)) for k in ("unvalidated_shapes", "pins_ignored"))  # O -> △
+        partly = any(not old.get(k) and bool(new.get(k)) for k in ("unvalidated_shapes", "pin_check"))  # O -> △
         add(cell, "status", _mark(old), _mark(new), old["status"] == "ok" and (new["status"] != "ok" or partly))
         before, after = old.get("validation") or "", new.get("validation") or ""
         if before in COMPARABLE_VALIDATION and after in COMPARABLE_VALIDATION:

@@ -17,11 +17,11 @@ from runner.report.render import COLOURS, SEVERITY
 
 def plot_matrix(model_grids: dict[str, pd.DataFrame], frame: pd.DataFrame, path: Path, title: str) -> None:
     """One heatmap per model, stacked: green O, orange △ (with the metric it missed, the shapes not validated, or the
-    pins TensorRT ignored), red X (with its failing stage), blue R (reference), grey -."""
+    pins TensorRT ignored or not checked), red X (with its failing stage), blue R (reference), grey -."""
     failed = frame[frame["mark"].isin(WHY_MARKS)]
-    why = [(miss or (shapes and f"unvalidated: {shapes}") or "pins ignored") if shown == INACCURATE else stage
-           for shown, stage, miss, shapes in zip(failed["mark"], failed["failed_stage"], failed["accuracy_miss"],
-                                                 failed["unvalidated_shapes"])]
+    why = [(miss or (shapes and f"unvalidated: {shapes}") or pins.split(":")[0]) if shown == INACCURATE else stage
+           for shown, stage, miss, shapes, pins in zip(failed["mark"], failed["failed_stage"], failed["accuracy_miss"],
+                                                       failed["unvalidated_shapes"], failed["pin_check"])]
     stage_of = dict(zip(zip(failed["model"], failed["build_label"], failed["onnx_label"]), why))
     heights = [len(g.index) + 1.2 for g in model_grids.values()]
     cols = max(len(g.columns) for g in model_grids.values())

@@ -14,8 +14,9 @@ from runner.results import first_line
 SEVERITY = "-RO△X"  # a cell run twice (e.g. two profiles) shows its worst outcome
 COLOURS = {"O": "#2e7d32", "X": "#c62828", "△": "#ef6c00", "R": "#1565c0", "-": "#bdbdbd"}
 LEGEND = ("O built, ran and passed validation; △ built and ran, but missed an accuracy limit against the fp32 "
-          "reference (the metric is named), was partly checked (the shapes not validated are named), or TensorRT "
-          "ignored some of its precision pins (named in the details); X failed (its stage is in the details); R ran, "
+          "reference (the metric is named), was partly checked (the shapes not validated, or the precision pins not "
+          "checked, are named), or TensorRT ignored some of its precision pins (named in the details); X failed (its "
+          "stage is in the details); R ran, "
           "and the model under test "
           "is the reference itself, so its validation cannot fail; - skipped (the reason is in the details).")
 DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "auto": "auto", "status": "status",
