@@ -72,7 +72,7 @@ METRICS = (  # the details table's numbers first, in its order
 )
 MARKS = {"ok": "O", "failed": "X", "skipped": "-"}
 INACCURATE = "△"  # built and ran, but missed an accuracy limit, some shapes of its profile were not validated, or
-#   TensorRT ignored some of its precision pins
+#   TensorRT ignored some of its precision pins or they were not checked
 REFERENCE = "R"  # ran, and the model under test is the reference itself
 WHY_MARKS = (MARKS["failed"], INACCURATE)  # the marks shown with why: the failing stage, or the metric missed
 NOT_SETTINGS = (*NOT_IDENTITY, "outputs", "cache_dir")  # where a variant ran and was logged, not what it measured

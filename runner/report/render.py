@@ -16,9 +16,8 @@ COLOURS = {"O": "#2e7d32", "X": "#c62828", "△": "#ef6c00", "R": "#1565c0", "-"
 LEGEND = ("O built, ran and passed validation; △ built and ran, but missed an accuracy limit against the fp32 "
           "reference (the metric is named), was partly checked (the shapes not validated, or the precision pins not "
           "checked, are named), or TensorRT ignored some of its precision pins (named in the details); X failed (its "
-          "stage is in the details); R ran, "
-          "and the model under test "
-          "is the reference itself, so its validation cannot fail; - skipped (the reason is in the details).")
+          "stage is in the details); R ran, and the model under test is the reference itself, so its validation "
+          "cannot fail; - skipped (the reason is in the details).")
 DETAIL = {"model": "model", "onnx_label": "onnx", "build_label": "build", "auto": "auto", "status": "status",
           "validation": "validation", "failed_stage": "failing stage", "note": "error / note",
           "timed_shape": "timed at", **{m.column: m.heading for m in METRICS if m.name},
