@@ -113,6 +113,16 @@ def slowest(profile: LayerProfile, n: int) -> list[LayerRow]:
     return sorted((r for r in profile.rows if r.ms is not None), key=lambda r: -r.ms)[:n]
 
 
+def pin_verdict(calibration: dict, profile: LayerProfile | None) -> tuple[list[str], str | None]:
+    """(the pins TensorRT ignored (`ignored_pins`), None), or ([], why none could be judged): no layer profile, or
+    one without precisions."""
+    if profile is None:
+        return [], "no layer profile (see the bench's note)"
+    if all(UNKNOWN in (r.precision, r.input_precision) for r in profile.rows):
+        return [], "the engine inspector gave no layer precisions"
+    return ignored_pins(calibration, profile), None
+
+
 def ignored_pins(calibration: dict, profile: LayerProfile) -> list[str]:
     """The pinned layers of an implicit-INT8 build (`calibration`'s `PIN_LISTS`; a layer in two is asked what the
     later one says) that the engine layer holding their node does not run as asked: an fp16 pin that reads or writes

@@ -75,8 +75,8 @@ def measure(run: RunConfig, record: JobRecord, progress: str) -> JobRecord:
         result.failed_stage, result.error, result.error_detail = "start", f"{type(exc).__name__}: {exc}", \
             traceback.format_exc()
     build = result.build
-    pins = (build and build.pins_ignored and f", but TensorRT ignored {len(build.pins_ignored)} precision pins"
-            or build and build.pins_unchecked and f", but {len(build.pinned)} precision pins not checked" or "")
+    pins = (f", but TensorRT ignored {len(build.pins_ignored)} precision pins" if build and build.pins_ignored
+            else f", but {len(build.pinned)} precision pins not checked" if build and build.pins_unchecked else "")
     log.info("  [%s] -> %s%s", result.name, result.status,
              f" at {result.failed_stage}: {result.first_error_line()}" if result.failed_stage
              else f": {result.error}" if result.status == "skipped" else pins)

@@ -157,12 +157,7 @@ def check_pins(build: BuildResult, layers: LayerProfile | None) -> None:
     profile with precisions can judge them, why, into `build.pins_unchecked`. Either is said."""
     if not build.pinned:
         return
-    if layers is None:
-        build.pins_unchecked = "no layer profile (see the bench's note)"
-    elif all(forensics.UNKNOWN in (r.precision, r.input_precision) for r in layers.rows):
-        build.pins_unchecked = "the engine inspector gave no layer precisions"
-    else:
-        build.pins_ignored = forensics.ignored_pins(build.calibration, layers)
+    build.pins_ignored, build.pins_unchecked = forensics.pin_verdict(build.calibration, layers)
     if said := build.pin_check_text():
         log.warning("bench: %s", said)
 
