@@ -52,7 +52,8 @@ warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigSto
 
 
 AUTO = "auto"  # a setting resolved per variant once its backend is known (`backends.resolve_auto`)
-API_BUILD_SETTINGS = ("half_input", "head_maps")  # backend settings of runner's TensorRT API build (`Backend.takes`)
+API_BUILD_SETTINGS = ("half_input", "int8_input", "head_maps")  # backend settings of runner's TensorRT API build
+#   (`Backend.takes`)
 
 
 class ConfigError(ValueError):
@@ -226,7 +227,11 @@ class BackendConfig:
     workspace_gib: float = 4.0
     tf32: bool = False  # TensorRT turns TF32 on for fp32 layers by default; fp32 here means IEEE fp32
     half_input: Any = AUTO  # true | false | auto: TensorRT fp16 and int8 Q/DQ engines of runner's own build: the input
-    #   in fp16, as the GPU letterbox writes it. auto: on where it applies (`backends.resolve_auto`)
+    #   in fp16, as the GPU letterbox writes it. auto: on where it applies and the input is not int8
+    #   (`backends.resolve_auto`)
+    int8_input: Any = AUTO  # true | false | auto: TensorRT's implicit INT8 from onnxruntime's ranges: the input in
+    #   int8, quantized at its calibrated range by the letterbox (GPU or host), so the engine's int8 stem reads it
+    #   without converting it. auto: on where it applies
     fold_split_concat: bool = True  # TensorRT API build: a Concat of a Split's every output reads its input (exact;
     #   `rewrite`), so the engine writes the tensor in place instead of copying its halves
     head_maps: Any = AUTO  # true | false | auto: TensorRT API build of a one-to-many YOLO head: the engine ends at the
@@ -583,9 +588,11 @@ def check(cfg: RunConfig) -> None:
         if value < 0:
             raise ConfigError(f"bench.{key}: must be >= 0, got {value}")
     for key, value in (("bench.cuda_graph", cfg.bench.cuda_graph), ("backend.half_input", cfg.backend.half_input),
-                       ("backend.head_maps", cfg.backend.head_maps)):
+                       ("backend.int8_input", cfg.backend.int8_input), ("backend.head_maps", cfg.backend.head_maps)):
         if not (isinstance(value, bool) or value == AUTO):
             raise ConfigError(f"{key}: true, false or auto, got {value!r}")
+    if cfg.backend.half_input is True and cfg.backend.int8_input is True:
+        raise ConfigError("backend.half_input and backend.int8_input: the input has one type; set one of them false")
     _check_timed_shape(cfg)
     _check_scenarios(cfg.bench)
     _check_precision(cfg.precision)

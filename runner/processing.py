@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 PAD_VALUE = (114, 114, 114)
+INT8_MAX = 127  # symmetric int8: a range r maps to [-127, 127] levels, 127 / r per unit
 MAX_NMS = 30000
 ONE2MANY, END2END, RTDETR = "one2many", "end2end", "rtdetr"  # the decodes
 RANKED = (END2END, RTDETR)  # a top-k output: near-equal scores reorder its rows, so it is compared as detections
@@ -76,6 +77,12 @@ def letterbox(img: np.ndarray, new_shape: tuple[int, int], auto: bool = False, s
 def to_blob(images: list[np.ndarray]) -> np.ndarray:
     """BGR HWC uint8 images of one size -> float32 NCHW RGB in [0, 1]."""
     return cv2.dnn.blobFromImages(images, scalefactor=1 / 255.0, swapRB=True)
+
+
+def quantize_input(blob: np.ndarray, levels: float) -> np.ndarray:
+    """An input blob in int8 at `levels` per unit (127 / the input's range): round(v * levels), clamped to
+    [-128, 127], as TensorRT quantizes and the GPU letterbox's int8 kernel writes."""
+    return np.clip(np.rint(blob.astype(np.float32) * np.float32(levels)), -128, 127).astype(np.int8)
 
 
 def preprocess(images: list[np.ndarray], hw: tuple[int, int], auto: bool = False, stride: int = 32,

@@ -158,7 +158,7 @@ class BuildVariant(_Variant):
     one: `gpu-pre`, `gpu-post`, or the peer's `predict`; `head-maps` where the decode runs after the engine."""
     pipeline: str = ""
     setting: str = ""  # set by the report where variants of one cell differ: the settings that tell them apart
-    input_dtype: str = field(default="", kw_only=True)  # `fp16` with backend.half_input; "" for float32
+    input_dtype: str = field(default="", kw_only=True)  # `fp16` or `int8` (backend.half_input, int8_input); "": float32
     head_maps: str = field(default="", kw_only=True)  # `head-maps` with backend.head_maps: the engine ends at them
     TOOLS: ClassVar[dict[str, str]] = BUILD_TOOLS
 
@@ -232,6 +232,7 @@ class BuildResult(Record):
     onnx_signature: dict | None = None  # build=ultralytics: the ONNX it made on the way
     calibration: dict | None = None  # implicit INT8: calibrator, images, shape, cache file and whether it was a hit
     head_maps: dict | None = None  # the engine ends at the head's maps: the ONNX's record (`rewrite.cut_at_head_maps`)
+    input_range: float | None = None  # an int8 input: the symmetric range its values are quantized at
     pins_ignored: list[str] = field(default_factory=list)  # calibration's pins the engine does not keep (`forensics`)
     pins_unchecked: str | None = None  # why its pins were not checked against the engine's layers
 
@@ -494,8 +495,9 @@ class Resolved(Record):
     preprocess: str  # cpu | gpu
     postprocess: str
     cuda_graph: bool | None  # None: the backend has no CUDA graph
-    auto: list[str] = field(default_factory=list)  # of preprocess, postprocess, cuda_graph, half_input, head_maps
+    auto: list[str] = field(default_factory=list)  # of preprocess, postprocess, cuda_graph, and API_BUILD_SETTINGS
     half_input: bool = False
+    int8_input: bool = False
     head_maps: bool = False
 
     def auto_text(self) -> str:
@@ -504,7 +506,7 @@ class Resolved(Record):
         graph = "n/a" if self.cuda_graph is None else "on" if self.cuda_graph else "off"
         words = {"preprocess": f"pre {self.preprocess}", "postprocess": f"post {self.postprocess}",
                  "cuda_graph": f"graph {graph}", "half_input": self.half_input and "fp16 input",
-                 "head_maps": self.head_maps and "head maps"}
+                 "int8_input": self.int8_input and "int8 input", "head_maps": self.head_maps and "head maps"}
         return ", ".join(words[key] for key in words if key in self.auto and words[key])
 
 

@@ -189,7 +189,8 @@ class Tracker:
             r = result.resolved
             resolved.update({"resolved.preprocess": r.preprocess, "resolved.postprocess": r.postprocess,
                              "resolved.cuda_graph": "n/a" if r.cuda_graph is None else r.cuda_graph,
-                             "resolved.half_input": r.half_input, "resolved.head_maps": r.head_maps})
+                             "resolved.half_input": r.half_input, "resolved.int8_input": r.int8_input,
+                             "resolved.head_maps": r.head_maps})
         resolved.update(int8_params(result))
         env = {f"env.{k}": v for k, v in result.environment.items()}
         self._log_params(run_id, {**flatten(record.config), **env,

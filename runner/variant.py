@@ -43,10 +43,17 @@ def cell_of(cfg: RunConfig, backend: str, mechanism: str | None) -> Cell:
     onnx = OnnxVariant(cfg.export.tool.value, (cfg.export.shape or cfg.shape.mode).value, onnx_precision,
                        cfg.export.head.value, **int8_settings(cfg, mechanism, Mechanism.qdq))
     build = BuildVariant(build_tool, cfg.shape.mode.value, cfg.precision.name.value, prepost_label(cfg, backend),
-                         input_dtype="fp16" if backend in ENGINE_BACKENDS and cfg.backend.half_input is True else "",
+                         input_dtype=input_dtype(cfg, backend),
                          head_maps="head-maps" if cuts_head(cfg, backend) else "",
                          **int8_settings(cfg, mechanism, Mechanism.calibrator))  # calibrated in the build
     return Cell(onnx, build, cfg.model.label)
+
+
+def input_dtype(cfg: RunConfig, backend: str) -> str:
+    """The engine input's type where runner's build sets one: `fp16` or `int8`; "" for the ONNX's float32."""
+    if backend not in ENGINE_BACKENDS:
+        return ""
+    return "int8" if cfg.backend.int8_input is True else "fp16" if cfg.backend.half_input is True else ""
 
 
 def int8_settings(cfg: RunConfig, mechanism: str | None, where: Mechanism) -> dict[str, str]:

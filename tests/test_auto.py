@@ -29,10 +29,11 @@ def test_a_sweep_over_cpu_and_auto_gives_two_rows_told_apart(tmp_path, export_ca
     results = [VariantResult.from_dict(r) for r in json.loads((sweep / "results.json").read_text())]
     resolved = sorted((r.resolved.preprocess, r.resolved.postprocess, r.resolved.cuda_graph, tuple(r.resolved.auto))
                       for r in results)
-    built = ("half_input", "head_maps")  # auto too, off on onnxruntime (no engine of runner's to take them)
+    built = ("half_input", "int8_input", "head_maps")  # auto too, off on onnxruntime (no engine of runner's to take
+    #   them)
     assert resolved == [("cpu", "cpu", None, ("postprocess", "cuda_graph", *built)),
                         ("cpu", "cpu", None, ("preprocess", "postprocess", "cuda_graph", *built))]
-    assert not any(r.resolved.half_input or r.resolved.head_maps for r in results)
+    assert not any(r.resolved.half_input or r.resolved.int8_input or r.resolved.head_maps for r in results)
     assert all(r.bench.settings["preprocess"] == "host letterbox (float upload)" for r in results)  # what ran
 
     summary = pd.read_csv(sweep / "summary.csv", keep_default_na=False)

@@ -11,6 +11,7 @@ from runner.backends.onnxruntime import OnnxruntimeBackend, OrtRunner
 from runner.backends.tensorrt import TensorrtBackend
 from runner.backends.tensorrt import compat as trt_compat
 from runner.backends.ultralytics import OUTSIDE_PROFILE, UltralyticsBackend, UltralyticsRunner
+from runner.config import ConfigError
 from runner.preflight import preflight
 from runner.variant import cell_of
 from runner.processing import preprocess
@@ -57,8 +58,8 @@ def test_an_fp16_input_is_part_of_an_engine_row(backend, label):
     assert cell_of(cfg, backend, "builder_flag").build.label == label
 
 
-ALL_AUTO = ["preprocess", "postprocess", "cuda_graph", "half_input", "head_maps"]
-OFF = ["backend.half_input=false", "backend.head_maps=false"]
+ALL_AUTO = ["preprocess", "postprocess", "cuda_graph", "half_input", "int8_input", "head_maps"]
+OFF = ["backend.half_input=false", "backend.int8_input=false", "backend.head_maps=false"]
 
 
 @pytest.mark.parametrize("backend, overrides, ends, graph, auto, label", [
@@ -67,9 +68,9 @@ OFF = ["backend.half_input=false", "backend.head_maps=false"]
     ("ultralytics", [], ("cpu", "cpu"), None, ALL_AUTO, "trt st fp16 predict"),  # the engine ultralytics makes
     ("tensorrt", ["build=ultralytics"], ("gpu", "gpu"), True, ALL_AUTO, "ul-trt st fp16 gpu-pre gpu-post"),
     ("tensorrt", ["preprocess=cpu", "bench.cuda_graph=false", "backend.head_maps=false"], ("cpu", "gpu"), False,
-     ["postprocess", "half_input"], "trt st fp16 fp16-in gpu-post"),
+     ["postprocess", "half_input", "int8_input"], "trt st fp16 fp16-in gpu-post"),
     ("tensorrt", ["postprocess=cpu", "bench.cuda_graph=true", "backend.half_input=false"], ("gpu", "cpu"), True,
-     ["preprocess", "head_maps"], "trt st fp16 head-maps gpu-pre"),
+     ["preprocess", "int8_input", "head_maps"], "trt st fp16 head-maps gpu-pre"),
     ("onnxruntime", ["preprocess=cpu", "postprocess=cpu", "bench.cuda_graph=true", *OFF], ("cpu", "cpu"), None, [],
      "ort st fp16"),
 ])
@@ -113,6 +114,35 @@ def test_auto_leaves_out_what_the_variant_cannot_take(monkeypatch):
     assert (resolved.half_input, resolved.head_maps) == (False, False)
     rtdetr, = preflight(["model=rtdetr-n"])
     assert backends.resolve_auto(rtdetr, trt)[1].head_maps is False
+
+
+def test_int8_input_is_auto_on_implicit_int8_from_onnxruntimes_ranges_only(monkeypatch):
+    """Implicit INT8 from onnxruntime's ranges takes an int8 input in place of the fp16 one; an fp16 input asked for
+    keeps it fp16; TensorRT's calibrators (float batches), Q/DQ and fp16 never take it, and asking for it there, or
+    for both input types, or of the peer, is refused in one line."""
+    trt = backends.get("tensorrt")
+    monkeypatch.setattr(TensorrtBackend, "precision_mechanism", lambda self, cfg: "calibrator")
+    ranges, = preflight(["precision=int8"])
+    cfg, resolved = backends.resolve_auto(ranges, trt)
+    assert (resolved.int8_input, resolved.half_input) == (True, False) == (cfg.backend.int8_input,
+                                                                           cfg.backend.half_input)
+    label = cell_of(cfg, "tensorrt", "calibrator").build.label
+    assert label == "trt st int8 percentile concat shared int8-in head-maps gpu-pre gpu-post"
+    assert "int8 input" in resolved.auto_text()
+    half, = preflight(["precision=int8", "backend.half_input=true"])
+    assert backends.resolve_auto(half, trt)[1].int8_input is False
+    entropy, = preflight(["precision=int8_calibrator"])
+    assert not backends.resolve_auto(entropy, trt)[1].int8_input
+    asked, = preflight(["precision=int8_calibrator", "backend.int8_input=true"])
+    assert trt.applies(asked).startswith("backend.int8_input: it applies to implicit int8 from onnxruntime's ranges")
+    monkeypatch.setattr(TensorrtBackend, "precision_mechanism", lambda self, cfg: "builder_flag")
+    fp16, = preflight(["precision=fp16"])
+    assert not backends.resolve_auto(fp16, trt)[1].int8_input
+    with pytest.raises(ConfigError, match="the input has one type"):
+        preflight(["backend.half_input=true", "backend.int8_input=true"])
+    peer, = preflight(["backend=ultralytics", "backend.int8_input=true", "preprocess=cpu", "postprocess=cpu"])
+    assert backends.get("ultralytics").applies(peer) == ("backend.int8_input: predict feeds a float input; it applies "
+                                                         "to backend=tensorrt")
 
 
 def test_the_cell_names_the_calibrator_where_it_calibrates():

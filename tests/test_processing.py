@@ -175,3 +175,12 @@ def test_postprocess_batch_equals_per_image(export_model, held_out_images):
     for ours, ref in zip(batched, theirs):
         assert ours.shape == ref.shape
         np.testing.assert_allclose(_sorted(ours)[:, :4], _sorted(ref)[:, :4], atol=1e-2, rtol=0)
+
+
+def test_quantize_input_rounds_to_the_nearest_level_and_clamps():
+    """An int8 input at 127 levels per unit of its range: halves to even (as rintf on the GPU), clamped to int8."""
+    from runner.processing import quantize_input
+
+    blob = np.array([0.0, 0.5 / 127, 1.5 / 127, 0.5, 1.0, 1.2, -2.0], np.float32)
+    assert quantize_input(blob, 127.0).tolist() == [0, 0, 2, 64, 127, 127, -128]
+    assert quantize_input(blob, 127.0 / 0.5).dtype == np.int8

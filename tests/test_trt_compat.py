@@ -292,6 +292,7 @@ def test_cache_key_stable_and_sensitive(tmp_path):
         cache_key(int8_spec(tmp_path, "minmax", pin_int8=("*/Conv",)), "8.6.0", "NVIDIA H100"),
         cache_key(int8_spec(tmp_path, "minmax", pin_int8_float_out=("*/Conv",)), "8.6.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path, half_input=True), "8.6.0", "NVIDIA H100"),
+        cache_key(int8_spec(tmp_path, "percentile", int8_input=True), "8.6.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path), "10.9.0", "NVIDIA H100"),
         cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H200"),
     ]
@@ -300,8 +301,8 @@ def test_cache_key_stable_and_sensitive(tmp_path):
     assert cache_key(_spec(tmp_path), "8.6.0", "NVIDIA H100") != key
 
 
-def int8_spec(tmp_path, calibrator: str, images: int = 2, keep_float: tuple[str, ...] = (), **pins) -> BuildSpec:
-    """An implicitly calibrated int8 spec over `images` generated pictures (`pins`: pin_int8, pin_int8_float_out)."""
+def int8_spec(tmp_path, calibrator: str, images: int = 2, keep_float: tuple[str, ...] = (), **settings) -> BuildSpec:
+    """An implicitly calibrated int8 spec over `images` generated pictures (`settings`: pins, input types)."""
     import cv2
 
     from runner.quantize import CalibrationSet
@@ -313,7 +314,7 @@ def int8_spec(tmp_path, calibrator: str, images: int = 2, keep_float: tuple[str,
         paths.append(tmp_path / f"calib{i}.jpg")
         cv2.imwrite(str(paths[-1]), make_image(rng)[0])
     return _spec(tmp_path, precision="int8", mechanism="calibrator", calibrator=calibrator, keep_float=keep_float,
-                 calibration=CalibrationSet(tuple(paths), (1, 3, 640, 640)), **pins)
+                 calibration=CalibrationSet(tuple(paths), (1, 3, 640, 640)), **settings)
 
 
 def test_calibration_cache_is_keyed_like_the_engine(tmp_path):
@@ -341,6 +342,10 @@ def test_build_spec_validation(tmp_path):
         build_engine(_spec(tmp_path, precision="int8", mechanism="calibrator"))
     with pytest.raises(ValueError, match="half_input with mechanism 'none'"):
         build_engine(_spec(tmp_path, precision="fp32", mechanism="none", half_input=True))
+    with pytest.raises(ValueError, match="int8_input with mechanism 'calibrator' .entropy2."):
+        build_engine(int8_spec(tmp_path, "entropy2", int8_input=True))
+    with pytest.raises(ValueError, match="int8_input with mechanism 'calibrator' .percentile., half_input True"):
+        build_engine(int8_spec(tmp_path, "percentile", int8_input=True, half_input=True))
 
 
 def test_half_input_sets_the_network_input_to_fp16_or_says_why_not():
@@ -350,6 +355,26 @@ def test_half_input_sets_the_network_input_to_fp16_or_says_why_not():
     assert tensor.dtype == TRT86.DataType.HALF
     with pytest.raises(trt_compat.Unsupported, match="strongly typed network takes its input type from the ONNX"):
         trt_compat.set_half_input(TRT11, network, strongly_typed=True)
+
+
+def test_int8_input_takes_the_inputs_range_or_its_domain_and_needs_implicit_int8():
+    """The input in int8, linear, at the range the calibration set on it; at [-1, 1] (the letterbox's values) where
+    the layers reading it are kept in float and it has none; refused where the version removed implicit INT8."""
+    trt = NS(**{**vars(TRT86), "TensorFormat": NS(LINEAR=0)})
+
+    def tensor(dynamic_range):
+        t = NS(name="images", dtype=trt.DataType.FLOAT, dynamic_range=dynamic_range, allowed_formats=0b111)
+        t.set_dynamic_range = lambda lo, hi: setattr(t, "dynamic_range", (lo, hi))
+        return t
+
+    ranged = tensor((-0.98, 0.98))
+    assert trt_compat.set_int8_input(trt, NS(get_input=lambda i: ranged), 1.0) == ("images", 0.98, True)
+    assert (ranged.dtype, ranged.allowed_formats) == (trt.DataType.INT8, 1)
+    unranged = tensor(None)
+    assert trt_compat.set_int8_input(trt, NS(get_input=lambda i: unranged), 1.0) == ("images", 1.0, False)
+    assert unranged.dynamic_range == (-1.0, 1.0)
+    with pytest.raises(trt_compat.Unsupported, match="removed implicit INT8"):
+        trt_compat.set_int8_input(TRT11, NS(get_input=lambda i: tensor(None)), 1.0)
 
 
 def test_half_outputs_set_every_float_output_to_fp16():

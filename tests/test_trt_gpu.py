@@ -473,6 +473,37 @@ def test_int8_from_onnxruntime_ranges_takes_an_fp16_input_and_pins_layers_in_int
         assert rel_l2(runner.infer(x)["output0"], ort_run(models["static"], x)) < 0.1
 
 
+def test_int8_input_is_quantized_at_its_range_by_the_host_and_the_gpu_letterbox(models, calibration_images,
+                                                                                 tmp_path):
+    """backend.int8_input on implicit INT8 from onnxruntime's ranges: the engine reads int8 at the input's calibrated
+    range; the host and the GPU letterbox quantize it there (within one level of each other, as the letterboxes
+    are), and the engine stays close to onnxruntime's fp32. Without the range the runner refuses the engine."""
+    import tensorrt as trt
+
+    from runner.processing import preprocess, quantize_input
+    from runner.quantize import CalibrationSet
+
+    if not trt_compat.has_implicit_int8(trt):
+        pytest.skip(f"TensorRT {trt.__version__} has no implicit INT8 to give an int8 input")
+    res = build_ok(spec(models["static"], tmp_path, STATIC, precision="int8", mechanism="calibrator",
+                        calibration=CalibrationSet(calibration_images, tuple(STATIC)), calibrator="percentile",
+                        pin_int8=("*",), int8_input=True))
+    assert 0 < res.input_range <= 1.0  # the letterbox's values, pixels / 255
+    x = rand(STATIC)
+    frames = [np.random.default_rng(2).integers(0, 256, (90, 70, 3), np.uint8)]
+    with TrtRunner(res.artifact, input_range=res.input_range) as runner:
+        assert runner.input_dtype == np.int8 and runner.settings()["input_range"] == res.input_range
+        assert rel_l2(runner.infer(x)["output0"], ort_run(models["static"], x)) < 0.1
+        letterbox = runner.gpu_letterbox()
+        letterbox.run(frames, tuple(STATIC[2:]))
+        runner.sync()
+        blob, _ = preprocess(frames, tuple(STATIC[2:]))
+        levels = runner.input_levels
+        assert np.abs(letterbox.read_input() * levels - quantize_input(blob, levels)).max() <= 1.0 + 1e-4
+    with pytest.raises(ValueError, match="takes an int8 input; its range"):
+        TrtRunner(res.artifact).open()
+
+
 def test_int8_float_out_reads_its_int8_input_and_writes_fp16(models, calibration_images, tmp_path):
     """precision.pin_int8_float_out on the last convolution, kept in float (its output has no int8 range): it is
     built in int8 from its int8 input and writes fp16, and the engine stays close to onnxruntime's fp32."""

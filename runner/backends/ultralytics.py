@@ -127,6 +127,8 @@ class UltralyticsBackend(TensorrtBackend):
             return "backend=ultralytics runs predict's own pre/postprocessing; preprocess/postprocess=gpu do not apply"
         if cfg.backend.head_maps is True:
             return "backend.head_maps: predict decodes the whole head; it applies to backend=tensorrt"
+        if cfg.backend.int8_input is True:
+            return "backend.int8_input: predict feeds a float input; it applies to backend=tensorrt"
         if cfg.bench.cuda_graph is True:
             return "bench.cuda_graph: predict launches its own work; runner's CUDA graphs apply to backend=tensorrt"
         return super().applies(cfg)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from runner import checkpoint, heads
 from runner.backends import Backend
-from runner.config import (API_BUILD_SETTINGS, BackendName, BuildTool, ExportTool, Head, Mechanism, Precision,
+from runner.config import (API_BUILD_SETTINGS, AUTO, BackendName, BuildTool, ExportTool, Head, Mechanism, Precision,
                            RunConfig, ShapeMode, calibrator_refusal, pins_refusal)
 from runner.results import BuildResult, ExportResult
 
@@ -47,6 +47,8 @@ class TensorrtBackend(Backend):
             return f"backend.{asked[0]}: build=ultralytics makes its own engine; use build=tensorrt_api"
         if cfg.backend.half_input is True and (why := self._half_input_refusal(cfg)):
             return why
+        if cfg.backend.int8_input is True and (why := self._int8_input_refusal(cfg)):
+            return why
         if cfg.backend.head_maps is True and (why := self._head_maps_refusal(cfg)):
             return why
         if cfg.build.tool != BuildTool.ultralytics:
@@ -66,14 +68,18 @@ class TensorrtBackend(Backend):
 
     def takes(self, cfg: RunConfig, setting: str) -> bool:
         """Where runner's own build (the API build) takes `setting` without a refusal: the head maps of a YOLO Detect
-        head's checkpoint. Without TensorRT here the mechanism is unknown: no fp16 input (the variant is skipped
-        anyway)."""
+        head's checkpoint; an fp16 input where the input is not int8. Without TensorRT here the mechanism is unknown:
+        no fp16 or int8 input (the variant is skipped anyway)."""
         if cfg.build.tool != BuildTool.tensorrt_api:
             return False
         if setting == "head_maps":
             return self._head_maps_refusal(cfg) is None and checkpoint.head_of(cfg.model.weights) in heads.YOLO_HEADS
         try:
-            return self._half_input_refusal(cfg) is None
+            int8_input = cfg.backend.int8_input is True or (cfg.backend.int8_input == AUTO
+                                                             and self._int8_input_refusal(cfg) is None)
+            if setting == "int8_input":
+                return int8_input and cfg.backend.half_input is not True
+            return not int8_input and self._half_input_refusal(cfg) is None
         except ImportError:
             return False
 
@@ -88,6 +94,18 @@ class TensorrtBackend(Backend):
             return (f"backend.half_input: precision {cfg.precision.name.value} via {via} keeps a float input; it "
                     f"applies to fp16 (builder_flag), int8 Q/DQ and implicit int8 from onnxruntime's ranges "
                     f"(precision.calibrator=percentile)")
+        return None
+
+    def _int8_input_refusal(self, cfg: RunConfig) -> str | None:
+        """Where an int8 input does not apply: anything but TensorRT's implicit INT8 from onnxruntime's ranges (where
+        the input's range is runner's to give the letterbox)."""
+        from runner.backends.tensorrt.build import int8_input_applies
+
+        if cfg.precision.name != Precision.int8 or not int8_input_applies(self.precision_mechanism(cfg),
+                                                                           cfg.precision.calibrator.value):
+            return (f"backend.int8_input: it applies to implicit int8 from onnxruntime's ranges (precision=int8, "
+                    f"calibrator=percentile, on TensorRT <= 10), not to precision {cfg.precision.name.value} via "
+                    f"{self.precision_mechanism(cfg)}")
         return None
 
     @staticmethod
@@ -121,6 +139,7 @@ class TensorrtBackend(Backend):
             min_shape=list(cfg.shape.min), opt_shape=list(cfg.shape.opt), max_shape=list(cfg.shape.max),
             optimization_level=b.builder_optimization_level, workspace_gib=b.workspace_gib, cache_dir=cfg.cache_dir,
             use_engine_cache=b.engine_cache, use_timing_cache=b.timing_cache, tf32=b.tf32, half_input=b.half_input,
+            int8_input=b.int8_input,
             half_outputs=export.tested.head_maps is not None and cfg.precision.name != Precision.fp32))
         built.head_maps = export.tested.head_maps
         return built
@@ -128,4 +147,5 @@ class TensorrtBackend(Backend):
     def runner(self, cfg: RunConfig, build: BuildResult):
         from runner.backends.tensorrt.runtime import TrtRunner
 
-        return TrtRunner(build.artifact, cuda_graph=cfg.bench.cuda_graph, head_maps=build.head_maps)
+        return TrtRunner(build.artifact, cuda_graph=cfg.bench.cuda_graph, head_maps=build.head_maps,
+                         input_range=build.input_range)

@@ -32,9 +32,16 @@ log = logging.getLogger(__name__)
 MECHANISMS = {Precision.fp32.value: (Mechanism.none.value,),
               Precision.fp16.value: (Mechanism.builder_flag.value, Mechanism.strongly_typed.value),
               Precision.int8.value: (Mechanism.calibrator.value, Mechanism.qdq.value)}
+INPUT_DOMAIN = 1.0  # the letterbox's values: pixels / 255
 # an fp16 input: where the engine's first layers run in fp16 or int8 anyway, and no TensorRT calibrator reads float
 # batches (implicit INT8 from onnxruntime's ranges has none)
 HALF_INPUT_MECHANISMS = (Mechanism.builder_flag.value, Mechanism.qdq.value)
+
+
+def int8_input_applies(mechanism: str, calibrator: str) -> bool:
+    """Whether an engine of `mechanism` can take an int8 input: implicit INT8 from onnxruntime's ranges, which give
+    the input's range (TensorRT's calibrators feed float batches; a Q/DQ ONNX quantizes its float input itself)."""
+    return mechanism == Mechanism.calibrator and calibrator not in compat.CALIBRATORS
 
 
 def half_input_applies(mechanism: str, calibrator: str) -> bool:
@@ -58,6 +65,7 @@ class BuildSpec:
     use_timing_cache: bool = True
     tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default
     half_input: bool = False  # the input tensor in fp16 (fp16 and int8 Q/DQ engines)
+    int8_input: bool = False  # the input tensor in int8 at its range (implicit INT8 from onnxruntime's ranges)
     half_outputs: bool = False  # every float output in fp16, where the network is weakly typed (strongly typed: the
     #   ONNX's types)
     calibration: CalibrationSet | None = None  # mechanism=calibrator: the images, at the opt shape
@@ -81,6 +89,7 @@ def cache_key(spec: BuildSpec, trt_version: str, gpu_name: str) -> str:
         "keep_float": sorted(spec.keep_float) if spec.mechanism == Mechanism.calibrator else None,
         # only where given: engines built before the pins keep their keys
         **{key: sorted(getattr(spec, key)) for key in PIN_KEYS if getattr(spec, key)},
+        **({"int8_input": True} if spec.int8_input else {}),
         "min_shape": list(spec.min_shape),
         "opt_shape": list(spec.opt_shape),
         "max_shape": list(spec.max_shape),
@@ -273,6 +282,9 @@ def build_engine(spec: BuildSpec) -> BuildResult:
     if spec.half_input and not half_input_applies(spec.mechanism, spec.calibrator):
         raise ValueError(f"half_input with mechanism {spec.mechanism!r} ({spec.calibrator}): only "
                          f"{HALF_INPUT_MECHANISMS} or onnxruntime's ranges")
+    if spec.int8_input and (spec.half_input or not int8_input_applies(spec.mechanism, spec.calibrator)):
+        raise ValueError(f"int8_input with mechanism {spec.mechanism!r} ({spec.calibrator}), half_input "
+                         f"{spec.half_input}: only onnxruntime's ranges, with no fp16 input")
     import tensorrt as trt
 
     engines = EngineCache(spec.cache_dir)
@@ -350,6 +362,8 @@ def _build(trt, spec: BuildSpec, result: BuildResult, logger) -> bytes:
                 compat.enable_int8_calibration(trt, config, calibrator.trt_calibrator, profile)
             else:
                 result.calibration = _set_ranges(trt, spec, network, config)
+                if spec.int8_input:
+                    _set_int8_input(trt, network, result)
             pinned = compat.pin_layers(trt, network, config, spec.keep_float, "fp16")
             if spec.keep_float and not pinned:
                 log.warning("build: no layer matches precision.keep_float %s: nothing is kept in fp16",
@@ -410,6 +424,16 @@ def _set_ranges(trt, spec: BuildSpec, network, config) -> dict:
     return {"calibrator": spec.calibrator, "ranges": "onnxruntime", "images": len(spec.calibration.files),
             "shape": list(spec.calibration.shape), "cache": str(path), "cache_hit": cached,
             "concat_scales": spec.concat_scales, "tensors": ranged}
+
+
+def _set_int8_input(trt, network, result: BuildResult) -> None:
+    """The input in int8 at its calibrated range (`result.input_range`), else at its domain [0, 1], said."""
+    name, result.input_range, calibrated = compat.set_int8_input(trt, network, INPUT_DOMAIN)
+    if calibrated:
+        log.info("build: input '%s' in int8, range %.4g", name, result.input_range)
+    else:
+        log.warning("build: input '%s' in int8 at its domain [0, 1]: the layers reading it are kept in float and "
+                    "have no range (backend.int8_input=false keeps the input fp16)", name)
 
 
 def _load_timing_cache(spec: BuildSpec, config, result: BuildResult) -> Path | None:

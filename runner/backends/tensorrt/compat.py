@@ -234,6 +234,22 @@ def set_half_input(trt, network, strongly_typed: bool) -> str:
     return tensor.name
 
 
+def set_int8_input(trt, network, domain: float) -> tuple[str, float, bool]:
+    """The network's input tensor in int8, in the linear layout the letterbox writes, at the dynamic range set on it
+    (implicit INT8; the letterbox quantizes at the same range), or at [-domain, domain] where none is (the layers
+    reading it kept in float). Returns (its name, its range, whether the range was the one set). Unsupported where
+    the version has no implicit INT8."""
+    if not has_implicit_int8(trt):
+        raise Unsupported(CALIBRATION_REMOVED.format(version=getattr(trt, "__version__", "?")))
+    tensor = network.get_input(0)
+    ranged = tensor.dynamic_range is not None
+    if not ranged:
+        tensor.set_dynamic_range(-domain, domain)
+    tensor.dtype = trt.DataType.INT8
+    tensor.allowed_formats = 1 << int(trt.TensorFormat.LINEAR)
+    return tensor.name, float(max(abs(r) for r in tensor.dynamic_range)), ranged
+
+
 def set_half_outputs(trt, network) -> list[str]:
     """Every float output of a weakly typed network in fp16, so its last layers write half instead of converting to
     float. Returns their names."""

@@ -1,7 +1,8 @@
 """CUDA kernels of the GPU pipeline, compiled at run time with NVRTC (cuda-python): no torch, no toolkit.
 
-`letterbox_*`: uint8 BGR HWC source images -> the engine's NCHW RGB input in [0, 1] (float or half), one thread
-per output pixel. The geometry (scale, unpadded size, padding) comes from the host, computed by the CPU path's
+`letterbox_*`: uint8 BGR HWC source images -> the engine's NCHW RGB input in [0, 1] (float or half; int8 quantized
+at the input's range: round(v * q) clamped to [-128, 127], q = 127 / range, as `processing.quantize_input`), one
+thread per output pixel. The geometry (scale, unpadded size, padding) comes from the host, computed by the CPU path's
 own `processing.fit`, so it is the same exactly. Resampling follows OpenCV's INTER_LINEAR: half-pixel centres,
 edge clamping, weights in steps of 1/2048, rounded to whole levels before /255. OpenCV rounds its fixed-point
 sums in two passes, so a pixel may differ from the CPU path by one level: |gpu - cpu| <= 1/255 (+ the half
@@ -36,6 +37,8 @@ import ctypes
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from runner.backends.tensorrt.compat import cuda_call, cuda_driver, nvrtc
 from runner.rewrite import MAX_BINS
 
@@ -56,8 +59,11 @@ __device__ __forceinline__ half_bits to_half(float v) {
 __device__ __forceinline__ float from_half(half_bits h) {
     float v; asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h)); return v;
 }
-__device__ __forceinline__ void put(float* p, float v) { *p = v; }
-__device__ __forceinline__ void put(half_bits* p, float v) { *p = to_half(v); }
+__device__ __forceinline__ void put(float* p, float v, float) { *p = v; }
+__device__ __forceinline__ void put(half_bits* p, float v, float) { *p = to_half(v); }
+__device__ __forceinline__ void put(signed char* p, float v, float q) {
+    *p = (signed char)fminf(fmaxf(rintf(v * q), -128.f), 127.f);
+}
 __device__ __forceinline__ float get(const float* p) { return *p; }
 __device__ __forceinline__ float get(const half_bits* p) { return from_half(*p); }
 
@@ -74,7 +80,7 @@ __device__ __forceinline__ void axis(int d, int new_size, int src_size, int& i0,
 }
 
 template <typename T>
-__device__ void letterbox(const unsigned char* src, const Fit* fits, T* dst, int H, int W) {
+__device__ void letterbox(const unsigned char* src, const Fit* fits, T* dst, int H, int W, float q) {
     int x = blockIdx.x * blockDim.x + threadIdx.x, y = blockIdx.y, n = blockIdx.z;
     if (x >= W) return;
     Fit f = fits[n];
@@ -93,9 +99,9 @@ __device__ void letterbox(const unsigned char* src, const Fit* fits, T* dst, int
         }
     }
     size_t plane = (size_t)H * W, at = (size_t)n * 3 * plane + (size_t)y * W + x;
-    put(dst + at, c[2] / 255.f);
-    put(dst + at + plane, c[1] / 255.f);
-    put(dst + at + 2 * plane, c[0] / 255.f);
+    put(dst + at, c[2] / 255.f, q);
+    put(dst + at + plane, c[1] / 255.f, q);
+    put(dst + at + 2 * plane, c[0] / 255.f, q);
 }
 
 template <typename T>
@@ -261,8 +267,10 @@ __device__ void nms(const float* rows, int* counts, float iou, int max_det, cons
 
 extern "C" {
 typedef const unsigned char* Src;
-__global__ void letterbox_float(Src s, const Fit* f, float* d, int H, int W) { letterbox(s, f, d, H, W); }
-__global__ void letterbox_half(Src s, const Fit* f, half_bits* d, int H, int W) { letterbox(s, f, d, H, W); }
+#define LETTERBOX(T) Src s, const Fit* f, T* d, int H, int W, float q
+__global__ void letterbox_float(LETTERBOX(float)) { letterbox(s, f, d, H, W, q); }
+__global__ void letterbox_half(LETTERBOX(half_bits)) { letterbox(s, f, d, H, W, q); }
+__global__ void letterbox_int8(LETTERBOX(signed char)) { letterbox(s, f, d, H, W, q); }
 __global__ void candidates_float(const float* p, int C, int A, float t, float* r, int* n, int k) {
     candidates(p, C, A, t, r, n, k);
 }
@@ -280,7 +288,8 @@ __global__ void __launch_bounds__(NMS_ROWS) nms_rows(const float* r, int* n, flo
 }
 }
 """
-KERNELS = ("letterbox_float", "letterbox_half", "candidates_float", "candidates_half", "map_candidates_float",
+LETTERBOX_KERNELS = {"float32": "letterbox_float", "float16": "letterbox_half", "int8": "letterbox_int8"}  # by input
+KERNELS = (*LETTERBOX_KERNELS.values(), "candidates_float", "candidates_half", "map_candidates_float",
            "map_candidates_half", "nms_rows")
 BLOCK = 256
 
@@ -327,11 +336,13 @@ class Kernels:
         values, types = zip(*args)
         cuda_call(cuda_driver().cuLaunchKernel, self.functions[name], *grid, *block, 0, stream, (values, types), 0)
 
-    def letterbox(self, stream, src: int, fits: int, dst: int, batch: int, hw: tuple[int, int], half: bool) -> None:
+    def letterbox(self, stream, src: int, fits: int, dst: int, batch: int, hw: tuple[int, int], dtype: np.dtype,
+                  levels: float) -> None:
+        """Into an input of `dtype`; an int8 one at `levels` per unit (127 / its range), which the others ignore."""
         h, w = hw
-        self.launch("letterbox_half" if half else "letterbox_float", (-(-w // BLOCK), h, batch), stream,
+        self.launch(LETTERBOX_KERNELS[np.dtype(dtype).name], (-(-w // BLOCK), h, batch), stream,
                     (src, ctypes.c_void_p), (fits, ctypes.c_void_p), (dst, ctypes.c_void_p),
-                    (h, ctypes.c_int), (w, ctypes.c_int))
+                    (h, ctypes.c_int), (w, ctypes.c_int), (levels, ctypes.c_float))
 
     def candidates(self, stream, pred: int, batch: int, channels: int, anchors: int, conf: float, rows: int,
                    counts: int, cap: int, half: bool) -> None:

@@ -79,7 +79,7 @@ class Overlapped(GpuEnd):
         cuda_call(rt.cudaStreamWaitEvent, runner.stream, events["uploaded"], 0)
         target, _, dtype = runner.tensor(runner.input_name)
         self.kernels().letterbox(runner.stream, buffers.device[source], buffers.device[table], target, batch, (h, w),
-                                 dtype == np.float16)
+                                 dtype, runner.input_levels)
         cuda_call(rt.cudaEventRecord, events["read"], runner.stream)
         runner.enqueue()
         self._results(slot, boxes, *nms)

@@ -183,7 +183,7 @@ class GpuLetterbox(GpuEnd):
         def enqueue():
             runner.copy(buffers.device["fits"], buffers.host["fits"], fits.nbytes, to_device=True)
             self.kernels().letterbox(runner.stream, buffers.device["source"], buffers.device["fits"], target, batch,
-                                     (h, w), dtype == np.float16)
+                                     (h, w), dtype, runner.input_levels)
 
         runner.graphs.launch("letterbox", enqueue)
         return boxes

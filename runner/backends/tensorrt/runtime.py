@@ -21,7 +21,7 @@ from runner.backends import Runner
 from runner.backends.tensorrt import compat
 from runner.backends.tensorrt.compat import cuda_call
 from runner.config import BackendName
-from runner.processing import decode_maps
+from runner.processing import INT8_MAX, decode_maps, quantize_input
 
 
 class ShapeError(ValueError):
@@ -172,13 +172,16 @@ class TrtRunner(Runner):
     Reads plain plans and ultralytics .engine files (JSON header + plan). What runs around the engine on its stream
     (`gpu_letterbox`, `gpu_score_filter`, `lanes`) takes `stream`, `graphs`, `timed` and `tensor` from it, and is
     closed with it. `head_maps`: an engine that ends at a Detect head's maps (`rewrite.cut_at_head_maps`'s record):
-    its outputs on the host are their decode, under the original output's name."""
+    its outputs on the host are their decode, under the original output's name. `input_range`: an int8 input's
+    (the build's record), at which the host and the GPU letterbox quantize it."""
 
     name = BackendName.tensorrt.value
     queues = True
 
-    def __init__(self, engine_path: str, cuda_graph: bool = False, head_maps: dict | None = None):
+    def __init__(self, engine_path: str, cuda_graph: bool = False, head_maps: dict | None = None,
+                 input_range: float | None = None):
         self.engine_path, self._want_graph, self.head_maps = engine_path, cuda_graph, head_maps
+        self.input_range = input_range
         self._closed = True
 
     def open(self) -> None:
@@ -204,6 +207,10 @@ class TrtRunner(Runner):
         self.output_names = [n for n in names if n != self.input_name]
         self.dtypes = {n: compat.dtype_to_numpy(trt, eng.get_tensor_dtype(n)) for n in names}
         self.input_dtype = self.dtypes[self.input_name]
+        if self.input_dtype == np.int8 and not self.input_range:
+            raise ValueError(f"{self.engine_path} takes an int8 input; its range (the build's input_range) is needed "
+                             f"to quantize it")
+        self.input_levels = INT8_MAX / self.input_range if self.input_dtype == np.int8 else 1.0
         self.profile = engine_profile(eng, self.input_name)
         self.stream = cuda_call(rt.cudaStreamCreate)
         self.graphs = CudaGraphs(rt, self.stream, self._want_graph)
@@ -259,6 +266,8 @@ class TrtRunner(Runner):
         if self.shape is None or tuple(blob.shape) != self.shape:
             raise ValueError(f"blob shape {blob.shape} differs from the shape set: {self.shape}")
         name = self.input_name
+        if self.input_dtype == np.int8:
+            blob = quantize_input(blob, self.input_levels)
         np.copyto(self._views[name], blob, casting="same_kind")
         with self.timed("h2d"):
             self.copy(self._buffers.device[name], self._buffers.host[name], self._views[name].nbytes, to_device=True)
@@ -340,10 +349,11 @@ class TrtRunner(Runner):
         return out
 
     def read(self, name: str) -> np.ndarray:
-        """I/O tensor `name` as the GPU holds it, as float32, after a sync (untimed)."""
+        """I/O tensor `name` as the GPU holds it, as float32 (an int8 input dequantized), after a sync (untimed)."""
         self.copy(self._buffers.host[name], self._buffers.device[name], self._views[name].nbytes, to_device=False)
         self.sync()
-        return self._views[name].astype(np.float32)
+        values = self._views[name].astype(np.float32)
+        return values / np.float32(self.input_levels) if name == self.input_name else values
 
     def sync(self) -> None:
         cuda_call(self.rt.cudaStreamSynchronize, self.stream)
@@ -450,6 +460,8 @@ class TrtRunner(Runner):
         }
         if self.graphs.note:
             s["cuda_graph_note"] = self.graphs.note
+        if self.input_dtype == np.int8:
+            s["input_range"] = self.input_range
         if self.head_maps:
             s["head_maps"] = (f"the engine ends at the head's {len(self.head_maps['maps'])} maps; the GPU score "
                               f"filter, or the host, decodes them")
