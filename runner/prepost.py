@@ -30,7 +30,7 @@ import numpy as np
 
 from runner.backends import Predictor, Runner
 from runner.config import Device, RunConfig
-from runner.processing import ONE2MANY, RTDETR, geometry, postprocess, preprocess
+from runner.processing import ONE2MANY, RTDETR, geometry, postprocess, preprocess, quantize_input
 
 ONE_AT_A_TIME = "one batch at a time"
 ONE_WAIT = ("one wait per run: each stage's host work until its device work starts, plus that work's GPU time "
@@ -144,8 +144,16 @@ class Chain:
         return self.post(runner, boxes)
 
     def input_deviation(self, runner: Runner, blob: np.ndarray) -> float | None:
-        """Max |input on the device - `blob`| after `pre`, where the GPU letterboxed it; else None."""
-        return None if self.letterbox is None else float(np.abs(self.letterbox.read_input() - blob).max())
+        """Max |input on the device - `blob`| after `pre`, where the GPU letterboxed it; else None. An int8 input is
+        compared in its own levels, each level apart counted as one pixel level (1/255): one pixel level of the
+        resize's rounding moves it by one level at most."""
+        if self.letterbox is None:
+            return None
+        got = self.letterbox.read_input()
+        if runner.input_dtype != np.int8:
+            return float(np.abs(got - blob).max())
+        levels = runner.input_levels
+        return float(np.abs(np.rint(got * levels) - quantize_input(blob, levels)).max()) / 255
 
     def settings(self) -> dict:
         post = "host decode + NMS"

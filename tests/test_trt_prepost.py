@@ -55,3 +55,23 @@ def test_contiguous_copies_merge_into_one():
     pinned = (1035, 90000, 7)  # from an image's own pinned memory
     assert coalesced([*staged, pinned, (1042, 5035, 3)]) == [(1000, 5000, 35), pinned, (1042, 5035, 3)]
     assert coalesced([]) == []
+
+
+def test_an_int8_inputs_gpu_letterbox_is_judged_in_its_own_levels():
+    """The validate check on an int8 input: a level apart (one pixel level of the resize's rounding moves it by one
+    at most) is within the GPU letterbox's tolerance, two are not; a float input is compared as it is."""
+    from types import SimpleNamespace as NS
+
+    from runner.prepost import Chain
+    from runner.processing import quantize_input
+    from runner.validate import GPU_LETTERBOX_TOLERANCE
+
+    blob = np.random.default_rng(3).random((1, 3, 8, 8), dtype=np.float32)
+    levels = 127 / 0.9995
+    runner = NS(input_dtype=np.dtype(np.int8), input_levels=levels)
+    for apart, within in ((0, True), (1, True), (2, False)):
+        device = (quantize_input(blob, levels).astype(np.float32) + apart) / levels  # as read_input dequantizes it
+        deviation = Chain(letterbox=NS(read_input=lambda: device)).input_deviation(runner, blob)
+        assert deviation == pytest.approx(apart / 255) and (deviation <= GPU_LETTERBOX_TOLERANCE) is within
+    half = Chain(letterbox=NS(read_input=lambda: blob + 0.002)).input_deviation(NS(input_dtype=np.float16), blob)
+    assert half == pytest.approx(0.002, abs=1e-6)
