@@ -75,7 +75,9 @@
 #                                           #   SHAPE=static: engines fixed at batch 32; PRECISIONS=fp16,
 #                                           #   int8_pins_conv_m0_fp16,int8_pins_conv_m0_fp16_cal64,
 #                                           #   int8_pins_m0_head1_conv_out: 64 calibration images, and a pin TensorRT
-#                                           #   ignores (the cell is △, the pins named)
+#                                           #   ignores (the cell is △, the pins named); the int8 presets take an
+#                                           #   int8 input (backend.int8_input=auto), an fp16 one given
+#                                           #   backend.int8_input=false
 #   bash scripts/gpu-proof.sh sensitivity   # runner sensitivity on $MODEL (yolov8n) from everything quantized, by
 #                                           #   $GROUP (node), each greedy and pruning step timed on TensorRT (--latency),
 #                                           #   level 1; MODEL=yolo11n GROUP=block: the second family, by block
@@ -107,6 +109,9 @@ batch32_layers() {  # yolov8n with the given overrides, dynamic to batch 64 (opt
         'bench.offline_batches=[32]' bench.offline_images=4096 bench.layers_batch=32 data.limit=64
         "backend.builder_optimization_level=${LEVEL:-3}" hydra/launcher=joblib "backend.gpus=${GPUS:-auto}"
         "hydra.launcher.n_jobs=${JOBS:-$(gpu_count)}")
+}
+int8_input_label() {  # the int8 presets' input in their labels: int8 (auto) unless the arguments turn it off
+  if [[ " $* " == *" backend.int8_input=false "* ]]; then echo fp16-in; else echo int8-in; fi
 }
 side_by_side() {  # each "A:B:name" argument's layers side by side in $DEST/$step/<name>, over the sweeps in $sweeps
   local pair a b name
@@ -195,7 +200,8 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
             --sweep "$(cat "$DEST/$step/int8-pins-int8/sweep_id")")
     python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" "${sweeps[@]}" --out "$DEST/$step/table" 2>&1 \
       | tee "$DEST/$step/run.log"
-    side_by_side "dy fp16:shared fp16-in:fp16-vs-int8" "shared fp16-in:int8 pins 1:int8-vs-pins-conv" \
+    input=$(int8_input_label "${@:2}")
+    side_by_side "dy fp16:shared $input:fp16-vs-int8" "shared $input:int8 pins 1:int8-vs-pins-conv" \
                  "dy fp16:int8 pins 1:fp16-vs-pins-conv" "dy fp16:int8 pins 3:fp16-vs-pins-flow"
     exit 0 ;;
   int8-head)  # built on every GPU, then (on a host of several) timed on GPU 0 alone, one variant after another, from
@@ -210,13 +216,13 @@ print(json.dumps({'date': datetime.date.today().isoformat(), **environment(17)},
     sweeps=(--sweep "$(cat "$DEST/$step/$timed/sweep_id")")
     python3 -m runner table --tracking-uri "sqlite:///$RUNS/mlflow.db" "${sweeps[@]}" --out "$DEST/$step/table" 2>&1 \
       | tee "$DEST/$step/run.log"
-    # a piece of each preset's label, and no other's
-    declare -A cell=([int8]="concat shared fp16-in" [int8_pins_conv]="percentile concat shared int8 pins 1 fp16-in"
+    input=$(int8_input_label "${@:2}")  # a piece of each preset's label, and no other's
+    declare -A cell=([int8]="concat shared $input" [int8_pins_conv]="percentile concat shared int8 pins 1 $input"
                      [int8_pins_head]="percentile concat shared int8 pins 1 int8 float-out"
                      [int8_pins_head_stem_fp16]="keep 4 concat shared int8 pins 1 int8 float-out"
-                     [int8_pins_conv_m0_fp16]="keep 4 concat shared int8 pins 1 fp16-in"
+                     [int8_pins_conv_m0_fp16]="keep 4 concat shared int8 pins 1 $input"
                      [int8_pins_m0_head1_conv_out]="keep 4 concat shared int8 pins 1 int8 float-out 2"
-                     [int8_pins_conv_m0_fp16_cal64]="keep 4 concat shared cal 64 int8 pins 1 fp16-in")
+                     [int8_pins_conv_m0_fp16_cal64]="keep 4 concat shared cal 64 int8 pins 1 $input")
     declare -A name=([int8]=int8 [int8_pins_conv]=pins-conv [int8_pins_head]=head
                      [int8_pins_head_stem_fp16]=head-stem-fp16 [int8_pins_conv_m0_fp16]=m0-fp16
                      [int8_pins_m0_head1_conv_out]=head1-conv-out [int8_pins_conv_m0_fp16_cal64]=m0-fp16-cal64)
