@@ -129,6 +129,8 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
         clock.enter("build")
         calibration = calibration_set(cfg) if mechanism == Mechanism.calibrator else None
         result.build = backend.build(cfg, result.export, calibration)
+        cfg = input_as_built(cfg, resolved, result.build)
+        result.cell = cell_of(cfg, backend_name, mechanism)
         runner = backend.runner(cfg, result.build)
         try:
             runner.open()
@@ -157,6 +159,15 @@ def run_variant(cfg: RunConfig, backend_name: str, stage_started=lambda stage: N
     if result.status == "running":
         result.status = "ok"
     return result
+
+
+def input_as_built(cfg: RunConfig, resolved: Resolved, build: BuildResult) -> RunConfig:
+    """`cfg` (and `resolved`) with the input the engine takes: an int8 input asked for is fp16 where the input had no
+    int8 range (the layers reading it kept in float; the build says so)."""
+    if cfg.backend.int8_input is not True or build.input_range is not None:
+        return cfg
+    resolved.int8_input, resolved.half_input = False, True
+    return replace(cfg, backend=replace(cfg.backend, int8_input=False, half_input=True))
 
 
 def check_pins(build: BuildResult, layers: LayerProfile | None) -> None:

@@ -145,6 +145,22 @@ def test_int8_input_is_auto_on_implicit_int8_from_onnxruntimes_ranges_only(monke
                                                          "to backend=tensorrt")
 
 
+def test_an_int8_input_the_build_kept_fp16_is_labelled_fp16(monkeypatch):
+    """Where the input had no int8 range (the layers reading it kept in float), the build gives it fp16: the variant's
+    config, its record of `auto` and its cell say fp16-in, not int8-in."""
+    from runner.results import BuildResult
+    from runner.variant import input_as_built
+
+    monkeypatch.setattr(TensorrtBackend, "precision_mechanism", lambda self, cfg: "calibrator")
+    cfg, resolved = backends.resolve_auto(preflight(["precision=int8"])[0], backends.get("tensorrt"))
+    build = BuildResult(tool="tensorrt_api", artifact="e.plan", profile=[], input_range=0.9995)
+    assert input_as_built(cfg, resolved, build) is cfg and resolved.int8_input
+    kept = input_as_built(cfg, resolved, BuildResult(tool="tensorrt_api", artifact="e.plan", profile=[]))
+    assert (kept.backend.int8_input, kept.backend.half_input) == (False, True)
+    assert (resolved.int8_input, resolved.half_input) == (False, True) and "fp16 input" in resolved.auto_text()
+    assert " fp16-in " in cell_of(kept, "tensorrt", "calibrator").build.label
+
+
 def test_the_cell_names_the_calibrator_where_it_calibrates():
     """A Q/DQ ONNX names its calibrator in the column, implicit calibration names it in the row: kept as parts,
     joined into the label in one place."""

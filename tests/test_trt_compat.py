@@ -357,24 +357,18 @@ def test_half_input_sets_the_network_input_to_fp16_or_says_why_not():
         trt_compat.set_half_input(TRT11, network, strongly_typed=True)
 
 
-def test_int8_input_takes_the_inputs_range_or_its_domain_and_needs_implicit_int8():
-    """The input in int8, linear, at the range the calibration set on it; at [-1, 1] (the letterbox's values) where
-    the layers reading it are kept in float and it has none; refused where the version removed implicit INT8."""
+def test_int8_input_takes_the_inputs_range_and_needs_implicit_int8():
+    """The input in int8, linear, at the range the calibration set on it; left as it is where it has none (the layers
+    reading it kept in float); refused where the version removed implicit INT8."""
     trt = NS(**{**vars(TRT86), "TensorFormat": NS(LINEAR=0)})
-
-    def tensor(dynamic_range):
-        t = NS(name="images", dtype=trt.DataType.FLOAT, dynamic_range=dynamic_range, allowed_formats=0b111)
-        t.set_dynamic_range = lambda lo, hi: setattr(t, "dynamic_range", (lo, hi))
-        return t
-
-    ranged = tensor((-0.98, 0.98))
-    assert trt_compat.set_int8_input(trt, NS(get_input=lambda i: ranged), 1.0) == ("images", 0.98, True)
+    ranged = NS(name="images", dtype=trt.DataType.FLOAT, dynamic_range=(-0.98, 0.98), allowed_formats=0b111)
+    assert trt_compat.set_int8_input(trt, NS(get_input=lambda i: ranged)) == ("images", 0.98)
     assert (ranged.dtype, ranged.allowed_formats) == (trt.DataType.INT8, 1)
-    unranged = tensor(None)
-    assert trt_compat.set_int8_input(trt, NS(get_input=lambda i: unranged), 1.0) == ("images", 1.0, False)
-    assert unranged.dynamic_range == (-1.0, 1.0)
+    unranged = NS(name="images", dtype=trt.DataType.FLOAT, dynamic_range=None, allowed_formats=0b111)
+    assert trt_compat.set_int8_input(trt, NS(get_input=lambda i: unranged)) is None
+    assert (unranged.dtype, unranged.allowed_formats) == (trt.DataType.FLOAT, 0b111)
     with pytest.raises(trt_compat.Unsupported, match="removed implicit INT8"):
-        trt_compat.set_int8_input(TRT11, NS(get_input=lambda i: tensor(None)), 1.0)
+        trt_compat.set_int8_input(TRT11, NS(get_input=lambda i: ranged))
 
 
 def test_half_outputs_set_every_float_output_to_fp16():

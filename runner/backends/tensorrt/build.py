@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 MECHANISMS = {Precision.fp32.value: (Mechanism.none.value,),
               Precision.fp16.value: (Mechanism.builder_flag.value, Mechanism.strongly_typed.value),
               Precision.int8.value: (Mechanism.calibrator.value, Mechanism.qdq.value)}
-INPUT_DOMAIN = 1.0  # the letterbox's values: pixels / 255
 # an fp16 input: where the engine's first layers run in fp16 or int8 anyway, and no TensorRT calibrator reads float
 # batches (implicit INT8 from onnxruntime's ranges has none)
 HALF_INPUT_MECHANISMS = (Mechanism.builder_flag.value, Mechanism.qdq.value)
@@ -65,7 +64,8 @@ class BuildSpec:
     use_timing_cache: bool = True
     tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default
     half_input: bool = False  # the input tensor in fp16 (fp16 and int8 Q/DQ engines)
-    int8_input: bool = False  # the input tensor in int8 at its range (implicit INT8 from onnxruntime's ranges)
+    int8_input: bool = False  # the input tensor in int8 at its range (implicit INT8 from onnxruntime's ranges); fp16
+    #   where it has none (`BuildResult.input_range` None)
     half_outputs: bool = False  # every float output in fp16, where the network is weakly typed (strongly typed: the
     #   ONNX's types)
     calibration: CalibrationSet | None = None  # mechanism=calibrator: the images, at the opt shape
@@ -427,13 +427,15 @@ def _set_ranges(trt, spec: BuildSpec, network, config) -> dict:
 
 
 def _set_int8_input(trt, network, result: BuildResult) -> None:
-    """The input in int8 at its calibrated range (`result.input_range`), else at its domain [0, 1], said."""
-    name, result.input_range, calibrated = compat.set_int8_input(trt, network, INPUT_DOMAIN)
-    if calibrated:
+    """The input in int8 at its calibrated range (`result.input_range`); where it has none (the layers reading it
+    kept in float), in fp16, said."""
+    if int8 := compat.set_int8_input(trt, network):
+        name, result.input_range = int8
         log.info("build: input '%s' in int8, range %.4g", name, result.input_range)
     else:
-        log.warning("build: input '%s' in int8 at its domain [0, 1]: the layers reading it are kept in float and "
-                    "have no range (backend.int8_input=false keeps the input fp16)", name)
+        name = compat.set_half_input(trt, network, strongly_typed=False)
+        log.warning("build: input '%s' in fp16, not int8: the layers reading it are kept in float, so it has no int8 "
+                    "range", name)
 
 
 def _load_timing_cache(spec: BuildSpec, config, result: BuildResult) -> Path | None:

@@ -234,20 +234,19 @@ def set_half_input(trt, network, strongly_typed: bool) -> str:
     return tensor.name
 
 
-def set_int8_input(trt, network, domain: float) -> tuple[str, float, bool]:
-    """The network's input tensor in int8, in the linear layout the letterbox writes, at the dynamic range set on it
-    (implicit INT8; the letterbox quantizes at the same range), or at [-domain, domain] where none is (the layers
-    reading it kept in float). Returns (its name, its range, whether the range was the one set). Unsupported where
+def set_int8_input(trt, network) -> tuple[str, float] | None:
+    """The network's input tensor in int8, in the linear layout the letterbox writes, at the dynamic range the
+    calibration set on it (implicit INT8; the letterbox quantizes at the same range). Returns (its name, its range);
+    None, the input left as it is, where it has no range (the layers reading it are kept in float). Unsupported where
     the version has no implicit INT8."""
     if not has_implicit_int8(trt):
         raise Unsupported(CALIBRATION_REMOVED.format(version=getattr(trt, "__version__", "?")))
     tensor = network.get_input(0)
-    ranged = tensor.dynamic_range is not None
-    if not ranged:
-        tensor.set_dynamic_range(-domain, domain)
+    if tensor.dynamic_range is None:
+        return None
     tensor.dtype = trt.DataType.INT8
     tensor.allowed_formats = 1 << int(trt.TensorFormat.LINEAR)
-    return tensor.name, float(max(abs(r) for r in tensor.dynamic_range)), ranged
+    return tensor.name, float(max(abs(r) for r in tensor.dynamic_range))
 
 
 def set_half_outputs(trt, network) -> list[str]:
