@@ -353,7 +353,9 @@ class TrtRunner(Runner):
         self.copy(self._buffers.host[name], self._buffers.device[name], self._views[name].nbytes, to_device=False)
         self.sync()
         values = self._views[name].astype(np.float32)
-        return values / np.float32(self.input_levels) if name == self.input_name else values
+        if name == self.input_name and self.input_dtype == np.int8:
+            values /= np.float32(self.input_levels)
+        return values
 
     def sync(self) -> None:
         cuda_call(self.rt.cudaStreamSynchronize, self.stream)
