@@ -101,11 +101,11 @@ class TensorrtBackend(Backend):
         the input's range is runner's to give the letterbox)."""
         from runner.backends.tensorrt.build import int8_input_applies
 
-        if cfg.precision.name != Precision.int8 or not int8_input_applies(self.precision_mechanism(cfg),
-                                                                           cfg.precision.calibrator.value):
+        mechanism = self.precision_mechanism(cfg)
+        if not int8_input_applies(mechanism, cfg.precision.calibrator.value):  # the calibrator mechanism is int8's
             return (f"backend.int8_input: it applies to implicit int8 from onnxruntime's ranges (precision=int8, "
                     f"calibrator=percentile, on TensorRT <= 10), not to precision {cfg.precision.name.value} via "
-                    f"{self.precision_mechanism(cfg)}")
+                    f"{mechanism}")
         return None
 
     @staticmethod

@@ -44,9 +44,9 @@ def int8_input_applies(mechanism: str, calibrator: str) -> bool:
 
 
 def half_input_applies(mechanism: str, calibrator: str) -> bool:
-    """Whether an engine of `mechanism` (and for the calibrator mechanism, `calibrator`) can take an fp16 input."""
-    return mechanism in HALF_INPUT_MECHANISMS or (mechanism == Mechanism.calibrator
-                                                   and calibrator not in compat.CALIBRATORS)
+    """Whether an engine of `mechanism` (and for the calibrator mechanism, `calibrator`) can take an fp16 input: the
+    int8 input's engines too."""
+    return mechanism in HALF_INPUT_MECHANISMS or int8_input_applies(mechanism, calibrator)
 
 
 @dataclass
